@@ -1,0 +1,53 @@
+"""Who may publish and subscribe where: the topic table of DESIGN.md as data.
+
+Both brokers enforce these same rules. The embedded broker evaluates them in its
+ACL plugin; for mosquitto they are turned into per-user dynamic-security roles.
+``{user}`` stands for the connected username.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from . import topics
+
+Action = Literal["publish", "subscribe"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    action: Action
+    pattern: str
+
+    def for_user(self, user: str) -> str:
+        return self.pattern.replace("{user}", user)
+
+
+#: What an ordinary account may do.
+USER_RULES: Final[tuple[Rule, ...]] = (
+    Rule("publish", topics.up_all("{user}")),
+    Rule("publish", topics.presence("{user}")),
+    Rule("subscribe", topics.down_all("{user}")),
+    Rule("subscribe", topics.ALL_PRESENCE),
+)
+
+#: What the bridge's service account may do: read every uplink, write every downlink.
+BRIDGE_RULES: Final[tuple[Rule, ...]] = (
+    Rule("subscribe", topics.ALL_UPLINKS),
+    Rule("publish", topics.ALL_DOWNLINKS),
+)
+
+
+def allowed(rules: tuple[Rule, ...], user: str, action: Action, topic: str) -> bool:
+    """Whether ``user`` may perform ``action`` on ``topic`` (a filter when subscribing)."""
+    for rule in rules:
+        if rule.action != action:
+            continue
+        pattern = rule.for_user(user)
+        if action == "publish":
+            if topics.matches(topic, pattern):
+                return True
+        elif topics.covers(topic, pattern):
+            return True
+    return False

@@ -1,0 +1,92 @@
+"""Bytes on the wire to models and back, with a stable error code for every refusal."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from . import errors, topics
+from .models import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES, UPLINK_MODELS, UpAck, UpMessage, UpTyping
+
+Uplink = UpMessage | UpAck | UpTyping
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """An uplink that passed every check: who sent it (from the topic) and what."""
+
+    sender: str
+    payload: Uplink
+
+
+def decode(
+    topic: str,
+    payload: bytes,
+    *,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    max_body_chars: int = MAX_BODY_CHARS,
+) -> Decoded:
+    """Decode one uplink publish.
+
+    The sender is taken from the topic, never from the payload: the broker's ACL
+    has already proved the topic belongs to the connected user.
+
+    Raises:
+        ProtocolError: with the code that tells the sender what to fix.
+    """
+    parsed = topics.parse_user_topic(topic)
+    if parsed is None or parsed.direction != "up":
+        raise errors.ProtocolError(errors.UNKNOWN_TOPIC, f"not an uplink topic: {topic!r}")
+    model = UPLINK_MODELS.get(parsed.kind)
+    if model is None:
+        raise errors.ProtocolError(
+            errors.UNKNOWN_TOPIC,
+            f"unknown uplink kind {parsed.kind!r}; expected one of {sorted(UPLINK_MODELS)}",
+        )
+    if len(payload) > max_payload_bytes:
+        raise errors.ProtocolError(
+            errors.PAYLOAD_TOO_LARGE,
+            f"payload is {len(payload)} bytes; the limit is {max_payload_bytes}",
+        )
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.ProtocolError(
+            errors.INVALID_UTF8, f"payload is not UTF-8 (byte {exc.start})"
+        ) from None
+    try:
+        data: Any = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise errors.ProtocolError(errors.INVALID_JSON, f"payload is not JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise errors.ProtocolError(errors.INVALID_PAYLOAD, "payload must be a JSON object")
+    client_id = data.get("id") if isinstance(data.get("id"), str) else None
+    body = data.get("body")
+    if isinstance(body, str) and len(body) > max_body_chars:
+        raise errors.ProtocolError(
+            errors.BODY_TOO_LARGE,
+            f"body is {len(body)} characters; the limit is {max_body_chars}",
+            id=client_id,
+        )
+    try:
+        message = model.model_validate(data)
+    except ValidationError as exc:
+        raise errors.ProtocolError(errors.INVALID_PAYLOAD, _describe(exc), id=client_id) from None
+    assert isinstance(message, UpMessage | UpAck | UpTyping)
+    return Decoded(sender=parsed.user, payload=message)
+
+
+def encode(model: BaseModel) -> bytes:
+    """Serialise a payload model as compact UTF-8 JSON, using wire names (``from``)."""
+    return model.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)

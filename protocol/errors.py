@@ -1,0 +1,86 @@
+"""Stable error codes shared by MQTT ``down/error`` payloads and HTTP responses.
+
+Exception tree::
+
+    ProtocolError            an uplink or request that the contract rejects
+                             (carries .code, .detail and, where known, .id)
+
+Codes never change meaning within protocol v1; clients switch on them.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal, get_args
+
+INVALID_UTF8: Final = "invalid_utf8"
+INVALID_JSON: Final = "invalid_json"
+INVALID_PAYLOAD: Final = "invalid_payload"
+PAYLOAD_TOO_LARGE: Final = "payload_too_large"
+BODY_TOO_LARGE: Final = "body_too_large"
+UNKNOWN_TOPIC: Final = "unknown_topic"
+UNKNOWN_RECIPIENT: Final = "unknown_recipient"
+UNKNOWN_CONVERSATION: Final = "unknown_conversation"
+INVALID_USERNAME: Final = "invalid_username"
+USERNAME_TAKEN: Final = "username_taken"
+WEAK_PASSWORD: Final = "weak_password"
+UNAUTHORIZED: Final = "unauthorized"
+NOT_SUPPORTED: Final = "not_supported"
+INTERNAL: Final = "internal_error"
+
+#: Every code a client may see, with the HTTP status it maps to where the
+#: HTTP API reports it. One table, so MQTT and HTTP never disagree.
+HTTP_STATUS: Final[dict[str, int]] = {
+    INVALID_UTF8: 400,
+    INVALID_JSON: 400,
+    INVALID_PAYLOAD: 422,
+    PAYLOAD_TOO_LARGE: 413,
+    BODY_TOO_LARGE: 413,
+    UNKNOWN_TOPIC: 404,
+    UNKNOWN_RECIPIENT: 404,
+    UNKNOWN_CONVERSATION: 404,
+    INVALID_USERNAME: 422,
+    USERNAME_TAKEN: 409,
+    WEAK_PASSWORD: 422,
+    UNAUTHORIZED: 401,
+    NOT_SUPPORTED: 400,
+    INTERNAL: 500,
+}
+
+ERROR_CODES: Final[frozenset[str]] = frozenset(HTTP_STATUS)
+
+#: The same codes as a type, so payload schemas list them as an enum.
+ErrorCode = Literal[
+    "invalid_utf8",
+    "invalid_json",
+    "invalid_payload",
+    "payload_too_large",
+    "body_too_large",
+    "unknown_topic",
+    "unknown_recipient",
+    "unknown_conversation",
+    "invalid_username",
+    "username_taken",
+    "weak_password",
+    "unauthorized",
+    "not_supported",
+    "internal_error",
+]
+assert set(get_args(ErrorCode)) == ERROR_CODES
+
+
+class ProtocolError(Exception):
+    """A payload, topic or request that protocol v1 rejects.
+
+    Attributes:
+        code: one of :data:`ERROR_CODES`.
+        detail: a human-readable explanation, safe to show the offender.
+        id: the client message id of the offending uplink, where it could be read.
+    """
+
+    def __init__(self, code: str, detail: str, *, id: str | None = None) -> None:
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown error code {code!r}")
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+        self.id = id

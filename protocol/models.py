@@ -1,0 +1,120 @@
+"""Payload models of protocol v1, one per message kind on the wire.
+
+Uplink models (device to bridge) are strict about the fields they name and ignore
+any others, so newer clients keep working against older bridges. Downlink models
+are what the bridge emits; clients may rely on every field listed in
+``docs/protocol.md`` and must ignore fields they do not know.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import ErrorCode
+
+#: Longest message text, in characters. The bridge answers ``body_too_large`` above it.
+MAX_BODY_CHARS: Final = 4096
+#: Largest uplink payload the bridge reads, in bytes (``payload_too_large`` above it).
+#: The production broker drops payloads over twice this, without telling anyone.
+MAX_PAYLOAD_BYTES: Final = 32 * 1024
+MAX_ID_CHARS: Final = 64
+
+ClientMessageId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+ConversationId = Annotated[str, Field(min_length=1, max_length=64)]
+Username = Annotated[str, Field(min_length=2, max_length=32, pattern=r"^[a-z0-9][a-z0-9_.]{1,31}$")]
+Seq = Annotated[int, Field(ge=1)]
+
+
+class _Uplink(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class _Downlink(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+
+class UpMessage(_Uplink):
+    """A new message, published to ``chat/v1/u/{me}/up/msg``.
+
+    ``id`` is chosen by the client and is the idempotency key: the same ``id`` sent
+    again by the same user is the same message.
+    """
+
+    id: ClientMessageId
+    to: Username | None = None
+    conversation: ConversationId | None = None
+    body: Annotated[str, Field(min_length=1, max_length=MAX_BODY_CHARS)]
+
+    @model_validator(mode="after")
+    def _exactly_one_target(self) -> UpMessage:
+        if (self.to is None) == (self.conversation is None):
+            raise ValueError("give exactly one of 'to' (a username) or 'conversation'")
+        return self
+
+
+class UpAck(_Uplink):
+    """A device's cursor in one conversation: everything up to ``seq`` is delivered or read."""
+
+    conversation: ConversationId
+    delivered: Seq | None = None
+    read: Seq | None = None
+
+    @model_validator(mode="after")
+    def _some_cursor(self) -> UpAck:
+        if self.delivered is None and self.read is None:
+            raise ValueError("give 'delivered', 'read' or both")
+        return self
+
+
+class UpTyping(_Uplink):
+    conversation: ConversationId
+    typing: bool = True
+
+
+class DownMessage(_Downlink):
+    """A stored message, published to every member's ``chat/v1/u/{member}/down/msg``."""
+
+    id: str
+    conversation: str
+    seq: Seq
+    from_: str = Field(alias="from")
+    body: str
+    sent_at: datetime
+
+
+class Receipt(_Downlink):
+    """``sent`` / ``delivered`` / ``read``, on ``chat/v1/u/{sender}/down/receipt``.
+
+    ``seq`` is a cursor: ``delivered`` and ``read`` mean "up to and including seq".
+    """
+
+    status: Literal["sent", "delivered", "read"]
+    conversation: str
+    seq: Seq
+    id: str | None = None
+    by: str
+    at: datetime
+
+
+class ErrorPayload(_Downlink):
+    """An uplink the bridge refused, on ``chat/v1/u/{sender}/down/error``."""
+
+    id: str | None = None
+    code: ErrorCode
+    detail: str
+
+
+UPLINK_MODELS: Final[dict[str, type[_Uplink]]] = {
+    "msg": UpMessage,
+    "ack": UpAck,
+    "typing": UpTyping,
+}
+
+DOWNLINK_MODELS: Final[dict[str, type[_Downlink]]] = {
+    "msg": DownMessage,
+    "receipt": Receipt,
+    "error": ErrorPayload,
+}
