@@ -1,0 +1,472 @@
+"""The one module that imports paho: an MQTT connection driven by the asyncio loop.
+
+paho's own network thread calls back on a thread of its own and reports errors as
+return codes. Here paho runs inside the caller's event loop instead (its sockets are
+registered with ``add_reader``/``add_writer``), so every callback runs on the loop,
+and failures become exceptions::
+
+    MqttError
+    ├── ConnectRefused     the broker answered CONNACK with an error (.reason)
+    ├── SubscribeRefused   the broker refused a subscription (.topic_filter)
+    └── NotConnected       a QoS 0 publish while the link is down
+
+The link reconnects by itself (tenacity, exponential backoff with jitter) and
+resubscribes. Incoming QoS 1 messages can be acknowledged manually, after the owner
+has processed them; each carries the connection ``generation`` it arrived on,
+because after a reconnect the broker resends unacknowledged messages and an old
+packet id must not be acknowledged on the new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+log = logging.getLogger(__name__)
+
+
+class MqttError(Exception):
+    """Base of every error this module raises."""
+
+
+class ConnectRefused(MqttError):
+    """The broker refused the connection (bad credentials, not authorised, ...)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"connection refused: {reason}")
+        self.reason = reason
+
+
+class SubscribeRefused(MqttError):
+    def __init__(self, topic_filter: str) -> None:
+        super().__init__(f"subscription refused: {topic_filter}")
+        self.topic_filter = topic_filter
+
+
+class NotConnected(MqttError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LinkConfig:
+    """Where and as whom to connect.
+
+    ``clean_session`` is always explicit: paho's default of "clean on the first
+    connect of the process" would wipe a daemon's queued messages on every restart.
+    """
+
+    host: str
+    port: int
+    username: str
+    password: str
+    client_id: str
+    clean_session: bool = False
+    keepalive: int = 30
+    transport: Literal["tcp", "websockets"] = "tcp"
+    ws_path: str = "/mqtt"
+    tls: ssl.SSLContext | None = None
+    will: Will | None = None
+    manual_ack: bool = False
+    max_inflight: int = 1000
+    max_backoff: float = 5.0
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    generation: int
+
+
+@dataclass
+class _Pending:
+    publishes: dict[int, asyncio.Future[None]] = field(default_factory=dict)
+    subscribes: dict[int, tuple[str, asyncio.Future[int]]] = field(default_factory=dict)
+
+
+class MqttLink:
+    """One MQTT connection, kept up until :meth:`close`.
+
+    Args:
+        config: broker address, credentials, session options.
+        on_message: called on the event loop for every incoming message. It must not
+            block; hand the message to a queue if processing takes time.
+        on_connect: called on the loop after every successful (re)connect, with
+            ``session_present``.
+    """
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        *,
+        on_message: Callable[[Incoming], None] | None = None,
+        on_connect: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._on_message = on_message
+        self._on_connect_hook = on_connect
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending = _Pending()
+        self._subscriptions: dict[str, int] = {}
+        self._connack: asyncio.Future[None] | None = None
+        self._lost = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._misc_task: asyncio.Task[None] | None = None
+        self._fd: int | None = None
+        self._resubscribe_mid: int | None = None
+        self._ready_waiters: list[asyncio.Future[None]] = []
+        self._maintain_task: asyncio.Task[None] | None = None
+        self.generation = 0
+        self._client = self._make_client()
+
+    # -- public API ---------------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def wait_reconnected(self, after_generation: int) -> None:
+        """Wait until a connection newer than ``after_generation`` is up and resubscribed."""
+        while not (self.generation > after_generation and self.is_connected):
+            waiter = self._require_loop().create_future()
+            self._ready_waiters.append(waiter)
+            await waiter
+
+    async def connect(self) -> None:
+        """Connect once, raising if the broker refuses; then stay connected.
+
+        Raises:
+            ConnectRefused: wrong credentials or not authorised.
+            OSError / TimeoutError: the broker cannot be reached.
+        """
+        self._loop = asyncio.get_running_loop()
+        cfg = self.config
+        self._client.connect_async(cfg.host, cfg.port, cfg.keepalive)
+        await self._connect_once()
+        self._maintain_task = asyncio.create_task(self._maintain(), name="mqtt-reconnect")
+
+    async def close(self) -> None:
+        """Disconnect cleanly (no last will) and stop reconnecting."""
+        self._closing = True
+        if self._maintain_task is not None:
+            self._maintain_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintain_task
+        if self._client.is_connected():
+            self._client.disconnect()
+            # Give the DISCONNECT packet a chance to reach the socket.
+            for _ in range(50):
+                if self._client.socket() is None:
+                    break
+                await asyncio.sleep(0.01)
+        self._teardown_socket()
+        self._connected.clear()
+        for fut in self._pending.publishes.values():
+            if not fut.done():
+                fut.cancel()
+        for _, sfut in self._pending.subscribes.values():
+            if not sfut.done():
+                sfut.cancel()
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT, as a crash would (the will fires)."""
+        self._closing = True
+        if self._maintain_task is not None:
+            self._maintain_task.cancel()
+        self._teardown_socket()
+        self._connected.clear()
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> int:
+        """Subscribe and wait for SUBACK; the subscription is renewed on reconnect.
+
+        Raises:
+            SubscribeRefused: the broker's ACL refused the filter.
+        """
+        loop = self._require_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        rc, mid = self._client.subscribe(topic_filter, qos)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise NotConnected(f"cannot subscribe: {paho.error_string(rc)}")
+        self._pending.subscribes[mid] = (topic_filter, fut)
+        granted = await fut
+        self._subscriptions[topic_filter] = qos
+        return granted
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> asyncio.Future[None]:
+        """Queue a publish; the future resolves when the broker has it (PUBACK for QoS 1).
+
+        A QoS 1 publish made while disconnected is kept by paho and sent after the
+        reconnect, so its future still resolves then. A QoS 0 publish while
+        disconnected fails with :class:`NotConnected`.
+        """
+        loop = self._require_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if qos == 0:
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                fut.set_result(None)
+            else:
+                fut.set_exception(NotConnected(paho.error_string(info.rc)))
+            return fut
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            fut.set_exception(MqttError(f"publish failed: {paho.error_string(info.rc)}"))
+            return fut
+        self._pending.publishes[info.mid] = fut
+        return fut
+
+    def ack(self, message: Incoming) -> bool:
+        """Acknowledge a manually acked QoS 1 message; False if its connection is gone."""
+        if message.qos == 0 or message.generation != self.generation or not self.is_connected:
+            return False
+        rc = self._client.ack(message.mid, message.qos)
+        return rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    # -- connection management --------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        cfg = self.config
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id,
+            clean_session=cfg.clean_session,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            transport=cfg.transport,
+            manual_ack=cfg.manual_ack,
+            reconnect_on_failure=False,
+        )
+        client.username_pw_set(cfg.username, cfg.password)
+        client.max_inflight_messages_set(cfg.max_inflight)
+        client.max_queued_messages_set(0)
+        client.connect_timeout = cfg.connect_timeout
+        if cfg.transport == "websockets":
+            client.ws_set_options(path=cfg.ws_path)
+        if cfg.tls is not None:
+            client.tls_set_context(cfg.tls)
+        if cfg.will is not None:
+            w = cfg.will
+            client.will_set(w.topic, w.payload, qos=w.qos, retain=w.retain)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
+        client.on_subscribe = self._handle_subscribe
+        client.on_socket_open = self._socket_open
+        client.on_socket_close = self._socket_close
+        client.on_socket_register_write = self._register_write
+        client.on_socket_unregister_write = self._unregister_write
+        return client
+
+    async def _connect_once(self) -> None:
+        loop = self._require_loop()
+        self._connack = loop.create_future()
+        rc = self._client.reconnect()  # blocking TCP connect; OSError if nobody listens
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise OSError(f"connect failed: {paho.error_string(rc)}")
+        try:
+            await asyncio.wait_for(self._connack, self.config.connect_timeout)
+        except BaseException:
+            self._teardown_socket()
+            raise
+
+    async def _maintain(self) -> None:
+        while not self._closing:
+            await self._lost.wait()
+            if self._closing:
+                return
+            async for attempt in AsyncRetrying(
+                wait=wait_random_exponential(multiplier=0.05, max=self.config.max_backoff),
+                retry=retry_if_exception_type((OSError, TimeoutError, MqttError)),
+                reraise=True,
+            ):
+                with attempt:
+                    log.info(
+                        "reconnecting %s to %s:%s",
+                        self.config.client_id,
+                        self.config.host,
+                        self.config.port,
+                    )
+                    await self._connect_once()
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise NotConnected("connect() first")
+        return self._loop
+
+    # -- paho callbacks (all on the event loop) ----------------------------------
+
+    def _handle_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            if self._connack is not None and not self._connack.done():
+                self._connack.set_exception(ConnectRefused(str(reason)))
+            return
+        self.generation += 1
+        if self.generation > 1:
+            log.info(
+                "%s reconnected (session present: %s)",
+                self.config.client_id,
+                bool(flags.session_present),
+            )
+        self._lost.clear()
+        if self._subscriptions:
+            # Ready only once the broker has the subscriptions back: after a broker
+            # restart without persistence, anything routed before that is gone.
+            rc, mid = client.subscribe(list(self._subscriptions.items()))
+            self._resubscribe_mid = mid if rc == MQTTErrorCode.MQTT_ERR_SUCCESS else None
+        else:
+            self._mark_ready()
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result(None)
+        if self._on_connect_hook is not None:
+            self._safely(self._on_connect_hook, bool(flags.session_present))
+
+    def _handle_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_exception(ConnectRefused(f"disconnected: {reason}"))
+        if was_connected and not self._closing:
+            log.warning("connection of %s lost: %s", self.config.client_id, reason)
+        if not self._closing:
+            self._lost.set()
+
+    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if self._on_message is None:
+            return
+        incoming = Incoming(
+            topic=msg.topic,
+            payload=bytes(msg.payload),
+            qos=msg.qos,
+            retain=bool(msg.retain),
+            mid=msg.mid,
+            generation=self.generation,
+        )
+        self._safely(self._on_message, incoming)
+
+    def _handle_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any
+    ) -> None:
+        fut = self._pending.publishes.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _handle_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[Any], properties: Any
+    ) -> None:
+        if mid == self._resubscribe_mid:
+            self._resubscribe_mid = None
+            if any(r.is_failure for r in reasons):
+                log.error("%s: broker refused a resubscription", self.config.client_id)
+            self._mark_ready()
+            return
+        entry = self._pending.subscribes.pop(mid, None)
+        if entry is None:
+            return
+        topic_filter, fut = entry
+        if fut.done():
+            return
+        if any(r.is_failure for r in reasons):
+            fut.set_exception(SubscribeRefused(topic_filter))
+        else:
+            fut.set_result(int(reasons[0].value))
+
+    def _mark_ready(self) -> None:
+        self._connected.set()
+        for waiter in self._ready_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._ready_waiters.clear()
+
+    def _safely(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("callback %r failed", fn)
+
+    # -- socket plumbing ----------------------------------------------------------
+
+    def _socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        loop = self._require_loop()
+        self._fd = sock.fileno()
+        # Chat is small messages in both directions: without this, Nagle's
+        # algorithm and delayed ACKs add ~40 ms to every round trip.
+        with contextlib.suppress(OSError):
+            raw = socket.socket(fileno=os.dup(self._fd))
+            try:
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            finally:
+                raw.close()
+        loop.add_reader(self._fd, self._readable)
+        if self._misc_task is None or self._misc_task.done():
+            self._misc_task = loop.create_task(self._misc_loop(), name="mqtt-misc")
+
+    def _readable(self) -> None:
+        self._client.loop_read()
+        sock = self._client.socket()
+        # TLS and WebSocket wrappers may hold decrypted bytes the selector cannot see.
+        pending = getattr(sock, "pending", None)
+        if sock is not None and pending is not None and pending() > 0:
+            self._require_loop().call_soon(self._readable)
+
+    def _socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._unwatch()
+
+    def _register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._fd is not None:
+            self._require_loop().add_writer(self._fd, self._client.loop_write)
+
+    def _unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        if self._fd is not None:
+            self._require_loop().remove_writer(self._fd)
+
+    def _unwatch(self) -> None:
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            self._loop.remove_writer(self._fd)
+        self._fd = None
+
+    def _teardown_socket(self) -> None:
+        # paho has no public "drop the socket" call; _sock_close() is what its own
+        # loop uses, and it reports the close back through _socket_close above.
+        self._client._sock_close()
+        self._unwatch()
+        if self._misc_task is not None:
+            self._misc_task.cancel()
+            self._misc_task = None
+
+    async def _misc_loop(self) -> None:
+        # Keepalive pings and the PINGRESP timeout live in loop_misc().
+        while self._client.loop_misc() == MQTTErrorCode.MQTT_ERR_SUCCESS:  # noqa: ASYNC110
+            await asyncio.sleep(1)  # a periodic tick, not a wait for an event

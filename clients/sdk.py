@@ -1,0 +1,338 @@
+"""The Python SDK: one device's chat connection.
+
+::
+
+    app.send() ─▶ outbox lane (per target) ─▶ up/msg ─▶ ... ─▶ down/receipt "sent" ─▶ send() returns
+                          ▲ resend, same id, until "sent"
+    down/msg ─▶ Inbox (per conversation: drop seen seqs, hold back gaps) ─▶ app.messages()
+
+No loss: a message stays in the outbox until its ``sent`` receipt arrives (the
+broker's PUBACK only says the broker has it) and is resent with the same ``id``
+after a timeout or reconnect; the bridge's dedupe makes that safe.
+
+Send order: within one lane (one ``to`` or ``conversation``) the next message is
+published only once the previous one is stored. A lost uplink that is resent can
+therefore never land behind a later one, whatever the broker does with in-flight
+messages when the bridge restarts.
+
+Exceptions::
+
+    ChatError            the bridge refused a message (.code, .detail, .id)
+    └── SendTimeout      no ``sent`` receipt in time; the message stays in the outbox
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+import protocol
+from protocol import errors, topics
+
+from .mqtt import Incoming, LinkConfig, MqttLink
+
+log = logging.getLogger(__name__)
+
+
+class ChatError(Exception):
+    def __init__(self, code: str, detail: str, id: str | None = None) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+        self.id = id
+
+
+class SendTimeout(ChatError):
+    def __init__(self, id: str) -> None:
+        super().__init__("timeout", "no 'sent' receipt yet; still in the outbox", id)
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """The bridge stored the message: its place in the conversation."""
+
+    id: str
+    conversation: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    id: str
+    conversation: str
+    seq: int
+    sender: str
+    body: str
+    sent_at: datetime
+
+
+@dataclass
+class _Outgoing:
+    id: str
+    lane: str
+    payload: bytes
+    done: asyncio.Future[Sent]
+
+
+@dataclass
+class _Held:
+    """Messages of one conversation that arrived ahead of a gap."""
+
+    delivered: int | None = None
+    heap: list[tuple[int, ChatMessage]] = field(default_factory=list)
+    seqs: set[int] = field(default_factory=set)
+    gap_timer: asyncio.TimerHandle | None = None
+
+
+class ChatClient:
+    """A chat device: connect, :meth:`send`, and iterate :meth:`messages`.
+
+    Args:
+        device: names this device; the MQTT client id is ``{username}:{device}``, fixed,
+            so the broker keeps the device's queue while it is offline.
+        resend_after: seconds without a ``sent`` receipt before the same id is resent.
+        hold_back: seconds to wait for a missing seq before delivering past the gap.
+        cursors: last seq this device has shown per conversation, to resume from.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        username: str,
+        password: str,
+        device: str = "default",
+        transport: Literal["tcp", "websockets"] = "tcp",
+        keepalive: int = 30,
+        resend_after: float = 5.0,
+        hold_back: float = 2.0,
+        cursors: dict[str, int] | None = None,
+    ) -> None:
+        self.username = username
+        self.resend_after = resend_after
+        self.hold_back = hold_back
+        self.link = MqttLink(
+            LinkConfig(
+                host=host,
+                port=port,
+                username=username,
+                password=password,
+                client_id=f"{username}:{device}",
+                clean_session=False,
+                keepalive=keepalive,
+                transport=transport,
+            ),
+            on_message=self._on_incoming,
+            on_connect=self._on_reconnect,
+        )
+        self._outbox: dict[str, _Outgoing] = {}
+        self._lanes: dict[str, asyncio.Queue[_Outgoing]] = {}
+        self._lane_tasks: dict[str, asyncio.Task[None]] = {}
+        self._kick: dict[str, asyncio.Event] = {}
+        self._inbox: asyncio.Queue[ChatMessage] = asyncio.Queue()
+        self._held: dict[str, _Held] = {
+            conv: _Held(delivered=seq) for conv, seq in (cursors or {}).items()
+        }
+        self.errors: asyncio.Queue[ChatError] = asyncio.Queue()
+        self.receipts: asyncio.Queue[protocol.Receipt] = asyncio.Queue()
+
+    async def __aenter__(self) -> ChatClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect and subscribe to this user's downlink (raises ``ConnectRefused``)."""
+        await self.link.connect()
+        await self.link.subscribe(topics.down_all(self.username), qos=1)
+
+    async def close(self) -> None:
+        for task in self._lane_tasks.values():
+            task.cancel()
+        for task in self._lane_tasks.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for held in self._held.values():
+            if held.gap_timer is not None:
+                held.gap_timer.cancel()
+        await self.link.close()
+
+    @property
+    def pending(self) -> list[str]:
+        """Ids still in the outbox (not yet confirmed stored)."""
+        return list(self._outbox)
+
+    async def send(
+        self,
+        body: str,
+        *,
+        to: str | None = None,
+        conversation: str | None = None,
+        id: str | None = None,
+        timeout: float | None = None,
+    ) -> Sent:
+        """Send a message and wait until it is stored.
+
+        Raises:
+            ChatError: the bridge refused it (``unknown_recipient``, ...) or it is
+                invalid before sending (``body_too_large``, ``invalid_payload``).
+            SendTimeout: no receipt within ``timeout``; the message stays in the
+                outbox and is still resent.
+        """
+        message_id = id or uuid.uuid4().hex
+        try:
+            up = protocol.UpMessage(id=message_id, to=to, conversation=conversation, body=body)
+        except ValidationError as exc:
+            code = (
+                errors.BODY_TOO_LARGE
+                if len(body) > protocol.MAX_BODY_CHARS
+                else errors.INVALID_PAYLOAD
+            )
+            raise ChatError(code, str(exc.errors()[0]["msg"]), message_id) from None
+        payload = protocol.encode(up)
+        if len(payload) > protocol.MAX_PAYLOAD_BYTES:
+            raise ChatError(errors.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes", message_id)
+        existing = self._outbox.get(message_id)
+        if existing is None:
+            lane = f"to:{to}" if to is not None else f"conversation:{conversation}"
+            existing = _Outgoing(
+                message_id, lane, payload, asyncio.get_running_loop().create_future()
+            )
+            self._outbox[message_id] = existing
+            self._lane(lane).put_nowait(existing)
+        try:
+            return await asyncio.wait_for(asyncio.shield(existing.done), timeout)
+        except TimeoutError:
+            raise SendTimeout(message_id) from None
+
+    async def messages(self) -> AsyncIterator[ChatMessage]:
+        """Incoming messages, in seq order per conversation, each shown once."""
+        while True:
+            yield await self._inbox.get()
+
+    async def next_message(self, timeout: float | None = None) -> ChatMessage:
+        return await asyncio.wait_for(self._inbox.get(), timeout)
+
+    # -- sending --------------------------------------------------------------------
+
+    def _lane(self, lane: str) -> asyncio.Queue[_Outgoing]:
+        queue = self._lanes.get(lane)
+        if queue is None:
+            queue = self._lanes[lane] = asyncio.Queue()
+            self._kick[lane] = asyncio.Event()
+            self._lane_tasks[lane] = asyncio.create_task(self._run_lane(lane, queue))
+        return queue
+
+    async def _run_lane(self, lane: str, queue: asyncio.Queue[_Outgoing]) -> None:
+        kick = self._kick[lane]
+        while True:
+            item = await queue.get()
+            while not item.done.done():
+                kick.clear()
+                # QoS 1: paho keeps it across reconnects; the future is only the PUBACK.
+                self.link.publish(topics.up_msg(self.username), item.payload, qos=1)
+                waiter: asyncio.Future[Any] = asyncio.create_task(kick.wait())
+                await asyncio.wait(
+                    {item.done, waiter},
+                    timeout=self.resend_after,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                waiter.cancel()
+            self._outbox.pop(item.id, None)
+
+    def _on_reconnect(self, session_present: bool) -> None:
+        # Resend the head of every lane now rather than after resend_after.
+        for kick in self._kick.values():
+            kick.set()
+
+    # -- receiving ------------------------------------------------------------------
+
+    def _on_incoming(self, incoming: Incoming) -> None:
+        parsed = topics.parse_user_topic(incoming.topic)
+        if parsed is None or parsed.direction != "down":
+            return
+        try:
+            if parsed.kind == "msg":
+                self._on_message(protocol.DownMessage.model_validate_json(incoming.payload))
+            elif parsed.kind == "receipt":
+                self._on_receipt(protocol.Receipt.model_validate_json(incoming.payload))
+            elif parsed.kind == "error":
+                self._on_error(protocol.ErrorPayload.model_validate_json(incoming.payload))
+        except ValidationError:
+            log.warning("ignoring malformed %s payload", parsed.kind)
+
+    def _on_receipt(self, receipt: protocol.Receipt) -> None:
+        if receipt.status == "sent" and receipt.id is not None:
+            item = self._outbox.get(receipt.id)
+            if item is not None and not item.done.done():
+                item.done.set_result(Sent(receipt.id, receipt.conversation, receipt.seq))
+                return
+        self.receipts.put_nowait(receipt)
+
+    def _on_error(self, payload: protocol.ErrorPayload) -> None:
+        error = ChatError(payload.code, payload.detail, payload.id)
+        item = self._outbox.get(payload.id) if payload.id is not None else None
+        if item is not None and not item.done.done():
+            item.done.set_exception(error)
+            item.done.exception()  # retrieved here too: nobody may be awaiting it
+            return
+        self.errors.put_nowait(error)
+
+    def _on_message(self, down: protocol.DownMessage) -> None:
+        message = ChatMessage(
+            id=down.id,
+            conversation=down.conversation,
+            seq=down.seq,
+            sender=down.from_,
+            body=down.body,
+            sent_at=down.sent_at,
+        )
+        held = self._held.setdefault(message.conversation, _Held())
+        if held.delivered is None:
+            # First sight of this conversation on this device: start here.
+            held.delivered = message.seq - 1
+        if message.seq <= held.delivered or message.seq in held.seqs:
+            return  # a redelivery or a resend: already shown
+        heapq.heappush(held.heap, (message.seq, message))
+        held.seqs.add(message.seq)
+        self._drain(held)
+        if held.heap and held.gap_timer is None:
+            held.gap_timer = asyncio.get_running_loop().call_later(
+                self.hold_back, self._give_up_gap, held
+            )
+
+    def _drain(self, held: _Held) -> None:
+        assert held.delivered is not None
+        while held.heap and held.heap[0][0] == held.delivered + 1:
+            seq, message = heapq.heappop(held.heap)
+            held.seqs.discard(seq)
+            held.delivered = seq
+            self._inbox.put_nowait(message)
+        if not held.heap and held.gap_timer is not None:
+            held.gap_timer.cancel()
+            held.gap_timer = None
+
+    def _give_up_gap(self, held: _Held) -> None:
+        held.gap_timer = None
+        if not held.heap:
+            return
+        first = held.heap[0][0]
+        log.warning(
+            "seq %s..%s never arrived; showing what came after",
+            (held.delivered or 0) + 1,
+            first - 1,
+        )
+        held.delivered = first - 1
+        self._drain(held)
