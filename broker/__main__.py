@@ -1,0 +1,41 @@
+"""``python -m broker``: run the embedded broker until SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from pydantic import ValidationError
+
+from .config import BrokerSettings
+from .embedded import serve
+
+EXIT_OK = 0
+EXIT_CONFIG = 78  # EX_CONFIG
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s broker %(levelname)s %(message)s")
+    logging.getLogger("amqtt").setLevel(logging.WARNING)
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    try:
+        settings = BrokerSettings()
+    except ValidationError as exc:
+        print(f"broker: bad configuration (MQCHAT_BROKER_*):\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(run())
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
