@@ -1,0 +1,1 @@
+"""The bridge daemon; see ``bridge.service`` for the data flow."""

@@ -1,0 +1,70 @@
+"""``python -m bridge``: run the bridge daemon; settings come from ``MQCHAT_BRIDGE_*``.
+
+The first SIGTERM or Ctrl-C drains (finishes the batch in hand, waits for its
+acknowledgements); a second one exits at once. Anything unacknowledged is
+redelivered by the broker to the next bridge, so even a forced exit loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from pydantic import ValidationError
+
+from clients.mqtt import ConnectRefused
+
+from .config import BridgeSettings
+from .service import Bridge, SchemaNotReady
+
+EXIT_OK = 0
+EXIT_FORCED = 130
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: broker unreachable at startup
+EXIT_NOPERM = 77  # EX_NOPERM: the broker refused our credentials
+EXIT_CONFIG = 78  # EX_CONFIG
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s bridge %(levelname)s %(message)s")
+    try:
+        settings = BridgeSettings()
+    except ValidationError as exc:
+        print(f"bridge: bad configuration (MQCHAT_BRIDGE_*):\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def run() -> int:
+        bridge = Bridge(settings)
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_signal() -> None:
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                logging.warning("second signal: exiting now")
+                os._exit(EXIT_FORCED)
+            bridge.request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await bridge.run()
+        except ConnectRefused as exc:
+            logging.error("%s (check MQCHAT_BRIDGE_USERNAME / MQCHAT_BRIDGE_PASSWORD)", exc)
+            return EXIT_NOPERM
+        except SchemaNotReady as exc:
+            logging.error("%s", exc)
+            return EXIT_CONFIG
+        except OSError as exc:
+            logging.error("cannot reach the broker: %s", exc)
+            return EXIT_UNAVAILABLE
+        return EXIT_OK
+
+    return asyncio.run(run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

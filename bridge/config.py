@@ -1,0 +1,31 @@
+"""Settings of the bridge daemon, read once from ``MQCHAT_BRIDGE_*`` variables."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from protocol import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES
+
+
+class BridgeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MQCHAT_BRIDGE_", extra="ignore")
+
+    database_url: str
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
+    username: str = "mqchat-bridge"
+    #: No default: the service account's password comes from configuration only.
+    password: SecretStr
+    #: Fixed, so the broker keeps this bridge's persistent session (and the uplinks
+    #: queued for it) across restarts.
+    client_id: str = "mqchat-bridge-1"
+    keepalive: int = Field(default=15, ge=5)
+    #: Most uplinks committed in one transaction (group commit).
+    max_batch: int = Field(default=256, ge=1)
+    max_payload_bytes: int = Field(default=MAX_PAYLOAD_BYTES, ge=256)
+    max_body_chars: int = Field(default=MAX_BODY_CHARS, ge=1)
+    #: Seconds to keep trying to reach the broker at startup.
+    startup_timeout: float = 30.0
+    #: Seconds to finish in-flight work on SIGTERM before giving up on it.
+    shutdown_timeout: float = 10.0

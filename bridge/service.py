@@ -1,0 +1,268 @@
+"""The bridge daemon: uplinks in, durable ordered deliveries and receipts out.
+
+::
+
+    broker ──up/msg──▶ queue ──batch──▶ decode ─┬─ bad ──▶ down/error ─────────────┐
+                                                └─ ok ──▶ persist_batch (COMMIT)   │
+                                                           ├─▶ down/msg to members │
+                                                           └─▶ down/receipt sent   │
+                      ack uplinks ◀── all those PUBACKs ◀──────────────────────────┘
+
+Persist before deliver: nothing is published before its commit, and an uplink is
+acknowledged to the broker only after the broker has acknowledged everything
+published for it. A crash anywhere means the broker redelivers the uplink, dedupe
+finds the stored message, and it is published again with the same seq.
+
+Shape after uvicorn's server: ``run()`` → ``startup()`` → ``main_loop()`` →
+``shutdown()``; a signal only sets a flag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+import protocol
+from clients.mqtt import Incoming, LinkConfig, MqttLink
+from protocol import errors, topics
+from store import make_engine
+from store.db import alembic_config
+from store.messages import Outcome, persist_batch
+from store.types import utcnow
+
+from .config import BridgeSettings
+
+log = logging.getLogger(__name__)
+
+
+class SchemaNotReady(RuntimeError):
+    """The database is not migrated to the revision this bridge expects."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Publish:
+    topic: str
+    payload: bytes
+
+
+class Bridge:
+    def __init__(self, settings: BridgeSettings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or make_engine(settings.database_url)
+        self._queue: asyncio.Queue[Incoming] = asyncio.Queue()
+        self._stop = asyncio.Event()
+        self._ack_tasks: set[asyncio.Task[None]] = set()
+        self.link = MqttLink(
+            LinkConfig(
+                host=settings.mqtt_host,
+                port=settings.mqtt_port,
+                username=settings.username,
+                password=settings.password.get_secret_value(),
+                client_id=settings.client_id,
+                clean_session=False,
+                keepalive=settings.keepalive,
+                manual_ack=True,
+            ),
+            on_message=self._queue.put_nowait,
+        )
+        self.processed = 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        await self.startup()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        await asyncio.to_thread(self._check_schema)
+        # The broker may still be starting (``mqchat up`` starts both at once).
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(OSError),
+            wait=wait_random_exponential(multiplier=0.05, max=2),
+            stop=stop_after_delay(self.settings.startup_timeout),
+            reraise=True,
+        ):
+            with attempt:
+                await self.link.connect()
+        await self.link.subscribe(topics.ALL_UPLINKS, qos=1)
+        log.info(
+            "bridge %s consuming %s on %s:%s",
+            self.settings.client_id,
+            topics.ALL_UPLINKS,
+            self.settings.mqtt_host,
+            self.settings.mqtt_port,
+        )
+
+    async def main_loop(self) -> None:
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                get = asyncio.create_task(self._queue.get())
+                done, _ = await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    break
+                batch = [get.result()]
+                # Group commit: whatever queued up while the last batch committed.
+                while len(batch) < self.settings.max_batch and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                await self.persist_and_route(batch)
+        finally:
+            stop.cancel()
+
+    async def shutdown(self) -> None:
+        if self._ack_tasks:
+            _, pending = await asyncio.wait(self._ack_tasks, timeout=self.settings.shutdown_timeout)
+            if pending:
+                log.warning(
+                    "shutdown: %d batches not acknowledged; the broker will redeliver them",
+                    len(pending),
+                )
+        left = self._queue.qsize()
+        if left:
+            log.info("shutdown: %d uplinks left unacknowledged for redelivery", left)
+        await self.link.close()
+        self.engine.dispose()
+
+    # -- the pipeline -------------------------------------------------------------
+
+    async def persist_and_route(self, batch: Sequence[Incoming]) -> None:
+        """Decode, commit and publish one batch; acknowledge it once the broker has it all."""
+        publishes: list[_Publish] = []
+        to_store: list[tuple[str, protocol.UpMessage]] = []
+        for incoming in batch:
+            try:
+                decoded = protocol.decode(
+                    incoming.topic,
+                    incoming.payload,
+                    max_payload_bytes=self.settings.max_payload_bytes,
+                    max_body_chars=self.settings.max_body_chars,
+                )
+            except errors.ProtocolError as exc:
+                publishes.extend(self._refusal(incoming.topic, exc))
+                continue
+            if isinstance(decoded.payload, protocol.UpMessage):
+                to_store.append((decoded.sender, decoded.payload))
+            else:
+                publishes.append(
+                    self._error(
+                        decoded.sender,
+                        errors.ProtocolError(
+                            errors.NOT_SUPPORTED, "acks and typing are not supported yet"
+                        ),
+                    )
+                )
+
+        if to_store:
+            outcomes = await self._persist(to_store)
+            for (sender, _), outcome in zip(to_store, outcomes, strict=True):
+                publishes.extend(self._route(sender, outcome))
+
+        futures = [self.link.publish(p.topic, p.payload, qos=1) for p in publishes]
+        task = asyncio.create_task(self._ack_when_published(futures, batch))
+        self._ack_tasks.add(task)
+        task.add_done_callback(self._ack_tasks.discard)
+
+    async def _persist(self, to_store: list[tuple[str, protocol.UpMessage]]) -> list[Outcome]:
+        """Commit, retrying for as long as the database is unreachable.
+
+        While it retries nothing is acknowledged, so the broker keeps the uplinks.
+        """
+
+        def report(state: RetryCallState) -> None:
+            outcome = state.outcome
+            error = outcome.exception() if outcome is not None else None
+            delay = state.next_action.sleep if state.next_action is not None else 0
+            log.warning(
+                "database unavailable; holding %d uplinks, retrying in %.2f s: %s",
+                len(to_store),
+                delay,
+                str(error).splitlines()[0] if error else "?",
+            )
+
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((OperationalError, DBAPIError)),
+            wait=wait_random_exponential(multiplier=0.1, max=5),
+            before_sleep=report,
+            reraise=True,
+        ):
+            with attempt:
+                return await asyncio.to_thread(persist_batch, self.engine, to_store)
+        raise AssertionError("unreachable")
+
+    def _route(self, sender: str, outcome: Outcome) -> list[_Publish]:
+        if outcome.error is not None:
+            return [self._error(sender, outcome.error)]
+        stored = outcome.stored
+        assert stored is not None
+        message = protocol.encode(
+            protocol.DownMessage(
+                id=stored.client_id,
+                conversation=stored.conversation,
+                seq=stored.seq,
+                from_=stored.sender,
+                body=stored.body,
+                sent_at=stored.sent_at,
+            )
+        )
+        receipt = protocol.encode(
+            protocol.Receipt(
+                status="sent",
+                conversation=stored.conversation,
+                seq=stored.seq,
+                id=stored.client_id,
+                by=stored.sender,
+                at=utcnow(),
+            )
+        )
+        out = [_Publish(topics.down_msg(member), message) for member in stored.members]
+        out.append(_Publish(topics.down_receipt(sender), receipt))
+        return out
+
+    def _refusal(self, topic: str, exc: errors.ProtocolError) -> list[_Publish]:
+        parsed = topics.parse_user_topic(topic)
+        if parsed is None or not topics.is_valid_username(parsed.user):
+            log.warning("dropping uplink on %r: %s", topic, exc)
+            return []
+        return [self._error(parsed.user, exc)]
+
+    def _error(self, user: str, exc: errors.ProtocolError) -> _Publish:
+        error = protocol.ErrorPayload(id=exc.id, code=exc.code, detail=exc.detail)
+        return _Publish(topics.down_error(user), protocol.encode(error))
+
+    async def _ack_when_published(
+        self, futures: list[asyncio.Future[None]], batch: Sequence[Incoming]
+    ) -> None:
+        if futures:
+            await asyncio.gather(*futures)
+        for incoming in batch:
+            self.link.ack(incoming)
+        self.processed += len(batch)
+
+    def _check_schema(self) -> None:
+        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        with self.engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+        if current != head:
+            raise SchemaNotReady(
+                f"database is at revision {current}, this bridge needs {head}: "
+                "run `mqchat db upgrade` first"
+            )
