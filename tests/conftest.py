@@ -1,0 +1,301 @@
+"""Fixtures: the two stacks every end-to-end test runs on.
+
+* ``embedded``: amqtt (``python -m broker``) + bridge + SQLite, as ``mqchat up`` runs it;
+* ``production``: mosquitto with the production config and dynsec + bridge + PostgreSQL.
+
+Every service is the real program, started from its binary on free loopback ports;
+the bridge always runs as its own process (``python -m bridge``) so that tests can
+kill it the way a crash would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+from broker.mosquitto import DynsecProvisioner
+from broker.provisioning import EmbeddedProvisioner, Provisioner, register
+from clients.mqtt import Incoming, LinkConfig, MqttLink
+from clients.sdk import ChatClient
+from store import make_engine, migrate
+
+from .services import (
+    MosquittoServer,
+    PostgresServer,
+    _accepts,
+    free_port,
+    start_mosquitto,
+    start_postgres,
+)
+
+ROOT = Path(__file__).parents[1]
+PASSWORD_SUFFIX = "-secret-pw"
+
+
+def password_of(user: str) -> str:
+    return user + PASSWORD_SUFFIX
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Daemon:
+    """One of our daemons as a child process, with its output in a log file."""
+
+    def __init__(self, name: str, module: str, env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.module = module
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                env={**os.environ, **self.env},
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, needle: str, *, occurrences: int = 1, timeout: float = 30) -> None:
+        def seen() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
+            return self.log_text().count(needle) >= occurrences
+
+        wait_until(seen, timeout=timeout, what=f"{self.name}: {needle!r}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, timeout: float = 20) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@dataclass
+class Stack:
+    """A running mqchat: broker, bridge, database; helpers to add users and clients."""
+
+    name: str
+    host: str
+    port: int
+    database_url: str
+    engine: Engine
+    bridge: Daemon
+    bridge_env: dict[str, str]
+    base_dir: Path
+    mosquitto: MosquittoServer | None = None
+    embedded_broker: Daemon | None = None
+    _clients: list[ChatClient] = field(default_factory=list)
+    _links: list[MqttLink] = field(default_factory=list)
+
+    def provisioner(self) -> contextlib.AbstractAsyncContextManager[Provisioner]:
+        if self.mosquitto is None:
+            return contextlib.nullcontext(EmbeddedProvisioner())
+        return DynsecProvisioner(
+            self.mosquitto.link_config(self.mosquitto.admin, f"admin-{secrets.token_hex(4)}")
+        )
+
+    async def add_users(self, *names: str) -> None:
+        async with self.provisioner() as provisioner:
+            for name in names:
+                await register(self.engine, provisioner, name, password_of(name))
+
+    async def client(self, user: str, device: str = "phone", **options: Any) -> ChatClient:
+        options.setdefault("resend_after", 2.0)
+        client = ChatClient(
+            host=self.host,
+            port=self.port,
+            username=user,
+            password=password_of(user),
+            device=device,
+            **options,
+        )
+        await client.connect()
+        self._clients.append(client)
+        return client
+
+    async def raw(
+        self,
+        user: str,
+        password: str | None = None,
+        *,
+        client_id: str | None = None,
+        on_message: Callable[[Incoming], None] | None = None,
+        connect: bool = True,
+    ) -> MqttLink:
+        """A stock MQTT client (no SDK): what mosquitto_pub or an IoT device would be."""
+        link = MqttLink(
+            LinkConfig(
+                host=self.host,
+                port=self.port,
+                username=user,
+                password=password if password is not None else password_of(user),
+                client_id=client_id or f"{user}:raw-{secrets.token_hex(3)}",
+                clean_session=True,
+            ),
+            on_message=on_message,
+        )
+        if connect:
+            await link.connect()
+        self._links.append(link)
+        return link
+
+    def start_bridge(self) -> None:
+        self.bridge.start()
+        self.bridge.wait_for_log("consuming", occurrences=self.bridge.starts)
+
+    def restart_broker(self) -> None:
+        if self.mosquitto is not None:
+            self.mosquitto.restart()
+        else:
+            assert self.embedded_broker is not None
+            self.embedded_broker.stop()
+            self.embedded_broker.start()
+            wait_until(lambda: _accepts(self.host, self.port), timeout=30, what="amqtt")
+
+    async def close(self) -> None:
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), 5)
+        for link in self._links:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(link.close(), 5)
+        self.bridge.stop()
+        if self.embedded_broker is not None:
+            self.embedded_broker.stop()
+        if self.mosquitto is not None:
+            self.mosquitto.close()
+        self.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    try:
+        server.create_database("mqchat_template")
+        engine = make_engine(server.url("mqchat_template"))
+        migrate(engine)
+        engine.dispose()
+        yield server
+    finally:
+        server.close()
+
+
+_db_counter = 0
+
+
+def _bridge_env(database_url: str, host: str, port: int, password: str) -> dict[str, str]:
+    return {
+        "MQCHAT_BRIDGE_DATABASE_URL": database_url,
+        "MQCHAT_BRIDGE_MQTT_HOST": host,
+        "MQCHAT_BRIDGE_MQTT_PORT": str(port),
+        "MQCHAT_BRIDGE_PASSWORD": password,
+        "MQCHAT_BRIDGE_KEEPALIVE": "5",
+    }
+
+
+async def _embedded_stack(base: Path) -> Stack:
+    db_url = f"sqlite:///{base / 'mqchat.db'}"
+    engine = make_engine(db_url)
+    migrate(engine)
+    port = free_port()
+    bridge_password = secrets.token_urlsafe(16)
+    broker = Daemon(
+        "broker",
+        "broker",
+        {
+            "MQCHAT_BROKER_DATABASE_URL": db_url,
+            "MQCHAT_BROKER_PORT": str(port),
+            "MQCHAT_BROKER_WS_PORT": str(free_port()),
+            "MQCHAT_BROKER_BRIDGE_PASSWORD": bridge_password,
+        },
+        base,
+    )
+    broker.start()
+    await asyncio.to_thread(
+        wait_until, lambda: _accepts("127.0.0.1", port), timeout=30, what="amqtt"
+    )
+    env = _bridge_env(db_url, "127.0.0.1", port, bridge_password)
+    bridge = Daemon("bridge", "bridge", env, base)
+    stack = Stack(
+        "embedded", "127.0.0.1", port, db_url, engine, bridge, env, base, embedded_broker=broker
+    )
+    await asyncio.to_thread(stack.start_bridge)
+    return stack
+
+
+async def _production_stack(base: Path, postgres: PostgresServer) -> Stack:
+    global _db_counter
+    _db_counter += 1
+    dbname = f"mqchat_{os.getpid()}_{_db_counter}"
+    postgres.create_database(dbname, template="mqchat_template")
+    db_url = postgres.url(dbname)
+    engine = make_engine(db_url)
+    mosq = await asyncio.to_thread(start_mosquitto, base)
+    env = _bridge_env(db_url, mosq.host, mosq.port, mosq.bridge.password)
+    bridge = Daemon("bridge", "bridge", env, base)
+    stack = Stack(
+        "production", mosq.host, mosq.port, db_url, engine, bridge, env, base, mosquitto=mosq
+    )
+    await asyncio.to_thread(stack.start_bridge)
+    return stack
+
+
+@pytest.fixture(params=["embedded", "production"])
+async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
+    if request.param == "embedded":
+        s = await _embedded_stack(tmp_path)
+    else:
+        s = await _production_stack(tmp_path, request.getfixturevalue("postgres"))
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def production_stack(tmp_path: Path, postgres: PostgresServer) -> AsyncIterator[Stack]:
+    """For tests about PostgreSQL itself (restarting it, say)."""
+    s = await _production_stack(tmp_path, postgres)
+    try:
+        yield s
+    finally:
+        await s.close()

@@ -1,0 +1,496 @@
+"""Real mosquitto and PostgreSQL, started from their binaries, for tests and benchmarks.
+
+These are plain helpers, not fixtures: the caller starts a server, keeps it as long
+as it likes and stops it; nothing is registered globally, and a stopped server
+leaves no process behind.
+
+Running as root: neither server should run as root (PostgreSQL refuses to), so both
+are started as an unprivileged account (``mosquitto`` / ``postgres`` if they exist,
+else ``nobody``). That account cannot reach into pytest's temporary directories
+(mode 0700, owned by root), so as root a server's files live in a directory of its
+own under the system temp dir, linked from ``base_dir``; :meth:`close` removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from broker.mosquitto import Credentials, render_config, write_dynsec_bootstrap
+from clients.mqtt import LinkConfig
+
+PRODUCTION_CONFIG = Path(__file__).parents[1] / "mosquitto.conf"
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _service_account(preferred: str) -> pwd.struct_passwd | None:
+    """The account to run a server as: ``None`` (ourselves) unless we are root."""
+    if os.geteuid() != 0:
+        return None
+    for name in (preferred, "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise RuntimeError(f"running as root, but neither {preferred!r} nor 'nobody' exists")
+
+
+def _workdir(base_dir: Path, name: str, account: pwd.struct_passwd | None) -> tuple[Path, bool]:
+    """A fresh directory for one server; True if it lives outside base_dir."""
+    base_dir.mkdir(parents=True, exist_ok=True)
+    if account is None:
+        workdir = base_dir / name
+        workdir.mkdir()
+        return workdir, False
+    workdir = Path(tempfile.mkdtemp(prefix=f"mqchat-{name}-"))
+    os.chown(workdir, account.pw_uid, account.pw_gid)
+    (base_dir / name).symlink_to(workdir, target_is_directory=True)
+    return workdir, True
+
+
+def _chown_tree(root: Path, account: pwd.struct_passwd | None) -> None:
+    if account is None:
+        return
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
+
+
+def _run_as(account: pwd.struct_passwd | None) -> dict[str, Any]:
+    """Popen arguments that drop to ``account`` in the child."""
+    if account is None:
+        return {}
+    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+def _wait_for(
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    log: Path,
+    alive: Callable[[], bool] | None = None,
+) -> None:
+    """Poll ``ready()`` until true, failing early if ``alive()`` turns false."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if alive is not None and not alive():
+            raise RuntimeError(f"{what} exited during startup; log tail:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready after {timeout} s; log tail:\n{_tail(log)}")
+        time.sleep(0.02)
+
+
+# -- mosquitto -------------------------------------------------------------------------
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if found is None:
+        raise RuntimeError("mosquitto is not installed: apt-get install mosquitto")
+    return found
+
+
+def _dynsec_plugin(configured: str) -> Path | None:
+    """None if the configured plugin exists, else the one of this machine's arch."""
+    if Path(configured).exists():
+        return None
+    for candidate in sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so")):
+        return candidate
+    raise RuntimeError(f"dynamic-security plugin not found at {configured} nor /usr/lib/*/")
+
+
+class MosquittoServer:
+    """A mosquitto running the production config from a directory of its own.
+
+    Attributes:
+        admin: the dynsec admin account (for :class:`broker.mosquitto.DynsecProvisioner`).
+        bridge: the bridge's service account.
+        data_dir: persistence and dynamic-security.json.
+        log_path: mosquitto's stderr.
+    """
+
+    def __init__(
+        self,
+        *,
+        binary: str,
+        workdir: Path,
+        host: str,
+        port: int,
+        ws_port: int,
+        admin: Credentials,
+        bridge: Credentials,
+        account: pwd.struct_passwd | None,
+        private_workdir: bool,
+    ) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.host = host
+        self.port = port
+        self.ws_port = ws_port
+        self.admin = admin
+        self.bridge = bridge
+        self.data_dir = workdir / "data"
+        self.conf_path = workdir / "mosquitto.conf"
+        self.log_path = workdir / "mosquitto.log"
+        self._account = account
+        self._private_workdir = private_workdir
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def link_config(self, credentials: Credentials, client_id: str, **options: Any) -> LinkConfig:
+        """How to connect to this broker as ``credentials``; ``options`` override.
+
+        For websockets pass ``port=server.ws_port, transport="websockets"``.
+        """
+        settings: dict[str, Any] = {"host": self.host, "port": self.port, **options}
+        return LinkConfig(
+            username=credentials.username,
+            password=credentials.password,
+            client_id=client_id,
+            **settings,
+        )
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start mosquitto and return once both listeners accept connections."""
+        if self.is_running:
+            raise RuntimeError("mosquitto is already running")
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [self.binary, "-c", str(self.conf_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                umask=0o077,
+                **_run_as(self._account),
+            )
+        try:
+            _wait_for(
+                lambda: _accepts(self.host, self.port) and _accepts(self.host, self.ws_port),
+                timeout=timeout,
+                what="mosquitto",
+                log=self.log_path,
+                alive=lambda: self.is_running,
+            )
+        except BaseException:
+            self.kill()
+            raise
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (mosquitto saves its database) and wait; SIGKILL if it hangs."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: whatever was not autosaved is lost."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        self._process = None
+
+    def restart(self, timeout: float = 15.0) -> None:
+        self.stop(timeout)
+        self.start(timeout)
+
+    def close(self) -> None:
+        """Stop, and remove the files if they were kept outside ``base_dir``."""
+        self.stop()
+        if self._private_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return _tail(self.log_path, lines)
+
+
+def start_mosquitto(base_dir: Path, *, host: str = LOOPBACK) -> MosquittoServer:
+    """Start mosquitto from the production config with fresh service accounts.
+
+    The admin and bridge passwords are random; read them from the returned server.
+    """
+    binary = mosquitto_binary()
+    account = _service_account("mosquitto")
+    workdir, private = _workdir(base_dir, "mosquitto", account)
+    template = PRODUCTION_CONFIG.read_text()
+    server = MosquittoServer(
+        binary=binary,
+        workdir=workdir,
+        host=host,
+        port=free_port(),
+        ws_port=free_port(),
+        admin=Credentials("mqchat-admin", secrets.token_urlsafe(24)),
+        bridge=Credentials("mqchat-bridge", secrets.token_urlsafe(24)),
+        account=account,
+        private_workdir=private,
+    )
+    server.data_dir.mkdir()
+    configured_plugin = next(
+        line.split(None, 1)[1] for line in template.splitlines() if line.startswith("plugin ")
+    )
+    server.conf_path.write_text(
+        render_config(
+            template,
+            host=host,
+            port=server.port,
+            ws_port=server.ws_port,
+            data_dir=server.data_dir,
+            plugin=_dynsec_plugin(configured_plugin),
+        )
+    )
+    write_dynsec_bootstrap(
+        server.data_dir / "dynamic-security.json", admin=server.admin, bridge=server.bridge
+    )
+    _chown_tree(workdir, account)
+    try:
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    return server
+
+
+# -- PostgreSQL ------------------------------------------------------------------------
+
+
+def postgres_bindir() -> Path:
+    configured = os.environ.get("MQCHAT_PG_BINDIR")
+    if configured:
+        return Path(configured)
+    debian = Path("/usr/lib/postgresql/15/bin")
+    if (debian / "initdb").exists():
+        return debian
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip())
+    raise RuntimeError(
+        "PostgreSQL server binaries not found: set MQCHAT_PG_BINDIR or install postgresql"
+    )
+
+
+def _clean_env() -> dict[str, str]:
+    # PGPORT, PGHOST, PGDATA... from the caller's shell must not redirect our tools.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["LC_ALL"] = "C"
+    return env
+
+
+class PostgresServer:
+    """A PostgreSQL cluster in a directory of its own, on loopback, trust auth.
+
+    The superuser is ``postgres`` whatever the OS account. fsync is on, so a
+    durability test sees what production would.
+    """
+
+    superuser = "postgres"
+
+    def __init__(
+        self,
+        *,
+        bindir: Path,
+        workdir: Path,
+        port: int,
+        account: pwd.struct_passwd | None,
+        private_workdir: bool,
+    ) -> None:
+        self.bindir = bindir
+        self.workdir = workdir
+        self.host = LOOPBACK
+        self.port = port
+        self.data_dir = workdir / "data"
+        self.socket_dir = workdir / "sock"
+        self.log_path = workdir / "postgres.log"
+        self._account = account
+        self._private_workdir = private_workdir
+
+    @property
+    def is_running(self) -> bool:
+        return self.data_dir.exists() and self._postmaster_running()
+
+    def url(self, dbname: str) -> str:
+        """A SQLAlchemy URL for ``dbname`` (driver psycopg 3)."""
+        return f"postgresql+psycopg://{self.superuser}@{self.host}:{self.port}/{dbname}"
+
+    def conninfo(self, dbname: str) -> str:
+        return f"host={self.host} port={self.port} user={self.superuser} dbname={dbname}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        self._pg_ctl("start", "-l", str(self.log_path), "-w", "-t", str(int(timeout)))
+        _wait_for(self._ready, timeout=timeout, what="PostgreSQL", log=self.log_path)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Fast shutdown (a checkpoint, then exit), waiting for every backend to go."""
+        if self.is_running:
+            self._pg_ctl("stop", "-m", "fast", "-w", "-t", str(int(timeout)))
+
+    def restart(self, timeout: float = 60.0) -> None:
+        self.stop(timeout)
+        self.start(timeout)
+
+    def kill(self) -> None:
+        """Immediate shutdown, as a crash would: the next start runs WAL recovery."""
+        if self.is_running:
+            self._pg_ctl("stop", "-m", "immediate", "-w")
+
+    def close(self) -> None:
+        self.stop()
+        if self._private_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def create_database(self, name: str, template: str | None = None) -> None:
+        """Create ``name``, as a copy of ``template`` if given (which must be idle)."""
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template is not None:
+            statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        self._admin_execute(statement)
+
+    def drop_database(self, name: str) -> None:
+        """Drop ``name`` if it exists, disconnecting whoever is still connected."""
+        self._admin_execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+    def log_tail(self, lines: int = 30) -> str:
+        return _tail(self.log_path, lines)
+
+    def _admin_execute(self, statement: sql.Composed) -> None:
+        with psycopg.connect(self.conninfo("postgres"), autocommit=True) as conn:
+            conn.execute(statement)
+
+    def _ready(self) -> bool:
+        result = subprocess.run(
+            [
+                str(self.bindir / "pg_isready"),
+                "-q",
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-U",
+                self.superuser,
+                "-d",
+                "postgres",
+                "-t",
+                "1",
+            ],
+            env=_clean_env(),
+            check=False,
+        )
+        return result.returncode == 0
+
+    def _postmaster_running(self) -> bool:
+        status = self._run(
+            [str(self.bindir / "pg_ctl"), "status", "-D", str(self.data_dir)], check=False
+        )
+        return status.returncode == 0
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._run([str(self.bindir / "pg_ctl"), *args, "-D", str(self.data_dir)])
+
+    def _run(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            argv,
+            cwd=self.workdir,
+            env=_clean_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+            **_run_as(self._account),
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+                f"\nlog tail:\n{self.log_tail()}"
+            )
+        return result
+
+
+def start_postgres(base_dir: Path) -> PostgresServer:
+    """initdb a fresh cluster and start it on a free loopback port."""
+    bindir = postgres_bindir()
+    account = _service_account("postgres")
+    workdir, private = _workdir(base_dir, "postgres", account)
+    server = PostgresServer(
+        bindir=bindir, workdir=workdir, port=free_port(), account=account, private_workdir=private
+    )
+    server.socket_dir.mkdir()
+    _chown_tree(workdir, account)
+    try:
+        server._run(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(server.data_dir),
+                "-U",
+                server.superuser,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ]
+        )
+        with (server.data_dir / "postgresql.conf").open("a") as conf:
+            conf.write(
+                "\n# tests/services.py\n"
+                f"port = {server.port}\n"
+                f"listen_addresses = '{server.host}'\n"
+                f"unix_socket_directories = '{server.socket_dir}'\n"
+                "fsync = on\n"
+            )
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    return server
