@@ -176,9 +176,9 @@ class MqttLink:
         """Disconnect cleanly (no last will) and stop reconnecting."""
         self._closing = True
         if self._maintain_task is not None:
+            self._lost.set()
             self._maintain_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintain_task
+            await asyncio.wait({self._maintain_task}, timeout=self.config.connect_timeout)
         if self._client.is_connected():
             self._client.disconnect()
             # Give the DISCONNECT packet a chance to reach the socket.
@@ -302,19 +302,27 @@ class MqttLink:
             await self._lost.wait()
             if self._closing:
                 return
-            async for attempt in AsyncRetrying(
-                wait=wait_random_exponential(multiplier=0.05, max=self.config.max_backoff),
-                retry=retry_if_exception_type((OSError, TimeoutError, MqttError)),
-                reraise=True,
-            ):
-                with attempt:
-                    log.info(
-                        "reconnecting %s to %s:%s",
-                        self.config.client_id,
-                        self.config.host,
-                        self.config.port,
-                    )
-                    await self._connect_once()
+            try:
+                async for attempt in AsyncRetrying(
+                    wait=wait_random_exponential(multiplier=0.05, max=self.config.max_backoff),
+                    retry=retry_if_exception_type((OSError, TimeoutError, MqttError)),
+                    # A cancel that lands as a refused CONNACK completes is swallowed
+                    # by wait_for in 3.11, so closing is also checked here.
+                    stop=lambda _: self._closing,
+                    reraise=True,
+                ):
+                    with attempt:
+                        log.info(
+                            "reconnecting %s to %s:%s",
+                            self.config.client_id,
+                            self.config.host,
+                            self.config.port,
+                        )
+                        await self._connect_once()
+            except (OSError, TimeoutError, MqttError):
+                if self._closing:
+                    return
+                raise
 
     def _require_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

@@ -102,6 +102,10 @@ class ChatClient:
         resend_after: seconds without a ``sent`` receipt before the same id is resent.
         hold_back: seconds to wait for a missing seq before delivering past the gap.
         cursors: last seq this device has shown per conversation, to resume from.
+        persistent: keep a session on the broker, so messages queue while this device
+            is offline. ``False`` is for one-shot tools (``mqchat send``): a clean
+            session under a client id of its own, which neither takes over the
+            device's own connection nor swallows the messages queued for it.
     """
 
     def __init__(
@@ -117,8 +121,13 @@ class ChatClient:
         resend_after: float = 5.0,
         hold_back: float = 2.0,
         cursors: dict[str, int] | None = None,
+        persistent: bool = True,
     ) -> None:
         self.username = username
+        client_id = f"{username}:{device}"
+        if not persistent:
+            client_id += f".{uuid.uuid4().hex[:8]}"
+
         self.resend_after = resend_after
         self.hold_back = hold_back
         self.link = MqttLink(
@@ -127,8 +136,8 @@ class ChatClient:
                 port=port,
                 username=username,
                 password=password,
-                client_id=f"{username}:{device}",
-                clean_session=False,
+                client_id=client_id,
+                clean_session=not persistent,
                 keepalive=keepalive,
                 transport=transport,
             ),

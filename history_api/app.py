@@ -1,0 +1,35 @@
+"""The FastAPI application, built per call: nothing is opened at import."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from store import make_engine
+
+from . import errors, health, users
+from .config import ApiSettings
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.engine = make_engine(settings.database_url)
+        try:
+            yield
+        finally:
+            app.state.engine.dispose()
+
+    app = FastAPI(
+        title="mqchat history API",
+        version="1",
+        summary="Accounts for mqchat; conversation history comes later.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    errors.install(app)
+    app.include_router(users.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,99 @@
+"""Every error the API reports, turned into a response here and nowhere else.
+
+::
+
+    ProtocolError            -> HTTP_STATUS[code]   (invalid_username 422, username_taken 409, ...)
+    RequestValidationError   -> 422 invalid_payload  (malformed JSON, missing or mistyped fields)
+    ProvisioningError        -> 503 internal_error   (mosquitto refused or is unreachable)
+    OperationalError         -> 503 internal_error   (the database is unreachable)
+    any other exception      -> 500 internal_error   (details only in the log)
+
+Every body is ``{"error": {"code": <stable code>, "detail": <text>}}``; clients switch
+on ``code``, which means the same here as in an MQTT ``down/error`` payload.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import OperationalError
+
+from broker.mosquitto import ProvisioningError
+from protocol import errors
+from protocol.errors import ErrorCode, ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    code: ErrorCode
+    detail: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+#: For ``responses=`` of a route, so the OpenAPI document shows the error shape.
+UNAVAILABLE = {"model": ErrorResponse, "description": "The broker or database is unavailable"}
+
+
+def error_response(code: str, detail: str, *, status: int | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(code=code, detail=detail))
+    return JSONResponse(
+        body.model_dump(), status_code=status if status is not None else errors.HTTP_STATUS[code]
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ProtocolError, _protocol_error)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(ProvisioningError, _broker_unavailable)
+    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+async def _protocol_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProtocolError)
+    return error_response(exc.code, exc.detail)
+
+
+async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(errors.INVALID_PAYLOAD, _describe(exc))
+
+
+async def _broker_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # The broker's own words may name service accounts; they go to the log only.
+    log.error("%s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        errors.INTERNAL, "the MQTT broker is unavailable; try again later", status=503
+    )
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s: database: %s", request.method, request.url.path, exc)
+    return error_response(
+        errors.INTERNAL, "the database is unavailable; try again later", status=503
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(errors.INTERNAL, "internal error")
+
+
+def _describe(exc: RequestValidationError) -> str:
+    parts = []
+    for err in list(exc.errors())[:5]:
+        if err.get("type") == "json_invalid":
+            reason = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"the body is not valid JSON{': ' + str(reason) if reason else ''}")
+            continue
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"

@@ -1,0 +1,57 @@
+"""``/v1/users``: creating accounts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, status
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from broker.provisioning import register
+from store import accounts
+
+from .deps import EngineDep, ProvisionerDep
+from .errors import UNAVAILABLE, ErrorResponse
+
+router = APIRouter(prefix="/v1/users", tags=["users"])
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"username": "alice", "password": "correct horse"}]}
+    )
+
+    #: Checked by the store, not here, so a bad name gets ``invalid_username`` rather
+    #: than the generic ``invalid_payload``.
+    username: str
+    password: Annotated[SecretStr, Field(description="8 to 1024 characters")]
+
+
+class UserPublic(BaseModel):
+    username: str
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={
+        409: {"model": ErrorResponse, "description": "`username_taken`"},
+        422: {
+            "model": ErrorResponse,
+            "description": "`invalid_username`, `weak_password` or `invalid_payload`",
+        },
+        503: UNAVAILABLE,
+    },
+)
+async def create_user(
+    body: UserCreate, engine: EngineDep, open_provisioner: ProvisionerDep
+) -> UserPublic:
+    """Create an account that can sign in to the MQTT broker as soon as this answers."""
+    password = body.password.get_secret_value()
+    # Refuse bad input before opening a connection to the broker for nothing;
+    # register() checks again, inside its transaction.
+    accounts.check_username(body.username)
+    accounts.check_password(password)
+    async with open_provisioner() as provisioner:
+        await register(engine, provisioner, body.username, password)
+    return UserPublic(username=body.username)

@@ -1,0 +1,510 @@
+"""The ``mqchat`` command, run as a user would: the installed executable, as processes.
+
+``mqchat up`` runs on free ports with a data dir in tmp_path; every other command
+talks to it through that data dir and port. Output is read by threads, so every
+wait has a deadline and none is a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+import pytest
+
+from .services import MosquittoServer, free_port, start_mosquitto
+
+MQCHAT = Path(sys.executable).parent / "mqchat"
+WAIT = 20.0
+PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret-1"}
+
+
+class Lines:
+    """Lines of a child's stream, collected by a thread as they come."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.seen: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        with stream:
+            for line in stream:
+                self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = WAIT) -> re.Match[str]:
+        """The first line from now on that matches ``pattern`` (a regex, searched)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self._queue.get(timeout=max(remaining, 0))
+            except queue.Empty:
+                raise TimeoutError(
+                    f"no line matching {pattern!r} in {timeout} s; seen: {self.seen}"
+                ) from None
+            if line is None:
+                raise EOFError(f"stream ended before {pattern!r}; seen: {self.seen}")
+            self.seen.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def rest(self, timeout: float = WAIT) -> list[str]:
+        """Everything until the stream closes."""
+        deadline = time.monotonic() + timeout
+        out = []
+        while (line := self._queue.get(timeout=max(deadline - time.monotonic(), 0))) is not None:
+            self.seen.append(line)
+            out.append(line)
+        return out
+
+
+@dataclass
+class Background:
+    process: subprocess.Popen[str]
+    stdout: Lines
+    stderr: Lines
+
+    def finish(self, timeout: float = WAIT) -> tuple[int, list[str]]:
+        lines = self.stdout.rest(timeout)
+        return self.process.wait(timeout), lines
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MQCHAT_")}
+    env.update(extra)
+    return env
+
+
+def spawn(*args: str, env: dict[str, str], stdin: int | None = subprocess.DEVNULL) -> Background:
+    process = subprocess.Popen(
+        [str(MQCHAT), *args],
+        env=env,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    return Background(process, Lines(process.stdout), Lines(process.stderr))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@dataclass
+class Up:
+    """A running ``mqchat up`` and how to reach it."""
+
+    run: Background
+    data_dir: Path
+    mqtt_port: int
+    api_port: int
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def env(self, user: str | None = None, password: str | None = None) -> dict[str, str]:
+        extra = {"MQCHAT_DATA_DIR": str(self.data_dir), "MQCHAT_PORT": str(self.mqtt_port)}
+        if user is not None:
+            extra["MQCHAT_USER"] = user
+            extra["MQCHAT_PASSWORD"] = password if password is not None else PASSWORDS[user]
+        return base_env(**extra)
+
+    def mqchat(
+        self,
+        *args: str,
+        user: str | None = None,
+        password: str | None = None,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(MQCHAT), *args],
+            env=self.env(user, password),
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+
+    def add_users(self, *names: str) -> None:
+        for name in names:
+            result = self.mqchat(
+                "user", "add", name, "--password-stdin", input=PASSWORDS[name] + "\n"
+            )
+            assert (result.returncode, result.stdout) == (0, f"created {name}\n"), result.stderr
+
+    def listen(self, user: str, *args: str) -> Background:
+        """``mqchat listen`` in the background, returned once it is subscribed."""
+        listener = spawn("listen", *args, env=self.env(user))
+        listener.stderr.wait_for(f"^listening as {user} ")
+        return listener
+
+    def wait_started(self) -> None:
+        line = r"^(broker|bridge|api) .*\(pid (\d+)\)$"
+        while "api" not in self.pids or "bridge" not in self.pids:
+            match = self.run.stdout.wait_for(line)
+            self.pids[match.group(1)] = int(match.group(2))
+        self.run.stdout.wait_for(r"^create a user: mqchat user add alice")
+
+
+def start_up(data_dir: Path, *extra: str, mqtt_port: int | None = None) -> Up:
+    mqtt_port = mqtt_port or free_port()
+    api_port = free_port()
+    args = [
+        "up",
+        "--data-dir",
+        str(data_dir),
+        "--mqtt-port",
+        str(mqtt_port),
+        "--ws-port",
+        str(free_port()),
+        "--api-port",
+        str(api_port),
+        *extra,
+    ]
+    up = Up(spawn(*args, env=base_env()), data_dir, mqtt_port, api_port)
+    try:
+        up.wait_started()
+    except BaseException:
+        stop_up(up)
+        raise
+    return up
+
+
+def stop_up(up: Up) -> int:
+    process = up.run.process
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pid in up.pids.values():  # never leave a child behind, even if up misbehaved
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return process.returncode
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    running = start_up(tmp_path / "data")
+    try:
+        yield running
+    finally:
+        stop_up(running)
+
+
+def test_send_listen_chat_and_refusals(up: Up) -> None:
+    up.add_users("alice", "bob")
+
+    bob = up.listen("bob", "--count", "1")
+    sent = up.mqchat("send", "--to", "bob", "hi", user="alice")
+    assert sent.returncode == 0, sent.stderr
+    conversation = re.fullmatch(r"sent (c_\w+) #1\n", sent.stdout)
+    assert conversation is not None, sent.stdout
+    code, lines = bob.finish()
+    assert (code, lines) == (0, [f"[{conversation.group(1)} #1] alice: hi"])
+
+    alice = up.listen("alice", "--count", "1")
+    chat = up.mqchat("chat", "alice", user="bob", input="hello alice\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout == ""  # bob's own line is not echoed back to him
+    code, lines = alice.finish()
+    assert (code, lines) == (0, [f"[{conversation.group(1)} #2] bob: hello alice"])
+
+    unknown = up.mqchat("send", "--to", "nobody", "hi", user="alice")
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("error unknown_recipient: ")
+    assert unknown.stdout == ""
+
+    refused = up.mqchat("send", "--to", "bob", "hi", user="alice", password="not-her-password")
+    assert refused.returncode == 77
+    assert "refused 'alice'" in refused.stderr
+
+    health = httpx.get(f"http://127.0.0.1:{up.api_port}/healthz", timeout=WAIT)
+    assert health.json() == {"status": "ok"}
+
+
+def test_listen_json_and_chat_shows_the_peer(up: Up) -> None:
+    up.add_users("alice", "bob")
+    bob = up.listen("bob", "--count", "1", "--json")
+    assert up.mqchat("send", "--to", "bob", "one", user="alice").returncode == 0
+    code, [line] = bob.finish()
+    assert code == 0
+    assert re.fullmatch(
+        r'\{"id":"\w+","conversation":"c_\w+","seq":1,"from":"alice","body":"one",'
+        r'"sent_at":"[^"]+Z"\}',
+        line,
+    ), line
+
+    # alice chats through a pipe that stays open while the others write to her.
+    chat = spawn("chat", "bob", env=up.env("alice"), stdin=subprocess.PIPE)
+    assert chat.process.stdin is not None
+    chat.stderr.wait_for("^chatting with bob as alice")
+    assert up.mqchat("send", "--to", "alice", "yes", user="bob").returncode == 0
+    chat.stdout.wait_for("^bob: yes$")
+    other_device = up.mqchat("send", "--to", "bob", "from my phone", user="alice")
+    assert other_device.returncode == 0, other_device.stderr
+    chat.stdout.wait_for("^alice: from my phone$")
+    chat.process.stdin.write("are you there?\n")
+    chat.process.stdin.close()
+    code, rest = chat.finish()
+    assert (code, rest) == (0, [])  # her own line is not printed back to her
+
+    # bob's device "cli" was offline since its listen: the broker kept what came.
+    bob = up.listen("bob", "--count", "3")
+    code, lines = bob.finish()
+    assert code == 0
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "bob: yes",
+        "alice: from my phone",
+        "alice: are you there?",
+    ]
+
+
+def test_ctrl_c_stops_every_child(up: Up) -> None:
+    pids = dict(up.pids)
+    assert set(pids) == {"broker", "bridge", "api"}
+    assert all(alive(pid) for pid in pids.values())
+
+    up.run.process.send_signal(signal.SIGINT)
+
+    assert up.run.process.wait(WAIT) == 0
+    assert up.run.stdout.rest()[-1] == "stopped"
+    assert [name for name, pid in pids.items() if alive(pid)] == []
+
+
+def test_a_killed_bridge_is_restarted_and_loses_nothing(up: Up) -> None:
+    up.add_users("alice", "bob")
+    bob = up.listen("bob", "--count", "1")
+    old = up.pids["bridge"]
+
+    os.kill(old, signal.SIGKILL)
+    # Sent at once: it meets either no bridge (the broker keeps it for the bridge's
+    # session) or the restarted one.
+    sent = up.mqchat("send", "--to", "bob", "after the crash", user="alice")
+
+    assert sent.returncode == 0, sent.stderr
+    assert re.fullmatch(r"sent c_\w+ #1\n", sent.stdout)
+    code, [line] = bob.finish()
+    assert code == 0
+    assert line.endswith("] alice: after the crash")
+    up.run.stdout.wait_for(r"^bridge +was killed by SIGKILL; restarting")
+    new = int(up.run.stdout.wait_for(r"^bridge +running \(pid (\d+)\)").group(1))
+    assert new != old
+    assert alive(new)
+    up.pids["bridge"] = new
+
+
+def test_a_bridge_that_keeps_dying_stops_everything(up: Up) -> None:
+    pid = up.pids["bridge"]
+    for _ in range(6):
+        os.kill(pid, signal.SIGKILL)
+        line = up.run.stdout.wait_for(r"^bridge +running \(pid (\d+)\)|^stopping ")
+        if line.group(0).startswith("stopping"):
+            break
+        pid = up.pids["bridge"] = int(line.group(1))
+
+    assert up.run.process.wait(WAIT) == 1
+    assert "stopping everything" in " ".join(up.run.stderr.rest())
+    assert [name for name, pid in up.pids.items() if alive(pid)] == []
+
+
+def test_accounts_and_schema_without_up(tmp_path: Path) -> None:
+    env = base_env(MQCHAT_DATA_DIR=str(tmp_path / "data"))
+
+    def mqchat(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(MQCHAT), *args],
+            env=env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+
+    missing = mqchat("user", "add", "alice", "--password-stdin", input="alice-secret\n")
+    assert missing.returncode == 78
+    assert "mqchat db upgrade" in missing.stderr
+    assert not (tmp_path / "data" / "mqchat.db").exists()
+
+    upgraded = mqchat("db", "upgrade")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert re.fullmatch(
+        r"sqlite:///\S+/mqchat\.db: upgraded \(empty\) -> \w+ \(head\)\n", upgraded.stdout
+    ), upgraded.stdout
+    again = mqchat("db", "upgrade")
+    assert re.fullmatch(r"sqlite:///\S+: already at \w+ \(head\)\n", again.stdout), again.stdout
+
+    created = mqchat("user", "add", "alice", "--password-stdin", input="alice-secret\n")
+    assert (created.returncode, created.stdout) == (0, "created alice\n")
+    for name, password, code in [
+        ("alice", "alice-secret", "username_taken"),
+        ("Alice", "alice-secret", "invalid_username"),
+        ("$sys", "alice-secret", "invalid_username"),
+        ("carol", "short", "weak_password"),
+    ]:
+        refused = mqchat("user", "add", name, "--password-stdin", input=password + "\n")
+        assert refused.returncode == 1, (name, refused.stderr)
+        assert refused.stderr.startswith(f"error {code}: "), refused.stderr
+
+
+def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [
+                str(MQCHAT),
+                "up",
+                "--data-dir",
+                str(tmp_path),
+                "--api-port",
+                str(port),
+                "--mqtt-port",
+                str(free_port()),
+                "--ws-port",
+                str(free_port()),
+            ],
+            env=base_env(),
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+    assert result.returncode == 78
+    assert f"port {port}" in result.stderr
+    assert "--api-port" in result.stderr
+
+
+# -- with mosquitto ------------------------------------------------------------------
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoServer]:
+    server = start_mosquitto(tmp_path / "broker")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def test_up_with_mosquitto(tmp_path: Path, mosquitto: MosquittoServer) -> None:
+    admin = ["--mosquitto-admin-password", mosquitto.admin.password]
+    up = start_up(
+        tmp_path / "data",
+        "--mosquitto",
+        f"{mosquitto.host}:{mosquitto.port}",
+        "--mosquitto-bridge-password",
+        mosquitto.bridge.password,
+        *admin,
+        mqtt_port=mosquitto.port,
+    )
+    try:
+        assert "broker" not in up.pids
+        assert any("(mosquitto, not started here)" in line for line in up.run.stdout.seen)
+        for name in ("alice", "bob"):
+            result = up.mqchat(
+                "user",
+                "add",
+                name,
+                "--password-stdin",
+                "--mosquitto-port",
+                str(mosquitto.port),
+                *admin,
+                input=PASSWORDS[name] + "\n",
+            )
+            assert result.returncode == 0, result.stderr
+        # Through the API too: it provisions mosquitto itself.
+        created = httpx.post(
+            f"http://127.0.0.1:{up.api_port}/v1/users",
+            json={"username": "carol", "password": "carol-secret"},
+            timeout=WAIT,
+        )
+        assert created.status_code == 201, created.text
+
+        bob = up.listen("bob", "--count", "1")
+        sent = up.mqchat("send", "--to", "bob", "via mosquitto", user="alice")
+        assert sent.returncode == 0, sent.stderr
+        code, [line] = bob.finish()
+        assert (code, line.endswith("] alice: via mosquitto")) == (0, True)
+        carol = up.mqchat("send", "--to", "bob", "hi", user="carol", password="carol-secret")
+        assert carol.returncode == 0, carol.stderr
+    finally:
+        assert stop_up(up) == 0
+
+
+async def test_mosquitto_bootstrap_writes_accounts_mosquitto_accepts(tmp_path: Path) -> None:
+    """The operator's first step for production: the file mosquitto.conf points at."""
+    from broker.mosquitto import Credentials
+    from clients.mqtt import ConnectRefused, MqttLink
+
+    from .services import _chown_tree
+
+    server = start_mosquitto(tmp_path)
+    try:
+        server.stop()
+        target = server.data_dir / "dynamic-security.json"
+        target.unlink()
+        env = base_env(
+            MQCHAT_MOSQUITTO_ADMIN_PASSWORD="admin-pass-123",
+            MQCHAT_BRIDGE_PASSWORD="bridge-pass-123",
+        )
+        done = subprocess.run(
+            [str(MQCHAT), "mosquitto", "bootstrap", "--out", str(target)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert oct(target.stat().st_mode & 0o777) == "0o600"
+        again = subprocess.run(
+            [str(MQCHAT), "mosquitto", "bootstrap", "--out", str(target)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert again.returncode == 78
+        assert "not overwritten" in again.stderr
+        _chown_tree(server.workdir, server._account)
+        server.start()
+
+        bridge = MqttLink(server.link_config(Credentials("mqchat-bridge", "bridge-pass-123"), "b"))
+        await bridge.connect()
+        await bridge.subscribe("chat/v1/u/+/up/#")
+        await bridge.close()
+        wrong = MqttLink(server.link_config(Credentials("mqchat-bridge", "bridge-pass-12"), "w"))
+        with pytest.raises(ConnectRefused):
+            await wrong.connect()
+        await wrong.close()
+    finally:
+        server.close()
