@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -40,6 +41,7 @@ import protocol
 from clients.mqtt import Incoming, LinkConfig, MqttLink
 from protocol import errors, topics
 from store import make_engine
+from store.cursors import AckOutcome, advance_batch
 from store.db import alembic_config
 from store.messages import Outcome, persist_batch
 from store.types import utcnow
@@ -47,6 +49,9 @@ from store.types import utcnow
 from .config import BridgeSettings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class SchemaNotReady(RuntimeError):
@@ -148,6 +153,7 @@ class Bridge:
         """Decode, commit and publish one batch; acknowledge it once the broker has it all."""
         publishes: list[_Publish] = []
         to_store: list[tuple[str, protocol.UpMessage]] = []
+        acks: list[tuple[str, protocol.UpAck]] = []
         for incoming in batch:
             try:
                 decoded = protocol.decode(
@@ -161,28 +167,35 @@ class Bridge:
                 continue
             if isinstance(decoded.payload, protocol.UpMessage):
                 to_store.append((decoded.sender, decoded.payload))
+            elif isinstance(decoded.payload, protocol.UpAck):
+                acks.append((decoded.sender, decoded.payload))
             else:
                 publishes.append(
                     self._error(
                         decoded.sender,
-                        errors.ProtocolError(
-                            errors.NOT_SUPPORTED, "acks and typing are not supported yet"
-                        ),
+                        errors.ProtocolError(errors.NOT_SUPPORTED, "typing is not supported yet"),
                     )
                 )
 
         if to_store:
-            outcomes = await self._persist(to_store)
+            outcomes = await self._with_database(persist_batch, to_store)
             for (sender, _), outcome in zip(to_store, outcomes, strict=True):
                 publishes.extend(self._route(sender, outcome))
+        if acks:
+            # After the messages of the same batch, which an ack may refer to.
+            ack_outcomes = await self._with_database(advance_batch, acks)
+            for (sender, _), ack_outcome in zip(acks, ack_outcomes, strict=True):
+                publishes.extend(self._receipts(sender, ack_outcome))
 
         futures = [self.link.publish(p.topic, p.payload, qos=1) for p in publishes]
         task = asyncio.create_task(self._ack_when_published(futures, batch))
         self._ack_tasks.add(task)
         task.add_done_callback(self._ack_tasks.discard)
 
-    async def _persist(self, to_store: list[tuple[str, protocol.UpMessage]]) -> list[Outcome]:
-        """Commit, retrying for as long as the database is unreachable.
+    async def _with_database(
+        self, write: Callable[[Engine, Sequence[T]], list[R]], items: Sequence[T]
+    ) -> list[R]:
+        """Run one batch write, retrying for as long as the database is unreachable.
 
         While it retries nothing is acknowledged, so the broker keeps the uplinks.
         """
@@ -193,7 +206,7 @@ class Bridge:
             delay = state.next_action.sleep if state.next_action is not None else 0
             log.warning(
                 "database unavailable; holding %d uplinks, retrying in %.2f s: %s",
-                len(to_store),
+                len(items),
                 delay,
                 str(error).splitlines()[0] if error else "?",
             )
@@ -205,7 +218,7 @@ class Bridge:
             reraise=True,
         ):
             with attempt:
-                return await asyncio.to_thread(persist_batch, self.engine, to_store)
+                return await asyncio.to_thread(write, self.engine, items)
         raise AssertionError("unreachable")
 
     def _route(self, sender: str, outcome: Outcome) -> list[_Publish]:
@@ -235,6 +248,27 @@ class Bridge:
         )
         out = [_Publish(topics.down_msg(member), message) for member in stored.members]
         out.append(_Publish(topics.down_receipt(sender), receipt))
+        return out
+
+    def _receipts(self, user: str, outcome: AckOutcome) -> list[_Publish]:
+        if outcome.error is not None:
+            return [self._error(user, outcome.error)]
+        out = []
+        for change in outcome.changes:
+            payload = protocol.encode(
+                protocol.Receipt(
+                    status=change.kind,
+                    conversation=change.conversation,
+                    seq=change.seq,
+                    by=change.user,
+                    at=change.at,
+                )
+            )
+            # Everyone else learns how far this member got; for "read" the member's
+            # own devices learn it too, so each clears its unread count.
+            for member in change.members:
+                if member != change.user or change.kind == "read":
+                    out.append(_Publish(topics.down_receipt(member), payload))
         return out
 
     def _refusal(self, topic: str, exc: errors.ProtocolError) -> list[_Publish]:

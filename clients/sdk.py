@@ -122,8 +122,13 @@ class ChatClient:
         hold_back: float = 2.0,
         cursors: dict[str, int] | None = None,
         persistent: bool = True,
+        ack_delivered: bool = True,
     ) -> None:
         self.username = username
+        self.device = device
+        self.ack_delivered = ack_delivered
+        self._to_ack: dict[str, int] = {}
+        self._ack_scheduled = False
         client_id = f"{username}:{device}"
         if not persistent:
             client_id += f".{uuid.uuid4().hex[:8]}"
@@ -225,6 +230,11 @@ class ChatClient:
             return await asyncio.wait_for(asyncio.shield(existing.done), timeout)
         except TimeoutError:
             raise SendTimeout(message_id) from None
+
+    async def mark_read(self, conversation: str, seq: int) -> None:
+        """Tell the other members (and this user's other devices) that up to ``seq`` is read."""
+        ack = protocol.UpAck(conversation=conversation, read=seq, device=self.device)
+        await self.link.publish(topics.up(self.username, "ack"), protocol.encode(ack), qos=1)
 
     async def messages(self) -> AsyncIterator[ChatMessage]:
         """Incoming messages, in seq order per conversation, each shown once."""
@@ -329,9 +339,25 @@ class ChatClient:
             held.seqs.discard(seq)
             held.delivered = seq
             self._inbox.put_nowait(message)
+            if self.ack_delivered:
+                self._to_ack[message.conversation] = seq
+                self._schedule_acks()
         if not held.heap and held.gap_timer is not None:
             held.gap_timer.cancel()
             held.gap_timer = None
+
+    def _schedule_acks(self) -> None:
+        # One delivered ack per conversation for everything that arrived together.
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_scheduled = False
+        pending, self._to_ack = self._to_ack, {}
+        for conversation, seq in pending.items():
+            ack = protocol.UpAck(conversation=conversation, delivered=seq, device=self.device)
+            self.link.publish(topics.up(self.username, "ack"), protocol.encode(ack), qos=1)
 
     def _give_up_gap(self, held: _Held) -> None:
         held.gap_timer = None

@@ -26,6 +26,7 @@ ClientMessageId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 ConversationId = Annotated[str, Field(min_length=1, max_length=64)]
 Username = Annotated[str, Field(min_length=2, max_length=32, pattern=r"^[a-z0-9][a-z0-9_.]{1,31}$")]
 Seq = Annotated[int, Field(ge=1)]
+DeviceName = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class _Uplink(BaseModel):
@@ -56,11 +57,17 @@ class UpMessage(_Uplink):
 
 
 class UpAck(_Uplink):
-    """A device's cursor in one conversation: everything up to ``seq`` is delivered or read."""
+    """A device's cursors in one conversation: everything up to a seq is delivered / read.
+
+    Cursors only move forward: a value at or below the stored one is ignored. ``read``
+    implies ``delivered``. ``device`` names the device (its own cursor); stock clients
+    that leave it out share the cursor ``default``.
+    """
 
     conversation: ConversationId
     delivered: Seq | None = None
     read: Seq | None = None
+    device: DeviceName = "default"
 
     @model_validator(mode="after")
     def _some_cursor(self) -> UpAck:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy import Column, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from .types import BigIntKey, UTCDateTime, utcnow
@@ -70,3 +70,63 @@ class Message(SQLModel, table=True):
     client_id: str = Field(sa_column=Column(String(64), nullable=False))
     body: str = Field(sa_column=Column(Text, nullable=False))
     sent_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class Cursor(SQLModel, table=True):
+    """How far one device of one member has received and read a conversation.
+
+    Cursors only move forward. A member's cursor is the furthest of its devices'
+    (a message is delivered to bob once any of bob's devices has it).
+    """
+
+    __tablename__ = "cursors"
+
+    conversation_id: str = Field(
+        sa_column=Column(
+            String(64), ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+        )
+    )
+    username: str = Field(sa_column=Column(String(32), primary_key=True))
+    device: str = Field(sa_column=Column(String(64), primary_key=True))
+    delivered_seq: int = Field(default=0, nullable=False)
+    read_seq: int = Field(default=0, nullable=False)
+    delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+    read_at: datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+
+
+class CursorMove(SQLModel, table=True):
+    """Every forward move of a cursor: when each device got and read each message.
+
+    The delivery trace of message ``seq`` for a device is the first move of each kind
+    whose ``up_to`` reaches ``seq``.
+    """
+
+    __tablename__ = "cursor_moves"
+    __table_args__ = (
+        Index("ix_cursor_moves_lookup", "conversation_id", "username", "device", "kind", "up_to"),
+    )
+
+    pk: int | None = Field(default=None, sa_column=Column(BigIntKey, primary_key=True))
+    conversation_id: str = Field(
+        sa_column=Column(
+            String(64), ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False
+        )
+    )
+    username: str = Field(sa_column=Column(String(32), nullable=False))
+    device: str = Field(sa_column=Column(String(64), nullable=False))
+    kind: str = Field(sa_column=Column(String(16), nullable=False))  # delivered | read
+    up_to: int = Field(nullable=False)
+    at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class Device(SQLModel, table=True):
+    """A device's presence: a user is online while any of their devices is."""
+
+    __tablename__ = "devices"
+
+    username: str = Field(
+        sa_column=Column(String(32), ForeignKey("accounts.username"), primary_key=True)
+    )
+    device: str = Field(sa_column=Column(String(64), primary_key=True))
+    online: bool = Field(default=False, nullable=False)
+    last_seen: datetime = Field(sa_type=UTCDateTime, nullable=False)

@@ -104,12 +104,14 @@ CASES: list[tuple[str, Callable[[], bytes], str, str, str | None]] = [
         None,
     ),
     (
-        "ack not supported yet",
+        "ack for a conversation not mine",
         lambda: msg(conversation="c_1", read=3),
         "ack",
-        "not_supported",
+        "unknown_conversation",
         None,
     ),
+    ("ack without a cursor", lambda: msg(conversation="c_1"), "ack", "invalid_payload", None),
+    ("typing not supported yet", lambda: msg(conversation="c_1"), "typing", "not_supported", None),
 ]
 
 
