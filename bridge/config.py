@@ -25,6 +25,9 @@ class BridgeSettings(BaseSettings):
     max_batch: int = Field(default=256, ge=1)
     max_payload_bytes: int = Field(default=MAX_PAYLOAD_BYTES, ge=256)
     max_body_chars: int = Field(default=MAX_BODY_CHARS, ge=1)
+    #: A device not heard from for this long is taken offline even without its last
+    #: will (the SDK announces itself every 120 s).
+    presence_ttl: float = Field(default=300.0, gt=0)
     #: Seconds to keep trying to reach the broker at startup.
     startup_timeout: float = 30.0
     #: Seconds to finish in-flight work on SIGTERM before giving up on it.

@@ -23,6 +23,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 from alembic.runtime.migration import MigrationContext
@@ -40,7 +41,7 @@ from tenacity import (
 import protocol
 from clients.mqtt import Incoming, LinkConfig, MqttLink
 from protocol import errors, topics
-from store import make_engine
+from store import make_engine, presence
 from store.cursors import AckOutcome, advance_batch
 from store.db import alembic_config
 from store.messages import Outcome, persist_batch
@@ -62,6 +63,7 @@ class SchemaNotReady(RuntimeError):
 class _Publish:
     topic: str
     payload: bytes
+    retain: bool = False
 
 
 class Bridge:
@@ -83,8 +85,13 @@ class Bridge:
                 manual_ack=True,
             ),
             on_message=self._queue.put_nowait,
+            on_connect=self._on_connect,
         )
         self.processed = 0
+        #: Users whose presence was published on this connection. A broker that lost
+        #: its retained messages (amqtt restarted) gets them again on the next word.
+        self._announced: set[str] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -108,6 +115,7 @@ class Bridge:
             with attempt:
                 await self.link.connect()
         await self.link.subscribe(topics.ALL_UPLINKS, qos=1)
+        self._sweeper = asyncio.create_task(self._sweep_presence(), name="presence-sweeper")
         log.info(
             "bridge %s consuming %s on %s:%s",
             self.settings.client_id,
@@ -134,6 +142,8 @@ class Bridge:
             stop.cancel()
 
     async def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._ack_tasks:
             _, pending = await asyncio.wait(self._ack_tasks, timeout=self.settings.shutdown_timeout)
             if pending:
@@ -154,6 +164,7 @@ class Bridge:
         publishes: list[_Publish] = []
         to_store: list[tuple[str, protocol.UpMessage]] = []
         acks: list[tuple[str, protocol.UpAck]] = []
+        presences: list[tuple[str, protocol.UpPresence]] = []
         for incoming in batch:
             try:
                 decoded = protocol.decode(
@@ -169,6 +180,8 @@ class Bridge:
                 to_store.append((decoded.sender, decoded.payload))
             elif isinstance(decoded.payload, protocol.UpAck):
                 acks.append((decoded.sender, decoded.payload))
+            elif isinstance(decoded.payload, protocol.UpPresence):
+                presences.append((decoded.sender, decoded.payload))
             else:
                 publishes.append(
                     self._error(
@@ -187,7 +200,11 @@ class Bridge:
             for (sender, _), ack_outcome in zip(acks, ack_outcomes, strict=True):
                 publishes.extend(self._receipts(sender, ack_outcome))
 
-        futures = [self.link.publish(p.topic, p.payload, qos=1) for p in publishes]
+        if presences:
+            states = await self._with_database(presence.update_batch, presences)
+            publishes.extend(self._presence(states))
+
+        futures = [self.link.publish(p.topic, p.payload, qos=1, retain=p.retain) for p in publishes]
         task = asyncio.create_task(self._ack_when_published(futures, batch))
         self._ack_tasks.add(task)
         task.add_done_callback(self._ack_tasks.discard)
@@ -270,6 +287,34 @@ class Bridge:
                 if member != change.user or change.kind == "read":
                     out.append(_Publish(topics.down_receipt(member), payload))
         return out
+
+    def _presence(self, states: Sequence[presence.UserPresence]) -> list[_Publish]:
+        latest = {state.user: state for state in states}  # the last word per user wins
+        out = []
+        for user, state in latest.items():
+            if not (state.changed or user not in self._announced):
+                continue
+            self._announced.add(user)
+            payload = protocol.Presence(state="online" if state.online else "offline", at=state.at)
+            out.append(_Publish(topics.presence(user), protocol.encode(payload), retain=True))
+        return out
+
+    async def _sweep_presence(self) -> None:
+        """Take offline the devices that stopped announcing themselves (lost wills)."""
+        ttl = self.settings.presence_ttl
+        while True:
+            await asyncio.sleep(min(ttl / 3, 30))
+            silent_since = utcnow() - timedelta(seconds=ttl)
+            try:
+                gone = await asyncio.to_thread(presence.expire, self.engine, silent_since)
+            except (OperationalError, DBAPIError) as exc:
+                log.warning("presence sweep skipped: %s", str(exc).splitlines()[0])
+                continue
+            for p in self._presence(gone):
+                self.link.publish(p.topic, p.payload, qos=1, retain=True)
+
+    def _on_connect(self, session_present: bool) -> None:
+        self._announced.clear()
 
     def _refusal(self, topic: str, exc: errors.ProtocolError) -> list[_Publish]:
         parsed = topics.parse_user_topic(topic)

@@ -38,7 +38,7 @@ from pydantic import ValidationError
 import protocol
 from protocol import errors, topics
 
-from .mqtt import Incoming, LinkConfig, MqttLink
+from .mqtt import Incoming, LinkConfig, MqttLink, Will
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,24 @@ class ChatClient:
         cursors: dict[str, int] | None = None,
         persistent: bool = True,
         ack_delivered: bool = True,
+        presence_interval: float | None = 120.0,
     ) -> None:
         self.username = username
         self.device = device
         self.ack_delivered = ack_delivered
         self._to_ack: dict[str, int] = {}
         self._ack_scheduled = False
+        # One-shot tools (persistent=False) do not make the user look online.
+        self.presence_interval = presence_interval if persistent else None
+        self._presence_task: asyncio.Task[None] | None = None
+        will = None
+        if self.presence_interval is not None:
+            will = Will(
+                topic=topics.up(username, "presence"),
+                payload=self._presence_payload("offline"),
+                qos=1,
+                retain=False,
+            )
         client_id = f"{username}:{device}"
         if not persistent:
             client_id += f".{uuid.uuid4().hex[:8]}"
@@ -145,6 +157,7 @@ class ChatClient:
                 clean_session=not persistent,
                 keepalive=keepalive,
                 transport=transport,
+                will=will,
             ),
             on_message=self._on_incoming,
             on_connect=self._on_reconnect,
@@ -171,8 +184,17 @@ class ChatClient:
         """Connect and subscribe to this user's downlink (raises ``ConnectRefused``)."""
         await self.link.connect()
         await self.link.subscribe(topics.down_all(self.username), qos=1)
+        if self.presence_interval is not None:
+            self._presence_task = asyncio.create_task(self._announce_presence())
 
     async def close(self) -> None:
+        """Say ``offline`` (a clean disconnect fires no last will) and disconnect."""
+        if self._presence_task is not None:
+            self._presence_task.cancel()
+            if self.link.is_connected:
+                offline = self._publish_presence("offline")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(offline, 5)
         for task in self._lane_tasks.values():
             task.cancel()
         for task in self._lane_tasks.values():
@@ -271,7 +293,24 @@ class ChatClient:
                 waiter.cancel()
             self._outbox.pop(item.id, None)
 
+    def _presence_payload(self, state: Literal["online", "offline"]) -> bytes:
+        return protocol.encode(protocol.UpPresence(device=self.device, state=state))
+
+    def _publish_presence(self, state: Literal["online", "offline"]) -> asyncio.Future[None]:
+        topic = topics.up(self.username, "presence")
+        return self.link.publish(topic, self._presence_payload(state), qos=1)
+
+    async def _announce_presence(self) -> None:
+        # Again and again, so the bridge can time out a device whose will was lost.
+        assert self.presence_interval is not None
+        while True:
+            await asyncio.sleep(self.presence_interval)
+            if self.link.is_connected:
+                self._publish_presence("online")
+
     def _on_reconnect(self, session_present: bool) -> None:
+        if self.presence_interval is not None:
+            self._publish_presence("online")
         # Resend the head of every lane now rather than after resend_after.
         for kick in self._kick.values():
             kick.set()

@@ -24,18 +24,20 @@ class Rule:
         return self.pattern.replace("{user}", user)
 
 
-#: What an ordinary account may do.
+#: What an ordinary account may do. Presence is published by the bridge alone (from
+#: each device's ``up/presence`` and last will), so nobody can fake another state.
 USER_RULES: Final[tuple[Rule, ...]] = (
     Rule("publish", topics.up_all("{user}")),
-    Rule("publish", topics.presence("{user}")),
     Rule("subscribe", topics.down_all("{user}")),
     Rule("subscribe", topics.ALL_PRESENCE),
 )
 
-#: What the bridge's service account may do: read every uplink, write every downlink.
+#: What the bridge's service account may do: read every uplink, write every downlink
+#: and everyone's presence.
 BRIDGE_RULES: Final[tuple[Rule, ...]] = (
     Rule("subscribe", topics.ALL_UPLINKS),
     Rule("publish", topics.ALL_DOWNLINKS),
+    Rule("publish", topics.ALL_PRESENCE),
 )
 
 

@@ -9,9 +9,17 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from . import errors, topics
-from .models import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES, UPLINK_MODELS, UpAck, UpMessage, UpTyping
+from .models import (
+    MAX_BODY_CHARS,
+    MAX_PAYLOAD_BYTES,
+    UPLINK_MODELS,
+    UpAck,
+    UpMessage,
+    UpPresence,
+    UpTyping,
+)
 
-Uplink = UpMessage | UpAck | UpTyping
+Uplink = UpMessage | UpAck | UpTyping | UpPresence
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +83,7 @@ def decode(
         message = model.model_validate(data)
     except ValidationError as exc:
         raise errors.ProtocolError(errors.INVALID_PAYLOAD, _describe(exc), id=client_id) from None
-    assert isinstance(message, UpMessage | UpAck | UpTyping)
+    assert isinstance(message, UpMessage | UpAck | UpTyping | UpPresence)
     return Decoded(sender=parsed.user, payload=message)
 
 

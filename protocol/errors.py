@@ -20,6 +20,8 @@ BODY_TOO_LARGE: Final = "body_too_large"
 UNKNOWN_TOPIC: Final = "unknown_topic"
 UNKNOWN_RECIPIENT: Final = "unknown_recipient"
 UNKNOWN_CONVERSATION: Final = "unknown_conversation"
+UNKNOWN_MESSAGE: Final = "unknown_message"
+UNKNOWN_USER: Final = "unknown_user"
 INVALID_USERNAME: Final = "invalid_username"
 USERNAME_TAKEN: Final = "username_taken"
 WEAK_PASSWORD: Final = "weak_password"
@@ -38,6 +40,8 @@ HTTP_STATUS: Final[dict[str, int]] = {
     UNKNOWN_TOPIC: 404,
     UNKNOWN_RECIPIENT: 404,
     UNKNOWN_CONVERSATION: 404,
+    UNKNOWN_MESSAGE: 404,
+    UNKNOWN_USER: 404,
     INVALID_USERNAME: 422,
     USERNAME_TAKEN: 409,
     WEAK_PASSWORD: 422,
@@ -58,6 +62,8 @@ ErrorCode = Literal[
     "unknown_topic",
     "unknown_recipient",
     "unknown_conversation",
+    "unknown_message",
+    "unknown_user",
     "invalid_username",
     "username_taken",
     "weak_password",

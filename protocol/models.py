@@ -76,6 +76,18 @@ class UpAck(_Uplink):
         return self
 
 
+class UpPresence(_Uplink):
+    """A device's own presence, on ``chat/v1/u/{me}/up/presence``.
+
+    Devices publish ``online`` when they connect (and again every few minutes, so a
+    device whose last will was lost still times out) and set ``offline`` as their
+    last will. The bridge turns these into the user's retained presence.
+    """
+
+    device: DeviceName
+    state: Literal["online", "offline"]
+
+
 class UpTyping(_Uplink):
     conversation: ConversationId
     typing: bool = True
@@ -106,6 +118,17 @@ class Receipt(_Downlink):
     at: datetime
 
 
+class Presence(_Downlink):
+    """A user's presence, retained on ``chat/v1/presence/{user}`` by the bridge.
+
+    ``online`` while any of the user's devices is; ``at`` is since when (for
+    ``offline``: when the user was last seen).
+    """
+
+    state: Literal["online", "offline"]
+    at: datetime
+
+
 class ErrorPayload(_Downlink):
     """An uplink the bridge refused, on ``chat/v1/u/{sender}/down/error``."""
 
@@ -118,6 +141,7 @@ UPLINK_MODELS: Final[dict[str, type[_Uplink]]] = {
     "msg": UpMessage,
     "ack": UpAck,
     "typing": UpTyping,
+    "presence": UpPresence,
 }
 
 DOWNLINK_MODELS: Final[dict[str, type[_Downlink]]] = {

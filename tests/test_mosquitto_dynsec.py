@@ -400,14 +400,16 @@ async def test_user_may_subscribe_own_downlinks_and_presence(
             assert await device.link.subscribe(allowed) == 1
 
 
-async def test_presence_is_published_only_for_oneself(
+async def test_presence_is_published_by_the_bridge_alone(
     mosquitto: MosquittoServer, alice: Credentials, bob: Credentials
 ) -> None:
     async with connected(mosquitto, alice) as device:
         await device.publish(topics.presence(bob.username), b"forged offline", retain=True)
-        await device.publish(topics.presence(alice.username), b"online", retain=True)
+        await device.publish(topics.presence(alice.username), b"forged online", retain=True)
+    async with connected(mosquitto, mosquitto.bridge) as bridge:
+        await bridge.publish(topics.presence(alice.username), b"online", retain=True)
     async with connected(mosquitto, bob) as watcher:
-        # Retained messages follow each SUBACK, so bob's (if any) would come first.
+        # Retained messages follow each SUBACK, so a forged one would come first.
         await watcher.link.subscribe(topics.presence(bob.username))
         await watcher.link.subscribe(topics.presence(alice.username))
         got = await watcher.next()

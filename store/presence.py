@@ -1,0 +1,93 @@
+"""Presence: each device's last word, and the user-level state the bridge publishes.
+
+A user is online while any of their devices is. Devices say ``online`` when they
+connect and then every few minutes; their last will says ``offline``. A device whose
+will was lost (a broker that crashed, say) is taken offline when its announcements
+stop for longer than a TTL, by :func:`expire`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine, func, update
+from sqlmodel import Session, col, select
+
+from protocol import UpPresence
+
+from .tables import Device
+from .types import utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class UserPresence:
+    user: str
+    online: bool
+    #: since when: for an offline user, when they were last seen.
+    at: datetime
+    changed: bool
+
+
+def update_batch(engine: Engine, items: Sequence[tuple[str, UpPresence]]) -> list[UserPresence]:
+    """Record each device's announcement; one user-level state per item, in order."""
+    with Session(engine) as session:
+        out = [_update(session, user, item) for user, item in items]
+        session.commit()
+        return out
+
+
+def _update(session: Session, user: str, item: UpPresence) -> UserPresence:
+    before = _online(session, user)
+    now = utcnow()
+    device = session.get(Device, (user, item.device))
+    if device is None:
+        device = Device(username=user, device=item.device, last_seen=now)
+    device.online = item.state == "online"
+    device.last_seen = now
+    session.add(device)
+    session.flush()
+    after = _online(session, user)
+    return UserPresence(user, after, now, changed=after != before)
+
+
+def expire(engine: Engine, silent_since: datetime) -> list[UserPresence]:
+    """Take offline every device not heard from since ``silent_since``.
+
+    Returns the users who went offline because of it.
+    """
+    with Session(engine) as session:
+        users = session.exec(
+            select(Device.username)
+            .where(col(Device.online), Device.last_seen < silent_since)
+            .distinct()
+        ).all()
+        if not users:
+            return []
+        session.execute(
+            update(Device)
+            .where(col(Device.online), col(Device.last_seen) < silent_since)
+            .values(online=False)
+        )
+        session.flush()
+        gone = [
+            UserPresence(user, False, last_seen(session, user) or utcnow(), changed=True)
+            for user in sorted(users)
+            if not _online(session, user)
+        ]
+        session.commit()
+        return gone
+
+
+def last_seen(session: Session, user: str) -> datetime | None:
+    return session.exec(select(func.max(Device.last_seen)).where(Device.username == user)).one()
+
+
+def _online(session: Session, user: str) -> bool:
+    return (
+        session.exec(
+            select(Device.device).where(Device.username == user, col(Device.online)).limit(1)
+        ).first()
+        is not None
+    )
