@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES
@@ -18,8 +18,14 @@ class BridgeSettings(BaseSettings):
     #: No default: the service account's password comes from configuration only.
     password: SecretStr
     #: Fixed, so the broker keeps this bridge's persistent session (and the uplinks
-    #: queued for it) across restarts.
+    #: queued for it) across restarts. Each instance needs its own.
     client_id: str = "mqchat-bridge-1"
+    #: Several bridges share the work by sender: every instance receives every uplink
+    #: (no shared subscriptions needed, so any broker will do) and handles only the
+    #: senders with ``crc32(sender) % partitions == partition``; all of one sender's
+    #: uplinks go through one instance, in order.
+    partitions: int = Field(default=1, ge=1)
+    partition: int = Field(default=0, ge=0)
     keepalive: int = Field(default=15, ge=5)
     #: Most uplinks committed in one transaction (group commit).
     max_batch: int = Field(default=256, ge=1)
@@ -30,5 +36,14 @@ class BridgeSettings(BaseSettings):
     presence_ttl: float = Field(default=300.0, gt=0)
     #: Seconds to keep trying to reach the broker at startup.
     startup_timeout: float = 30.0
+
+    @model_validator(mode="after")
+    def _partition_in_range(self) -> BridgeSettings:
+        if self.partition >= self.partitions:
+            raise ValueError(
+                f"partition {self.partition} is not below partitions {self.partitions}"
+            )
+        return self
+
     #: Seconds to finish in-flight work on SIGTERM before giving up on it.
     shutdown_timeout: float = 10.0

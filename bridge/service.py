@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -88,6 +89,7 @@ class Bridge:
             on_connect=self._on_connect,
         )
         self.processed = 0
+        self.handled = 0
         #: Users whose presence was published on this connection. A broker that lost
         #: its retained messages (amqtt restarted) gets them again on the next word.
         self._announced: set[str] = set()
@@ -156,6 +158,9 @@ class Bridge:
             log.info("shutdown: %d uplinks left unacknowledged for redelivery", left)
         await self.link.close()
         self.engine.dispose()
+        log.info(
+            "bridge %s stopped after handling %d uplinks", self.settings.client_id, self.handled
+        )
 
     # -- the pipeline -------------------------------------------------------------
 
@@ -166,6 +171,9 @@ class Bridge:
         acks: list[tuple[str, protocol.UpAck]] = []
         presences: list[tuple[str, protocol.UpPresence]] = []
         for incoming in batch:
+            if not self._mine(incoming.topic):
+                continue  # another instance's sender: acknowledged with the batch
+            self.handled += 1
             try:
                 decoded = protocol.decode(
                     incoming.topic,
@@ -267,6 +275,15 @@ class Bridge:
         out.append(_Publish(topics.down_receipt(sender), receipt))
         return out
 
+    def _mine(self, topic: str) -> bool:
+        partitions = self.settings.partitions
+        if partitions == 1:
+            return True
+        parsed = topics.parse_user_topic(topic)
+        if parsed is None:
+            return self.settings.partition == 0  # malformed: one instance answers
+        return zlib.crc32(parsed.user.encode()) % partitions == self.settings.partition
+
     def _receipts(self, user: str, outcome: AckOutcome) -> list[_Publish]:
         if outcome.error is not None:
             return [self._error(user, outcome.error)]
@@ -301,6 +318,8 @@ class Bridge:
 
     async def _sweep_presence(self) -> None:
         """Take offline the devices that stopped announcing themselves (lost wills)."""
+        if self.settings.partition != 0:
+            return  # one sweeper is enough
         ttl = self.settings.presence_ttl
         while True:
             await asyncio.sleep(min(ttl / 3, 30))
