@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from tenacity import (
 import protocol
 from clients.mqtt import Incoming, LinkConfig, MqttLink
 from protocol import errors, topics
-from store import make_engine, presence
+from store import conversations, make_engine, presence
 from store.cursors import AckOutcome, advance_batch
 from store.db import alembic_config
 from store.messages import Outcome, persist_batch
@@ -51,6 +52,9 @@ from store.types import utcnow
 from .config import BridgeSettings
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two "typing" events relayed for one sender and conversation.
+TYPING_WINDOW = 3.0
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -94,6 +98,8 @@ class Bridge:
         #: its retained messages (amqtt restarted) gets them again on the next word.
         self._announced: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        #: (sender, conversation) -> (when, typing) of the last typing event relayed.
+        self._typing_sent: dict[tuple[str, str], tuple[float, bool]] = {}
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -170,6 +176,7 @@ class Bridge:
         to_store: list[tuple[str, protocol.UpMessage]] = []
         acks: list[tuple[str, protocol.UpAck]] = []
         presences: list[tuple[str, protocol.UpPresence]] = []
+        typing: list[tuple[str, protocol.UpTyping]] = []
         for incoming in batch:
             if not self._mine(incoming.topic):
                 continue  # another instance's sender: acknowledged with the batch
@@ -190,13 +197,8 @@ class Bridge:
                 acks.append((decoded.sender, decoded.payload))
             elif isinstance(decoded.payload, protocol.UpPresence):
                 presences.append((decoded.sender, decoded.payload))
-            else:
-                publishes.append(
-                    self._error(
-                        decoded.sender,
-                        errors.ProtocolError(errors.NOT_SUPPORTED, "typing is not supported yet"),
-                    )
-                )
+            elif isinstance(decoded.payload, protocol.UpTyping):
+                typing.append((decoded.sender, decoded.payload))
 
         if to_store:
             outcomes = await self._with_database(persist_batch, to_store)
@@ -211,6 +213,9 @@ class Bridge:
         if presences:
             states = await self._with_database(presence.update_batch, presences)
             publishes.extend(self._presence(states))
+        for sender, event in typing:
+            # Ephemeral: QoS 0, never stored, and nothing waits for it.
+            await self._relay_typing(sender, event, publishes)
 
         futures = [self.link.publish(p.topic, p.payload, qos=1, retain=p.retain) for p in publishes]
         task = asyncio.create_task(self._ack_when_published(futures, batch))
@@ -274,6 +279,45 @@ class Bridge:
         out = [_Publish(topics.down_msg(member), message) for member in stored.members]
         out.append(_Publish(topics.down_receipt(sender), receipt))
         return out
+
+    async def _relay_typing(
+        self, sender: str, event: protocol.UpTyping, errors_out: list[_Publish]
+    ) -> None:
+        key = (sender, event.conversation)
+        now = time.monotonic()
+        last = self._typing_sent.get(key)
+        # At most one "typing" per window per sender and conversation; a "stopped"
+        # always passes when the last word relayed was "typing".
+        if event.typing and last is not None and last[1] and now - last[0] < TYPING_WINDOW:
+            return
+        if not event.typing and (last is None or not last[1]):
+            return
+        try:
+            members = await asyncio.to_thread(
+                conversations.members_if_member, self.engine, event.conversation, sender
+            )
+        except (OperationalError, DBAPIError):
+            return  # typing is not worth holding anything up for
+        if members is None:
+            errors_out.append(
+                self._error(
+                    sender,
+                    errors.ProtocolError(
+                        errors.UNKNOWN_CONVERSATION,
+                        f"no conversation {event.conversation!r} of yours",
+                    ),
+                )
+            )
+            return
+        if len(self._typing_sent) > 100_000:
+            self._typing_sent.clear()
+        self._typing_sent[key] = (now, event.typing)
+        payload = protocol.encode(
+            protocol.DownTyping(conversation=event.conversation, from_=sender, typing=event.typing)
+        )
+        for member in members:
+            if member != sender:
+                self.link.publish(topics.down(member, "typing"), payload, qos=0)
 
     def _mine(self, topic: str) -> bool:
         partitions = self.settings.partitions

@@ -172,6 +172,7 @@ class ChatClient:
         }
         self.errors: asyncio.Queue[ChatError] = asyncio.Queue()
         self.receipts: asyncio.Queue[protocol.Receipt] = asyncio.Queue()
+        self.typing_events: asyncio.Queue[protocol.DownTyping] = asyncio.Queue()
 
     async def __aenter__(self) -> ChatClient:
         await self.connect()
@@ -258,6 +259,11 @@ class ChatClient:
         ack = protocol.UpAck(conversation=conversation, read=seq, device=self.device)
         await self.link.publish(topics.up(self.username, "ack"), protocol.encode(ack), qos=1)
 
+    def set_typing(self, conversation: str, typing: bool = True) -> None:
+        """Show the others that this user is (or stopped) typing; QoS 0, best effort."""
+        event = protocol.UpTyping(conversation=conversation, typing=typing)
+        self.link.publish(topics.up(self.username, "typing"), protocol.encode(event), qos=0)
+
     async def messages(self) -> AsyncIterator[ChatMessage]:
         """Incoming messages, in seq order per conversation, each shown once."""
         while True:
@@ -326,6 +332,10 @@ class ChatClient:
                 self._on_message(protocol.DownMessage.model_validate_json(incoming.payload))
             elif parsed.kind == "receipt":
                 self._on_receipt(protocol.Receipt.model_validate_json(incoming.payload))
+            elif parsed.kind == "typing":
+                self.typing_events.put_nowait(
+                    protocol.DownTyping.model_validate_json(incoming.payload)
+                )
             elif parsed.kind == "error":
                 self._on_error(protocol.ErrorPayload.model_validate_json(incoming.payload))
         except ValidationError:

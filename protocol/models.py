@@ -118,6 +118,17 @@ class Receipt(_Downlink):
     at: datetime
 
 
+class DownTyping(_Downlink):
+    """Someone is (or stopped) typing, on ``chat/v1/u/{member}/down/typing``.
+
+    QoS 0 and never stored: a typing indicator that is lost is simply not shown.
+    """
+
+    conversation: str
+    from_: str = Field(alias="from")
+    typing: bool
+
+
 class Presence(_Downlink):
     """A user's presence, retained on ``chat/v1/presence/{user}`` by the bridge.
 
@@ -147,5 +158,6 @@ UPLINK_MODELS: Final[dict[str, type[_Uplink]]] = {
 DOWNLINK_MODELS: Final[dict[str, type[_Downlink]]] = {
     "msg": DownMessage,
     "receipt": Receipt,
+    "typing": DownTyping,
     "error": ErrorPayload,
 }

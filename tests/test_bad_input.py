@@ -111,7 +111,13 @@ CASES: list[tuple[str, Callable[[], bytes], str, str, str | None]] = [
         None,
     ),
     ("ack without a cursor", lambda: msg(conversation="c_1"), "ack", "invalid_payload", None),
-    ("typing not supported yet", lambda: msg(conversation="c_1"), "typing", "not_supported", None),
+    (
+        "typing somewhere not mine",
+        lambda: msg(conversation="c_1"),
+        "typing",
+        "unknown_conversation",
+        None,
+    ),
 ]
 
 
