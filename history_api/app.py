@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from store import make_engine
 
-from . import errors, health, users
+from . import conversations, deps, devices, errors, health, messages, search, tokens, users
 from .config import ApiSettings
 
 
@@ -17,6 +17,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = make_engine(settings.database_url)
+        app.state.reading_engine = deps.reading_engine(app.state.engine)
         try:
             yield
         finally:
@@ -25,11 +26,16 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app = FastAPI(
         title="mqchat history API",
         version="1",
-        summary="Accounts for mqchat; conversation history comes later.",
+        summary="Accounts, tokens, conversation history, delivery traces, presence and search.",
         lifespan=lifespan,
     )
     app.state.settings = settings
     errors.install(app)
     app.include_router(users.router)
+    app.include_router(tokens.router)
+    app.include_router(conversations.router)
+    app.include_router(messages.router)
+    app.include_router(devices.router)
+    app.include_router(search.router)
     app.include_router(health.router)
     return app

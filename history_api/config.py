@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -19,6 +21,9 @@ class ApiSettings(BaseSettings):
     mosquitto_port: int = Field(default=1883, ge=1, le=65535)
     mosquitto_admin_username: str = "mqchat-admin"
     mosquitto_admin_password: SecretStr | None = None
+    #: How long a bearer token from ``POST /v1/tokens`` stays valid: seconds
+    #: (``86400``) or ISO 8601 (``PT24H``).
+    token_ttl: timedelta = Field(default=timedelta(hours=24), gt=timedelta(0))
 
     @property
     def provisions_mosquitto(self) -> bool:

@@ -10,16 +10,24 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated
+from typing import Annotated, Final
 
 from fastapi import Depends, Request
-from sqlalchemy import Engine
+from fastapi.security import OAuth2PasswordBearer
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import ORMExecuteState, UOWTransaction
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from broker.mosquitto import DynsecProvisioner, ProvisioningError
 from broker.provisioning import EmbeddedProvisioner, Provisioner
 from clients.mqtt import LinkConfig, MqttError
+from protocol import errors
+from store import tokens
 
 from .config import ApiSettings
+
+TOKEN_URL: Final = "/v1/tokens"  # noqa: S105 (a path, not a secret)
 
 #: Opens a provisioner for the length of one ``async with``.
 OpenProvisioner = Callable[[], contextlib.AbstractAsyncContextManager[Provisioner]]
@@ -37,6 +45,98 @@ def get_engine(request: Request) -> Engine:
 
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+class ReadingSession(Session):
+    """A session that refuses to write.
+
+    On PostgreSQL it runs in autocommit (:func:`reading_engine`), where writes would
+    commit one statement at a time instead of all or nothing; failing loudly keeps
+    a route from doing that by accident.
+    """
+
+
+def _refuse(what: str) -> RuntimeError:
+    return RuntimeError(f"SessionDep only reads ({what}); write with Session(EngineDep) + commit")
+
+
+@event.listens_for(ReadingSession, "before_flush")
+def _refuse_flush(session: Session, flush_context: UOWTransaction, instances: object) -> None:
+    raise _refuse("flush")
+
+
+@event.listens_for(ReadingSession, "do_orm_execute")
+def _refuse_dml(state: ORMExecuteState) -> None:
+    if state.is_insert or state.is_update or state.is_delete:
+        raise _refuse("INSERT/UPDATE/DELETE")
+
+
+def reading_engine(engine: Engine) -> Engine:
+    """The engine for :data:`SessionDep`, whose routes only read.
+
+    On PostgreSQL it runs in autocommit: at the default READ COMMITTED every statement
+    takes its own snapshot anyway, so an explicit transaction adds nothing for reads
+    but a BEGIN and a ROLLBACK round trip per request. SQLite keeps its transactions
+    (``store.db`` makes each one ``BEGIN IMMEDIATE``).
+    """
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine
+
+
+def get_reading_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.reading_engine
+    return engine
+
+
+async def get_session(
+    engine: Annotated[Engine, Depends(get_reading_engine)],
+) -> AsyncIterator[Session]:
+    """A session for a route that only reads; a route that writes opens its own on
+    :data:`EngineDep` and commits.
+
+    Async on purpose: making a session does no I/O (it connects on first use, in the
+    route's thread), so only closing it needs a worker thread. That saves a thread hop
+    per request on the history API's hot path.
+    """
+    session = ReadingSession(engine)
+    try:
+        yield session
+    finally:
+        await run_in_threadpool(session.close)
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+#: Declares the OAuth2 password flow in the OpenAPI document. auto_error is off so
+#: that a missing token gets our error body (``unauthorized``), not FastAPI's.
+bearer_token = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
+
+
+def get_current_user(
+    session: SessionDep, token: Annotated[str | None, Depends(bearer_token)]
+) -> str:
+    """The username the request's bearer token signs in.
+
+    Raises:
+        ProtocolError: ``unauthorized`` (401) for no token or one that is unknown or
+            expired; the error handler adds ``WWW-Authenticate: Bearer``.
+    """
+    if not token:
+        raise errors.ProtocolError(
+            errors.UNAUTHORIZED,
+            f"send 'Authorization: Bearer <token>' with a token from POST {TOKEN_URL}",
+        )
+    username = tokens.resolve(session, token)
+    if username is None:
+        raise errors.ProtocolError(
+            errors.UNAUTHORIZED,
+            f"the token is unknown or has expired; get a new one from POST {TOKEN_URL}",
+        )
+    return username
+
+
+CurrentUser = Annotated[str, Depends(get_current_user)]
 
 
 def get_provisioner(settings: SettingsDep) -> OpenProvisioner:

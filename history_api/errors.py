@@ -2,7 +2,8 @@
 
 ::
 
-    ProtocolError            -> HTTP_STATUS[code]   (invalid_username 422, username_taken 409, ...)
+    ProtocolError            -> HTTP_STATUS[code]   (invalid_username 422, username_taken 409, ...;
+                                                     unauthorized 401 adds WWW-Authenticate: Bearer)
     RequestValidationError   -> 422 invalid_payload  (malformed JSON, missing or mistyped fields)
     ProvisioningError        -> 503 internal_error   (mosquitto refused or is unreachable)
     OperationalError         -> 503 internal_error   (the database is unreachable)
@@ -40,12 +41,24 @@ class ErrorResponse(BaseModel):
 
 #: For ``responses=`` of a route, so the OpenAPI document shows the error shape.
 UNAVAILABLE = {"model": ErrorResponse, "description": "The broker or database is unavailable"}
+UNAUTHENTICATED = {
+    "model": ErrorResponse,
+    "description": "`unauthorized`: no bearer token, or one that is unknown or expired",
+}
+
+
+def not_found(code: str) -> dict[str, object]:
+    return {"model": ErrorResponse, "description": f"`{code}`"}
 
 
 def error_response(code: str, detail: str, *, status: int | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(code=code, detail=detail))
+    # RFC 6750: a 401 names the scheme the client should use.
+    headers = {"WWW-Authenticate": "Bearer"} if code == errors.UNAUTHORIZED else None
     return JSONResponse(
-        body.model_dump(), status_code=status if status is not None else errors.HTTP_STATUS[code]
+        body.model_dump(),
+        status_code=status if status is not None else errors.HTTP_STATUS[code],
+        headers=headers,
     )
 
 

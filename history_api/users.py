@@ -1,17 +1,19 @@
-"""``/v1/users``: creating accounts."""
+"""``/v1/users``: creating accounts; a user's presence."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, status
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from broker.provisioning import register
-from store import accounts
+from protocol import errors
+from store import accounts, history
 
-from .deps import EngineDep, ProvisionerDep
-from .errors import UNAVAILABLE, ErrorResponse
+from .deps import CurrentUser, EngineDep, ProvisionerDep, SessionDep
+from .errors import UNAUTHENTICATED, UNAVAILABLE, ErrorResponse, not_found
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
 
@@ -55,3 +57,23 @@ async def create_user(
     async with open_provisioner() as provisioner:
         await register(engine, provisioner, body.username, password)
     return UserPublic(username=body.username)
+
+
+class PresencePublic(BaseModel):
+    username: str
+    #: Whether any of the user's devices is connected.
+    online: bool
+    #: The latest time any of the user's devices was seen; null if none ever was.
+    last_seen: datetime | None
+
+
+@router.get(
+    "/{username}/presence",
+    responses={401: UNAUTHENTICATED, 404: not_found(errors.UNKNOWN_USER), 503: UNAVAILABLE},
+)
+def get_presence(username: str, session: SessionDep, me: CurrentUser) -> PresencePublic:
+    """Whether a user is online, for any signed-in user (as ``chat/v1/presence/+`` is)."""
+    found = history.presence(session, username)
+    if found is None:
+        raise errors.ProtocolError(errors.UNKNOWN_USER, f"no user {username!r}")
+    return PresencePublic(username=found.username, online=found.online, last_seen=found.last_seen)

@@ -1,0 +1,114 @@
+"""``/v1/conversations``: the caller's conversations and their history, paged by seq.
+
+A client fills a gap (it has seq 41 and 45) with ``?after=41&before=45``, catches up
+after being offline with ``?after=<newest seq it has>`` until ``has_more`` is false,
+and scrolls back with ``?before=<oldest seq it shows>``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Final
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from protocol import DownMessage, errors
+from store import history
+
+from .deps import CurrentUser, SessionDep
+from .errors import UNAUTHENTICATED, UNAVAILABLE, ErrorResponse, not_found
+from .messages import to_down_message
+
+router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+
+DEFAULT_PAGE: Final = 50
+MAX_PAGE: Final = 200
+
+
+class LastMessage(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str
+    seq: int
+    from_: str = Field(alias="from")
+    body: str
+    sent_at: datetime
+
+
+class ConversationPublic(BaseModel):
+    id: str
+    kind: str
+    members: list[str]
+    last_message: LastMessage | None
+    #: Messages from others after the caller's read cursor (the furthest of their devices).
+    unread: int
+
+
+class MessagePage(BaseModel):
+    #: Ascending seq, with the field names of the ``down/msg`` payload.
+    messages: list[DownMessage]
+    #: More messages lie beyond this page in the direction of paging: after it for
+    #: ``after``, before it otherwise.
+    has_more: bool
+
+
+@router.get("", responses={401: UNAUTHENTICATED, 503: UNAVAILABLE})
+def list_conversations(session: SessionDep, me: CurrentUser) -> list[ConversationPublic]:
+    """The caller's conversations, newest activity first (at most 200)."""
+    return [
+        ConversationPublic(
+            id=summary.id,
+            kind=summary.kind,
+            members=list(summary.members),
+            last_message=None
+            if summary.last_message is None
+            else LastMessage(
+                id=summary.last_message.client_id,
+                seq=summary.last_message.seq,
+                from_=summary.last_message.sender,
+                body=summary.last_message.body,
+                sent_at=summary.last_message.sent_at,
+            ),
+            unread=summary.unread,
+        )
+        for summary in history.conversations_of(session, me)
+    ]
+
+
+@router.get(
+    "/{conversation_id}/messages",
+    responses={
+        401: UNAUTHENTICATED,
+        404: not_found(errors.UNKNOWN_CONVERSATION),
+        422: {"model": ErrorResponse, "description": "`invalid_payload`: a bad parameter"},
+        503: UNAVAILABLE,
+    },
+)
+def list_messages(
+    conversation_id: str,
+    session: SessionDep,
+    me: CurrentUser,
+    before: Annotated[
+        int | None, Query(ge=0, description="Only messages with a lower seq; the newest of them")
+    ] = None,
+    after: Annotated[
+        int | None, Query(ge=0, description="Only messages with a higher seq; the oldest of them")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+) -> MessagePage:
+    """A page of a conversation's messages in ascending seq.
+
+    Neither ``after`` nor ``before``: the newest page. Both: the range between them,
+    paged forwards from ``after``.
+    """
+    found = history.page(session, me, conversation_id, before=before, after=after, limit=limit)
+    if found is None:
+        # Same answer for "no such conversation" and "not yours": ids cannot be probed.
+        raise errors.ProtocolError(
+            errors.UNKNOWN_CONVERSATION, f"no conversation {conversation_id!r} of yours"
+        )
+    return MessagePage(
+        messages=[to_down_message(message) for message in found.messages],
+        has_more=found.has_more,
+    )

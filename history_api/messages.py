@@ -1,0 +1,73 @@
+"""``GET /v1/messages/{id}``: one message and how far it got to each recipient device."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from protocol import DownMessage, errors
+from store import history
+
+from .deps import CurrentUser, SessionDep
+from .errors import UNAUTHENTICATED, UNAVAILABLE, not_found
+
+router = APIRouter(prefix="/v1/messages", tags=["messages"])
+
+
+class DeviceDelivery(BaseModel):
+    user: str
+    device: str
+    #: When this device's delivered cursor first reached the message; null until then.
+    delivered_at: datetime | None
+    #: When this device's read cursor first reached the message; null until then.
+    read_at: datetime | None
+
+
+class MessageTrace(BaseModel):
+    message: DownMessage
+    #: When the server stored the message (its ``sent_at``).
+    stored_at: datetime
+    devices: list[DeviceDelivery] = Field(
+        description="Every device of the other members that has a cursor in the conversation"
+    )
+
+
+def to_down_message(message: history.HistoryMessage) -> DownMessage:
+    """A stored message as the bridge delivers it on ``down/msg``: the same field names."""
+    return DownMessage(
+        id=message.client_id,
+        conversation=message.conversation,
+        seq=message.seq,
+        from_=message.sender,
+        body=message.body,
+        sent_at=message.sent_at,
+    )
+
+
+@router.get(
+    "/{message_id}",
+    responses={401: UNAUTHENTICATED, 404: not_found(errors.UNKNOWN_MESSAGE), 503: UNAVAILABLE},
+)
+def get_message(message_id: str, session: SessionDep, me: CurrentUser) -> MessageTrace:
+    """A message by its client ``id``: the caller's own first, else one in a conversation
+    of the caller's. Its delivery trace lists each recipient device's delivered and
+    read time."""
+    trace = history.delivery_trace(session, me, message_id)
+    if trace is None:
+        # Same answer for "no such message" and "not yours": ids cannot be probed.
+        raise errors.ProtocolError(errors.UNKNOWN_MESSAGE, f"no message {message_id!r} of yours")
+    return MessageTrace(
+        message=to_down_message(trace.message),
+        stored_at=trace.message.sent_at,
+        devices=[
+            DeviceDelivery(
+                user=device.user,
+                device=device.device,
+                delivered_at=device.delivered_at,
+                read_at=device.read_at,
+            )
+            for device in trace.devices
+        ],
+    )

@@ -1,0 +1,342 @@
+"""Reading history for one user: conversations, pages of messages, delivery traces, presence.
+
+Every function takes the caller's username and filters by it in the SQL itself (a
+membership join or ``EXISTS``), never by checking rows afterwards: a conversation or
+message that is not the caller's is indistinguishable from one that does not exist.
+
+::
+
+    history API ──▶ conversations_of(me)         members ⋈ conversations ⟕ last message
+                ──▶ page(me, conversation, ...)   messages by (conversation_id, seq)
+                ──▶ delivery_trace(me, id)        messages ▶ cursors ▶ first cursor_moves
+                ──▶ presence(user)                devices
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Literal
+
+import sqlalchemy as sa
+from sqlalchemy import ColumnElement, and_, case, exists, func
+from sqlalchemy.orm import aliased
+from sqlmodel import Session, col, select
+
+from . import accounts
+from .tables import Conversation, Cursor, CursorMove, Device, Member, Message
+
+MAX_CONVERSATIONS: Final = 200
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryMessage:
+    """A stored message as read back: plain values, no ORM state (pages are hot paths)."""
+
+    client_id: str
+    conversation: str
+    seq: int
+    sender: str
+    body: str
+    sent_at: datetime
+
+
+#: The columns of a HistoryMessage, in its field order.
+MESSAGE_COLUMNS: Final = (
+    col(Message.client_id),
+    col(Message.conversation_id),
+    col(Message.seq),
+    col(Message.sender),
+    col(Message.body),
+    col(Message.sent_at),
+)
+
+
+def to_history_message(row: Sequence[Any]) -> HistoryMessage:
+    client_id, conversation, seq, sender, body, sent_at = row
+    return HistoryMessage(client_id, conversation, seq, sender, body, sent_at)
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationSummary:
+    id: str
+    kind: str
+    members: tuple[str, ...]
+    last_message: HistoryMessage | None
+    #: Messages after the caller's read cursor (the furthest of their devices) that
+    #: others sent.
+    unread: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """Messages in ascending seq; ``has_more`` says more lie beyond in the paging direction."""
+
+    messages: list[HistoryMessage]
+    has_more: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTrace:
+    user: str
+    device: str
+    delivered_at: datetime | None
+    read_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageTrace:
+    message: HistoryMessage
+    devices: list[DeviceTrace]
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    username: str
+    online: bool
+    last_seen: datetime | None
+
+
+#: Made once: building an alias costs more than the query it is used in.
+_CALLER_MEMBERSHIP: Final = aliased(Member, name="caller_membership")
+_LAST_MESSAGE: Final = aliased(Message, name="last_message")
+_COUNTED_MESSAGE: Final = aliased(Message, name="counted")
+
+
+def _is_member(conversation_id: Any, username: str) -> ColumnElement[bool]:
+    """``EXISTS`` the membership of ``username`` in the conversation ``conversation_id``.
+
+    On an alias of ``members``, so it never correlates with a ``members`` of the outer
+    query (which may be joined on another user).
+    """
+    membership = _CALLER_MEMBERSHIP
+    return exists().where(
+        col(membership.conversation_id) == conversation_id, col(membership.username) == username
+    )
+
+
+def is_member(session: Session, username: str, conversation_id: str) -> bool:
+    found = session.exec(
+        select(Member.username).where(
+            col(Member.conversation_id) == conversation_id, col(Member.username) == username
+        )
+    ).first()
+    return found is not None
+
+
+def conversations_of(
+    session: Session, username: str, *, limit: int = MAX_CONVERSATIONS
+) -> list[ConversationSummary]:
+    """The caller's conversations, newest activity (last message, else creation) first."""
+    last, counted = _LAST_MESSAGE, _COUNTED_MESSAGE
+    read_cursor = (
+        select(func.coalesce(func.max(Cursor.read_seq), 0))
+        .where(col(Cursor.conversation_id) == Conversation.id, col(Cursor.username) == username)
+        .correlate(Conversation)
+        .scalar_subquery()
+    )
+    unread = (
+        select(func.count())
+        .select_from(counted)
+        .where(
+            col(counted.conversation_id) == Conversation.id,
+            col(counted.seq) > read_cursor,
+            col(counted.sender) != username,
+        )
+        .correlate(Conversation)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        sa.select(
+            col(Conversation.id),
+            col(Conversation.kind),
+            unread,
+            col(last.client_id),
+            col(last.conversation_id),
+            col(last.seq),
+            col(last.sender),
+            col(last.body),
+            col(last.sent_at),
+        )
+        .join(
+            Member,
+            and_(col(Member.conversation_id) == Conversation.id, col(Member.username) == username),
+        )
+        # last_seq moves in the transaction that stores the message, so this is the newest.
+        .outerjoin(
+            last,
+            and_(
+                col(last.conversation_id) == Conversation.id,
+                col(last.seq) == Conversation.last_seq,
+            ),
+        )
+        .order_by(
+            func.coalesce(col(last.sent_at), col(Conversation.created_at)).desc(),
+            col(Conversation.id),
+        )
+        .limit(limit)
+    ).all()
+    members = _members_of(session, username, [row[0] for row in rows])
+    summaries = []
+    for conversation_id, kind, unread_count, *last_columns in rows:
+        summaries.append(
+            ConversationSummary(
+                id=conversation_id,
+                kind=kind,
+                members=members.get(conversation_id, ()),
+                # An outer join: no message yet leaves every column of it null.
+                last_message=None if last_columns[0] is None else to_history_message(last_columns),
+                unread=unread_count,
+            )
+        )
+    return summaries
+
+
+def _members_of(
+    session: Session, username: str, conversation_ids: Sequence[str]
+) -> dict[str, tuple[str, ...]]:
+    if not conversation_ids:
+        return {}
+    rows = session.exec(
+        select(Member.conversation_id, Member.username)
+        .where(
+            col(Member.conversation_id).in_(conversation_ids),
+            _is_member(Member.conversation_id, username),
+        )
+        .order_by(col(Member.conversation_id), col(Member.username))
+    ).all()
+    members: dict[str, list[str]] = {}
+    for conversation_id, member in rows:
+        members.setdefault(conversation_id, []).append(member)
+    return {key: tuple(names) for key, names in members.items()}
+
+
+def page(
+    session: Session,
+    username: str,
+    conversation_id: str,
+    *,
+    before: int | None = None,
+    after: int | None = None,
+    limit: int = 50,
+) -> Page | None:
+    """A page of a conversation by seq, or None if it is not the caller's.
+
+    ``after`` pages forwards (the oldest messages past it), ``before`` backwards
+    (the newest ones short of it), neither gives the newest page; both bound a range
+    paged forwards from ``after``. Either way the page is in ascending seq.
+    """
+    query = sa.select(*MESSAGE_COLUMNS).where(
+        col(Message.conversation_id) == conversation_id,
+        _is_member(Message.conversation_id, username),
+    )
+    if after is not None:
+        query = query.where(col(Message.seq) > after)
+    if before is not None:
+        query = query.where(col(Message.seq) < before)
+    forwards = after is not None
+    query = query.order_by(col(Message.seq) if forwards else col(Message.seq).desc())
+    rows = session.execute(query.limit(limit + 1)).all()
+    # The membership test is in the query; only an empty page needs telling apart.
+    if not rows and not is_member(session, username, conversation_id):
+        return None
+    messages = [to_history_message(row) for row in rows[:limit]]
+    if not forwards:
+        messages.reverse()
+    return Page(messages=messages, has_more=len(rows) > limit)
+
+
+def find_message(session: Session, username: str, client_id: str) -> HistoryMessage | None:
+    """The caller's own message with this client id, else another member's in one of
+    the caller's conversations (the newest, should several senders have used it)."""
+    own = session.execute(
+        sa.select(*MESSAGE_COLUMNS).where(
+            col(Message.sender) == username,
+            col(Message.client_id) == client_id,
+            _is_member(Message.conversation_id, username),
+        )
+    ).first()
+    if own is not None:
+        return to_history_message(own)
+    other = session.execute(
+        sa.select(*MESSAGE_COLUMNS)
+        .join(
+            Member,
+            and_(
+                col(Member.conversation_id) == col(Message.conversation_id),
+                col(Member.username) == username,
+            ),
+        )
+        .where(col(Message.client_id) == client_id)
+        .order_by(col(Message.pk).desc())
+        .limit(1)
+    ).first()
+    return None if other is None else to_history_message(other)
+
+
+def _first_move(kind: Literal["delivered", "read"], seq: int) -> Any:
+    """When a device's cursor of this kind first reached ``seq`` (cursors only move on)."""
+    return (
+        select(func.min(CursorMove.at))
+        .where(
+            col(CursorMove.conversation_id) == Cursor.conversation_id,
+            col(CursorMove.username) == Cursor.username,
+            col(CursorMove.device) == Cursor.device,
+            col(CursorMove.kind) == kind,
+            col(CursorMove.up_to) >= seq,
+        )
+        .correlate(Cursor)
+        .scalar_subquery()
+    )
+
+
+def delivery_trace(session: Session, username: str, client_id: str) -> MessageTrace | None:
+    """A message the caller may see, with when each recipient device got and read it.
+
+    Recipients are the members other than the sender, one entry per device that has
+    a cursor in the conversation; a device that has not reached the message yet has
+    ``None`` for that step.
+    """
+    message = find_message(session, username, client_id)
+    if message is None:
+        return None
+    rows = session.execute(
+        select(
+            Cursor.username,
+            Cursor.device,
+            _first_move("delivered", message.seq),
+            _first_move("read", message.seq),
+        )
+        .join(
+            Member,
+            and_(
+                col(Member.conversation_id) == col(Cursor.conversation_id),
+                col(Member.username) == col(Cursor.username),
+            ),
+        )
+        .where(
+            col(Cursor.conversation_id) == message.conversation,
+            col(Cursor.username) != message.sender,
+            _is_member(Cursor.conversation_id, username),
+        )
+        .order_by(col(Cursor.username), col(Cursor.device))
+    ).all()
+    devices = [
+        DeviceTrace(user=user, device=device, delivered_at=delivered_at, read_at=read_at)
+        for user, device, delivered_at, read_at in rows
+    ]
+    return MessageTrace(message=message, devices=devices)
+
+
+def presence(session: Session, username: str) -> Presence | None:
+    """Online while any device is; None if there is no such (enabled) account."""
+    if not accounts.exists(session, username):
+        return None
+    online_devices, last_seen = session.execute(
+        select(
+            func.coalesce(func.sum(case((col(Device.online), 1), else_=0)), 0),
+            func.max(Device.last_seen),
+        ).where(col(Device.username) == username)
+    ).one()
+    return Presence(username=username, online=online_devices > 0, last_seen=last_seen)
