@@ -33,11 +33,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+import httpx
 from pydantic import ValidationError
 
 import protocol
 from protocol import errors, topics
 
+from .history import HistoryClient, HistoryError
 from .mqtt import Incoming, LinkConfig, MqttLink, Will
 
 log = logging.getLogger(__name__)
@@ -124,9 +126,13 @@ class ChatClient:
         persistent: bool = True,
         ack_delivered: bool = True,
         presence_interval: float | None = 120.0,
+        history: HistoryClient | None = None,
     ) -> None:
         self.username = username
         self.device = device
+        self.history = history
+        self._catch_up_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.ack_delivered = ack_delivered
         self._to_ack: dict[str, int] = {}
         self._ack_scheduled = False
@@ -182,14 +188,37 @@ class ChatClient:
         await self.close()
 
     async def connect(self) -> None:
-        """Connect and subscribe to this user's downlink (raises ``ConnectRefused``)."""
+        """Connect and subscribe to this user's downlink (raises ``ConnectRefused``).
+
+        With a history client, this device's cursors are read from the server first,
+        and everything after them is fetched once connected (catch-up).
+        """
+        if self.history is not None:
+            for conversation, seq in (await self.history.cursors(self.device)).items():
+                held = self._held.setdefault(conversation, _Held())
+                held.delivered = max(held.delivered or 0, seq)
         await self.link.connect()
         await self.link.subscribe(topics.down_all(self.username), qos=1)
         if self.presence_interval is not None:
             self._presence_task = asyncio.create_task(self._announce_presence())
+        if self.history is not None:
+            await self.catch_up()
+
+    async def catch_up(self) -> None:
+        """Fetch from the history API everything after this device's cursors."""
+        assert self.history is not None
+        for state in await self.history.conversations():
+            held = self._held.setdefault(state.id, _Held())
+            have = held.delivered or 0
+            if state.last_seq <= have:
+                continue
+            for down in await self.history.messages_between(state.id, after=have):
+                self._on_message(down)
 
     async def close(self) -> None:
         """Say ``offline`` (a clean disconnect fires no last will) and disconnect."""
+        if self._catch_up_task is not None:
+            self._catch_up_task.cancel()
         if self._presence_task is not None:
             self._presence_task.cancel()
             if self.link.is_connected:
@@ -205,6 +234,8 @@ class ChatClient:
             if held.gap_timer is not None:
                 held.gap_timer.cancel()
         await self.link.close()
+        if self.history is not None:
+            await self.history.close()
 
     @property
     def pending(self) -> list[str]:
@@ -320,6 +351,15 @@ class ChatClient:
         # Resend the head of every lane now rather than after resend_after.
         for kick in self._kick.values():
             kick.set()
+        if self.history is not None and self.link.generation > 1:
+            # Whatever the broker dropped while we were away comes from the history.
+            self._catch_up_task = asyncio.create_task(self._catch_up_quietly())
+
+    async def _catch_up_quietly(self) -> None:
+        try:
+            await self.catch_up()
+        except (HistoryError, httpx.HTTPError) as exc:
+            log.warning("catch-up failed, the next gap or reconnect retries: %s", exc)
 
     # -- receiving ------------------------------------------------------------------
 
@@ -369,8 +409,9 @@ class ChatClient:
         )
         held = self._held.setdefault(message.conversation, _Held())
         if held.delivered is None:
-            # First sight of this conversation on this device: start here.
-            held.delivered = message.seq - 1
+            # First sight of this conversation on this device: with the history at
+            # hand, everything before it is a gap to fill; without, start here.
+            held.delivered = 0 if self.history is not None else message.seq - 1
         if message.seq <= held.delivered or message.seq in held.seqs:
             return  # a redelivery or a resend: already shown
         heapq.heappush(held.heap, (message.seq, message))
@@ -412,6 +453,35 @@ class ChatClient:
         held.gap_timer = None
         if not held.heap:
             return
+        if self.history is not None:
+            task = asyncio.get_running_loop().create_task(self._fill_gap(held))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        self._skip_gap(held)
+
+    async def _fill_gap(self, held: _Held) -> None:
+        assert self.history is not None
+        assert held.delivered is not None
+        if not held.heap:
+            return
+        conversation = held.heap[0][1].conversation
+        try:
+            missing = await self.history.messages_between(
+                conversation, after=held.delivered, before=held.heap[0][0]
+            )
+        except (HistoryError, httpx.HTTPError) as exc:
+            log.warning("gap fill failed, retrying after the hold-back: %s", exc)
+            held.gap_timer = asyncio.get_running_loop().call_later(
+                self.hold_back, self._give_up_gap, held
+            )
+            return
+        for down in missing:
+            self._on_message(down)
+        if held.heap and held.heap[0][0] > (held.delivered or 0) + 1:
+            self._skip_gap(held)  # the history does not have them either
+
+    def _skip_gap(self, held: _Held) -> None:
         first = held.heap[0][0]
         log.warning(
             "seq %s..%s never arrived; showing what came after",

@@ -83,9 +83,13 @@ def exists(session: Session, username: str) -> bool:
 def verify(session: Session, username: str, password: str) -> bool:
     """Whether the password is right for an enabled account; slow by design (argon2)."""
     account = get(session, username) if topics.is_valid_username(username) else None
+    enabled = account is not None and not account.disabled
     stored = account.password_hash if account is not None else _dummy_hash()
+    # End the read before the slow hash: on SQLite every transaction holds the write
+    # lock (BEGIN IMMEDIATE), and the bridge must not wait ~50 ms per login.
+    session.rollback()
     try:
         ok = _hasher().verify(stored, password)
     except (VerificationError, InvalidHashError):
         return False
-    return ok and account is not None and not account.disabled
+    return ok and enabled

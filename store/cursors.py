@@ -130,3 +130,20 @@ def _member_cursors(session: Session, conversation: str, user: str) -> dict[Kind
         )
     ).one()
     return {"delivered": delivered or 0, "read": read or 0}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCursor:
+    conversation: str
+    delivered: int
+    read: int
+
+
+def of_device(session: Session, user: str, device: str) -> list[DeviceCursor]:
+    """One device's cursors in every conversation it has acked (for resuming)."""
+    rows = session.exec(
+        select(Cursor)
+        .where(Cursor.username == user, Cursor.device == device)
+        .order_by(Cursor.conversation_id)
+    ).all()
+    return [DeviceCursor(r.conversation_id, r.delivered_seq, r.read_seq) for r in rows]

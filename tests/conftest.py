@@ -28,6 +28,7 @@ from sqlalchemy import Engine
 
 from broker.mosquitto import DynsecProvisioner
 from broker.provisioning import EmbeddedProvisioner, Provisioner, register
+from clients.history import HistoryClient
 from clients.mqtt import Incoming, LinkConfig, MqttLink
 from clients.sdk import ChatClient
 from store import make_engine, migrate
@@ -123,6 +124,8 @@ class Stack:
     base_dir: Path
     mosquitto: MosquittoServer | None = None
     embedded_broker: Daemon | None = None
+    api: Daemon | None = None
+    api_url: str | None = None
     _clients: list[ChatClient] = field(default_factory=list)
     _links: list[MqttLink] = field(default_factory=list)
 
@@ -178,6 +181,46 @@ class Stack:
         self._links.append(link)
         return link
 
+    async def start_api(self) -> str:
+        """Start the history API on a free port; returns its base URL."""
+        port = free_port()
+        self.api = Daemon(
+            "api",
+            "history_api",
+            {
+                "MQCHAT_API_DATABASE_URL": self.database_url,
+                "MQCHAT_API_PORT": str(port),
+            },
+            self.base_dir,
+        )
+        self.api.start()
+        await asyncio.to_thread(
+            wait_until, lambda: _accepts("127.0.0.1", port), timeout=30, what="history API"
+        )
+        self.api_url = f"http://127.0.0.1:{port}"
+        return self.api_url
+
+    def history(self, user: str) -> HistoryClient:
+        assert self.api_url is not None, "start_api() first"
+        return HistoryClient(self.api_url, user, password_of(user))
+
+    def limit_broker_queue(self, messages: int) -> None:
+        """Restart mosquitto with a smaller per-client queue (amqtt's has no limit)."""
+        if self.mosquitto is None:
+            return
+        conf = self.mosquitto.conf_path
+        text = conf.read_text()
+        conf.write_text(
+            "\n".join(
+                f"max_queued_messages {messages}"
+                if line.startswith("max_queued_messages")
+                else line
+                for line in text.splitlines()
+            )
+            + "\n"
+        )
+        self.mosquitto.restart()
+
     def start_bridge(self) -> None:
         self.bridge.start()
         self.bridge.wait_for_log("consuming", occurrences=self.bridge.starts)
@@ -199,6 +242,8 @@ class Stack:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(link.close(), 5)
         self.bridge.stop()
+        if self.api is not None:
+            self.api.stop()
         if self.embedded_broker is not None:
             self.embedded_broker.stop()
         if self.mosquitto is not None:

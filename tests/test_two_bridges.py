@@ -18,9 +18,8 @@ def partition_of(user: str) -> int:
     return zlib.crc32(user.encode()) % 2
 
 
-async def test_two_bridges_keep_each_senders_order(stack: Stack) -> None:
-    # alice and bob are handled by different instances, in one conversation.
-    assert {partition_of("alice"), partition_of("bob")} == {0, 1}
+async def start_two_bridges(stack: Stack) -> Daemon:
+    """Restart the stack's bridge as partition 0 of 2 and start partition 1 beside it."""
     stack.bridge.stop()
     stack.bridge.env.update(MQCHAT_BRIDGE_PARTITIONS="2", MQCHAT_BRIDGE_PARTITION="0")
     await asyncio.to_thread(stack.start_bridge)
@@ -36,8 +35,15 @@ async def test_two_bridges_keep_each_senders_order(stack: Stack) -> None:
         stack.base_dir,
     )
     second.start()
+    await asyncio.to_thread(second.wait_for_log, "consuming")
+    return second
+
+
+async def test_two_bridges_keep_each_senders_order(stack: Stack) -> None:
+    # alice and bob are handled by different instances, in one conversation.
+    assert {partition_of("alice"), partition_of("bob")} == {0, 1}
+    second = await start_two_bridges(stack)
     try:
-        await asyncio.to_thread(second.wait_for_log, "consuming")
         await stack.add_users("alice", "bob")
         alice = await stack.client("alice")
         bob = await stack.client("bob")
@@ -86,23 +92,8 @@ async def test_two_bridges_keep_order_of_pipelined_stock_clients(stack: Stack) -
     from clients.mqtt import Incoming
     from protocol import topics
 
-    stack.bridge.stop()
-    stack.bridge.env.update(MQCHAT_BRIDGE_PARTITIONS="2", MQCHAT_BRIDGE_PARTITION="0")
-    await asyncio.to_thread(stack.start_bridge)
-    second = Daemon(
-        "bridge-2",
-        "bridge",
-        {
-            **stack.bridge_env,
-            "MQCHAT_BRIDGE_PARTITIONS": "2",
-            "MQCHAT_BRIDGE_PARTITION": "1",
-            "MQCHAT_BRIDGE_CLIENT_ID": "mqchat-bridge-2",
-        },
-        stack.base_dir,
-    )
-    second.start()
+    second = await start_two_bridges(stack)
     try:
-        await asyncio.to_thread(second.wait_for_log, "consuming")
         await stack.add_users("alice", "bob")
         done = {"alice": asyncio.Event(), "bob": asyncio.Event()}
         receipts: dict[str, list[int]] = {"alice": [], "bob": []}

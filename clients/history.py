@@ -1,0 +1,115 @@
+"""The history API as the SDK uses it: a token, the caller's conversations, pages of messages.
+
+The broker's queue is a cache. A device that was away longer than its session lived,
+or for more messages than the broker queues, gets the rest from here, by
+per-conversation cursor; a gap in ``seq`` seen live is filled from here too.
+
+Exceptions::
+
+    HistoryError      the API answered with an error (.status, .code)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+import protocol
+
+
+class HistoryError(Exception):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationState:
+    id: str
+    last_seq: int
+
+
+class HistoryClient:
+    """A signed-in view of the history API for one user.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8000``.
+        page_size: messages per request when catching up (the API caps it at 200).
+    """
+
+    def __init__(
+        self, base_url: str, username: str, password: str, *, page_size: int = 200
+    ) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=10.0)
+        self._username = username
+        self._password = password
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self.page_size = page_size
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def conversations(self) -> list[ConversationState]:
+        data = await self._get("/v1/conversations")
+        return [
+            ConversationState(c["id"], c["last_message"]["seq"] if c["last_message"] else 0)
+            for c in data
+        ]
+
+    async def cursors(self, device: str) -> dict[str, int]:
+        """This device's delivered cursor per conversation, as the bridge stored it."""
+        data = await self._get(f"/v1/devices/{device}/cursors")
+        return {c["conversation"]: int(c["delivered"]) for c in data["cursors"]}
+
+    async def messages_between(
+        self, conversation: str, after: int, before: int | None = None
+    ) -> list[protocol.DownMessage]:
+        """Every message with ``after < seq (< before)``, ascending, across pages."""
+        out: list[protocol.DownMessage] = []
+        while True:
+            params: dict[str, Any] = {"after": after, "limit": self.page_size}
+            if before is not None:
+                params["before"] = before
+            data = await self._get(f"/v1/conversations/{conversation}/messages", params)
+            page = [protocol.DownMessage.model_validate(m) for m in data["messages"]]
+            out.extend(page)
+            if not data["has_more"] or not page:
+                return out
+            after = page[-1].seq
+
+    async def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        headers = {"Authorization": f"Bearer {await self._bearer()}"}
+        response = await self._http.get(path, params=params, headers=headers)
+        if response.status_code == 401:  # expired meanwhile: once more with a new one
+            self._token = None
+            headers = {"Authorization": f"Bearer {await self._bearer()}"}
+            response = await self._http.get(path, params=params, headers=headers)
+        return self._json(response)
+
+    async def _bearer(self) -> str:
+        if self._token is None or time.monotonic() > self._token_expires:
+            response = await self._http.post(
+                "/v1/tokens",
+                data={"username": self._username, "password": self._password},
+            )
+            body = self._json(response)
+            self._token = str(body["access_token"])
+            # Renew a minute early rather than fail a request on the boundary.
+            self._token_expires = time.monotonic() + float(body["expires_in"]) - 60
+        return self._token
+
+    @staticmethod
+    def _json(response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+                code, detail = str(error["code"]), str(error["detail"])
+            except (ValueError, KeyError, TypeError):
+                code, detail = "http_error", response.text[:200]
+            raise HistoryError(response.status_code, code, detail)
+        return response.json()
