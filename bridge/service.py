@@ -256,16 +256,7 @@ class Bridge:
             return [self._error(sender, outcome.error)]
         stored = outcome.stored
         assert stored is not None
-        message = protocol.encode(
-            protocol.DownMessage(
-                id=stored.client_id,
-                conversation=stored.conversation,
-                seq=stored.seq,
-                from_=stored.sender,
-                body=stored.body,
-                sent_at=stored.sent_at,
-            )
-        )
+        message = protocol.encode(stored.down())
         receipt = protocol.encode(
             protocol.Receipt(
                 status="sent",

@@ -18,7 +18,6 @@ from store import history
 
 from .deps import CurrentUser, SessionDep
 from .errors import UNAUTHENTICATED, UNAVAILABLE, ErrorResponse, not_found
-from .messages import to_down_message
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
@@ -109,6 +108,6 @@ def list_messages(
             errors.UNKNOWN_CONVERSATION, f"no conversation {conversation_id!r} of yours"
         )
     return MessagePage(
-        messages=[to_down_message(message) for message in found.messages],
+        messages=[message.down() for message in found.messages],
         has_more=found.has_more,
     )

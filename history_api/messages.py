@@ -34,18 +34,6 @@ class MessageTrace(BaseModel):
     )
 
 
-def to_down_message(message: history.HistoryMessage) -> DownMessage:
-    """A stored message as the bridge delivers it on ``down/msg``: the same field names."""
-    return DownMessage(
-        id=message.client_id,
-        conversation=message.conversation,
-        seq=message.seq,
-        from_=message.sender,
-        body=message.body,
-        sent_at=message.sent_at,
-    )
-
-
 @router.get(
     "/{message_id}",
     responses={401: UNAUTHENTICATED, 404: not_found(errors.UNKNOWN_MESSAGE), 503: UNAVAILABLE},
@@ -59,7 +47,7 @@ def get_message(message_id: str, session: SessionDep, me: CurrentUser) -> Messag
         # Same answer for "no such message" and "not yours": ids cannot be probed.
         raise errors.ProtocolError(errors.UNKNOWN_MESSAGE, f"no message {message_id!r} of yours")
     return MessageTrace(
-        message=to_down_message(trace.message),
+        message=trace.message.down(),
         stored_at=trace.message.sent_at,
         devices=[
             DeviceDelivery(

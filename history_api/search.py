@@ -12,7 +12,6 @@ from store import search as store_search
 
 from .deps import CurrentUser, SessionDep
 from .errors import UNAUTHENTICATED, UNAVAILABLE, ErrorResponse
-from .messages import to_down_message
 
 router = APIRouter(prefix="/v1/search", tags=["search"])
 
@@ -48,4 +47,4 @@ def search_messages(
 ) -> SearchResults:
     """Messages of the caller's conversations that contain every word of ``q``."""
     found = store_search.search(session, me, q, limit=limit)
-    return SearchResults(messages=[to_down_message(message) for message in found])
+    return SearchResults(messages=[message.down() for message in found])

@@ -24,6 +24,8 @@ from sqlalchemy import ColumnElement, and_, case, exists, func
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
+from protocol import DownMessage
+
 from . import accounts
 from .tables import Conversation, Cursor, CursorMove, Device, Member, Message
 
@@ -40,6 +42,17 @@ class HistoryMessage:
     sender: str
     body: str
     sent_at: datetime
+
+    def down(self) -> DownMessage:
+        """As the bridge delivers it on ``down/msg`` (and the API returns it)."""
+        return DownMessage(
+            id=self.client_id,
+            conversation=self.conversation,
+            seq=self.seq,
+            from_=self.sender,
+            body=self.body,
+            sent_at=self.sent_at,
+        )
 
 
 #: The columns of a HistoryMessage, in its field order.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy import Engine, func, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -19,20 +18,15 @@ from sqlmodel import Session, col, select
 
 from protocol import UpMessage, errors
 
+from .history import HistoryMessage
 from .tables import Account, Conversation, Member, Message
 from .types import utcnow
 
 
 @dataclass(frozen=True, slots=True)
-class StoredMessage:
+class StoredMessage(HistoryMessage):
     """A committed message and who must receive it."""
 
-    client_id: str
-    conversation: str
-    seq: int
-    sender: str
-    body: str
-    sent_at: datetime
     members: tuple[str, ...]
     #: True when this uplink was already stored earlier (a resend).
     duplicate: bool
