@@ -2,8 +2,11 @@
 
 ::
 
-    bridge ──persist_batch──▶ messages ──▶ conversations/members ──▶ COMMIT
-    history API / CLI ──▶ accounts (argon2), conversations, messages (read)
+    bridge ──persist_batch──▶ messages (dedupe, seq in the commit) ──▶ COMMIT
+           ──advance_batch──▶ cursors (per device, forward only, moves logged)
+           ──update_batch───▶ presence (per device; expire() for silent ones)
+    history API ──▶ tokens, history (pages, trace, conversations), search (FTS)
+    CLI / API sign-up ──▶ accounts (argon2)
 
 Alembic migrations in ``migrations/`` own the schema; ``migrate(engine)`` applies them.
 """
