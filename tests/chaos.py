@@ -1,0 +1,397 @@
+"""Jepsen-style bookkeeping for fault-injection runs: record, schedule faults, check.
+
+::
+
+    senders ─▶ History (invoke / ok / fail / unknown per message id)
+    devices ─▶ Received (what each device was shown, in order)      ─┐
+    database ─▶ StoredRow (the rows of ``messages``)                 ├▶ check() ─▶ Report
+    History ─────────────────────────────────────────────────────────┘
+
+``check`` only reads the three logs, so it can be tested on hand-made ones. A message
+is keyed by ``(sender, id)``: the id is the sender's idempotency key.
+
+Outcomes of a send: ``ok`` (the ``sent`` receipt: the message is stored at
+``conversation``/``seq``), ``fail`` (the bridge refused it, with a code), ``unknown``
+(``SendTimeout`` or cancelled: it may or may not have been stored). An ``ok`` message
+must reach storage and every member device; an ``unknown`` one that did is *recovered*.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+OpKind = Literal["invoke", "ok", "fail", "unknown"]
+Key = tuple[str, str]  # (sender, message id)
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One line of the operation log."""
+
+    kind: OpKind
+    id: str
+    sender: str
+    target: str  # "to:bob" or "conversation:<id>"
+    body: str
+    time: float
+    conversation: str | None = None  # ok only
+    seq: int | None = None  # ok only
+    error: str | None = None  # fail: the ChatError code; unknown: why
+
+    @property
+    def key(self) -> Key:
+        return (self.sender, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One message shown to one device (``device`` is ``"user/device"``)."""
+
+    device: str
+    id: str
+    conversation: str
+    seq: int
+    sender: str
+    body: str
+    time: float = 0.0
+
+    @property
+    def user(self) -> str:
+        return self.device.split("/", 1)[0]
+
+    @property
+    def key(self) -> Key:
+        return (self.sender, self.id)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRow:
+    """One row of ``messages``; ``pk`` is the insertion order."""
+
+    id: str
+    conversation: str
+    seq: int
+    sender: str
+    body: str
+    pk: int = 0
+
+    @property
+    def key(self) -> Key:
+        return (self.sender, self.id)
+
+
+class History:
+    """The operation log of every sender, appended to as sends start and end."""
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+
+    def invoke(self, sender: str, id: str, target: str, body: str) -> None:
+        self.ops.append(Op("invoke", id, sender, target, body, time.monotonic()))
+
+    def ok(self, sender: str, id: str, target: str, body: str, conversation: str, seq: int) -> None:
+        self.ops.append(Op("ok", id, sender, target, body, time.monotonic(), conversation, seq))
+
+    def fail(self, sender: str, id: str, target: str, body: str, code: str) -> None:
+        self.ops.append(Op("fail", id, sender, target, body, time.monotonic(), error=code))
+
+    def unknown(self, sender: str, id: str, target: str, body: str, why: str) -> None:
+        self.ops.append(Op("unknown", id, sender, target, body, time.monotonic(), error=why))
+
+
+# -- the checker --------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    invoked: int = 0
+    acknowledged: int = 0
+    failed: int = 0
+    unknown: int = 0
+    stored: int = 0
+    deliveries: int = 0
+    lost: list[str] = field(default_factory=list)
+    duplicated: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+    unknown_absent: list[str] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No loss, no duplicate, nothing unexpected, no order violation."""
+        return not (self.lost or self.duplicated or self.unexpected or self.order)
+
+    def verdict(self) -> str:
+        if self.ok:
+            return (
+                f"VALID: {self.acknowledged} acknowledged messages, all stored once and shown once "
+                f"to every member device, in order ({len(self.recovered)} of "
+                f"{self.unknown} unknown outcomes recovered)"
+            )
+        return (
+            f"INVALID: lost={len(self.lost)} duplicated={len(self.duplicated)} "
+            f"unexpected={len(self.unexpected)} order={len(self.order)}"
+        )
+
+    def render(self, details: int = 10) -> str:
+        rows = [
+            ("invoked", self.invoked, ""),
+            ("ok (sent receipt)", self.acknowledged, ""),
+            ("fail (ChatError)", self.failed, ""),
+            ("unknown (timeout/cancel)", self.unknown, ""),
+            ("stored rows", self.stored, ""),
+            ("deliveries to devices", self.deliveries, ""),
+            ("lost", len(self.lost), "VIOLATION" if self.lost else ""),
+            ("duplicated", len(self.duplicated), "VIOLATION" if self.duplicated else ""),
+            ("unexpected", len(self.unexpected), "VIOLATION" if self.unexpected else ""),
+            ("order violations", len(self.order), "VIOLATION" if self.order else ""),
+            ("recovered (unknown, arrived)", len(self.recovered), ""),
+            ("unknown, never stored", len(self.unknown_absent), ""),
+        ]
+        width = max(len(name) for name, _, _ in rows)
+        lines = [f"{'check':<{width}} | {'count':>7} |", f"{'-' * width}-+-{'-' * 7}-+-"]
+        lines += [f"{name:<{width}} | {count:>7} | {flag}" for name, count, flag in rows]
+        for title, items in (
+            ("lost", self.lost),
+            ("duplicated", self.duplicated),
+            ("unexpected", self.unexpected),
+            ("order", self.order),
+        ):
+            for item in items[:details]:
+                lines.append(f"  {title}: {item}")
+            if len(items) > details:
+                lines.append(f"  {title}: ... and {len(items) - details} more")
+        lines.append(self.verdict())
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def check(
+    history: History | Iterable[Op],
+    received: Iterable[Received],
+    stored_rows: Iterable[StoredRow],
+    *,
+    devices: dict[str, Sequence[str]] | None = None,
+    members: dict[str, set[str]] | None = None,
+) -> Report:
+    """Reconcile what was sent, what each device was shown, and what is stored.
+
+    Args:
+        devices: user -> the devices ("user/device") that must be shown every message
+            of the user's conversations; by default the devices in ``received``.
+        members: conversation -> its member users; by default inferred from the
+            ``to:`` sends (the sender and the recipient).
+    """
+    ops = list(history.ops if isinstance(history, History) else history)
+    shown = list(received)
+    rows = list(stored_rows)
+    report = Report()
+
+    invoked: dict[Key, Op] = {}
+    invoke_order: list[Key] = []
+    outcome: dict[Key, Op] = {}
+    for op in ops:
+        if op.kind == "invoke":
+            if op.key not in invoked:
+                invoked[op.key] = op
+                invoke_order.append(op.key)
+        else:
+            outcome[op.key] = op
+    report.invoked = len(invoked)
+    kinds = Counter(outcome[key].kind if key in outcome else "unknown" for key in invoked)
+    report.acknowledged, report.failed, report.unknown = (
+        kinds["ok"],
+        kinds["fail"],
+        kinds["unknown"],
+    )
+    report.stored = len(rows)
+    report.deliveries = len(shown)
+
+    by_key: dict[Key, list[StoredRow]] = defaultdict(list)
+    for row in rows:
+        by_key[row.key].append(row)
+
+    if devices is None:
+        found: dict[str, set[str]] = defaultdict(set)
+        for message in shown:
+            found[message.user].add(message.device)
+        devices = {user: sorted(names) for user, names in found.items()}
+    if members is None:
+        members = defaultdict(set)
+        for key, op in outcome.items():
+            if op.kind == "ok" and op.conversation and key in invoked:
+                members[op.conversation] |= {op.sender, *_to_user(op.target)}
+        for row in rows:
+            op = invoked.get(row.key)
+            if op is not None:
+                members[row.conversation] |= {op.sender, *_to_user(op.target)}
+
+    seen_at: dict[str, dict[Key, list[Received]]] = defaultdict(lambda: defaultdict(list))
+    for message in shown:
+        seen_at[message.device][message.key].append(message)
+
+    # Duplicates: a device shown one message (or one conversation seq) twice; a
+    # message stored twice.
+    for device, messages in seen_at.items():
+        for key, copies in messages.items():
+            if len(copies) > 1:
+                report.duplicated.append(f"{device} shown {key} {len(copies)} times")
+        seqs = Counter((m.conversation, m.seq) for m in shown if m.device == device)
+        for (conversation, seq), n in seqs.items():
+            if n > 1:
+                report.duplicated.append(f"{device} shown {conversation}#{seq} {n} times")
+    for key, copies in by_key.items():
+        if len(copies) > 1:
+            report.duplicated.append(f"{key} stored {len(copies)} times")
+
+    # Unexpected: stored or shown but never sent, or sent and refused.
+    for key in by_key:
+        if key not in invoked:
+            report.unexpected.append(f"{key} stored but never invoked")
+        elif key in outcome and outcome[key].kind == "fail":
+            report.unexpected.append(f"{key} stored although it failed ({outcome[key].error})")
+    for device, messages in seen_at.items():
+        for key in messages:
+            if key not in invoked:
+                report.unexpected.append(f"{key} shown to {device} but never invoked")
+            elif key not in by_key:
+                report.unexpected.append(f"{key} shown to {device} but not stored")
+
+    # Lost: acknowledged but not stored, or not shown to a member device.
+    for key in invoke_order:
+        op = outcome.get(key)
+        copies = by_key.get(key)
+        if op is not None and op.kind == "ok":
+            if not copies:
+                report.lost.append(f"{key} acknowledged as {op.conversation}#{op.seq}, not stored")
+                continue
+            row = copies[0]
+            if (row.conversation, row.seq) != (op.conversation, op.seq):
+                report.order.append(
+                    f"{key} receipt says {op.conversation}#{op.seq}, "
+                    f"stored as {row.conversation}#{row.seq}"
+                )
+            if row.body != op.body:
+                report.unexpected.append(f"{key} stored with another body")
+        elif copies:
+            if op is None or op.kind == "unknown":
+                report.recovered.append(f"{key}")
+        else:
+            if op is None or op.kind == "unknown":
+                report.unknown_absent.append(f"{key}")
+            continue
+        if not copies:
+            continue
+        row = copies[0]
+        for user in sorted(members.get(row.conversation, ())):
+            for device in devices.get(user, ()):
+                got = seen_at.get(device, {}).get(key)
+                if not got:
+                    if op is not None and op.kind == "ok":
+                        report.lost.append(
+                            f"{key} ({row.conversation}#{row.seq}) not shown to {device}"
+                        )
+                    else:
+                        report.lost.append(
+                            f"{key} (unknown outcome, stored as {row.conversation}#{row.seq}) "
+                            f"not shown to {device}"
+                        )
+                elif (got[0].conversation, got[0].seq, got[0].body) != (
+                    row.conversation,
+                    row.seq,
+                    row.body,
+                ):
+                    report.order.append(
+                        f"{key} shown to {device} as {got[0].conversation}#{got[0].seq}, "
+                        f"stored as {row.conversation}#{row.seq}"
+                    )
+
+    # Order in storage: per conversation, seqs 1..n with no gap, rising with pk.
+    per_conversation: dict[str, list[StoredRow]] = defaultdict(list)
+    for row in rows:
+        per_conversation[row.conversation].append(row)
+    for conversation, conv_rows in per_conversation.items():
+        seqs = sorted(r.seq for r in conv_rows)
+        if seqs != list(range(1, len(seqs) + 1)):
+            missing = sorted(set(range(1, max(seqs) + 1)) - set(seqs))
+            report.order.append(f"{conversation} stored seqs have gaps {missing[:10]}")
+        by_pk = [r.seq for r in sorted(conv_rows, key=lambda r: r.pk)]
+        if any(b <= a for a, b in itertools.pairwise(by_pk)):
+            report.order.append(f"{conversation} seq not rising with insertion order")
+
+    # Order at devices: per conversation, strictly rising seq in the order shown.
+    last: dict[tuple[str, str], int] = {}
+    for message in shown:
+        where = (message.device, message.conversation)
+        if where in last and message.seq <= last[where]:
+            report.order.append(
+                f"{message.device} shown {message.conversation}#{message.seq} after #{last[where]}"
+            )
+        last[where] = max(message.seq, last.get(where, 0))
+
+    # Order per sender: within one target, stored seqs follow the send order.
+    previous: dict[tuple[str, str], tuple[Key, int]] = {}
+    for key in invoke_order:
+        copies = by_key.get(key)
+        if not copies:
+            continue
+        lane = (key[0], invoked[key].target)
+        if lane in previous and copies[0].seq <= previous[lane][1]:
+            report.order.append(
+                f"{key[0]} sent {previous[lane][0][1]} before {key[1]} to {lane[1]}, "
+                f"stored as #{previous[lane][1]} and #{copies[0].seq}"
+            )
+        previous[lane] = (key, copies[0].seq)
+    return report
+
+
+def _to_user(target: str) -> list[str]:
+    return [target.removeprefix("to:")] if target.startswith("to:") else []
+
+
+# -- fault schedules ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    kind: str
+    duration: float  # how long the fault holds (outage, pause), seconds
+
+    def __str__(self) -> str:
+        return f"{self.kind}({self.duration:.1f}s)"
+
+
+def schedule(
+    seed: int,
+    kinds: dict[str, tuple[float, float]],
+    *,
+    extra: int = 0,
+    first_at: tuple[float, float] = (2.0, 4.0),
+    gap: tuple[float, float] = (3.0, 6.0),
+) -> list[tuple[float, Fault]]:
+    """A replayable fault plan: ``(at_seconds, Fault)`` sorted by time.
+
+    Every kind in ``kinds`` (name -> (min, max) duration) appears once, in an order
+    drawn from ``random.Random(seed)``, plus ``extra`` kinds drawn at random. ``at`` is
+    the earliest start; the gap is counted from the previous fault's planned end.
+    """
+    rng = random.Random(seed)
+    names = sorted(kinds)
+    rng.shuffle(names)
+    names += [rng.choice(sorted(kinds)) for _ in range(extra)]
+    plan: list[tuple[float, Fault]] = []
+    at = rng.uniform(*first_at)
+    for name in names:
+        fault = Fault(name, round(rng.uniform(*kinds[name]), 2))
+        plan.append((round(at, 2), fault))
+        at += fault.duration + rng.uniform(*gap)
+    return plan
