@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from limits import parse_many
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -31,11 +32,21 @@ class BridgeSettings(BaseSettings):
     max_batch: int = Field(default=256, ge=1)
     max_payload_bytes: int = Field(default=MAX_PAYLOAD_BYTES, ge=256)
     max_body_chars: int = Field(default=MAX_BODY_CHARS, ge=1)
+    #: Messages one user may send, as ``limits`` rate strings (a moving window each);
+    #: above it the bridge answers ``rate_limited`` and stores nothing, and the SDK
+    #: resends later. Generous for people, tight enough that one flooding account
+    #: cannot crowd out the others.
+    message_rate: str = "20/second;600/minute"
     #: A device not heard from for this long is taken offline even without its last
     #: will (the SDK announces itself every 120 s).
     presence_ttl: float = Field(default=300.0, gt=0)
     #: Seconds to keep trying to reach the broker at startup.
     startup_timeout: float = 30.0
+
+    @model_validator(mode="after")
+    def _rate_parses(self) -> BridgeSettings:
+        parse_many(self.message_rate)  # ValueError names what is wrong
+        return self
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> BridgeSettings:

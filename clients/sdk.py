@@ -392,6 +392,11 @@ class ChatClient:
     def _on_error(self, payload: protocol.ErrorPayload) -> None:
         error = ChatError(payload.code, payload.detail, payload.id)
         item = self._outbox.get(payload.id) if payload.id is not None else None
+        if item is not None and payload.code == errors.RATE_LIMITED:
+            # Not stored, not refused: it stays at the head of its lane and is resent
+            # after resend_after, like any message without a receipt.
+            log.info("message %s rate limited; resending later", payload.id)
+            return
         if item is not None and not item.done.done():
             item.done.set_exception(error)
             item.done.exception()  # retrieved here too: nobody may be awaiting it

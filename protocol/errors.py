@@ -27,6 +27,7 @@ USERNAME_TAKEN: Final = "username_taken"
 WEAK_PASSWORD: Final = "weak_password"
 UNAUTHORIZED: Final = "unauthorized"
 NOT_SUPPORTED: Final = "not_supported"
+RATE_LIMITED: Final = "rate_limited"
 INTERNAL: Final = "internal_error"
 
 #: Every code a client may see, with the HTTP status it maps to where the
@@ -47,6 +48,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     WEAK_PASSWORD: 422,
     UNAUTHORIZED: 401,
     NOT_SUPPORTED: 400,
+    RATE_LIMITED: 429,
     INTERNAL: 500,
 }
 
@@ -69,6 +71,7 @@ ErrorCode = Literal[
     "weak_password",
     "unauthorized",
     "not_supported",
+    "rate_limited",
     "internal_error",
 ]
 assert set(get_args(ErrorCode)) == ERROR_CODES
