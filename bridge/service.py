@@ -203,7 +203,7 @@ class Bridge:
                             decoded.sender,
                             errors.ProtocolError(
                                 errors.RATE_LIMITED,
-                                f"more than {self.settings.message_rate} messages; send it again later",
+                                f"over {self.settings.message_rate} messages; send it again later",
                                 id=decoded.payload.id,
                             ),
                         )
