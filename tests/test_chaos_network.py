@@ -1,0 +1,339 @@
+"""Network chaos: cut and stall TCP paths, overflow the broker queue, kill one of two bridges.
+
+Every scenario records what was sent (:class:`tests.chaos.History`), what each device
+was shown and what is stored, then reconciles them with :func:`tests.chaos.check`.
+Seeded; replay with ``MQCHAT_CHAOS_SEED=<seed>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import pytest
+
+from clients.sdk import ChatClient, ChatError, SendTimeout
+
+from . import chaos
+from .chaos import History, Received, Report, StoredRow, check
+from .conftest import Stack, password_of
+from .tcp_proxy import TcpProxy
+from .test_chat import stored
+from .test_two_bridges import start_two_bridges
+
+PAIRS = (("alice", "bob"), ("carol", "dave"))
+NET_FAULTS = {"cut": (0.5, 2.0), "stall": (1.0, 3.0)}
+PACE = 0.05
+SEND_TIMEOUT = 60.0
+QUIET_TIMEOUT = 45.0
+
+
+def _seed() -> int:
+    value = os.environ.get("MQCHAT_CHAOS_SEED")
+    return int(value) if value else secrets.randbelow(1_000_000)
+
+
+async def _apply_net(proxy: TcpProxy, fault: chaos.Fault) -> None:
+    if fault.kind == "cut":
+        proxy.cut()
+        await asyncio.sleep(fault.duration)
+        proxy.heal()
+    elif fault.kind == "stall":
+        proxy.stall(fault.duration)
+        await asyncio.sleep(fault.duration)
+        proxy.heal()
+    else:
+        raise ValueError(fault.kind)
+
+
+class Run:
+    """Senders, receivers and the three logs of one scenario."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.history = History()
+        self.received: list[Received] = []
+        self.clients: dict[str, ChatClient] = {}
+        self.receivers: dict[str, asyncio.Task[None]] = {}
+        self.started = time.monotonic()
+
+    async def connect(self, user: str, port: int | None = None) -> ChatClient:
+        stack = self.stack
+        client = ChatClient(
+            host=stack.host,
+            port=port if port is not None else stack.port,
+            username=user,
+            password=password_of(user),
+            device="phone",
+            resend_after=2.0,
+            history=stack.history(user),
+        )
+        await client.connect()
+        stack._clients.append(client)
+        self.clients[user] = client
+        self.receivers[user] = asyncio.create_task(self._receive(f"{user}/phone", client))
+        return client
+
+    async def disconnect(self, user: str) -> None:
+        task = self.receivers.pop(user)
+        await self.clients.pop(user).close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _receive(self, device: str, client: ChatClient) -> None:
+        async for m in client.messages():
+            self.received.append(
+                Received(device, m.id, m.conversation, m.seq, m.sender, m.body, time.monotonic())
+            )
+
+    async def send_many(
+        self, sender: str, to: str, count: int, *, until: Callable[[], bool] = lambda: False
+    ) -> None:
+        client = self.clients[sender]
+        for i in range(count):
+            if until():
+                return
+            message_id, body, target = f"{sender}-{i:05d}", f"{sender} {i}", f"to:{to}"
+            self.history.invoke(sender, message_id, target, body)
+            try:
+                sent = await client.send(body, to=to, id=message_id, timeout=SEND_TIMEOUT)
+            except SendTimeout:
+                self.history.unknown(sender, message_id, target, body, "timeout")
+            except ChatError as exc:
+                self.history.fail(sender, message_id, target, body, exc.code)
+            except asyncio.CancelledError:
+                self.history.unknown(sender, message_id, target, body, "cancelled")
+                raise
+            else:
+                self.history.ok(sender, message_id, target, body, sent.conversation, sent.seq)
+            await asyncio.sleep(PACE)
+
+    def _caught_up(self, users: list[str]) -> bool:
+        if any(client.pending for client in self.clients.values()):
+            return False
+        shown = {(r.device, r.sender, r.id) for r in self.received}
+        for row in stored(self.stack):
+            pair = next(p for p in PAIRS if row.sender in p)
+            for user in pair:
+                if user in users and (f"{user}/phone", row.sender, row.client_id) not in shown:
+                    return False
+        return True
+
+    async def finish(self, users: list[str], label: str, extra: str = "") -> Report:
+        deadline = time.monotonic() + QUIET_TIMEOUT
+        while not await asyncio.to_thread(self._caught_up, users):
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        caught_up = time.monotonic() - self.started
+        for user in list(self.receivers):
+            await self.disconnect(user)
+        rows = [
+            StoredRow(r.client_id, r.conversation_id, r.seq, r.sender, r.body, r.pk or 0)
+            for r in stored(self.stack)
+        ]
+        devices: dict[str, Sequence[str]] = {user: [f"{user}/phone"] for user in users}
+        report = check(self.history, self.received, rows, devices=devices)
+        print(f"\n[{label}] caught up at {caught_up:.1f}s\n{extra}{report.render()}")
+        return report
+
+
+async def _faults(
+    run: Run, seed: int, apply: Callable[[chaos.Fault], Awaitable[None]], label: str
+) -> list[str]:
+    plan = chaos.schedule(seed, NET_FAULTS, extra=3, first_at=(1.0, 2.0), gap=(1.0, 2.5))
+    print(f"\n[{label}] seed {seed} plan: " + ", ".join(f"{a:.1f}s {f}" for a, f in plan))
+    applied = []
+    for at, fault in plan:
+        delay = run.started + at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        begin = time.monotonic() - run.started
+        await apply(fault)
+        applied.append(f"{begin:5.1f}s-{time.monotonic() - run.started:5.1f}s {fault}")
+    await asyncio.sleep(1.0)
+    return applied
+
+
+async def _load_under(run: Run, faults: Awaitable[list[str]]) -> list[str]:
+    stop = asyncio.Event()
+
+    async def inject() -> list[str]:
+        try:
+            return await faults
+        finally:
+            stop.set()
+
+    results = await asyncio.gather(
+        inject(),
+        *(run.send_many(a, b, 2000, until=stop.is_set) for a, b in PAIRS),
+        *(run.send_many(b, a, 2000, until=stop.is_set) for a, b in PAIRS),
+    )
+    return list(results[0] or [])
+
+
+# -- the proxy itself ---------------------------------------------------------------
+
+
+async def test_proxy_forwards_cuts_and_stalls() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(1024):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with TcpProxy("127.0.0.1", port) as proxy:
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        proxy.stall(0.5)
+        writer.write(b"held")
+        pending = asyncio.ensure_future(reader.readexactly(4))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(pending), 0.3)
+        assert await asyncio.wait_for(pending, 5) == b"held"
+        proxy.cut()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        r2, w2 = await asyncio.open_connection(proxy.host, proxy.port)
+        assert await asyncio.wait_for(r2.read(), 5) == b""  # refused while cut
+        w2.close()
+        proxy.heal()
+        r3, w3 = await asyncio.open_connection(proxy.host, proxy.port)
+        w3.write(b"back")
+        assert await asyncio.wait_for(r3.readexactly(4), 5) == b"back"
+        for w in (w2, w3, writer):
+            w.close()
+            with contextlib.suppress(OSError):
+                await w.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
+# -- scenarios ----------------------------------------------------------------------
+
+
+def _users() -> list[str]:
+    return [user for pair in PAIRS for user in pair]
+
+
+@pytest.mark.slow
+async def test_clients_survive_cuts_and_stalls_to_the_broker(production_stack: Stack) -> None:
+    stack, seed = production_stack, _seed()
+    await stack.add_users(*_users())
+    await stack.start_api()
+    async with TcpProxy(stack.host, stack.port) as proxy:
+        run = Run(stack)
+        for user in _users():
+            await run.connect(user, proxy.port)
+        run.started = time.monotonic()
+        applied = await _load_under(
+            run, _faults(run, seed, lambda f: _apply_net(proxy, f), "client-broker")
+        )
+        report = await run.finish(
+            _users(),
+            "client-broker",
+            "faults applied:\n  " + "\n  ".join(applied) + f"\nproxy accepted {proxy.accepted} "
+            f"connections, refused {proxy.refused}\n",
+        )
+    assert report.acknowledged > 0
+    assert report.ok, f"seed {seed}\n{report.render()}"
+
+
+@pytest.mark.slow
+async def test_bridge_survives_cuts_and_stalls_to_the_broker(production_stack: Stack) -> None:
+    stack, seed = production_stack, _seed()
+    await stack.add_users(*_users())
+    await stack.start_api()
+    async with TcpProxy(stack.host, stack.port) as proxy:
+        stack.bridge.stop()
+        stack.bridge.env["MQCHAT_BRIDGE_MQTT_PORT"] = str(proxy.port)
+        await asyncio.to_thread(stack.start_bridge)
+        run = Run(stack)
+        for user in _users():
+            await run.connect(user)
+        run.started = time.monotonic()
+        applied = await _load_under(
+            run, _faults(run, seed + 1, lambda f: _apply_net(proxy, f), "bridge-broker")
+        )
+        report = await run.finish(
+            _users(),
+            "bridge-broker",
+            "faults applied:\n  " + "\n  ".join(applied) + f"\nproxy accepted {proxy.accepted} "
+            f"connections, refused {proxy.refused}\n",
+        )
+        stack.bridge.stop()
+    assert report.acknowledged > 0
+    assert report.ok, f"seed {seed}\n{report.render()}"
+
+
+@pytest.mark.slow
+async def test_offline_device_catches_up_past_the_broker_queue(production_stack: Stack) -> None:
+    stack, seed = production_stack, _seed()
+    stack.bridge.stop()
+    await asyncio.to_thread(stack.limit_broker_queue, 20)
+    await asyncio.to_thread(stack.start_bridge)
+    await stack.add_users("alice", "bob")
+    await stack.start_api()
+    run = Run(stack)
+    await run.connect("alice")
+    await run.connect("bob")
+    count = 60 + seed % 40
+    await run.send_many("alice", "bob", 5)  # bob's device knows the conversation
+    await asyncio.sleep(1.0)
+    await run.disconnect("bob")
+    # The same ids would be deduplicated: continue alice's numbering.
+    client = run.clients["alice"]
+    for i in range(5, 5 + count):
+        message_id, body = f"alice-{i:05d}", f"alice {i}"
+        run.history.invoke("alice", message_id, "to:bob", body)
+        try:
+            sent = await client.send(body, to="bob", id=message_id, timeout=SEND_TIMEOUT)
+        except SendTimeout:
+            run.history.unknown("alice", message_id, "to:bob", body, "timeout")
+        else:
+            run.history.ok("alice", message_id, "to:bob", body, sent.conversation, sent.seq)
+    await run.connect("bob")
+    report = await run.finish(["alice", "bob"], "offline-overflow", f"seed {seed}, {count} sent\n")
+    assert report.acknowledged == 5 + count
+    assert report.ok, f"seed {seed}\n{report.render()}"
+
+
+@pytest.mark.slow
+async def test_two_bridges_with_one_killed(production_stack: Stack) -> None:
+    stack, seed = production_stack, _seed()
+    second = await start_two_bridges(stack)
+    try:
+        await stack.add_users(*_users())
+        await stack.start_api()
+        run = Run(stack)
+        for user in _users():
+            await run.connect(user)
+        run.started = time.monotonic()
+        rng_kill_at = 2.0 + (seed % 30) / 10
+
+        async def kill_one() -> list[str]:
+            await asyncio.sleep(rng_kill_at)
+            victim = second if seed % 2 else stack.bridge
+            victim.kill()
+            await asyncio.sleep(1.5)
+            victim.start()
+            await asyncio.to_thread(
+                victim.wait_for_log, "consuming", occurrences=victim.starts, timeout=30
+            )
+            await asyncio.sleep(2.0)
+            return [f"{rng_kill_at:.1f}s kill -9 {victim.name}"]
+
+        applied = await _load_under(run, kill_one())
+        report = await run.finish(_users(), "two-bridges", f"seed {seed}: {applied}\n")
+    finally:
+        second.stop()
+    assert report.acknowledged > 0
+    assert report.ok, f"seed {seed}\n{report.render()}"
