@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from clients.sdk import ChatClient, ChatError, SendTimeout
+from clients.sdk import ChatClient
 from store import make_engine, migrate
 from tests import chaos
 from tests.chaos import History, Received, StoredRow, check
@@ -188,19 +188,7 @@ class Bench:
         for i in range(MAX_PER_SENDER):
             if stop.is_set():
                 return
-            message_id, body, target = f"{sender}-{i:05d}", f"{sender} {i}", f"to:{to}"
-            self.history.invoke(sender, message_id, target, body)
-            try:
-                sent = await client.send(body, to=to, id=message_id, timeout=SEND_TIMEOUT)
-            except SendTimeout:
-                self.history.unknown(sender, message_id, target, body, "timeout")
-            except ChatError as exc:
-                self.history.fail(sender, message_id, target, body, exc.code)
-            except asyncio.CancelledError:
-                self.history.unknown(sender, message_id, target, body, "cancelled")
-                raise
-            else:
-                self.history.ok(sender, message_id, target, body, sent.conversation, sent.seq)
+            await self.history.send(client, sender, to, i, SEND_TIMEOUT)
             # Mixed load: mostly paced, some bursts.
             if rng.random() > 0.1:
                 await asyncio.sleep(rng.uniform(0.2, 2.0) * self.args.pace)

@@ -95,7 +95,6 @@ class Bridge:
             on_message=self._queue.put_nowait,
             on_connect=self._on_connect,
         )
-        self.processed = 0
         self.handled = 0
         #: Users whose presence was published on this connection. A broker that lost
         #: its retained messages (amqtt restarted) gets them again on the next word.
@@ -413,7 +412,6 @@ class Bridge:
             await asyncio.gather(*futures)
         for incoming in batch:
             self.link.ack(incoming)
-        self.processed += len(batch)
 
     def _check_schema(self) -> None:
         head = ScriptDirectory.from_config(alembic_config()).get_current_head()

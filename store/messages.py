@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine, func, update
+from sqlalchemy import Engine, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -58,7 +58,9 @@ def persist_batch(engine: Engine, uplinks: Sequence[tuple[str, UpMessage]]) -> l
     """
     try:
         with Session(engine) as session:
-            outcomes = [_persist_one(session, sender, up) for sender, up in uplinks]
+            # Members per conversation, read once per batch: one query, not one per message.
+            members: dict[str, tuple[str, ...]] = {}
+            outcomes = [_persist_one(session, sender, up, members) for sender, up in uplinks]
             session.commit()
             return outcomes
     except IntegrityError:
@@ -70,12 +72,14 @@ def persist_batch(engine: Engine, uplinks: Sequence[tuple[str, UpMessage]]) -> l
     return results
 
 
-def _persist_one(session: Session, sender: str, up: UpMessage) -> Outcome:
+def _persist_one(
+    session: Session, sender: str, up: UpMessage, members: dict[str, tuple[str, ...]]
+) -> Outcome:
     existing = session.exec(
         select(Message).where(Message.sender == sender, Message.client_id == up.id)
     ).first()
     if existing is not None:
-        return Outcome(stored=_stored(session, existing, duplicate=True))
+        return Outcome(stored=_stored(session, existing, members, duplicate=True))
 
     if up.to is not None:
         recipient = session.exec(
@@ -120,7 +124,7 @@ def _persist_one(session: Session, sender: str, up: UpMessage) -> Outcome:
     )
     session.add(message)
     session.flush()
-    return Outcome(stored=_stored(session, message, duplicate=False))
+    return Outcome(stored=_stored(session, message, members, duplicate=False))
 
 
 def _direct_conversation(session: Session, a: str, b: str) -> str:
@@ -143,12 +147,22 @@ def _direct_conversation(session: Session, a: str, b: str) -> str:
     return found
 
 
-def _stored(session: Session, message: Message, *, duplicate: bool) -> StoredMessage:
-    members = session.exec(
-        select(Member.username)
-        .where(Member.conversation_id == message.conversation_id)
-        .order_by(Member.username)
-    ).all()
+def _stored(
+    session: Session,
+    message: Message,
+    members: dict[str, tuple[str, ...]],
+    *,
+    duplicate: bool,
+) -> StoredMessage:
+    conversation = message.conversation_id
+    if conversation not in members:
+        members[conversation] = tuple(
+            session.exec(
+                select(Member.username)
+                .where(Member.conversation_id == conversation)
+                .order_by(Member.username)
+            ).all()
+        )
     return StoredMessage(
         client_id=message.client_id,
         conversation=message.conversation_id,
@@ -156,23 +170,6 @@ def _stored(session: Session, message: Message, *, duplicate: bool) -> StoredMes
         sender=message.sender,
         body=message.body,
         sent_at=message.sent_at,
-        members=tuple(members),
+        members=members[conversation],
         duplicate=duplicate,
     )
-
-
-def history(engine: Engine, conversation_id: str) -> list[Message]:
-    """All messages of a conversation in seq order (for tests and small tools)."""
-    with Session(engine) as session:
-        return list(
-            session.exec(
-                select(Message)
-                .where(Message.conversation_id == conversation_id)
-                .order_by(col(Message.seq))
-            ).all()
-        )
-
-
-def count(engine: Engine) -> int:
-    with Session(engine) as session:
-        return session.exec(select(func.count()).select_from(Message)).one()

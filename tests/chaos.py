@@ -18,6 +18,7 @@ must reach storage and every member device; an ``unknown`` one that did is *reco
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import time
@@ -25,6 +26,8 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+from clients.sdk import ChatClient, ChatError, SendTimeout
 
 OpKind = Literal["invoke", "ok", "fail", "unknown"]
 Key = tuple[str, str]  # (sender, message id)
@@ -103,6 +106,22 @@ class History:
 
     def unknown(self, sender: str, id: str, target: str, body: str, why: str) -> None:
         self.ops.append(Op("unknown", id, sender, target, body, time.monotonic(), error=why))
+
+    async def send(self, client: ChatClient, sender: str, to: str, n: int, timeout: float) -> None:
+        """Send message ``n`` of ``sender`` to ``to`` through the SDK, logging every outcome."""
+        message_id, body, target = f"{sender}-{n:05d}", f"{sender} {n}", f"to:{to}"
+        self.invoke(sender, message_id, target, body)
+        try:
+            sent = await client.send(body, to=to, id=message_id, timeout=timeout)
+        except SendTimeout:
+            self.unknown(sender, message_id, target, body, "timeout")
+        except ChatError as exc:
+            self.fail(sender, message_id, target, body, exc.code)
+        except asyncio.CancelledError:
+            self.unknown(sender, message_id, target, body, "cancelled")
+            raise
+        else:
+            self.ok(sender, message_id, target, body, sent.conversation, sent.seq)
 
 
 # -- the checker --------------------------------------------------------------------

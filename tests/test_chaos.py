@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from clients.sdk import ChatClient, ChatError, SendTimeout
+from clients.sdk import ChatClient
 
 from . import chaos
 from .chaos import History, Op, Received, StoredRow, check
@@ -104,19 +104,7 @@ async def test_no_message_is_lost_under_faults(
         for i in range(MAX_PER_SENDER):
             if stop.is_set() or time.monotonic() - started > LOAD_CAP:
                 return
-            message_id, body, target = f"{sender}-{i:05d}", f"{sender} {i}", f"to:{to}"
-            history.invoke(sender, message_id, target, body)
-            try:
-                sent = await client.send(body, to=to, id=message_id, timeout=SEND_TIMEOUT)
-            except SendTimeout:
-                history.unknown(sender, message_id, target, body, "timeout")
-            except ChatError as exc:
-                history.fail(sender, message_id, target, body, exc.code)
-            except asyncio.CancelledError:
-                history.unknown(sender, message_id, target, body, "cancelled")
-                raise
-            else:
-                history.ok(sender, message_id, target, body, sent.conversation, sent.seq)
+            await history.send(client, sender, to, i, SEND_TIMEOUT)
             await asyncio.sleep(PACE)
 
     async def receive_all(device: str, client: ChatClient) -> None:

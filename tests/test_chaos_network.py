@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
-from clients.sdk import ChatClient, ChatError, SendTimeout
+from clients.sdk import ChatClient
 
 from . import chaos
 from .chaos import History, Received, Report, StoredRow, check
@@ -98,19 +98,7 @@ class Run:
         for i in range(count):
             if until():
                 return
-            message_id, body, target = f"{sender}-{i:05d}", f"{sender} {i}", f"to:{to}"
-            self.history.invoke(sender, message_id, target, body)
-            try:
-                sent = await client.send(body, to=to, id=message_id, timeout=SEND_TIMEOUT)
-            except SendTimeout:
-                self.history.unknown(sender, message_id, target, body, "timeout")
-            except ChatError as exc:
-                self.history.fail(sender, message_id, target, body, exc.code)
-            except asyncio.CancelledError:
-                self.history.unknown(sender, message_id, target, body, "cancelled")
-                raise
-            else:
-                self.history.ok(sender, message_id, target, body, sent.conversation, sent.seq)
+            await self.history.send(client, sender, to, i, SEND_TIMEOUT)
             await asyncio.sleep(PACE)
 
     def _caught_up(self, users: list[str]) -> bool:
@@ -292,14 +280,7 @@ async def test_offline_device_catches_up_past_the_broker_queue(production_stack:
     # The same ids would be deduplicated: continue alice's numbering.
     client = run.clients["alice"]
     for i in range(5, 5 + count):
-        message_id, body = f"alice-{i:05d}", f"alice {i}"
-        run.history.invoke("alice", message_id, "to:bob", body)
-        try:
-            sent = await client.send(body, to="bob", id=message_id, timeout=SEND_TIMEOUT)
-        except SendTimeout:
-            run.history.unknown("alice", message_id, "to:bob", body, "timeout")
-        else:
-            run.history.ok("alice", message_id, "to:bob", body, sent.conversation, sent.seq)
+        await run.history.send(client, "alice", "bob", i, SEND_TIMEOUT)
     await run.connect("bob")
     report = await run.finish(["alice", "bob"], "offline-overflow", f"seed {seed}, {count} sent\n")
     assert report.acknowledged == 5 + count
