@@ -33,7 +33,7 @@ check: $(STAMP)
 # Re-pin every dependency after changing pyproject.toml.
 lock: $(STAMP)
 	$(VENV)/bin/pip-compile --quiet --no-emit-index-url --no-emit-find-links \
-		--extra test --extra dev --strip-extras -o requirements.lock pyproject.toml
+		--extra test --extra bench --extra dev --strip-extras -o requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
