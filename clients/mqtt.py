@@ -86,7 +86,10 @@ class LinkConfig:
     tls: ssl.SSLContext | None = None
     will: Will | None = None
     manual_ack: bool = False
-    max_inflight: int = 1000
+    #: QoS 1 publishes on the wire awaiting PUBACK; 0 = no limit (TCP pushes back).
+    #: With a limit, paho walks every queued message on each PUBACK: at a few
+    #: thousand outstanding that walk was 11 % of the bridge's loop (py-spy).
+    max_inflight: int = 0
     max_backoff: float = 5.0
     connect_timeout: float = 10.0
 

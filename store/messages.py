@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from sqlalchemy import Engine, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    String,
+    column,
+    insert,
+    select,
+    tuple_,
+    update,
+    values,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import col
 
 from protocol import UpMessage, errors
 
@@ -51,18 +62,21 @@ def new_conversation_id() -> str:
 def persist_batch(engine: Engine, uplinks: Sequence[tuple[str, UpMessage]]) -> list[Outcome]:
     """Store a batch of (sender, message) in one transaction; one outcome per input.
 
+    The batch costs a fixed number of statements, not a number per message: one read
+    each for resends, recipients, direct conversations and members, one UPDATE that
+    takes the seqs of every conversation involved, one multi-row INSERT. Messages are
+    taken in arrival order, so a sender's messages get increasing seqs.
+
     Rejections (unknown recipient, not a member) are decided before anything is
-    written for that message, so they never undo the rest of the batch. If the commit
-    fails on a constraint (another bridge stored the same message at the same moment)
-    the batch is replayed one message per transaction, where dedupe then finds it.
+    written, so they never undo the rest of the batch. If the commit fails on a
+    constraint (another bridge stored the same message at the same moment) the batch
+    is replayed one message per transaction, where dedupe then finds it.
     """
+    if not uplinks:
+        return []
     try:
-        with Session(engine) as session:
-            # Members per conversation, read once per batch: one query, not one per message.
-            members: dict[str, tuple[str, ...]] = {}
-            outcomes = [_persist_one(session, sender, up, members) for sender, up in uplinks]
-            session.commit()
-            return outcomes
+        with engine.begin() as conn:
+            return _persist(conn, uplinks)
     except IntegrityError:
         if len(uplinks) == 1:
             raise
@@ -72,104 +86,235 @@ def persist_batch(engine: Engine, uplinks: Sequence[tuple[str, UpMessage]]) -> l
     return results
 
 
-def _persist_one(
-    session: Session, sender: str, up: UpMessage, members: dict[str, tuple[str, ...]]
-) -> Outcome:
-    existing = session.exec(
-        select(Message).where(Message.sender == sender, Message.client_id == up.id)
-    ).first()
-    if existing is not None:
-        return Outcome(stored=_stored(session, existing, members, duplicate=True))
+_MESSAGE_COLUMNS = (
+    col(Message.client_id),
+    col(Message.conversation_id),
+    col(Message.seq),
+    col(Message.sender),
+    col(Message.body),
+    col(Message.sent_at),
+)
 
-    if up.to is not None:
-        recipient = session.exec(
-            select(Account.username).where(Account.username == up.to, ~col(Account.disabled))
-        ).first()
-        if recipient is None:
-            return Outcome(
-                error=errors.ProtocolError(errors.UNKNOWN_RECIPIENT, f"no user {up.to!r}", id=up.id)
-            )
-        conversation_id = _direct_conversation(session, sender, up.to)
-    else:
-        assert up.conversation is not None
-        is_member = session.exec(
-            select(Member.username).where(
-                Member.conversation_id == up.conversation, Member.username == sender
-            )
-        ).first()
-        if is_member is None:
-            # Same answer for "does not exist" and "not yours": no probing.
-            return Outcome(
-                error=errors.ProtocolError(
-                    errors.UNKNOWN_CONVERSATION,
-                    f"no conversation {up.conversation!r} of yours",
-                    id=up.id,
+
+@dataclass(frozen=True, slots=True)
+class _New:
+    sender: str
+    up: UpMessage
+    conversation: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Again:
+    """A resend that arrived in the same batch as its first copy."""
+
+    first: int
+
+
+def _persist(conn: Connection, uplinks: Sequence[tuple[str, UpMessage]]) -> list[Outcome]:
+    # 1. Resends: messages of this batch that are stored already.
+    keys = sorted({(sender, up.id) for sender, up in uplinks})
+    stored_before = {
+        (m.sender, m.client_id): m
+        for m in (
+            HistoryMessage(*row)
+            for row in conn.execute(
+                select(*_MESSAGE_COLUMNS).where(
+                    tuple_(col(Message.sender), col(Message.client_id)).in_(keys)
                 )
             )
-        conversation_id = up.conversation
+        )
+    }
 
-    seq = session.execute(
-        update(Conversation)
-        .where(col(Conversation.id) == conversation_id)
-        .values(last_seq=Conversation.last_seq + 1)
-        .returning(col(Conversation.last_seq))
-    ).scalar_one()
-    message = Message(
-        conversation_id=conversation_id,
-        seq=seq,
-        sender=sender,
-        client_id=up.id,
-        body=up.body,
-        sent_at=utcnow(),
+    # 2. Recipients that exist and are enabled, and their direct conversations.
+    wanted = sorted({up.to for _, up in uplinks if up.to is not None})
+    recipients = set(
+        conn.scalars(
+            select(col(Account.username)).where(
+                col(Account.username).in_(wanted), ~col(Account.disabled)
+            )
+        )
+        if wanted
+        else ()
     )
-    session.add(message)
-    session.flush()
-    return Outcome(stored=_stored(session, message, members, duplicate=False))
+    direct = _direct_conversations(
+        conn,
+        {
+            direct_key(sender, up.to): (sender, up.to)
+            for sender, up in uplinks
+            if up.to is not None and up.to in recipients and (sender, up.id) not in stored_before
+        },
+    )
+
+    # 3. Members of every conversation involved: membership checks and routing.
+    involved = set(direct.values()) | {m.conversation for m in stored_before.values()}
+    involved |= {up.conversation for _, up in uplinks if up.conversation is not None}
+    members: dict[str, list[str]] = {conversation: [] for conversation in involved}
+    if involved:
+        for conversation, username in conn.execute(
+            select(col(Member.conversation_id), col(Member.username))
+            .where(col(Member.conversation_id).in_(sorted(involved)))
+            .order_by(col(Member.conversation_id), col(Member.username))
+        ):
+            members[conversation].append(username)
+
+    # 4. Decide each uplink in arrival order; count the new messages per conversation.
+    decided: list[HistoryMessage | _New | _Again | errors.ProtocolError] = []
+    first_copy: dict[tuple[str, str], int] = {}
+    new_in: dict[str, int] = {}
+    for index, (sender, up) in enumerate(uplinks):
+        key = (sender, up.id)
+        if key in stored_before:
+            decided.append(stored_before[key])
+        elif key in first_copy:
+            decided.append(_Again(first_copy[key]))
+        elif up.to is not None and up.to not in recipients:
+            decided.append(
+                errors.ProtocolError(errors.UNKNOWN_RECIPIENT, f"no user {up.to!r}", id=up.id)
+            )
+        else:
+            conversation = direct[direct_key(sender, up.to)] if up.to else up.conversation or ""
+            if sender not in members.get(conversation, ()):
+                # Same answer for "does not exist" and "not yours": no probing.
+                decided.append(
+                    errors.ProtocolError(
+                        errors.UNKNOWN_CONVERSATION,
+                        f"no conversation {conversation!r} of yours",
+                        id=up.id,
+                    )
+                )
+                continue
+            first_copy[key] = index
+            new_in[conversation] = new_in.get(conversation, 0) + 1
+            decided.append(_New(sender, up, conversation))
+
+    # 5. The seqs of every conversation (one UPDATE on PostgreSQL), one INSERT for all.
+    next_seq = {
+        conversation: last_seq - new_in[conversation] + 1
+        for conversation, last_seq in _take_seqs(conn, new_in)
+    }
+    now = utcnow()
+    rows: list[dict[str, object]] = []
+    outcomes: list[Outcome] = []
+    for item in decided:
+        if isinstance(item, errors.ProtocolError):
+            outcomes.append(Outcome(error=item))
+        elif isinstance(item, _Again):
+            first = outcomes[item.first].stored
+            assert first is not None
+            outcomes.append(Outcome(stored=replace(first, duplicate=True)))
+        elif isinstance(item, _New):
+            seq = next_seq[item.conversation]
+            next_seq[item.conversation] = seq + 1
+            message = HistoryMessage(
+                item.up.id, item.conversation, seq, item.sender, item.up.body, now
+            )
+            rows.append(
+                {
+                    "conversation_id": item.conversation,
+                    "seq": seq,
+                    "sender": item.sender,
+                    "client_id": item.up.id,
+                    "body": item.up.body,
+                    "sent_at": now,
+                }
+            )
+            outcomes.append(Outcome(stored=_stored(message, members, duplicate=False)))
+        else:
+            outcomes.append(Outcome(stored=_stored(item, members, duplicate=True)))
+    if rows:
+        conn.execute(insert(Message), rows)
+    return outcomes
 
 
-def _direct_conversation(session: Session, a: str, b: str) -> str:
-    key = direct_key(a, b)
-    found = session.exec(select(Conversation.id).where(Conversation.direct_key == key)).first()
-    if found is not None:
+def _take_seqs(conn: Connection, counts: dict[str, int]) -> list[tuple[str, int]]:
+    """Add ``counts[c]`` to each conversation's ``last_seq``; the new ``last_seq`` of each."""
+    if not counts:
+        return []
+    if conn.dialect.name != "postgresql":
+        # SQLite cannot name a VALUES list's columns; it is in-process, so one short
+        # statement per conversation costs no round trips.
+        return [
+            (
+                conversation,
+                conn.execute(
+                    update(Conversation)
+                    .where(col(Conversation.id) == conversation)
+                    .values(last_seq=col(Conversation.last_seq) + n)
+                    .returning(col(Conversation.last_seq))
+                ).scalar_one(),
+            )
+            for conversation, n in sorted(counts.items())
+        ]
+    table = values(column("id", String), column("n", Integer), name="counts").data(
+        sorted(counts.items())
+    )
+    return [
+        (conversation, last_seq)
+        for conversation, last_seq in conn.execute(
+            update(Conversation)
+            .where(col(Conversation.id) == table.c.id)
+            .values(last_seq=col(Conversation.last_seq) + table.c.n)
+            .returning(col(Conversation.id), col(Conversation.last_seq))
+        )
+    ]
+
+
+def _direct_conversations(conn: Connection, pairs: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """The conversation id of each direct key, creating the ones that do not exist yet."""
+    if not pairs:
+        return {}
+
+    def existing() -> dict[str, str]:
+        return {
+            key: conversation
+            for conversation, key in conn.execute(
+                select(col(Conversation.id), col(Conversation.direct_key)).where(
+                    col(Conversation.direct_key).in_(sorted(pairs))
+                )
+            )
+            if key is not None
+        }
+
+    found = existing()
+    missing = sorted(set(pairs) - set(found))
+    if not missing:
         return found
-    conversation_id = new_conversation_id()
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    session.execute(
-        insert(Conversation)
-        .values(id=conversation_id, kind="direct", direct_key=key, last_seq=0, created_at=utcnow())
+    created = {key: new_conversation_id() for key in missing}
+    dialect = conn.dialect.name
+    insert_ignoring = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    now = utcnow()
+    conn.execute(
+        insert_ignoring(Conversation)
+        .values(
+            [
+                {"id": cid, "kind": "direct", "direct_key": key, "last_seq": 0, "created_at": now}
+                for key, cid in created.items()
+            ]
+        )
         .on_conflict_do_nothing(index_elements=["direct_key"])
     )
-    found = session.exec(select(Conversation.id).where(Conversation.direct_key == key)).one()
-    if found == conversation_id:
-        for user in sorted({a, b}):
-            session.add(Member(conversation_id=conversation_id, username=user))
-        session.flush()
+    found = existing()
+    member_rows = [
+        {"conversation_id": cid, "username": user, "joined_at": now}
+        for key, cid in created.items()
+        if found[key] == cid  # ours: another writer did not create it first
+        for user in sorted(set(pairs[key]))
+    ]
+    if member_rows:
+        conn.execute(insert(Member), member_rows)
     return found
 
 
 def _stored(
-    session: Session,
-    message: Message,
-    members: dict[str, tuple[str, ...]],
-    *,
-    duplicate: bool,
+    message: HistoryMessage, members: dict[str, list[str]], *, duplicate: bool
 ) -> StoredMessage:
-    conversation = message.conversation_id
-    if conversation not in members:
-        members[conversation] = tuple(
-            session.exec(
-                select(Member.username)
-                .where(Member.conversation_id == conversation)
-                .order_by(Member.username)
-            ).all()
-        )
     return StoredMessage(
         client_id=message.client_id,
-        conversation=message.conversation_id,
+        conversation=message.conversation,
         seq=message.seq,
         sender=message.sender,
         body=message.body,
         sent_at=message.sent_at,
-        members=members[conversation],
+        members=tuple(members[message.conversation]),
         duplicate=duplicate,
     )
