@@ -64,6 +64,14 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
         ]
         return max(passing, default=0.0)
 
+    def delivered(stack: str) -> float:
+        rates = [
+            r.get("delivered_per_s", 0.0)
+            for r in records
+            if r["stack"] == stack and r["mode"] == "chat" and r["scenario"] != "flood"
+        ]
+        return max(rates, default=0.0)
+
     durable = best("throughput", "production")
     embedded = best("embedded", "embedded")
     raw = best("raw", "production")

@@ -8,9 +8,9 @@ Accounts go in through the real paths, in bulk: the database rows are inserted w
 one argon2 hash that every bench user shares (they share a password; hashing 1,000
 passwords would take minutes of the two cores), and on mosquitto every account is made
 by :class:`broker.mosquitto.DynsecProvisioner` (role + client over
-``$CONTROL/dynamic-security/v1``), many commands in flight at once. On mosquitto each
-bench user also gets the role ``bench-raw``, which may publish to any user's
-``down/#``: what the raw-broker baseline needs, and unused by the chat runs.
+``$CONTROL/dynamic-security/v1``), many commands in flight at once. On this throwaway
+mosquitto the role all users share (``mqchat-user``) also gets publish rights on
+every ``down/#``: what the raw-broker baseline needs, unused by the chat runs.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import psutil
 from sqlalchemy import insert
 from sqlmodel import Session
 
-from broker.mosquitto import DynsecProvisioner
+from broker.mosquitto import USER_ROLE, DynsecProvisioner
 from store import accounts, make_engine, migrate
 from store.tables import Account
 from tests.services import (
@@ -47,7 +47,7 @@ from tests.services import (
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "bench-user-password"  # noqa: S105 (throwaway accounts on a loopback broker)
-RAW_ROLE = "bench-raw"
+RAW_DOWNLINKS = "chat/v1/u/+/down/#"
 
 
 def log(text: str) -> None:
@@ -97,27 +97,24 @@ class Daemon:
             self.process.wait()
 
 
-class BulkProvisioner(DynsecProvisioner):
-    """DynsecProvisioner plus the two dynsec commands the raw baseline needs."""
+class BenchProvisioner(DynsecProvisioner):
+    """DynsecProvisioner plus the one dynsec command the raw baseline needs."""
 
-    async def create_raw_role(self) -> None:
+    async def allow_raw_downlinks(self) -> None:
+        """Let every user publish to any user's ``down/#`` (raw baseline only).
+
+        Added to the role all users share, once, before anyone connects.
+        """
         await self._run(
             {
-                "command": "createRole",
-                "rolename": RAW_ROLE,
-                "acls": [
-                    {
-                        "acltype": "publishClientSend",
-                        "topic": "chat/v1/u/+/down/#",
-                        "priority": 0,
-                        "allow": True,
-                    }
-                ],
+                "command": "addRoleACL",
+                "rolename": USER_ROLE,
+                "acltype": "publishClientSend",
+                "topic": RAW_DOWNLINKS,
+                "priority": 0,
+                "allow": True,
             }
         )
-
-    async def grant_raw(self, username: str) -> None:
-        await self._run({"command": "addClientRole", "username": username, "rolename": RAW_ROLE})
 
 
 @dataclass
@@ -189,14 +186,13 @@ class Stack:
         if self.mosquitto is not None:
             server = self.mosquitto
             config = server.link_config(server.admin, f"bench-admin-{secrets.token_hex(4)}")
-            async with BulkProvisioner(config, timeout=60) as provisioner:
-                await provisioner.create_raw_role()
+            async with BenchProvisioner(config, timeout=60) as provisioner:
+                await provisioner.allow_raw_downlinks()
                 gate = asyncio.Semaphore(64)
 
                 async def one(name: str) -> None:
                     async with gate:
                         await provisioner.create_user(name, PASSWORD)
-                        await provisioner.grant_raw(name)
 
                 await asyncio.gather(*(one(name) for name in names))
         self.users = names

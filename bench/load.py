@@ -291,21 +291,22 @@ class Generator:
         waited = max(a["seconds"] for a in answers)
         if waited > quiet + 1:
             log(f"    waited {waited:.1f} s for stragglers of the last step")
-        return waited < limit
+        return bool(waited < limit)
 
-    def settle(self, bridges: int, message_rate: str) -> None:
-        """After a step: wait for stragglers; if a backlog is still flowing, drop it.
+    def settle(self, bridges: int, message_rate: str, passed: bool) -> None:
+        """After a step: make sure nothing of it is still in flight.
 
-        A step far above the ceiling leaves minutes of uplinks queued for the bridge.
-        That step is already counted (its late messages as lost); its backlog is left
-        behind in the broker by reconnecting the bridges under new client ids, so
-        that it cannot slow down the next step.
+        A passed step delivered everything; only late duplicates could follow. A failed
+        step may leave minutes of uplinks queued for the bridge (arriving in bursts of
+        one batch, so a pause does not mean it is over). That step is already counted,
+        its late messages as lost; its backlog is left behind in the broker by
+        restarting the bridges under new client ids, so that it cannot slow down the
+        next step.
         """
-        if self.quiesce():
-            return
-        log("    backlog still flowing: restarting the bridges on fresh sessions")
-        self.stack.start_bridges(bridges, message_rate, fresh_session=True)
-        self.quiesce(limit=30)
+        if not passed:
+            log("    failed step: restarting the bridges on fresh sessions (backlog dropped)")
+            self.stack.start_bridges(bridges, message_rate, fresh_session=True)
+        self.quiesce(quiet=1.0, limit=15)
 
     def _merge(
         self,
@@ -342,6 +343,9 @@ class Generator:
             "e2e": e2e,
             "puback": percentiles(merged([a["puback"] for a in answers])),
             "send_seconds": round(send_seconds, 2),
+            "wall_seconds": round(wall, 2),
+            # What got through, whatever the latency: the ceiling when no step passes.
+            "delivered_per_s": round(total("received", answers) / wall, 1) if wall else 0.0,
             "max_send_lag_ms": max(a["max_send_lag_ms"] for a in answers),
             "load_at_start": load_at_start,
         }
@@ -443,7 +447,7 @@ def scenario_latency(run: Run, gen: Generator, s: Settings, rate: float, seconds
     log(f"(1) latency at {rate:,.0f} msg/s, {len(gen.stack.users)} users ({gen.stack.kind})")
     result = gen.run(StepPlan(f"latency {rate:,.0f}/s", "chat", rate, seconds, s.drain))
     run.record("latency", gen.stack, s.bridges, result)
-    gen.settle(s.bridges, UNLIMITED_MESSAGE_RATE)
+    gen.settle(s.bridges, UNLIMITED_MESSAGE_RATE, result["passed"])
 
 
 def scenario_steps(
@@ -455,7 +459,7 @@ def scenario_steps(
     for rate in rates:
         result = gen.run(StepPlan(f"{mode} {rate:,.0f}/s", mode, rate, s.step_seconds, s.drain))
         run.record(scenario, gen.stack, s.bridges, result)
-        gen.settle(s.bridges, UNLIMITED_MESSAGE_RATE)
+        gen.settle(s.bridges, UNLIMITED_MESSAGE_RATE, result["passed"] or mode == "raw")
         if not result["passed"]:
             break
         ceiling = rate
@@ -479,15 +483,15 @@ def scenario_flood(
         f"flood: {pairs * 2} users chat at {rate:,.0f} msg/s; one user floods at"
         f" {flood_rate:,.0f} msg/s; bridge limit {DEFAULT_MESSAGE_RATE!r}"
     )
-    stack.start_bridges(s.bridges, DEFAULT_MESSAGE_RATE)
+    stack.start_bridges(s.bridges, DEFAULT_MESSAGE_RATE, fresh_session=True)
     try:
         for label, flood in (("without flood", None), ("with flood", flood_rate)):
             plan = StepPlan(f"flood: {label}", "chat", rate, s.step_seconds, s.drain, pairs, flood)
             result = gen.run(plan)
             run.record("flood", stack, s.bridges, result)
-            gen.settle(s.bridges, DEFAULT_MESSAGE_RATE)
+            gen.settle(s.bridges, DEFAULT_MESSAGE_RATE, result["passed"])
     finally:
-        stack.start_bridges(s.bridges, UNLIMITED_MESSAGE_RATE)
+        stack.start_bridges(s.bridges, UNLIMITED_MESSAGE_RATE, fresh_session=True)
 
 
 @contextlib.contextmanager
@@ -550,14 +554,14 @@ class Suite:
 SHORT = Suite(
     latency_seconds=10,
     step_seconds=6,
-    drain=5,
+    drain=4,
     production_rates=[100, 250, 500, 1000, 2000, 3000, 4000, 6000],
     embedded_rates=[100, 250, 500, 1000, 1500, 2000],
-    embedded_users=200,
+    embedded_users=100,
     raw_steps=3,
     flood_pairs=50,
     flood_rate=500,
-    flood_chat_rate=100,
+    flood_chat_rate=50,
 )
 FULL = Suite(
     latency_seconds=60,
@@ -738,6 +742,23 @@ def flood(
     with generated_load("production", s, users) as gen:
         scenario_flood(run, gen, s, chatting // 2, rate, flood_rate)
     _finish(run, False)
+
+
+@app.command()
+def report(
+    run_started: Annotated[str, typer.Argument(help="the run's start time (its 'run' field)")],
+    results: ResultsPath = RESULTS,
+) -> None:
+    """Render the table and the plot of an earlier run from its JSON lines into docs/."""
+    records = [
+        record
+        for record in (json.loads(line) for line in results.read_text().splitlines() if line)
+        if record["run"] == run_started
+    ]
+    if not records:
+        raise typer.BadParameter(f"no run {run_started!r} in {results}")
+    run = Run(records[0]["command"], results, records=records)
+    _finish(run, True)
 
 
 def main() -> None:
