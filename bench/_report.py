@@ -105,6 +105,12 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
             f" {flood.get('offered_rate', 0):,.0f} msg/s ({flood.get('accepted', 0):,} of"
             f" {flood.get('sent', 0):,} accepted, errors {flood.get('errors', {})})"
         )
+    saturated = [r["label"] for r in records if r.get("generator_saturated")]
+    summary.append(
+        f"generator saturated (a process at >= 90% of a core) in: {', '.join(saturated)}"
+        if saturated
+        else "no generator process reached 90% of a core in any step"
+    )
     lines += [f"- {item}" for item in summary]
     return "\n".join(lines) + "\n"
 
