@@ -1,0 +1,408 @@
+"""The load generator: one process, a share of the users, an open-loop schedule.
+
+Each worker process owns whole pairs of users (both sides of a 1:1 conversation), so
+a message is sent and received in the same process and needs no cross-process
+bookkeeping. Per step the worker gets a rate and a duration; message ``k`` of the step
+has the intended send time ``t0 + k / rate`` whatever happened to the messages before
+it (open loop: a stalled system does not slow the schedule down, so its stall shows
+up as latency instead of hiding as coordinated omission). Latency is measured from
+that intended time:
+
+* ``e2e``: to the moment the recipient's connection hands over the downlink message;
+* ``sent``: to the ``sent`` receipt on the sender's connection (mqchat only);
+* ``puback``: to the broker's PUBACK of the uplink.
+
+Message ids are ``{tag}.{k}``: ``tag`` names the step, so a straggler from an earlier
+step is counted as ``stale``, never as this step's message. Receipt of each ``k`` is
+kept in a bytearray, which counts duplicates exactly.
+
+Modes:
+
+* ``chat``: the sender publishes an uplink (``chat/v1/u/{me}/up/msg``) and the bridge
+  does the rest;
+* ``raw``: the sender publishes a downlink-shaped payload straight to the recipient's
+  ``chat/v1/u/{them}/down/msg`` (a broker role allows it), no bridge: what the broker
+  alone relays for the same topics and sizes.
+
+The main process talks to a worker over a pipe (one dict per command) and reads its
+progress counters from shared memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from clients.mqtt import Incoming, LinkConfig, MqttLink
+from protocol import topics
+
+#: Microseconds, 1 µs to 10 minutes, 3 significant digits.
+HIST_MAX_US = 600_000_000
+BODY = ("the harbour at six? bring the maps and the spare battery, we leave at dawn " * 2)[:120]
+FAKE_CONVERSATION = "0" * 32
+#: Shared-memory progress slots per worker.
+SLOTS = ("sent", "received", "receipts", "errors")
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(1, HIST_MAX_US, 3)
+
+
+@dataclass
+class StepCounts:
+    """What one worker saw of one step."""
+
+    tag: str
+    total: int
+    sent: int = 0
+    received: bytearray = field(default_factory=bytearray)
+    receipted: bytearray = field(default_factory=bytearray)
+    received_count: int = 0
+    receipt_count: int = 0
+    duplicates: int = 0
+    receipt_duplicates: int = 0
+    stale: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    max_send_lag_us: int = 0
+    e2e: HdrHistogram = field(default_factory=new_histogram)
+    sent_receipt: HdrHistogram = field(default_factory=new_histogram)
+    puback: HdrHistogram = field(default_factory=new_histogram)
+
+    def __post_init__(self) -> None:
+        self.received = bytearray(self.total)
+        self.receipted = bytearray(self.total)
+
+
+class Worker:
+    def __init__(
+        self,
+        index: int,
+        host: str,
+        port: int,
+        users: list[str],
+        password: str,
+        progress: Any,
+    ) -> None:
+        self.index = index
+        self.host = host
+        self.port = port
+        self.users = users
+        self.password = password
+        self.progress = progress
+        self.links: dict[str, MqttLink] = {}
+        self.step: StepCounts | None = None
+        #: The flooder's step, counted apart from everyone else's.
+        self.flood: StepCounts | None = None
+        self.t0 = 0
+        self.interval_ns = 1
+        self.flood_t0 = 0
+        self.flood_interval_ns = 1
+        self.arrivals = 0  # every downlink message or receipt, any step
+        self.echoes = 0  # copies of their own messages sent back to senders
+        self.mode = "chat"
+        #: Set once every message sent in the step (and its receipt) has arrived.
+        self.step_complete = asyncio.Event()
+
+    # -- connections ------------------------------------------------------------------
+
+    async def connect_all(self, concurrency: int = 32) -> float:
+        gate = asyncio.Semaphore(concurrency)
+        started = time.perf_counter()
+
+        async def one(user: str) -> None:
+            async with gate:
+                link = MqttLink(
+                    LinkConfig(
+                        host=self.host,
+                        port=self.port,
+                        username=user,
+                        password=self.password,
+                        client_id=f"{user}:bench",
+                        clean_session=True,
+                        keepalive=60,
+                        connect_timeout=60,
+                    ),
+                    on_message=self._on_message_for(user),
+                )
+                await link.connect()
+                await link.subscribe(topics.down_all(user), qos=1)
+                self.links[user] = link
+
+        await asyncio.gather(*(one(u) for u in self.users))
+        return time.perf_counter() - started
+
+    async def close_all(self) -> None:
+        await asyncio.gather(
+            *(asyncio.wait_for(link.close(), 5) for link in self.links.values()),
+            return_exceptions=True,
+        )
+
+    # -- receiving --------------------------------------------------------------------
+
+    def _on_message_for(self, user: str) -> Callable[[Incoming], None]:
+        def on_message(message: Incoming) -> None:
+            now = time.monotonic_ns()
+            self.arrivals += 1
+            kind = message.topic.rsplit("/", 1)[-1]
+            try:
+                payload = json.loads(message.payload)
+            except ValueError:
+                return
+            if kind == "msg":
+                # mqchat sends every member a copy, the sender's other devices included;
+                # only the recipient's copy is the delivery being measured.
+                if payload.get("from") == user:
+                    self.echoes += 1
+                else:
+                    self._count(payload.get("id", ""), now, receipt=False)
+            elif kind == "receipt" and payload.get("status") == "sent":
+                self._count(payload.get("id", ""), now, receipt=True)
+            elif kind == "error":
+                code = str(payload.get("code"))
+                tag, _, _ = str(payload.get("id", "")).partition(".")
+                for counts in (self.step, self.flood):
+                    if counts is not None and counts.tag == tag:
+                        counts.errors[code] = counts.errors.get(code, 0) + 1
+
+        return on_message
+
+    def _count(self, message_id: str, now: int, *, receipt: bool) -> None:
+        tag, _, number = message_id.partition(".")
+        if self.step is not None and tag == self.step.tag:
+            counts, t0, interval = self.step, self.t0, self.interval_ns
+        elif self.flood is not None and tag == self.flood.tag:
+            counts, t0, interval = self.flood, self.flood_t0, self.flood_interval_ns
+        else:
+            if self.step is not None:
+                self.step.stale += 1
+            return
+        k = int(number)
+        if not 0 <= k < counts.total:
+            return
+        latency_us = max(1, (now - (t0 + k * interval)) // 1000)
+        if receipt:
+            if counts.receipted[k]:
+                counts.receipt_duplicates += 1
+                return
+            counts.receipted[k] = 1
+            counts.receipt_count += 1
+            counts.sent_receipt.record_value(min(latency_us, HIST_MAX_US))
+        else:
+            if counts.received[k]:
+                counts.duplicates += 1
+                return
+            counts.received[k] = 1
+            counts.received_count += 1
+            counts.e2e.record_value(min(latency_us, HIST_MAX_US))
+        if counts is self.step and self._complete(counts, self.mode):
+            self.step_complete.set()
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _payload(self, mode: str, message_id: str, sender: str, recipient: str, k: int) -> bytes:
+        if mode == "chat":
+            return json.dumps({"id": message_id, "to": recipient, "body": BODY}).encode()
+        # The shape and size of the downlink the bridge would publish.
+        return json.dumps(
+            {
+                "id": message_id,
+                "conversation": FAKE_CONVERSATION,
+                "seq": k + 1,
+                "from": sender,
+                "body": BODY,
+                "sent_at": "2026-01-01T00:00:00.000000Z",
+            }
+        ).encode()
+
+    def _topic(self, mode: str, sender: str, recipient: str) -> str:
+        return topics.up_msg(sender) if mode == "chat" else topics.down_msg(recipient)
+
+    async def _send_schedule(
+        self,
+        counts: StepCounts,
+        t0: int,
+        interval_ns: int,
+        mode: str,
+        pairs: list[tuple[str, str]],
+    ) -> None:
+        """Publish message k at t0 + k * interval, catching up (never skipping) when late."""
+        k = 0
+        while k < counts.total:
+            now = time.monotonic_ns()
+            due = min(counts.total, (now - t0) // interval_ns + 1)
+            while k < due:
+                sender, recipient = pairs[k % len(pairs)]
+                if (k // len(pairs)) % 2:
+                    sender, recipient = recipient, sender
+                message_id = f"{counts.tag}.{k}"
+                intended = t0 + k * interval_ns
+                lag = (time.monotonic_ns() - intended) // 1000
+                counts.max_send_lag_us = max(counts.max_send_lag_us, lag)
+                future = self.links[sender].publish(
+                    self._topic(mode, sender, recipient),
+                    self._payload(mode, message_id, sender, recipient, k),
+                    qos=1,
+                )
+                future.add_done_callback(self._puback_recorder(counts, intended))
+                counts.sent += 1
+                k += 1
+            if k < counts.total:
+                await asyncio.sleep(max(0.0, (t0 + k * interval_ns - time.monotonic_ns()) / 1e9))
+
+    @staticmethod
+    def _puback_recorder(counts: StepCounts, intended: int) -> Callable[[Any], None]:
+        def done(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                latency_us = max(1, (time.monotonic_ns() - intended) // 1000)
+                counts.puback.record_value(min(latency_us, HIST_MAX_US))
+
+        return done
+
+    async def run_step(self, spec: dict[str, Any]) -> dict[str, Any]:
+        mode: str = spec["mode"]
+        pairs = [tuple(p) for p in spec["pairs"]]
+        rate: float = spec["rate"]
+        duration: float = spec["duration"]
+        drain: float = spec["drain"]
+        start_at_wall: float = spec["start_at"]
+        total = int(rate * duration) if pairs else 0
+        counts = StepCounts(spec["tag"], total)
+        flood_spec = spec.get("flood")
+        flood = None
+        if flood_spec is not None:
+            flood = StepCounts(spec["tag"] + "f", int(flood_spec["rate"] * duration))
+
+        # All workers start together: the main process hands out a wall-clock start.
+        await asyncio.sleep(max(0.0, start_at_wall - time.time()))
+        cpu_before = os.times()
+        wall_before = time.monotonic()
+        self.t0 = time.monotonic_ns() + int(spec.get("offset", 0.0) * 1e9)
+        self.interval_ns = max(1, int(1e9 / rate)) if rate > 0 else 1
+        self.step, self.flood, self.mode = counts, flood, mode
+        self.step_complete.clear()
+        senders = [self._send_schedule(counts, self.t0, self.interval_ns, mode, pairs)]
+        if flood is not None and flood_spec is not None:
+            self.flood_t0 = self.t0
+            self.flood_interval_ns = max(1, int(1e9 / flood_spec["rate"]))
+            flood_pair = [tuple(flood_spec["pair"])]
+            senders.append(
+                self._send_schedule(flood, self.flood_t0, self.flood_interval_ns, mode, flood_pair)
+            )
+        reporter = asyncio.create_task(self._report(counts))
+        try:
+            await asyncio.gather(*senders)
+            send_seconds = time.monotonic() - wall_before
+            if not self._complete(counts, mode):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.step_complete.wait(), drain)
+        finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
+            self._publish_progress(counts)
+        cpu_after = os.times()
+        wall = time.monotonic() - wall_before
+        result = self._summary(counts, mode)
+        result.update(
+            send_seconds=send_seconds,
+            wall_seconds=wall,
+            cpu_seconds=(cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system),
+        )
+        if flood is not None:
+            result["flood"] = self._summary(flood, mode)
+        return result
+
+    @staticmethod
+    def _complete(counts: StepCounts, mode: str) -> bool:
+        if counts.sent < counts.total or counts.received_count < counts.sent:
+            return False
+        return mode != "chat" or counts.receipt_count >= counts.sent
+
+    @staticmethod
+    def _summary(counts: StepCounts, mode: str) -> dict[str, Any]:
+        received, receipts = counts.received_count, counts.receipt_count
+        return {
+            "scheduled": counts.total,
+            "sent": counts.sent,
+            "received": received,
+            "lost": counts.sent - received,
+            "duplicates": counts.duplicates,
+            "receipts": receipts if mode == "chat" else None,
+            "receipts_missing": counts.sent - receipts if mode == "chat" else None,
+            "receipt_duplicates": counts.receipt_duplicates,
+            "stale": counts.stale,
+            "errors": counts.errors,
+            "max_send_lag_ms": counts.max_send_lag_us / 1000,
+            "e2e": counts.e2e.encode().decode(),
+            "sent_receipt": counts.sent_receipt.encode().decode(),
+            "puback": counts.puback.encode().decode(),
+        }
+
+    def _publish_progress(self, counts: StepCounts) -> None:
+        base = self.index * len(SLOTS)
+        self.progress[base + 0] = counts.sent
+        self.progress[base + 1] = counts.received_count
+        self.progress[base + 2] = counts.receipt_count
+        self.progress[base + 3] = sum(counts.errors.values())
+
+    async def _report(self, counts: StepCounts) -> None:
+        while True:
+            self._publish_progress(counts)
+            await asyncio.sleep(0.25)
+
+    async def quiesce(self, quiet: float, limit: float) -> dict[str, Any]:
+        """Wait until nothing has arrived for ``quiet`` seconds (at most ``limit``)."""
+        self.step = self.flood = None
+        started = time.monotonic()
+        last_count, last_change = self.arrivals, time.monotonic()
+        while time.monotonic() - started < limit:
+            await asyncio.sleep(0.1)
+            if self.arrivals != last_count:
+                last_count, last_change = self.arrivals, time.monotonic()
+            elif time.monotonic() - last_change >= quiet:
+                break
+        return {"arrivals": self.arrivals, "seconds": time.monotonic() - started}
+
+
+async def _serve(conn: Connection, worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        command: dict[str, Any] = await loop.run_in_executor(None, conn.recv)
+        op = command["op"]
+        try:
+            if op == "connect":
+                seconds = await worker.connect_all()
+                conn.send({"ok": True, "seconds": seconds, "connected": len(worker.links)})
+            elif op == "step":
+                conn.send({"ok": True, **await worker.run_step(command["spec"])})
+            elif op == "quiesce":
+                conn.send({"ok": True, **await worker.quiesce(command["quiet"], command["limit"])})
+            elif op == "stop":
+                await worker.close_all()
+                conn.send({"ok": True})
+                return
+        except Exception as exc:  # report to the main process instead of dying silently
+            conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def worker_main(
+    conn: Connection,
+    index: int,
+    host: str,
+    port: int,
+    users: list[str],
+    password: str,
+    progress: Any,
+) -> None:
+    """Entry point of a generator process (multiprocessing, spawn)."""
+    worker = Worker(index, host, port, users, password, progress)
+    asyncio.run(_serve(conn, worker))

@@ -1,0 +1,163 @@
+"""Turning the step records of one ``bench.load`` run into tables and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _ms(stats: dict[str, Any], key: str) -> str:
+    value = stats.get(key)
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _cores(record: dict[str, Any]) -> str:
+    cpu = record["cpu_cores"]
+    generator = "+".join(f"{c:.2f}" for c in cpu["generator_per_process"])
+    parts = [f"gen {generator}", f"broker {cpu.get('broker', 0):.2f}"]
+    if record["mode"] == "chat":
+        parts.append(f"bridge {cpu.get('bridge', 0):.2f}")
+        if cpu.get("database"):
+            parts.append(f"db {cpu['database']:.2f}")
+    return ", ".join(parts)
+
+
+def _row(record: dict[str, Any]) -> str:
+    e2e = record["e2e"]
+    receipt = record.get("sent_receipt", {})
+    verdict = "pass" if record["passed"] else "**fail**"
+    return (
+        f"| {record['scenario']} | {record['stack']} | {record['mode']} "
+        f"| {record['offered_rate']:,.0f} | {record['sent']:,} | {record['lost']:,} "
+        f"| {record['duplicates']} | {_ms(e2e, 'p50_ms')} | {_ms(e2e, 'p99_ms')} "
+        f"| {_ms(e2e, 'p999_ms')} | {_ms(e2e, 'max_ms')} | {_ms(receipt, 'p99_ms')} "
+        f"| {record['max_send_lag_ms']:,.1f} | {_cores(record)} "
+        f"| {record['load_at_start'][0]:.2f} | {verdict} |"
+    )
+
+
+def render_markdown(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return "(no results)"
+    first = records[0]
+    m = first["machine"]
+    lines = [
+        f"Run {first['run']}, commit `{first['commit']}`: {m['cores']} cores ({m['cpu']}),"
+        f" {m['ram_gib']} GiB RAM, Python {m['python']}; load average at start"
+        f" {first['load_at_run_start']}.",
+        "",
+        f"Command: `{first['command']}`",
+        "",
+        "| scenario | stack | mode | offered msg/s | sent | lost | dup | p50 ms | p99 ms "
+        "| p99.9 ms | max ms | `sent` p99 ms | gen lag max ms | CPU cores used "
+        "| load 1m | verdict |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    lines += [_row(r) for r in records]
+    lines.append("")
+
+    def best(scenario: str, stack: str) -> float:
+        passing = [
+            r["offered_rate"]
+            for r in records
+            if r["scenario"] == scenario and r["stack"] == stack and r["passed"]
+        ]
+        return max(passing, default=0.0)
+
+    def delivered(stack: str) -> float:
+        rates = [
+            r.get("delivered_per_s", 0.0)
+            for r in records
+            if r["stack"] == stack and r["mode"] == "chat" and r["scenario"] != "flood"
+        ]
+        return max(rates, default=0.0)
+
+    durable = best("throughput", "production")
+    embedded = best("embedded", "embedded")
+    raw = best("raw", "production")
+    raw_tried = [r["offered_rate"] for r in records if r["scenario"] == "raw"]
+    summary = []
+    got_through = delivered("production")
+    summary.append(
+        "sustainable durable throughput (mosquitto + PostgreSQL, p99 < 100 ms, nothing"
+        f" lost): {durable:,.0f} msg/s; most delivered per second in any step, whatever"
+        f" the latency: {got_through:,.0f} msg/s"
+    )
+    if any(r["scenario"] == "embedded" for r in records):
+        summary.append(
+            f"embedded (amqtt + SQLite): {embedded:,.0f} msg/s sustainable;"
+            f" most delivered per second: {delivered('embedded'):,.0f} msg/s"
+        )
+    if raw_tried:
+        ceiling = durable or got_through
+        ratio = f"{raw / ceiling:.1f}x mqchat's {ceiling:,.0f} msg/s" if ceiling else "mqchat: none"
+        summary.append(
+            f"raw mosquitto, same connections and payloads: passed up to {raw:,.0f} msg/s"
+            f" ({ratio}; steps tried {', '.join(f'{r:,.0f}' for r in raw_tried)})"
+        )
+    floods = [r for r in records if r["scenario"] == "flood"]
+    if len(floods) == 2:
+        quiet, loud = floods
+        flood = loud.get("flood", {})
+        summary.append(
+            f"flood: the others' p99 {quiet['e2e'].get('p99_ms', 0):.1f} ms without,"
+            f" {loud['e2e'].get('p99_ms', 0):.1f} ms with one user sending"
+            f" {flood.get('offered_rate', 0):,.0f} msg/s ({flood.get('accepted', 0):,} of"
+            f" {flood.get('sent', 0):,} accepted, errors {flood.get('errors', {})})"
+        )
+    saturated = [r["label"] for r in records if r.get("generator_saturated")]
+    summary.append(
+        f"generator saturated (a process at >= 90% of a core) in: {', '.join(saturated)}"
+        if saturated
+        else "no generator process reached 90% of a core in any step"
+    )
+    lines += [f"- {item}" for item in summary]
+    return "\n".join(lines) + "\n"
+
+
+def write_docs_section(path: Path, body: str, begin: str, end: str) -> None:
+    """Replace the text between the markers (they must exist)."""
+    text = path.read_text()
+    head, found, rest = text.partition(begin)
+    _, found_end, tail = rest.partition(end)
+    if not found or not found_end:
+        raise RuntimeError(f"{path} lacks the markers {begin!r} ... {end!r}")
+    path.write_text(f"{head}{begin}\n\n{body}\n{end}{tail}")
+
+
+def write_plot(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {
+        "mqchat, mosquitto + PostgreSQL": [
+            r
+            for r in records
+            if r["stack"] == "production" and r["scenario"] in ("latency", "throughput")
+        ],
+        "mqchat, amqtt + SQLite": [r for r in records if r["scenario"] == "embedded"],
+        "raw mosquitto (no bridge)": [r for r in records if r["scenario"] == "raw"],
+    }
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for (name, rows), color in zip(series.items(), ("C0", "C1", "C2"), strict=True):
+        rows = sorted((r for r in rows if r["e2e"].get("count")), key=lambda r: r["offered_rate"])
+        if not rows:
+            continue
+        rates = [r["offered_rate"] for r in rows]
+        ax.plot(rates, [r["e2e"]["p99_ms"] for r in rows], "o-", color=color, label=f"{name} p99")
+        ax.plot(rates, [r["e2e"]["p50_ms"] for r in rows], "s--", color=color, label=f"{name} p50")
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered rate (messages/s, open loop)")
+    ax.set_ylabel("end-to-end latency from intended send (ms)")
+    first = records[0] if records else {}
+    ax.set_title(f"mqchat chat load, commit {first.get('commit', '?')}", fontsize=10)
+    ax.grid(True, which="both", linewidth=0.3)
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

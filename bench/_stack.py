@@ -1,0 +1,333 @@
+"""A whole mqchat for the load benchmark, every part its own process, from binaries.
+
+* ``production``: mosquitto (the production config, dynsec) + PostgreSQL (fsync on,
+  ``synchronous_commit`` on: a commit returns once its WAL is flushed) + the bridge;
+* ``embedded``: amqtt (``python -m broker``) + SQLite + the bridge.
+
+Accounts go in through the real paths, in bulk: the database rows are inserted with
+one argon2 hash that every bench user shares (they share a password; hashing 1,000
+passwords would take minutes of the two cores), and on mosquitto every account is made
+by :class:`broker.mosquitto.DynsecProvisioner` (role + client over
+``$CONTROL/dynamic-security/v1``), many commands in flight at once. On this throwaway
+mosquitto the role all users share (``mqchat-user``) also gets publish rights on
+every ``down/#``: what the raw-broker baseline needs, unused by the chat runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+from sqlalchemy import insert
+from sqlmodel import Session
+
+from broker.mosquitto import USER_ROLE, DynsecProvisioner
+from store import accounts, make_engine, migrate
+from store.tables import Account
+from tests.services import (
+    MosquittoServer,
+    PostgresServer,
+    _accepts,
+    free_port,
+    start_mosquitto,
+    start_postgres,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PASSWORD = "bench-user-password"  # noqa: S105 (throwaway accounts on a loopback broker)
+RAW_DOWNLINKS = "chat/v1/u/+/down/#"
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+def user_names(count: int) -> list[str]:
+    return [f"u{n:05}" for n in range(count)]
+
+
+class Daemon:
+    """One of our daemons (``python -m <module>``) as a child process, logging to a file."""
+
+    def __init__(self, name: str, module: str, env: dict[str, str], log_dir: Path) -> None:
+        self.name, self.module, self.env = name, module, env
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                env={**os.environ, **self.env},
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait_for_log(self, needle: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.log_path.read_text(errors="replace"):
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no {needle!r} after {timeout} s")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class BenchProvisioner(DynsecProvisioner):
+    """DynsecProvisioner plus the one dynsec command the raw baseline needs."""
+
+    async def allow_raw_downlinks(self) -> None:
+        """Let every user publish to any user's ``down/#`` (raw baseline only).
+
+        Added to the role all users share, once, before anyone connects.
+        """
+        await self._run(
+            {
+                "command": "addRoleACL",
+                "rolename": USER_ROLE,
+                "acltype": "publishClientSend",
+                "topic": RAW_DOWNLINKS,
+                "priority": 0,
+                "allow": True,
+            }
+        )
+
+
+@dataclass
+class Stack:
+    kind: str  # "production" | "embedded"
+    host: str
+    port: int
+    database_url: str
+    base: Path
+    bridge_password: str
+    mosquitto: MosquittoServer | None = None
+    postgres: PostgresServer | None = None
+    broker: Daemon | None = None
+    bridges: list[Daemon] = field(default_factory=list)
+    users: list[str] = field(default_factory=list)
+    bridge_generation: int = 1
+
+    @property
+    def raw_capable(self) -> bool:
+        return self.mosquitto is not None
+
+    def start_bridges(self, count: int, message_rate: str, *, fresh_session: bool = False) -> None:
+        """(Re)start ``count`` bridges.
+
+        ``fresh_session``: connect under new client ids, so whatever backlog of uplinks
+        the broker holds for the old ones is abandoned there (used only after a failed
+        step that was already counted, to keep its backlog out of the next step).
+        """
+        self.stop_bridges()
+        if fresh_session:
+            self.bridge_generation += 1
+        for index in range(count):
+            env = {
+                "MQCHAT_BRIDGE_DATABASE_URL": self.database_url,
+                "MQCHAT_BRIDGE_MQTT_HOST": self.host,
+                "MQCHAT_BRIDGE_MQTT_PORT": str(self.port),
+                "MQCHAT_BRIDGE_PASSWORD": self.bridge_password,
+                "MQCHAT_BRIDGE_CLIENT_ID": f"mqchat-bridge-{index + 1}-{self.bridge_generation}",
+                "MQCHAT_BRIDGE_PARTITIONS": str(count),
+                "MQCHAT_BRIDGE_PARTITION": str(index),
+                "MQCHAT_BRIDGE_MESSAGE_RATE": message_rate,
+            }
+            self.bridges.append(Daemon(f"bridge-{index + 1}", "bridge", env, self.base))
+        for bridge in self.bridges:
+            bridge.start()
+        for bridge in self.bridges:
+            bridge.wait_for_log("consuming")
+
+    def stop_bridges(self) -> None:
+        for bridge in self.bridges:
+            bridge.stop()
+        self.bridges = []
+
+    async def add_users(self, count: int) -> float:
+        """Create ``count`` accounts (database and broker); returns the seconds it took."""
+        started = time.perf_counter()
+        names = user_names(count)
+        shared_hash = accounts.hash_password(PASSWORD)
+        engine = make_engine(self.database_url)
+        try:
+            with Session(engine) as session:
+                session.execute(
+                    insert(Account),
+                    [{"username": name, "password_hash": shared_hash} for name in names],
+                )
+                session.commit()
+        finally:
+            engine.dispose()
+        if self.mosquitto is not None:
+            server = self.mosquitto
+            config = server.link_config(server.admin, f"bench-admin-{secrets.token_hex(4)}")
+            async with BenchProvisioner(config, timeout=60) as provisioner:
+                await provisioner.allow_raw_downlinks()
+                gate = asyncio.Semaphore(64)
+
+                async def one(name: str) -> None:
+                    async with gate:
+                        await provisioner.create_user(name, PASSWORD)
+
+                await asyncio.gather(*(one(name) for name in names))
+        self.users = names
+        return time.perf_counter() - started
+
+    def pids(self) -> dict[str, list[int]]:
+        """The processes to charge CPU to, by part."""
+        found: dict[str, list[int]] = {"bridge": [], "broker": [], "database": []}
+        for bridge in self.bridges:
+            if bridge.process is not None:
+                found["bridge"].append(bridge.process.pid)
+        if self.broker is not None and self.broker.process is not None:
+            found["broker"].append(self.broker.process.pid)
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if self.mosquitto is not None and str(self.mosquitto.conf_path) in cmdline:
+                found["broker"].append(process.pid)
+            if self.postgres is not None and str(self.postgres.data_dir) in cmdline:
+                found["database"].append(process.pid)
+                found["database"] += [c.pid for c in process.children(recursive=True)]
+        return found
+
+    def close(self) -> None:
+        self.stop_bridges()
+        if self.broker is not None:
+            self.broker.stop()
+        if self.mosquitto is not None:
+            self.mosquitto.close()
+        if self.postgres is not None:
+            self.postgres.close()
+
+
+class CpuMeter:
+    """CPU seconds used by sets of processes between two readings."""
+
+    def __init__(self, pids: dict[str, list[int]]) -> None:
+        self.processes = {
+            part: [p for p in (self._process(pid) for pid in pids_) if p is not None]
+            for part, pids_ in pids.items()
+        }
+        self.before = self._read()
+
+    @staticmethod
+    def _process(pid: int) -> psutil.Process | None:
+        try:
+            return psutil.Process(pid)
+        except psutil.Error:
+            return None
+
+    def _read(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for part, processes in self.processes.items():
+            total = 0.0
+            for process in processes:
+                with contextlib.suppress(psutil.Error):
+                    times = process.cpu_times()
+                    total += times.user + times.system
+            totals[part] = total
+        return totals
+
+    def used(self) -> dict[str, float]:
+        after = self._read()
+        return {part: after[part] - self.before.get(part, 0.0) for part in after}
+
+
+def _postgres_durable(server: PostgresServer) -> None:
+    """fsync on (tests.services sets it) and synchronous_commit on, stated explicitly."""
+    with (server.data_dir / "postgresql.conf").open("a") as conf:
+        conf.write("\n# bench/_stack.py: durable commits\nsynchronous_commit = on\n")
+    server.restart()
+
+
+def start_production(base: Path) -> Stack:
+    postgres = start_postgres(base)
+    try:
+        _postgres_durable(postgres)
+        postgres.create_database("bench")
+        url = postgres.url("bench")
+        engine = make_engine(url)
+        migrate(engine)
+        engine.dispose()
+        mosquitto = start_mosquitto(base)
+    except BaseException:
+        postgres.close()
+        raise
+    return Stack(
+        "production",
+        mosquitto.host,
+        mosquitto.port,
+        url,
+        base,
+        mosquitto.bridge.password,
+        mosquitto=mosquitto,
+        postgres=postgres,
+    )
+
+
+def start_embedded(base: Path) -> Stack:
+    url = f"sqlite:///{base / 'mqchat.db'}"
+    engine = make_engine(url)
+    migrate(engine)
+    engine.dispose()
+    port = free_port()
+    bridge_password = secrets.token_urlsafe(16)
+    broker = Daemon(
+        "broker",
+        "broker",
+        {
+            "MQCHAT_BROKER_DATABASE_URL": url,
+            "MQCHAT_BROKER_PORT": str(port),
+            "MQCHAT_BROKER_WS_PORT": "0",
+            "MQCHAT_BROKER_BRIDGE_PASSWORD": bridge_password,
+        },
+        base,
+    )
+    broker.start()
+    deadline = time.monotonic() + 30
+    while not _accepts("127.0.0.1", port):
+        if time.monotonic() > deadline or (broker.process and broker.process.poll() is not None):
+            broker.stop()
+            raise RuntimeError(f"amqtt did not start; see {broker.log_path}")
+        time.sleep(0.05)
+    return Stack("embedded", "127.0.0.1", port, url, base, bridge_password, broker=broker)
+
+
+@contextlib.contextmanager
+def running_stack(kind: str, keep_dir: Path | None = None) -> Any:
+    """Start a stack in a temporary directory, yield it, stop everything."""
+    base = Path(tempfile.mkdtemp(prefix=f"mqchat-load-{kind}-", dir=keep_dir))
+    stack = start_production(base) if kind == "production" else start_embedded(base)
+    try:
+        yield stack
+    finally:
+        stack.close()
+        if keep_dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            log(f"  logs kept in {base}")
