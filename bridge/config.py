@@ -32,8 +32,9 @@ class BridgeSettings(BaseSettings):
     max_batch: int = Field(default=256, ge=1)
     max_payload_bytes: int = Field(default=MAX_PAYLOAD_BYTES, ge=256)
     max_body_chars: int = Field(default=MAX_BODY_CHARS, ge=1)
-    #: Messages one user may send, as ``limits`` rate strings (a moving window each);
-    #: above it the bridge answers ``rate_limited`` and stores nothing, and the SDK
+    #: Messages one user may send, in ``limits`` notation; each item is a token
+    #: bucket (burst up to the amount, then the rate; see ``ratelimit``). Above it
+    #: the bridge answers ``rate_limited`` and stores nothing, and the SDK
     #: resends later. Generous for people, tight enough that one flooding account
     #: cannot crowd out the others.
     message_rate: str = "20/second;600/minute"

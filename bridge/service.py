@@ -30,9 +30,6 @@ from typing import TypeVar
 
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from limits import parse_many
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import (
@@ -53,6 +50,7 @@ from store.messages import Outcome, persist_batch
 from store.types import utcnow
 
 from .config import BridgeSettings
+from .ratelimit import MessageRate
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +98,7 @@ class Bridge:
         #: its retained messages (amqtt restarted) gets them again on the next word.
         self._announced: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self._rates = parse_many(settings.message_rate)
-        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._rate = MessageRate(settings.message_rate)
         #: (sender, conversation) -> (when, typing) of the last typing event relayed.
         self._typing_sent: dict[tuple[str, str], tuple[float, bool]] = {}
 
@@ -196,7 +193,7 @@ class Bridge:
                 publishes.extend(self._refusal(incoming.topic, exc))
                 continue
             if isinstance(decoded.payload, protocol.UpMessage):
-                if self._over_rate(decoded.sender):
+                if not self._rate.allow(decoded.sender):
                     publishes.append(
                         self._error(
                             decoded.sender,
@@ -325,14 +322,6 @@ class Bridge:
         for member in members:
             if member != sender:
                 self.link.publish(topics.down(member, "typing"), payload, qos=0)
-
-    def _over_rate(self, sender: str) -> bool:
-        # Check every window first, so a refusal does not use up the others.
-        if not all(self._limiter.test(rate, sender) for rate in self._rates):
-            return True
-        for rate in self._rates:
-            self._limiter.hit(rate, sender)
-        return False
 
     def _mine(self, topic: str) -> bool:
         partitions = self.settings.partitions
