@@ -1,0 +1,373 @@
+"""The stacks the connection benchmark runs against, with their accounts made in bulk.
+
+Creating 50,000 accounts one by one over ``$CONTROL/dynamic-security/v1`` (two
+commands each, and dynsec rewrites its whole JSON file after every command) grows
+quadratically; instead the accounts are written before the broker starts:
+
+* mosquitto: the same ``dynamic-security.json`` that ``broker.mosquitto`` bootstraps,
+  plus, per user, exactly what :class:`broker.mosquitto.DynsecProvisioner` would have
+  created: a role ``user:{name}`` with :func:`broker.mosquitto.user_acls` and a
+  client with that role and ``mqchat-user``, its password hashed by
+  :func:`broker.mosquitto.hash_password` (PBKDF2-SHA512, 101 iterations, dynsec's
+  own count, with a salt of its own per account).
+* the database: one ``accounts`` row per user, inserted in one statement. Every bench
+  user has the same password (random per run), so one argon2 hash, computed once
+  with the real parameters, serves every row; the embedded broker pays the real
+  argon2 verification on every CONNECT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, insert, text
+
+from broker.mosquitto import (
+    USER_ROLE,
+    Credentials,
+    dynsec_bootstrap,
+    hash_password,
+    render_config,
+    user_acls,
+    user_role,
+)
+from store import accounts, make_engine, migrate
+from store.tables import Account
+from store.types import utcnow
+from tests.conftest import Daemon, _bridge_env, wait_until
+from tests.services import (
+    PRODUCTION_CONFIG,
+    MosquittoServer,
+    _accepts,
+    _chown_tree,
+    _dynsec_plugin,
+    _service_account,
+    _workdir,
+    free_port,
+    mosquitto_binary,
+    start_postgres,
+)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of one process, from /proc (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+def nofile_limit(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/limits") as limits:
+            for line in limits:
+                if line.startswith("Max open files"):
+                    soft, hard = line.split()[3:5]
+                    return f"{soft}/{hard}"
+    except OSError:
+        pass
+    return "?"
+
+
+@dataclass
+class BenchStack:
+    name: str
+    host: str
+    port: int
+    engine: Engine
+    broker_pid: int
+    bridge: Daemon
+    password: str
+    monitor: str
+    broker_log: Path
+    sys_reader: Credentials | None = None
+    setup_s: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def bridge_pid(self) -> int:
+        assert self.bridge.process is not None
+        return self.bridge.process.pid
+
+    def bridge_alive(self) -> bool:
+        return self.bridge.process is not None and self.bridge.process.poll() is None
+
+    def online_devices(self) -> int:
+        """Bench devices the bridge has recorded as online."""
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    text("SELECT count(*) FROM devices WHERE online AND device = 'bench'")
+                ).scalar_one()
+            )
+
+    def broker_warnings(self, limit: int = 8) -> dict[str, int]:
+        """Broker log lines that say something went wrong, counted by their text."""
+        counts: dict[str, int] = {}
+        try:
+            lines = self.broker_log.read_text(errors="replace").splitlines()
+        except OSError:
+            return counts
+        for line in lines:
+            lowered = line.lower()
+            if any(
+                w in lowered for w in ("error", "unable", "refus", "denied", "exceed", "warning")
+            ):
+                key = re.sub(r"[0-9]+(\.[0-9]+)*", "N", line.split(": ", 1)[-1])[:160]
+                if key in counts or len(counts) < limit:
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def close(self) -> None:
+        for close in reversed(self._closers):
+            try:
+                close()
+            except Exception as exc:  # clean up the rest regardless
+                print(f"cleanup: {exc}", flush=True)
+        self._closers.clear()
+
+
+def _insert_accounts(engine: Engine, names: list[str], password: str) -> None:
+    password_hash = accounts.hash_password(password)
+    now = utcnow()
+    rows = [
+        {"username": name, "password_hash": password_hash, "created_at": now, "disabled": False}
+        for name in names
+    ]
+    with engine.begin() as conn:
+        for start in range(0, len(rows), 10_000):
+            conn.execute(insert(Account), rows[start : start + 10_000])
+
+
+#: A bench-only account that may read mosquitto's ``$SYS/broker/heap/current`` (the
+#: heap mosquitto has allocated, which RSS hides: the heap freed after loading the
+#: dynsec file is reused by new connections without RSS moving).
+SYS_ROLE = "bench-sys"
+
+
+def dynsec_with_users(
+    *,
+    admin: Credentials,
+    bridge: Credentials,
+    names: list[str],
+    password: str,
+    sys_reader: Credentials | None = None,
+) -> dict[str, Any]:
+    """The bootstrap file plus what ``DynsecProvisioner.create_user`` makes per name."""
+    doc = dynsec_bootstrap(admin=admin, bridge=bridge)
+    if sys_reader is not None:
+        doc["roles"].append(
+            {
+                "rolename": SYS_ROLE,
+                "acls": [
+                    {"acltype": t, "topic": "$SYS/broker/heap/#", "priority": 0, "allow": True}
+                    for t in ("subscribePattern", "publishClientReceive")
+                ],
+            }
+        )
+        doc["clients"].append(
+            {
+                "username": sys_reader.username,
+                **hash_password(sys_reader.password),
+                "roles": [{"rolename": SYS_ROLE}],
+            }
+        )
+    for name in names:
+        doc["roles"].append({"rolename": user_role(name), "acls": user_acls(name)})
+        doc["clients"].append(
+            {
+                "username": name,
+                **hash_password(password),
+                "roles": [{"rolename": user_role(name)}, {"rolename": USER_ROLE}],
+            }
+        )
+    return doc
+
+
+def _start_mosquitto(
+    base: Path,
+    names: list[str],
+    password: str,
+    setup: dict[str, float],
+    sys_reader: Credentials,
+) -> MosquittoServer:
+    """``tests.services.start_mosquitto`` with every account in place before start."""
+    account = _service_account("mosquitto")
+    workdir, private = _workdir(base, "mosquitto", account)
+    template = PRODUCTION_CONFIG.read_text()
+    server = MosquittoServer(
+        binary=mosquitto_binary(),
+        workdir=workdir,
+        host="127.0.0.1",
+        port=free_port(),
+        ws_port=free_port(),
+        admin=Credentials("mqchat-admin", secrets.token_urlsafe(24)),
+        bridge=Credentials("mqchat-bridge", secrets.token_urlsafe(24)),
+        account=account,
+        private_workdir=private,
+    )
+    server.data_dir.mkdir()
+    configured_plugin = next(
+        line.split(None, 1)[1] for line in template.splitlines() if line.startswith("plugin ")
+    )
+    server.conf_path.write_text(
+        render_config(
+            template,
+            host=server.host,
+            port=server.port,
+            ws_port=server.ws_port,
+            data_dir=server.data_dir,
+            plugin=_dynsec_plugin(configured_plugin),
+        )
+    )
+    t0 = time.monotonic()
+    doc = dynsec_with_users(
+        admin=server.admin,
+        bridge=server.bridge,
+        names=names,
+        password=password,
+        sys_reader=sys_reader,
+    )
+    path = server.data_dir / "dynamic-security.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(doc, f)
+    _chown_tree(workdir, account)
+    setup["dynsec_json"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    try:
+        server.start(timeout=900)
+    except BaseException:
+        server.close()
+        raise
+    setup["mosquitto_start"] = time.monotonic() - t0
+    return server
+
+
+def _start_bridge(base: Path, env: dict[str, str], setup: dict[str, float]) -> Daemon:
+    t0 = time.monotonic()
+    bridge = Daemon("bridge", "bridge", env, base)
+    bridge.start()
+    bridge.wait_for_log("consuming", timeout=120)
+    setup["bridge_start"] = time.monotonic() - t0
+    return bridge
+
+
+def production(base: Path, names: list[str], monitor: str) -> BenchStack:
+    """mosquitto (production config, dynsec) + bridge + PostgreSQL (fsync on)."""
+    setup: dict[str, float] = {}
+    closers: list[Callable[[], None]] = []
+    password = secrets.token_urlsafe(18)
+    try:
+        t0 = time.monotonic()
+        postgres = start_postgres(base)
+        closers.append(postgres.close)
+        postgres.create_database("mqchat")
+        engine = make_engine(postgres.url("mqchat"))
+        closers.append(engine.dispose)
+        migrate(engine)
+        setup["postgres"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        _insert_accounts(engine, [*names, monitor], password)
+        setup["db_accounts"] = time.monotonic() - t0
+        sys_reader = Credentials("bench-sys", secrets.token_urlsafe(18))
+        mosquitto = _start_mosquitto(base, [*names, monitor], password, setup, sys_reader)
+        closers.append(mosquitto.close)
+        env = _bridge_env(postgres.url("mqchat"), mosquitto.host, mosquitto.port, "")
+        env["MQCHAT_BRIDGE_PASSWORD"] = mosquitto.bridge.password
+        env["MQCHAT_BRIDGE_KEEPALIVE"] = "15"
+        bridge = _start_bridge(base, env, setup)
+        closers.append(bridge.stop)
+        process = mosquitto._process
+        assert process is not None
+        version = subprocess.run(
+            [str(postgres.bindir / "postgres"), "--version"], capture_output=True, text=True
+        ).stdout.strip()
+        return BenchStack(
+            name="production",
+            host=mosquitto.host,
+            port=mosquitto.port,
+            engine=engine,
+            broker_pid=process.pid,
+            bridge=bridge,
+            password=password,
+            monitor=monitor,
+            setup_s=setup,
+            info={"postgres": version},
+            broker_log=mosquitto.log_path,
+            sys_reader=sys_reader,
+            _closers=closers,
+        )
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
+
+
+def embedded(base: Path, names: list[str], monitor: str) -> BenchStack:
+    """amqtt (``python -m broker``) + bridge + SQLite, as ``mqchat up`` runs them."""
+    setup: dict[str, float] = {}
+    closers: list[Callable[[], None]] = []
+    password = secrets.token_urlsafe(18)
+    try:
+        t0 = time.monotonic()
+        db_url = f"sqlite:///{base / 'mqchat.db'}"
+        engine = make_engine(db_url)
+        closers.append(engine.dispose)
+        migrate(engine)
+        _insert_accounts(engine, [*names, monitor], password)
+        setup["db_accounts"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        port = free_port()
+        bridge_password = secrets.token_urlsafe(16)
+        broker = Daemon(
+            "broker",
+            "broker",
+            {
+                "MQCHAT_BROKER_DATABASE_URL": db_url,
+                "MQCHAT_BROKER_PORT": str(port),
+                "MQCHAT_BROKER_WS_PORT": str(free_port()),
+                "MQCHAT_BROKER_BRIDGE_PASSWORD": bridge_password,
+            },
+            base,
+        )
+        broker.start()
+        closers.append(broker.stop)
+        wait_until(lambda: _accepts("127.0.0.1", port), timeout=60, what="amqtt")
+        setup["broker_start"] = time.monotonic() - t0
+        env = _bridge_env(db_url, "127.0.0.1", port, bridge_password)
+        env["MQCHAT_BRIDGE_KEEPALIVE"] = "15"
+        bridge = _start_bridge(base, env, setup)
+        closers.append(bridge.stop)
+        assert broker.process is not None
+        return BenchStack(
+            name="embedded",
+            host="127.0.0.1",
+            port=port,
+            engine=engine,
+            broker_pid=broker.process.pid,
+            bridge=bridge,
+            password=password,
+            monitor=monitor,
+            setup_s=setup,
+            broker_log=broker.log_path,
+            _closers=closers,
+        )
+    except BaseException:
+        for close in reversed(closers):
+            close()
+        raise
