@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,9 +116,27 @@ def broker_config(settings: BrokerSettings) -> dict[str, Any]:
     }
 
 
+class _SubscriptionTable(dict[str, list[tuple[Any, int]]]):
+    """amqtt's subscription table, iterated over a snapshot.
+
+    amqtt 0.12.1 walks the table while awaiting (the ACL check of each subscriber in
+    ``_run_broadcast``, retained messages on connect). A client subscribing or leaving
+    meanwhile changed it under the walk: ``RuntimeError: dictionary changed size
+    during iteration``, and that broadcast reached no one. A snapshot costs one copy
+    of the table per broadcast; amqtt already matches every filter per broadcast.
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().keys()))
+
+    def items(self) -> Any:
+        return [(topic_filter, list(subs)) for topic_filter, subs in super().items()]
+
+
 async def serve(settings: BrokerSettings, stop: asyncio.Event) -> None:
     """Run the broker until ``stop`` is set."""
     broker = Broker(broker_config(settings))
+    broker._subscriptions = _SubscriptionTable(broker._subscriptions)
     await broker.start()
     log.info(
         "embedded broker listening on %s:%s (ws %s)",
