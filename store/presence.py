@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Engine, func, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
 from protocol import UpPresence
@@ -31,25 +32,47 @@ class UserPresence:
 
 
 def update_batch(engine: Engine, items: Sequence[tuple[str, UpPresence]]) -> list[UserPresence]:
-    """Record each device's announcement; one user-level state per item, in order."""
+    """Record each device's announcement; one user-level state per item, in order.
+
+    Two statements per batch, whatever its size: read the devices of every user in
+    it, then one upsert of each announcing device's last word. (One query per
+    announcement held a storm of 20,000 reconnecting devices to ~500 a second.)
+    """
+    if not items:
+        return []
+    now = utcnow()
     with Session(engine) as session:
-        out = [_update(session, user, item) for user, item in items]
+        users = sorted({user for user, _ in items})
+        devices: dict[str, dict[str, bool]] = {user: {} for user in users}
+        for user, device, online in session.execute(
+            select(col(Device.username), col(Device.device), col(Device.online)).where(
+                col(Device.username).in_(users)
+            )
+        ):
+            devices[user][device] = online
+        out = []
+        last_word: dict[tuple[str, str], bool] = {}
+        for user, item in items:
+            before = any(devices[user].values())
+            online = item.state == "online"
+            devices[user][item.device] = online
+            last_word[(user, item.device)] = online
+            after = any(devices[user].values())
+            out.append(UserPresence(user, after, now, changed=after != before))
+        upsert = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert(Device)
+        session.execute(
+            upsert.values(
+                [
+                    {"username": user, "device": device, "online": online, "last_seen": now}
+                    for (user, device), online in last_word.items()
+                ]
+            ).on_conflict_do_update(
+                index_elements=["username", "device"],
+                set_={"online": upsert.excluded.online, "last_seen": upsert.excluded.last_seen},
+            )
+        )
         session.commit()
         return out
-
-
-def _update(session: Session, user: str, item: UpPresence) -> UserPresence:
-    before = _online(session, user)
-    now = utcnow()
-    device = session.get(Device, (user, item.device))
-    if device is None:
-        device = Device(username=user, device=item.device, last_seen=now)
-    device.online = item.state == "online"
-    device.last_seen = now
-    session.add(device)
-    session.flush()
-    after = _online(session, user)
-    return UserPresence(user, after, now, changed=after != before)
 
 
 def expire(engine: Engine, silent_since: datetime) -> list[UserPresence]:

@@ -25,13 +25,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine
+from sqlmodel import Session
 
 from broker.mosquitto import DynsecProvisioner
 from broker.provisioning import EmbeddedProvisioner, Provisioner, register
 from clients.history import HistoryClient
 from clients.mqtt import Incoming, LinkConfig, MqttLink
 from clients.sdk import ChatClient
-from store import make_engine, migrate
+from store import accounts, make_engine, migrate
 
 from .services import (
     MosquittoServer,
@@ -346,3 +347,26 @@ async def production_stack(tmp_path: Path, postgres: PostgresServer) -> AsyncIte
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_engine(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres: PostgresServer
+) -> Iterator[Engine]:
+    """An empty migrated database with alice, bob and carol, on SQLite and PostgreSQL."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+    else:
+        global _db_counter
+        _db_counter += 1
+        name = f"store_{os.getpid()}_{_db_counter}"
+        postgres.create_database(name, template="mqchat_template")
+        url = postgres.url(name)
+    engine = make_engine(url)
+    migrate(engine)
+    with Session(engine) as session:
+        for user in ("alice", "bob", "carol"):
+            accounts.create(session, user, f"{user}-secret-pw")
+        session.commit()
+    yield engine
+    engine.dispose()

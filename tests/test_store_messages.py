@@ -7,48 +7,22 @@ and refusals. Each must come out as if the messages had been stored one by one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from sqlalchemy import Engine, func, select
 from sqlmodel import Session, col
 
 from protocol import UpMessage, errors
-from store import accounts, make_engine, migrate
+from store import accounts
 from store.messages import persist_batch
 from store.tables import Message
-
-from .services import PostgresServer
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres: PostgresServer
-) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'store.db'}"
-    else:
-        name = f"store_{tmp_path.name[-20:].replace('-', '_').lower()}"
-        postgres.create_database(name, template="mqchat_template")
-        url = postgres.url(name)
-    engine = make_engine(url)
-    migrate(engine)
-    with Session(engine) as session:
-        for user in ("alice", "bob", "carol"):
-            accounts.create(session, user, f"{user}-secret-pw")
-        session.commit()
-    yield engine
-    engine.dispose()
 
 
 def up(id: str, to: str | None = None, conversation: str | None = None) -> UpMessage:
     return UpMessage(id=id, to=to, conversation=conversation, body=f"body of {id}")
 
 
-def test_one_batch_mixing_new_resent_and_refused(engine: Engine) -> None:
+def test_one_batch_mixing_new_resent_and_refused(store_engine: Engine) -> None:
     outcomes = persist_batch(
-        engine,
+        store_engine,
         [
             ("alice", up("a1", to="bob")),
             ("bob", up("b1", to="alice")),
@@ -78,12 +52,12 @@ def test_one_batch_mixing_new_resent_and_refused(engine: Engine) -> None:
     assert (a1_again.stored.seq, a1_again.stored.conversation) == (1, a1.stored.conversation)
     assert c1.stored.conversation != a1.stored.conversation
     assert (c1.stored.seq, c1.stored.members) == (1, ("alice", "carol"))
-    with Session(engine) as session:
+    with Session(store_engine) as session:
         assert session.execute(select(func.count()).select_from(Message)).scalar_one() == 4
 
     # A later batch: resends come back with their stored seq, new ones continue it.
     again, a3 = persist_batch(
-        engine, [("alice", up("a2", to="bob")), ("alice", up("a3", to="bob"))]
+        store_engine, [("alice", up("a2", to="bob")), ("alice", up("a3", to="bob"))]
     )
     assert again.stored is not None
     assert (again.stored.seq, again.stored.duplicate) == (3, True)
@@ -92,12 +66,12 @@ def test_one_batch_mixing_new_resent_and_refused(engine: Engine) -> None:
     assert (a3.stored.seq, a3.stored.duplicate) == (4, False)
 
 
-def test_conversation_addressed_messages_need_membership(engine: Engine) -> None:
-    (first,) = persist_batch(engine, [("alice", up("a1", to="bob"))])
+def test_conversation_addressed_messages_need_membership(store_engine: Engine) -> None:
+    (first,) = persist_batch(store_engine, [("alice", up("a1", to="bob"))])
     assert first.stored is not None
     conversation = first.stored.conversation
     outcomes = persist_batch(
-        engine,
+        store_engine,
         [
             ("bob", up("b1", conversation=conversation)),
             ("carol", up("c1", conversation=conversation)),  # not a member
@@ -110,20 +84,20 @@ def test_conversation_addressed_messages_need_membership(engine: Engine) -> None
     for refused in (c1, c2):
         assert refused.error is not None
         assert refused.error.code == errors.UNKNOWN_CONVERSATION
-    with Session(engine) as session:
+    with Session(store_engine) as session:
         stored = session.execute(
             select(col(Message.client_id)).order_by(col(Message.seq))
         ).scalars()
         assert list(stored) == ["a1", "b1"]
 
 
-def test_disabled_recipient_is_unknown(engine: Engine) -> None:
-    with Session(engine) as session:
+def test_disabled_recipient_is_unknown(store_engine: Engine) -> None:
+    with Session(store_engine) as session:
         account = accounts.get(session, "bob")
         assert account is not None
         account.disabled = True
         session.add(account)
         session.commit()
-    (outcome,) = persist_batch(engine, [("alice", up("a1", to="bob"))])
+    (outcome,) = persist_batch(store_engine, [("alice", up("a1", to="bob"))])
     assert outcome.error is not None
     assert outcome.error.code == errors.UNKNOWN_RECIPIENT
