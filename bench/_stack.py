@@ -48,6 +48,14 @@ from tests.services import (
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "bench-user-password"  # noqa: S105 (throwaway accounts on a loopback broker)
 RAW_DOWNLINKS = "chat/v1/u/+/down/#"
+#: Run the bridge from another checkout with its own .venv, to compare two commits of
+#: the bridge in one invocation against the same broker, database and generator:
+#: ``MQCHAT_BENCH_BRIDGE_TREE=/path/to/checkout python -m bench.load throughput ...``
+BRIDGE_TREE = (
+    Path(os.environ["MQCHAT_BENCH_BRIDGE_TREE"]).resolve()
+    if os.environ.get("MQCHAT_BENCH_BRIDGE_TREE")
+    else None
+)
 
 
 def log(text: str) -> None:
@@ -61,17 +69,22 @@ def user_names(count: int) -> list[str]:
 class Daemon:
     """One of our daemons (``python -m <module>``) as a child process, logging to a file."""
 
-    def __init__(self, name: str, module: str, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, module: str, env: dict[str, str], log_dir: Path, tree: Path | None = None
+    ) -> None:
         self.name, self.module, self.env = name, module, env
         self.log_path = log_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
+        #: Another checkout to run the module from (with its own .venv).
+        self.tree = tree
 
     def start(self) -> None:
+        python = str(self.tree / ".venv" / "bin" / "python") if self.tree else sys.executable
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", self.module],
+                [python, "-m", self.module],
                 env={**os.environ, **self.env},
-                cwd=ROOT,
+                cwd=self.tree or ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -157,7 +170,9 @@ class Stack:
                 "MQCHAT_BRIDGE_PARTITION": str(index),
                 "MQCHAT_BRIDGE_MESSAGE_RATE": message_rate,
             }
-            self.bridges.append(Daemon(f"bridge-{index + 1}", "bridge", env, self.base))
+            self.bridges.append(
+                Daemon(f"bridge-{index + 1}", "bridge", env, self.base, tree=BRIDGE_TREE)
+            )
         for bridge in self.bridges:
             bridge.start()
         for bridge in self.bridges:

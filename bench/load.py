@@ -94,10 +94,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def git_commit() -> str:
+def git_commit(tree: Path | str = ROOT) -> str:
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", *args], cwd=tree, capture_output=True, text=True, check=True
         ).stdout.strip()
 
     try:
@@ -616,7 +616,11 @@ def _finish(run: Run, write_docs: bool) -> None:
 
 
 def _start(results: Path) -> Run:
-    run = Run(shlex.join(["python", "-m", "bench.load", *sys.argv[1:]]), results)
+    command = shlex.join(["python", "-m", "bench.load", *sys.argv[1:]])
+    if os.environ.get("MQCHAT_BENCH_BRIDGE_TREE"):
+        tree = os.environ["MQCHAT_BENCH_BRIDGE_TREE"]
+        command = f"MQCHAT_BENCH_BRIDGE_TREE={tree} {command}  # bridge at {git_commit(tree)}"
+    run = Run(command, results)
     log(
         f"machine: {run.machine['cores']} cores, {run.machine['cpu']}, {run.machine['ram_gib']}"
         f" GiB RAM; commit {run.commit}; load average {run.load_at_start}"
