@@ -66,12 +66,28 @@ class Will:
     retain: bool = True
 
 
+def tls_context(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """A client TLS context that verifies the broker's certificate and host name.
+
+    Args:
+        ca_file: PEM file of the CA(s) to trust (a private CA, or a throwaway one in
+            tests); ``None`` trusts the system's CAs.
+
+    Raises:
+        OSError: ``ca_file`` cannot be read.
+        ssl.SSLError: it holds no usable certificate.
+    """
+    return ssl.create_default_context(cafile=None if ca_file is None else os.fspath(ca_file))
+
+
 @dataclass(frozen=True, slots=True)
 class LinkConfig:
     """Where and as whom to connect.
 
     ``clean_session`` is always explicit: paho's default of "clean on the first
     connect of the process" would wipe a daemon's queued messages on every restart.
+    ``tls`` (see :func:`tls_context`) wraps either transport: MQTT over TLS, or
+    WebSocket over TLS (``wss://``).
     """
 
     host: str
@@ -89,6 +105,35 @@ class LinkConfig:
     max_inflight: int = 1000
     max_backoff: float = 5.0
     connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.tls is not None and not self.tls.check_hostname:
+            raise ValueError("the TLS context must check the broker's host name")
+
+
+class _PahoClient(paho.Client):
+    """paho's client, except that a failed TLS handshake closes its socket.
+
+    paho 2.2 leaves the half-made ``SSLSocket`` open when the handshake fails (a
+    broker certificate the client does not trust), leaking one descriptor per
+    reconnect attempt. Host names are checked by the context itself
+    (``check_hostname``, which :class:`LinkConfig` insists on).
+    """
+
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        context = self._ssl_context
+        if context is None:  # paho calls this only once a context is set
+            raise ValueError("no TLS context")
+        ssl_sock = context.wrap_socket(
+            tcp_sock, server_hostname=self._host, do_handshake_on_connect=False
+        )
+        try:
+            ssl_sock.settimeout(self._connect_timeout)
+            ssl_sock.do_handshake()
+        except BaseException:
+            ssl_sock.close()
+            raise
+        return ssl_sock
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +299,7 @@ class MqttLink:
 
     def _make_client(self) -> paho.Client:
         cfg = self.config
-        client = paho.Client(
+        client = _PahoClient(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             clean_session=cfg.clean_session,
