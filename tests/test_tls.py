@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 import ssl
 import subprocess
 import sys
@@ -22,15 +24,25 @@ import pytest
 import trustme
 from sqlmodel import Session
 
+from broker.mosquitto import TlsListeners, render_config
 from clients.history import HistoryClient
 from clients.mqtt import LinkConfig, MqttError, MqttLink, tls_context
 from clients.sdk import ChatClient, ChatMessage
 from store import accounts, make_engine, migrate
 
-from .conftest import Daemon, Stack, _embedded_stack, _production_stack, password_of, wait_until
+from .conftest import (
+    ROOT,
+    Daemon,
+    Stack,
+    _embedded_stack,
+    _production_stack,
+    password_of,
+    wait_until,
+)
 from .services import PostgresServer, _accepts, free_port
 
 MQCHAT = Path(sys.executable).parent / "mqchat"
+CLI_ENV = {k: v for k, v in os.environ.items() if not k.startswith("MQCHAT_")}
 
 
 @dataclass
@@ -187,6 +199,7 @@ async def test_chat_over_mqtts_and_wss(tls_stack: TlsStack, pki: Pki) -> None:
             text=True,
             timeout=60,
             check=False,
+            env=CLI_ENV,
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"sent {sent.conversation} #")
@@ -206,6 +219,27 @@ async def test_tls_ports_refuse_plain_and_untrusted_clients(tls_stack: TlsStack,
         with pytest.raises(ssl.SSLCertVerificationError):
             await untrusted.connect()
         await untrusted.close()
+    # The CLI says so, with its "unreachable" exit code.
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [
+            str(MQCHAT),
+            "send",
+            "--to=alice",
+            f"--port={tls_stack.mqtts_port}",
+            f"--tls-ca={pki.other_ca_file}",
+            "--user=alice",
+            f"--password={password_of('alice')}",
+            "never sent",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=CLI_ENV,
+    )
+    assert result.returncode == 69, result.stderr
+    assert "certificate verify failed" in result.stderr
     # The broker serves on: a trusting client still gets in.
     good = raw_link("alice", tls_stack.mqtts_port, tls=tls_context(pki.ca_file))
     await good.connect()
@@ -256,3 +290,24 @@ async def test_history_api_over_https(tmp_path: Path, pki: Pki) -> None:
                 await plain.get(f"http://127.0.0.1:{port}/healthz")
     finally:
         api.stop()
+
+
+def test_the_documented_tls_example_is_what_runs(tmp_path: Path) -> None:
+    """render_config turns on exactly the commented TLS lines of mosquitto.conf."""
+    template = (ROOT / "mosquitto.conf").read_text()
+    common = {"host": "127.0.0.1", "port": 1, "ws_port": 2, "data_dir": tmp_path}
+    plain = render_config(template, **common)
+    assert "certfile" not in [line.split(" ")[0] for line in plain.splitlines()]
+    tls = TlsListeners(3, 4, tmp_path / "c.pem", tmp_path / "k.pem")
+    rendered = render_config(template, **common, tls=tls).splitlines()
+    enabled = [line for line in template.splitlines() if re.match(r"#[a-z_]+ ", line)]
+    assert len(enabled) == 8
+    listeners = [line for line in rendered if line.startswith("listener ")]
+    assert listeners == [f"listener {port} 127.0.0.1" for port in (1, 2, 3, 4)]
+    assert rendered.count(f"certfile {tls.certfile}") == 2
+    assert rendered.count(f"keyfile {tls.keyfile}") == 2
+    # An operator's file with TLS already on is rendered only when TLS is asked for.
+    turned_on = "\n".join(line[1:] if line in enabled else line for line in template.splitlines())
+    assert render_config(turned_on, **common, tls=tls).splitlines() == rendered
+    with pytest.raises(ValueError, match="expected listeners"):
+        render_config(turned_on, **common)
