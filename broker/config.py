@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import SecretStr
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -10,9 +12,9 @@ class BrokerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MQCHAT_BROKER_", extra="ignore")
 
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: int = Field(default=1883, ge=1, le=65535)
     #: MQTT over WebSocket (for browsers); 0 turns the listener off.
-    ws_port: int = 8083
+    ws_port: int = Field(default=8083, ge=0, le=65535)
     #: Accounts are read from here (the same database the bridge writes).
     database_url: str
     bridge_username: str = "mqchat-bridge"
@@ -20,3 +22,34 @@ class BrokerSettings(BaseSettings):
     bridge_password: SecretStr
     #: Seconds a disconnected persistent session (and its queue) is kept.
     session_expiry: int = 30 * 24 * 3600
+    #: The server certificate (PEM, with any intermediates after it) and its private
+    #: key. Setting both turns on the TLS listeners below; the plain ones stay (keep
+    #: them on loopback, for the bridge, or turn ``ws_port`` off).
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    #: Where the TLS listeners bind; by default the same interface as the plain ones.
+    tls_host: str | None = None
+    #: MQTT over TLS; 0 turns it off.
+    tls_port: int = Field(default=8883, ge=0, le=65535)
+    #: MQTT over WebSocket over TLS (``wss://``); 0 turns it off.
+    wss_port: int = Field(default=8084, ge=0, le=65535)
+
+    @field_validator("bridge_password")
+    @classmethod
+    def _password_given(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("the bridge's password may not be empty")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> BrokerSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("set both MQCHAT_BROKER_TLS_CERTFILE and MQCHAT_BROKER_TLS_KEYFILE")
+        for path in (self.tls_certfile, self.tls_keyfile):
+            if path is not None and not path.is_file():
+                raise ValueError(f"no such file: {path}")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_certfile is not None

@@ -96,15 +96,31 @@ class TopicAcl(BaseTopicPlugin):  # type: ignore[misc]
         return acl.allowed(rules, session.username, verb, topic)
 
 
-def broker_config(settings: BrokerSettings) -> dict[str, Any]:
-    listeners: dict[str, Any] = {
+def listener_table(settings: BrokerSettings) -> dict[str, dict[str, Any]]:
+    """amqtt's listener table: plain MQTT and WebSocket, and their TLS twins if configured.
+
+    Every listener runs the same auth and ACL plugins, so switching transport gives
+    a client nothing it did not have.
+    """
+    out: dict[str, dict[str, Any]] = {
         "default": {"type": "tcp", "bind": f"{settings.host}:{settings.port}"},
     }
     if settings.ws_port:
-        listeners["ws"] = {"type": "ws", "bind": f"{settings.host}:{settings.ws_port}"}
+        out["ws"] = {"type": "ws", "bind": f"{settings.host}:{settings.ws_port}"}
+    if settings.tls:
+        host = settings.tls_host or settings.host
+        tls = {"ssl": True, "certfile": settings.tls_certfile, "keyfile": settings.tls_keyfile}
+        if settings.tls_port:
+            out["tls"] = {"type": "tcp", "bind": f"{host}:{settings.tls_port}", **tls}
+        if settings.wss_port:
+            out["wss"] = {"type": "ws", "bind": f"{host}:{settings.wss_port}", **tls}
+    return out
+
+
+def broker_config(settings: BrokerSettings) -> dict[str, Any]:
     bridge_user = settings.bridge_username
     return {
-        "listeners": listeners,
+        "listeners": listener_table(settings),
         "session_expiry_interval": settings.session_expiry,
         "plugins": {
             f"{__name__}.AccountAuth": {
@@ -144,6 +160,13 @@ async def serve(settings: BrokerSettings, stop: asyncio.Event) -> None:
         settings.port,
         settings.ws_port or "off",
     )
+    if settings.tls:
+        log.info(
+            "TLS listeners on %s: mqtts %s, wss %s",
+            settings.tls_host or settings.host,
+            settings.tls_port or "off",
+            settings.wss_port or "off",
+        )
     try:
         await stop.wait()
     finally:

@@ -25,6 +25,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -55,7 +56,7 @@ from protocol.errors import ProtocolError
 from store import accounts, make_engine, migrate
 from store.db import alembic_config
 
-from .mqtt import ConnectRefused, LinkConfig
+from .mqtt import ConnectRefused, LinkConfig, tls_context
 from .sdk import ChatClient, ChatError, ChatMessage, SendTimeout
 
 EXIT_OK: Final = 0
@@ -116,6 +117,37 @@ PasswordOption = Annotated[
         hide_input=True,
         show_default=False,
         help="Your password; asked for (hidden) when not given.",
+        rich_help_panel=_CONNECTION,
+    ),
+]
+TlsOption = Annotated[
+    bool,
+    typer.Option(
+        "--tls",
+        envvar="MQCHAT_TLS",
+        help="Connect over TLS, trusting the system's CAs; --port is then a TLS "
+        "listener's (8883, or the wss one with --websockets).",
+        rich_help_panel=_CONNECTION,
+    ),
+]
+TlsCaOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca",
+        envvar="MQCHAT_TLS_CA",
+        dir_okay=False,
+        show_default=False,
+        help="Connect over TLS, trusting the CA certificate(s) in this PEM file "
+        "(a private CA). Implies --tls.",
+        rich_help_panel=_CONNECTION,
+    ),
+]
+WebsocketsOption = Annotated[
+    bool,
+    typer.Option(
+        "--websockets",
+        envvar="MQCHAT_WEBSOCKETS",
+        help="MQTT over WebSocket (path /mqtt); --port is then the WebSocket listener's.",
         rich_help_panel=_CONNECTION,
     ),
 ]
@@ -239,6 +271,17 @@ class _Connection:
     user: str
     password: str
     device: str
+    tls: bool = False
+    tls_ca: Path | None = None
+    websockets: bool = False
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not (self.tls or self.tls_ca):
+            return None
+        try:
+            return tls_context(self.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            _fail(EXIT_CONFIG, f"cannot use --tls-ca {self.tls_ca}: {exc}")
 
 
 @contextlib.asynccontextmanager
@@ -253,6 +296,8 @@ async def _connected(conn: _Connection, *, ephemeral: bool = False) -> AsyncIter
         password=conn.password,
         device=conn.device,
         persistent=not ephemeral,
+        transport="websockets" if conn.websockets else "tcp",
+        tls=conn.tls_context(),
     )
     try:
         try:
@@ -299,6 +344,9 @@ def send(
     user: UserOption = ...,  # type: ignore[assignment]
     password: PasswordOption = ...,  # type: ignore[assignment]
     device: DeviceOption = "cli",
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    websockets: WebsocketsOption = False,
 ) -> None:
     """Send one message and wait until it is stored: prints `sent <conversation> #<seq>`.
 
@@ -310,7 +358,7 @@ def send(
         raise typer.BadParameter(
             "give exactly one of --to and --conversation", param_hint="'--to' / '--conversation'"
         )
-    conn = _Connection(host, port, user, password, device)
+    conn = _Connection(host, port, user, password, device, tls, tls_ca, websockets)
     _run(
         _send(conn, body, to=to, conversation=conversation, message_id=message_id, timeout=timeout)
     )
@@ -368,6 +416,9 @@ def listen(
     user: UserOption = ...,  # type: ignore[assignment]
     password: PasswordOption = ...,  # type: ignore[assignment]
     device: DeviceOption = "cli",
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    websockets: WebsocketsOption = False,
 ) -> None:
     """Print incoming messages, one line each, until Ctrl-C.
 
@@ -375,7 +426,11 @@ def listen(
     devices appear too. Messages queued for this device while it was offline come
     first. `listening as ...` on stderr says the subscription is in place.
     """
-    _run(_listen(_Connection(host, port, user, password, device), count, as_json))
+    _run(
+        _listen(
+            _Connection(host, port, user, password, device, tls, tls_ca, websockets), count, as_json
+        )
+    )
 
 
 async def _listen(conn: _Connection, count: int | None, as_json: bool) -> int:
@@ -413,6 +468,9 @@ def chat(
     user: UserOption = ...,  # type: ignore[assignment]
     password: PasswordOption = ...,  # type: ignore[assignment]
     device: DeviceOption = "cli",
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    websockets: WebsocketsOption = False,
 ) -> None:
     """Chat with PEER: every line you type is sent; their messages print as `<from>: <body>`.
 
@@ -421,7 +479,7 @@ def chat(
     password by --password or MQCHAT_PASSWORD when piping lines in: a prompt would
     read the first line. Exits 1 if any line was refused.
     """
-    _run(_chat(_Connection(host, port, user, password, device), peer))
+    _run(_chat(_Connection(host, port, user, password, device, tls, tls_ca, websockets), peer))
 
 
 def _read_lines(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[str | None]) -> None:

@@ -11,6 +11,7 @@ Exceptions::
 
 from __future__ import annotations
 
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,14 +38,23 @@ class HistoryClient:
     """A signed-in view of the history API for one user.
 
     Args:
-        base_url: e.g. ``http://127.0.0.1:8000``.
+        base_url: e.g. ``http://127.0.0.1:8000`` or ``https://chat.example:8443``.
         page_size: messages per request when catching up (the API caps it at 200).
+        verify: for ``https``: the context to verify the server with
+            (``clients.mqtt.tls_context(ca_file)`` for a private CA); ``True`` trusts
+            the system's CAs.
     """
 
     def __init__(
-        self, base_url: str, username: str, password: str, *, page_size: int = 200
+        self,
+        base_url: str,
+        username: str,
+        password: str,
+        *,
+        page_size: int = 200,
+        verify: ssl.SSLContext | bool = True,
     ) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=10.0)
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=10.0, verify=verify)
         self._username = username
         self._password = password
         self._token: str | None = None

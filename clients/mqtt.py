@@ -66,13 +66,66 @@ class Will:
     retain: bool = True
 
 
-class _BufferedClient(paho.Client):
-    """paho with read-ahead: one ``recv`` for many packets instead of three per packet.
+def tls_context(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLContext:
+    """A client TLS context that verifies the broker's certificate and host name.
 
-    paho reads each packet in pieces (the type byte, each length byte, then the
-    body), one system call each. A busy link (the bridge) spent a fifth of its loop
-    in those calls (py-spy); reading up to 64 KiB at once and handing paho its
-    pieces from memory cuts that to one call per socket wake-up.
+    Args:
+        ca_file: PEM file of the CA(s) to trust (a private CA, or a throwaway one in
+            tests); ``None`` trusts the system's CAs.
+
+    Raises:
+        OSError: ``ca_file`` cannot be read.
+        ssl.SSLError: it holds no usable certificate.
+    """
+    return ssl.create_default_context(cafile=None if ca_file is None else os.fspath(ca_file))
+
+
+@dataclass(frozen=True, slots=True)
+class LinkConfig:
+    """Where and as whom to connect.
+
+    ``clean_session`` is always explicit: paho's default of "clean on the first
+    connect of the process" would wipe a daemon's queued messages on every restart.
+    ``tls`` (see :func:`tls_context`) wraps either transport: MQTT over TLS, or
+    WebSocket over TLS (``wss://``).
+    """
+
+    host: str
+    port: int
+    username: str
+    password: str
+    client_id: str
+    clean_session: bool = False
+    keepalive: int = 30
+    transport: Literal["tcp", "websockets"] = "tcp"
+    ws_path: str = "/mqtt"
+    tls: ssl.SSLContext | None = None
+    will: Will | None = None
+    manual_ack: bool = False
+    #: QoS 1 publishes on the wire awaiting PUBACK; 0 = no limit (TCP pushes back).
+    #: With a limit, paho walks every queued message on each PUBACK: at a few
+    #: thousand outstanding that walk was 11 % of the bridge's loop (py-spy).
+    max_inflight: int = 0
+    max_backoff: float = 5.0
+    connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.tls is not None and not self.tls.check_hostname:
+            raise ValueError("the TLS context must check the broker's host name")
+
+
+class _PahoClient(paho.Client):
+    """paho's client with read-ahead, and a failed TLS handshake closes its socket.
+
+    Read-ahead: paho reads each packet in pieces (the type byte, each length byte,
+    then the body), one system call each. A busy link (the bridge) spent a fifth of
+    its loop in those calls (py-spy); reading up to 64 KiB at once and handing paho
+    its pieces from memory makes it one call per socket wake-up.
+
+    TLS: paho 2.2 leaves the half-made ``SSLSocket`` open when the handshake fails (a
+    broker certificate the client does not trust), leaking one descriptor per
+    reconnect attempt. Host names are checked by the context itself
+    (``check_hostname``, which :class:`LinkConfig` insists on).
     """
 
     READ_AHEAD = 65536
@@ -100,33 +153,20 @@ class _BufferedClient(paho.Client):
         self._ahead, self._ahead_pos = b"", 0
         super()._sock_close()
 
-
-@dataclass(frozen=True, slots=True)
-class LinkConfig:
-    """Where and as whom to connect.
-
-    ``clean_session`` is always explicit: paho's default of "clean on the first
-    connect of the process" would wipe a daemon's queued messages on every restart.
-    """
-
-    host: str
-    port: int
-    username: str
-    password: str
-    client_id: str
-    clean_session: bool = False
-    keepalive: int = 30
-    transport: Literal["tcp", "websockets"] = "tcp"
-    ws_path: str = "/mqtt"
-    tls: ssl.SSLContext | None = None
-    will: Will | None = None
-    manual_ack: bool = False
-    #: QoS 1 publishes on the wire awaiting PUBACK; 0 = no limit (TCP pushes back).
-    #: With a limit, paho walks every queued message on each PUBACK: at a few
-    #: thousand outstanding that walk was 11 % of the bridge's loop (py-spy).
-    max_inflight: int = 0
-    max_backoff: float = 5.0
-    connect_timeout: float = 10.0
+    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
+        context = self._ssl_context
+        if context is None:  # paho calls this only once a context is set
+            raise ValueError("no TLS context")
+        ssl_sock = context.wrap_socket(
+            tcp_sock, server_hostname=self._host, do_handshake_on_connect=False
+        )
+        try:
+            ssl_sock.settimeout(self._connect_timeout)
+            ssl_sock.do_handshake()
+        except BaseException:
+            ssl_sock.close()
+            raise
+        return ssl_sock
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +332,7 @@ class MqttLink:
 
     def _make_client(self) -> paho.Client:
         cfg = self.config
-        client = _BufferedClient(
+        client = _PahoClient(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             clean_session=cfg.clean_session,
@@ -486,7 +526,7 @@ class MqttLink:
         # WebSocket wrapper.
         pending = getattr(sock, "pending", None)
         if sock is not None and (
-            (isinstance(client, _BufferedClient) and client.buffered())
+            (isinstance(client, _PahoClient) and client.buffered())
             or (pending is not None and pending() > 0)
         ):
             self._require_loop().call_soon(self._readable)

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import ssl
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -99,6 +100,9 @@ class ChatClient:
     """A chat device: connect, :meth:`send`, and iterate :meth:`messages`.
 
     Args:
+        transport: ``websockets`` for MQTT over WebSocket (path ``/mqtt``).
+        tls: verify and encrypt with this context (``clients.mqtt.tls_context``);
+            the port must then be a TLS listener's.
         device: names this device; the MQTT client id is ``{username}:{device}``, fixed,
             so the broker keeps the device's queue while it is offline.
         resend_after: seconds without a ``sent`` receipt before the same id is resent.
@@ -119,6 +123,7 @@ class ChatClient:
         password: str,
         device: str = "default",
         transport: Literal["tcp", "websockets"] = "tcp",
+        tls: ssl.SSLContext | None = None,
         keepalive: int = 30,
         resend_after: float = 5.0,
         hold_back: float = 2.0,
@@ -163,6 +168,7 @@ class ChatClient:
                 clean_session=not persistent,
                 keepalive=keepalive,
                 transport=transport,
+                tls=tls,
                 will=will,
             ),
             on_message=self._on_incoming,

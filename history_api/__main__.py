@@ -38,7 +38,14 @@ def main() -> int:
     except ValidationError as exc:
         print(f"history_api: bad configuration:\n{describe(exc)}", file=sys.stderr)
         return EXIT_CONFIG
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        ssl_certfile=settings.tls_certfile,
+        ssl_keyfile=settings.tls_keyfile,
+    )
     return EXIT_OK
 
 

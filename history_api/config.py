@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +25,20 @@ class ApiSettings(BaseSettings):
     #: How long a bearer token from ``POST /v1/tokens`` stays valid: seconds
     #: (``86400``) or ISO 8601 (``PT24H``).
     token_ttl: timedelta = Field(default=timedelta(hours=24), gt=timedelta(0))
+
+    #: HTTPS: the server certificate (PEM, intermediates after it) and its key. Both
+    #: or neither; uvicorn reads them at startup, so restart after renewing.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("set both MQCHAT_API_TLS_CERTFILE and MQCHAT_API_TLS_KEYFILE")
+        for path in (self.tls_certfile, self.tls_keyfile):
+            if path is not None and not path.is_file():
+                raise ValueError(f"no such file: {path}")
+        return self
 
     @property
     def provisions_mosquitto(self) -> bool:

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -280,7 +281,7 @@ def _bridge_env(database_url: str, host: str, port: int, password: str) -> dict[
     }
 
 
-async def _embedded_stack(base: Path) -> Stack:
+async def _embedded_stack(base: Path, broker_env: dict[str, str] | None = None) -> Stack:
     db_url = f"sqlite:///{base / 'mqchat.db'}"
     engine = make_engine(db_url)
     migrate(engine)
@@ -294,6 +295,7 @@ async def _embedded_stack(base: Path) -> Stack:
             "MQCHAT_BROKER_PORT": str(port),
             "MQCHAT_BROKER_WS_PORT": str(free_port()),
             "MQCHAT_BROKER_BRIDGE_PASSWORD": bridge_password,
+            **(broker_env or {}),
         },
         base,
     )
@@ -310,14 +312,16 @@ async def _embedded_stack(base: Path) -> Stack:
     return stack
 
 
-async def _production_stack(base: Path, postgres: PostgresServer) -> Stack:
+async def _production_stack(
+    base: Path, postgres: PostgresServer, *, tls_cert: tuple[bytes, bytes] | None = None
+) -> Stack:
     global _db_counter
     _db_counter += 1
     dbname = f"mqchat_{os.getpid()}_{_db_counter}"
     postgres.create_database(dbname, template="mqchat_template")
     db_url = postgres.url(dbname)
     engine = make_engine(db_url)
-    mosq = await asyncio.to_thread(start_mosquitto, base)
+    mosq = await asyncio.to_thread(partial(start_mosquitto, base, tls_cert=tls_cert))
     env = _bridge_env(db_url, mosq.host, mosq.port, mosq.bridge.password)
     bridge = Daemon("bridge", "bridge", env, base)
     stack = Stack(

@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from broker.mosquitto import Credentials, render_config, write_dynsec_bootstrap
+from broker.mosquitto import Credentials, TlsListeners, render_config, write_dynsec_bootstrap
 from clients.mqtt import LinkConfig
 
 PRODUCTION_CONFIG = Path(__file__).parents[1] / "mosquitto.conf"
@@ -157,8 +157,10 @@ class MosquittoServer:
         bridge: Credentials,
         account: pwd.struct_passwd | None,
         private_workdir: bool,
+        tls: TlsListeners | None = None,
     ) -> None:
         self.binary = binary
+        self.tls = tls
         self.workdir = workdir
         self.host = host
         self.port = port
@@ -204,8 +206,11 @@ class MosquittoServer:
                 **_run_as(self._account),
             )
         try:
+            ports = [self.port, self.ws_port]
+            if self.tls is not None:
+                ports += [self.tls.port, self.tls.ws_port]
             _wait_for(
-                lambda: _accepts(self.host, self.port) and _accepts(self.host, self.ws_port),
+                lambda: all(_accepts(self.host, p) for p in ports),
                 timeout=timeout,
                 what="mosquitto",
                 log=self.log_path,
@@ -253,10 +258,17 @@ class MosquittoServer:
         return _tail(self.log_path, lines)
 
 
-def start_mosquitto(base_dir: Path, *, host: str = LOOPBACK) -> MosquittoServer:
+def start_mosquitto(
+    base_dir: Path,
+    *,
+    host: str = LOOPBACK,
+    tls_cert: tuple[bytes, bytes] | None = None,
+) -> MosquittoServer:
     """Start mosquitto from the production config with fresh service accounts.
 
     The admin and bridge passwords are random; read them from the returned server.
+    ``tls_cert`` (certificate chain and key, PEM) turns on the config's TLS
+    listeners, on free ports (``server.tls``).
     """
     binary = mosquitto_binary()
     account = _service_account("mosquitto")
@@ -274,6 +286,15 @@ def start_mosquitto(base_dir: Path, *, host: str = LOOPBACK) -> MosquittoServer:
         private_workdir=private,
     )
     server.data_dir.mkdir()
+    if tls_cert is not None:
+        server.tls = TlsListeners(
+            port=free_port(),
+            ws_port=free_port(),
+            certfile=workdir / "server.pem",
+            keyfile=workdir / "server.key",
+        )
+        server.tls.certfile.write_bytes(tls_cert[0])
+        server.tls.keyfile.write_bytes(tls_cert[1])
     configured_plugin = next(
         line.split(None, 1)[1] for line in template.splitlines() if line.startswith("plugin ")
     )
@@ -285,6 +306,7 @@ def start_mosquitto(base_dir: Path, *, host: str = LOOPBACK) -> MosquittoServer:
             ws_port=server.ws_port,
             data_dir=server.data_dir,
             plugin=_dynsec_plugin(configured_plugin),
+            tls=server.tls,
         )
     )
     write_dynsec_bootstrap(

@@ -1,0 +1,483 @@
+"""Isolation, proved by a matrix: every actor x every topic class x publish/subscribe.
+
+On both brokers, for several users (names that are legal but tricky: ``bob`` and
+``bobby`` share a prefix, one has 32 characters with ``.`` and ``_``) and the bridge's
+service account, exactly the combinations the topic table allows succeed:
+
+* publish: a probe with a unique payload on every observable topic; observers that
+  are entitled to read the topic (the bridge account on ``up/#``, each user on their
+  own ``down/#``, any user on ``presence/+``) show which probes got through;
+* subscribe: SUBACK granted or 0x80 refused for every filter; then traffic on every
+  topic, and each prober must receive exactly what its granted filters match.
+
+The expectation comes from the topic table of DESIGN.md, written out again below
+and evaluated by a matcher of this file's own (regular expressions over sample
+topics), not by ``protocol.acl``, which is the code under test.
+
+"Nothing arrived" is never a sleep: after the probes, a sentinel that the observer
+is entitled to is published on the same broker; once it is in, anything the probes
+could have caused is in too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cache
+
+import pytest
+from sqlmodel import Session, select
+
+from broker.provisioning import register
+from clients.mqtt import ConnectRefused, Incoming, MqttLink, SubscribeRefused
+from protocol.errors import ProtocolError
+from store.tables import Account
+
+from .conftest import ROOT, Stack, password_of
+from .test_chat import stored
+
+BRIDGE = "mqchat-bridge"
+LONG_NAME = "d.o_t" + "9" * 27  # 32 characters, the longest a username may be
+USERS = ("alice", "bob", "bobby", LONG_NAME)
+ACTORS = (*USERS, BRIDGE)
+UP_KINDS = ("msg", "ack", "typing", "presence")
+DOWN_KINDS = ("msg", "receipt", "typing", "error")
+
+# The topic table of DESIGN.md, restated ("{me}" is the connected user).
+ALLOWED: dict[str, dict[str, tuple[str, ...]]] = {
+    "user": {
+        "publish": ("chat/v1/u/{me}/up/#",),
+        "subscribe": ("chat/v1/u/{me}/down/#", "chat/v1/presence/+"),
+    },
+    "bridge": {
+        "publish": ("chat/v1/u/+/down/#", "chat/v1/presence/+"),
+        "subscribe": ("chat/v1/u/+/up/#",),
+    },
+}
+
+
+# -- the oracle --------------------------------------------------------------------
+
+
+@cache
+def _regex(pattern: str) -> re.Pattern[str]:
+    """An MQTT filter as a regular expression over topic names."""
+    if pattern == "#":
+        return re.compile(r"(?!\$).*", re.DOTALL)
+    levels = pattern.split("/")
+    tail = ""
+    if levels[-1] == "#":
+        levels = levels[:-1]
+        tail = "(/.*)?"  # '#' also matches the parent level itself
+    body = "/".join("[^/]*" if level == "+" else re.escape(level) for level in levels)
+    guard = r"(?!\$)" if levels[0] == "+" else ""  # wildcards never match '$' topics
+    return re.compile(guard + body + tail, re.DOTALL)
+
+
+def _match(pattern: str, topic: str) -> bool:
+    return _regex(pattern).fullmatch(topic) is not None
+
+
+def _samples(topic_filter: str) -> list[str]:
+    """Topics that stand for everything ``topic_filter`` can match.
+
+    A wildcard level becomes a value no literal level equals (NUL), so only a
+    wildcard in the allowing pattern can match it; ``#`` stands for zero, one and
+    two levels.
+    """
+    wild = "\x00"
+    levels = ["\x00" if level == "+" else level for level in topic_filter.split("/")]
+    if levels[-1] != "#":
+        return ["/".join(levels)]
+    parent = levels[:-1]
+    return ["/".join(parent), "/".join([*parent, wild]), "/".join([*parent, wild, wild])]
+
+
+def may(actor: str, action: str, topic: str) -> bool:
+    kind = "bridge" if actor == BRIDGE else "user"
+    patterns = [p.replace("{me}", actor) for p in ALLOWED[kind][action]]
+    if action == "publish":
+        return any(_match(p, topic) for p in patterns)
+    # A subscription is granted only if it cannot reach past what is allowed.
+    return all(any(_match(p, s) for p in patterns) for s in _samples(topic))
+
+
+def test_the_oracle_reads_the_table_as_intended() -> None:
+    """The matcher above is itself code; pin the cases the matrix leans on."""
+    assert may("bob", "publish", "chat/v1/u/bob/up/msg")
+    assert not may("bob", "publish", "chat/v1/u/bobby/up/msg")
+    assert not may("bob", "publish", "chat/v1/presence/bob")
+    assert may("bob", "subscribe", "chat/v1/u/bob/down/+")
+    assert may("bob", "subscribe", "chat/v1/presence/alice")
+    assert not may("bob", "subscribe", "chat/v1/u/bob/#")
+    assert not may("bob", "subscribe", "chat/v1/presence/#")
+    assert not may("bob", "subscribe", "#")
+    assert not may("bob", "subscribe", "chat/v1/u/+/down/#")
+    assert may(BRIDGE, "subscribe", "chat/v1/u/+/up/#")
+    assert not may(BRIDGE, "subscribe", "chat/v1/u/+/down/#")
+    assert may(BRIDGE, "publish", "chat/v1/u/bob/down/msg")
+    assert not may(BRIDGE, "publish", "chat/v1/u/bob/up/msg")
+    assert not _match("+/#", "$SYS/broker/uptime")
+
+
+# -- what is probed ----------------------------------------------------------------
+
+
+def observable_topics() -> list[str]:
+    """Every topic some entitled observer can watch: the publish probes' targets."""
+    out = []
+    for user in USERS:
+        out += [f"chat/v1/u/{user}/up/{kind}" for kind in UP_KINDS]
+        out += [f"chat/v1/u/{user}/down/{kind}" for kind in DOWN_KINDS]
+        out.append(f"chat/v1/presence/{user}")
+    return out
+
+
+def subscribe_filters() -> list[str]:
+    filters = []
+    for user in USERS:
+        base = f"chat/v1/u/{user}"
+        filters += [f"{base}/up/{kind}" for kind in UP_KINDS]
+        filters += [f"{base}/down/{kind}" for kind in DOWN_KINDS]
+        filters += [f"{base}/up/#", f"{base}/up/+", f"{base}/down/#", f"{base}/down/+"]
+        filters += [f"{base}/down", f"{base}/down/msg/deeper", f"{base}/#", f"{base}/+/msg"]
+        filters.append(f"chat/v1/presence/{user}")
+    filters += [
+        "#",
+        "+/#",
+        "+/+/+/+/+/+",
+        "+/v1/u/+/down/#",
+        "chat/#",
+        "chat/v1/#",
+        "chat/v1/u/#",
+        "chat/v1/u/+/up/#",
+        "chat/v1/u/+/down/#",
+        "chat/v1/u/+/+/+",
+        "chat/v1/u/+/down/msg",
+        "chat/v1/presence/+",
+        "chat/v1/presence/#",
+        "chat/+/presence/+",
+        "$SYS/#",
+        "$SYS/broker/uptime",
+        "$CONTROL/#",
+        "$CONTROL/dynamic-security/v1/response",
+    ]
+    return filters
+
+
+def traffic_topics() -> list[str]:
+    """What is published after the subscriptions, each by someone allowed to."""
+    return observable_topics()
+
+
+# -- connections that record what they receive --------------------------------------
+
+
+@dataclass
+class Recorder:
+    messages: list[Incoming] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __call__(self, message: Incoming) -> None:
+        self.messages.append(message)
+        self._changed.set()
+
+    def payloads(self) -> set[bytes]:
+        return {m.payload for m in self.messages}
+
+    async def wait_for(self, payload: bytes, timeout: float = 20) -> None:
+        async with asyncio.timeout(timeout):
+            while payload not in self.payloads():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@dataclass
+class Actor:
+    name: str
+    link: MqttLink
+    seen: Recorder
+
+
+def _password(stack: Stack, name: str) -> str:
+    return stack.bridge_env["MQCHAT_BRIDGE_PASSWORD"] if name == BRIDGE else password_of(name)
+
+
+async def _connect(stack: Stack, name: str, role: str) -> Actor:
+    seen = Recorder()
+    link = await stack.raw(
+        name,
+        _password(stack, name),
+        client_id=f"{name}:{role}-{secrets.token_hex(3)}",
+        on_message=seen,
+    )
+    return Actor(name, link, seen)
+
+
+def _token(label: str) -> bytes:
+    return json.dumps({"probe": label, "nonce": secrets.token_hex(6)}).encode()
+
+
+async def _publish_all(items: Iterable[tuple[MqttLink, str, bytes, bool]]) -> None:
+    """Publish at QoS 1 and wait for every PUBACK."""
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(link.publish(t, p, qos=1, retain=r) for link, t, p, r in items))
+
+
+def _table(rows: Iterable[tuple[str, str, bool]]) -> str:
+    return "\n".join(
+        f"  {who:>12} {'ALLOWED' if ok else 'denied':8} {what}" for who, what, ok in rows
+    )
+
+
+def _mismatches(
+    results: dict[tuple[str, str], bool], expect: Callable[[str, str], bool]
+) -> list[tuple[str, str, bool]]:
+    return [(who, what, got) for (who, what), got in results.items() if got != expect(who, what)]
+
+
+# -- the matrix ----------------------------------------------------------------------
+
+
+async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
+    await stack.add_users(*USERS)
+
+    # A real retained presence for alice, published by the bridge from her device.
+    watcher = await _connect(stack, "alice", "presence-watch")
+    await watcher.link.subscribe("chat/v1/presence/+", qos=1)
+    await stack.client("alice", "phone")
+    async with asyncio.timeout(20):
+        while not any(m.topic == "chat/v1/presence/alice" for m in watcher.seen.messages):
+            watcher.seen._changed.clear()
+            await watcher.seen._changed.wait()
+    alice_presence = next(
+        m.payload for m in watcher.seen.messages if m.topic == "chat/v1/presence/alice"
+    )
+
+    # Observers, each subscribed only to what it is entitled to.
+    up_observer = await _connect(stack, BRIDGE, "observer")
+    await up_observer.link.subscribe("chat/v1/u/+/up/#", qos=1)
+    down_observers = {user: await _connect(stack, user, "observer") for user in USERS}
+    for user, observer in down_observers.items():
+        await observer.link.subscribe(f"chat/v1/u/{user}/down/#", qos=1)
+
+    def observers_of(topic: str) -> list[Recorder]:
+        if topic.startswith("chat/v1/presence/"):
+            return [watcher.seen]
+        user, direction = topic.split("/")[3:5]
+        return [up_observer.seen if direction == "up" else down_observers[user].seen]
+
+    actors = {name: await _connect(stack, name, "prober") for name in ACTORS}
+
+    # -- publish ------------------------------------------------------------------
+    probes: dict[tuple[str, str], bytes] = {}
+    for name in actors:
+        for topic in observable_topics():
+            probes[(name, topic)] = _token(f"{name} -> {topic}")
+    forged_presence = {
+        user: json.dumps({"state": "offline", "at": "2020-01-01T00:00:00+00:00"}).encode()
+        for user in ("alice", "bob")
+    }
+    # Asking mosquitto's admin API for the bridge's rights, and for a new account.
+    # From a connection of its own: amqtt stops serving a session that publishes to a
+    # '$' topic (it neither closes it nor answers it again), which would end bob's
+    # probing here.
+    escalator = await _connect(stack, "bob", "escalator")
+    escalation = json.dumps(
+        {
+            "commands": [
+                {"command": "addClientRole", "username": "bob", "rolename": "mqchat-bridge"},
+                {"command": "createClient", "username": "evil-x", "password": "evil-x-pass-1"},
+            ]
+        }
+    ).encode()
+    await _publish_all(
+        [
+            *(
+                (actors[name].link, topic, payload, False)
+                for (name, topic), payload in probes.items()
+            ),
+            # bob rewrites presence: retained, on alice's and on his own topic.
+            *(
+                (actors["bob"].link, f"chat/v1/presence/{user}", payload, True)
+                for user, payload in forged_presence.items()
+            ),
+            (escalator.link, "$CONTROL/dynamic-security/v1", escalation, False),
+        ]
+    )
+
+    # Sentinels, each from an account allowed to reach that observer.
+    sentinels: list[tuple[Recorder, bytes]] = []
+    publishes = []
+    for user, observer in down_observers.items():
+        token = _token(f"sentinel down {user}")
+        publishes.append((actors[BRIDGE].link, f"chat/v1/u/{user}/down/typing", token, False))
+        sentinels.append((observer.seen, token))
+    token = _token("sentinel up")
+    publishes.append((actors["alice"].link, "chat/v1/u/alice/up/typing", token, False))
+    sentinels.append((up_observer.seen, token))
+    token = _token("sentinel presence")
+    publishes.append((actors[BRIDGE].link, "chat/v1/presence/zz.sentinel", token, False))
+    sentinels.append((watcher.seen, token))
+    await _publish_all(publishes)
+    for recorder, token in sentinels:
+        await recorder.wait_for(token)
+
+    published = {
+        (name, topic): any(payload in r.payloads() for r in observers_of(topic))
+        for (name, topic), payload in probes.items()
+    }
+    wrong = _mismatches(published, lambda who, topic: may(who, "publish", topic))
+    assert not wrong, "publish outcomes differ from the topic table:\n" + _table(wrong)
+    assert sum(published.values()) == len(USERS) * len(UP_KINDS) + len(USERS) * (
+        len(DOWN_KINDS) + 1
+    )
+    assert not set(forged_presence.values()) & watcher.seen.payloads()
+
+    # -- retained presence: what a newcomer sees is the bridge's word only -------------
+    newcomer = await _connect(stack, "bobby", "newcomer")
+    await newcomer.link.subscribe("chat/v1/presence/+", qos=1)
+    token = _token("sentinel retained")
+    await actors[BRIDGE].link.publish("chat/v1/presence/zz.sentinel", token, qos=1)
+    await newcomer.seen.wait_for(token)
+    retained = {m.topic: m.payload for m in newcomer.seen.messages if m.retain}
+    assert retained == {"chat/v1/presence/alice": alice_presence}
+
+    # -- subscribe ------------------------------------------------------------------
+    granted: dict[tuple[str, str], bool] = {}
+    for name, actor in actors.items():
+        actor.seen.messages.clear()
+        for topic_filter in subscribe_filters():
+            try:
+                async with asyncio.timeout(10):
+                    await actor.link.subscribe(topic_filter, qos=1)
+            except SubscribeRefused:
+                granted[(name, topic_filter)] = False
+            else:
+                granted[(name, topic_filter)] = True
+    wrong = _mismatches(granted, lambda who, f: may(who, "subscribe", f))
+    assert not wrong, "subscribe outcomes differ from the topic table:\n" + _table(wrong)
+
+    # Traffic on every topic, from someone allowed to publish it.
+    traffic = actors | {"bridge-traffic": await _connect(stack, BRIDGE, "traffic")}
+    items = []
+    for topic in traffic_topics():
+        user = topic.split("/")[3]
+        sender = traffic[user] if "/up/" in topic else traffic["bridge-traffic"]
+        items.append((sender.link, topic, _token(f"traffic {topic}"), False))
+    await _publish_all(items)
+    sentinels = []
+    publishes = []
+    for name in USERS:
+        token = _token(f"sentinel sub {name}")
+        publishes.append(
+            (traffic["bridge-traffic"].link, f"chat/v1/u/{name}/down/typing", token, False)
+        )
+        sentinels.append((actors[name].seen, token))
+    token = _token("sentinel sub bridge")
+    publishes.append((actors["alice"].link, "chat/v1/u/alice/up/typing", token, False))
+    sentinels.append((actors[BRIDGE].seen, token))
+    await _publish_all(publishes)
+    for recorder, token in sentinels:
+        await recorder.wait_for(token)
+
+    for name, actor in actors.items():
+        filters = [f for (who, f), ok in granted.items() if who == name and ok]
+        received = {m.topic for m in actor.seen.messages}
+        leaked = {t for t in received if not any(_match(f, t) for f in filters)}
+        assert not leaked, f"{name} received topics it may not subscribe to: {sorted(leaked)}"
+        expected = {t for t in traffic_topics() if any(_match(f, t) for f in filters)}
+        assert expected <= received, f"{name} missed {sorted(expected - received)}"
+
+    # The $CONTROL publish changed nothing: no bridge rights for bob, no new account.
+    with pytest.raises(SubscribeRefused):
+        await actors["bob"].link.subscribe("chat/v1/u/+/up/#", qos=1)
+    with pytest.raises(ConnectRefused):
+        await stack.raw("evil-x", "evil-x-pass-1")
+
+
+async def test_the_sender_is_the_topic_never_the_payload(stack: Stack) -> None:
+    await stack.add_users("alice", "bob")
+    bob = await stack.client("bob")
+    alice = await stack.raw("alice")
+    # alice claims to be bob, writing to bob: the stored and delivered sender is alice.
+    forged = {"id": "forged-from", "to": "bob", "body": "it is me, bob", "from": "bob"}
+    await alice.publish("chat/v1/u/alice/up/msg", json.dumps(forged).encode(), qos=1)
+    got = await bob.next_message(timeout=20)
+    assert (got.id, got.sender) == ("forged-from", "alice")
+    [row] = stored(stack)
+    assert (row.sender, row.client_id) == ("alice", "forged-from")
+
+
+# -- identities with wildcard characters ------------------------------------------------
+
+ILLEGAL_NAMES = ["+", "#", "a+b", "a#b", "a/b", "alice/#", "chat/v1/u/+", "$sys", "$SYS/x", "$"]
+ODD_CLIENT_IDS = ["+", "#", "bob/+/#", "$SYS", "$SYS/broker", "chat/v1/u/alice/down/#", "bob:+#$/"]
+
+
+async def test_wildcards_in_usernames_and_client_ids_give_no_rights(stack: Stack) -> None:
+    await stack.add_users("alice", "bob")
+    async with stack.provisioner() as provisioner:
+        for name in ILLEGAL_NAMES:
+            with pytest.raises(ProtocolError) as refused:
+                await register(stack.engine, provisioner, name, "long-enough-password")
+            assert refused.value.code == "invalid_username", name
+    with Session(stack.engine) as session:
+        names = set(session.exec(select(Account.username)).all())
+    assert names == {"alice", "bob"}
+    for name in ILLEGAL_NAMES:
+        with pytest.raises(ConnectRefused):
+            await stack.raw(name, password_of("alice"))
+
+    # A client id is not a topic: whatever characters it has, the connection gets
+    # its user's rights and no more (or is refused outright).
+    for client_id in ODD_CLIENT_IDS:
+        try:
+            bob = await stack.raw("bob", client_id=client_id)
+        except ConnectRefused:
+            continue
+        await bob.subscribe("chat/v1/u/bob/down/#", qos=1)
+        for topic_filter in ("chat/v1/u/alice/down/#", "chat/v1/u/+/up/#", "#", "$SYS/#"):
+            with pytest.raises(SubscribeRefused):
+                await bob.subscribe(topic_filter, qos=1)
+        await bob.close()
+
+
+# -- the bridge's service password ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "env"),
+    [
+        ("bridge", {"MQCHAT_BRIDGE_DATABASE_URL": "sqlite:///unused.db"}),
+        ("broker", {"MQCHAT_BROKER_DATABASE_URL": "sqlite:///unused.db"}),
+        (
+            "broker",
+            {
+                "MQCHAT_BROKER_DATABASE_URL": "sqlite:///unused.db",
+                "MQCHAT_BROKER_BRIDGE_PASSWORD": "",
+            },
+        ),
+    ],
+)
+def test_no_default_service_password(module: str, env: dict[str, str]) -> None:
+    """Without a configured bridge password neither the bridge nor the broker starts."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MQCHAT_")}
+    result = subprocess.run(
+        [sys.executable, "-m", module],
+        env={**clean, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 78, result.stderr
+    assert "password" in result.stderr.lower()
