@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pydantic import Field, SecretStr
+from limits import parse_many
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,6 +25,20 @@ class ApiSettings(BaseSettings):
     #: How long a bearer token from ``POST /v1/tokens`` stays valid: seconds
     #: (``86400``) or ISO 8601 (``PT24H``).
     token_ttl: timedelta = Field(default=timedelta(hours=24), gt=timedelta(0))
+
+    #: Failed sign-ins (``POST /v1/tokens``, and wrong current passwords) one account
+    #: may have before it is refused with 429 for a while, even with the right
+    #: password; ``limits`` rate strings (moving windows). Successes never count.
+    login_failures_per_user: str = "10/minute;100/hour"
+    #: Failed sign-ins from one client address, for any accounts. Behind a reverse
+    #: proxy every client has the proxy's address: see docs/security.md.
+    login_failures_per_source: str = "30/minute;300/hour"
+
+    @model_validator(mode="after")
+    def _rates_parse(self) -> ApiSettings:
+        parse_many(self.login_failures_per_user)  # ValueError names what is wrong
+        parse_many(self.login_failures_per_source)
+        return self
 
     @property
     def provisions_mosquitto(self) -> bool:

@@ -100,7 +100,22 @@ async def test_duplicate_username_is_409(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(
     "username",
-    ["Alice", "al/ice", "al+ice", "al#ice", "$alice", "a" * 33, "a", "", "al ice", "al-ice"],
+    [
+        "al/ice",
+        "al+ice",
+        "al#ice",
+        "$alice",
+        "a" * 33,
+        "a",
+        "",
+        "al ice",
+        "al-ice",
+        "\u0430lice",  # Cyrillic a: NFKC keeps it, so it is refused, not confused
+        "alice\u200b",  # zero-width space
+        "\uff0b" + "alice",  # fullwidth plus: NFKC makes it a real '+'
+        "\uff03",  # fullwidth '#'
+        "a" * 65,  # refused before normalising
+    ],
 )
 async def test_bad_username_is_422(
     client: httpx.AsyncClient, database_url: str, username: str

@@ -364,7 +364,7 @@ def test_accounts_and_schema_without_up(tmp_path: Path) -> None:
     assert (created.returncode, created.stdout) == (0, "created alice\n")
     for name, password, code in [
         ("alice", "alice-secret", "username_taken"),
-        ("Alice", "alice-secret", "invalid_username"),
+        ("Alice", "alice-secret", "username_taken"),  # the same name, normalised
         ("$sys", "alice-secret", "invalid_username"),
         ("carol", "short", "weak_password"),
     ]:
