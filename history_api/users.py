@@ -108,6 +108,7 @@ async def change_my_password(
     body: PasswordChange,
     me: CurrentUser,
     token: CurrentToken,
+    reading: SessionDep,
     engine: EngineDep,
     open_provisioner: ProvisionerDep,
     guard: SignInGuardDep,
@@ -122,6 +123,9 @@ async def change_my_password(
     """
     new_password = body.new_password.get_secret_value()
     accounts.check_password(new_password, username=me)
+    # The token was looked up in a transaction that, on SQLite, holds the write lock
+    # (BEGIN IMMEDIATE); end it before this request writes on a session of its own.
+    await run_in_threadpool(reading.rollback)
     guard.check(me, source)
     if not await run_in_threadpool(_verify, engine, me, body.current_password.get_secret_value()):
         guard.failed(me, source)
