@@ -129,8 +129,13 @@ class Gate:
 
     def current_hashes(self, usernames: list[str]) -> dict[str, str]:
         """Password hash of each enabled account among ``usernames``. Blocking."""
+        found: dict[str, str] = {}
         with DbSession(self._engine) as db:
-            return accounts.credentials_state(db, usernames)
+            # In chunks: SQLite and PostgreSQL bound the parameters of one statement.
+            for start in range(0, len(usernames), 500):
+                found.update(accounts.credentials_state(db, usernames[start : start + 500]))
+                db.rollback()  # do not hold SQLite's write lock across chunks
+        return found
 
 
 class _Rewindable(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no types
