@@ -29,17 +29,18 @@ BRIDGE = "mqchat-bridge"
 
 
 class Broker:
-    def __init__(self, port: int, bridge_password: str) -> None:
+    def __init__(self, port: int, ws_port: int, bridge_password: str) -> None:
         self.port = port
+        self.ws_port = ws_port
         self.bridge_password = bridge_password
-        self._links: list[MqttLink] = []
 
-    async def connect(self, user: str, password: str) -> str | None:
+    async def connect(self, user: str, password: str, *, websockets: bool = False) -> str | None:
         """Sign in once: None if accepted (then disconnect), else paho's refusal reason."""
         link = MqttLink(
             LinkConfig(
                 host="127.0.0.1",
-                port=self.port,
+                port=self.ws_port if websockets else self.port,
+                transport="websockets" if websockets else "tcp",
                 username=user,
                 password=password,
                 client_id=f"{user}:{secrets.token_hex(3)}",
@@ -70,12 +71,12 @@ def start_broker(tmp_path: Path) -> Iterator[StartBroker]:
         for name in ("alice", "bob", "carol"):
             await register(engine, EmbeddedProvisioner(), name, password_of(name))
         engine.dispose()
-        port = free_port()
+        port, ws_port = free_port(), free_port()
         bridge_password = secrets.token_urlsafe(16)
         env = {
             "MQCHAT_BROKER_DATABASE_URL": url,
             "MQCHAT_BROKER_PORT": str(port),
-            "MQCHAT_BROKER_WS_PORT": "0",
+            "MQCHAT_BROKER_WS_PORT": str(ws_port),
             "MQCHAT_BROKER_BRIDGE_PASSWORD": bridge_password,
             **{f"MQCHAT_BROKER_{key.upper()}": value for key, value in limits.items()},
         }
@@ -84,7 +85,7 @@ def start_broker(tmp_path: Path) -> Iterator[StartBroker]:
         daemon.start()
         # Wait on the log, not by connecting: a probe would count as a connection.
         await asyncio.to_thread(daemon.wait_for_log, "embedded broker listening")
-        return Broker(port, bridge_password)
+        return Broker(port, ws_port, bridge_password)
 
     yield start
     for daemon in daemons:
@@ -154,3 +155,15 @@ async def test_a_silent_connection_is_closed_and_others_are_served(
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_the_gate_guards_the_websocket_listener_too(start_broker: StartBroker) -> None:
+    broker = await start_broker(auth_failures_per_user="2/minute")
+    assert await broker.connect("alice", password_of("alice"), websockets=True) is None
+    for _ in range(2):
+        assert await broker.connect("alice", "a guess", websockets=True) == NOT_AUTHORIZED
+
+    assert await broker.connect("alice", password_of("alice"), websockets=True) == (
+        SERVER_UNAVAILABLE
+    )
+    assert await broker.connect("bob", password_of("bob"), websockets=True) is None
