@@ -2,8 +2,11 @@
 
 ::
 
-    account created ──▶ store (argon2 hash)
+    account created/changed ──▶ store (argon2 hash, disabled)        (broker.provisioning)
                    └──▶ mosquitto: dynsec client + per-user role   (broker.mosquitto)
-    device CONNECT ──▶ amqtt AccountAuth ──▶ store.accounts.verify   (broker.embedded)
+    device CONNECT ──▶ MqchatBroker gate: throttles, store.accounts, client id owner
+                   ──▶ amqtt AccountAuth (what the gate admitted)  (broker.embedded)
+    account disabled/deleted/new password ──▶ embedded: dropped at the next poll;
+                                              mosquitto: dropped by dynsec
     PUBLISH/SUBSCRIBE ──▶ TopicAcl / dynsec role ──▶ protocol.acl rules
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from limits import parse_many
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -53,3 +54,29 @@ class BrokerSettings(BaseSettings):
     @property
     def tls(self) -> bool:
         return self.tls_certfile is not None
+
+    #: New connections one source address may open (``limits`` rate strings, moving
+    #: windows); above it the CONNECT is answered 3 (server unavailable).
+    connect_rate: str = "20/second;300/minute"
+    #: Failed sign-ins one username may have before it is refused for a while, even
+    #: with the right password (CONNACK 3). Service accounts are exempt: a guesser
+    #: must not be able to lock the bridge out.
+    auth_failures_per_user: str = "10/minute;100/hour"
+    #: Failed sign-ins one source address may have, for any usernames.
+    auth_failures_per_source: str = "30/minute;300/hour"
+    #: Seconds between checks for disabled or deleted accounts and changed passwords;
+    #: their live connections are dropped at the next check.
+    account_poll: float = Field(default=2.0, gt=0)
+    #: Seconds a new connection has to send its CONNECT.
+    connect_timeout: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _rates_parse(self) -> BrokerSettings:
+        rates_settings = (
+            self.connect_rate,
+            self.auth_failures_per_user,
+            self.auth_failures_per_source,
+        )
+        for rates in rates_settings:
+            parse_many(rates)  # ValueError names what is wrong
+        return self

@@ -1,77 +1,293 @@
-"""The embedded broker: amqtt with mqchat's authentication and topic ACL.
+"""The embedded broker: amqtt with mqchat's sign-in gate and topic ACL.
 
-amqtt speaks MQTT 3.1.1 only and keeps sessions in memory. Two plugins make it
-enforce the same rules as the production mosquitto:
+amqtt speaks MQTT 3.1.1 only and keeps sessions in memory. mqchat adds::
 
-* :class:`AccountAuth` checks username and password against the accounts table
-  (argon2, off the event loop) and the bridge's service credentials from settings.
-  It also binds a client id to the first username that used it: amqtt hands an
-  existing persistent session to whoever presents its client id, and would
-  otherwise give another user alice's queued messages.
-* :class:`TopicAcl` applies ``protocol.acl`` to every publish and subscribe.
+    TCP/WS accept ──▶ MqchatBroker._client_connected
+                        connect rate per source ──(over)──▶ CONNACK 3, close
+                        read the CONNECT (bounded in time)
+                        Gate.admit: throttles, password (argon2), client id owner
+                            └─(refused)──▶ CONNACK 5 (or 3 while throttled), close;
+                                           amqtt never sees it: no session is touched
+                        amqtt's own handling, replaying the CONNECT
+                            └─▶ AccountAuth.authenticate: only what the gate admitted
+                        TopicAcl: protocol.acl on every publish and subscribe
+    every account_poll s: accounts disabled, deleted or with a new password
+                        ──▶ their sessions deleted, connections dropped
+
+Why the gate runs before amqtt: amqtt 0.12.1 deletes (clean session) or takes over
+(persistent session) the existing session of a client id *before* it asks the auth
+plugins, so a wrong password with alice's client id would end alice's connection or
+subscriptions. Refusing before amqtt reads the CONNECT keeps alice untouched.
+
+A client id is bound to the first username that used it in the broker's lifetime;
+another user presenting it is refused (amqtt would otherwise hand that user alice's
+persistent session, with its subscriptions and queued messages).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import hmac
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
-from amqtt.contexts import Action, BaseContext
+from amqtt.contexts import Action
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.connect import ConnectPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
 
 from protocol import acl
 from store import accounts, make_engine
 
 from .config import BrokerSettings
+from .throttle import Throttle
 
 log = logging.getLogger(__name__)
 
+#: CONNACK return codes of MQTT 3.1.1 that the gate answers with.
+SERVER_UNAVAILABLE: Final = 0x03  # throttled: try again later
+NOT_AUTHORIZED: Final = 0x05  # wrong credentials, or another user's client id
 
-class AccountAuth(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no types
-    @dataclass
-    class Config:
-        database_url: str = ""
-        #: username -> password of service accounts (the bridge).
-        services: dict[str, str] = field(default_factory=dict)
+#: Where the password hash an account signed in with is kept on its amqtt session.
+HASH_ATTRIBUTE: Final = "mqchat_password_hash"
 
-    def __init__(self, context: BaseContext) -> None:
-        super().__init__(context)
-        self._engine: Engine = make_engine(self.config.database_url)
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    username: str
+    #: The account's password hash at sign-in; None for service accounts.
+    password_hash: str | None
+
+
+#: Set by the gate for the task that hands an admitted connection to amqtt; amqtt
+#: calls the auth plugin inside that task (or a task made from it).
+_admitted: contextvars.ContextVar[Admitted | None] = contextvars.ContextVar(
+    "mqchat_admitted", default=None
+)
+
+
+class Gate:
+    """Who may connect, decided from the CONNECT alone, before amqtt acts on it."""
+
+    def __init__(self, settings: BrokerSettings, engine: Engine) -> None:
+        self._engine = engine
+        self.services = {settings.bridge_username: settings.bridge_password.get_secret_value()}
+        self._connects = Throttle(settings.connect_rate)
+        self._user_failures = Throttle(settings.auth_failures_per_user)
+        self._source_failures = Throttle(settings.auth_failures_per_source)
         self._client_owner: dict[str, str] = {}
 
-    async def authenticate(self, *, session: Session) -> bool | None:
-        username, password = session.username, session.password
+    def connection_allowed(self, source: str) -> bool:
+        """Count a new connection from ``source``; False once it opens too many."""
+        return self._connects.hit("connect", source)
+
+    async def admit(
+        self, source: str, client_id: str, username: str | None, password: str | None
+    ) -> Admitted | int:
+        """Check a CONNECT: what was admitted, or the CONNACK return code to refuse with."""
         if not username or password is None:
-            return False
-        expected = self.config.services.get(username)
-        if expected is not None:
-            ok = hmac.compare_digest(expected.encode(), password.encode())
+            return NOT_AUTHORIZED
+        service = username in self.services
+        throttled = not self._source_failures.allowed("source", source) or (
+            not service and not self._user_failures.allowed("user", username)
+        )
+        if throttled:
+            log.warning("sign-in of %r from %s refused: too many failures", username, source)
+            return SERVER_UNAVAILABLE
+        password_hash: str | None = None
+        if service:
+            ok = hmac.compare_digest(self.services[username].encode(), password.encode())
         else:
-            ok = await asyncio.to_thread(self._verify, username, password)
+            password_hash = await asyncio.to_thread(self._authenticate, username, password)
+            ok = password_hash is not None
+        if ok and client_id:
+            owner = self._client_owner.setdefault(client_id, username)
+            if owner != username:
+                log.warning("%r tried to use client id %r of %r", username, client_id, owner)
+                ok = False
         if not ok:
-            log.info("authentication failed for %r", username)
-            return False
-        client_id = session.client_id or ""
-        owner = self._client_owner.setdefault(client_id, username) if client_id else username
-        if owner != username:
-            log.warning("%r tried to use client id %r of %r", username, client_id, owner)
-            return False
-        return True
+            log.info("authentication failed for %r from %s", username, source)
+            self._source_failures.hit("source", source)
+            if not service:
+                self._user_failures.hit("user", username)
+            return NOT_AUTHORIZED
+        return Admitted(username, password_hash)
 
-    def _verify(self, username: str, password: str) -> bool:
+    def _authenticate(self, username: str, password: str) -> str | None:
         with DbSession(self._engine) as db:
-            return accounts.verify(db, username, password)
+            return accounts.authenticate(db, username, password)
 
-    async def close(self) -> None:
-        self._engine.dispose()
+    def current_hashes(self, usernames: list[str]) -> dict[str, str]:
+        """Password hash of each enabled account among ``usernames``. Blocking."""
+        found: dict[str, str] = {}
+        with DbSession(self._engine) as db:
+            # In chunks: SQLite and PostgreSQL bound the parameters of one statement.
+            for start in range(0, len(usernames), 500):
+                found.update(accounts.credentials_state(db, usernames[start : start + 500]))
+                db.rollback()  # do not hold SQLite's write lock across chunks
+        return found
+
+
+class _Rewindable(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no types
+    """A reader that can hand amqtt again the bytes the gate already read."""
+
+    def __init__(self, reader: ReaderAdapter) -> None:
+        self._reader = reader
+        self._recorded = bytearray()
+        self._recording = True
+
+    def rewind(self) -> None:
+        self._recording = False
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._recording:
+            data: bytes = await self._reader.read(n)
+            self._recorded += data
+            return data
+        if not self._recorded:
+            return bytes(await self._reader.read(n))
+        if n < 0:
+            head = bytes(self._recorded)
+            self._recorded.clear()
+            return head + bytes(await self._reader.read(n))
+        head = bytes(self._recorded[:n])
+        del self._recorded[:n]
+        if len(head) < n:
+            head += bytes(await self._reader.read(n - len(head)))
+        return head
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+
+class MqchatBroker(Broker):  # type: ignore[misc]
+    """amqtt with :class:`Gate` in front of it and a watch on the accounts table."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self._engine = make_engine(settings.database_url)
+        self.gate = Gate(settings, self._engine)
+        super().__init__(broker_config(settings))
+        self._subscriptions = _SubscriptionTable(self._subscriptions)
+        self._watch_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await super().start()
+        self._watch_task = asyncio.create_task(self._watch_accounts())
+
+    async def shutdown(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+        try:
+            await super().shutdown()
+        finally:
+            self._engine.dispose()
+
+    async def _client_connected(
+        self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
+    ) -> None:
+        peer = writer.get_peer_info()
+        source = peer[0] if peer is not None else "unknown"
+        # Counted on arrival, so connections that never send a CONNECT count too.
+        allowed = self.gate.connection_allowed(source)
+        rewindable = _Rewindable(reader)
+        try:
+            connect = await asyncio.wait_for(
+                ConnectPacket.from_stream(rewindable), self.settings.connect_timeout
+            )
+        except (TimeoutError, AMQTTError, MQTTError, NoDataError, OSError, ValueError) as exc:
+            log.info("no valid CONNECT from %s: %s", source, exc or type(exc).__name__)
+            await _close(writer)
+            return
+        if not allowed:
+            log.warning("connection from %s refused: over the connection rate", source)
+            await _refuse(writer, SERVER_UNAVAILABLE)
+            return
+        verdict = await self.gate.admit(
+            source, connect.client_id or "", connect.username, connect.password
+        )
+        if not isinstance(verdict, Admitted):
+            await _refuse(writer, verdict)
+            return
+        rewindable.rewind()
+        _admitted.set(verdict)
+        await super()._client_connected(listener_name, rewindable, writer)
+
+    async def drop_user(self, username: str) -> int:
+        """End every session of ``username``: subscriptions, queue and connection.
+
+        Returns:
+            How many sessions were ended.
+        """
+        ended = 0
+        for client_id, (session, handler) in list(self._sessions.items()):
+            if session.username != username:
+                continue
+            connected = session.transitions.is_connected()
+            # First out of the routing tables, so nothing more is delivered to it...
+            await self._delete_session(client_id)
+            if connected:
+                # ...then the connection, through amqtt's path for a lost client
+                # (the last will is published, so the bridge marks it offline).
+                await handler.handle_connection_closed()
+            ended += 1
+        if ended:
+            log.warning("dropped %d session(s) of %r", ended, username)
+        return ended
+
+    async def _watch_accounts(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.account_poll)
+            signed_in: dict[str, set[str | None]] = {}
+            for session, _ in list(self._sessions.values()):
+                if session.username and session.username not in self.gate.services:
+                    signed_in.setdefault(session.username, set()).add(
+                        session.attributes.get(HASH_ATTRIBUTE)
+                    )
+            if not signed_in:
+                continue
+            try:
+                current = await asyncio.to_thread(self.gate.current_hashes, sorted(signed_in))
+            except SQLAlchemyError as exc:
+                log.error("cannot check accounts: %s", exc)
+                continue
+            for username, hashes in signed_in.items():
+                if hashes != {current.get(username)}:
+                    await self.drop_user(username)
+
+
+async def _refuse(writer: WriterAdapter, return_code: int) -> None:
+    with contextlib.suppress(OSError, ConnectionError):
+        await ConnackPacket.build(0, return_code).to_stream(writer)
+    await _close(writer)
+
+
+async def _close(writer: WriterAdapter) -> None:
+    with contextlib.suppress(OSError, ConnectionError):
+        await writer.close()
+
+
+class AccountAuth(BaseAuthPlugin):  # type: ignore[misc]
+    """Lets in exactly what :class:`Gate` admitted for this connection."""
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        admitted = _admitted.get()
+        if admitted is None or admitted.username != session.username:
+            return False
+        session.attributes[HASH_ATTRIBUTE] = admitted.password_hash
+        return True
 
 
 class TopicAcl(BaseTopicPlugin):  # type: ignore[misc]
@@ -123,11 +339,8 @@ def broker_config(settings: BrokerSettings) -> dict[str, Any]:
         "listeners": listener_table(settings),
         "session_expiry_interval": settings.session_expiry,
         "plugins": {
-            f"{__name__}.AccountAuth": {
-                "database_url": settings.database_url,
-                "services": {bridge_user: settings.bridge_password.get_secret_value()},
-            },
-            f"{__name__}.TopicAcl": {"bridges": [bridge_user]},
+            f"{__name__}.AccountAuth": {},
+            f"{__name__}.TopicAcl": {"bridges": [settings.bridge_username]},
         },
     }
 
@@ -151,8 +364,7 @@ class _SubscriptionTable(dict[str, list[tuple[Any, int]]]):
 
 async def serve(settings: BrokerSettings, stop: asyncio.Event) -> None:
     """Run the broker until ``stop`` is set."""
-    broker = Broker(broker_config(settings))
-    broker._subscriptions = _SubscriptionTable(broker._subscriptions)
+    broker = MqchatBroker(settings)
     await broker.start()
     log.info(
         "embedded broker listening on %s:%s (ws %s)",

@@ -1,24 +1,40 @@
-"""Creating an account everywhere it must exist: the database, and the broker.
+"""Changing an account everywhere it lives: the database, and the broker.
 
-The embedded broker reads accounts straight from the database, so it needs nothing
-more. mosquitto keeps its own client list (dynamic security), so an account is
-also created there, over ``$CONTROL/dynamic-security/v1``, before the database
-transaction commits: if the broker refuses, no half-made account is left behind.
+The embedded broker reads accounts straight from the database: it checks passwords
+there, and it notices within ``MQCHAT_BROKER_ACCOUNT_POLL`` seconds that an account
+it has connected was disabled, deleted or given a new password, and drops those
+connections. So it needs nothing more. mosquitto keeps its own client list (dynamic
+security), so every change is also made there, over ``$CONTROL/dynamic-security/v1``,
+before the database transaction commits: if the broker refuses, the database is
+left as it was. dynsec drops the live connections of a client it disables, deletes
+or gives a new password.
+
+::
+
+    register / change_password / disable / enable / delete
+        ├─▶ store.accounts (+ store.tokens revoked)   flushed, not yet committed
+        ├─▶ provisioner (dynsec command; nothing for the embedded broker)
+        └─▶ COMMIT
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from store import accounts
+from store import accounts, tokens
 
 
 class Provisioner(Protocol):
     async def create_user(self, username: str, password: str) -> None: ...
+    async def set_password(self, username: str, password: str) -> None: ...
+    async def disable_user(self, username: str) -> None: ...
+    async def enable_user(self, username: str) -> None: ...
+    async def delete_user(self, username: str) -> None: ...
 
 
 class EmbeddedProvisioner:
@@ -26,6 +42,31 @@ class EmbeddedProvisioner:
 
     async def create_user(self, username: str, password: str) -> None:
         return None
+
+    async def set_password(self, username: str, password: str) -> None:
+        return None
+
+    async def disable_user(self, username: str) -> None:
+        return None
+
+    async def enable_user(self, username: str) -> None:
+        return None
+
+    async def delete_user(self, username: str) -> None:
+        return None
+
+
+async def _in_transaction(
+    engine: Engine, change: Callable[[Session], object], broker: Callable[[], Awaitable[None]]
+) -> None:
+    """Make ``change`` in the database, then on the broker, then commit."""
+    session = Session(engine)
+    try:
+        await asyncio.to_thread(change, session)
+        await broker()
+        await asyncio.to_thread(session.commit)
+    finally:
+        await asyncio.to_thread(session.close)
 
 
 async def register(engine: Engine, provisioner: Provisioner, username: str, password: str) -> None:
@@ -35,10 +76,68 @@ async def register(engine: Engine, provisioner: Provisioner, username: str, pass
         ProtocolError: ``invalid_username``, ``weak_password`` or ``username_taken``.
         ProvisioningError: the broker refused (the database is left unchanged).
     """
-    session = Session(engine)
-    try:
-        await asyncio.to_thread(accounts.create, session, username, password)
-        await provisioner.create_user(username, password)
-        await asyncio.to_thread(session.commit)
-    finally:
-        await asyncio.to_thread(session.close)
+    await _in_transaction(
+        engine,
+        lambda session: accounts.create(session, username, password),
+        lambda: provisioner.create_user(username, password),
+    )
+
+
+async def change_password(
+    engine: Engine,
+    provisioner: Provisioner,
+    username: str,
+    password: str,
+    *,
+    keep_token: str | None = None,
+) -> None:
+    """Set a new password; every bearer token but ``keep_token`` stops working.
+
+    The old password stops working on both brokers when this returns; connections
+    made with it are dropped (at once by mosquitto, within the poll interval by the
+    embedded broker).
+
+    Raises:
+        ProtocolError: ``unknown_user`` or ``weak_password``.
+        ProvisioningError: the broker refused (nothing changed).
+    """
+
+    def change(session: Session) -> None:
+        accounts.set_password(session, username, password)
+        tokens.revoke_all(session, username, keep=keep_token)
+
+    await _in_transaction(engine, change, lambda: provisioner.set_password(username, password))
+
+
+async def set_disabled(
+    engine: Engine, provisioner: Provisioner, username: str, *, disabled: bool
+) -> None:
+    """Disable an account (dropping its connections and tokens) or enable it again.
+
+    Raises:
+        ProtocolError: ``unknown_user``.
+        ProvisioningError: the broker refused (nothing changed).
+    """
+
+    def change(session: Session) -> None:
+        accounts.set_disabled(session, username, disabled)
+        if disabled:
+            tokens.revoke_all(session, username)
+
+    broker = provisioner.disable_user if disabled else provisioner.enable_user
+    await _in_transaction(engine, change, lambda: broker(username))
+
+
+async def delete(engine: Engine, provisioner: Provisioner, username: str) -> None:
+    """Delete an account: connections dropped, tokens revoked, the name kept taken.
+
+    Raises:
+        ProtocolError: ``unknown_user``.
+        ProvisioningError: the broker refused (nothing changed).
+    """
+
+    def change(session: Session) -> None:
+        accounts.delete(session, username)
+        tokens.revoke_all(session, username)
+
+    await _in_transaction(engine, change, lambda: provisioner.delete_user(username))

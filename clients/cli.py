@@ -3,7 +3,8 @@
 ::
 
     mqchat send / listen / chat ──▶ clients.sdk.ChatClient ──MQTT──▶ broker ──▶ bridge
-    mqchat user add ──▶ broker.provisioning.register ──▶ database (+ mosquitto dynsec)
+    mqchat user add|passwd|disable|enable|delete
+                    ──▶ broker.provisioning ──▶ database (+ mosquitto dynsec)
     mqchat db upgrade ──▶ store.migrate
     mqchat up ──▶ supervises child processes, restarting any that dies:
                   python -m broker (amqtt; not with --mosquitto)
@@ -50,7 +51,14 @@ from broker.mosquitto import (
     ProvisioningError,
     write_dynsec_bootstrap,
 )
-from broker.provisioning import EmbeddedProvisioner, Provisioner, register
+from broker.provisioning import (
+    EmbeddedProvisioner,
+    Provisioner,
+    change_password,
+    register,
+    set_disabled,
+)
+from broker.provisioning import delete as delete_account
 from protocol import errors
 from protocol.errors import ProtocolError
 from store import accounts, make_engine, migrate
@@ -604,16 +612,55 @@ def _open_migrated(url: str) -> Engine:
     return engine
 
 
+def _admin_link(
+    host: str, port: int, admin_user: str, admin_password: str | None
+) -> LinkConfig | None:
+    if admin_password is None:
+        return None
+    return LinkConfig(
+        host=host,
+        port=port,
+        username=admin_user,
+        password=admin_password,
+        client_id=f"mqchat-cli-{secrets.token_hex(6)}",
+        clean_session=True,
+        connect_timeout=5.0,
+    )
+
+
+def _read_new_password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+def _normal_name(name: str) -> str:
+    try:
+        return accounts.normalize_username(name)
+    except ProtocolError as exc:
+        _refused(exc.code, exc.detail)
+
+
+PasswordStdinOption = Annotated[
+    bool,
+    typer.Option(
+        "--password-stdin",
+        help="Read the password from the first line of stdin instead of asking twice.",
+    ),
+]
+UsernameArgument = Annotated[
+    str,
+    typer.Argument(
+        help="The username (any spelling that normalises to it: `Alice` is `alice`).",
+        show_default=False,
+    ),
+]
+
+
 @user_app.command("add")
 def user_add(
     name: Annotated[str, typer.Argument(help="The new username.", show_default=False)],
-    password_stdin: Annotated[
-        bool,
-        typer.Option(
-            "--password-stdin",
-            help="Read the password from the first line of stdin instead of asking twice.",
-        ),
-    ] = False,
+    password_stdin: PasswordStdinOption = False,
     database_url: DatabaseUrlOption = None,
     data_dir: DataDirOption = DEFAULT_DATA_DIR,
     mosquitto_host: MosquittoHostOption = "127.0.0.1",
@@ -623,38 +670,172 @@ def user_add(
 ) -> None:
     """Create an account that can connect at once: prints `created NAME`.
 
-    Exits 1 with `error <code>: <detail>` (invalid_username, weak_password,
+    The name is normalised (NFKC, lower case): `created` shows the name to sign in
+    with. Exits 1 with `error <code>: <detail>` (invalid_username, weak_password,
     username_taken, or internal_error when mosquitto refuses).
     """
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    password = _read_new_password(password_stdin)
+    name = _normal_name(name)
     try:
-        accounts.check_username(name)
-        accounts.check_password(password)
+        accounts.check_password(password, username=name)
     except ProtocolError as exc:
         _refused(exc.code, exc.detail)
-    admin = None
-    if mosquitto_admin_password is not None:
-        admin = LinkConfig(
-            host=mosquitto_host,
-            port=mosquitto_port,
-            username=mosquitto_admin_user,
-            password=mosquitto_admin_password,
-            client_id=f"mqchat-cli-{secrets.token_hex(6)}",
-            clean_session=True,
-            connect_timeout=5.0,
-        )
-    engine = _open_migrated(_database_url(database_url, data_dir))
-    try:
-        asyncio.run(_register(engine, admin, name, password))
-    finally:
-        engine.dispose()
+    admin = _admin_link(
+        mosquitto_host, mosquitto_port, mosquitto_admin_user, mosquitto_admin_password
+    )
+    _change_account(
+        database_url,
+        data_dir,
+        admin,
+        lambda engine, provisioner: register(engine, provisioner, name, password),
+    )
     _emit(f"created {name}")
 
 
-async def _register(engine: Engine, admin: LinkConfig | None, name: str, password: str) -> None:
+@user_app.command("passwd")
+def user_passwd(
+    name: UsernameArgument,
+    password_stdin: PasswordStdinOption = False,
+    database_url: DatabaseUrlOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    mosquitto_host: MosquittoHostOption = "127.0.0.1",
+    mosquitto_port: MosquittoPortOption = 1883,
+    mosquitto_admin_user: MosquittoAdminUserOption = "mqchat-admin",
+    mosquitto_admin_password: MosquittoAdminPasswordOption = None,
+) -> None:
+    """Set a new password (operators; users change theirs over the HTTP API).
+
+    Prints `password changed NAME`. The old password stops working on the broker at
+    once, the account's live connections are dropped and all its bearer tokens
+    revoked. Exits 1 with `error <code>: <detail>` (unknown_user, weak_password).
+    """
+    password = _read_new_password(password_stdin)
+    name = _normal_name(name)
+    try:
+        accounts.check_password(password, username=name)
+    except ProtocolError as exc:
+        _refused(exc.code, exc.detail)
+    admin = _admin_link(
+        mosquitto_host, mosquitto_port, mosquitto_admin_user, mosquitto_admin_password
+    )
+    _change_account(
+        database_url,
+        data_dir,
+        admin,
+        lambda engine, provisioner: change_password(engine, provisioner, name, password),
+    )
+    _emit(f"password changed {name}")
+
+
+@user_app.command("disable")
+def user_disable(
+    name: UsernameArgument,
+    database_url: DatabaseUrlOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    mosquitto_host: MosquittoHostOption = "127.0.0.1",
+    mosquitto_port: MosquittoPortOption = 1883,
+    mosquitto_admin_user: MosquittoAdminUserOption = "mqchat-admin",
+    mosquitto_admin_password: MosquittoAdminPasswordOption = None,
+) -> None:
+    """Refuse the account from now on: prints `disabled NAME`.
+
+    Its live connections are dropped and its subscriptions end (at once on mosquitto,
+    within MQCHAT_BROKER_ACCOUNT_POLL seconds on the embedded broker); its bearer
+    tokens are revoked. `mqchat user enable` undoes it. Exits 1 with
+    `error unknown_user: ...`.
+    """
+    name = _normal_name(name)
+    admin = _admin_link(
+        mosquitto_host, mosquitto_port, mosquitto_admin_user, mosquitto_admin_password
+    )
+    _change_account(
+        database_url,
+        data_dir,
+        admin,
+        lambda engine, provisioner: set_disabled(engine, provisioner, name, disabled=True),
+    )
+    _emit(f"disabled {name}")
+
+
+@user_app.command("enable")
+def user_enable(
+    name: UsernameArgument,
+    database_url: DatabaseUrlOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    mosquitto_host: MosquittoHostOption = "127.0.0.1",
+    mosquitto_port: MosquittoPortOption = 1883,
+    mosquitto_admin_user: MosquittoAdminUserOption = "mqchat-admin",
+    mosquitto_admin_password: MosquittoAdminPasswordOption = None,
+) -> None:
+    """Let a disabled account connect again: prints `enabled NAME`.
+
+    Its old bearer tokens stay revoked; it signs in anew. Exits 1 with
+    `error unknown_user: ...` (also for a deleted account).
+    """
+    name = _normal_name(name)
+    admin = _admin_link(
+        mosquitto_host, mosquitto_port, mosquitto_admin_user, mosquitto_admin_password
+    )
+    _change_account(
+        database_url,
+        data_dir,
+        admin,
+        lambda engine, provisioner: set_disabled(engine, provisioner, name, disabled=False),
+    )
+    _emit(f"enabled {name}")
+
+
+@user_app.command("delete")
+def user_delete(
+    name: UsernameArgument,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    database_url: DatabaseUrlOption = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    mosquitto_host: MosquittoHostOption = "127.0.0.1",
+    mosquitto_port: MosquittoPortOption = 1883,
+    mosquitto_admin_user: MosquittoAdminUserOption = "mqchat-admin",
+    mosquitto_admin_password: MosquittoAdminPasswordOption = None,
+) -> None:
+    """Delete the account for good: prints `deleted NAME`.
+
+    As `disable`, and it cannot be enabled again; on mosquitto the client and its
+    role are removed. The name stays taken, so no one else can receive what is
+    addressed to it; the conversations it was in keep their history. Exits 1 with
+    `error unknown_user: ...`.
+    """
+    name = _normal_name(name)
+    if not yes:
+        typer.confirm(f"Delete {name} for good?", abort=True)
+    admin = _admin_link(
+        mosquitto_host, mosquitto_port, mosquitto_admin_user, mosquitto_admin_password
+    )
+    _change_account(
+        database_url,
+        data_dir,
+        admin,
+        lambda engine, provisioner: delete_account(engine, provisioner, name),
+    )
+    _emit(f"deleted {name}")
+
+
+def _change_account(
+    database_url: str | None,
+    data_dir: Path,
+    admin: LinkConfig | None,
+    change: Callable[[Engine, Provisioner], Awaitable[None]],
+) -> None:
+    engine = _open_migrated(_database_url(database_url, data_dir))
+    try:
+        asyncio.run(_provisioned(engine, admin, change))
+    finally:
+        engine.dispose()
+
+
+async def _provisioned(
+    engine: Engine,
+    admin: LinkConfig | None,
+    change: Callable[[Engine, Provisioner], Awaitable[None]],
+) -> None:
     async with contextlib.AsyncExitStack() as stack:
         provisioner: Provisioner = EmbeddedProvisioner()
         if admin is not None:
@@ -670,7 +851,7 @@ async def _register(engine: Engine, admin: LinkConfig | None, name: str, passwor
             except OSError as exc:
                 _fail(EXIT_UNAVAILABLE, f"cannot reach {where}: {exc}")
         try:
-            await register(engine, provisioner, name, password)
+            await change(engine, provisioner)
         except ProtocolError as exc:
             _refused(exc.code, exc.detail)
         except ProvisioningError as exc:

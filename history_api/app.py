@@ -11,6 +11,7 @@ from store import make_engine
 
 from . import conversations, deps, devices, errors, health, messages, search, tokens, users
 from .config import ApiSettings
+from .throttle import SignInGuard
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
@@ -30,6 +31,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.sign_in_guard = SignInGuard(settings)
     errors.install(app)
     app.include_router(users.router)
     app.include_router(tokens.router)

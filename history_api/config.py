@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 
+from limits import parse_many
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -38,6 +39,20 @@ class ApiSettings(BaseSettings):
         for path in (self.tls_certfile, self.tls_keyfile):
             if path is not None and not path.is_file():
                 raise ValueError(f"no such file: {path}")
+        return self
+
+    #: Failed sign-ins (``POST /v1/tokens``, and wrong current passwords) one account
+    #: may have before it is refused with 429 for a while, even with the right
+    #: password; ``limits`` rate strings (moving windows). Successes never count.
+    login_failures_per_user: str = "10/minute;100/hour"
+    #: Failed sign-ins from one client address, for any accounts. Behind a reverse
+    #: proxy every client has the proxy's address: see docs/security.md.
+    login_failures_per_source: str = "30/minute;300/hour"
+
+    @model_validator(mode="after")
+    def _rates_parse(self) -> ApiSettings:
+        parse_many(self.login_failures_per_user)  # ValueError names what is wrong
+        parse_many(self.login_failures_per_source)
         return self
 
     @property

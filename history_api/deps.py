@@ -26,6 +26,7 @@ from protocol import errors
 from store import tokens
 
 from .config import ApiSettings
+from .throttle import SignInGuard
 
 TOKEN_URL: Final = "/v1/tokens"  # noqa: S105 (a path, not a secret)
 
@@ -43,7 +44,19 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
+def get_sign_in_guard(request: Request) -> SignInGuard:
+    guard: SignInGuard = request.app.state.sign_in_guard
+    return guard
+
+
+def get_client_address(request: Request) -> str:
+    """The address failed sign-ins are counted against (the peer, or the proxy's)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+SignInGuardDep = Annotated[SignInGuard, Depends(get_sign_in_guard)]
+ClientAddress = Annotated[str, Depends(get_client_address)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
@@ -137,6 +150,14 @@ def get_current_user(
 
 
 CurrentUser = Annotated[str, Depends(get_current_user)]
+
+
+def get_current_token(token: Annotated[str | None, Depends(bearer_token)]) -> str | None:
+    """The caller's bearer token itself (after :data:`CurrentUser` has checked it)."""
+    return token
+
+
+CurrentToken = Annotated[str | None, Depends(get_current_token)]
 
 
 def get_provisioner(settings: SettingsDep) -> OpenProvisioner:

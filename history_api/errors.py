@@ -4,6 +4,7 @@
 
     ProtocolError            -> HTTP_STATUS[code]   (invalid_username 422, username_taken 409, ...;
                                                      unauthorized 401 adds WWW-Authenticate: Bearer)
+      Throttled              -> 429 rate_limited     (with Retry-After: seconds)
     RequestValidationError   -> 422 invalid_payload  (malformed JSON, missing or mistyped fields)
     ProvisioningError        -> 503 internal_error   (mosquitto refused or is unreachable)
     OperationalError         -> 503 internal_error   (the database is unreachable)
@@ -47,14 +48,34 @@ UNAUTHENTICATED = {
 }
 
 
+THROTTLED = {
+    "model": ErrorResponse,
+    "description": "`rate_limited`: too many failed sign-ins for the account or from this "
+    "address; `Retry-After` says how many seconds to wait",
+    "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+}
+
+
+class Throttled(ProtocolError):
+    """``rate_limited``, with the seconds to wait (the ``Retry-After`` header)."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(errors.RATE_LIMITED, detail)
+        self.retry_after = retry_after
+
+
 def not_found(code: str) -> dict[str, object]:
     return {"model": ErrorResponse, "description": f"`{code}`"}
 
 
-def error_response(code: str, detail: str, *, status: int | None = None) -> JSONResponse:
+def error_response(
+    code: str, detail: str, *, status: int | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(code=code, detail=detail))
-    # RFC 6750: a 401 names the scheme the client should use.
-    headers = {"WWW-Authenticate": "Bearer"} if code == errors.UNAUTHORIZED else None
+    headers = dict(headers or {})
+    if code == errors.UNAUTHORIZED:
+        # RFC 6750: a 401 names the scheme the client should use.
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(
         body.model_dump(),
         status_code=status if status is not None else errors.HTTP_STATUS[code],
@@ -72,6 +93,8 @@ def install(app: FastAPI) -> None:
 
 async def _protocol_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProtocolError)
+    if isinstance(exc, Throttled):
+        return error_response(exc.code, exc.detail, headers={"Retry-After": str(exc.retry_after)})
     return error_response(exc.code, exc.detail)
 
 

@@ -23,8 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from protocol import errors
 from store import accounts, tokens
 
-from .deps import TOKEN_URL, EngineDep, SettingsDep
-from .errors import UNAVAILABLE, ErrorResponse
+from .deps import TOKEN_URL, ClientAddress, EngineDep, SettingsDep, SignInGuardDep
+from .errors import THROTTLED, UNAVAILABLE, ErrorResponse
 
 router = APIRouter(prefix=TOKEN_URL, tags=["tokens"])
 
@@ -77,10 +77,21 @@ async def read_password_form(request: Request) -> PasswordForm:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
+def canonical_username(username: str) -> str | None:
+    """The normal form people may type any spelling of; None if there is none."""
+    try:
+        return accounts.normalize_username(username)
+    except errors.ProtocolError:
+        return None
+
+
 def sign_in(
     engine: Engine, username: str, password: str, ttl: timedelta
 ) -> tokens.IssuedToken | None:
-    """Verify the password and issue a token; None for wrong credentials. Blocking."""
+    """Verify the password and issue a token; None for wrong credentials. Blocking.
+
+    ``username`` is the normal form (:func:`canonical_username`).
+    """
     with Session(engine) as session:
         if not accounts.verify(session, username, password):
             return None
@@ -95,6 +106,7 @@ def sign_in(
         401: {"model": ErrorResponse, "description": "`unauthorized`: wrong username or password"},
         413: {"model": ErrorResponse, "description": "`payload_too_large`"},
         422: {"model": ErrorResponse, "description": "`invalid_payload`: not the password form"},
+        429: THROTTLED,
         503: UNAVAILABLE,
     },
     openapi_extra={
@@ -105,15 +117,30 @@ def sign_in(
     },
 )
 async def create_token(
-    request: Request, response: Response, engine: EngineDep, settings: SettingsDep
+    request: Request,
+    response: Response,
+    engine: EngineDep,
+    settings: SettingsDep,
+    guard: SignInGuardDep,
+    source: ClientAddress,
 ) -> TokenResponse:
-    """Sign in: a bearer token for the other endpoints, valid for ``expires_in`` seconds."""
+    """Sign in: a bearer token for the other endpoints, valid for ``expires_in`` seconds.
+
+    The username may be given in any spelling that normalises to it (``Alice``).
+    After too many failures for the account or from the address, 429 ``rate_limited``
+    with ``Retry-After``, even for the right password; successes never count.
+    """
     form = await read_password_form(request)
-    # argon2 is slow on purpose: keep it, and the database, off the event loop.
-    issued = await run_in_threadpool(
-        sign_in, engine, form.username, form.password.get_secret_value(), settings.token_ttl
-    )
+    username = canonical_username(form.username)
+    guard.check(username, source)
+    issued = None
+    if username is not None:
+        # argon2 is slow on purpose: keep it, and the database, off the event loop.
+        issued = await run_in_threadpool(
+            sign_in, engine, username, form.password.get_secret_value(), settings.token_ttl
+        )
     if issued is None:
+        guard.failed(username, source)
         raise errors.ProtocolError(errors.UNAUTHORIZED, "wrong username or password")
     # RFC 6749 5.1: responses carrying tokens must not be cached.
     response.headers["Cache-Control"] = "no-store"

@@ -1,19 +1,30 @@
-"""``/v1/users``: creating accounts; a user's presence."""
+"""``/v1/users``: creating accounts, changing one's password; a user's presence."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from sqlalchemy import Engine
+from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
-from broker.provisioning import register
+from broker.provisioning import change_password, register
 from protocol import errors
 from store import accounts, history
 
-from .deps import CurrentUser, EngineDep, ProvisionerDep, SessionDep
-from .errors import UNAUTHENTICATED, UNAVAILABLE, ErrorResponse, not_found
+from .deps import (
+    ClientAddress,
+    CurrentToken,
+    CurrentUser,
+    EngineDep,
+    ProvisionerDep,
+    SessionDep,
+    SignInGuardDep,
+)
+from .errors import THROTTLED, UNAUTHENTICATED, UNAVAILABLE, ErrorResponse, not_found
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
 
@@ -26,11 +37,23 @@ class UserCreate(BaseModel):
     #: Checked by the store, not here, so a bad name gets ``invalid_username`` rather
     #: than the generic ``invalid_payload``.
     username: str
-    password: Annotated[SecretStr, Field(description="8 to 1024 characters")]
+    password: Annotated[
+        SecretStr,
+        Field(
+            description="8 to 1024 characters, not only spaces, not the username, not one "
+            "of the most common passwords"
+        ),
+    ]
 
 
 class UserPublic(BaseModel):
+    #: The normal form of the name asked for: what to sign in with on MQTT.
     username: str
+
+
+class PasswordChange(BaseModel):
+    current_password: SecretStr
+    new_password: SecretStr
 
 
 @router.post(
@@ -48,15 +71,67 @@ class UserPublic(BaseModel):
 async def create_user(
     body: UserCreate, engine: EngineDep, open_provisioner: ProvisionerDep
 ) -> UserPublic:
-    """Create an account that can sign in to the MQTT broker as soon as this answers."""
+    """Create an account that can sign in to the MQTT broker as soon as this answers.
+
+    The name is normalised first (NFKC, then case folding: ``Alice`` and fullwidth
+    letters become ``alice``); the answer carries the normal form, which is the name
+    on MQTT. A name taken in any spelling is ``username_taken``.
+    """
     password = body.password.get_secret_value()
     # Refuse bad input before opening a connection to the broker for nothing;
     # register() checks again, inside its transaction.
-    accounts.check_username(body.username)
-    accounts.check_password(password)
+    username = accounts.normalize_username(body.username)
+    accounts.check_password(password, username=username)
     async with open_provisioner() as provisioner:
-        await register(engine, provisioner, body.username, password)
-    return UserPublic(username=body.username)
+        await register(engine, provisioner, username, password)
+    return UserPublic(username=username)
+
+
+def _verify(engine: Engine, username: str, password: str) -> bool:
+    with Session(engine) as session:
+        return accounts.verify(session, username, password)
+
+
+@router.post(
+    "/me/password",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses={
+        401: UNAUTHENTICATED,
+        403: {"model": ErrorResponse, "description": "`wrong_password`: the current password"},
+        422: {"model": ErrorResponse, "description": "`weak_password` or `invalid_payload`"},
+        429: THROTTLED,
+        503: UNAVAILABLE,
+    },
+)
+async def change_my_password(
+    body: PasswordChange,
+    me: CurrentUser,
+    token: CurrentToken,
+    reading: SessionDep,
+    engine: EngineDep,
+    open_provisioner: ProvisionerDep,
+    guard: SignInGuardDep,
+    source: ClientAddress,
+) -> None:
+    """Change the caller's password; the current one is required.
+
+    The new password works, and the old one stops working, on the MQTT broker as soon
+    as this answers. Connections made with the old password are dropped; every bearer
+    token of the account but the one making this request is revoked. A wrong current
+    password counts as a failed sign-in (see ``POST /v1/tokens``).
+    """
+    new_password = body.new_password.get_secret_value()
+    accounts.check_password(new_password, username=me)
+    # The token was looked up in a transaction that, on SQLite, holds the write lock
+    # (BEGIN IMMEDIATE); end it before this request writes on a session of its own.
+    await run_in_threadpool(reading.rollback)
+    guard.check(me, source)
+    if not await run_in_threadpool(_verify, engine, me, body.current_password.get_secret_value()):
+        guard.failed(me, source)
+        raise errors.ProtocolError(errors.WRONG_PASSWORD, "the current password is wrong")
+    async with open_provisioner() as provisioner:
+        await change_password(engine, provisioner, me, new_password, keep_token=token)
 
 
 class PresencePublic(BaseModel):

@@ -25,6 +25,7 @@ UNKNOWN_USER: Final = "unknown_user"
 INVALID_USERNAME: Final = "invalid_username"
 USERNAME_TAKEN: Final = "username_taken"
 WEAK_PASSWORD: Final = "weak_password"
+WRONG_PASSWORD: Final = "wrong_password"
 UNAUTHORIZED: Final = "unauthorized"
 NOT_SUPPORTED: Final = "not_supported"
 RATE_LIMITED: Final = "rate_limited"
@@ -46,6 +47,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     INVALID_USERNAME: 422,
     USERNAME_TAKEN: 409,
     WEAK_PASSWORD: 422,
+    WRONG_PASSWORD: 403,
     UNAUTHORIZED: 401,
     NOT_SUPPORTED: 400,
     RATE_LIMITED: 429,
@@ -69,6 +71,7 @@ ErrorCode = Literal[
     "invalid_username",
     "username_taken",
     "weak_password",
+    "wrong_password",
     "unauthorized",
     "not_supported",
     "rate_limited",

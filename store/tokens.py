@@ -86,3 +86,17 @@ def resolve(session: Session, token: str, *, now: datetime | None = None) -> str
             ~col(Account.disabled),
         )
     ).first()
+
+
+def revoke_all(session: Session, username: str, *, keep: str | None = None) -> int:
+    """Delete every token of ``username`` but ``keep`` (flushed, not committed).
+
+    Returns:
+        How many were deleted.
+    """
+    query = delete(Token).where(col(Token.username) == username)
+    if keep is not None:
+        query = query.where(col(Token.token_hash) != hash_token(keep))
+    result = session.execute(query)
+    session.flush()
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -295,6 +295,9 @@ async def _embedded_stack(base: Path, broker_env: dict[str, str] | None = None) 
             "MQCHAT_BROKER_PORT": str(port),
             "MQCHAT_BROKER_WS_PORT": str(free_port()),
             "MQCHAT_BROKER_BRIDGE_PASSWORD": bridge_password,
+            # Every test client comes from 127.0.0.1; the throttle tests set their own.
+            "MQCHAT_BROKER_CONNECT_RATE": "1000/second",
+            "MQCHAT_BROKER_ACCOUNT_POLL": "0.2",
             **(broker_env or {}),
         },
         base,

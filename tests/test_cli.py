@@ -24,6 +24,9 @@ from typing import IO
 
 import httpx
 import pytest
+from sqlmodel import Session
+
+from store import accounts, make_engine
 
 from .services import MosquittoServer, free_port, start_mosquitto
 
@@ -364,13 +367,72 @@ def test_accounts_and_schema_without_up(tmp_path: Path) -> None:
     assert (created.returncode, created.stdout) == (0, "created alice\n")
     for name, password, code in [
         ("alice", "alice-secret", "username_taken"),
-        ("Alice", "alice-secret", "invalid_username"),
+        ("Alice", "alice-secret", "username_taken"),  # the same name, normalised
         ("$sys", "alice-secret", "invalid_username"),
         ("carol", "short", "weak_password"),
     ]:
         refused = mqchat("user", "add", name, "--password-stdin", input=password + "\n")
         assert refused.returncode == 1, (name, refused.stderr)
         assert refused.stderr.startswith(f"error {code}: "), refused.stderr
+
+
+def test_user_passwd_disable_enable_delete(tmp_path: Path) -> None:
+    env = base_env(MQCHAT_DATA_DIR=str(tmp_path / "data"))
+
+    def mqchat(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(MQCHAT), *args],
+            env=env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+
+    def signs_in(password: str) -> bool:
+        engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'mqchat.db'}")
+        try:
+            with Session(engine) as session:
+                return accounts.verify(session, "alice", password)
+        finally:
+            engine.dispose()
+
+    def ok(*args: str, input: str | None = None) -> str:
+        done = mqchat(*args, input=input)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def refused(code: str, *args: str, input: str | None = None) -> None:
+        done = mqchat(*args, input=input)
+        assert done.returncode == 1, (args, done.stdout)
+        assert done.stderr.startswith(f"error {code}: "), done.stderr
+
+    ok("db", "upgrade")
+    assert ok("user", "add", "Alice", "--password-stdin", input="alice-secret\n") == (
+        "created alice\n"
+    )
+    refused("weak_password", "user", "passwd", "alice", "--password-stdin", input="password\n")
+    assert ok("user", "passwd", "ALICE", "--password-stdin", input="alice-new-secret\n") == (
+        "password changed alice\n"
+    )
+    assert signs_in("alice-new-secret")
+    assert not signs_in("alice-secret")
+
+    assert ok("user", "disable", "alice") == "disabled alice\n"
+    assert not signs_in("alice-new-secret")
+    assert ok("user", "enable", "alice") == "enabled alice\n"
+    assert signs_in("alice-new-secret")
+
+    assert mqchat("user", "delete", "alice", input="n\n").returncode == 1  # not confirmed
+    assert signs_in("alice-new-secret")
+    assert ok("user", "delete", "alice", "--yes") == "deleted alice\n"
+    assert not signs_in("alice-new-secret")
+    refused("unknown_user", "user", "enable", "alice")
+    refused("username_taken", "user", "add", "alice", "--password-stdin", input="another-one\n")
+    for command in (["disable"], ["enable"], ["delete", "--yes"]):
+        refused("unknown_user", "user", *command, "nobody")
+    refused("invalid_username", "user", "disable", "al/ice")
 
 
 def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:

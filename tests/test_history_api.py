@@ -298,7 +298,7 @@ async def test_token_lifetime_comes_from_settings(database_url: str, world: Worl
 
 @pytest.mark.parametrize(
     ("username", "password"),
-    [("alice", "wrong-password"), ("nobody", "whatever-pw"), ("Alice", "alice-history-pw")],
+    [("alice", "wrong-password"), ("nobody", "whatever-pw"), ("al/ice", "alice-history-pw")],
     ids=["wrong-password", "unknown-user", "invalid-username"],
 )
 async def test_wrong_credentials_are_401(

@@ -1,0 +1,251 @@
+"""An account's life on both stacks: password change, disable, enable, delete, and
+client ids that cannot be used to reach someone else's session.
+
+Each change goes through ``broker.provisioning`` as ``mqchat user ...`` and the HTTP
+API make it: the database, plus dynsec on mosquitto. mosquitto drops the account's
+connections when the command is answered; the embedded broker at its next look at the
+accounts table (every 0.2 s in these tests), so the tests wait for the drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from sqlmodel import Session
+
+from broker.provisioning import change_password, delete, register, set_disabled
+from clients.mqtt import ConnectRefused, Incoming, LinkConfig, MqttLink
+from protocol import errors, topics
+from protocol.errors import ProtocolError
+from store import tokens
+
+from .conftest import Stack, password_of
+
+WAIT = 15.0
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll, bounded: MqttLink offers no event for a lost connection."""
+    try:
+        async with asyncio.timeout(WAIT):
+            while not condition():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def refused(stack: Stack, user: str, password: str, client_id: str | None = None) -> str:
+    """Connect once, expecting a refusal; the reason paho reports."""
+    link = await stack.raw(user, password, client_id=client_id, connect=False)
+    with pytest.raises(ConnectRefused) as refusal:
+        await link.connect()
+    await link.close()
+    return refusal.value.reason
+
+
+async def subscribed(
+    stack: Stack, user: str, password: str | None = None
+) -> tuple[MqttLink, asyncio.Queue[Incoming]]:
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    link = await stack.raw(user, password, on_message=inbox.put_nowait)
+    await link.subscribe(topics.down_all(user), qos=1)
+    return link, inbox
+
+
+async def next_body(inbox: asyncio.Queue[Incoming]) -> str:
+    while True:
+        message = await asyncio.wait_for(inbox.get(), WAIT)
+        if message.topic.endswith("/down/msg"):
+            body = json.loads(message.payload)["body"]
+            assert isinstance(body, str)
+            return body
+
+
+async def others_still_chat(stack: Stack) -> None:
+    """alice and bob, untouched by what happened to carol, still exchange a message."""
+    alice = await stack.client("alice", device=f"d{secrets.token_hex(2)}")
+    bob = await stack.client("bob", device=f"d{secrets.token_hex(2)}")
+    body = f"still here {secrets.token_hex(2)}"
+    await alice.send(body, to="bob", timeout=WAIT)
+    got = await bob.next_message(timeout=WAIT)
+    assert (got.sender, got.body) == ("alice", body)
+
+
+async def test_disabled_user_is_dropped_refused_and_can_be_enabled(stack: Stack) -> None:
+    await stack.add_users("alice", "bob", "carol")
+    carol, _ = await subscribed(stack, "carol")
+    with Session(stack.engine) as session:
+        issued = tokens.issue(session, "carol", timedelta(hours=1))
+        session.commit()
+
+    async with stack.provisioner() as provisioner:
+        await set_disabled(stack.engine, provisioner, "carol", disabled=True)
+
+    await wait_until(lambda: not carol.is_connected, "carol to be dropped")
+    await carol.close()
+    assert "not authori" in (await refused(stack, "carol", password_of("carol"))).lower()
+    with Session(stack.engine) as session:
+        assert tokens.resolve(session, issued.token) is None
+    await others_still_chat(stack)
+
+    async with stack.provisioner() as provisioner:
+        await set_disabled(stack.engine, provisioner, "carol", disabled=False)
+    _again, inbox = await subscribed(stack, "carol")
+    alice = await stack.client("alice", device="enabled")
+    await alice.send("welcome back", to="carol", timeout=WAIT)
+    assert await next_body(inbox) == "welcome back"
+    with Session(stack.engine) as session:
+        assert tokens.resolve(session, issued.token) is None  # tokens stay revoked
+
+
+async def test_deleted_user_is_dropped_refused_and_keeps_the_name(stack: Stack) -> None:
+    await stack.add_users("alice", "bob", "carol")
+    carol, _ = await subscribed(stack, "carol")
+
+    async with stack.provisioner() as provisioner:
+        await delete(stack.engine, provisioner, "carol")
+
+    await wait_until(lambda: not carol.is_connected, "carol to be dropped")
+    await carol.close()
+    assert "not authori" in (await refused(stack, "carol", password_of("carol"))).lower()
+    await others_still_chat(stack)
+    async with stack.provisioner() as provisioner:
+        with pytest.raises(ProtocolError) as taken:
+            await register(stack.engine, provisioner, "carol", "a new carol's password")
+        assert taken.value.code == errors.USERNAME_TAKEN
+        with pytest.raises(ProtocolError) as gone:
+            await set_disabled(stack.engine, provisioner, "carol", disabled=False)
+        assert gone.value.code == errors.UNKNOWN_USER
+
+
+async def test_password_change_drops_old_connections_and_swaps_passwords(stack: Stack) -> None:
+    await stack.add_users("alice", "bob", "carol")
+    old, _ = await subscribed(stack, "carol")
+    new_password = "carol's brand new password"
+
+    async with stack.provisioner() as provisioner:
+        await change_password(stack.engine, provisioner, "carol", new_password)
+
+    await wait_until(lambda: not old.is_connected, "the old connection to be dropped")
+    await old.close()
+    assert "not authori" in (await refused(stack, "carol", password_of("carol"))).lower()
+    renewed, inbox = await subscribed(stack, "carol", new_password)
+    alice = await stack.client("alice", device="after-change")
+    await alice.send("new password, same carol", to="carol", timeout=WAIT)
+    assert await next_body(inbox) == "new password, same carol"
+    assert renewed.is_connected
+
+
+async def test_unknown_user_cannot_be_changed(stack: Stack) -> None:
+    async with stack.provisioner() as provisioner:
+        for change in (
+            set_disabled(stack.engine, provisioner, "nobody", disabled=True),
+            delete(stack.engine, provisioner, "nobody"),
+            change_password(stack.engine, provisioner, "nobody", "long enough pw"),
+        ):
+            with pytest.raises(ProtocolError) as unknown:
+                await change
+            assert unknown.value.code == errors.UNKNOWN_USER
+
+
+def link(
+    stack: Stack,
+    user: str,
+    password: str,
+    client_id: str,
+    *,
+    clean_session: bool,
+    on_message: Callable[[Incoming], None] | None = None,
+) -> MqttLink:
+    made = MqttLink(
+        LinkConfig(
+            host=stack.host,
+            port=stack.port,
+            username=user,
+            password=password,
+            client_id=client_id,
+            clean_session=clean_session,
+        ),
+        on_message=on_message,
+    )
+    stack._links.append(made)
+    return made
+
+
+async def connect_refused(made: MqttLink) -> str:
+    with pytest.raises(ConnectRefused) as refusal:
+        await made.connect()
+    await made.close()
+    return refusal.value.reason
+
+
+@pytest.mark.parametrize("clean_session", [True, False], ids=["clean", "persistent"])
+async def test_wrong_password_with_someones_client_id_leaves_them_alone(
+    stack: Stack, clean_session: bool
+) -> None:
+    """amqtt on its own would end alice's connection (persistent) or silently drop her
+    subscriptions (clean) before checking the intruder's password."""
+    await stack.add_users("alice", "bob")
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    alice = link(
+        stack,
+        "alice",
+        password_of("alice"),
+        "alice-phone",
+        clean_session=clean_session,
+        on_message=inbox.put_nowait,
+    )
+    await alice.connect()
+    await alice.subscribe(topics.down_all("alice"), qos=1)
+    generation = alice.generation
+
+    intruder = link(
+        stack, "alice", "not alices password", "alice-phone", clean_session=clean_session
+    )
+    reason = await connect_refused(intruder)
+
+    assert "not authori" in reason.lower()
+    bob = await stack.client("bob")
+    await bob.send("you are still subscribed", to="alice", timeout=WAIT)
+    assert await next_body(inbox) == "you are still subscribed"
+    assert alice.is_connected
+    assert alice.generation == generation
+
+
+async def test_another_user_cannot_take_a_client_id(stack: Stack) -> None:
+    await stack.add_users("alice", "bob")
+    inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    alice = link(
+        stack,
+        "alice",
+        password_of("alice"),
+        "alice-phone",
+        clean_session=False,
+        on_message=inbox.put_nowait,
+    )
+    await alice.connect()
+    await alice.subscribe(topics.down_all("alice"), qos=1)
+    generation = alice.generation
+    bob_as_alice_phone = link(stack, "bob", password_of("bob"), "alice-phone", clean_session=False)
+
+    if stack.mosquitto is not None:
+        # Known gap, pinned here so that a mosquitto which fixes it shows up: 2.0.11
+        # with dynsec lets any signed-in user take a client id, with its session
+        # (docs/security.md, "Client ids").
+        await bob_as_alice_phone.connect()
+        await bob_as_alice_phone.close()
+        return
+
+    reason = await connect_refused(bob_as_alice_phone)
+
+    assert "not authori" in reason.lower()
+    bob = await stack.client("bob")
+    await bob.send("only for alice", to="alice", timeout=WAIT)
+    assert await next_body(inbox) == "only for alice"
+    assert alice.is_connected
+    assert alice.generation == generation
