@@ -334,7 +334,6 @@ def listener_table(settings: BrokerSettings) -> dict[str, dict[str, Any]]:
 
 
 def broker_config(settings: BrokerSettings) -> dict[str, Any]:
-    bridge_user = settings.bridge_username
     return {
         "listeners": listener_table(settings),
         "session_expiry_interval": settings.session_expiry,
