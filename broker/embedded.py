@@ -179,7 +179,8 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         self._engine = make_engine(settings.database_url)
         self.gate = Gate(settings, self._engine)
         super().__init__(broker_config(settings))
-        self._subscriptions = _SubscriptionTable(self._subscriptions)
+        # getattr: amqtt is untyped and mypy cannot infer the attribute before it is set.
+        self._subscriptions = _SubscriptionTable(getattr(self, "_subscriptions"))  # noqa: B009
         self._watch_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
