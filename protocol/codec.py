@@ -69,6 +69,13 @@ def decode(
         data: Any = json.loads(text)
     except json.JSONDecodeError as exc:
         raise errors.ProtocolError(errors.INVALID_JSON, f"payload is not JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:
+        # Found by fuzzing: ``[[[[...`` nested a few thousand deep exhausts the
+        # parser's recursion limit, and an integer over 4,300 digits exceeds Python's
+        # int-from-string limit; neither is a JSONDecodeError.
+        raise errors.ProtocolError(
+            errors.INVALID_JSON, f"payload is not JSON we can read: {exc}"
+        ) from None
     if not isinstance(data, dict):
         raise errors.ProtocolError(errors.INVALID_PAYLOAD, "payload must be a JSON object")
     client_id = data.get("id") if isinstance(data.get("id"), str) else None
