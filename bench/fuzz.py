@@ -92,6 +92,8 @@ def decode_checked(topic: str, payload: bytes) -> Decoded | None:
     except protocol.ProtocolError as exc:
         if exc.code not in errors.ERROR_CODES or not exc.detail:
             raise AssertionError(f"unstable refusal {exc.code!r}") from exc
+        # The refusal the bridge publishes must itself encode.
+        protocol.encode(protocol.ErrorPayload(id=exc.id, code=exc.code, detail=exc.detail))
         return None
     again = protocol.decode(topic, protocol.encode(decoded.payload))
     if again != decoded or decoded.sender != SENDER:
