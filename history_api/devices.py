@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from store import cursors
 
 from .deps import CurrentUser, SessionDep
-from .errors import UNAUTHENTICATED, UNAVAILABLE
+from .errors import UNAUTHENTICATED, UNAVAILABLE, storable
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -38,7 +38,7 @@ def device_cursors(
     device: str = Path(min_length=1, max_length=64),
 ) -> DeviceCursors:
     """The caller's own device only: the path names a device of the signed-in user."""
-    rows = cursors.of_device(session, me, device)
+    rows = cursors.of_device(session, me, device) if storable(device) else []
     return DeviceCursors(
         device=device,
         cursors=[

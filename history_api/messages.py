@@ -11,7 +11,7 @@ from protocol import DownMessage, errors
 from store import history
 
 from .deps import CurrentUser, SessionDep
-from .errors import UNAUTHENTICATED, UNAVAILABLE, not_found
+from .errors import UNAUTHENTICATED, UNAVAILABLE, not_found, storable
 
 router = APIRouter(prefix="/v1/messages", tags=["messages"])
 
@@ -42,7 +42,7 @@ def get_message(message_id: str, session: SessionDep, me: CurrentUser) -> Messag
     """A message by its client ``id``: the caller's own first, else one in a conversation
     of the caller's. Its delivery trace lists each recipient device's delivered and
     read time."""
-    trace = history.delivery_trace(session, me, message_id)
+    trace = history.delivery_trace(session, me, message_id) if storable(message_id) else None
     if trace is None:
         # Same answer for "no such message" and "not yours": ids cannot be probed.
         raise errors.ProtocolError(errors.UNKNOWN_MESSAGE, f"no message {message_id!r} of yours")

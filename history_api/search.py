@@ -11,7 +11,7 @@ from protocol import DownMessage
 from store import search as store_search
 
 from .deps import CurrentUser, SessionDep
-from .errors import UNAUTHENTICATED, UNAVAILABLE, ErrorResponse
+from .errors import UNAUTHENTICATED, UNAVAILABLE, ErrorResponse, storable
 
 router = APIRouter(prefix="/v1/search", tags=["search"])
 
@@ -46,5 +46,5 @@ def search_messages(
     limit: Annotated[int, Query(ge=1, le=MAX_RESULTS)] = DEFAULT_RESULTS,
 ) -> SearchResults:
     """Messages of the caller's conversations that contain every word of ``q``."""
-    found = store_search.search(session, me, q, limit=limit)
+    found = store_search.search(session, me, q, limit=limit) if storable(q) else []
     return SearchResults(messages=[message.down() for message in found])

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from broker.provisioning import change_password, register
 from protocol import errors
 from store import accounts, history
+from store.accounts import MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS
 
 from .deps import (
     ClientAddress,
@@ -24,7 +25,7 @@ from .deps import (
     SessionDep,
     SignInGuardDep,
 )
-from .errors import THROTTLED, UNAUTHENTICATED, UNAVAILABLE, ErrorResponse, not_found
+from .errors import THROTTLED, UNAUTHENTICATED, UNAVAILABLE, ErrorResponse, not_found, storable
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
 
@@ -35,13 +36,25 @@ class UserCreate(BaseModel):
     )
 
     #: Checked by the store, not here, so a bad name gets ``invalid_username`` rather
-    #: than the generic ``invalid_payload``.
-    username: str
+    #: than the generic ``invalid_payload``. The schema states the rule for the names
+    #: in ASCII (schemathesis found a document that allowed any string); any spelling
+    #: that normalises to such a name is accepted too (``Alice`` becomes ``alice``).
+    username: Annotated[
+        str,
+        Field(
+            json_schema_extra={
+                "pattern": "^[A-Za-z0-9][A-Za-z0-9_.]{1,31}$",
+                "minLength": 2,
+                "maxLength": 32,
+            }
+        ),
+    ]
     password: Annotated[
         SecretStr,
         Field(
-            description="8 to 1024 characters, not only spaces, not the username, not one "
-            "of the most common passwords"
+            description=f"{MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters, not only "
+            "spaces, not the username, not one of the most common passwords",
+            json_schema_extra={"minLength": MIN_PASSWORD_CHARS, "maxLength": MAX_PASSWORD_CHARS},
         ),
     ]
 
@@ -60,6 +73,7 @@ class PasswordChange(BaseModel):
     "",
     status_code=status.HTTP_201_CREATED,
     responses={
+        400: {"model": ErrorResponse, "description": "`invalid_json`: the body is not JSON"},
         409: {"model": ErrorResponse, "description": "`username_taken`"},
         422: {
             "model": ErrorResponse,
@@ -148,7 +162,7 @@ class PresencePublic(BaseModel):
 )
 def get_presence(username: str, session: SessionDep, me: CurrentUser) -> PresencePublic:
     """Whether a user is online, for any signed-in user (as ``chat/v1/presence/+`` is)."""
-    found = history.presence(session, username)
+    found = history.presence(session, username) if storable(username) else None
     if found is None:
         raise errors.ProtocolError(errors.UNKNOWN_USER, f"no user {username!r}")
     return PresencePublic(username=found.username, online=found.online, last_seen=found.last_seen)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 from . import errors, topics
 from .models import (
     MAX_BODY_CHARS,
+    MAX_ID_CHARS,
     MAX_PAYLOAD_BYTES,
     UPLINK_MODELS,
     UpAck,
@@ -69,9 +70,16 @@ def decode(
         data: Any = json.loads(text)
     except json.JSONDecodeError as exc:
         raise errors.ProtocolError(errors.INVALID_JSON, f"payload is not JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:
+        # Found by fuzzing: ``[[[[...`` nested a few thousand deep exhausts the
+        # parser's recursion limit, and an integer over 4,300 digits exceeds Python's
+        # int-from-string limit; neither is a JSONDecodeError.
+        raise errors.ProtocolError(
+            errors.INVALID_JSON, f"payload is not JSON we can read: {exc}"
+        ) from None
     if not isinstance(data, dict):
         raise errors.ProtocolError(errors.INVALID_PAYLOAD, "payload must be a JSON object")
-    client_id = data.get("id") if isinstance(data.get("id"), str) else None
+    client_id = _echoable_id(data.get("id"))
     body = data.get("body")
     if isinstance(body, str) and len(body) > max_body_chars:
         raise errors.ProtocolError(
@@ -90,6 +98,22 @@ def decode(
 def encode(model: BaseModel) -> bytes:
     """Serialise a payload model as compact UTF-8 JSON, using wire names (``from``)."""
     return model.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+
+def _echoable_id(value: object) -> str | None:
+    """The payload's ``id`` if a refusal can send it back, else None.
+
+    Found by fuzzing: an id with a lone surrogate (``"\\ud800"``, valid JSON) made the
+    error payload itself unencodable, and the exception killed the bridge; the
+    redelivered uplink then killed it again on every restart.
+    """
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS or "\x00" in value:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def _describe(exc: ValidationError) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import ErrorCode
 
@@ -31,6 +31,15 @@ DeviceName = Annotated[str, Field(min_length=1, max_length=64)]
 
 class _Uplink(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # JSON may carry "\u0000", but PostgreSQL text cannot hold it: a stored body
+        # with one would fail its INSERT on every retry and hold up the whole batch.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("text may not contain the NUL character (\\u0000)")
+        return value
 
 
 class _Downlink(BaseModel):

@@ -1,0 +1,370 @@
+"""Malformed MQTT packets by raw socket, against amqtt and mosquitto.
+
+Each case opens a TCP connection of its own and sends bytes no MQTT library would:
+truncated packets, a remaining length of 256 MB, invalid UTF-8 in topics and client
+ids, empty and 64 KB client ids, subscriptions with thousands of filters or thousands
+of levels, PUBLISH before CONNECT, a second CONNECT, reserved packet types, garbage.
+After every case the broker process is still running, a new authenticated client
+can connect, and alice's next message reaches bob through the bridge. What each
+broker answered is recorded in ``docs/security.md``.
+
+Some cases leave their connection open (a slow client that never finishes its
+packet, a client holding thousands of subscriptions) while the others run, so a
+broker that serves one connection at a time, or stalls on one, fails here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from clients.sdk import ChatClient
+
+from .conftest import Stack, password_of
+
+# -- packets -------------------------------------------------------------------------
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def packet(first: int, body: bytes) -> bytes:
+    return bytes([first]) + varint(len(body)) + body
+
+
+def string(value: bytes) -> bytes:
+    return struct.pack("!H", len(value)) + value
+
+
+def connect(
+    client_id: bytes,
+    username: bytes | None = None,
+    password: bytes | None = None,
+    *,
+    clean: bool = True,
+    protocol: bytes = b"MQTT",
+    level: int = 4,
+) -> bytes:
+    flags = (0x02 if clean else 0) | (0x80 if username is not None else 0)
+    flags |= 0x40 if password is not None else 0
+    body = string(protocol) + bytes([level, flags]) + struct.pack("!H", 30) + string(client_id)
+    for field in (username, password):
+        if field is not None:
+            body += string(field)
+    return packet(0x10, body)
+
+
+def login(user: str, client_id: str | None = None) -> bytes:
+    cid = (client_id or f"{user}:raw-malformed").encode()
+    return connect(cid, user.encode(), password_of(user).encode())
+
+
+def subscribe(filters: list[bytes], packet_id: int = 1, qos: int = 0) -> bytes:
+    body = struct.pack("!H", packet_id) + b"".join(string(f) + bytes([qos]) for f in filters)
+    return packet(0x82, body)
+
+
+def publish(topic: bytes, payload: bytes, *, qos: int = 0, packet_id: int = 1) -> bytes:
+    body = string(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return packet(0x30 | (qos << 1), body)
+
+
+# -- talking to the broker -------------------------------------------------------------
+
+
+@dataclass
+class Raw:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        with contextlib.suppress(ConnectionError):
+            await self.writer.drain()
+
+    async def answer(self, timeout: float = 5.0) -> str:
+        """What the broker did next: sent a packet (its type), closed, or nothing."""
+        try:
+            head = await asyncio.wait_for(self.reader.read(1), timeout)
+        except TimeoutError:
+            return "open"
+        except ConnectionError:
+            return "closed"
+        if not head:
+            return "closed"
+        names = {2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 9: "SUBACK", 13: "PINGRESP"}
+        kind = names.get(head[0] >> 4, f"type {head[0] >> 4}")
+        if kind == "CONNACK":
+            rest = await asyncio.wait_for(self.reader.readexactly(3), timeout)
+            return f"CONNACK {rest[2]}"
+        return kind
+
+    async def until_closed(self, timeout: float = 3.0) -> str:
+        """Read and drop everything until the broker closes; 'open' if it never does."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    return "open"
+                if not await asyncio.wait_for(self.reader.read(65536), left):
+                    return "closed"
+        except TimeoutError:
+            return "open"
+        except ConnectionError:
+            return "closed"
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def dial(stack: Stack, opened: list[Raw]) -> Raw:
+    """A new connection, left open until the test ends unless the broker closes it."""
+    reader, writer = await asyncio.open_connection(stack.host, stack.port)
+    opened.append(Raw(reader, writer))
+    return opened[-1]
+
+
+# -- the cases ---------------------------------------------------------------------------
+# Each sends its bytes and returns, still unawaited, how it watches the broker's answer,
+# so the (up to 3 s) waits of all cases overlap while the chat checks run.
+
+
+async def then(connack: str, outcome: Awaitable[str]) -> str:
+    return f"{connack}, then {await outcome}"
+
+
+Case = Callable[[Stack, list[Raw]], Awaitable[Awaitable[str]]]
+
+
+async def garbage(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(bytes(range(256)) * 8)
+    return raw.until_closed()
+
+
+async def truncated_connect_then_close(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(login("mallory")[:9])
+    raw.writer.write_eof()
+    return raw.until_closed()
+
+
+async def truncated_connect_held_open(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(login("mallory")[:9])
+    return raw.answer(timeout=1.0)
+
+
+async def huge_remaining_length(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(bytes([0x10]) + varint(268_435_455) + b"\x00\x04MQTT\x04\x02" + b"x" * 4096)
+    return raw.answer(timeout=1.0)
+
+
+async def huge_remaining_length_after_login(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(login("mallory", "mallory:raw-huge"))
+    connack = await raw.answer()
+    await raw.send(bytes([0x30]) + varint(268_435_455) + string(b"chat/v1/u/mallory/up/msg"))
+    return then(connack, raw.answer(timeout=1.0))
+
+
+async def malformed_remaining_length(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(bytes([0x10]) + b"\xff\xff\xff\xff\xff\x01" + b"x" * 64)
+    return raw.until_closed()
+
+
+async def publish_before_connect(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(publish(b"chat/v1/u/bob/down/msg", b'{"id":"x"}'))
+    return raw.until_closed()
+
+
+async def reserved_type_0(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(packet(0x00, b""))
+    return raw.until_closed()
+
+
+async def reserved_type_15_after_login(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(login("mallory", "mallory:raw-15"))
+    connack = await raw.answer()
+    await raw.send(packet(0xF0, b"\x00\x00"))
+    return then(connack, raw.until_closed())
+
+
+async def second_connect(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(login("mallory", "mallory:raw-second"))
+    connack = await raw.answer()
+    await raw.send(login("mallory", "mallory:raw-second"))
+    return then(connack, raw.until_closed())
+
+
+async def invalid_utf8_client_id(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(connect(b"\xff\xfe\xc3", b"mallory", password_of("mallory").encode()))
+    return raw.answer()
+
+
+async def invalid_utf8_username(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(connect(b"u8-user", b"mal\xfflory", b"whatever-pw"))
+    return raw.answer()
+
+
+async def empty_client_id_persistent(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(connect(b"", b"mallory", password_of("mallory").encode(), clean=False))
+    return raw.answer()
+
+
+async def oversized_client_id(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(connect(b"m" * 65535, b"mallory", password_of("mallory").encode()))
+    return raw.answer()
+
+
+async def invalid_utf8_topic(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(login("mallory", "mallory:raw-utf8"))
+    connack = await raw.answer()
+    await raw.send(publish(b"chat/v1/u/mallory/up/\xff\xfe", b'{"id":"u","to":"bob","body":"x"}'))
+    await raw.send(publish(b"chat/v1/u/mallory/up/ms\x00g", b"{}", qos=1, packet_id=2))
+    return then(connack, raw.until_closed())
+
+
+async def wildcard_in_publish_topic(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(login("mallory", "mallory:raw-wild"))
+    connack = await raw.answer()
+    await raw.send(publish(b"chat/v1/u/+/down/msg", b'{"id":"w"}', qos=1, packet_id=3))
+    return then(connack, raw.until_closed())
+
+
+async def thousands_of_filters(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    """5,000 filters the ACL allows (all under mallory's own down/), kept subscribed."""
+    raw = await dial(stack, held)
+    await raw.send(login("mallory", "mallory:raw-many"))
+    connack = await raw.answer()
+    filters = [f"chat/v1/u/mallory/down/x{i}/+/#".encode() for i in range(5000)]
+    await raw.send(subscribe(filters, packet_id=7))
+    return then(connack, raw.answer(timeout=15))
+
+
+async def very_deep_filters(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    """10,000-level filters, one allowed (under mallory's down/) and one refused."""
+    raw = await dial(stack, held)
+    await raw.send(login("mallory", "mallory:raw-deep"))
+    connack = await raw.answer()
+    deep = b"+/" * 10_000 + b"#"
+    await raw.send(subscribe([b"chat/v1/u/mallory/down/" + deep, deep], packet_id=8))
+    return then(connack, raw.answer(timeout=15))
+
+
+async def thousands_of_refused_filters(stack: Stack, held: list[Raw]) -> Awaitable[str]:
+    raw = await dial(stack, held)
+    await raw.send(login("mallory", "mallory:raw-refused"))
+    connack = await raw.answer()
+    filters = [b"+/" * (i % 50) + b"#" for i in range(3000)] + [b"$SYS/#", b"#"]
+    await raw.send(subscribe(filters, packet_id=9))
+    return then(connack, raw.answer(timeout=15))
+
+
+CASES: list[Case] = [
+    garbage,
+    truncated_connect_then_close,
+    truncated_connect_held_open,
+    huge_remaining_length,
+    huge_remaining_length_after_login,
+    malformed_remaining_length,
+    publish_before_connect,
+    reserved_type_0,
+    reserved_type_15_after_login,
+    second_connect,
+    invalid_utf8_client_id,
+    invalid_utf8_username,
+    empty_client_id_persistent,
+    oversized_client_id,
+    invalid_utf8_topic,
+    wildcard_in_publish_topic,
+    thousands_of_filters,
+    very_deep_filters,
+    thousands_of_refused_filters,
+]
+
+
+def broker_alive(stack: Stack) -> bool:
+    if stack.mosquitto is not None:
+        return stack.mosquitto.is_running
+    assert stack.embedded_broker is not None
+    process = stack.embedded_broker.process
+    return process is not None and process.poll() is None
+
+
+async def still_chatting(stack: Stack, alice: ChatClient, bob: ChatClient, n: int) -> None:
+    link = await stack.raw("carol")  # a new authenticated connection is accepted
+    await link.close()
+    await alice.send(f"after case {n}", to="bob", timeout=20)
+    got = await bob.next_message(timeout=20)
+    assert got.body == f"after case {n}"
+
+
+async def test_malformed_packets_leave_the_broker_serving(stack: Stack) -> None:
+    await stack.add_users("mallory", "alice", "bob", "carol")
+    alice = await stack.client("alice")
+    bob = await stack.client("bob")
+    held: list[Raw] = []
+    watching: dict[str, asyncio.Future[str]] = {}
+    outcomes: dict[str, str] = {}
+    try:
+        for n, case in enumerate(CASES):
+            watching[case.__name__] = asyncio.ensure_future(await case(stack, held))
+            assert broker_alive(stack), f"{stack.name} broker died after {case.__name__}"
+            try:
+                await still_chatting(stack, alice, bob, n)
+            except Exception as exc:
+                raise AssertionError(f"{stack.name}: no chat after {case.__name__}") from exc
+        for name, watch in watching.items():
+            outcomes[name] = await watch
+        assert broker_alive(stack)
+        await still_chatting(stack, alice, bob, len(CASES))
+    finally:
+        for watch in watching.values():
+            watch.cancel()
+        for raw in held:
+            raw.close()
+        print(f"\n{stack.name}:")
+        for name, outcome in outcomes.items():
+            print(f"  {name}: {outcome}")
+    # What each broker does with the connection (docs/security.md has the table).
+    closes = {"malformed_remaining_length", "second_connect"}
+    if stack.mosquitto is not None:
+        closes |= {
+            "garbage",
+            "truncated_connect_then_close",
+            "publish_before_connect",
+            "reserved_type_0",
+            "reserved_type_15_after_login",
+            "invalid_utf8_client_id",
+            "invalid_utf8_topic",
+            "wildcard_in_publish_topic",
+            "very_deep_filters",
+        }
+    for name in closes:
+        assert outcomes[name].endswith("closed"), (stack.name, name, outcomes[name])
+    assert outcomes["empty_client_id_persistent"] == "CONNACK 2"  # identifier rejected
+    assert outcomes["thousands_of_filters"] == "CONNACK 0, then SUBACK"
