@@ -53,6 +53,12 @@ UNAUTHENTICATED = {
 }
 
 
+#: For every route that reads a JSON body.
+INVALID_JSON = {
+    "model": ErrorResponse,
+    "description": "`invalid_json`: the body is not JSON (or not UTF-8)",
+}
+
 THROTTLED = {
     "model": ErrorResponse,
     "description": "`rate_limited`: too many failed sign-ins for the account or from this "

@@ -25,7 +25,15 @@ from .deps import (
     SessionDep,
     SignInGuardDep,
 )
-from .errors import THROTTLED, UNAUTHENTICATED, UNAVAILABLE, ErrorResponse, not_found, storable
+from .errors import (
+    INVALID_JSON,
+    THROTTLED,
+    UNAUTHENTICATED,
+    UNAVAILABLE,
+    ErrorResponse,
+    not_found,
+    storable,
+)
 
 router = APIRouter(prefix="/v1/users", tags=["users"])
 
@@ -73,7 +81,7 @@ class PasswordChange(BaseModel):
     "",
     status_code=status.HTTP_201_CREATED,
     responses={
-        400: {"model": ErrorResponse, "description": "`invalid_json`: the body is not JSON"},
+        400: INVALID_JSON,
         409: {"model": ErrorResponse, "description": "`username_taken`"},
         422: {
             "model": ErrorResponse,
@@ -111,6 +119,7 @@ def _verify(engine: Engine, username: str, password: str) -> bool:
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
     responses={
+        400: INVALID_JSON,
         401: UNAUTHENTICATED,
         403: {"model": ErrorResponse, "description": "`wrong_password`: the current password"},
         422: {"model": ErrorResponse, "description": "`weak_password` or `invalid_payload`"},
