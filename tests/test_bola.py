@@ -202,6 +202,26 @@ async def create_user(client: httpx.AsyncClient, world: World) -> None:
         assert ok.status_code == 200
 
 
+async def change_password(client: httpx.AsyncClient, world: World) -> None:
+    # "me" is whoever the token says: knowing the victim's password changes nothing of
+    # theirs, and the caller's own password is only changed with the caller's own.
+    for me, victim in world.pairs():
+        response = await client.post(
+            "/v1/users/me/password",
+            headers=me.api.headers,
+            json={
+                "current_password": f"{victim.name}-history-pw",
+                "new_password": "a brand new passphrase",
+            },
+        )
+        assert error_of(response) == (403, "wrong_password")
+    for me, _ in world.pairs():
+        ok = await client.post(
+            "/v1/tokens", data={"username": me.name, "password": f"{me.name}-history-pw"}
+        )
+        assert ok.status_code == 200
+
+
 async def healthz(client: httpx.AsyncClient, world: World) -> None:
     for me, _ in world.pairs():
         response = await me.api.get("/healthz")
@@ -217,6 +237,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/search"): search,
     ("POST", "/v1/tokens"): create_token,
     ("POST", "/v1/users"): create_user,
+    ("POST", "/v1/users/me/password"): change_password,
     ("GET", "/healthz"): healthz,
 }
 
