@@ -436,14 +436,17 @@ def schedule(
 ) -> list[tuple[float, Fault]]:
     """A replayable fault plan: ``(at_seconds, Fault)`` sorted by time.
 
-    Every kind in ``kinds`` (name -> (min, max) duration) appears ``rounds`` times, in
-    an order drawn from ``random.Random(seed)``, plus ``extra`` kinds drawn at random.
-    ``at`` is the earliest start; the gap is counted from the previous fault's planned
-    end.
+    Each of ``rounds`` rounds applies every kind in ``kinds`` (name -> (min, max)
+    duration) once, in an order drawn from ``random.Random(seed)``; then ``extra``
+    kinds drawn at random. A plan cut short after any round is still balanced. ``at``
+    is the earliest start; the gap is counted from the previous fault's planned end.
     """
     rng = random.Random(seed)
-    names = sorted(kinds) * rounds
-    rng.shuffle(names)
+    names: list[str] = []
+    for _ in range(rounds):
+        block = sorted(kinds)
+        rng.shuffle(block)
+        names += block
     names += [rng.choice(sorted(kinds)) for _ in range(extra)]
     plan: list[tuple[float, Fault]] = []
     at = rng.uniform(*first_at)
@@ -535,7 +538,10 @@ class Injector:
         elif kind == "SIGTERM bridge":
             code = await asyncio.to_thread(bridge.stop)
             if code != 0:
-                raise FaultFailed(f"bridge exited with {code} on SIGTERM, not 0")
+                raise FaultFailed(
+                    f"bridge exited with {code} on SIGTERM, not 0; its log ends:\n"
+                    + bridge.log_text()[-3000:]
+                )
             await asyncio.sleep(down)
             await asyncio.to_thread(stack.start_bridge)
         elif kind == "SIGSTOP bridge":
@@ -592,6 +598,9 @@ class Injector:
         finally:
             del bridge.env["MQCHAT_BRIDGE_CRASH_AT"]
         if code != -signal.SIGKILL or f"crash point {point} reached" not in bridge.log_text():
-            raise FaultFailed(f"armed bridge exited with {code}, not by its crash point {point}")
+            raise FaultFailed(
+                f"armed bridge exited with {code}, not by its crash point {point}; its log "
+                "ends:\n" + bridge.log_text()[-3000:]
+            )
         await asyncio.sleep(down)
         await asyncio.to_thread(self.stack.start_bridge)

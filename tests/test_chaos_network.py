@@ -23,7 +23,7 @@ import pytest
 from clients.sdk import ChatClient
 
 from .chaos import History, Received, Report, StoredRow, check
-from .conftest import Stack, password_of
+from .conftest import BRIDGE_READY, Stack, password_of
 from .services import PostgresServer
 from .tcp_proxy import TcpProxy
 from .test_chat import stored
@@ -230,7 +230,7 @@ async def test_two_bridges_with_one_killed(production_stack: Stack) -> None:
             await asyncio.sleep(1.5)
             victim.start()
             await asyncio.to_thread(
-                victim.wait_for_log, "consuming", occurrences=victim.starts, timeout=30
+                victim.wait_for_log, BRIDGE_READY, occurrences=victim.starts, timeout=30
             )
             await asyncio.sleep(2.0)
             return [f"{rng_kill_at:.1f}s kill -9 {victim.name}"]
