@@ -141,9 +141,11 @@ class Bench:
                     resend_after=3.0,
                     history=self.stack.history(user),
                 )
-                await client.connect()
                 self.stack._clients.append(client)
                 self.clients[f"{user}/{device}"] = client
+        pending = list(self.clients.values())
+        for i in range(0, len(pending), 20):  # 20 devices connecting at a time
+            await asyncio.gather(*(client.connect() for client in pending[i : i + 20]))
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
