@@ -8,6 +8,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES
 
+from .faults import CRASH_AT_PATTERN
+
 
 class BridgeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MQCHAT_BRIDGE_", extra="ignore")
@@ -59,3 +61,6 @@ class BridgeSettings(BaseSettings):
 
     #: Seconds to finish in-flight work on SIGTERM before giving up on it.
     shutdown_timeout: float = 10.0
+    #: Test only: ``<point>:<n>`` kills the bridge at the n-th arrival at a point of
+    #: its pipeline (see ``bridge/faults.py``). Never set it in production.
+    crash_at: str | None = Field(default=None, pattern=CRASH_AT_PATTERN)

@@ -50,6 +50,7 @@ from store.messages import Outcome, persist_batch
 from store.types import utcnow
 
 from .config import BridgeSettings
+from .faults import CrashHook
 from .ratelimit import MessageRate
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Bridge:
         self._rate = MessageRate(settings.message_rate)
         #: (sender, conversation) -> (when, typing) of the last typing event relayed.
         self._typing_sent: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._crash = CrashHook(settings.crash_at)  # test only, see bridge/faults.py
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -214,7 +216,9 @@ class Bridge:
                 typing.append((decoded.sender, decoded.payload))
 
         if to_store:
+            self._crash.reach("before_commit")
             outcomes = await self._with_database(persist_batch, to_store)
+            self._crash.reach("after_commit")
             for (sender, _), outcome in zip(to_store, outcomes, strict=True):
                 publishes.extend(self._route(sender, outcome))
         if acks:
@@ -399,6 +403,7 @@ class Bridge:
     ) -> None:
         if futures:
             await asyncio.gather(*futures)
+            self._crash.reach("after_publish")
         for incoming in batch:
             self.link.ack(incoming)
 

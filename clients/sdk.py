@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import httpx
 from pydantic import ValidationError
+from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 import protocol
 from protocol import errors, topics
@@ -44,6 +45,14 @@ from .history import HistoryClient, HistoryError
 from .mqtt import Incoming, LinkConfig, MqttLink, Will
 
 log = logging.getLogger(__name__)
+
+#: Most seconds between two attempts to catch up after a reconnect.
+CATCH_UP_RETRY_MAX = 5.0
+
+
+def _history_unavailable(exc: BaseException) -> bool:
+    """Worth retrying: the history API is unreachable or answers 5xx (database down)."""
+    return isinstance(exc, httpx.HTTPError) or (isinstance(exc, HistoryError) and exc.status >= 500)
 
 
 class ChatError(Exception):
@@ -359,13 +368,25 @@ class ChatClient:
             kick.set()
         if self.history is not None and self.link.generation > 1:
             # Whatever the broker dropped while we were away comes from the history.
+            if self._catch_up_task is not None:
+                self._catch_up_task.cancel()  # this one starts over
             self._catch_up_task = asyncio.create_task(self._catch_up_quietly())
 
     async def _catch_up_quietly(self) -> None:
+        # Retried on a timer, not left to the next gap: what the broker dropped may be
+        # the end of a conversation, and then no later message reveals the gap.
         try:
-            await self.catch_up()
-        except (HistoryError, httpx.HTTPError) as exc:
-            log.warning("catch-up failed, the next gap or reconnect retries: %s", exc)
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_history_unavailable),
+                wait=wait_random_exponential(multiplier=0.5, max=CATCH_UP_RETRY_MAX),
+                before_sleep=lambda state: log.warning(
+                    "catch-up failed, retrying: %s", state.outcome and state.outcome.exception()
+                ),
+            ):
+                with attempt:
+                    await self.catch_up()
+        except HistoryError as exc:  # 4xx: retrying will not help
+            log.warning("catch-up failed: %s", exc)
 
     # -- receiving ------------------------------------------------------------------
 

@@ -14,20 +14,34 @@ Outcomes of a send: ``ok`` (the ``sent`` receipt: the message is stored at
 ``conversation``/``seq``), ``fail`` (the bridge refused it, with a code), ``unknown``
 (``SendTimeout`` or cancelled: it may or may not have been stored). An ``ok`` message
 must reach storage and every member device; an ``unknown`` one that did is *recovered*.
+
+:class:`Injector` applies the faults of a :func:`schedule` to a running stack (the
+bridge as a subprocess, mosquitto, PostgreSQL and up to three :class:`TcpProxy`
+paths); the CI run (``tests/test_chaos.py``) and the long run (``bench/chaos_long.py``)
+share it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
+import signal
+import subprocess
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sqlalchemy.engine import make_url
+
 from clients.sdk import ChatClient, ChatError, SendTimeout
+
+from .conftest import Stack
+from .services import PostgresServer
+from .tcp_proxy import TcpProxy
 
 OpKind = Literal["invoke", "ok", "fail", "unknown"]
 Key = tuple[str, str]  # (sender, message id)
@@ -384,33 +398,209 @@ def _to_user(target: str) -> list[str]:
 class Fault:
     kind: str
     duration: float  # how long the fault holds (outage, pause), seconds
+    n: int = 1  # crash faults: the bridge dies the n-th time it reaches the point
 
     def __str__(self) -> str:
-        return f"{self.kind}({self.duration:.1f}s)"
+        arg = f" #{self.n}" if self.kind.startswith("crash") else ""
+        return f"{self.kind}{arg}({self.duration:.1f}s)"
+
+
+#: Every fault kind the injector knows -> (min, max) seconds it holds.
+FAULT_KINDS: dict[str, tuple[float, float]] = {
+    "kill -9 bridge": (0.3, 1.5),  # at a random moment
+    "crash before_commit": (0.3, 1.0),  # MQCHAT_BRIDGE_CRASH_AT, see bridge/faults.py
+    "crash after_commit": (0.3, 1.0),
+    "crash after_publish": (0.3, 1.0),
+    "SIGTERM bridge": (0.3, 1.0),  # graceful restart
+    "SIGSTOP bridge": (8.0, 9.0),  # past 1.5 x keepalive (5 s): the broker drops it
+    "kill -9 mosquitto": (0.3, 1.5),  # persistence on, autosave every 60 s
+    "restart postgres": (1.0, 2.5),  # fast shutdown, then start
+    "kill -9 postgres": (0.5, 1.5),  # immediate shutdown: WAL recovery on start
+    "cut clients": (0.5, 2.0),  # client <-> broker
+    "stall clients": (0.5, 2.0),
+    "cut bridge-broker": (0.5, 2.0),
+    "stall bridge-broker": (0.5, 2.0),
+    "cut bridge-db": (0.5, 2.0),
+    "stall bridge-db": (0.5, 2.0),
+}
 
 
 def schedule(
     seed: int,
     kinds: dict[str, tuple[float, float]],
     *,
+    rounds: int = 1,
     extra: int = 0,
     first_at: tuple[float, float] = (2.0, 4.0),
     gap: tuple[float, float] = (3.0, 6.0),
 ) -> list[tuple[float, Fault]]:
     """A replayable fault plan: ``(at_seconds, Fault)`` sorted by time.
 
-    Every kind in ``kinds`` (name -> (min, max) duration) appears once, in an order
-    drawn from ``random.Random(seed)``, plus ``extra`` kinds drawn at random. ``at`` is
-    the earliest start; the gap is counted from the previous fault's planned end.
+    Each of ``rounds`` rounds applies every kind in ``kinds`` (name -> (min, max)
+    duration) once, in an order drawn from ``random.Random(seed)``; then ``extra``
+    kinds drawn at random. A plan cut short after any round is still balanced. ``at``
+    is the earliest start; the gap is counted from the previous fault's planned end.
     """
     rng = random.Random(seed)
-    names = sorted(kinds)
-    rng.shuffle(names)
+    names: list[str] = []
+    for _ in range(rounds):
+        block = sorted(kinds)
+        rng.shuffle(block)
+        names += block
     names += [rng.choice(sorted(kinds)) for _ in range(extra)]
     plan: list[tuple[float, Fault]] = []
     at = rng.uniform(*first_at)
     for name in names:
-        fault = Fault(name, round(rng.uniform(*kinds[name]), 2))
+        fault = Fault(name, round(rng.uniform(*kinds[name]), 2), rng.randint(1, 4))
         plan.append((round(at, 2), fault))
         at += fault.duration + rng.uniform(*gap)
     return plan
+
+
+class FaultFailed(AssertionError):
+    """A fault did not happen as planned (a crash point never reached, say)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    begin: float  # seconds since the start of the run
+    end: float
+    fault: Fault
+
+    def __str__(self) -> str:
+        return f"{self.begin:6.1f}s-{self.end:6.1f}s {self.fault}"
+
+
+class Injector:
+    """Applies faults to a running stack whose bridge runs behind the given proxies.
+
+    ``clients`` sits between the devices and the broker, ``bridge_broker`` between
+    the bridge and the broker, ``bridge_db`` between the bridge and PostgreSQL; use
+    :meth:`route_bridge` to point the bridge at the last two.
+    """
+
+    CRASH_TIMEOUT = 30.0  # seconds for an armed bridge to reach its crash point
+
+    def __init__(
+        self,
+        stack: Stack,
+        postgres: PostgresServer,
+        *,
+        clients: TcpProxy | None = None,
+        bridge_broker: TcpProxy | None = None,
+        bridge_db: TcpProxy | None = None,
+    ) -> None:
+        self.stack = stack
+        self.postgres = postgres
+        self.proxies = {"clients": clients, "bridge-broker": bridge_broker, "bridge-db": bridge_db}
+        self.applied: list[Applied] = []
+        self.started = time.monotonic()
+
+    async def route_bridge(self) -> None:
+        """Restart the bridge so that it reaches the broker and the database via the proxies."""
+        bridge = self.stack.bridge
+        await asyncio.to_thread(bridge.stop)
+        broker, db = self.proxies["bridge-broker"], self.proxies["bridge-db"]
+        if broker is not None:
+            bridge.env["MQCHAT_BRIDGE_MQTT_PORT"] = str(broker.port)
+        if db is not None:
+            url = make_url(self.stack.database_url).set(host=db.host, port=db.port)
+            bridge.env["MQCHAT_BRIDGE_DATABASE_URL"] = url.render_as_string(hide_password=False)
+        await asyncio.to_thread(self.stack.start_bridge)
+
+    def counts(self) -> Counter[str]:
+        return Counter(a.fault.kind for a in self.applied)
+
+    async def run(self, plan: Sequence[tuple[float, Fault]], *, tail: float = 0.0) -> None:
+        """Apply ``plan`` (times from :attr:`started`), then wait ``tail`` seconds."""
+        for at, fault in plan:
+            delay = self.started + at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self.apply(fault)
+        await asyncio.sleep(tail)
+
+    async def apply(self, fault: Fault) -> None:
+        begin = time.monotonic() - self.started
+        await self._apply(fault)
+        self.applied.append(Applied(begin, time.monotonic() - self.started, fault))
+
+    async def _apply(self, fault: Fault) -> None:
+        stack, down = self.stack, fault.duration
+        bridge = stack.bridge
+        kind = fault.kind
+        if kind == "kill -9 bridge":
+            bridge.kill()
+            await asyncio.sleep(down)
+            await asyncio.to_thread(stack.start_bridge)
+        elif kind.startswith("crash "):
+            await self._crash(kind.removeprefix("crash "), fault.n, down)
+        elif kind == "SIGTERM bridge":
+            code = await asyncio.to_thread(bridge.stop)
+            if code != 0:
+                raise FaultFailed(
+                    f"bridge exited with {code} on SIGTERM, not 0; its log ends:\n"
+                    + bridge.log_text()[-3000:]
+                )
+            await asyncio.sleep(down)
+            await asyncio.to_thread(stack.start_bridge)
+        elif kind == "SIGSTOP bridge":
+            assert bridge.process is not None
+            pid = bridge.process.pid
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(down)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        elif kind == "kill -9 mosquitto":
+            assert stack.mosquitto is not None
+            stack.mosquitto.kill()
+            await asyncio.sleep(down)
+            await asyncio.to_thread(stack.mosquitto.start)
+        elif kind in ("restart postgres", "kill -9 postgres"):
+            stop = self.postgres.stop if kind == "restart postgres" else self.postgres.kill
+            try:
+                await asyncio.to_thread(stop)
+                await asyncio.sleep(down)
+            finally:
+                await asyncio.to_thread(self.postgres.start)
+        elif kind.startswith(("cut ", "stall ")):
+            verb, path = kind.split()
+            proxy = self.proxies[path]
+            if proxy is None:
+                raise FaultFailed(f"no proxy on the {path} path")
+            if verb == "cut":
+                proxy.cut()
+            else:
+                proxy.stall(down)
+            try:
+                await asyncio.sleep(down)
+            finally:
+                proxy.heal()
+        else:
+            raise ValueError(f"unknown fault kind {kind!r}")
+
+    async def _crash(self, point: str, n: int, down: float) -> None:
+        """Restart the bridge (SIGTERM) armed to SIGKILL itself at ``point``, then again."""
+        bridge = self.stack.bridge
+        await asyncio.to_thread(bridge.stop)
+        bridge.env["MQCHAT_BRIDGE_CRASH_AT"] = f"{point}:{n}"
+        try:
+            bridge.start()
+            assert bridge.process is not None
+            try:
+                code = await asyncio.to_thread(bridge.process.wait, self.CRASH_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                bridge.kill()
+                raise FaultFailed(
+                    f"bridge never reached {point} {n} times in {self.CRASH_TIMEOUT} s"
+                ) from None
+        finally:
+            del bridge.env["MQCHAT_BRIDGE_CRASH_AT"]
+        if code != -signal.SIGKILL or f"crash point {point} reached" not in bridge.log_text():
+            raise FaultFailed(
+                f"armed bridge exited with {code}, not by its crash point {point}; its log "
+                "ends:\n" + bridge.log_text()[-3000:]
+            )
+        await asyncio.sleep(down)
+        await asyncio.to_thread(self.stack.start_bridge)

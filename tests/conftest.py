@@ -46,6 +46,9 @@ from .services import (
 
 ROOT = Path(__file__).parents[1]
 PASSWORD_SUFFIX = "-secret-pw"
+#: What the bridge logs once it consumes uplinks (plain "consuming" also matches
+#: psycopg's "consuming input failed" when the database goes away).
+BRIDGE_READY = "consuming chat/"
 
 
 def password_of(user: str) -> str:
@@ -225,7 +228,7 @@ class Stack:
 
     def start_bridge(self) -> None:
         self.bridge.start()
-        self.bridge.wait_for_log("consuming", occurrences=self.bridge.starts)
+        self.bridge.wait_for_log(BRIDGE_READY, occurrences=self.bridge.starts)
 
     def restart_broker(self) -> None:
         if self.mosquitto is not None:

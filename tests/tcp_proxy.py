@@ -54,7 +54,12 @@ class TcpProxy:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._accept, LOOPBACK, 0)
+        # A backlog for every client: the kernel then completes their handshakes even
+        # while the event loop is busy (paho connects with a blocking call, so many
+        # links reconnecting at once in the proxy's own loop would otherwise starve it).
+        self._server = await asyncio.start_server(
+            self._accept, LOOPBACK, 0, backlog=self.max_connections
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -1,14 +1,18 @@
-"""Network chaos: cut and stall TCP paths, overflow the broker queue, kill one of two bridges.
+"""Chaos scenarios beside the CI run: the proxy itself, the broker queue overflowing,
+catch-up retried while the history is down, one of two bridges killed.
 
-Every scenario records what was sent (:class:`tests.chaos.History`), what each device
-was shown and what is stored, then reconciles them with :func:`tests.chaos.check`.
-Seeded; replay with ``MQCHAT_CHAOS_SEED=<seed>``.
+Cuts and stalls of the client<->broker, bridge<->broker and bridge<->PostgreSQL paths
+run in the CI run (``tests/test_chaos.py``). Every scenario here records what was sent
+(:class:`tests.chaos.History`), what each device was shown and what is stored, then
+reconciles them with :func:`tests.chaos.check`. Seeded; replay with
+``MQCHAT_CHAOS_SEED=<seed>``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import time
@@ -18,15 +22,14 @@ import pytest
 
 from clients.sdk import ChatClient
 
-from . import chaos
 from .chaos import History, Received, Report, StoredRow, check
-from .conftest import Stack, password_of
+from .conftest import BRIDGE_READY, Stack, password_of
+from .services import PostgresServer
 from .tcp_proxy import TcpProxy
 from .test_chat import stored
 from .test_two_bridges import start_two_bridges
 
 PAIRS = (("alice", "bob"), ("carol", "dave"))
-NET_FAULTS = {"cut": (0.5, 2.0), "stall": (1.0, 3.0)}
 PACE = 0.05
 SEND_TIMEOUT = 60.0
 QUIET_TIMEOUT = 45.0
@@ -35,19 +38,6 @@ QUIET_TIMEOUT = 45.0
 def _seed() -> int:
     value = os.environ.get("MQCHAT_CHAOS_SEED")
     return int(value) if value else secrets.randbelow(1_000_000)
-
-
-async def _apply_net(proxy: TcpProxy, fault: chaos.Fault) -> None:
-    if fault.kind == "cut":
-        proxy.cut()
-        await asyncio.sleep(fault.duration)
-        proxy.heal()
-    elif fault.kind == "stall":
-        proxy.stall(fault.duration)
-        await asyncio.sleep(fault.duration)
-        proxy.heal()
-    else:
-        raise ValueError(fault.kind)
 
 
 class Run:
@@ -131,23 +121,6 @@ class Run:
         return report
 
 
-async def _faults(
-    run: Run, seed: int, apply: Callable[[chaos.Fault], Awaitable[None]], label: str
-) -> list[str]:
-    plan = chaos.schedule(seed, NET_FAULTS, extra=3, first_at=(1.0, 2.0), gap=(1.0, 2.5))
-    print(f"\n[{label}] seed {seed} plan: " + ", ".join(f"{a:.1f}s {f}" for a, f in plan))
-    applied = []
-    for at, fault in plan:
-        delay = run.started + at - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        begin = time.monotonic() - run.started
-        await apply(fault)
-        applied.append(f"{begin:5.1f}s-{time.monotonic() - run.started:5.1f}s {fault}")
-    await asyncio.sleep(1.0)
-    return applied
-
-
 async def _load_under(run: Run, faults: Awaitable[list[str]]) -> list[str]:
     stop = asyncio.Event()
 
@@ -213,56 +186,6 @@ def _users() -> list[str]:
 
 
 @pytest.mark.slow
-async def test_clients_survive_cuts_and_stalls_to_the_broker(production_stack: Stack) -> None:
-    stack, seed = production_stack, _seed()
-    await stack.add_users(*_users())
-    await stack.start_api()
-    async with TcpProxy(stack.host, stack.port) as proxy:
-        run = Run(stack)
-        for user in _users():
-            await run.connect(user, proxy.port)
-        run.started = time.monotonic()
-        applied = await _load_under(
-            run, _faults(run, seed, lambda f: _apply_net(proxy, f), "client-broker")
-        )
-        report = await run.finish(
-            _users(),
-            "client-broker",
-            "faults applied:\n  " + "\n  ".join(applied) + f"\nproxy accepted {proxy.accepted} "
-            f"connections, refused {proxy.refused}\n",
-        )
-    assert report.acknowledged > 0
-    assert report.ok, f"seed {seed}\n{report.render()}"
-
-
-@pytest.mark.slow
-async def test_bridge_survives_cuts_and_stalls_to_the_broker(production_stack: Stack) -> None:
-    stack, seed = production_stack, _seed()
-    await stack.add_users(*_users())
-    await stack.start_api()
-    async with TcpProxy(stack.host, stack.port) as proxy:
-        stack.bridge.stop()
-        stack.bridge.env["MQCHAT_BRIDGE_MQTT_PORT"] = str(proxy.port)
-        await asyncio.to_thread(stack.start_bridge)
-        run = Run(stack)
-        for user in _users():
-            await run.connect(user)
-        run.started = time.monotonic()
-        applied = await _load_under(
-            run, _faults(run, seed + 1, lambda f: _apply_net(proxy, f), "bridge-broker")
-        )
-        report = await run.finish(
-            _users(),
-            "bridge-broker",
-            "faults applied:\n  " + "\n  ".join(applied) + f"\nproxy accepted {proxy.accepted} "
-            f"connections, refused {proxy.refused}\n",
-        )
-        stack.bridge.stop()
-    assert report.acknowledged > 0
-    assert report.ok, f"seed {seed}\n{report.render()}"
-
-
-@pytest.mark.slow
 async def test_offline_device_catches_up_past_the_broker_queue(production_stack: Stack) -> None:
     stack, seed = production_stack, _seed()
     stack.bridge.stop()
@@ -307,7 +230,7 @@ async def test_two_bridges_with_one_killed(production_stack: Stack) -> None:
             await asyncio.sleep(1.5)
             victim.start()
             await asyncio.to_thread(
-                victim.wait_for_log, "consuming", occurrences=victim.starts, timeout=30
+                victim.wait_for_log, BRIDGE_READY, occurrences=victim.starts, timeout=30
             )
             await asyncio.sleep(2.0)
             return [f"{rng_kill_at:.1f}s kill -9 {victim.name}"]
@@ -318,3 +241,55 @@ async def test_two_bridges_with_one_killed(production_stack: Stack) -> None:
         second.stop()
     assert report.acknowledged > 0
     assert report.ok, f"seed {seed}\n{report.render()}"
+
+
+@pytest.mark.slow
+async def test_catch_up_retries_until_the_history_answers(
+    production_stack: Stack, postgres: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tail that overflowed the broker queue reaches bob although his first
+    catch-up hit a dead database: nothing after that tail would reveal the gap, so
+    only a catch-up retried on a timer can fetch it."""
+    stack, seed = production_stack, _seed()
+    stack.bridge.stop()
+    await asyncio.to_thread(stack.limit_broker_queue, 20)
+    await asyncio.to_thread(stack.start_bridge)
+    await stack.add_users("alice", "bob")
+    await stack.start_api()
+    count = 40 + seed % 20
+    async with TcpProxy(stack.host, stack.port) as proxy:
+        run = Run(stack)
+        await run.connect("alice")
+        bob = await run.connect("bob", proxy.port)
+        await run.send_many("alice", "bob", 5)
+        await _wait(lambda: sum(r.device == "bob/phone" for r in run.received) == 5, "bob: 5")
+        generation = bob.link.generation
+        proxy.cut()  # bob's session stays on the broker, which queues 20 and drops the rest
+        await _wait(lambda: not bob.link.is_connected, "bob's link to drop")
+        client = run.clients["alice"]
+        for i in range(5, 5 + count):
+            await run.history.send(client, "alice", "bob", i, SEND_TIMEOUT)
+        caplog.set_level(logging.WARNING, logger="clients.sdk")
+        await asyncio.to_thread(postgres.stop)
+        try:
+            proxy.heal()
+            await asyncio.wait_for(bob.link.wait_reconnected(generation), 30)
+            await _wait(
+                lambda: any("catch-up failed, retrying" in r.message for r in caplog.records),
+                "bob's catch-up to fail on the dead database",
+            )
+        finally:
+            await asyncio.to_thread(postgres.start)
+        report = await run.finish(
+            ["alice", "bob"], "catch-up-retry", f"seed {seed}, {count} sent while bob was away\n"
+        )
+    assert report.acknowledged == 5 + count
+    assert report.ok, f"seed {seed}\n{report.render()}"
+
+
+async def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
