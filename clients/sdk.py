@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import random
 import ssl
 import uuid
 from collections.abc import AsyncIterator
@@ -114,7 +115,8 @@ class ChatClient:
             the port must then be a TLS listener's.
         device: names this device; the MQTT client id is ``{username}:{device}``, fixed,
             so the broker keeps the device's queue while it is offline.
-        resend_after: seconds without a ``sent`` receipt before the same id is resent.
+        resend_after: seconds without a ``sent`` receipt before the same id is resent;
+            each further resend waits twice as long, up to 8 times this.
         hold_back: seconds to wait for a missing seq before delivering past the gap.
         cursors: last seq this device has shown per conversation, to resume from.
         persistent: keep a session on the broker, so messages queue while this device
@@ -332,17 +334,24 @@ class ChatClient:
         kick = self._kick[lane]
         while True:
             item = await queue.get()
+            wait = self.resend_after
             while not item.done.done():
                 kick.clear()
                 # QoS 1: paho keeps it across reconnects; the future is only the PUBACK.
                 self.link.publish(topics.up_msg(self.username), item.payload, qos=1)
                 waiter: asyncio.Future[Any] = asyncio.create_task(kick.wait())
                 await asyncio.wait(
-                    {item.done, waiter},
-                    timeout=self.resend_after,
-                    return_when=asyncio.FIRST_COMPLETED,
+                    {item.done, waiter}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
                 )
                 waiter.cancel()
+                # A bridge that is slow, not gone, must not be buried in resends (the
+                # long chaos run saw 11,000 queued uplinks, mostly resends): double the
+                # wait, up to 8 times resend_after, with jitter so lanes spread out. A
+                # reconnect (kick) resends at once and starts over.
+                if kick.is_set():
+                    wait = self.resend_after
+                else:
+                    wait = min(wait * 2, self.resend_after * 8) * random.uniform(0.8, 1.0)
             self._outbox.pop(item.id, None)
 
     def _presence_payload(self, state: Literal["online", "offline"]) -> bytes:
