@@ -3,12 +3,20 @@
 #   make test   run the test suite against real amqtt, mosquitto, SQLite and PostgreSQL
 # and, for contributors:
 #   make check  lint, format check and type check (CI runs it too)
+#   make mosquitto-plugin   build the client-id plugin that mosquitto.conf loads
 
 VENV   ?= .venv
 PYTHON ?= python3
 STAMP  := $(VENV)/.installed
+# gcc unless the caller names a compiler (make's built-in default is cc).
+ifeq ($(origin CC),default)
+CC := gcc
+endif
+# The client-id plugin of mosquitto.conf (broker/mosquitto_clientid/), built here and
+# installed by operators (docs/operations.md); tests load it from build/.
+CLIENTID_PLUGIN := build/mqchat_clientid_bind.so
 
-.PHONY: run test check system-deps lock clean
+.PHONY: run test check system-deps mosquitto-plugin lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +30,15 @@ run: $(STAMP)
 system-deps:
 	scripts/ensure-system-deps
 
-test: $(STAMP) system-deps
+mosquitto-plugin: $(CLIENTID_PLUGIN)
+
+# Order-only: the system packages (mosquitto-dev's headers, gcc) must be there, but
+# checking them is no reason to rebuild.
+$(CLIENTID_PLUGIN): broker/mosquitto_clientid/clientid_bind.c | system-deps
+	@mkdir -p $(dir $@)
+	$(CC) -shared -fPIC -O2 -Wall -Werror -o $@ $<
+
+test: $(STAMP) system-deps $(CLIENTID_PLUGIN)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 check: $(STAMP)
@@ -36,4 +52,4 @@ lock: $(STAMP)
 		--extra test --extra bench --extra dev --strip-extras -o requirements.lock pyproject.toml
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(CLIENTID_PLUGIN)

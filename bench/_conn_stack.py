@@ -49,11 +49,11 @@ from tests.services import (
     MosquittoServer,
     _accepts,
     _chown_tree,
-    _dynsec_plugin,
     _service_account,
     _workdir,
     free_port,
     mosquitto_binary,
+    production_plugins,
     start_postgres,
 )
 
@@ -221,9 +221,6 @@ def _start_mosquitto(
         private_workdir=private,
     )
     server.data_dir.mkdir()
-    configured_plugin = next(
-        line.split(None, 1)[1] for line in template.splitlines() if line.startswith("plugin ")
-    )
     server.conf_path.write_text(
         render_config(
             template,
@@ -231,7 +228,7 @@ def _start_mosquitto(
             port=server.port,
             ws_port=server.ws_port,
             data_dir=server.data_dir,
-            plugin=_dynsec_plugin(configured_plugin),
+            plugins=production_plugins(template, workdir),
         )
     )
     t0 = time.monotonic()

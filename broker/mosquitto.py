@@ -40,7 +40,7 @@ import os
 import re
 import secrets
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -118,17 +118,19 @@ def render_config(
     port: int,
     ws_port: int,
     data_dir: Path,
-    plugin: Path | None = None,
+    plugins: Mapping[str, Path] | None = None,
     tls: TlsListeners | None = None,
 ) -> str:
     """Move the production config to another place, changing nothing else.
 
     The MQTT listener goes to ``host:port``, the websockets listener to
     ``host:ws_port``, persistence and the dynsec file into ``data_dir``, and the log
-    to stderr. ``plugin`` replaces the plugin path, for machines of another
-    architecture. With ``tls``, the commented-out TLS example of the template is
-    turned on (unless it already is) and moved to ``tls``'s ports and files. Tests
-    run what this returns, so the production file is the one under test.
+    to stderr. ``plugins`` maps a plugin's file name to the path to load it from
+    instead (dynsec on machines of another architecture, the client-id plugin from
+    the build directory); other plugin lines stay. With ``tls``, the commented-out
+    TLS example of the template is turned on (unless it already is) and moved to
+    ``tls``'s ports and files. Tests run what this returns, so the production file is
+    the one under test.
 
     Raises:
         ValueError: the template does not have exactly one MQTT and one websockets
@@ -161,8 +163,8 @@ def render_config(
             out.append(f"persistence_location {data_dir.as_posix().rstrip('/')}/")
         elif key == "plugin_opt_config_file":
             out.append(f"plugin_opt_config_file {(data_dir / Path(value).name).as_posix()}")
-        elif key == "plugin" and plugin is not None:
-            out.append(f"plugin {plugin.as_posix()}")
+        elif key == "plugin" and plugins and Path(value).name in plugins:
+            out.append(f"plugin {plugins[Path(value).name].as_posix()}")
         elif key == "log_dest":
             continue
         else:

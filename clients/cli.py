@@ -891,6 +891,8 @@ def mosquitto_bootstrap(
 
     Users are added later by `mqchat user add` / `POST /v1/users`, over the broker's
     $CONTROL API. An existing file is never overwritten (it holds every account).
+    mosquitto.conf also needs the client-id plugin (`make mosquitto-plugin`,
+    docs/operations.md), with these two accounts in its plugin_opt_exempt_users.
     """
     if admin_password is None:
         admin_password = typer.prompt("Admin password", hide_input=True, confirmation_prompt=True)
@@ -908,6 +910,11 @@ def mosquitto_bootstrap(
     except FileExistsError:
         _fail(EXIT_CONFIG, f"{out} exists; it holds every account, so it is not overwritten")
     typer.echo(f"wrote {out} (admin {admin_user}, bridge {bridge_user})")
+    typer.echo(
+        "mosquitto.conf also loads mqchat's client-id plugin: build it with "
+        "`make mosquitto-plugin` and install it as docs/operations.md says; its "
+        f"plugin_opt_exempt_users must name {admin_user} and {bridge_user}"
+    )
 
 
 @db_app.command("upgrade")

@@ -126,13 +126,40 @@ def mosquitto_binary() -> str:
     return found
 
 
-def _dynsec_plugin(configured: str) -> Path | None:
-    """None if the configured plugin exists, else the one of this machine's arch."""
-    if Path(configured).exists():
-        return None
-    for candidate in sorted(Path("/usr/lib").glob("*/mosquitto_dynamic_security.so")):
-        return candidate
-    raise RuntimeError(f"dynamic-security plugin not found at {configured} nor /usr/lib/*/")
+DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
+#: The client-id plugin mosquitto.conf loads, as ``make mosquitto-plugin`` builds it.
+CLIENTID_PLUGIN = "mqchat_clientid_bind.so"
+CLIENTID_PLUGIN_BUILT = Path(__file__).parents[1] / "build" / CLIENTID_PLUGIN
+
+
+def production_plugins(template: str, workdir: Path) -> dict[str, Path]:
+    """Where a test broker loads the plugins of ``template`` from (for ``render_config``).
+
+    dynsec: the configured path if it exists, else the one of this machine's arch.
+    The client-id plugin: the one built in this checkout, copied into ``workdir`` so
+    that the account mosquitto runs as can read it wherever the checkout lives.
+    """
+    configured = {
+        Path(value).name: value
+        for key, _, value in (line.partition(" ") for line in template.splitlines())
+        if key == "plugin"
+    }
+    plugins: dict[str, Path] = {}
+    dynsec = configured.get(DYNSEC_PLUGIN)
+    if dynsec is not None and not Path(dynsec).exists():
+        found = sorted(Path("/usr/lib").glob(f"*/{DYNSEC_PLUGIN}"))
+        if not found:
+            raise RuntimeError(f"dynamic-security plugin not found at {dynsec} nor /usr/lib/*/")
+        plugins[DYNSEC_PLUGIN] = found[0]
+    if CLIENTID_PLUGIN in configured:
+        if not CLIENTID_PLUGIN_BUILT.exists():
+            raise RuntimeError(
+                f"{CLIENTID_PLUGIN_BUILT} is not built: run `make mosquitto-plugin` "
+                "(`make test` does)"
+            )
+        plugins[CLIENTID_PLUGIN] = workdir / CLIENTID_PLUGIN
+        shutil.copyfile(CLIENTID_PLUGIN_BUILT, plugins[CLIENTID_PLUGIN])
+    return plugins
 
 
 class MosquittoServer:
@@ -295,9 +322,6 @@ def start_mosquitto(
         )
         server.tls.certfile.write_bytes(tls_cert[0])
         server.tls.keyfile.write_bytes(tls_cert[1])
-    configured_plugin = next(
-        line.split(None, 1)[1] for line in template.splitlines() if line.startswith("plugin ")
-    )
     server.conf_path.write_text(
         render_config(
             template,
@@ -305,7 +329,7 @@ def start_mosquitto(
             port=server.port,
             ws_port=server.ws_port,
             data_dir=server.data_dir,
-            plugin=_dynsec_plugin(configured_plugin),
+            plugins=production_plugins(template, workdir),
             tls=server.tls,
         )
     )

@@ -1,6 +1,11 @@
 """An account's life on both stacks: password change, disable, enable, delete, and
 client ids that cannot be used to reach someone else's session.
 
+Client ids: a client id is the username or starts with ``<username>:``
+(docs/protocol.md). mosquitto enforces exactly that with our plugin
+(broker/mosquitto_clientid/); the embedded broker binds an id to the first user that
+presents it. Either way, another user's id is refused before any session is touched.
+
 Each change goes through ``broker.provisioning`` as ``mqchat user ...`` and the HTTP
 API make it: the database, plus dynsec on mosquitto. mosquitto drops the account's
 connections when the command is answered; the embedded broker at its next look at the
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import subprocess
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -25,6 +31,7 @@ from protocol.errors import ProtocolError
 from store import tokens
 
 from .conftest import Stack, password_of
+from .services import CLIENTID_PLUGIN, PRODUCTION_CONFIG
 
 WAIT = 15.0
 
@@ -161,6 +168,7 @@ def link(
     *,
     clean_session: bool,
     on_message: Callable[[Incoming], None] | None = None,
+    on_connect: Callable[[bool], None] | None = None,
 ) -> MqttLink:
     made = MqttLink(
         LinkConfig(
@@ -172,6 +180,7 @@ def link(
             clean_session=clean_session,
         ),
         on_message=on_message,
+        on_connect=on_connect,
     )
     stack._links.append(made)
     return made
@@ -196,7 +205,7 @@ async def test_wrong_password_with_someones_client_id_leaves_them_alone(
         stack,
         "alice",
         password_of("alice"),
-        "alice-phone",
+        "alice:phone",
         clean_session=clean_session,
         on_message=inbox.put_nowait,
     )
@@ -205,7 +214,7 @@ async def test_wrong_password_with_someones_client_id_leaves_them_alone(
     generation = alice.generation
 
     intruder = link(
-        stack, "alice", "not alices password", "alice-phone", clean_session=clean_session
+        stack, "alice", "not alices password", "alice:phone", clean_session=clean_session
     )
     reason = await connect_refused(intruder)
 
@@ -218,34 +227,139 @@ async def test_wrong_password_with_someones_client_id_leaves_them_alone(
 
 
 async def test_another_user_cannot_take_a_client_id(stack: Stack) -> None:
+    """bob, signed in with his own password, presents alice's client id: refused, both
+    while alice is online (her connection and subscription stay) and while she is away
+    (her persistent session keeps the messages queued for her)."""
     await stack.add_users("alice", "bob")
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
+    sessions: list[bool] = []
     alice = link(
         stack,
         "alice",
         password_of("alice"),
-        "alice-phone",
+        "alice:phone",
         clean_session=False,
         on_message=inbox.put_nowait,
+        on_connect=sessions.append,
     )
     await alice.connect()
     await alice.subscribe(topics.down_all("alice"), qos=1)
     generation = alice.generation
-    bob_as_alice_phone = link(stack, "bob", password_of("bob"), "alice-phone", clean_session=False)
 
-    if stack.mosquitto is not None:
-        # Known gap, pinned here so that a mosquitto which fixes it shows up: 2.0.11
-        # with dynsec lets any signed-in user take a client id, with its session
-        # (docs/security.md, "Client ids").
-        await bob_as_alice_phone.connect()
-        await bob_as_alice_phone.close()
-        return
-
-    reason = await connect_refused(bob_as_alice_phone)
-
-    assert "not authori" in reason.lower()
+    for clean_session in (False, True):
+        bob_as_alice = link(
+            stack, "bob", password_of("bob"), "alice:phone", clean_session=clean_session
+        )
+        assert "not authori" in (await connect_refused(bob_as_alice)).lower()
     bob = await stack.client("bob")
     await bob.send("only for alice", to="alice", timeout=WAIT)
     assert await next_body(inbox) == "only for alice"
     assert alice.is_connected
     assert alice.generation == generation
+
+    await alice.close()
+    await bob.send("queued for alice", to="alice", timeout=WAIT)  # the "sent" receipt
+    for clean_session in (False, True):
+        bob_as_alice = link(
+            stack, "bob", password_of("bob"), "alice:phone", clean_session=clean_session
+        )
+        assert "not authori" in (await connect_refused(bob_as_alice)).lower()
+
+    back = link(
+        stack,
+        "alice",
+        password_of("alice"),
+        "alice:phone",
+        clean_session=False,
+        on_message=inbox.put_nowait,
+        on_connect=sessions.append,
+    )
+    await back.connect()
+    assert await next_body(inbox) == "queued for alice"
+    assert sessions == [False, True]
+
+
+# -- mosquitto: the client-id plugin -----------------------------------------------------
+
+
+def test_clientid_plugin_is_asked_before_dynsec() -> None:
+    """mosquitto 2.0 stops at the first plugin that does not defer; dynsec accepts a
+    good password, so a client-id check listed after it would never run."""
+    plugins = [
+        line.split()[1]
+        for line in PRODUCTION_CONFIG.read_text().splitlines()
+        if line.startswith("plugin ")
+    ]
+    assert [path.rsplit("/", 1)[-1] for path in plugins] == [
+        CLIENTID_PLUGIN,
+        "mosquitto_dynamic_security.so",
+    ]
+
+
+ACCEPTED_IDS = ("alice", "alice:phone", "alice:", "alice:a:b/c+#")
+REFUSED_IDS = ("alice-phone", "alicex:phone", "alic", "bob:alice", ":alice", "mqchat-bridge-1")
+
+
+async def test_mosquitto_client_id_must_name_its_user(production_stack: Stack) -> None:
+    stack = production_stack
+    await stack.add_users("alice")
+    for client_id in ACCEPTED_IDS:
+        made = link(stack, "alice", password_of("alice"), client_id, clean_session=True)
+        await made.connect()
+        await made.subscribe(topics.down_all("alice"), qos=1)
+        assert made.is_connected, client_id
+        await made.close()
+    for client_id in REFUSED_IDS:
+        made = link(stack, "alice", password_of("alice"), client_id, clean_session=True)
+        assert "not authori" in (await connect_refused(made)).lower(), client_id
+
+
+def mosquitto_sub(stack: Stack, user: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The stock client of the README: subscribe to one's downlink and exit (-E)."""
+    return subprocess.run(
+        [
+            "mosquitto_sub",
+            *("-h", stack.host, "-p", str(stack.port)),
+            *("-u", user, "-P", password_of(user)),
+            *("-t", topics.down_all(user), "-q", "1", "-E", "-W", "10"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+
+
+async def test_stock_client_with_a_foreign_client_id_is_told_why(production_stack: Stack) -> None:
+    stack = production_stack
+    assert stack.mosquitto is not None
+    await stack.add_users("alice")
+
+    ok = await asyncio.to_thread(mosquitto_sub, stack, "alice", "-i", "alice:cli")
+    default_id = await asyncio.to_thread(mosquitto_sub, stack, "alice")
+    foreign = await asyncio.to_thread(mosquitto_sub, stack, "alice", "-i", "alice-cli")
+
+    assert ok.returncode == 0, ok.stderr
+    for refused_run in (default_id, foreign):
+        assert refused_run.returncode != 0
+        assert "not authorised" in (refused_run.stdout + refused_run.stderr).lower()
+    reason = (
+        "refused client id 'alice-cli' for user 'alice': "
+        "a client id must be 'alice' or start with 'alice:'"
+    )
+    assert reason in stack.mosquitto.log_tail(200)
+
+
+async def test_mosquitto_service_accounts_may_use_any_client_id(production_stack: Stack) -> None:
+    """The bridge (mqchat-bridge-1) and the admin (admin-...) are exempt by name
+    (plugin_opt_exempt_users); the production stack's bridge already runs on it."""
+    stack = production_stack
+    assert stack.mosquitto is not None
+    await stack.add_users("alice", "bob", "carol")
+    async with stack.provisioner() as provisioner:  # client id admin-<hex>
+        await set_disabled(stack.engine, provisioner, "carol", disabled=True)
+    alice = await stack.client("alice")
+    bob = await stack.client("bob")
+    await alice.send("through the bridge", to="bob", timeout=WAIT)
+    assert (await bob.next_message(timeout=WAIT)).body == "through the bridge"

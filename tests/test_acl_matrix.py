@@ -419,7 +419,12 @@ async def test_the_sender_is_the_topic_never_the_payload(stack: Stack) -> None:
 # -- identities with wildcard characters ------------------------------------------------
 
 ILLEGAL_NAMES = ["+", "#", "a+b", "a#b", "a/b", "alice/#", "chat/v1/u/+", "$sys", "$SYS/x", "$"]
-ODD_CLIENT_IDS = ["+", "#", "bob/+/#", "$SYS", "$SYS/broker", "chat/v1/u/alice/down/#", "bob:+#$/"]
+#: Wildcards and topic-like text after the "bob:" that client ids must start with
+#: (docs/protocol.md); ids without it are refused on mosquitto (test_accounts.py).
+ODD_CLIENT_IDS = [
+    f"bob:{odd}"
+    for odd in ("+", "#", "bob/+/#", "$SYS", "$SYS/broker", "chat/v1/u/alice/down/#", "+#$/")
+]
 
 
 async def test_wildcards_in_usernames_and_client_ids_give_no_rights(stack: Stack) -> None:
@@ -437,12 +442,9 @@ async def test_wildcards_in_usernames_and_client_ids_give_no_rights(stack: Stack
             await stack.raw(name, password_of("alice"))
 
     # A client id is not a topic: whatever characters it has, the connection gets
-    # its user's rights and no more (or is refused outright).
+    # its user's rights and no more.
     for client_id in ODD_CLIENT_IDS:
-        try:
-            bob = await stack.raw("bob", client_id=client_id)
-        except ConnectRefused:
-            continue
+        bob = await stack.raw("bob", client_id=client_id)
         await bob.subscribe("chat/v1/u/bob/down/#", qos=1)
         for topic_filter in ("chat/v1/u/alice/down/#", "chat/v1/u/+/up/#", "#", "$SYS/#"):
             with pytest.raises(SubscribeRefused):

@@ -546,6 +546,8 @@ async def test_mosquitto_bootstrap_writes_accounts_mosquitto_accepts(tmp_path: P
             check=False,
         )
         assert done.returncode == 0, done.stderr
+        assert "make mosquitto-plugin" in done.stdout
+        assert "must name mqchat-admin and mqchat-bridge" in done.stdout
         assert oct(target.stat().st_mode & 0o777) == "0o600"
         again = subprocess.run(
             [str(MQCHAT), "mosquitto", "bootstrap", "--out", str(target)],

@@ -76,7 +76,7 @@ async def connected(
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     config = server.link_config(
         credentials,
-        client_id or f"test-{secrets.token_hex(4)}",
+        client_id or f"{credentials.username}:test-{secrets.token_hex(4)}",
         clean_session=clean_session,
         **options,
     )
@@ -91,7 +91,9 @@ async def connected(
 
 
 async def refusal(server: MosquittoServer, credentials: Credentials) -> ConnectRefused:
-    link = MqttLink(server.link_config(credentials, f"test-{secrets.token_hex(4)}"))
+    link = MqttLink(
+        server.link_config(credentials, f"{credentials.username}:test-{secrets.token_hex(4)}")
+    )
     try:
         with pytest.raises(ConnectRefused) as refused:
             await link.connect()
@@ -501,7 +503,9 @@ async def test_unanswered_command_times_out(
 
 
 async def test_only_the_admin_may_provision(mosquitto: MosquittoServer, alice: Credentials) -> None:
-    config = mosquitto.link_config(alice, f"test-{secrets.token_hex(4)}", clean_session=True)
+    config = mosquitto.link_config(
+        alice, f"{alice.username}:test-{secrets.token_hex(4)}", clean_session=True
+    )
     with pytest.raises(SubscribeRefused):
         async with DynsecProvisioner(config):
             pass
@@ -522,14 +526,14 @@ async def test_session_survives_restart(own_mosquitto: MosquittoServer) -> None:
     carol = Credentials("carol", "carols password")
     async with DynsecProvisioner(admin_config(server)) as provisioner:
         await provisioner.create_user(carol.username, carol.password)
-    async with connected(server, carol, client_id="carol-phone", clean_session=False) as phone:
+    async with connected(server, carol, client_id="carol:phone", clean_session=False) as phone:
         await phone.link.subscribe(topics.down_all(carol.username))
     async with connected(server, server.bridge) as bridge:
         await bridge.publish(topics.down_msg(carol.username), b"while you were away")
 
     server.restart()
 
-    async with connected(server, carol, client_id="carol-phone", clean_session=False) as phone:
+    async with connected(server, carol, client_id="carol:phone", clean_session=False) as phone:
         got = await phone.next()
         assert phone.session_present == [True]
     assert (got.topic, got.payload) == (topics.down_msg(carol.username), b"while you were away")
