@@ -5,7 +5,7 @@ amqtt speaks MQTT 3.1.1 only and keeps sessions in memory. mqchat adds::
     TCP/WS accept ──▶ MqchatBroker._client_connected
                         connect rate per source ──(over)──▶ CONNACK 3, close
                         read the CONNECT (bounded in time)
-                        Gate.admit: throttles, password (argon2), client id owner
+                        Gate.admit: throttles, password (argon2), client id rule
                             └─(refused)──▶ CONNACK 5 (or 3 while throttled), close;
                                            amqtt never sees it: no session is touched
                         amqtt's own handling, replaying the CONNECT
@@ -19,9 +19,10 @@ Why the gate runs before amqtt: amqtt 0.12.1 deletes (clean session) or takes ov
 plugins, so a wrong password with alice's client id would end alice's connection or
 subscriptions. Refusing before amqtt reads the CONNECT keeps alice untouched.
 
-A client id is bound to the first username that used it in the broker's lifetime;
-another user presenting it is refused (amqtt would otherwise hand that user alice's
-persistent session, with its subscriptions and queued messages).
+A user's client id must be the username or start with ``<username>:``
+(``protocol.acl.client_id_allowed``, as mosquitto's plugin enforces): amqtt would
+otherwise hand another user alice's persistent session, with its subscriptions and
+queued messages.
 """
 
 from __future__ import annotations
@@ -86,7 +87,6 @@ class Gate:
         self._connects = Throttle(settings.connect_rate)
         self._user_failures = Throttle(settings.auth_failures_per_user)
         self._source_failures = Throttle(settings.auth_failures_per_source)
-        self._client_owner: dict[str, str] = {}
 
     def connection_allowed(self, source: str) -> bool:
         """Count a new connection from ``source``; False once it opens too many."""
@@ -111,11 +111,15 @@ class Gate:
         else:
             password_hash = await asyncio.to_thread(self._authenticate, username, password)
             ok = password_hash is not None
-        if ok and client_id:
-            owner = self._client_owner.setdefault(client_id, username)
-            if owner != username:
-                log.warning("%r tried to use client id %r of %r", username, client_id, owner)
-                ok = False
+        if ok and not service and not acl.client_id_allowed(username, client_id):
+            log.warning(
+                "refused client id %r for %r: it must be %r or start with %r",
+                client_id,
+                username,
+                username,
+                username + ":",
+            )
+            ok = False
         if not ok:
             log.info("authentication failed for %r from %s", username, source)
             self._source_failures.hit("source", source)

@@ -53,3 +53,14 @@ def allowed(rules: tuple[Rule, ...], user: str, action: Action, topic: str) -> b
         elif topics.covers(topic, pattern):
             return True
     return False
+
+
+def client_id_allowed(user: str, client_id: str) -> bool:
+    """Whether ``user`` may connect with ``client_id``: ``user`` or ``user:<anything>``.
+
+    A client id names a broker session with its subscriptions and queued messages, so
+    it is bound to its user: nobody else can resume (take over) it. Usernames cannot
+    contain ``:``, so the prefix is unambiguous. Both brokers enforce this for users
+    (mosquitto through ``broker/mosquitto_clientid``); service accounts are exempt.
+    """
+    return client_id == user or client_id.startswith(user + ":")
