@@ -31,6 +31,7 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, text
 
+from bridge import READY_LOG
 from broker.mosquitto import (
     USER_ROLE,
     Credentials,
@@ -259,7 +260,7 @@ def _start_bridge(base: Path, env: dict[str, str], setup: dict[str, float]) -> D
     t0 = time.monotonic()
     bridge = Daemon("bridge", "bridge", env, base)
     bridge.start()
-    bridge.wait_for_log("consuming", timeout=120)
+    bridge.wait_for_log(READY_LOG, timeout=120)
     setup["bridge_start"] = time.monotonic() - t0
     return bridge
 

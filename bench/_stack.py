@@ -33,6 +33,7 @@ import psutil
 from sqlalchemy import insert
 from sqlmodel import Session
 
+from bridge import READY_LOG
 from broker.mosquitto import USER_ROLE, DynsecProvisioner
 from store import accounts, make_engine, migrate
 from store.tables import Account
@@ -176,7 +177,7 @@ class Stack:
         for bridge in self.bridges:
             bridge.start()
         for bridge in self.bridges:
-            bridge.wait_for_log("consuming")
+            bridge.wait_for_log(READY_LOG)
 
     def stop_bridges(self) -> None:
         for bridge in self.bridges:

@@ -49,6 +49,7 @@ from store.db import alembic_config
 from store.messages import Outcome, persist_batch
 from store.types import utcnow
 
+from . import READY_LOG
 from .config import BridgeSettings
 from .faults import CrashHook
 from .ratelimit import MessageRate
@@ -128,9 +129,9 @@ class Bridge:
         await self.link.subscribe(topics.ALL_UPLINKS, qos=1)
         self._sweeper = asyncio.create_task(self._sweep_presence(), name="presence-sweeper")
         log.info(
-            "bridge %s consuming %s on %s:%s",
+            "bridge %s %s on %s:%s",
             self.settings.client_id,
-            topics.ALL_UPLINKS,
+            READY_LOG,
             self.settings.mqtt_host,
             self.settings.mqtt_port,
         )

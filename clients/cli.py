@@ -45,6 +45,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 import protocol
+from bridge import READY_LOG
 from broker.mosquitto import (
     Credentials,
     DynsecProvisioner,
@@ -1364,7 +1365,7 @@ def _bridge_child(
         stage=1,
         ports=[],
         # What `python -m bridge` logs once it is subscribed; it has no port to probe.
-        ready_line=" consuming ",
+        ready_line=READY_LOG,
         describe=lambda pid: f"{'bridge':<7} running (pid {pid})",
     )
 

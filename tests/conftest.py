@@ -28,6 +28,7 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from bridge import READY_LOG
 from broker.mosquitto import DynsecProvisioner
 from broker.provisioning import EmbeddedProvisioner, Provisioner, register
 from clients.history import HistoryClient
@@ -46,9 +47,7 @@ from .services import (
 
 ROOT = Path(__file__).parents[1]
 PASSWORD_SUFFIX = "-secret-pw"
-#: What the bridge logs once it consumes uplinks (plain "consuming" also matches
-#: psycopg's "consuming input failed" when the database goes away).
-BRIDGE_READY = "consuming chat/"
+BRIDGE_READY = READY_LOG
 
 
 def password_of(user: str) -> str:
