@@ -57,6 +57,7 @@ from .throttle import Throttle
 log = logging.getLogger(__name__)
 
 #: CONNACK return codes of MQTT 3.1.1 that the gate answers with.
+IDENTIFIER_REJECTED: Final = 0x02  # empty client id on a persistent session
 SERVER_UNAVAILABLE: Final = 0x03  # throttled: try again later
 NOT_AUTHORIZED: Final = 0x05  # wrong credentials, or another user's client id
 
@@ -219,6 +220,11 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         if not allowed:
             log.warning("connection from %s refused: over the connection rate", source)
             await _refuse(writer, SERVER_UNAVAILABLE)
+            return
+        # amqtt stands a random id in for an empty one (client_id_is_random).
+        if connect.payload.client_id_is_random and not connect.clean_session_flag:
+            # MQTT 3.1.1 section 3.1.3.1, and what mosquitto answers, before any password.
+            await _refuse(writer, IDENTIFIER_REJECTED)
             return
         verdict = await self.gate.admit(
             source, connect.client_id or "", connect.username, connect.password

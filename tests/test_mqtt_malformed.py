@@ -367,4 +367,5 @@ async def test_malformed_packets_leave_the_broker_serving(stack: Stack) -> None:
     for name in closes:
         assert outcomes[name].endswith("closed"), (stack.name, name, outcomes[name])
     assert outcomes["empty_client_id_persistent"] == "CONNACK 2"  # identifier rejected
+    assert outcomes["oversized_client_id"] == "CONNACK 5"  # not bound to the user
     assert outcomes["thousands_of_filters"] == "CONNACK 0, then SUBACK"
