@@ -65,34 +65,52 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> N
 class Daemon:
     """One of our daemons as a child process, with its output in a log file."""
 
-    def __init__(self, name: str, module: str, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self, name: str, module: str, env: dict[str, str], log_dir: Path, tree: Path | None = None
+    ) -> None:
         self.name = name
         self.module = module
         self.env = env
         self.log_path = log_dir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        #: Another checkout to run the module from, with its own .venv (benchmarks'
+        #: before/after runs); None: this one.
+        self.tree = tree
+        #: Where the latest start's output begins in the log (restarts append to it).
+        self._log_start = 0
 
     def start(self) -> None:
         self.starts += 1
+        python = str(self.tree / ".venv" / "bin" / "python") if self.tree else sys.executable
         with self.log_path.open("ab") as log:
+            self._log_start = log.tell()
             self.process = subprocess.Popen(
-                [sys.executable, "-m", self.module],
+                [python, "-m", self.module],
                 env={**os.environ, **self.env},
-                cwd=ROOT,
+                cwd=self.tree or ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
 
     def log_text(self) -> str:
+        """Everything every start of this daemon has logged."""
         return self.log_path.read_text(errors="replace")
 
-    def wait_for_log(self, needle: str, *, occurrences: int = 1, timeout: float = 30) -> None:
+    def _latest_log(self) -> str:
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode(errors="replace")
+
+    def wait_for_log(self, needle: str, *, timeout: float = 30) -> None:
+        """Wait until the latest start has logged ``needle`` (earlier starts' lines
+        in the same file do not count: a restart must say it again)."""
+
         def seen() -> bool:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
-            return self.log_text().count(needle) >= occurrences
+            return needle in self._latest_log()
 
         wait_until(seen, timeout=timeout, what=f"{self.name}: {needle!r}")
 
@@ -227,7 +245,7 @@ class Stack:
 
     def start_bridge(self) -> None:
         self.bridge.start()
-        self.bridge.wait_for_log(BRIDGE_READY, occurrences=self.bridge.starts)
+        self.bridge.wait_for_log(BRIDGE_READY)
 
     def restart_broker(self) -> None:
         if self.mosquitto is not None:

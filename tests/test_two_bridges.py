@@ -8,7 +8,7 @@ import zlib
 
 from clients.sdk import ChatClient
 
-from .conftest import Daemon, Stack
+from .conftest import BRIDGE_READY, Daemon, Stack
 from .test_chat import stored
 
 PER_SENDER = 300
@@ -35,7 +35,7 @@ async def start_two_bridges(stack: Stack) -> Daemon:
         stack.base_dir,
     )
     second.start()
-    await asyncio.to_thread(second.wait_for_log, "consuming")
+    await asyncio.to_thread(second.wait_for_log, BRIDGE_READY)
     return second
 
 
@@ -62,7 +62,7 @@ async def test_two_bridges_keep_each_senders_order(stack: Stack) -> None:
             await halfway.wait()
             second.kill()
             await asyncio.to_thread(second.start)
-            await asyncio.to_thread(second.wait_for_log, "consuming", occurrences=2)
+            await asyncio.to_thread(second.wait_for_log, BRIDGE_READY)
 
         await asyncio.gather(send_all(alice, "alice"), send_all(bob, "bob"), crash_second())
     finally:
