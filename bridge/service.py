@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import sys
 import logging
+import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
