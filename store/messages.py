@@ -256,10 +256,14 @@ def _take_seqs(conn: Connection, counts: dict[str, int]) -> list[tuple[str, int]
     ]
 
 
-_counts = func.unnest(
-    bindparam("ids", type_=postgresql.ARRAY(String)),
-    bindparam("ns", type_=postgresql.ARRAY(Integer)),
-).table_valued("id", "n").render_derived(name="counts")
+_counts = (
+    func.unnest(
+        bindparam("ids", type_=postgresql.ARRAY(String)),
+        bindparam("ns", type_=postgresql.ARRAY(Integer)),
+    )
+    .table_valued("id", "n")
+    .render_derived(name="counts")
+)
 _TAKE_SEQS_PG = (
     update(Conversation)
     .where(col(Conversation.id) == _counts.c.id)
