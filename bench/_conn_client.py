@@ -7,7 +7,8 @@ gmqtt and aiomqtt are not dependencies of mqchat, and paho (the one we have) wan
 network loop per client. What one idle device needs is five packet types, so this
 module speaks exactly those: CONNECT (with username, password and a last will),
 SUBSCRIBE, PUBLISH QoS 1 (and PUBACK for what it receives), PINGREQ. It is a load
-generator only; mqchat's clients stay on paho (``clients/mqtt.py``).
+generator only (this benchmark's devices and ``bench._gen``'s chat users); mqchat's
+clients stay on paho (``clients/mqtt.py``).
 
 Run as ``python -m bench._conn_client``: a worker process that reads JSON commands on
 stdin and writes JSON events on stdout (one per line), so that several of them can
@@ -31,6 +32,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,13 +83,23 @@ def _packet(first_byte: int, body: bytes) -> bytes:
 
 
 def connect_packet(
-    client_id: str, user: str, password: str, keepalive: int, will_topic: str, will: bytes
+    client_id: str,
+    user: str,
+    password: str,
+    keepalive: int,
+    will_topic: str | None = None,
+    will: bytes = b"",
+    *,
+    clean: bool = False,
 ) -> bytes:
-    # username, password, will QoS 1 (not retained), will flag; clean session off,
-    # like the SDK's persistent devices.
-    flags = 0x80 | 0x40 | (1 << 3) | 0x04
+    """CONNECT with username and password; a last will (QoS 1, not retained) when
+    ``will_topic`` is given; ``clean`` off by default, like the SDK's devices."""
+    flags = 0x80 | 0x40 | (0x02 if clean else 0)
+    payload = _string(client_id)
+    if will_topic is not None:
+        flags |= (1 << 3) | 0x04
+        payload += _string(will_topic) + _string(will)
     header = _string("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
-    payload = _string(client_id) + _string(will_topic) + _string(will)
     payload += _string(user) + _string(password)
     return _packet(CONNECT << 4, header + payload)
 
@@ -115,9 +127,18 @@ class HandshakeError(Exception):
 class Device(asyncio.Protocol):
     """One connection; keeps only what it needs to answer the broker."""
 
-    __slots__ = ("buffer", "closed", "lost", "next_id", "received", "transport", "waiting")
+    __slots__ = (
+        "buffer",
+        "closed",
+        "lost",
+        "next_id",
+        "on_publish",
+        "received",
+        "transport",
+        "waiting",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, on_publish: Callable[[str, bytes], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         #: packet type (CONNACK) or packet id -> the future waiting for it.
@@ -126,6 +147,8 @@ class Device(asyncio.Protocol):
         self.closed = False
         self.received = 0
         self.lost: WorkerState | None = None
+        #: Called with (topic, payload) of every PUBLISH received (before its PUBACK).
+        self.on_publish = on_publish
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -165,9 +188,15 @@ class Device(asyncio.Protocol):
     def _packet(self, kind: int, flags: int, body: bytes) -> None:
         if kind == PUBLISH:
             self.received += 1
+            (topic_length,) = struct.unpack_from("!H", body)
+            payload_at = 2 + topic_length
+            packet_id = b""
             if (flags >> 1) & 0x03:
-                (topic_length,) = struct.unpack_from("!H", body)
-                packet_id = body[2 + topic_length : 4 + topic_length]
+                packet_id = body[payload_at : payload_at + 2]
+                payload_at += 2
+            if self.on_publish is not None:
+                self.on_publish(body[2 : 2 + topic_length].decode(), body[payload_at:])
+            if packet_id:
                 self.send(b"\x40\x02" + packet_id)
         elif kind == CONNACK:
             self._resolve((CONNACK, 0), body)
