@@ -5,18 +5,24 @@ subscriber; a client subscribing or leaving at that moment changed the table und
 the walk ("dictionary changed size during iteration") and that broadcast reached no
 one. Devices come and go all the time, so on a busy broker this lost live messages
 (history still had them). ``broker.embedded`` gives amqtt a table that iterates
-over a snapshot.
+over a snapshot, and an index so that a broadcast does not walk every filter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from amqtt.broker import Broker
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from broker.embedded import _SubscriptionTable
 from clients.mqtt import Incoming
 from protocol import topics
 
@@ -68,3 +74,40 @@ async def test_live_delivery_survives_subscription_churn(embedded: Stack) -> Non
     assert received == [f"m{i}" for i in range(MESSAGES)]
     assert embedded.embedded_broker is not None
     assert "changed size during iteration" not in embedded.embedded_broker.log_text()
+
+
+# -- the subscription index ------------------------------------------------------------
+
+_LEVELS = st.sampled_from(["chat", "v1", "u", "alice", "bob", "down", "msg", "$SYS", ""])
+_TOPICS = st.lists(_LEVELS, min_size=1, max_size=6).map("/".join)
+_FILTERS = st.lists(
+    st.one_of(_LEVELS, st.just("+"), st.just("#"), st.just("a+")), min_size=1, max_size=6
+).map("/".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    filters=st.lists(_FILTERS, min_size=1, max_size=12, unique=True),
+    removed=st.lists(st.integers(min_value=0, max_value=11), max_size=4),
+    topic=_TOPICS,
+)
+def test_a_broadcast_is_offered_every_filter_amqtt_would_match(
+    filters: list[str], removed: list[int], topic: str
+) -> None:
+    """The index may only narrow what amqtt walks, never drop a match (amqtt's own
+    ``_matches`` is the oracle), through additions and removals alike."""
+    table = _SubscriptionTable({})
+    for topic_filter in filters:
+        table[topic_filter] = [(object(), 1)]
+    for index in removed:
+        if index < len(filters) and filters[index] in table:
+            del table[filters[index]]
+    oracle = SimpleNamespace(logger=logging.getLogger("oracle"))
+    expected = {f for f in table if Broker._matches(oracle, topic, f)}
+
+    table.relaying = topic
+    offered = {f for f, _ in table.items()}
+
+    assert expected <= offered
+    assert table.relaying is None  # consumed: the next walk without a topic sees all
+    assert {f for f, _ in table.items()} == set(table)
