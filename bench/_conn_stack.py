@@ -44,11 +44,10 @@ from broker.mosquitto import (
 from store import accounts, make_engine, migrate
 from store.tables import Account
 from store.types import utcnow
-from tests.conftest import Daemon, _bridge_env, wait_until
+from tests.conftest import Daemon, _bridge_env, start_embedded_broker
 from tests.services import (
     PRODUCTION_CONFIG,
     MosquittoServer,
-    _accepts,
     _chown_tree,
     _service_account,
     _workdir,
@@ -330,22 +329,8 @@ def embedded(base: Path, names: list[str], monitor: str) -> BenchStack:
         _insert_accounts(engine, [*names, monitor], password)
         setup["db_accounts"] = time.monotonic() - t0
         t0 = time.monotonic()
-        port = free_port()
-        bridge_password = secrets.token_urlsafe(16)
-        broker = Daemon(
-            "broker",
-            "broker",
-            {
-                "MQCHAT_BROKER_DATABASE_URL": db_url,
-                "MQCHAT_BROKER_PORT": str(port),
-                "MQCHAT_BROKER_WS_PORT": str(free_port()),
-                "MQCHAT_BROKER_BRIDGE_PASSWORD": bridge_password,
-            },
-            base,
-        )
-        broker.start()
+        broker, port, bridge_password = start_embedded_broker(base, db_url, timeout=60)
         closers.append(broker.stop)
-        wait_until(lambda: _accepts("127.0.0.1", port), timeout=60, what="amqtt")
         setup["broker_start"] = time.monotonic() - t0
         env = _bridge_env(db_url, "127.0.0.1", port, bridge_password)
         env["MQCHAT_BRIDGE_KEEPALIVE"] = "15"

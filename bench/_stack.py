@@ -34,12 +34,10 @@ from bridge import READY_LOG
 from broker.mosquitto import USER_ROLE, DynsecProvisioner
 from store import accounts, make_engine, migrate
 from store.tables import Account
-from tests.conftest import Daemon
+from tests.conftest import Daemon, start_embedded_broker
 from tests.services import (
     MosquittoServer,
     PostgresServer,
-    _accepts,
-    free_port,
     start_mosquitto,
     start_postgres,
 )
@@ -265,29 +263,7 @@ def start_embedded(base: Path) -> Stack:
     engine = make_engine(url)
     migrate(engine)
     engine.dispose()
-    port = free_port()
-    bridge_password = secrets.token_urlsafe(16)
-    broker = Daemon(
-        "broker",
-        "broker",
-        {
-            "MQCHAT_BROKER_DATABASE_URL": url,
-            "MQCHAT_BROKER_PORT": str(port),
-            "MQCHAT_BROKER_WS_PORT": "0",
-            "MQCHAT_BROKER_BRIDGE_PASSWORD": bridge_password,
-            # Every generated user connects from 127.0.0.1 within a second; the
-            # per-source connection limit (a defence, issue 4) is not what is measured.
-            "MQCHAT_BROKER_CONNECT_RATE": "100000/second",
-        },
-        base,
-    )
-    broker.start()
-    deadline = time.monotonic() + 30
-    while not _accepts("127.0.0.1", port):
-        if time.monotonic() > deadline or (broker.process and broker.process.poll() is not None):
-            broker.stop()
-            raise RuntimeError(f"amqtt did not start; see {broker.log_path}")
-        time.sleep(0.05)
+    broker, port, bridge_password = start_embedded_broker(base, url)
     return Stack("embedded", "127.0.0.1", port, url, base, bridge_password, broker=broker)
 
 
