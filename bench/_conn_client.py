@@ -218,6 +218,21 @@ class Device(asyncio.Protocol):
         self.waiting[(kind, packet_id)] = future
         return future
 
+    def publish(self, topic: str, payload: bytes) -> asyncio.Future[bytes]:
+        """PUBLISH at QoS 1; the future resolves with the PUBACK."""
+        packet_id = self.packet_id()
+        acked = self.expect(PUBACK, packet_id)
+        self.send(publish_packet(topic, payload, packet_id))
+        return acked
+
+    def subscribe(self, filters: list[tuple[str, int]]) -> asyncio.Future[bytes]:
+        """SUBSCRIBE; the future resolves with the SUBACK body (its granted codes from
+        byte 2 on, 0x80 for a refused filter)."""
+        packet_id = self.packet_id()
+        acked = self.expect(SUBACK, packet_id)
+        self.send(subscribe_packet(packet_id, filters))
+        return acked
+
     def packet_id(self) -> int:
         self.next_id = self.next_id % 65535 + 1
         return self.next_id
@@ -303,19 +318,13 @@ async def _handshake(
         raise HandshakeError(f"connack_rc_{body[1]}")
     # The device's own downlink (QoS 1, as the SDK) and the presence of a few
     # contacts (QoS 0: a presence lost is replaced by the next).
-    sub_id = device.packet_id()
     filters = [(topics.down_all(user), 1)]
     for k in range(1, state.contacts + 1):
         filters.append((topics.presence(username((index + k) % total)), 0))
-    suback = device.expect(SUBACK, sub_id)
-    device.send(subscribe_packet(sub_id, filters))
-    granted = (await suback)[2:]
+    granted = (await device.subscribe(filters))[2:]
     if any(code == 0x80 for code in granted):
         raise HandshakeError("subscribe_refused")
-    pub_id = device.packet_id()
-    puback = device.expect(PUBACK, pub_id)
-    device.send(publish_packet(topics.up(user, "presence"), presence_payload("online"), pub_id))
-    await puback
+    await device.publish(topics.up(user, "presence"), presence_payload("online"))
     device.lost = state
     state.devices[index] = device
     return connack_s

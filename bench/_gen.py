@@ -48,12 +48,8 @@ from protocol import topics
 from ._conn_client import (
     CONNACK,
     PINGREQ_BYTES,
-    PUBACK,
-    SUBACK,
     Device,
     connect_packet,
-    publish_packet,
-    subscribe_packet,
 )
 
 #: Microseconds, 1 µs to 10 minutes, 3 significant digits.
@@ -148,9 +144,7 @@ class Worker:
                 code = (await asyncio.wait_for(connack, 60))[1]
                 if code != 0:
                     raise ConnectionRefusedError(f"{user}: CONNACK {code}")
-                sub_id = device.packet_id()
-                suback = device.expect(SUBACK, sub_id)
-                device.send(subscribe_packet(sub_id, [(topics.down_all(user), 1)]))
+                suback = device.subscribe([(topics.down_all(user), 1)])
                 if 0x80 in (await asyncio.wait_for(suback, 60))[2:]:
                     raise PermissionError(f"{user}: subscription to its down/# refused")
                 self.links[user] = device
@@ -274,15 +268,9 @@ class Worker:
                 intended = t0 + k * interval_ns
                 lag = (time.monotonic_ns() - intended) // 1000
                 counts.max_send_lag_us = max(counts.max_send_lag_us, lag)
-                device = self.links[sender]
-                packet_id = device.packet_id()
-                future = device.expect(PUBACK, packet_id)
-                device.send(
-                    publish_packet(
-                        self._topic(mode, sender, recipient),
-                        self._payload(mode, message_id, sender, recipient, k),
-                        packet_id,
-                    )
+                future = self.links[sender].publish(
+                    self._topic(mode, sender, recipient),
+                    self._payload(mode, message_id, sender, recipient, k),
                 )
                 future.add_done_callback(self._puback_recorder(counts, intended))
                 counts.sent += 1

@@ -8,6 +8,7 @@ redelivered by the broker to the next bridge, so even a forced exit loses nothin
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -37,6 +38,13 @@ def main() -> int:
 
     async def run() -> int:
         bridge = Bridge(settings)
+        # Process-wide, so here and not in Bridge. What is built by now (the modules,
+        # SQLAlchemy, pydantic) lives as long as the process: out of the collector's
+        # reach, full collections stay short. And the database thread gets the GIL back
+        # within 0.5 ms of each round trip instead of up to 5 ms.
+        gc.collect()
+        gc.freeze()
+        sys.setswitchinterval(0.0005)
         loop = asyncio.get_running_loop()
         signals = 0
 

@@ -20,9 +20,7 @@ Shape after uvicorn's server: ``run()`` → ``startup()`` → ``main_loop()`` �
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
-import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -130,11 +128,6 @@ class Bridge:
                 await self.link.connect()
         await self.link.subscribe(topics.ALL_UPLINKS, qos=1)
         self._sweeper = asyncio.create_task(self._sweep_presence(), name="presence-sweeper")
-        # What startup built (SQLAlchemy, pydantic, the modules) lives as long as the
-        # process: move it out of the collector's reach, so full collections stay short.
-        gc.collect()
-        gc.freeze()
-        sys.setswitchinterval(0.0005)
         log.info(
             "bridge %s %s on %s:%s",
             self.settings.client_id,

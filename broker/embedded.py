@@ -402,8 +402,9 @@ class _SubscriptionTable(dict[str, list[tuple[Any, int]]]):
         topic, self.relaying = self.relaying, None
         if topic is None:
             return [(f, list(subs)) for f, subs in super().items()]
+        # The trie holds exactly the table's filters, so each one it yields is a key.
         matching = self._index.iter_match(topic)  # type: ignore[no-untyped-call]
-        return [(f, list(self[f])) for f in list(matching) if f in self]
+        return [(f, list(self[f])) for f in matching]
 
 
 class _BroadcastQueue(asyncio.Queue[dict[str, Any]]):
