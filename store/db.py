@@ -30,7 +30,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         return engine
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
-    return create_engine(parsed, pool_pre_ping=True, **kwargs)
+    # A pooled connection is tested before use unless the caller retries disconnects
+    # itself (the bridge does: a ping would cost it a round trip per batch).
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(parsed, **kwargs)
 
 
 def _configure_sqlite(engine: Engine) -> None:

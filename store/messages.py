@@ -10,28 +10,34 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     Connection,
     Engine,
     Integer,
     String,
+    Text,
     bindparam,
     func,
     insert,
+    null,
     select,
     tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.selectable import TableValuedAlias
+from sqlalchemy.types import TypeEngine
 from sqlmodel import col
 
 from protocol import UpMessage, errors
 
 from .history import HistoryMessage
 from .tables import Account, Conversation, Member, Message
-from .types import utcnow
+from .types import UTCDateTime, utcnow
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,13 +65,52 @@ def new_conversation_id() -> str:
     return "c_" + secrets.token_hex(10)
 
 
-def persist_batch(engine: Engine, uplinks: Sequence[tuple[str, UpMessage]]) -> list[Outcome]:
+class DirectConversations:
+    """What a writer has learnt of direct conversations: their ids and members.
+
+    A pair's direct conversation, once committed, never changes, and neither do its
+    members (the pair), so a long-lived writer (the bridge) keeps them and skips the
+    two reads that find them. Only committed conversations are kept. Bounded: the
+    whole cache is dropped when it would grow past ``limit`` entries.
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self.limit = limit
+        self._ids: dict[str, str] = {}
+        self._members: dict[str, tuple[str, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def id_of(self, key: str) -> str | None:
+        return self._ids.get(key)
+
+    def members_of(self, conversation: str) -> tuple[str, ...] | None:
+        return self._members.get(conversation)
+
+    def learn(self, ids: dict[str, str], members: dict[str, list[str]]) -> None:
+        """Keep ``ids`` (direct key -> conversation), committed, with their members."""
+        if len(self._ids) + len(ids) > self.limit:
+            self._ids.clear()
+            self._members.clear()
+        for key, conversation in ids.items():
+            self._ids[key] = conversation
+            self._members[conversation] = tuple(members[conversation])
+
+
+def persist_batch(
+    engine: Engine,
+    uplinks: Sequence[tuple[str, UpMessage]],
+    directs: DirectConversations | None = None,
+) -> list[Outcome]:
     """Store a batch of (sender, message) in one transaction; one outcome per input.
 
     The batch costs a fixed number of statements, not a number per message: one read
     each for resends, recipients, direct conversations and members, one UPDATE that
     takes the seqs of every conversation involved, one multi-row INSERT. Messages are
-    taken in arrival order, so a sender's messages get increasing seqs.
+    taken in arrival order, so a sender's messages get increasing seqs. With
+    ``directs``, direct conversations it knows are not read again, and the ones this
+    batch found or created are added to it once committed.
 
     Rejections (unknown recipient, not a member) are decided before anything is
     written, so they never undo the rest of the batch. If the commit fails on a
@@ -74,15 +119,20 @@ def persist_batch(engine: Engine, uplinks: Sequence[tuple[str, UpMessage]]) -> l
     """
     if not uplinks:
         return []
+    known = directs if directs is not None else DirectConversations(limit=0)
     try:
         with engine.begin() as conn:
-            return _persist(conn, uplinks)
+            outcomes, found, members = _persist(conn, uplinks, known)
     except IntegrityError:
         if len(uplinks) == 1:
             raise
+    else:
+        if directs is not None:
+            directs.learn(found, members)  # committed now
+        return outcomes
     results: list[Outcome] = []
     for item in uplinks:
-        results.extend(persist_batch(engine, [item]))
+        results.extend(persist_batch(engine, [item], directs))
     return results
 
 
@@ -101,6 +151,8 @@ class _New:
     sender: str
     up: UpMessage
     conversation: str
+    #: Its place among the batch's new messages of its conversation, from 1.
+    k: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,45 +162,53 @@ class _Again:
     first: int
 
 
-def _persist(conn: Connection, uplinks: Sequence[tuple[str, UpMessage]]) -> list[Outcome]:
-    # 1. Resends: messages of this batch that are stored already.
+def _persist(
+    conn: Connection, uplinks: Sequence[tuple[str, UpMessage]], known: DirectConversations
+) -> tuple[list[Outcome], dict[str, str], dict[str, list[str]]]:
+    """The outcomes, and the direct conversations read or created here with their members."""
+    # 1. Resends (messages of this batch stored already) and the recipients that
+    #    exist and are enabled: one read. An account row has no client id.
     keys = sorted({(sender, up.id) for sender, up in uplinks})
-    stored_before = {
-        (m.sender, m.client_id): m
-        for m in (
-            HistoryMessage(*row)
-            for row in conn.execute(
-                select(*_MESSAGE_COLUMNS).where(
-                    tuple_(col(Message.sender), col(Message.client_id)).in_(keys)
-                )
-            )
-        )
-    }
-
-    # 2. Recipients that exist and are enabled, and their direct conversations.
     wanted = sorted({up.to for _, up in uplinks if up.to is not None})
-    recipients = set(
-        conn.scalars(
-            select(col(Account.username)).where(
-                col(Account.username).in_(wanted), ~col(Account.disabled)
-            )
-        )
-        if wanted
-        else ()
+    resends = select(*_MESSAGE_COLUMNS).where(
+        tuple_(col(Message.sender), col(Message.client_id)).in_(keys)
     )
-    direct = _direct_conversations(
-        conn,
-        {
-            direct_key(sender, up.to): (sender, up.to)
-            for sender, up in uplinks
-            if up.to is not None and up.to in recipients and (sender, up.id) not in stored_before
-        },
+    accounts = select(null(), null(), null(), col(Account.username), null(), null()).where(
+        col(Account.username).in_(wanted), ~col(Account.disabled)
     )
+    read = resends.union_all(accounts) if wanted else resends
+    stored_before: dict[tuple[str, str], HistoryMessage] = {}
+    recipients: set[str] = set()
+    for row in conn.execute(read):
+        if row.client_id is None:
+            recipients.add(row.sender)
+        else:
+            stored_before[row.sender, row.client_id] = HistoryMessage(*row)
+
+    # 2. The direct conversations of those recipients: known ones from ``known``.
+    pairs = {
+        direct_key(sender, up.to): (sender, up.to)
+        for sender, up in uplinks
+        if up.to is not None and up.to in recipients and (sender, up.id) not in stored_before
+    }
+    direct: dict[str, str] = {}
+    for pair in pairs:
+        conversation = known.id_of(pair)
+        if conversation is not None:
+            direct[pair] = conversation
+    found = _direct_conversations(conn, {k: v for k, v in pairs.items() if k not in direct})
+    direct.update(found)
 
     # 3. Members of every conversation involved: membership checks and routing.
     involved = set(direct.values()) | {m.conversation for m in stored_before.values()}
     involved |= {up.conversation for _, up in uplinks if up.conversation is not None}
-    members: dict[str, list[str]] = {conversation: [] for conversation in involved}
+    members: dict[str, list[str]] = {}
+    for conversation in involved:
+        cached = known.members_of(conversation)
+        if cached is not None:
+            members[conversation] = list(cached)
+    involved -= set(members)
+    members.update({conversation: [] for conversation in involved})
     if involved:
         for conversation, username in conn.execute(
             select(col(Member.conversation_id), col(Member.username))
@@ -185,15 +245,11 @@ def _persist(conn: Connection, uplinks: Sequence[tuple[str, UpMessage]]) -> list
                 continue
             first_copy[key] = index
             new_in[conversation] = new_in.get(conversation, 0) + 1
-            decided.append(_New(sender, up, conversation))
+            decided.append(_New(sender, up, conversation, new_in[conversation]))
 
-    # 5. The seqs of every conversation (one UPDATE on PostgreSQL), one INSERT for all.
-    next_seq = {
-        conversation: last_seq - new_in[conversation] + 1
-        for conversation, last_seq in _take_seqs(conn, new_in)
-    }
+    # 5. Take the seqs and store the new messages: one statement on PostgreSQL.
     now = utcnow()
-    rows: list[dict[str, object]] = []
+    seqs = _store_new([item for item in decided if isinstance(item, _New)], new_in, now, conn)
     outcomes: list[Outcome] = []
     for item in decided:
         if isinstance(item, errors.ProtocolError):
@@ -203,72 +259,116 @@ def _persist(conn: Connection, uplinks: Sequence[tuple[str, UpMessage]]) -> list
             assert first is not None
             outcomes.append(Outcome(stored=replace(first, duplicate=True)))
         elif isinstance(item, _New):
-            seq = next_seq[item.conversation]
-            next_seq[item.conversation] = seq + 1
             message = HistoryMessage(
-                item.up.id, item.conversation, seq, item.sender, item.up.body, now
-            )
-            rows.append(
-                {
-                    "conversation_id": item.conversation,
-                    "seq": seq,
-                    "sender": item.sender,
-                    "client_id": item.up.id,
-                    "body": item.up.body,
-                    "sent_at": now,
-                }
+                item.up.id,
+                item.conversation,
+                seqs[item.sender, item.up.id],
+                item.sender,
+                item.up.body,
+                now,
             )
             outcomes.append(Outcome(stored=_stored(message, members, duplicate=False)))
         else:
             outcomes.append(Outcome(stored=_stored(item, members, duplicate=True)))
-    if rows:
-        conn.execute(insert(Message), rows)
-    return outcomes
+    return outcomes, found, members
 
 
-def _take_seqs(conn: Connection, counts: dict[str, int]) -> list[tuple[str, int]]:
-    """Add ``counts[c]`` to each conversation's ``last_seq``; the new ``last_seq`` of each."""
-    if not counts:
-        return []
-    if conn.dialect.name != "postgresql":
-        # SQLite cannot name a VALUES list's columns; it is in-process, so one short
-        # statement per conversation costs no round trips.
-        return [
-            (
-                conversation,
-                conn.execute(
-                    update(Conversation)
-                    .where(col(Conversation.id) == conversation)
-                    .values(last_seq=col(Conversation.last_seq) + n)
-                    .returning(col(Conversation.last_seq))
-                ).scalar_one(),
-            )
-            for conversation, n in sorted(counts.items())
-        ]
-    # Two arrays, not a VALUES list: the statement text is the same for every batch,
-    # so SQLAlchemy compiles it once (rendering a VALUES list cost ~3 ms a batch).
-    ids, ns = zip(*sorted(counts.items()), strict=True)
-    return [
-        (conversation, last_seq)
-        for conversation, last_seq in conn.execute(
-            _TAKE_SEQS_PG, {"ids": list(ids), "ns": list(ns)}
-        )
-    ]
+def _store_new(
+    new: list[_New], counts: dict[str, int], now: datetime, conn: Connection
+) -> dict[tuple[str, str], int]:
+    """Add ``counts[c]`` to each conversation's ``last_seq`` and insert the messages.
 
-
-_counts = (
-    func.unnest(
-        bindparam("ids", type_=postgresql.ARRAY(String)),
-        bindparam("ns", type_=postgresql.ARRAY(Integer)),
+    A message's seq is its conversation's ``last_seq`` before the batch plus its
+    place (``k``, from 1) among the batch's new messages of that conversation.
+    Returns the seq of each (sender, client id).
+    """
+    if not new:
+        return {}
+    if conn.dialect.name == "postgresql":
+        # One round trip: the UPDATE is a CTE of the INSERT. Arrays, not VALUES
+        # lists, so the statement text is the same for every batch and compiles once.
+        ids, ns = zip(*sorted(counts.items()), strict=True)
+        stored = conn.execute(
+            _STORE_NEW_PG,
+            {
+                "ids": list(ids),
+                "ns": list(ns),
+                "conversations": [item.conversation for item in new],
+                "ks": [item.k for item in new],
+                "senders": [item.sender for item in new],
+                "client_ids": [item.up.id for item in new],
+                "bodies": [item.up.body for item in new],
+                "sent_at": now,
+            },
+        ).all()
+        if len(stored) != len(new):  # a conversation row missing: never commit that
+            raise RuntimeError(f"stored {len(stored)} of {len(new)} messages")
+        return {(sender, client_id): seq for sender, client_id, seq in stored}
+    # SQLite cannot name a VALUES list's columns; it is in-process, so one short
+    # statement per conversation costs no round trips.
+    last_seq = {
+        conversation: conn.execute(
+            update(Conversation)
+            .where(col(Conversation.id) == conversation)
+            .values(last_seq=col(Conversation.last_seq) + n)
+            .returning(col(Conversation.last_seq))
+        ).scalar_one()
+        for conversation, n in sorted(counts.items())
+    }
+    seqs = {
+        (item.sender, item.up.id): last_seq[item.conversation] - counts[item.conversation] + item.k
+        for item in new
+    }
+    conn.execute(
+        insert(Message),
+        [
+            {
+                "conversation_id": item.conversation,
+                "seq": seqs[item.sender, item.up.id],
+                "sender": item.sender,
+                "client_id": item.up.id,
+                "body": item.up.body,
+                "sent_at": now,
+            }
+            for item in new
+        ],
     )
-    .table_valued("id", "n")
-    .render_derived(name="counts")
-)
-_TAKE_SEQS_PG = (
+    return seqs
+
+
+def _unnest(**columns: TypeEngine[Any]) -> TableValuedAlias:
+    """``unnest(:a, :b, ...) AS name(a, b, ...)``: one array parameter per column."""
+    return func.unnest(
+        *(bindparam(name, type_=postgresql.ARRAY(type_)) for name, type_ in columns.items())
+    ).table_valued(*columns)
+
+
+_counts = _unnest(ids=String(), ns=Integer()).render_derived(name="counts")
+_taken = (
     update(Conversation)
-    .where(col(Conversation.id) == _counts.c.id)
-    .values(last_seq=col(Conversation.last_seq) + _counts.c.n)
-    .returning(col(Conversation.id), col(Conversation.last_seq))
+    .where(col(Conversation.id) == _counts.c.ids)
+    .values(last_seq=col(Conversation.last_seq) + _counts.c.ns)
+    .returning(col(Conversation.id), col(Conversation.last_seq), _counts.c.ns)
+    .cte("taken")
+)
+_new = _unnest(
+    conversations=String(), ks=Integer(), senders=String(), client_ids=String(), bodies=Text()
+).render_derived(name="new")
+_STORE_NEW_PG = (
+    insert(Message)
+    .from_select(
+        ["conversation_id", "seq", "sender", "client_id", "body", "sent_at"],
+        select(
+            _new.c.conversations,
+            _taken.c.last_seq - _taken.c.ns + _new.c.ks,
+            _new.c.senders,
+            _new.c.client_ids,
+            _new.c.bodies,
+            bindparam("sent_at", type_=UTCDateTime),
+        ).join_from(_new, _taken, _taken.c.id == _new.c.conversations),
+    )
+    .returning(col(Message.sender), col(Message.client_id), col(Message.seq))
+    .add_cte(_taken)
 )
 
 

@@ -7,13 +7,17 @@ and refusals. Each must come out as if the messages had been stored one by one.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, func, select
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, func, select
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col
 
 from protocol import UpMessage, errors
 from store import accounts
-from store.messages import persist_batch
-from store.tables import Message
+from store.messages import DirectConversations, direct_key, persist_batch
+from store.tables import Conversation, Message
 
 
 def up(id: str, to: str | None = None, conversation: str | None = None) -> UpMessage:
@@ -101,3 +105,79 @@ def test_disabled_recipient_is_unknown(store_engine: Engine) -> None:
     (outcome,) = persist_batch(store_engine, [("alice", up("a1", to="bob"))])
     assert outcome.error is not None
     assert outcome.error.code == errors.UNKNOWN_RECIPIENT
+
+
+def _statements(engine: Engine) -> list[str]:
+    """Every SQL statement ``engine`` sends from now on, in order."""
+    sent: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(statement)
+
+    return sent
+
+
+def test_known_direct_conversations_are_not_read_again(store_engine: Engine) -> None:
+    directs = DirectConversations()
+    (first,) = persist_batch(store_engine, [("alice", up("a1", to="bob"))], directs)
+    assert first.stored is not None
+    conversation = first.stored.conversation
+    assert (directs.id_of(direct_key("alice", "bob")), directs.members_of(conversation)) == (
+        conversation,
+        ("alice", "bob"),
+    )
+
+    sent = _statements(store_engine)
+    b1, a2, by_id, carol = persist_batch(
+        store_engine,
+        [
+            ("bob", up("b1", to="alice")),
+            ("alice", up("a2", conversation=conversation)),
+            ("alice", up("a1", to="bob")),  # a resend, found in the database
+            ("carol", up("c1", conversation=conversation)),  # not a member
+        ],
+        directs,
+    )
+    # Same answers as without the cache ...
+    assert [o.stored.seq for o in (b1, a2, by_id) if o.stored] == [2, 3, 1]
+    assert all(o.stored and o.stored.members == ("alice", "bob") for o in (b1, a2, by_id))
+    assert carol.error is not None
+    assert carol.error.code == errors.UNKNOWN_CONVERSATION
+    # ... without reading the conversation or its members.
+    lookups = [s for s in sent if "FROM conversations" in s or "FROM members" in s]
+    assert lookups == []
+    assert any("INSERT INTO messages" in s for s in sent)
+
+
+def test_a_conversation_rolled_back_is_not_remembered(store_engine: Engine) -> None:
+    directs = DirectConversations()
+
+    def fail_on_insert(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "INSERT INTO messages" in statement:
+            raise OperationalError(statement, {}, Exception("connection lost"))
+
+    event.listen(store_engine, "before_cursor_execute", fail_on_insert)
+    with pytest.raises(OperationalError):
+        persist_batch(store_engine, [("alice", up("a1", to="bob"))], directs)
+    event.remove(store_engine, "before_cursor_execute", fail_on_insert)
+    assert len(directs) == 0  # its conversation was created in the rolled-back transaction
+
+    (again,) = persist_batch(store_engine, [("alice", up("a1", to="bob"))], directs)
+    assert again.stored is not None
+    assert (again.stored.seq, again.stored.duplicate) == (1, False)
+    with Session(store_engine) as session:
+        assert session.execute(select(func.count()).select_from(Conversation)).scalar_one() == 1
+    assert directs.id_of(direct_key("alice", "bob")) == again.stored.conversation
+
+
+def test_the_cache_is_bounded(store_engine: Engine) -> None:
+    directs = DirectConversations(limit=1)
+    persist_batch(store_engine, [("alice", up("a1", to="bob"))], directs)
+    persist_batch(store_engine, [("alice", up("a2", to="carol"))], directs)
+    assert len(directs) == 1
+    assert directs.id_of(direct_key("alice", "bob")) is None
+    # Forgotten is only slower: the next message finds the conversation again.
+    (a3,) = persist_batch(store_engine, [("alice", up("a3", to="bob"))], directs)
+    assert a3.stored is not None
+    assert a3.stored.seq == 2
