@@ -20,11 +20,12 @@ Shape after uvicorn's server: ``run()`` → ``startup()`` → ``main_loop()`` �
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeVar
 
@@ -46,7 +47,7 @@ from protocol import errors, topics
 from store import conversations, make_engine, presence
 from store.cursors import AckOutcome, advance_batch
 from store.db import alembic_config
-from store.messages import Outcome, persist_batch
+from store.messages import DirectConversations, Outcome, persist_batch
 from store.types import utcnow
 
 from . import READY_LOG
@@ -74,10 +75,31 @@ class _Publish:
     retain: bool = False
 
 
+@dataclass(slots=True)
+class _Decoded:
+    """One batch's uplinks sorted by kind, before the database."""
+
+    batch: Sequence[Incoming]
+    publishes: list[_Publish] = field(default_factory=list)
+    to_store: list[tuple[str, protocol.UpMessage]] = field(default_factory=list)
+    acks: list[tuple[str, protocol.UpAck]] = field(default_factory=list)
+    presences: list[tuple[str, protocol.UpPresence]] = field(default_factory=list)
+    typing: list[tuple[str, protocol.UpTyping]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """One batch after its database turns: what to publish before acknowledging it."""
+
+    batch: Sequence[Incoming]
+    publishes: list[_Publish]
+
+
 class Bridge:
     def __init__(self, settings: BridgeSettings, engine: Engine | None = None) -> None:
         self.settings = settings
-        self.engine = engine or make_engine(settings.database_url)
+        # No pool pre-ping: every database call here retries a lost connection.
+        self.engine = engine or make_engine(settings.database_url, pool_pre_ping=False)
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._ack_tasks: set[asyncio.Task[None]] = set()
@@ -104,6 +126,7 @@ class Bridge:
         #: (sender, conversation) -> (when, typing) of the last typing event relayed.
         self._typing_sent: dict[tuple[str, str], tuple[float, bool]] = {}
         self._crash = CrashHook(settings.crash_at)  # test only, see bridge/faults.py
+        self._persist = functools.partial(persist_batch, directs=DirectConversations())
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -137,9 +160,20 @@ class Bridge:
         )
 
     async def main_loop(self) -> None:
+        """Take batches; store one while the one stored before it is published.
+
+        The database turns stay one at a time and in arrival order (seqs, dedupe);
+        only publishing batch N, which is main-thread work, overlaps storing batch
+        N+1, which is mostly waiting for the database. Batch N is published before
+        batch N+1 is stored, so deliveries keep the order of the commits.
+        """
         stop = asyncio.create_task(self._stop.wait())
+        stored: _Stored | None = None
         try:
             while not self._stop.is_set():
+                if stored is not None and self._queue.empty():
+                    self._deliver(stored)  # nothing to overlap with: publish now
+                    stored = None
                 get = asyncio.create_task(self._queue.get())
                 done, _ = await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
@@ -149,9 +183,14 @@ class Bridge:
                 # Group commit: whatever queued up while the last batch committed.
                 while len(batch) < self.settings.max_batch and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
-                await self.persist_and_route(batch)
+                storing = asyncio.create_task(self._store(self._decode(batch)))
+                if stored is not None:
+                    self._deliver(stored)
+                stored = await storing
         finally:
             stop.cancel()
+            if stored is not None:
+                self._deliver(stored)  # committed: publish it before stopping
 
     async def shutdown(self) -> None:
         if self._sweeper is not None:
@@ -174,13 +213,9 @@ class Bridge:
 
     # -- the pipeline -------------------------------------------------------------
 
-    async def persist_and_route(self, batch: Sequence[Incoming]) -> None:
-        """Decode, commit and publish one batch; acknowledge it once the broker has it all."""
-        publishes: list[_Publish] = []
-        to_store: list[tuple[str, protocol.UpMessage]] = []
-        acks: list[tuple[str, protocol.UpAck]] = []
-        presences: list[tuple[str, protocol.UpPresence]] = []
-        typing: list[tuple[str, protocol.UpTyping]] = []
+    def _decode(self, batch: Sequence[Incoming]) -> _Decoded:
+        """Sort a batch's uplinks by kind; refusals become ``down/error`` publishes."""
+        work = _Decoded(batch)
         for incoming in batch:
             if not self._mine(incoming.topic):
                 continue  # another instance's sender: acknowledged with the batch
@@ -193,11 +228,11 @@ class Bridge:
                     max_body_chars=self.settings.max_body_chars,
                 )
             except errors.ProtocolError as exc:
-                publishes.extend(self._refusal(incoming.topic, exc))
+                work.publishes.extend(self._refusal(incoming.topic, exc))
                 continue
             if isinstance(decoded.payload, protocol.UpMessage):
                 if not self._rate.allow(decoded.sender):
-                    publishes.append(
+                    work.publishes.append(
                         self._error(
                             decoded.sender,
                             errors.ProtocolError(
@@ -208,35 +243,43 @@ class Bridge:
                         )
                     )
                     continue
-                to_store.append((decoded.sender, decoded.payload))
+                work.to_store.append((decoded.sender, decoded.payload))
             elif isinstance(decoded.payload, protocol.UpAck):
-                acks.append((decoded.sender, decoded.payload))
+                work.acks.append((decoded.sender, decoded.payload))
             elif isinstance(decoded.payload, protocol.UpPresence):
-                presences.append((decoded.sender, decoded.payload))
+                work.presences.append((decoded.sender, decoded.payload))
             elif isinstance(decoded.payload, protocol.UpTyping):
-                typing.append((decoded.sender, decoded.payload))
+                work.typing.append((decoded.sender, decoded.payload))
+        return work
 
-        if to_store:
+    async def _store(self, work: _Decoded) -> _Stored:
+        """The batch's database turns, in order; what to publish for it."""
+        publishes = work.publishes
+        if work.to_store:
             self._crash.reach("before_commit")
-            outcomes = await self._with_database(persist_batch, to_store)
+            outcomes = await self._with_database(self._persist, work.to_store)
             self._crash.reach("after_commit")
-            for (sender, _), outcome in zip(to_store, outcomes, strict=True):
+            for (sender, _), outcome in zip(work.to_store, outcomes, strict=True):
                 publishes.extend(self._route(sender, outcome))
-        if acks:
+        if work.acks:
             # After the messages of the same batch, which an ack may refer to.
-            ack_outcomes = await self._with_database(advance_batch, acks)
-            for (sender, _), ack_outcome in zip(acks, ack_outcomes, strict=True):
+            ack_outcomes = await self._with_database(advance_batch, work.acks)
+            for (sender, _), ack_outcome in zip(work.acks, ack_outcomes, strict=True):
                 publishes.extend(self._receipts(sender, ack_outcome))
-
-        if presences:
-            states = await self._with_database(presence.update_batch, presences)
+        if work.presences:
+            states = await self._with_database(presence.update_batch, work.presences)
             publishes.extend(self._presence(states))
-        for sender, event in typing:
+        for sender, event in work.typing:
             # Ephemeral: QoS 0, never stored, and nothing waits for it.
             await self._relay_typing(sender, event, publishes)
+        return _Stored(work.batch, publishes)
 
-        futures = [self.link.publish(p.topic, p.payload, qos=1, retain=p.retain) for p in publishes]
-        task = asyncio.create_task(self._ack_when_published(futures, batch))
+    def _deliver(self, stored: _Stored) -> None:
+        """Publish a stored batch; acknowledge its uplinks once the broker has it all."""
+        futures = [
+            self.link.publish(p.topic, p.payload, qos=1, retain=p.retain) for p in stored.publishes
+        ]
+        task = asyncio.create_task(self._ack_when_published(futures, stored.batch))
         self._ack_tasks.add(task)
         task.add_done_callback(self._ack_tasks.discard)
 
