@@ -25,12 +25,16 @@ import logging
 import os
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 log = logging.getLogger(__name__)
@@ -122,6 +126,11 @@ class _PahoClient(paho.Client):
     its loop in those calls (py-spy); reading up to 64 KiB at once and handing paho
     its pieces from memory makes it one call per socket wake-up.
 
+    PUBACK: an MQTT 3.1.1 PUBACK carries nothing but its packet id, yet paho 2.2
+    decodes each into a new ``ReasonCode`` and ``Properties`` (15 µs here, against
+    0.1 µs for the id alone; the bridge handles three PUBACKs per chat message). A
+    3.1.1 PUBACK is read here, and every one reports the same shared success pair.
+
     TLS: paho 2.2 leaves the half-made ``SSLSocket`` open when the handshake fails (a
     broker certificate the client does not trust), leaking one descriptor per
     reconnect attempt. Host names are checked by the context itself
@@ -129,6 +138,10 @@ class _PahoClient(paho.Client):
     """
 
     READ_AHEAD = 65536
+    _PUBACK_SUCCESS = (
+        ReasonCode(PacketTypes.PUBACK, "Success"),
+        Properties(PacketTypes.PUBACK),  # type: ignore[no-untyped-call]
+    )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._ahead = b""
@@ -152,6 +165,16 @@ class _PahoClient(paho.Client):
     def _sock_close(self) -> None:
         self._ahead, self._ahead_pos = b"", 0
         super()._sock_close()
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or self._protocol != MQTTProtocolVersion.MQTTv311 or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)  # anything else: paho's own checks
+        (mid,) = struct.unpack("!H", packet)
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, *self._PUBACK_SUCCESS)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
         context = self._ssl_context
