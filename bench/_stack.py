@@ -270,6 +270,8 @@ def start_embedded(base: Path) -> Stack:
 @contextlib.contextmanager
 def running_stack(kind: str, keep_dir: Path | None = None) -> Any:
     """Start a stack in a temporary directory, yield it, stop everything."""
+    if keep_dir is not None:
+        keep_dir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix=f"mqchat-load-{kind}-", dir=keep_dir))
     stack = start_production(base) if kind == "production" else start_embedded(base)
     try:
