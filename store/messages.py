@@ -336,11 +336,11 @@ def _store_new(
     return seqs
 
 
-def _unnest(**columns: TypeEngine[Any]) -> TableValuedAlias:
+def _unnest(ordinality: str | None = None, **columns: TypeEngine[Any]) -> TableValuedAlias:
     """``unnest(:a, :b, ...) AS name(a, b, ...)``: one array parameter per column."""
     return func.unnest(
         *(bindparam(name, type_=postgresql.ARRAY(type_)) for name, type_ in columns.items())
-    ).table_valued(*columns)
+    ).table_valued(*columns, with_ordinality=ordinality)
 
 
 _counts = _unnest(ids=String(), ns=Integer()).render_derived(name="counts")
@@ -352,7 +352,12 @@ _taken = (
     .cte("taken")
 )
 _new = _unnest(
-    conversations=String(), ks=Integer(), senders=String(), client_ids=String(), bodies=Text()
+    "arrival",
+    conversations=String(),
+    ks=Integer(),
+    senders=String(),
+    client_ids=String(),
+    bodies=Text(),
 ).render_derived(name="new")
 _STORE_NEW_PG = (
     insert(Message)
@@ -365,7 +370,11 @@ _STORE_NEW_PG = (
             _new.c.client_ids,
             _new.c.bodies,
             bindparam("sent_at", type_=UTCDateTime),
-        ).join_from(_new, _taken, _taken.c.id == _new.c.conversations),
+        )
+        .join_from(_new, _taken, _taken.c.id == _new.c.conversations)
+        # Rows get their pk in the order the SELECT yields them: keep it the arrival
+        # order (a hash join would not), so pk rises with seq in every conversation.
+        .order_by(_new.c.arrival),
     )
     .returning(col(Message.sender), col(Message.client_id), col(Message.seq))
     .add_cte(_taken)

@@ -181,3 +181,35 @@ def test_the_cache_is_bounded(store_engine: Engine) -> None:
     (a3,) = persist_batch(store_engine, [("alice", up("a3", to="bob"))], directs)
     assert a3.stored is not None
     assert a3.stored.seq == 2
+
+
+def test_rows_are_inserted_in_arrival_order(store_engine: Engine) -> None:
+    """A batch's rows get their pk in arrival order: in every conversation pk rises with seq."""
+    users = [f"user{i:02d}" for i in range(24)]
+    with Session(store_engine) as session:
+        for user in users:
+            accounts.create(session, user, f"{user}-secret-pw")
+        session.commit()
+    # Round the pairs several times, so every conversation has several new messages.
+    batch = [
+        (
+            users[2 * (n % 12) + (n // 12) % 2],
+            up(f"m{n}", to=users[2 * (n % 12) + 1 - (n // 12) % 2]),
+        )
+        for n in range(240)
+    ]
+    for sender, message in batch[:12]:  # the conversations exist before the big batch
+        persist_batch(store_engine, [(sender, message)])
+    outcomes = persist_batch(store_engine, batch[12:])
+    assert all(o.stored is not None for o in outcomes)
+    with Session(store_engine) as session:
+        rows = session.execute(
+            select(col(Message.conversation_id), col(Message.seq), col(Message.client_id)).order_by(
+                col(Message.pk)
+            )
+        ).all()
+    assert [client_id for _, _, client_id in rows] == [m.id for _, m in batch]
+    last: dict[str, int] = {}
+    for conversation, seq, _ in rows:
+        assert seq == last.get(conversation, 0) + 1
+        last[conversation] = seq
