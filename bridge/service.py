@@ -186,6 +186,7 @@ class Bridge:
                 storing = asyncio.create_task(self._store(self._decode(batch)))
                 if stored is not None:
                     self._deliver(stored)
+                    stored = None
                 stored = await storing
         finally:
             stop.cancel()
