@@ -8,7 +8,8 @@ a sender's messages get increasing seqs in their conversation.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -103,25 +104,32 @@ def persist_batch(
     uplinks: Sequence[tuple[str, UpMessage]],
     directs: DirectConversations | None = None,
 ) -> list[Outcome]:
-    """Store a batch of (sender, message) in one transaction; one outcome per input.
+    """Store a batch of (sender, message) at once; one outcome per input.
 
     The batch costs a fixed number of statements, not a number per message: one read
-    each for resends, recipients, direct conversations and members, one UPDATE that
-    takes the seqs of every conversation involved, one multi-row INSERT. Messages are
-    taken in arrival order, so a sender's messages get increasing seqs. With
-    ``directs``, direct conversations it knows are not read again, and the ones this
-    batch found or created are added to it once committed.
+    for resends and recipients, one each for direct conversations and members, and
+    one write that takes the seqs of every conversation involved and inserts every
+    new message. Messages are taken in arrival order, so a sender's messages get
+    increasing seqs. With ``directs``, direct conversations it knows are not read
+    again, and the ones this batch found or created are added to it once committed.
+
+    On PostgreSQL each statement is its own transaction (autocommit): the write is a
+    single statement, so its seqs and rows commit together or not at all, and a
+    batch whose conversations are all known costs two round trips. The reads are
+    what a transaction at READ COMMITTED would see too; a new conversation is
+    created with its members in a transaction of its own. On SQLite (in-process, no
+    round trips) the whole batch is one ``BEGIN IMMEDIATE`` transaction.
 
     Rejections (unknown recipient, not a member) are decided before anything is
-    written, so they never undo the rest of the batch. If the commit fails on a
+    written, so they never undo the rest of the batch. If the write fails on a
     constraint (another bridge stored the same message at the same moment) the batch
-    is replayed one message per transaction, where dedupe then finds it.
+    is replayed one message at a time, where dedupe then finds it.
     """
     if not uplinks:
         return []
     known = directs if directs is not None else DirectConversations(limit=0)
     try:
-        with engine.begin() as conn:
+        with _writing(engine) as conn:
             outcomes, found, members = _persist(conn, uplinks, known)
     except IntegrityError:
         if len(uplinks) == 1:
@@ -134,6 +142,17 @@ def persist_batch(
     for item in uplinks:
         results.extend(persist_batch(engine, [item], directs))
     return results
+
+
+@contextmanager
+def _writing(engine: Engine) -> Iterator[Connection]:
+    """A connection to store a batch on: see :func:`persist_batch` for why these two."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            yield conn
+    else:
+        with engine.begin() as conn:
+            yield conn
 
 
 _MESSAGE_COLUMNS = (
@@ -196,7 +215,12 @@ def _persist(
         conversation = known.id_of(pair)
         if conversation is not None:
             direct[pair] = conversation
-    found = _direct_conversations(conn, {k: v for k, v in pairs.items() if k not in direct})
+    missing = {k: v for k, v in pairs.items() if k not in direct}
+    if missing and conn.dialect.name == "postgresql":  # autocommit: a transaction of its own
+        with conn.engine.begin() as creating:
+            found = _direct_conversations(creating, missing)
+    else:
+        found = _direct_conversations(conn, missing)
     direct.update(found)
 
     # 3. Members of every conversation involved: membership checks and routing.
@@ -301,7 +325,9 @@ def _store_new(
                 "sent_at": now,
             },
         ).all()
-        if len(stored) != len(new):  # a conversation row missing: never commit that
+        if len(stored) != len(new):
+            # A conversation row missing (they are never deleted). The uplinks are not
+            # acknowledged, so they come back, and what was stored is found as resends.
             raise RuntimeError(f"stored {len(stored)} of {len(new)} messages")
         return {(sender, client_id): seq for sender, client_id, seq in stored}
     # SQLite cannot name a VALUES list's columns; it is in-process, so one short

@@ -150,7 +150,7 @@ def test_known_direct_conversations_are_not_read_again(store_engine: Engine) -> 
     assert any("INSERT INTO messages" in s for s in sent)
 
 
-def test_a_conversation_rolled_back_is_not_remembered(store_engine: Engine) -> None:
+def test_a_failed_batch_teaches_nothing(store_engine: Engine) -> None:
     directs = DirectConversations()
 
     def fail_on_insert(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
@@ -161,7 +161,7 @@ def test_a_conversation_rolled_back_is_not_remembered(store_engine: Engine) -> N
     with pytest.raises(OperationalError):
         persist_batch(store_engine, [("alice", up("a1", to="bob"))], directs)
     event.remove(store_engine, "before_cursor_execute", fail_on_insert)
-    assert len(directs) == 0  # its conversation was created in the rolled-back transaction
+    assert len(directs) == 0  # nothing is learnt from a batch that failed
 
     (again,) = persist_batch(store_engine, [("alice", up("a1", to="bob"))], directs)
     assert again.stored is not None
