@@ -30,7 +30,7 @@ class BridgeSettings(BaseSettings):
     partitions: int = Field(default=1, ge=1)
     partition: int = Field(default=0, ge=0)
     keepalive: int = Field(default=15, ge=5)
-    #: Most uplinks committed in one transaction (group commit).
+    #: Most uplinks stored by one write (group commit).
     max_batch: int = Field(default=256, ge=1)
     max_payload_bytes: int = Field(default=MAX_PAYLOAD_BYTES, ge=256)
     max_body_chars: int = Field(default=MAX_BODY_CHARS, ge=1)
