@@ -76,23 +76,19 @@ class _Publish:
 
 
 @dataclass(slots=True)
-class _Decoded:
-    """One batch's uplinks sorted by kind, before the database."""
+class _Batch:
+    """One batch's uplinks sorted by kind, and what to publish for them.
 
-    batch: Sequence[Incoming]
+    ``_decode`` fills it, ``_store`` adds what the database turns decide, and
+    ``_deliver`` publishes ``publishes`` before acknowledging ``uplinks``.
+    """
+
+    uplinks: Sequence[Incoming]
     publishes: list[_Publish] = field(default_factory=list)
     to_store: list[tuple[str, protocol.UpMessage]] = field(default_factory=list)
     acks: list[tuple[str, protocol.UpAck]] = field(default_factory=list)
     presences: list[tuple[str, protocol.UpPresence]] = field(default_factory=list)
     typing: list[tuple[str, protocol.UpTyping]] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class _Stored:
-    """One batch after its database turns: what to publish before acknowledging it."""
-
-    batch: Sequence[Incoming]
-    publishes: list[_Publish]
 
 
 class Bridge:
@@ -168,7 +164,7 @@ class Bridge:
         batch N+1 is stored, so deliveries keep the order of the commits.
         """
         stop = asyncio.create_task(self._stop.wait())
-        stored: _Stored | None = None
+        stored: _Batch | None = None
         try:
             while not self._stop.is_set():
                 if stored is not None and self._queue.empty():
@@ -183,11 +179,13 @@ class Bridge:
                 # Group commit: whatever queued up while the last batch committed.
                 while len(batch) < self.settings.max_batch and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
-                storing = asyncio.create_task(self._store(self._decode(batch)))
+                work = self._decode(batch)
+                storing = asyncio.create_task(self._store(work))
                 if stored is not None:
                     self._deliver(stored)
                     stored = None
-                stored = await storing
+                await storing
+                stored = work
         finally:
             stop.cancel()
             if stored is not None:
@@ -214,9 +212,9 @@ class Bridge:
 
     # -- the pipeline -------------------------------------------------------------
 
-    def _decode(self, batch: Sequence[Incoming]) -> _Decoded:
+    def _decode(self, batch: Sequence[Incoming]) -> _Batch:
         """Sort a batch's uplinks by kind; refusals become ``down/error`` publishes."""
-        work = _Decoded(batch)
+        work = _Batch(batch)
         for incoming in batch:
             if not self._mine(incoming.topic):
                 continue  # another instance's sender: acknowledged with the batch
@@ -253,8 +251,8 @@ class Bridge:
                 work.typing.append((decoded.sender, decoded.payload))
         return work
 
-    async def _store(self, work: _Decoded) -> _Stored:
-        """The batch's database turns, in order; what to publish for it."""
+    async def _store(self, work: _Batch) -> None:
+        """The batch's database turns, in order; adds what to publish for it."""
         publishes = work.publishes
         if work.to_store:
             self._crash.reach("before_commit")
@@ -273,14 +271,13 @@ class Bridge:
         for sender, event in work.typing:
             # Ephemeral: QoS 0, never stored, and nothing waits for it.
             await self._relay_typing(sender, event, publishes)
-        return _Stored(work.batch, publishes)
 
-    def _deliver(self, stored: _Stored) -> None:
+    def _deliver(self, stored: _Batch) -> None:
         """Publish a stored batch; acknowledge its uplinks once the broker has it all."""
         futures = [
             self.link.publish(p.topic, p.payload, qos=1, retain=p.retain) for p in stored.publishes
         ]
-        task = asyncio.create_task(self._ack_when_published(futures, stored.batch))
+        task = asyncio.create_task(self._ack_when_published(futures, stored.uplinks))
         self._ack_tasks.add(task)
         task.add_done_callback(self._ack_tasks.discard)
 

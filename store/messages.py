@@ -8,7 +8,7 @@ a sender's messages get increasing seqs in their conversation.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -89,7 +89,7 @@ class DirectConversations:
     def members_of(self, conversation: str) -> tuple[str, ...] | None:
         return self._members.get(conversation)
 
-    def learn(self, ids: dict[str, str], members: dict[str, list[str]]) -> None:
+    def learn(self, ids: dict[str, str], members: Mapping[str, Sequence[str]]) -> None:
         """Keep ``ids`` (direct key -> conversation), committed, with their members."""
         if len(self._ids) + len(ids) > self.limit:
             self._ids.clear()
@@ -127,7 +127,7 @@ def persist_batch(
     """
     if not uplinks:
         return []
-    known = directs if directs is not None else DirectConversations(limit=0)
+    known = directs if directs is not None else DirectConversations()
     try:
         with _writing(engine) as conn:
             outcomes, found, members = _persist(conn, uplinks, known)
@@ -144,15 +144,22 @@ def persist_batch(
     return results
 
 
+_AUTOCOMMIT = "AUTOCOMMIT"
+
+
 @contextmanager
 def _writing(engine: Engine) -> Iterator[Connection]:
     """A connection to store a batch on: see :func:`persist_batch` for why these two."""
     if engine.dialect.name == "postgresql":
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        with engine.connect().execution_options(isolation_level=_AUTOCOMMIT) as conn:
             yield conn
     else:
         with engine.begin() as conn:
             yield conn
+
+
+def _autocommit(conn: Connection) -> bool:
+    return conn.get_execution_options().get("isolation_level") == _AUTOCOMMIT
 
 
 _MESSAGE_COLUMNS = (
@@ -183,7 +190,7 @@ class _Again:
 
 def _persist(
     conn: Connection, uplinks: Sequence[tuple[str, UpMessage]], known: DirectConversations
-) -> tuple[list[Outcome], dict[str, str], dict[str, list[str]]]:
+) -> tuple[list[Outcome], dict[str, str], dict[str, Sequence[str]]]:
     """The outcomes, and the direct conversations read or created here with their members."""
     # 1. Resends (messages of this batch stored already) and the recipients that
     #    exist and are enabled: one read. An account row has no client id.
@@ -210,13 +217,10 @@ def _persist(
         for sender, up in uplinks
         if up.to is not None and up.to in recipients and (sender, up.id) not in stored_before
     }
-    direct: dict[str, str] = {}
-    for pair in pairs:
-        conversation = known.id_of(pair)
-        if conversation is not None:
-            direct[pair] = conversation
-    missing = {k: v for k, v in pairs.items() if k not in direct}
-    if missing and conn.dialect.name == "postgresql":  # autocommit: a transaction of its own
+    direct = {pair: cid for pair in pairs if (cid := known.id_of(pair)) is not None}
+    missing = {pair: users for pair, users in pairs.items() if pair not in direct}
+    if missing and _autocommit(conn):
+        # Created with its members in one transaction, of its own.
         with conn.engine.begin() as creating:
             found = _direct_conversations(creating, missing)
     else:
@@ -226,20 +230,19 @@ def _persist(
     # 3. Members of every conversation involved: membership checks and routing.
     involved = set(direct.values()) | {m.conversation for m in stored_before.values()}
     involved |= {up.conversation for _, up in uplinks if up.conversation is not None}
-    members: dict[str, list[str]] = {}
-    for conversation in involved:
-        cached = known.members_of(conversation)
-        if cached is not None:
-            members[conversation] = list(cached)
-    involved -= set(members)
-    members.update({conversation: [] for conversation in involved})
-    if involved:
+    members: dict[str, Sequence[str]] = {
+        cid: cached for cid in involved if (cached := known.members_of(cid)) is not None
+    }
+    unknown = sorted(involved - members.keys())
+    looked_up: dict[str, list[str]] = {conversation: [] for conversation in unknown}
+    if unknown:
         for conversation, username in conn.execute(
             select(col(Member.conversation_id), col(Member.username))
-            .where(col(Member.conversation_id).in_(sorted(involved)))
+            .where(col(Member.conversation_id).in_(unknown))
             .order_by(col(Member.conversation_id), col(Member.username))
         ):
-            members[conversation].append(username)
+            looked_up[conversation].append(username)
+    members.update(looked_up)
 
     # 4. Decide each uplink in arrival order; count the new messages per conversation.
     decided: list[HistoryMessage | _New | _Again | errors.ProtocolError] = []
@@ -454,7 +457,7 @@ def _direct_conversations(conn: Connection, pairs: dict[str, tuple[str, str]]) -
 
 
 def _stored(
-    message: HistoryMessage, members: dict[str, list[str]], *, duplicate: bool
+    message: HistoryMessage, members: Mapping[str, Sequence[str]], *, duplicate: bool
 ) -> StoredMessage:
     return StoredMessage(
         client_id=message.client_id,
