@@ -1,8 +1,9 @@
 """Persisting messages: dedupe on (sender, client id), seq in the committing transaction.
 
-``persist_batch`` is the bridge's one write: a batch of uplinks becomes one
-transaction (group commit). Within it each message is handled in arrival order, so
-a sender's messages get increasing seqs in their conversation.
+``persist_batch`` is the bridge's one write: a batch of uplinks is committed at
+once (group commit; on PostgreSQL usually one statement). Within it each message is
+handled in arrival order, so a sender's messages get increasing seqs in their
+conversation.
 """
 
 from __future__ import annotations
@@ -11,17 +12,11 @@ import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     Connection,
     Engine,
-    Integer,
-    String,
-    Text,
-    bindparam,
-    func,
     insert,
     null,
     select,
@@ -30,15 +25,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.sql.selectable import TableValuedAlias
-from sqlalchemy.types import TypeEngine
 from sqlmodel import col
 
 from protocol import UpMessage, errors
 
 from .history import HistoryMessage
 from .tables import Account, Conversation, Member, Message
-from .types import UTCDateTime, utcnow
+from .types import utcnow
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,16 +107,18 @@ def persist_batch(
     again, and the ones this batch found or created are added to it once committed.
 
     On PostgreSQL each statement is its own transaction (autocommit): the write is a
-    single statement, so its seqs and rows commit together or not at all, and a
-    batch whose conversations are all known costs two round trips. The reads are
-    what a transaction at READ COMMITTED would see too; a new conversation is
-    created with its members in a transaction of its own. On SQLite (in-process, no
-    round trips) the whole batch is one ``BEGIN IMMEDIATE`` transaction.
+    single statement, so its seqs and rows commit together or not at all. It also
+    skips resends and messages to a missing or disabled account by itself, so a batch
+    whose conversations are all known is that one statement: one round trip. The
+    reads run only for a batch with a conversation to find or create; they are what
+    a transaction at READ COMMITTED would see too, and a new conversation is created
+    with its members in a transaction of its own. On SQLite (in-process, no round
+    trips) the whole batch is one ``BEGIN IMMEDIATE`` transaction, reads first.
 
-    Rejections (unknown recipient, not a member) are decided before anything is
-    written, so they never undo the rest of the batch. If the write fails on a
-    constraint (another bridge stored the same message at the same moment) the batch
-    is replayed one message at a time, where dedupe then finds it.
+    Rejections (unknown recipient, not a member) never undo the rest of the batch.
+    If the write fails on a constraint (another bridge stored the same message at the
+    same moment) the batch is replayed one message at a time, where dedupe then finds
+    it.
     """
     if not uplinks:
         return []
@@ -193,29 +188,20 @@ def _persist(
 ) -> tuple[list[Outcome], dict[str, str], dict[str, Sequence[str]]]:
     """The outcomes, and the direct conversations read or created here with their members."""
     # 1. Resends (messages of this batch stored already) and the recipients that
-    #    exist and are enabled: one read. An account row has no client id.
-    keys = sorted({(sender, up.id) for sender, up in uplinks})
-    wanted = sorted({up.to for _, up in uplinks if up.to is not None})
-    resends = select(*_MESSAGE_COLUMNS).where(
-        tuple_(col(Message.sender), col(Message.client_id)).in_(keys)
-    )
-    accounts = select(null(), null(), null(), col(Account.username), null(), null()).where(
-        col(Account.username).in_(wanted), ~col(Account.disabled)
-    )
-    read = resends.union_all(accounts) if wanted else resends
+    #    exist and are enabled. On PostgreSQL the write checks both itself, so a
+    #    batch whose conversations are all known is that one write and nothing else.
     stored_before: dict[tuple[str, str], HistoryMessage] = {}
-    recipients: set[str] = set()
-    for row in conn.execute(read):
-        if row.client_id is None:
-            recipients.add(row.sender)
-        else:
-            stored_before[row.sender, row.client_id] = HistoryMessage(*row)
+    recipients: set[str] | None = None
+    if not (_write_checks(conn) and all(_known(sender, up, known) for sender, up in uplinks)):
+        stored_before, recipients = _resends_and_recipients(conn, uplinks)
 
     # 2. The direct conversations of those recipients: known ones from ``known``.
     pairs = {
         direct_key(sender, up.to): (sender, up.to)
         for sender, up in uplinks
-        if up.to is not None and up.to in recipients and (sender, up.id) not in stored_before
+        if up.to is not None
+        and (recipients is None or up.to in recipients)
+        and (sender, up.id) not in stored_before
     }
     direct = {pair: cid for pair in pairs if (cid := known.id_of(pair)) is not None}
     missing = {pair: users for pair, users in pairs.items() if pair not in direct}
@@ -230,19 +216,7 @@ def _persist(
     # 3. Members of every conversation involved: membership checks and routing.
     involved = set(direct.values()) | {m.conversation for m in stored_before.values()}
     involved |= {up.conversation for _, up in uplinks if up.conversation is not None}
-    members: dict[str, Sequence[str]] = {
-        cid: cached for cid in involved if (cached := known.members_of(cid)) is not None
-    }
-    unknown = sorted(involved - members.keys())
-    looked_up: dict[str, list[str]] = {conversation: [] for conversation in unknown}
-    if unknown:
-        for conversation, username in conn.execute(
-            select(col(Member.conversation_id), col(Member.username))
-            .where(col(Member.conversation_id).in_(unknown))
-            .order_by(col(Member.conversation_id), col(Member.username))
-        ):
-            looked_up[conversation].append(username)
-    members.update(looked_up)
+    members = _members(conn, involved, known)
 
     # 4. Decide each uplink in arrival order; count the new messages per conversation.
     decided: list[HistoryMessage | _New | _Again | errors.ProtocolError] = []
@@ -254,10 +228,8 @@ def _persist(
             decided.append(stored_before[key])
         elif key in first_copy:
             decided.append(_Again(first_copy[key]))
-        elif up.to is not None and up.to not in recipients:
-            decided.append(
-                errors.ProtocolError(errors.UNKNOWN_RECIPIENT, f"no user {up.to!r}", id=up.id)
-            )
+        elif up.to is not None and recipients is not None and up.to not in recipients:
+            decided.append(_unknown_recipient(up))
         else:
             conversation = direct[direct_key(sender, up.to)] if up.to else up.conversation or ""
             if sender not in members.get(conversation, ()):
@@ -274,65 +246,144 @@ def _persist(
             new_in[conversation] = new_in.get(conversation, 0) + 1
             decided.append(_New(sender, up, conversation, new_in[conversation]))
 
-    # 5. Take the seqs and store the new messages: one statement on PostgreSQL.
+    # 5. Take the seqs and store the new messages: one statement on PostgreSQL,
+    #    which also finds the resends and refused recipients step 1 did not read.
     now = utcnow()
-    seqs = _store_new([item for item in decided if isinstance(item, _New)], new_in, now, conn)
+    seqs, resent = _store_new(
+        [item for item in decided if isinstance(item, _New)], new_in, now, conn
+    )
+    members.update(_members(conn, {m.conversation for m in resent.values()}, known, members))
     outcomes: list[Outcome] = []
     for item in decided:
         if isinstance(item, errors.ProtocolError):
             outcomes.append(Outcome(error=item))
         elif isinstance(item, _Again):
-            first = outcomes[item.first].stored
-            assert first is not None
-            outcomes.append(Outcome(stored=replace(first, duplicate=True)))
-        elif isinstance(item, _New):
-            message = HistoryMessage(
-                item.up.id,
-                item.conversation,
-                seqs[item.sender, item.up.id],
-                item.sender,
-                item.up.body,
-                now,
+            first = outcomes[item.first]
+            again = first.stored
+            outcomes.append(
+                first if again is None else Outcome(stored=replace(again, duplicate=True))
             )
-            outcomes.append(Outcome(stored=_stored(message, members, duplicate=False)))
+        elif isinstance(item, _New):
+            key = (item.sender, item.up.id)
+            if key in seqs:
+                message = HistoryMessage(
+                    item.up.id, item.conversation, seqs[key], item.sender, item.up.body, now
+                )
+                outcomes.append(Outcome(stored=_stored(message, members, duplicate=False)))
+            elif key in resent:
+                outcomes.append(Outcome(stored=_stored(resent[key], members, duplicate=True)))
+            elif item.up.to is not None:
+                outcomes.append(Outcome(error=_unknown_recipient(item.up)))
+            else:
+                # A conversation row missing (they are never deleted). The uplinks are
+                # not acknowledged, so they come back, and what was stored is found then.
+                raise RuntimeError(f"conversation {item.conversation!r} not found")
         else:
             outcomes.append(Outcome(stored=_stored(item, members, duplicate=True)))
     return outcomes, found, members
 
 
+def _write_checks(conn: Connection) -> bool:
+    """Whether the write itself skips resends and refused recipients (PostgreSQL)."""
+    return conn.dialect.name == "postgresql"
+
+
+def _known(sender: str, up: UpMessage, known: DirectConversations) -> bool:
+    """Whether ``known`` has the uplink's conversation and its members."""
+    if up.to is not None:
+        return known.id_of(direct_key(sender, up.to)) is not None
+    return up.conversation is not None and known.members_of(up.conversation) is not None
+
+
+def _resends_and_recipients(
+    conn: Connection, uplinks: Sequence[tuple[str, UpMessage]]
+) -> tuple[dict[tuple[str, str], HistoryMessage], set[str]]:
+    """The batch's messages stored already, and its recipients that exist and are enabled.
+
+    One read; an account row has no client id.
+    """
+    keys = sorted({(sender, up.id) for sender, up in uplinks})
+    wanted = sorted({up.to for _, up in uplinks if up.to is not None})
+    resends = select(*_MESSAGE_COLUMNS).where(
+        tuple_(col(Message.sender), col(Message.client_id)).in_(keys)
+    )
+    accounts = select(null(), null(), null(), col(Account.username), null(), null()).where(
+        col(Account.username).in_(wanted), ~col(Account.disabled)
+    )
+    read = resends.union_all(accounts) if wanted else resends
+    stored_before: dict[tuple[str, str], HistoryMessage] = {}
+    recipients: set[str] = set()
+    for row in conn.execute(read):
+        if row.client_id is None:
+            recipients.add(row.sender)
+        else:
+            stored_before[row.sender, row.client_id] = HistoryMessage(*row)
+    return stored_before, recipients
+
+
+def _members(
+    conn: Connection,
+    conversations: set[str],
+    known: DirectConversations,
+    have: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Sequence[str]]:
+    """Members of each conversation not in ``have``: from ``known``, else one read."""
+    wanted = conversations - (have.keys() if have is not None else set())
+    members: dict[str, Sequence[str]] = {
+        cid: cached for cid in wanted if (cached := known.members_of(cid)) is not None
+    }
+    unknown = sorted(wanted - members.keys())
+    if unknown:
+        looked_up: dict[str, list[str]] = {conversation: [] for conversation in unknown}
+        for conversation, username in conn.execute(
+            select(col(Member.conversation_id), col(Member.username))
+            .where(col(Member.conversation_id).in_(unknown))
+            .order_by(col(Member.conversation_id), col(Member.username))
+        ):
+            looked_up[conversation].append(username)
+        members.update(looked_up)
+    return members
+
+
+def _unknown_recipient(up: UpMessage) -> errors.ProtocolError:
+    return errors.ProtocolError(errors.UNKNOWN_RECIPIENT, f"no user {up.to!r}", id=up.id)
+
+
 def _store_new(
     new: list[_New], counts: dict[str, int], now: datetime, conn: Connection
-) -> dict[tuple[str, str], int]:
-    """Add ``counts[c]`` to each conversation's ``last_seq`` and insert the messages.
+) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], HistoryMessage]]:
+    """Add the new messages of each conversation to its ``last_seq`` and insert them.
 
     A message's seq is its conversation's ``last_seq`` before the batch plus its
-    place (``k``, from 1) among the batch's new messages of that conversation.
-    Returns the seq of each (sender, client id).
+    place among the batch's new messages of that conversation (``k`` from 1, in
+    arrival order). Returns the seq of each (sender, client id) stored, and, on
+    PostgreSQL, the messages found stored already; what is in neither was refused
+    (its recipient does not exist or is disabled).
     """
     if not new:
-        return {}
-    if conn.dialect.name == "postgresql":
-        # One round trip: the UPDATE is a CTE of the INSERT. Arrays, not VALUES
-        # lists, so the statement text is the same for every batch and compiles once.
-        ids, ns = zip(*sorted(counts.items()), strict=True)
-        stored = conn.execute(
+        return {}, {}
+    if _write_checks(conn):
+        rows = conn.exec_driver_sql(
             _STORE_NEW_PG,
             {
-                "ids": list(ids),
-                "ns": list(ns),
-                "conversations": [item.conversation for item in new],
-                "ks": [item.k for item in new],
                 "senders": [item.sender for item in new],
                 "client_ids": [item.up.id for item in new],
+                "conversations": [item.conversation for item in new],
+                "recipients": [item.up.to for item in new],
                 "bodies": [item.up.body for item in new],
                 "sent_at": now,
             },
         ).all()
-        if len(stored) != len(new):
-            # A conversation row missing (they are never deleted). The uplinks are not
-            # acknowledged, so they come back, and what was stored is found as resends.
-            raise RuntimeError(f"stored {len(stored)} of {len(new)} messages")
-        return {(sender, client_id): seq for sender, client_id, seq in stored}
+        seqs: dict[tuple[str, str], int] = {}
+        resent: dict[tuple[str, str], HistoryMessage] = {}
+        for is_new, client_id, conversation, seq, sender, body, sent_at in rows:
+            if is_new:
+                seqs[sender, client_id] = seq
+            else:
+                resent[sender, client_id] = HistoryMessage(
+                    client_id, conversation, seq, sender, body, sent_at.astimezone(UTC)
+                )
+        return seqs, resent
     # SQLite cannot name a VALUES list's columns; it is in-process, so one short
     # statement per conversation costs no round trips.
     last_seq = {
@@ -362,52 +413,57 @@ def _store_new(
             for item in new
         ],
     )
-    return seqs
+    return seqs, {}
 
 
-def _unnest(ordinality: str | None = None, **columns: TypeEngine[Any]) -> TableValuedAlias:
-    """``unnest(:a, :b, ...) AS name(a, b, ...)``: one array parameter per column."""
-    return func.unnest(
-        *(bindparam(name, type_=postgresql.ARRAY(type_)) for name, type_ in columns.items())
-    ).table_valued(*columns, with_ordinality=ordinality)
-
-
-_counts = _unnest(ids=String(), ns=Integer()).render_derived(name="counts")
-_taken = (
-    update(Conversation)
-    .where(col(Conversation.id) == _counts.c.ids)
-    .values(last_seq=col(Conversation.last_seq) + _counts.c.ns)
-    .returning(col(Conversation.id), col(Conversation.last_seq), _counts.c.ns)
-    .cte("taken")
+#: The whole write of a batch on PostgreSQL, one statement (so one round trip, and
+#: atomic in autocommit). Arrays, not VALUES lists, so the text is the same for every
+#: batch and psycopg prepares it once. ``fresh`` drops resends (``before``) and
+#: messages to a missing or disabled account; ``taken`` adds each conversation's new
+#: messages to its ``last_seq`` (locking the row, so concurrent writers queue there);
+#: rows are inserted in arrival order so that pk rises with seq in every conversation
+#: (a hash join would hand out pks in its own order).
+_STORE_NEW_PG = """
+WITH input AS (
+    SELECT * FROM unnest(
+        %(senders)s::text[], %(client_ids)s::text[], %(conversations)s::text[],
+        %(recipients)s::text[], %(bodies)s::text[]
+    ) WITH ORDINALITY AS i(sender, client_id, conversation_id, recipient, body, arrival)
+), checked AS (
+    SELECT i.*, m.seq AS stored_seq, m.conversation_id AS stored_conversation,
+           m.body AS stored_body, m.sent_at AS stored_at,
+           i.recipient IS NULL OR coalesce(r.enabled, false) AS deliverable
+    FROM input i
+    LEFT JOIN LATERAL (
+        SELECT m.seq, m.conversation_id, m.body, m.sent_at FROM messages m
+        WHERE m.sender = i.sender AND m.client_id = i.client_id LIMIT 1
+    ) m ON true
+    LEFT JOIN LATERAL (
+        SELECT NOT a.disabled AS enabled FROM accounts a
+        WHERE a.username = i.recipient LIMIT 1
+    ) r ON true
+), fresh AS (
+    SELECT c.*, row_number() OVER (PARTITION BY c.conversation_id ORDER BY c.arrival) AS k
+    FROM checked c WHERE c.stored_seq IS NULL AND c.deliverable
+), counts AS (
+    SELECT conversation_id, count(*) AS n FROM fresh GROUP BY conversation_id
+), taken AS (
+    UPDATE conversations c SET last_seq = c.last_seq + counts.n
+    FROM counts WHERE c.id = counts.conversation_id
+    RETURNING c.id, c.last_seq, counts.n
+), stored AS (
+    INSERT INTO messages (conversation_id, seq, sender, client_id, body, sent_at)
+    SELECT f.conversation_id, t.last_seq - t.n + f.k, f.sender, f.client_id, f.body,
+           %(sent_at)s
+    FROM fresh f JOIN taken t ON t.id = f.conversation_id
+    ORDER BY f.arrival
+    RETURNING client_id, sender, seq
 )
-_new = _unnest(
-    "arrival",
-    conversations=String(),
-    ks=Integer(),
-    senders=String(),
-    client_ids=String(),
-    bodies=Text(),
-).render_derived(name="new")
-_STORE_NEW_PG = (
-    insert(Message)
-    .from_select(
-        ["conversation_id", "seq", "sender", "client_id", "body", "sent_at"],
-        select(
-            _new.c.conversations,
-            _taken.c.last_seq - _taken.c.ns + _new.c.ks,
-            _new.c.senders,
-            _new.c.client_ids,
-            _new.c.bodies,
-            bindparam("sent_at", type_=UTCDateTime),
-        )
-        .join_from(_new, _taken, _taken.c.id == _new.c.conversations)
-        # Rows get their pk in the order the SELECT yields them: keep it the arrival
-        # order (a hash join would not), so pk rises with seq in every conversation.
-        .order_by(_new.c.arrival),
-    )
-    .returning(col(Message.sender), col(Message.client_id), col(Message.seq))
-    .add_cte(_taken)
-)
+SELECT true, client_id, NULL, seq, sender, NULL, NULL FROM stored
+UNION ALL
+SELECT false, client_id, stored_conversation, stored_seq, sender, stored_body, stored_at
+FROM checked WHERE stored_seq IS NOT NULL
+"""
 
 
 def _direct_conversations(conn: Connection, pairs: dict[str, tuple[str, str]]) -> dict[str, str]:

@@ -148,6 +148,58 @@ def test_known_direct_conversations_are_not_read_again(store_engine: Engine) -> 
     lookups = [s for s in sent if "FROM conversations" in s or "FROM members" in s]
     assert lookups == []
     assert any("INSERT INTO messages" in s for s in sent)
+    if store_engine.dialect.name == "postgresql":
+        # The write finds the resend itself: the whole batch is one round trip.
+        assert len(sent) == 1
+
+
+def test_a_known_conversation_still_checks_its_recipient(store_engine: Engine) -> None:
+    """A pair remembered while bob was enabled: disabling bob refuses what follows."""
+    directs = DirectConversations()
+    persist_batch(store_engine, [("alice", up("a1", to="bob"))], directs)
+    persist_batch(store_engine, [("alice", up("a2", to="carol"))], directs)
+    with Session(store_engine) as session:
+        account = accounts.get(session, "bob")
+        assert account is not None
+        account.disabled = True
+        session.add(account)
+        session.commit()
+    a1, a3, a3_again, a4 = persist_batch(
+        store_engine,
+        [
+            ("alice", up("a1", to="bob")),  # a resend is still answered with what was stored
+            ("alice", up("a3", to="bob")),
+            ("alice", up("a3", to="bob")),
+            ("alice", up("a4", to="carol")),
+        ],
+        directs,
+    )
+    assert a1.stored is not None
+    assert (a1.stored.seq, a1.stored.duplicate) == (1, True)
+    for refused in (a3, a3_again):
+        assert refused.error is not None
+        assert (refused.error.code, refused.error.id) == (errors.UNKNOWN_RECIPIENT, "a3")
+    assert a4.stored is not None
+    assert (a4.stored.seq, a4.stored.members) == (2, ("alice", "carol"))
+    with Session(store_engine) as session:
+        stored = session.execute(select(col(Message.client_id)).order_by(col(Message.pk)))
+        assert list(stored.scalars()) == ["a1", "a2", "a4"]
+
+
+def test_a_resend_to_another_target_is_the_stored_message(store_engine: Engine) -> None:
+    """The id decides: resent with another recipient, it is still the first message."""
+    directs = DirectConversations()
+    (a1,) = persist_batch(store_engine, [("alice", up("a1", to="bob"))], directs)
+    persist_batch(store_engine, [("alice", up("a2", to="carol"))], directs)
+    (again,) = persist_batch(store_engine, [("alice", up("a1", to="carol"))], directs)
+    assert a1.stored is not None
+    assert again.stored is not None
+    assert again.stored.duplicate
+    assert (again.stored.conversation, again.stored.seq, again.stored.members) == (
+        a1.stored.conversation,
+        1,
+        ("alice", "bob"),
+    )
 
 
 def test_a_failed_batch_teaches_nothing(store_engine: Engine) -> None:
