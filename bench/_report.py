@@ -19,6 +19,8 @@ def _cores(record: dict[str, Any]) -> str:
         parts.append(f"bridge {cpu.get('bridge', 0):.2f}")
         if cpu.get("database"):
             parts.append(f"db {cpu['database']:.2f}")
+    if "steal_pct" in record:  # older records have none
+        parts.append(f"steal {record['steal_pct']:.0f}%")
     return ", ".join(parts)
 
 

@@ -194,7 +194,12 @@ class Stack:
 
 
 class CpuMeter:
-    """CPU seconds used by sets of processes between two readings."""
+    """CPU seconds used by sets of processes between two readings.
+
+    Also the machine's steal time: on a virtual machine, the share of its cores'
+    time the host gave to somebody else. Steal shows up here as latency that none
+    of the measured processes caused.
+    """
 
     def __init__(self, pids: dict[str, list[int]]) -> None:
         self.processes = {
@@ -202,6 +207,7 @@ class CpuMeter:
             for part, pids_ in pids.items()
         }
         self.before = self._read()
+        self.machine_before = psutil.cpu_times()
 
     @staticmethod
     def _process(pid: int) -> psutil.Process | None:
@@ -224,6 +230,13 @@ class CpuMeter:
     def used(self) -> dict[str, float]:
         after = self._read()
         return {part: after[part] - self.before.get(part, 0.0) for part in after}
+
+    def steal_share(self) -> float:
+        """Steal time since the first reading, as a share of all cores' time (0-1)."""
+        before, after = self.machine_before, psutil.cpu_times()
+        elapsed = sum(after) - sum(before)
+        stolen = getattr(after, "steal", 0.0) - getattr(before, "steal", 0.0)
+        return stolen / elapsed if elapsed > 0 else 0.0
 
 
 def _postgres_durable(server: PostgresServer) -> None:

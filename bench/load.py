@@ -280,7 +280,9 @@ class Generator:
             timeout=plan.duration + plan.drain + 60, label=plan.label, total=total, rate=plan.rate
         )
         cpu = meter.used()
-        return self._merge(plan, answers, cpu, load_at_start, len(chat_pairs) * 2)
+        result = self._merge(plan, answers, cpu, load_at_start, len(chat_pairs) * 2)
+        result["steal_pct"] = round(100 * meter.steal_share(), 1)
+        return result
 
     def quiesce(self, quiet: float = 0.5, limit: float = 10) -> bool:
         """Let stragglers of a failed step arrive before the next step starts.
@@ -431,7 +433,7 @@ class Run:
             f"  e2e p50 {e2e.get('p50_ms', math.nan):.1f} p99 {e2e.get('p99_ms', math.nan):.1f}"
             f" p99.9 {e2e.get('p999_ms', math.nan):.1f} max {e2e.get('max_ms', math.nan):.1f} ms"
             + (f"  sent-receipt p99 {receipt['p99_ms']:.1f} ms" if receipt.get("count") else "")
-            + f"  cpu {result['cpu_cores']}"
+            + f"  cpu {result['cpu_cores']}  steal {result.get('steal_pct', 0):.1f}%"
         )
 
 

@@ -26,3 +26,4 @@ def test_a_small_open_loop_run_is_counted_exactly() -> None:
     assert result["sent_receipt"]["count"] == 200
     assert result["users_chatting"] == 20
     assert result["cpu_cores"]["bridge"] > 0
+    assert 0 <= result["steal_pct"] <= 100  # the machine's, recorded with every step
