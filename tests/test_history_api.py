@@ -354,10 +354,7 @@ async def test_a_disabled_account_loses_its_tokens(
 ) -> None:
     bob = await as_user(client, "bob")
     with Session(engine) as session:
-        account = accounts.get(session, "bob")
-        assert account is not None
-        account.disabled = True
-        session.add(account)
+        accounts.set_disabled(session, "bob", True)
         session.commit()
 
     assert error_of(await bob.get("/v1/conversations")) == (401, "unauthorized")

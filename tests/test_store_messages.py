@@ -97,10 +97,7 @@ def test_conversation_addressed_messages_need_membership(store_engine: Engine) -
 
 def test_disabled_recipient_is_unknown(store_engine: Engine) -> None:
     with Session(store_engine) as session:
-        account = accounts.get(session, "bob")
-        assert account is not None
-        account.disabled = True
-        session.add(account)
+        accounts.set_disabled(session, "bob", True)
         session.commit()
     (outcome,) = persist_batch(store_engine, [("alice", up("a1", to="bob"))])
     assert outcome.error is not None
@@ -159,10 +156,7 @@ def test_a_known_conversation_still_checks_its_recipient(store_engine: Engine) -
     persist_batch(store_engine, [("alice", up("a1", to="bob"))], directs)
     persist_batch(store_engine, [("alice", up("a2", to="carol"))], directs)
     with Session(store_engine) as session:
-        account = accounts.get(session, "bob")
-        assert account is not None
-        account.disabled = True
-        session.add(account)
+        accounts.set_disabled(session, "bob", True)
         session.commit()
     a1, a3, a3_again, a4 = persist_batch(
         store_engine,
