@@ -252,7 +252,9 @@ def _persist(
     seqs, resent = _store_new(
         [item for item in decided if isinstance(item, _New)], new_in, now, conn
     )
-    members.update(_members(conn, {m.conversation for m in resent.values()}, known, members))
+    members.update(
+        _members(conn, {m.conversation for m in resent.values()} - members.keys(), known)
+    )
     outcomes: list[Outcome] = []
     for item in decided:
         if isinstance(item, errors.ProtocolError):
@@ -322,17 +324,13 @@ def _resends_and_recipients(
 
 
 def _members(
-    conn: Connection,
-    conversations: set[str],
-    known: DirectConversations,
-    have: Mapping[str, Sequence[str]] | None = None,
+    conn: Connection, conversations: set[str], known: DirectConversations
 ) -> dict[str, Sequence[str]]:
-    """Members of each conversation not in ``have``: from ``known``, else one read."""
-    wanted = conversations - (have.keys() if have is not None else set())
+    """Members of each conversation: from ``known``, else one read."""
     members: dict[str, Sequence[str]] = {
-        cid: cached for cid in wanted if (cached := known.members_of(cid)) is not None
+        cid: cached for cid in conversations if (cached := known.members_of(cid)) is not None
     }
-    unknown = sorted(wanted - members.keys())
+    unknown = sorted(conversations - members.keys())
     if unknown:
         looked_up: dict[str, list[str]] = {conversation: [] for conversation in unknown}
         for conversation, username in conn.execute(
