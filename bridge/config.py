@@ -43,6 +43,10 @@ class BridgeSettings(BaseSettings):
     #: A device not heard from for this long is taken offline even without its last
     #: will (the SDK announces itself every 120 s).
     presence_ttl: float = Field(default=300.0, gt=0)
+    #: Seconds; a database turn (one batch's write, waiting for the worker thread
+    #: included) that takes longer is logged as a warning: every message of the
+    #: batch is late by that much.
+    slow_turn: float = Field(default=0.25, gt=0)
     #: Seconds to keep trying to reach the broker at startup.
     startup_timeout: float = 30.0
 

@@ -256,17 +256,19 @@ class Bridge:
         publishes = work.publishes
         if work.to_store:
             self._crash.reach("before_commit")
-            outcomes = await self._with_database(self._persist, work.to_store)
+            outcomes = await self._with_database("messages", self._persist, work.to_store)
             self._crash.reach("after_commit")
             for (sender, _), outcome in zip(work.to_store, outcomes, strict=True):
                 publishes.extend(self._route(sender, outcome))
         if work.acks:
             # After the messages of the same batch, which an ack may refer to.
-            ack_outcomes = await self._with_database(advance_batch, work.acks)
+            ack_outcomes = await self._with_database("receipts", advance_batch, work.acks)
             for (sender, _), ack_outcome in zip(work.acks, ack_outcomes, strict=True):
                 publishes.extend(self._receipts(sender, ack_outcome))
         if work.presences:
-            states = await self._with_database(presence.update_batch, work.presences)
+            states = await self._with_database(
+                "presence updates", presence.update_batch, work.presences
+            )
             publishes.extend(self._presence(states))
         for sender, event in work.typing:
             # Ephemeral: QoS 0, never stored, and nothing waits for it.
@@ -282,7 +284,7 @@ class Bridge:
         task.add_done_callback(self._ack_tasks.discard)
 
     async def _with_database(
-        self, write: Callable[[Engine, Sequence[T]], list[R]], items: Sequence[T]
+        self, what: str, write: Callable[[Engine, Sequence[T]], list[R]], items: Sequence[T]
     ) -> list[R]:
         """Run one batch write, retrying for as long as the database is unreachable.
 
@@ -307,7 +309,17 @@ class Bridge:
             reraise=True,
         ):
             with attempt:
-                return await asyncio.to_thread(write, self.engine, items)
+                started = time.monotonic()
+                result = await asyncio.to_thread(write, self.engine, items)
+                took = time.monotonic() - started
+                if took > self.settings.slow_turn:
+                    log.warning(
+                        "slow database turn: %d %s took %.0f ms",
+                        len(items),
+                        what,
+                        took * 1000,
+                    )
+                return result
         raise AssertionError("unreachable")
 
     def _route(self, sender: str, outcome: Outcome) -> list[_Publish]:
