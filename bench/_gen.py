@@ -63,6 +63,10 @@ KEEPALIVE = 60
 DISCONNECT_BYTES = b"\xe0\x00"
 
 
+#: The timeline's resolution: the worst latency is kept per this much of the schedule.
+WINDOW_NS = 100_000_000
+
+
 def new_histogram() -> HdrHistogram:
     return HdrHistogram(1, HIST_MAX_US, 3)
 
@@ -86,6 +90,9 @@ class StepCounts:
     e2e: HdrHistogram = field(default_factory=new_histogram)
     sent_receipt: HdrHistogram = field(default_factory=new_histogram)
     puback: HdrHistogram = field(default_factory=new_histogram)
+    #: The worst e2e latency (us) of the messages due in each ``WINDOW_NS`` of the step,
+    #: by intended send time: when in the step a stall happened, not only that it did.
+    worst_by_window: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.received = bytearray(self.total)
@@ -224,6 +231,12 @@ class Worker:
             counts.received[k] = 1
             counts.received_count += 1
             counts.e2e.record_value(min(latency_us, HIST_MAX_US))
+            window = k * interval // WINDOW_NS
+            worst = counts.worst_by_window
+            if window >= len(worst):
+                worst.extend([0] * (window + 1 - len(worst)))
+            if latency_us > worst[window]:
+                worst[window] = latency_us
         if counts is self.step and self._complete(counts, self.mode):
             self.step_complete.set()
 
@@ -317,6 +330,7 @@ class Worker:
         cpu_before = os.times()
         wall_before = time.monotonic()
         self.t0 = time.monotonic_ns() + int(spec.get("offset", 0.0) * 1e9)
+        t0_wall = time.time() + (self.t0 - time.monotonic_ns()) / 1e9
         self.interval_ns = max(1, int(1e9 / rate)) if rate > 0 else 1
         self.step, self.flood, self.mode = counts, flood, mode
         self.step_complete.clear()
@@ -347,6 +361,8 @@ class Worker:
             send_seconds=send_seconds,
             wall_seconds=wall,
             cpu_seconds=(cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system),
+            t0_wall=t0_wall,
+            worst_by_window_us=counts.worst_by_window,
         )
         if flood is not None:
             result["flood"] = self._summary(flood, mode)

@@ -33,7 +33,8 @@ def _row(record: dict[str, Any]) -> str:
         f"| {record['offered_rate']:,.0f} | {record['sent']:,} | {record['lost']:,} "
         f"| {record['duplicates']} | {_ms(e2e, 'p50_ms')} | {_ms(e2e, 'p99_ms')} "
         f"| {_ms(e2e, 'p999_ms')} | {_ms(e2e, 'max_ms')} | {_ms(receipt, 'p99_ms')} "
-        f"| {record['max_send_lag_ms']:,.1f} | {_cores(record)} "
+        f"| {record['max_send_lag_ms']:,.1f} | {_ms(record.get('disk_flush', {}), 'max_ms')} "
+        f"| {_cores(record)} "
         f"| {record['load_at_start'][0]:.2f} | {verdict} |"
     )
 
@@ -51,9 +52,9 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
         f"Command: `{first['command']}`",
         "",
         "| scenario | stack | mode | offered msg/s | sent | lost | dup | p50 ms | p99 ms "
-        "| p99.9 ms | max ms | `sent` p99 ms | gen lag max ms | CPU cores used "
-        "| load 1m | verdict |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "| p99.9 ms | max ms | `sent` p99 ms | gen lag max ms | disk flush max ms "
+        "| CPU cores used | load 1m | verdict |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     lines += [_row(r) for r in records]
     lines.append("")

@@ -45,6 +45,8 @@ from tests.services import (
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "bench-user-password"  # noqa: S105 (throwaway accounts on a loopback broker)
 RAW_DOWNLINKS = "chat/v1/u/+/down/#"
+#: Seconds; the bridges and PostgreSQL log every database turn or statement longer.
+SLOW_TURN_S = 0.025
 #: Run the bridge from another checkout with its own .venv, to compare two commits of
 #: the bridge in one invocation against the same broker, database and generator:
 #: ``MQCHAT_BENCH_BRIDGE_TREE=/path/to/checkout python -m bench.load throughput ...``
@@ -122,6 +124,9 @@ class Stack:
                 "MQCHAT_BRIDGE_PARTITIONS": str(count),
                 "MQCHAT_BRIDGE_PARTITION": str(index),
                 "MQCHAT_BRIDGE_MESSAGE_RATE": message_rate,
+                # Every turn long enough to show in the latency timeline is logged, so
+                # a stall can be matched against the bridge's log (KEEP_LOGS).
+                "MQCHAT_BRIDGE_SLOW_TURN": str(SLOW_TURN_S),
             }
             self.bridges.append(
                 Daemon(f"bridge-{index + 1}", "bridge", env, self.base, tree=BRIDGE_TREE)
@@ -240,9 +245,18 @@ class CpuMeter:
 
 
 def _postgres_durable(server: PostgresServer) -> None:
-    """fsync on (tests.services sets it) and synchronous_commit on, stated explicitly."""
+    """fsync on (tests.services sets it) and synchronous_commit on, stated explicitly.
+
+    Also logs what can stall a step (slow statements, checkpoints, autovacuum), with
+    millisecond timestamps to match the steps' stall times.
+    """
     with (server.data_dir / "postgresql.conf").open("a") as conf:
-        conf.write("\n# bench/_stack.py: durable commits\nsynchronous_commit = on\n")
+        conf.write(
+            "\n# bench/_stack.py: durable commits\nsynchronous_commit = on\n"
+            f"log_min_duration_statement = {int(SLOW_TURN_S * 1000)}\n"
+            "log_checkpoints = on\nlog_autovacuum_min_duration = 0\n"
+            "log_line_prefix = '%m [%p] '\n"
+        )
     server.restart()
 
 

@@ -51,7 +51,8 @@ from typing import Annotated, Any
 import typer
 from hdrh.histogram import HdrHistogram
 
-from bench._gen import SLOTS, new_histogram, worker_main
+from bench._disk import DiskProbe
+from bench._gen import SLOTS, WINDOW_NS, new_histogram, worker_main
 from bench._stack import PASSWORD, Stack, log, running_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +64,8 @@ DOCS_END = "<!-- chat-load:results:end -->"
 
 #: A step passes when p99 end-to-end is under this and nothing is lost or duplicated.
 P99_LIMIT_MS = 100.0
+#: A timeline window whose worst latency is above this is part of a stall.
+STALL_MS = 50.0
 #: Share of one core above which a generator process counts as saturated.
 GENERATOR_SATURATED = 0.9
 #: The bridge's own default, for the flood scenario (the others lift it).
@@ -71,6 +74,31 @@ UNLIMITED_MESSAGE_RATE = "100000/second"
 
 
 # -- where and when ------------------------------------------------------------------
+
+
+def stalls(worst_ms: list[float], window_s: float, start_wall: float) -> list[dict[str, Any]]:
+    """The runs of consecutive windows whose worst latency is over ``STALL_MS``.
+
+    Each: its offset in the step's schedule, its length, its worst latency and the UTC
+    wall-clock time it began, to line it up with the daemons' logs.
+    """
+    found: list[dict[str, Any]] = []
+    begin: int | None = None
+    for index, worst in enumerate([*worst_ms, 0.0]):
+        if worst > STALL_MS and begin is None:
+            begin = index
+        elif worst <= STALL_MS and begin is not None:
+            at = start_wall + begin * window_s
+            found.append(
+                {
+                    "at_s": round(begin * window_s, 1),
+                    "for_s": round((index - begin) * window_s, 1),
+                    "worst_ms": max(worst_ms[begin:index]),
+                    "at": datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds"),
+                }
+            )
+            begin = None
+    return found
 
 
 def machine() -> dict[str, Any]:
@@ -276,12 +304,24 @@ class Generator:
             pipe.send({"op": "step", "spec": spec})
         load_at_start = load_average()
         meter = _cpu_meter(self.stack, self.processes)
-        answers = self._collect(
-            timeout=plan.duration + plan.drain + 60, label=plan.label, total=total, rate=plan.rate
-        )
+        with DiskProbe(self.stack.base) as disk:
+            answers = self._collect(
+                timeout=plan.duration + plan.drain + 60,
+                label=plan.label,
+                total=total,
+                rate=plan.rate,
+            )
         cpu = meter.used()
         result = self._merge(plan, answers, cpu, load_at_start, len(chat_pairs) * 2)
         result["steal_pct"] = round(100 * meter.steal_share(), 1)
+        result["disk_flush"] = disk.summary()
+        start_wall = result["timeline"]["start_wall"]
+        for stall in result["stalls"]:
+            # A message due in the stall waited for any flush under way between its
+            # due time and its arrival.
+            begin = start_wall + stall["at_s"]
+            end = begin + stall["for_s"] + stall["worst_ms"] / 1000
+            stall["disk_flush_ms"] = round(disk.worst_between(begin, end), 1)
         return result
 
     def quiesce(self, quiet: float = 0.5, limit: float = 10) -> bool:
@@ -353,6 +393,18 @@ class Generator:
             "max_send_lag_ms": max(a["max_send_lag_ms"] for a in answers),
             "load_at_start": load_at_start,
         }
+        # Every worker's schedule starts at the same wall-clock moment (within a
+        # millisecond or so): window i of one is window i of all.
+        windows = max(len(a["worst_by_window_us"]) for a in answers)
+        worst_ms = [
+            max(a["worst_by_window_us"][i] for a in answers if i < len(a["worst_by_window_us"]))
+            / 1000
+            for i in range(windows)
+        ]
+        window_s = WINDOW_NS / 1e9
+        start_wall = min(a["t0_wall"] for a in answers)
+        result["timeline"] = {"window_s": window_s, "start_wall": start_wall, "worst_ms": worst_ms}
+        result["stalls"] = stalls(worst_ms, window_s, start_wall)
         if plan.mode == "chat":
             result["sent_receipt"] = percentiles(merged([a["sent_receipt"] for a in answers]))
             result["receipts_missing"] = total("receipts_missing", answers)
@@ -426,6 +478,7 @@ class Run:
             out.write(json.dumps(line) + "\n")
         e2e = result["e2e"]
         receipt = result.get("sent_receipt", {})
+        disk = result.get("disk_flush", {})
         verdict = "ok" if result["passed"] else "FAILED"
         log(
             f"  => {result['label']}: {verdict}  sent {result['sent']:,}"
@@ -434,7 +487,15 @@ class Run:
             f" p99.9 {e2e.get('p999_ms', math.nan):.1f} max {e2e.get('max_ms', math.nan):.1f} ms"
             + (f"  sent-receipt p99 {receipt['p99_ms']:.1f} ms" if receipt.get("count") else "")
             + f"  cpu {result['cpu_cores']}  steal {result.get('steal_pct', 0):.1f}%"
+            + f"  disk flush p99 {disk.get('p99_ms', math.nan):.1f} max"
+            f" {disk.get('max_ms', math.nan):.1f} ms"
         )
+        for stall in result.get("stalls", [])[:5]:
+            log(
+                f"     stall at {stall['at_s']:.1f} s of the step ({stall['at']}):"
+                f" {stall['for_s']:.1f} s, worst {stall['worst_ms']:.0f} ms;"
+                f" slowest disk flush meanwhile {stall.get('disk_flush_ms', 0):.0f} ms"
+            )
 
 
 # -- scenarios -------------------------------------------------------------------------

@@ -7,7 +7,9 @@ messages and receipts, the merged histograms) from rotting silently.
 
 from __future__ import annotations
 
-from bench.load import Settings, StepPlan, generated_load
+import pytest
+
+from bench.load import Settings, StepPlan, generated_load, stalls
 
 
 def test_a_small_open_loop_run_is_counted_exactly() -> None:
@@ -27,3 +29,22 @@ def test_a_small_open_loop_run_is_counted_exactly() -> None:
     assert result["users_chatting"] == 20
     assert result["cpu_cores"]["bridge"] > 0
     assert 0 <= result["steal_pct"] <= 100  # the machine's, recorded with every step
+    # The disk probe flushed beside the step (every 20 ms; the step and its drain last
+    # over 2 s), and the timeline covers the schedule: 2 s in 100 ms windows.
+    assert result["disk_flush"]["count"] >= 50
+    assert 0 < result["disk_flush"]["p50_ms"] <= result["disk_flush"]["max_ms"]
+    assert len(result["timeline"]["worst_ms"]) == 20
+    # (the histogram keeps three significant digits)
+    assert max(result["timeline"]["worst_ms"]) == pytest.approx(result["e2e"]["max_ms"], rel=1e-3)
+
+
+def test_stalls_are_the_runs_of_slow_windows_with_their_wall_clock_time() -> None:
+    worst_ms = [10.0, 60.0, 70.0, 10.0, 10.0, 200.0, 10.0, 51.0]
+    found = stalls(worst_ms, 0.1, start_wall=1_800_000_000.0)  # 2027-01-15T08:00:00Z
+    assert found == [
+        {"at_s": 0.1, "for_s": 0.2, "worst_ms": 70.0, "at": "2027-01-15T08:00:00.100+00:00"},
+        {"at_s": 0.5, "for_s": 0.1, "worst_ms": 200.0, "at": "2027-01-15T08:00:00.500+00:00"},
+        # one still going when the step ended
+        {"at_s": 0.7, "for_s": 0.1, "worst_ms": 51.0, "at": "2027-01-15T08:00:00.700+00:00"},
+    ]
+    assert stalls([10.0, 50.0, 20.0], 0.1, start_wall=0.0) == []  # at the limit is no stall
