@@ -44,7 +44,6 @@ from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
-from paho.mqtt.matcher import MQTTMatcher
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
@@ -54,6 +53,7 @@ from store import accounts, make_engine
 
 from .config import BrokerSettings
 from .throttle import Throttle
+from .topic_index import TopicIndex
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ class _SubscriptionTable(dict[str, list[tuple[Any, int]]]):
     (``_run_broadcast``: a match and a debug string per filter), so with 1,000 users,
     each subscribed to its own ``down/#``, one chat message cost the broker about 4,000
     filter checks and the embedded stack fell behind at 100 msg/s. The table keeps the
-    filters in paho's topic trie too (``MQTTMatcher``); the broadcast queue tells it the
+    filters in a topic trie too (:class:`TopicIndex`); the broadcast queue tells it the
     topic being relayed (:class:`_BroadcastQueue`), and ``items()`` then hands amqtt only
     the filters that can match it. amqtt still checks each of them itself.
 
@@ -377,23 +377,21 @@ class _SubscriptionTable(dict[str, list[tuple[Any, int]]]):
 
     def __init__(self, table: dict[str, list[tuple[Any, int]]]) -> None:
         super().__init__(table)
-        self._index = MQTTMatcher()  # type: ignore[no-untyped-call]  # paho ships no types for it
-        for topic_filter in table:
-            self._index[topic_filter] = topic_filter
+        self._index = TopicIndex(table)
         #: The topic of the broadcast amqtt is about to relay (set by its queue).
         self.relaying: str | None = None
 
     def __setitem__(self, topic_filter: str, subscriptions: list[tuple[Any, int]]) -> None:
         super().__setitem__(topic_filter, subscriptions)
-        self._index[topic_filter] = topic_filter
+        self._index.add(topic_filter)
 
     def __delitem__(self, topic_filter: str) -> None:
         super().__delitem__(topic_filter)
-        del self._index[topic_filter]  # type: ignore[no-untyped-call]
+        self._index.discard(topic_filter)
 
     def clear(self) -> None:
         super().clear()
-        self._index = MQTTMatcher()  # type: ignore[no-untyped-call]
+        self._index = TopicIndex()
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(super().keys()))
@@ -403,8 +401,7 @@ class _SubscriptionTable(dict[str, list[tuple[Any, int]]]):
         if topic is None:
             return [(f, list(subs)) for f, subs in super().items()]
         # The trie holds exactly the table's filters, so each one it yields is a key.
-        matching = self._index.iter_match(topic)  # type: ignore[no-untyped-call]
-        return [(f, list(self[f])) for f in matching]
+        return [(f, list(self[f])) for f in self._index.matching(topic)]
 
 
 class _BroadcastQueue(asyncio.Queue[dict[str, Any]]):
