@@ -9,6 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
+from .collector import keep_collections_short
 from .config import BrokerSettings
 from .embedded import serve
 
@@ -27,11 +28,15 @@ def main() -> int:
         return EXIT_CONFIG
 
     async def run() -> None:
+        collector = asyncio.create_task(keep_collections_short())  # process-wide
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
+        try:
+            await serve(settings, stop)
+        finally:
+            collector.cancel()
 
     asyncio.run(run())
     return EXIT_OK
