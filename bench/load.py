@@ -536,8 +536,14 @@ def scenario_steps(
 
 
 def scenario_raw(run: Run, gen: Generator, s: Settings, ceiling: float, steps: int) -> float:
-    """The broker alone: from 3x mqchat's ceiling up, to show the generator is not the wall."""
-    start = max(1000.0, 3 * ceiling)
+    """The broker alone, going up 1.5x a step until a step fails.
+
+    On mosquitto from 3x mqchat's ceiling (at least 1,000 msg/s): to show the
+    generator is not the wall. On amqtt from 2x mqchat's ceiling (at least 250 msg/s):
+    amqtt's own relay ceiling, which bounds the embedded stack's.
+    """
+    mosquitto = gen.stack.kind == "production"
+    start = max(1000.0, 3 * ceiling) if mosquitto else max(250.0, 2 * ceiling)
     rates = [round(start * 1.5**n, -2) for n in range(steps)]
     return scenario_steps(run, gen, s, rates, "raw", "raw")
 
@@ -653,7 +659,8 @@ def run_suite(run: Run, suite: Suite, users: int, workers: int, bridges: int) ->
         scenario_raw(run, gen, s, ceiling, suite.raw_steps)
         scenario_flood(run, gen, s, suite.flood_pairs, suite.flood_chat_rate, suite.flood_rate)
     with generated_load("embedded", s, suite.embedded_users) as gen:
-        scenario_steps(run, gen, s, suite.embedded_rates, "embedded", "chat")
+        ceiling = scenario_steps(run, gen, s, suite.embedded_rates, "embedded", "chat")
+        scenario_raw(run, gen, s, ceiling, suite.raw_steps)
 
 
 # -- the CLI ---------------------------------------------------------------------------
@@ -768,14 +775,19 @@ def throughput(
 def raw(
     rates: str = "2000,4000,6000,8000,12000",
     seconds: float = 10,
+    stack: Annotated[str, typer.Option(help="production (mosquitto) or embedded (amqtt)")] = (
+        "production"
+    ),
     users: Users = 1000,
     workers: Workers = 2,
     results: ResultsPath = RESULTS,
 ) -> None:
-    """The raw broker alone (mosquitto, no bridge): how fast it relays this traffic."""
+    """The raw broker alone (no bridge): how fast it relays this traffic."""
+    if stack not in ("production", "embedded"):
+        raise typer.BadParameter("production (mosquitto) or embedded (amqtt)", param_hint="--stack")
     run = _start(results)
     s = Settings(users, workers, 1, seconds, 10)
-    with generated_load("production", s, users) as gen:
+    with generated_load(stack, s, users) as gen:
         scenario_steps(run, gen, s, _rates(rates), "raw", "raw")
     _finish(run, False)
 
@@ -784,16 +796,19 @@ def raw(
 def embedded(
     rates: str = "100,250,500,1000,1500,2000,3000",
     seconds: float = 15,
+    raw_steps: int = 4,
     users: Users = 1000,
     workers: Workers = 2,
     bridges: Bridges = 1,
     results: ResultsPath = RESULTS,
 ) -> None:
-    """(3) sustainable throughput on the embedded stack (amqtt + SQLite)."""
+    """(3) sustainable throughput on the embedded stack (amqtt + SQLite), then raw amqtt."""
     run = _start(results)
     s = Settings(users, workers, bridges, seconds, 10)
     with generated_load("embedded", s, users) as gen:
-        scenario_steps(run, gen, s, _rates(rates), "embedded", "chat")
+        ceiling = scenario_steps(run, gen, s, _rates(rates), "embedded", "chat")
+        if raw_steps:
+            scenario_raw(run, gen, s, ceiling, raw_steps)
     _finish(run, False)
 
 

@@ -302,10 +302,16 @@ def _bridge_env(database_url: str, host: str, port: int, password: str) -> dict[
 
 
 def start_embedded_broker(
-    base: Path, database_url: str, env: dict[str, str] | None = None, *, timeout: float = 30
+    base: Path,
+    database_url: str,
+    env: dict[str, str] | None = None,
+    *,
+    timeout: float = 30,
+    module: str = "broker",
 ) -> tuple[Daemon, int, str]:
     """Start ``python -m broker`` (amqtt) over ``database_url`` on a free loopback port
-    and wait until it accepts connections. Blocking.
+    and wait until it accepts connections. Blocking. ``module``: another entry point
+    of the same broker (the load benchmark's ``bench._amqtt_raw``).
 
     Returns:
         The daemon, its MQTT port and the bridge's (random) password.
@@ -314,7 +320,7 @@ def start_embedded_broker(
     bridge_password = secrets.token_urlsafe(16)
     broker = Daemon(
         "broker",
-        "broker",
+        module,
         {
             "MQCHAT_BROKER_DATABASE_URL": database_url,
             "MQCHAT_BROKER_PORT": str(port),

@@ -7,9 +7,13 @@ messages and receipts, the merged histograms) from rotting silently.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from bench._stack import WARM_WAL_MB, start_production
 from bench.load import Settings, StepPlan, generated_load, stalls
+from store import make_engine
 
 
 def test_a_small_open_loop_run_is_counted_exactly() -> None:
@@ -17,6 +21,13 @@ def test_a_small_open_loop_run_is_counted_exactly() -> None:
     with generated_load("embedded", settings, settings.users) as gen:
         assert len(gen.stack.users) == 20
         result = gen.run(StepPlan("smoke", "chat", 100, 2, settings.drain))
+        # The raw baseline on amqtt: users publish straight to each other's down/msg,
+        # which only the bench's entry point of the broker allows.
+        raw = gen.run(StepPlan("smoke raw", "raw", 100, 1, settings.drain))
+
+    assert raw["sent"] == raw["received"] == 100
+    assert raw["lost"] == 0
+    assert raw["errors"] == {}
 
     assert result["scheduled"] == 200
     assert result["sent"] == 200
@@ -48,3 +59,22 @@ def test_stalls_are_the_runs_of_slow_windows_with_their_wall_clock_time() -> Non
         {"at_s": 0.7, "for_s": 0.1, "worst_ms": 51.0, "at": "2027-01-15T08:00:00.700+00:00"},
     ]
     assert stalls([10.0, 50.0, 20.0], 0.1, start_wall=0.0) == []  # at the limit is no stall
+
+
+def test_the_bench_postgres_starts_with_its_log_segments_ready(tmp_path: Path) -> None:
+    """A fresh cluster would zero-fill each new WAL segment inside a measured commit."""
+    stack = start_production(tmp_path)
+    try:
+        engine = make_engine(stack.database_url)
+        with engine.connect() as conn:
+            ahead = conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_ls_waldir()"
+                " WHERE name ~ '^[0-9A-F]{24}$'"
+                " AND name > pg_walfile_name(pg_current_wal_lsn())"
+            ).scalar_one()
+        engine.dispose()
+    finally:
+        stack.close()
+    # 256 MB of log is 16 segments; the one being written and the checkpoint's own
+    # use up to two of them.
+    assert ahead >= WARM_WAL_MB // 16 - 2

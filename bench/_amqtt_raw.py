@@ -1,0 +1,53 @@
+"""``python -m bench._amqtt_raw``: the embedded broker, as the load benchmark runs it.
+
+The same ``python -m broker`` (amqtt, mqchat's sign-in gate, the subscription index),
+with one rule added to its topic ACL, for the raw baseline only: every signed-in
+user may also publish to any user's ``down/#``, as the bench's mosquitto role allows
+(``bench/_stack.py``). The rule is checked after the user's own, so chat traffic
+goes through the same checks as in production. Never run this outside the benchmark.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from amqtt.contexts import Action
+from amqtt.session import Session
+
+from broker import __main__ as broker_main
+from broker import embedded
+from protocol import acl, topics
+
+RAW_RULES = (*acl.USER_RULES, acl.Rule("publish", topics.ALL_DOWNLINKS))
+
+
+class RawTopicAcl(embedded.TopicAcl):
+    async def topic_filtering(
+        self,
+        *,
+        session: Session | None = None,
+        topic: str | None = None,
+        action: Any = None,
+    ) -> bool | None:
+        allowed = await super().topic_filtering(session=session, topic=topic, action=action)
+        if allowed or session is None or not session.username or topic is None:
+            return allowed
+        if session.username in self.config.bridges or action != Action.PUBLISH:
+            return allowed
+        return acl.allowed(RAW_RULES, session.username, "publish", topic)
+
+
+def _raw_config(settings: Any) -> dict[str, Any]:
+    config = production_config(settings)
+    plugins = config["plugins"]
+    key = f"{embedded.__name__}.TopicAcl"
+    plugins["bench._amqtt_raw.RawTopicAcl"] = plugins.pop(key)
+    return config
+
+
+production_config = embedded.broker_config
+
+if __name__ == "__main__":
+    embedded.broker_config = _raw_config  # type: ignore[assignment]
+    sys.exit(broker_main.main())
