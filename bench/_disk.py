@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hdrh.histogram import HdrHistogram
+from bench._gen import new_histogram, percentiles
 
 BLOCK = b"\0" * 8192
 #: Slots of the probe file written in turn: it stays 1 MiB, no file system growth.
@@ -30,7 +30,7 @@ class DiskProbe:
         self.path = directory / "disk-probe.dat"
         self.interval = interval
         self.stall_ms = stall_ms
-        self.histogram = HdrHistogram(1, 600_000_000, 3)
+        self.histogram = new_histogram()
         #: (wall-clock start, milliseconds) of every flush slower than ``stall_ms``.
         self.stalls: list[tuple[float, float]] = []
         self._stop = threading.Event()
@@ -62,16 +62,7 @@ class DiskProbe:
             self.path.unlink(missing_ok=True)
 
     def summary(self) -> dict[str, Any]:
-        h = self.histogram
-        if h.get_total_count() == 0:
-            return {"count": 0}
-        return {
-            "count": h.get_total_count(),
-            "p50_ms": h.get_value_at_percentile(50) / 1000,
-            "p99_ms": h.get_value_at_percentile(99) / 1000,
-            "max_ms": h.get_max_value() / 1000,
-            "over_stall_ms": len(self.stalls),
-        }
+        return {**percentiles(self.histogram), "over_stall_ms": len(self.stalls)}
 
     def worst_between(self, start: float, end: float) -> float:
         """The slowest flush (ms) that was under way at some moment in [start, end]."""

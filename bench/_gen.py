@@ -71,6 +71,19 @@ def new_histogram() -> HdrHistogram:
     return HdrHistogram(1, HIST_MAX_US, 3)
 
 
+def percentiles(histogram: HdrHistogram) -> dict[str, float | int]:
+    """p50, p99, p99.9 and max in milliseconds of a histogram of microseconds."""
+    if histogram.get_total_count() == 0:
+        return {"count": 0}
+    return {
+        "count": histogram.get_total_count(),
+        "p50_ms": histogram.get_value_at_percentile(50) / 1000,
+        "p99_ms": histogram.get_value_at_percentile(99) / 1000,
+        "p999_ms": histogram.get_value_at_percentile(99.9) / 1000,
+        "max_ms": histogram.get_max_value() / 1000,
+    }
+
+
 @dataclass
 class StepCounts:
     """What one worker saw of one step."""

@@ -52,7 +52,7 @@ import typer
 from hdrh.histogram import HdrHistogram
 
 from bench._disk import DiskProbe
-from bench._gen import SLOTS, WINDOW_NS, new_histogram, worker_main
+from bench._gen import SLOTS, WINDOW_NS, new_histogram, percentiles, worker_main
 from bench._stack import PASSWORD, Stack, log, running_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,18 +148,6 @@ def merged(encoded: list[str]) -> HdrHistogram:
     for item in encoded:
         histogram.decode_and_add(item.encode())
     return histogram
-
-
-def percentiles(histogram: HdrHistogram) -> dict[str, float | int]:
-    if histogram.get_total_count() == 0:
-        return {"count": 0}
-    return {
-        "count": histogram.get_total_count(),
-        "p50_ms": histogram.get_value_at_percentile(50) / 1000,
-        "p99_ms": histogram.get_value_at_percentile(99) / 1000,
-        "p999_ms": histogram.get_value_at_percentile(99.9) / 1000,
-        "max_ms": histogram.get_max_value() / 1000,
-    }
 
 
 # -- the generator processes -----------------------------------------------------------
