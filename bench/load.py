@@ -59,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "load.jsonl"
 DOCS = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "img" / "chat-load-latency.png"
+TIMELINE_PLOT = ROOT / "docs" / "img" / "chat-load-timeline.png"
 DOCS_BEGIN = "<!-- chat-load:results:begin (written by python -m bench.load --write-docs) -->"
 DOCS_END = "<!-- chat-load:results:end -->"
 
@@ -304,6 +305,9 @@ class Generator:
         result["steal_pct"] = round(100 * meter.steal_share(), 1)
         result["disk_flush"] = disk.summary()
         start_wall = result["timeline"]["start_wall"]
+        result["disk_stalls"] = [
+            {"at_s": round(at - start_wall, 2), "ms": round(ms, 1)} for at, ms in disk.stalls
+        ]
         for stall in result["stalls"]:
             # A message due in the stall waited for any flush under way between its
             # due time and its arrival.
@@ -663,12 +667,15 @@ ResultsPath = Annotated[Path, typer.Option(help="JSON lines are appended here")]
 
 
 def _finish(run: Run, write_docs: bool) -> None:
-    from bench._report import render_markdown, write_docs_section, write_plot
+    from bench._report import render_markdown, write_docs_section, write_plot, write_timeline
 
     summary = render_markdown(run.records)
     log("\n" + summary)
     if write_docs:
         write_plot(run.records, PLOT)
+        latency = [r for r in run.records if r["scenario"] == "latency" and "disk_stalls" in r]
+        if latency:
+            write_timeline(latency[0], TIMELINE_PLOT)
         write_docs_section(DOCS, summary, DOCS_BEGIN, DOCS_END)
         log(f"wrote {PLOT.relative_to(ROOT)} and the Chat load section of docs/benchmarks.md")
 

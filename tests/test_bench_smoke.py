@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from bench._report import write_timeline
 from bench._stack import WARM_WAL_MB, start_production
 from bench.load import Settings, StepPlan, generated_load, stalls
 from store import make_engine
 
 
-def test_a_small_open_loop_run_is_counted_exactly() -> None:
+def test_a_small_open_loop_run_is_counted_exactly(tmp_path: Path) -> None:
     settings = Settings(users=20, workers=2, bridges=1, step_seconds=2, drain=20)
     with generated_load("embedded", settings, settings.users) as gen:
         assert len(gen.stack.users) == 20
@@ -47,6 +48,10 @@ def test_a_small_open_loop_run_is_counted_exactly() -> None:
     assert len(result["timeline"]["worst_ms"]) == 20
     # (the histogram keeps three significant digits)
     assert max(result["timeline"]["worst_ms"]) == pytest.approx(result["e2e"]["max_ms"], rel=1e-3)
+    assert all(stall["ms"] > 25 for stall in result["disk_stalls"])
+    result.update(label="smoke", stack="embedded", commit="test")
+    write_timeline(result, tmp_path / "timeline.png")
+    assert (tmp_path / "timeline.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_stalls_are_the_runs_of_slow_windows_with_their_wall_clock_time() -> None:
