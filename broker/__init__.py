@@ -10,3 +10,7 @@
                                               mosquitto: dropped by dynsec
     PUBLISH/SUBSCRIBE ──▶ TopicAcl / dynsec role ──▶ protocol.acl rules
 """
+
+#: In the embedded broker's log once every listener accepts connections: what
+#: ``mqchat up`` waits for.
+READY_LOG = "embedded broker listening on"

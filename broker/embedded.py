@@ -51,6 +51,7 @@ from sqlmodel import Session as DbSession
 from protocol import acl
 from store import accounts, make_engine
 
+from . import READY_LOG
 from .config import BrokerSettings
 from .throttle import Throttle
 from .topic_index import TopicIndex
@@ -423,7 +424,8 @@ async def serve(settings: BrokerSettings, stop: asyncio.Event) -> None:
     broker = MqchatBroker(settings)
     await broker.start()
     log.info(
-        "embedded broker listening on %s:%s (ws %s)",
+        "%s %s:%s (ws %s)",
+        READY_LOG,
         settings.host,
         settings.port,
         settings.ws_port or "off",

@@ -46,6 +46,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 import protocol
 from bridge import READY_LOG
+from broker import READY_LOG as BROKER_READY_LOG
 from broker.mosquitto import (
     Credentials,
     DynsecProvisioner,
@@ -1342,8 +1343,11 @@ def _broker_child(
         },
         log_path=logs / "broker.log",
         stage=0,
-        ports=[(near, port) for port in ports if port],
-        ready_line=None,
+        # Its own word that every listener is up, not a probe: a bare TCP connection
+        # to the WebSocket port made the websockets library log an ERROR with a
+        # traceback ("opening handshake failed") at every start.
+        ports=[],
+        ready_line=BROKER_READY_LOG,
         describe=lambda pid: f"{'broker':<7} mqtt://{near}:{mqtt_port}{ws}  (pid {pid})",
     )
 
