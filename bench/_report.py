@@ -150,11 +150,6 @@ def write_docs_section(path: Path, body: str, begin: str, end: str) -> None:
 
 
 def write_plot(records: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series = {
         "mqchat, mosquitto + PostgreSQL": [
             r
@@ -169,7 +164,7 @@ def write_plot(records: list[dict[str, Any]], path: Path) -> None:
             r for r in records if r["scenario"] == "raw" and r["stack"] == "embedded"
         ],
     }
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = _figure((8, 5))
     for (name, rows), color in zip(series.items(), ("C0", "C1", "C2", "C3"), strict=True):
         rows = sorted((r for r in rows if r["e2e"].get("count")), key=lambda r: r["offered_rate"])
         if not rows:
@@ -184,25 +179,15 @@ def write_plot(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("end-to-end latency from intended send (ms)")
     first = records[0] if records else {}
     ax.set_title(f"mqchat chat load, commit {first.get('commit', '?')}", fontsize=10)
-    ax.grid(True, which="both", linewidth=0.3)
-    ax.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def write_timeline(record: dict[str, Any], path: Path) -> None:
     """One step over time: the worst latency per window, and the disk probe's slow flushes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     timeline = record["timeline"]
     window = timeline["window_s"]
     worst = timeline["worst_ms"]
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
+    fig, ax = _figure((8, 4))
     ax.plot(
         [i * window for i in range(len(worst))],
         worst,
@@ -230,6 +215,21 @@ def write_timeline(record: dict[str, Any], path: Path) -> None:
         f" p99 {record['e2e'].get('p99_ms', 0):.1f} ms",
         fontsize=10,
     )
+    _save(fig, ax, path)
+
+
+def _figure(size: tuple[float, float]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size, dpi=110)
+
+
+def _save(fig: Any, ax: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     ax.grid(True, which="both", linewidth=0.3)
     ax.legend(fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
