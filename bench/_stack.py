@@ -194,6 +194,11 @@ class Stack:
         if self.mosquitto is not None:
             self.mosquitto.close()
         if self.postgres is not None:
+            # Its log lives beside its data, which may be in a private folder that
+            # close() removes: a copy goes with the other logs (MQCHAT_BENCH_KEEP_LOGS).
+            self.postgres.stop()
+            with contextlib.suppress(OSError):
+                shutil.copyfile(self.postgres.log_path, self.base / "postgres.log")
             self.postgres.close()
 
 

@@ -83,3 +83,5 @@ def test_the_bench_postgres_starts_with_its_log_segments_ready(tmp_path: Path) -
     # 256 MB of log is 16 segments; the one being written and the checkpoint's own
     # use up to two of them.
     assert ahead >= WARM_WAL_MB // 16 - 2
+    # Its log stays with the stack's other logs (checkpoints are logged in the bench).
+    assert "checkpoint complete" in (tmp_path / "postgres.log").read_text()
