@@ -19,7 +19,8 @@ from broker import __main__ as broker_main
 from broker import embedded
 from protocol import acl, topics
 
-RAW_RULES = (*acl.USER_RULES, acl.Rule("publish", topics.ALL_DOWNLINKS))
+#: The one rule the raw baseline adds; the user's own rules were checked before it.
+RAW_RULES = (acl.Rule("publish", topics.ALL_DOWNLINKS),)
 
 
 class RawTopicAcl(embedded.TopicAcl):
@@ -31,9 +32,9 @@ class RawTopicAcl(embedded.TopicAcl):
         action: Any = None,
     ) -> bool | None:
         allowed = await super().topic_filtering(session=session, topic=topic, action=action)
-        if allowed or session is None or not session.username or topic is None:
+        if allowed or action != Action.PUBLISH or topic is None:
             return allowed
-        if session.username in self.config.bridges or action != Action.PUBLISH:
+        if session is None or not session.username:
             return allowed
         return acl.allowed(RAW_RULES, session.username, "publish", topic)
 

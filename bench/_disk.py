@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._gen import new_histogram, percentiles
+from bench._stack import SLOW_TURN_S
 
 BLOCK = b"\0" * 8192
 #: Slots of the probe file written in turn: it stays 1 MiB, no file system growth.
@@ -26,7 +27,9 @@ SLOTS = 128
 class DiskProbe:
     """Write and flush 8 KiB every ``interval`` seconds until stopped; time each flush."""
 
-    def __init__(self, directory: Path, interval: float = 0.02, stall_ms: float = 25.0) -> None:
+    def __init__(
+        self, directory: Path, interval: float = 0.02, stall_ms: float = SLOW_TURN_S * 1000
+    ) -> None:
         self.path = directory / "disk-probe.dat"
         self.interval = interval
         self.stall_ms = stall_ms

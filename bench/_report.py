@@ -39,6 +39,10 @@ def _row(record: dict[str, Any]) -> str:
     )
 
 
+def _of(records: list[dict[str, Any]], scenario: str, stack: str) -> list[dict[str, Any]]:
+    return [r for r in records if r["scenario"] == scenario and r["stack"] == stack]
+
+
 def render_markdown(records: list[dict[str, Any]]) -> str:
     if not records:
         return "(no results)"
@@ -59,32 +63,31 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
     lines += [_row(r) for r in records]
     lines.append("")
 
-    def best(scenario: str, stack: str) -> float:
-        passing = [
+    def rates(scenario: str, stack: str, passed: bool | None = None) -> list[float]:
+        """Offered rates of the steps of ``scenario`` on ``stack`` (that passed, or not)."""
+        return [
             r["offered_rate"]
-            for r in records
-            if r["scenario"] == scenario and r["stack"] == stack and r["passed"]
+            for r in _of(records, scenario, stack)
+            if passed is None or r["passed"] == passed
         ]
-        return max(passing, default=0.0)
+
+    def best(scenario: str, stack: str) -> float:
+        return max(rates(scenario, stack, passed=True), default=0.0)
 
     def delivered(stack: str) -> float:
-        rates = [
+        per_second = [
             r.get("delivered_per_s", 0.0)
             for r in records
             if r["stack"] == stack and r["mode"] == "chat" and r["scenario"] != "flood"
         ]
-        return max(rates, default=0.0)
+        return max(per_second, default=0.0)
 
     durable = best("throughput", "production")
     embedded = best("embedded", "embedded")
     raw = best("raw", "production")
-    raw_tried = [
-        r["offered_rate"] for r in records if r["scenario"] == "raw" and r["stack"] == "production"
-    ]
+    raw_tried = rates("raw", "production")
     raw_amqtt = best("raw", "embedded")
-    raw_amqtt_tried = [
-        r["offered_rate"] for r in records if r["scenario"] == "raw" and r["stack"] == "embedded"
-    ]
+    raw_amqtt_tried = rates("raw", "embedded")
     summary = []
     got_through = delivered("production")
     summary.append(
@@ -107,11 +110,7 @@ def render_markdown(records: list[dict[str, Any]]) -> str:
     if raw_amqtt_tried:
         # A chat message is four relays where a raw one is one; amqtt's ceiling lies
         # between its highest passing step and its first failing one.
-        failed = [
-            r["offered_rate"]
-            for r in records
-            if r["scenario"] == "raw" and r["stack"] == "embedded" and not r["passed"]
-        ]
+        failed = rates("raw", "embedded", passed=False)
         bound = f"{raw_amqtt / 4:,.0f}" + (f"-{min(failed) / 4:,.0f}" if failed else "+")
         summary.append(
             f"raw amqtt, same connections and payloads: passed up to {raw_amqtt:,.0f} msg/s"
@@ -157,12 +156,8 @@ def write_plot(records: list[dict[str, Any]], path: Path) -> None:
             if r["stack"] == "production" and r["scenario"] in ("latency", "throughput")
         ],
         "mqchat, amqtt + SQLite": [r for r in records if r["scenario"] == "embedded"],
-        "raw mosquitto (no bridge)": [
-            r for r in records if r["scenario"] == "raw" and r["stack"] == "production"
-        ],
-        "raw amqtt (no bridge)": [
-            r for r in records if r["scenario"] == "raw" and r["stack"] == "embedded"
-        ],
+        "raw mosquitto (no bridge)": _of(records, "raw", "production"),
+        "raw amqtt (no bridge)": _of(records, "raw", "embedded"),
     }
     fig, ax = _figure((8, 5))
     for (name, rows), color in zip(series.items(), ("C0", "C1", "C2", "C3"), strict=True):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from sqlalchemy import insert
+from sqlalchemy import Engine, insert
 from sqlmodel import Session
 
 from bridge import READY_LOG
@@ -265,7 +265,7 @@ def _postgres_durable(server: PostgresServer) -> None:
     server.restart()
 
 
-def _warm_wal(url: str) -> float:
+def _warm_wal(engine: Engine) -> float:
     """Give the fresh cluster the recycled WAL segments a running one has; seconds taken.
 
     A fresh cluster creates each new 16 MB segment when its log reaches it, zero-filling
@@ -275,19 +275,15 @@ def _warm_wal(url: str) -> float:
     recycles those segments ahead of the write position (``min_wal_size`` keeps them).
     """
     started = time.perf_counter()
-    engine = make_engine(url)
-    try:
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            rows = WARM_WAL_MB * 1024 * 1024 // 300  # a row of this table is ~300 bytes of WAL
-            conn.exec_driver_sql(
-                "CREATE TABLE wal_warm AS SELECT g, repeat('x', 200) AS pad"
-                " FROM generate_series(1, %(rows)s) AS g",
-                {"rows": rows},
-            )
-            conn.exec_driver_sql("DROP TABLE wal_warm")
-            conn.exec_driver_sql("CHECKPOINT")
-    finally:
-        engine.dispose()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        rows = WARM_WAL_MB * 1024 * 1024 // 300  # a row of this table is ~300 bytes of WAL
+        conn.exec_driver_sql(
+            "CREATE TABLE wal_warm AS SELECT g, repeat('x', 200) AS pad"
+            " FROM generate_series(1, %(rows)s) AS g",
+            {"rows": rows},
+        )
+        conn.exec_driver_sql("DROP TABLE wal_warm")
+        conn.exec_driver_sql("CHECKPOINT")
     return time.perf_counter() - started
 
 
@@ -298,9 +294,11 @@ def start_production(base: Path) -> Stack:
         postgres.create_database("bench")
         url = postgres.url("bench")
         engine = make_engine(url)
-        migrate(engine)
-        engine.dispose()
-        seconds = _warm_wal(url)
+        try:
+            migrate(engine)
+            seconds = _warm_wal(engine)
+        finally:
+            engine.dispose()
         log(f"  PostgreSQL: {WARM_WAL_MB} MB of WAL written and recycled in {seconds:.1f} s")
         mosquitto = start_mosquitto(base)
     except BaseException:
