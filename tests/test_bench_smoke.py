@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import nagle
 from bench._report import write_timeline
 from bench._stack import WARM_WAL_MB, start_production
 from bench.load import Settings, StepPlan, generated_load, stalls
@@ -85,3 +86,18 @@ def test_the_bench_postgres_starts_with_its_log_segments_ready(tmp_path: Path) -
     assert ahead >= WARM_WAL_MB // 16 - 2
     # Its log stays with the stack's other logs (checkpoints are logged in the bench).
     assert "checkpoint complete" in (tmp_path / "postgres.log").read_text()
+
+
+def test_the_nagle_bench_runs_both_clients_through_a_whole_stack(tmp_path: Path) -> None:
+    """``bench.nagle`` sends every closed-loop message and reports both variants."""
+    record = nagle.run("embedded", rounds=1, messages=5, timeout=10)
+
+    for variant in nagle.VARIANTS:
+        result = record["variants"][variant]
+        assert result["count"] == 5
+        assert result["lost"] == 0
+        assert 0 < result["p50_ms"] <= result["p99_ms"]
+    assert record["p50_ratio"] > 0
+    assert "| embedded | stock paho (Nagle on) | 5 |" in nagle.render([record])
+    nagle.plot([record], tmp_path / "nagle.png")
+    assert (tmp_path / "nagle.png").read_bytes().startswith(b"\x89PNG")
