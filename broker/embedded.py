@@ -39,9 +39,7 @@ from typing import Any, Final
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import ConnackPacket
-from amqtt.mqtt.connect import ConnectPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from sqlalchemy import Engine
@@ -53,10 +51,14 @@ from store import accounts, make_engine
 
 from . import READY_LOG
 from .config import BrokerSettings
+from .lognoise import CLIENT_LOG
 from .throttle import Throttle
 from .topic_index import TopicIndex
+from .wire import PacketGuard, PacketRefused, read_connect
 
 log = logging.getLogger(__name__)
+#: What clients did wrong: rate-limited, one line each (broker.lognoise).
+client_log = logging.getLogger(CLIENT_LOG)
 
 #: CONNACK return codes of MQTT 3.1.1 that the gate answers with.
 IDENTIFIER_REJECTED: Final = 0x02  # empty client id on a persistent session
@@ -111,7 +113,7 @@ class Gate:
             not service and not self._user_failures.allowed("user", username)
         )
         if throttled:
-            log.warning("sign-in of %r from %s refused: too many failures", username, source)
+            client_log.warning("sign-in of %r from %s refused: too many failures", username, source)
             return SERVER_UNAVAILABLE
         password_hash: str | None = None
         if service:
@@ -120,7 +122,7 @@ class Gate:
             password_hash = await asyncio.to_thread(self._authenticate, username, password)
             ok = password_hash is not None
         if ok and not service and not acl.client_id_allowed(username, client_id):
-            log.warning(
+            client_log.warning(
                 "refused client id %r for %r: it must be %r or start with %r",
                 client_id,
                 username,
@@ -129,7 +131,7 @@ class Gate:
             )
             ok = False
         if not ok:
-            log.info("authentication failed for %r from %s", username, source)
+            client_log.info("authentication failed for %r from %s", username, source)
             self._source_failures.hit("source", source)
             if not service:
                 self._user_failures.hit("user", username)
@@ -227,17 +229,24 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         source = peer[0] if peer is not None else "unknown"
         # Counted on arrival, so connections that never send a CONNECT count too.
         allowed = self.gate.connection_allowed(source)
-        rewindable = _Rewindable(reader)
+        rewindable = _Rewindable(PacketGuard(reader, self.settings.max_packet_bytes))
         try:
             connect = await asyncio.wait_for(
-                ConnectPacket.from_stream(rewindable), self.settings.connect_timeout
+                read_connect(rewindable), self.settings.connect_timeout
             )
-        except (TimeoutError, AMQTTError, MQTTError, NoDataError, OSError, ValueError) as exc:
-            log.info("no valid CONNECT from %s: %s", source, exc or type(exc).__name__)
+        except TimeoutError:
+            client_log.info("no CONNECT from %s within %s s", source, self.settings.connect_timeout)
             await _close(writer)
             return
+        except PacketRefused as refused:
+            client_log.info("CONNECT from %s refused: %s", source, refused)
+            if refused.return_code is None:
+                await _close(writer)
+            else:
+                await _refuse(writer, refused.return_code)
+            return
         if not allowed:
-            log.warning("connection from %s refused: over the connection rate", source)
+            client_log.warning("connection from %s refused: over the connection rate", source)
             await _refuse(writer, SERVER_UNAVAILABLE)
             return
         # amqtt stands a random id in for an empty one (client_id_is_random).
@@ -255,7 +264,7 @@ class MqchatBroker(Broker):  # type: ignore[misc]
             verdict.username, connect.will_topic or "", retain=bool(connect.will_retain_flag)
         ):
             # What mosquitto answers too: its ACL is asked about the will at CONNECT.
-            log.warning(
+            client_log.warning(
                 "refused CONNECT of %r from %s: a last will on %r%s is outside its ACL",
                 verdict.username,
                 source,
@@ -285,7 +294,7 @@ class MqchatBroker(Broker):  # type: ignore[misc]
             client_session.will_topic or "",
             retain=bool(client_session.will_retain),
         ):
-            log.warning(
+            client_log.warning(
                 "last will of %r on %r dropped: outside its ACL",
                 client_session.client_id,
                 client_session.will_topic,
@@ -310,7 +319,7 @@ class MqchatBroker(Broker):  # type: ignore[misc]
                 client_session.username or "", message.topic or "", retain=True
             )
         ):
-            log.info(
+            client_log.info(
                 "retained publish of %r on %r dropped: it may not retain there",
                 client_session.client_id,
                 message.topic,
@@ -333,7 +342,7 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         if source_session is not None and not self.gate.publish_allowed(
             source_session.username or "", topic_name or "", retain=True
         ):
-            log.warning(
+            client_log.warning(
                 "not retained: %r may not retain on %r", source_session.client_id, topic_name
             )
             return
