@@ -4,13 +4,18 @@ amqtt speaks MQTT 3.1.1 only and keeps sessions in memory. mqchat adds::
 
     TCP/WS accept ──▶ MqchatBroker._client_connected
                         connect rate per source ──(over)──▶ CONNACK 3, close
-                        read the CONNECT (bounded in time)
-                        Gate.admit: throttles, password (argon2), client id rule
+                        read the CONNECT (bounded in time and size, broker.wire)
+                            └─(other MQTT version)──▶ CONNACK 1; (malformed) close
+                        Gate.admit: throttles, password (argon2), client id rule,
+                                    last will against the publish ACL
                             └─(refused)──▶ CONNACK 5 (or 3 while throttled), close;
                                            amqtt never sees it: no session is touched
                         amqtt's own handling, replaying the CONNECT
                             └─▶ AccountAuth.authenticate: only what the gate admitted
-                        TopicAcl: protocol.acl on every publish and subscribe
+                        TopicAcl: protocol.acl on every publish, subscribe, delivery
+                        MqchatBroker overrides amqtt where it skips TopicAcl: wills,
+                        retained messages (users retain nothing; sent on SUBSCRIBE
+                        only), queued messages (retain 0)
     every account_poll s: accounts disabled, deleted or with a new password
                         ──▶ their sessions deleted, connections dropped
 
