@@ -9,6 +9,7 @@ for a persistent session while it was away. Users could retain on their own upli
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 
@@ -110,3 +111,30 @@ async def test_queued_messages_arrive_without_the_retain_flag(stack: Stack) -> N
         await seen.wait_for(payload)
     flagged = [m.payload for m in seen.messages if m.retain]
     assert not flagged
+
+
+async def _mosquitto_sub(stack: Stack, client_id: str, *options: str) -> list[str]:
+    """Run Debian's mosquitto_sub as bob, persistent session, QoS 1 (at most 20 s)."""
+    process = await asyncio.create_subprocess_exec(
+        "mosquitto_sub",
+        *("-h", stack.host, "-p", str(stack.port), "-V", "mqttv311"),
+        *("-u", "bob", "-P", password_of("bob"), "-i", client_id, "-c", "-q", "1"),
+        *("-t", "chat/v1/u/bob/down/#", "-W", "20", *options),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return out.decode().splitlines()
+
+
+async def test_queued_messages_reach_mosquitto_sub_without_the_retain_flag(stack: Stack) -> None:
+    await stack.add_users("bob")
+    client_id = f"bob:sub-{secrets.token_hex(3)}"
+    await _mosquitto_sub(stack, client_id, "-E")  # subscribe, then leave the session
+    bridge = await _connect(stack, BRIDGE, "sender")
+    queued = [_token(f"queued {i}").decode() for i in range(3)]
+    for payload in queued:
+        await bridge.link.publish("chat/v1/u/bob/down/msg", payload.encode(), qos=1)
+    lines = await _mosquitto_sub(stack, client_id, "-C", "3", "-F", "%r %t %p")
+    assert lines == [f"0 chat/v1/u/bob/down/msg {payload}" for payload in queued]
