@@ -268,7 +268,8 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         if connect.will_flag and not self.gate.publish_allowed(
             verdict.username, connect.will_topic or "", retain=bool(connect.will_retain_flag)
         ):
-            # What mosquitto answers too: its ACL is asked about the will at CONNECT.
+            # Refused now rather than dropped when it fires (as mosquitto 2.0.11 does):
+            # the client learns of its mistake.
             client_log.warning(
                 "refused CONNECT of %r from %s: a last will on %r%s is outside its ACL",
                 verdict.username,

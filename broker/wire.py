@@ -107,8 +107,10 @@ async def read_connect(reader: ReaderAdapter) -> ConnectPacket:
         if header.packet_type != CONNECT:
             raise PacketRefused(f"first packet of type {header.packet_type}, not CONNECT")
         body = await reader.read(header.remaining_length)
-    except (asyncio.IncompleteReadError, NoDataError, MQTTError, ConnectionError) as exc:
+    except (asyncio.IncompleteReadError, NoDataError, MQTTError, OSError) as exc:
         raise PacketRefused(f"no complete CONNECT ({type(exc).__name__})") from None
+    if len(body) < header.remaining_length:  # the WebSocket reader returns what it has
+        raise PacketRefused("no complete CONNECT (closed)")
     _check_variable_header(body)
     try:
         connect: ConnectPacket = await ConnectPacket.from_stream(
