@@ -9,6 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
+from . import lognoise
 from .collector import keep_collections_short
 from .config import BrokerSettings
 from .embedded import serve
@@ -26,6 +27,7 @@ def main() -> int:
     except ValidationError as exc:
         print(f"broker: bad configuration (MQCHAT_BROKER_*):\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
+    lognoise.install(settings.client_log_interval)
 
     async def run() -> None:
         collector = asyncio.create_task(keep_collections_short())  # process-wide

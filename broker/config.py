@@ -69,6 +69,16 @@ class BrokerSettings(BaseSettings):
     account_poll: float = Field(default=2.0, gt=0)
     #: Seconds a new connection has to send its CONNECT.
     connect_timeout: float = Field(default=10.0, gt=0)
+    #: The largest packet a client may send, counted as its remaining length (all but
+    #: the 2-5 bytes of fixed header); a larger one closes the connection before its
+    #: body is read. The default lets through every publish mosquitto.conf accepts: a
+    #: payload of message_size_limit (65,536) with a topic of the longest length MQTT
+    #: allows (2 + 65,535) and a packet id (2).
+    max_packet_bytes: int = Field(default=131_075, ge=1024, le=268_435_455)
+    #: Seconds during which one log line per kind of client misbehaviour is written
+    #: (a PUBACK never sent, a refused CONNECT, ...); the next says how many were left
+    #: out. 0 writes every one. Tracebacks of client-caused errors are never written.
+    client_log_interval: float = Field(default=10.0, ge=0)
 
     @model_validator(mode="after")
     def _rates_parse(self) -> BrokerSettings:

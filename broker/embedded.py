@@ -4,13 +4,18 @@ amqtt speaks MQTT 3.1.1 only and keeps sessions in memory. mqchat adds::
 
     TCP/WS accept ──▶ MqchatBroker._client_connected
                         connect rate per source ──(over)──▶ CONNACK 3, close
-                        read the CONNECT (bounded in time)
-                        Gate.admit: throttles, password (argon2), client id rule
+                        read the CONNECT (bounded in time and size, broker.wire)
+                            └─(other MQTT version)──▶ CONNACK 1; (malformed) close
+                        Gate.admit: throttles, password (argon2), client id rule,
+                                    last will against the publish ACL
                             └─(refused)──▶ CONNACK 5 (or 3 while throttled), close;
                                            amqtt never sees it: no session is touched
                         amqtt's own handling, replaying the CONNECT
                             └─▶ AccountAuth.authenticate: only what the gate admitted
-                        TopicAcl: protocol.acl on every publish and subscribe
+                        TopicAcl: protocol.acl on every publish, subscribe, delivery
+                        MqchatBroker overrides amqtt where it skips TopicAcl: wills,
+                        retained messages (users retain nothing; sent on SUBSCRIBE
+                        only), queued messages (retain 0)
     every account_poll s: accounts disabled, deleted or with a new password
                         ──▶ their sessions deleted, connections dropped
 
@@ -39,9 +44,7 @@ from typing import Any, Final
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import ConnackPacket
-from amqtt.mqtt.connect import ConnectPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from sqlalchemy import Engine
@@ -53,10 +56,14 @@ from store import accounts, make_engine
 
 from . import READY_LOG
 from .config import BrokerSettings
+from .lognoise import CLIENT_LOG
 from .throttle import Throttle
 from .topic_index import TopicIndex
+from .wire import PacketGuard, PacketRefused, read_connect
 
 log = logging.getLogger(__name__)
+#: What clients did wrong: rate-limited, one line each (broker.lognoise).
+client_log = logging.getLogger(CLIENT_LOG)
 
 #: CONNACK return codes of MQTT 3.1.1 that the gate answers with.
 IDENTIFIER_REJECTED: Final = 0x02  # empty client id on a persistent session
@@ -73,6 +80,11 @@ class Admitted:
     #: The account's password hash at sign-in; None for service accounts.
     password_hash: str | None
 
+
+#: True while amqtt handles a SUBSCRIBE in this task: the one time retained messages go out.
+_subscribing: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "mqchat_subscribing", default=False
+)
 
 #: Set by the gate for the task that hands an admitted connection to amqtt; amqtt
 #: calls the auth plugin inside that task (or a task made from it).
@@ -106,7 +118,7 @@ class Gate:
             not service and not self._user_failures.allowed("user", username)
         )
         if throttled:
-            log.warning("sign-in of %r from %s refused: too many failures", username, source)
+            client_log.warning("sign-in of %r from %s refused: too many failures", username, source)
             return SERVER_UNAVAILABLE
         password_hash: str | None = None
         if service:
@@ -115,7 +127,7 @@ class Gate:
             password_hash = await asyncio.to_thread(self._authenticate, username, password)
             ok = password_hash is not None
         if ok and not service and not acl.client_id_allowed(username, client_id):
-            log.warning(
+            client_log.warning(
                 "refused client id %r for %r: it must be %r or start with %r",
                 client_id,
                 username,
@@ -124,12 +136,22 @@ class Gate:
             )
             ok = False
         if not ok:
-            log.info("authentication failed for %r from %s", username, source)
+            client_log.info("authentication failed for %r from %s", username, source)
             self._source_failures.hit("source", source)
             if not service:
                 self._user_failures.hit("user", username)
             return NOT_AUTHORIZED
         return Admitted(username, password_hash)
+
+    def publish_allowed(self, username: str, topic: str, *, retain: bool) -> bool:
+        """The publish ACL, retain flag included: for publishes and last wills alike."""
+        if not topic or "+" in topic or "#" in topic or topic.startswith("$"):
+            return False  # not a topic one can publish to (MQTT-3.3.2-2, MQTT-4.7.2-1)
+        service = username in self.services
+        rules = acl.BRIDGE_RULES if service else acl.USER_RULES
+        if not acl.allowed(rules, username, "publish", topic):
+            return False
+        return not retain or acl.retain_allowed(service)
 
     def _authenticate(self, username: str, password: str) -> str | None:
         with DbSession(self._engine) as db:
@@ -212,17 +234,24 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         source = peer[0] if peer is not None else "unknown"
         # Counted on arrival, so connections that never send a CONNECT count too.
         allowed = self.gate.connection_allowed(source)
-        rewindable = _Rewindable(reader)
+        rewindable = _Rewindable(PacketGuard(reader, self.settings.max_packet_bytes))
         try:
             connect = await asyncio.wait_for(
-                ConnectPacket.from_stream(rewindable), self.settings.connect_timeout
+                read_connect(rewindable), self.settings.connect_timeout
             )
-        except (TimeoutError, AMQTTError, MQTTError, NoDataError, OSError, ValueError) as exc:
-            log.info("no valid CONNECT from %s: %s", source, exc or type(exc).__name__)
+        except TimeoutError:
+            client_log.info("no CONNECT from %s within %s s", source, self.settings.connect_timeout)
             await _close(writer)
             return
+        except PacketRefused as refused:
+            client_log.info("CONNECT from %s refused: %s", source, refused)
+            if refused.return_code is None:
+                await _close(writer)
+            else:
+                await _refuse(writer, refused.return_code)
+            return
         if not allowed:
-            log.warning("connection from %s refused: over the connection rate", source)
+            client_log.warning("connection from %s refused: over the connection rate", source)
             await _refuse(writer, SERVER_UNAVAILABLE)
             return
         # amqtt stands a random id in for an empty one (client_id_is_random).
@@ -236,9 +265,159 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         if not isinstance(verdict, Admitted):
             await _refuse(writer, verdict)
             return
+        if connect.will_flag and not self.gate.publish_allowed(
+            verdict.username, connect.will_topic or "", retain=bool(connect.will_retain_flag)
+        ):
+            # Refused now rather than dropped when it fires (as mosquitto 2.0.11 does):
+            # the client learns of its mistake.
+            client_log.warning(
+                "refused CONNECT of %r from %s: a last will on %r%s is outside its ACL",
+                verdict.username,
+                source,
+                connect.will_topic,
+                " (retained)" if connect.will_retain_flag else "",
+            )
+            await _refuse(writer, NOT_AUTHORIZED)
+            return
         rewindable.rewind()
         _admitted.set(verdict)
         await super()._client_connected(listener_name, rewindable, writer)
+
+    # -- amqtt's paths that skip the topic plugins -----------------------------------------
+
+    async def _handle_disconnect(
+        self, client_session: Session, handler: Any, disconnect_waiter: asyncio.Future[Any]
+    ) -> None:
+        """Fire a last will only if it passes the publish ACL, retain flag included.
+
+        amqtt 0.12.1 broadcasts and retains a will without asking the topic plugins, so a
+        will was a way to publish as anyone. The gate refuses such a CONNECT already; this
+        is the second look when the will fires (a persistent session keeps the will of the
+        CONNECT that last resumed it).
+        """
+        if client_session.will_flag and not self.gate.publish_allowed(
+            client_session.username or "",
+            client_session.will_topic or "",
+            retain=bool(client_session.will_retain),
+        ):
+            client_log.warning(
+                "last will of %r on %r dropped: outside its ACL",
+                client_session.client_id,
+                client_session.will_topic,
+            )
+            client_session.will_flag = False
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: Any, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        """Drop a retained publish that its sender may not retain, as mosquitto does.
+
+        The topic plugins never see the retain flag. The publish is acknowledged and
+        dropped whole, like any publish outside the ACL, so both brokers answer alike.
+        """
+        message = wait_deliver.result()
+        packet = getattr(message, "publish_packet", None)
+        if (
+            packet is not None
+            and packet.retain_flag
+            and not self.gate.publish_allowed(
+                client_session.username or "", message.topic or "", retain=True
+            )
+        ):
+            client_log.info(
+                "retained publish of %r on %r dropped: it may not retain there",
+                client_session.client_id,
+                message.topic,
+            )
+            return True
+        result: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        return result
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        """Where amqtt stores (or clears) every retained message: only with the ACL's yes.
+
+        ``source_session`` is None for the broker's own messages.
+        """
+        if source_session is not None and not self.gate.publish_allowed(
+            source_session.username or "", topic_name or "", retain=True
+        ):
+            client_log.warning(
+                "not retained: %r may not retain on %r", source_session.client_id, topic_name
+            )
+            return
+        await super().retain_message(source_session, topic_name, data, qos)
+
+    async def _handle_subscription(
+        self, client_session: Session, handler: Any, subscribe_waiter: asyncio.Future[Any]
+    ) -> None:
+        token = _subscribing.set(True)
+        try:
+            await super()._handle_subscription(client_session, handler, subscribe_waiter)
+        finally:
+            _subscribing.reset(token)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        """Send the retained messages of a subscription just granted, that it may read.
+
+        amqtt 0.12.1 also calls this on every CONNECT, once for every filter held by
+        *anyone*, so a newcomer with no subscription got other users' retained messages,
+        and connecting cost grew with the number of users. Only a SUBSCRIBE sends them
+        now (MQTT-3.3.1-6: "when a new subscription is established"), and each one
+        passes the read check (a subscription was checked as a filter; this checks
+        the topic).
+        """
+        if not _subscribing.get():
+            return
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        topic_filter, qos = subscription
+        sends = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic, Action.RECEIVE):
+                continue
+            sends.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(
+                        retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                    )
+                )
+            )
+        if sends:
+            await asyncio.wait(sends)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Deliver what was queued for a persistent session while it was away.
+
+        amqtt 0.12.1 sends these with the retain flag set, so a device took a queued chat
+        message for a stored state. MQTT-3.3.1-9: a message sent because it matches an
+        established subscription has retain 0, however it was published; mosquitto does
+        the same.
+        """
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        sends = []
+        while not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            sends.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
+                )
+            )
+        if sends:
+            await asyncio.wait(sends)
 
     async def drop_user(self, username: str) -> int:
         """End every session of ``username``: subscriptions, queue and connection.
@@ -318,11 +497,12 @@ class TopicAcl(BaseTopicPlugin):  # type: ignore[misc]
         topic: str | None = None,
         action: Action | None = None,
     ) -> bool | None:
-        if action == Action.RECEIVE:
-            return True  # what a client receives was checked when it subscribed
         if session is None or not session.username or topic is None:
             return False
         rules = acl.BRIDGE_RULES if session.username in self.config.bridges else acl.USER_RULES
+        # RECEIVE: a topic delivered to the session must be one it may read (a filter it
+        # may subscribe to covers it); the subscription was checked too, but retained
+        # messages and queues reach a session by other paths.
         verb: acl.Action = "publish" if action == Action.PUBLISH else "subscribe"
         return acl.allowed(rules, session.username, verb, topic)
 

@@ -55,6 +55,18 @@ def allowed(rules: tuple[Rule, ...], user: str, action: Action, topic: str) -> b
     return False
 
 
+def retain_allowed(service: bool) -> bool:
+    """Whether an account's publishes may be retained (stored and shown to every later
+    subscriber), where its rules let it publish; ``service``: the bridge's account.
+
+    Users retain nothing: their rules give them no presence topic (presence is the
+    bridge's word alone), and a retained uplink would be replayed to the bridge every
+    time it subscribes again. Both brokers enforce this for publishes and last wills
+    (mosquitto through ``broker/mosquitto_clientid``).
+    """
+    return service
+
+
 def client_id_allowed(user: str, client_id: str) -> bool:
     """Whether ``user`` may connect with ``client_id``: ``user`` or ``user:<anything>``.
 

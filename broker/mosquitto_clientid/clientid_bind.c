@@ -18,6 +18,16 @@
  * to dynsec. mosquitto checks credentials before it looks for an existing session
  * with that client id (src/handle_connect.c, connect__on_authorised), so a refused
  * CONNECT touches no session.
+ *
+ * It also keeps users from retaining anything (protocol.acl.retain_allowed): presence is
+ * retained by the bridge alone, and a retained uplink would be replayed to the bridge
+ * whenever it subscribes again. dynsec's ACLs cannot say "publish, but not retained",
+ * so the ACL-check callback (MOSQ_EVT_ACL_CHECK) refuses a retained write (a publish or
+ * a last will, which mosquitto checks at CONNECT and refuses with "not authorised")
+ * from any account not in exempt_users with MOSQ_ERR_ACL_DENIED, and defers everything
+ * else to dynsec. ACL checks go through the plugins in the same order as above (src/
+ * plugin.c, acl__check_single), and the first answer other than "defer" decides, so a
+ * deny here wins over dynsec's allow (tests/test_retain.py proves it).
  */
 
 #include <stdlib.h>
@@ -80,6 +90,35 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	return MOSQ_ERR_AUTH;
 }
 
+static int retain_denied(const struct mosquitto_evt_acl_check *check)
+{
+	const char *username;
+
+	if(check->access != MOSQ_ACL_WRITE || !check->retain){
+		return 0;
+	}
+	username = mosquitto_client_username(check->client);
+	if(username != NULL && is_exempt(username)){
+		return 0;
+	}
+	mosquitto_log_printf(MOSQ_LOG_NOTICE,
+			PLUGIN_NAME ": refused a retained publish on '%s' from user '%s': "
+			"users may not retain", check->topic, username ? username : "");
+	return 1;
+}
+
+static int on_acl_check(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_acl_check *check = event_data;
+
+	(void)event;
+	(void)userdata;
+	if(retain_denied(check)){
+		return MOSQ_ERR_ACL_DENIED;
+	}
+	return MOSQ_ERR_PLUGIN_DEFER;
+}
+
 static int parse_exempt_users(const char *value)
 {
 	char *word;
@@ -133,7 +172,11 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 		}
 	}
 	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": %d exempt user(s)", exempt.count);
-	return mosquitto_callback_register(plugin_id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL, NULL);
+	rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL, NULL);
+	if(rc != MOSQ_ERR_SUCCESS){
+		return rc;
+	}
+	return mosquitto_callback_register(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, NULL);
 }
 
 int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int option_count)
@@ -142,6 +185,7 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	(void)options;
 	(void)option_count;
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL);
+	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
 	free_exempt_users();
 	return MOSQ_ERR_SUCCESS;
 }

@@ -1,0 +1,140 @@
+"""Retained messages, on both brokers: who may retain, who gets them, and with which flag.
+
+amqtt 0.12.1, on every CONNECT, walked every filter held by anyone and sent the
+newcomer the retained messages matching them, whatever it had subscribed to: a fresh
+connection got other users' retained data and every user's presence, so connecting
+cost grew with the number of users. It also set the retain flag on messages queued
+for a persistent session while it was away. Users could retain on their own uplinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+
+from clients.mqtt import LinkConfig, MqttLink
+
+from .conftest import Stack, password_of
+from .test_acl_matrix import BRIDGE, Recorder, _connect, _token
+
+OTHERS = 25
+
+
+async def test_a_newcomer_gets_retained_messages_only_for_its_own_subscriptions(
+    stack: Stack,
+) -> None:
+    users = [f"user{i}" for i in range(OTHERS)]
+    await stack.add_users("alice", "bob", "carol", *users)
+    bridge = await _connect(stack, BRIDGE, "retainer")
+    # Retained state a newcomer must not be sent unasked: the presence of many users,
+    # and something retained on alice's downlink.
+    for user in users:
+        state = json.dumps({"state": "online", "at": "2026-01-01T00:00:00+00:00"}).encode()
+        await bridge.link.publish(f"chat/v1/presence/{user}", state, qos=1, retain=True)
+    alice_secret = _token("retained for alice only")
+    await bridge.link.publish("chat/v1/u/alice/down/msg", alice_secret, qos=1, retain=True)
+    # Filters held by others, which amqtt walked for every newcomer.
+    alice = await _connect(stack, "alice", "holder")
+    await alice.link.subscribe("chat/v1/u/alice/down/#", qos=1)
+    carol = await _connect(stack, "carol", "holder")
+    await carol.link.subscribe("chat/v1/presence/+", qos=1)
+    await alice.seen.wait_for(alice_secret)  # retained on alice's own subscription
+
+    # bob connects with no subscription, then subscribes to his own downlink only.
+    bob = await _connect(stack, "bob", "newcomer")
+    await bob.link.subscribe("chat/v1/u/bob/down/#", qos=1)
+    sentinel = _token("sentinel bob")
+    await bridge.link.publish("chat/v1/u/bob/down/typing", sentinel, qos=1)
+    await bob.seen.wait_for(sentinel)
+
+    assert [m.payload for m in bob.seen.messages] == [sentinel]
+
+
+async def test_users_may_not_retain(stack: Stack) -> None:
+    """A retained publish from a user is dropped whole, as any publish outside the ACL:
+    neither stored for later subscribers nor relayed."""
+    await stack.add_users("alice")
+    alice = await _connect(stack, "alice", "retainer")
+    retained = {}
+    for kind in ("msg", "ack", "typing", "presence"):
+        topic = f"chat/v1/u/alice/up/{kind}"
+        retained[topic] = _token(f"retained {topic}")
+        await alice.link.publish(topic, retained[topic], qos=1, retain=True)
+
+    # Subscribing afterwards shows what is stored; a live sentinel ends the wait.
+    observer = await _connect(stack, BRIDGE, "observer")
+    await observer.link.subscribe("chat/v1/u/alice/up/#", qos=1)
+    sentinel = _token("sentinel")
+    await alice.link.publish("chat/v1/u/alice/up/typing", sentinel, qos=1)
+    await observer.seen.wait_for(sentinel)
+
+    assert [m.payload for m in observer.seen.messages] == [sentinel]
+
+
+async def test_queued_messages_arrive_without_the_retain_flag(stack: Stack) -> None:
+    await stack.add_users("bob")
+    client_id = f"bob:queue-{secrets.token_hex(3)}"
+
+    def persistent(on_message: Recorder | None = None) -> MqttLink:
+        config = LinkConfig(
+            host=stack.host,
+            port=stack.port,
+            username="bob",
+            password=password_of("bob"),
+            client_id=client_id,
+            clean_session=False,
+        )
+        link = MqttLink(config, on_message=on_message)
+        stack._links.append(link)
+        return link
+
+    away = persistent()
+    await away.connect()
+    await away.subscribe("chat/v1/u/bob/down/#", qos=1)
+    await away.subscribe("chat/v1/presence/+", qos=1)
+    await away.close()
+
+    bridge = await _connect(stack, BRIDGE, "sender")
+    queued = [_token(f"queued {i}") for i in range(3)]
+    for payload in queued:
+        await bridge.link.publish("chat/v1/u/bob/down/msg", payload, qos=1)
+    # Even a message that was published retained arrives queued with retain 0
+    # (MQTT-3.3.1-9), as mosquitto sends it.
+    presence = _token("presence, retained")
+    await bridge.link.publish("chat/v1/presence/zz.someone", presence, qos=1, retain=True)
+
+    seen = Recorder()
+    back = persistent(seen)
+    await back.connect()
+    for payload in [*queued, presence]:
+        await seen.wait_for(payload)
+    flagged = [m.payload for m in seen.messages if m.retain]
+    assert not flagged
+
+
+async def _mosquitto_sub(stack: Stack, client_id: str, *options: str) -> list[str]:
+    """Run Debian's mosquitto_sub as bob, persistent session, QoS 1 (at most 20 s)."""
+    process = await asyncio.create_subprocess_exec(
+        "mosquitto_sub",
+        *("-h", stack.host, "-p", str(stack.port), "-V", "mqttv311"),
+        *("-u", "bob", "-P", password_of("bob"), "-i", client_id, "-c", "-q", "1"),
+        *("-t", "chat/v1/u/bob/down/#", "-W", "20", *options),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return out.decode().splitlines()
+
+
+async def test_queued_messages_reach_mosquitto_sub_without_the_retain_flag(stack: Stack) -> None:
+    await stack.add_users("bob")
+    client_id = f"bob:sub-{secrets.token_hex(3)}"
+    await _mosquitto_sub(stack, client_id, "-E")  # subscribe, then leave the session
+    bridge = await _connect(stack, BRIDGE, "sender")
+    queued = [_token(f"queued {i}").decode() for i in range(3)]
+    for payload in queued:
+        await bridge.link.publish("chat/v1/u/bob/down/msg", payload.encode(), qos=1)
+    lines = await _mosquitto_sub(stack, client_id, "-C", "3", "-F", "%r %t %p")
+    assert lines == [f"0 chat/v1/u/bob/down/msg {payload}" for payload in queued]
