@@ -18,6 +18,7 @@ INVALID_PAYLOAD: Final = "invalid_payload"
 PAYLOAD_TOO_LARGE: Final = "payload_too_large"
 BODY_TOO_LARGE: Final = "body_too_large"
 UNKNOWN_TOPIC: Final = "unknown_topic"
+ID_REUSED: Final = "id_reused"
 UNKNOWN_RECIPIENT: Final = "unknown_recipient"
 UNKNOWN_CONVERSATION: Final = "unknown_conversation"
 UNKNOWN_MESSAGE: Final = "unknown_message"
@@ -40,6 +41,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     PAYLOAD_TOO_LARGE: 413,
     BODY_TOO_LARGE: 413,
     UNKNOWN_TOPIC: 404,
+    ID_REUSED: 409,
     UNKNOWN_RECIPIENT: 404,
     UNKNOWN_CONVERSATION: 404,
     UNKNOWN_MESSAGE: 404,
@@ -64,6 +66,7 @@ ErrorCode = Literal[
     "payload_too_large",
     "body_too_large",
     "unknown_topic",
+    "id_reused",
     "unknown_recipient",
     "unknown_conversation",
     "unknown_message",
