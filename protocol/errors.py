@@ -23,6 +23,8 @@ UNKNOWN_RECIPIENT: Final = "unknown_recipient"
 UNKNOWN_CONVERSATION: Final = "unknown_conversation"
 UNKNOWN_MESSAGE: Final = "unknown_message"
 UNKNOWN_USER: Final = "unknown_user"
+UNKNOWN_ROUTE: Final = "unknown_route"
+METHOD_NOT_ALLOWED: Final = "method_not_allowed"
 INVALID_USERNAME: Final = "invalid_username"
 USERNAME_TAKEN: Final = "username_taken"
 WEAK_PASSWORD: Final = "weak_password"
@@ -46,6 +48,8 @@ HTTP_STATUS: Final[dict[str, int]] = {
     UNKNOWN_CONVERSATION: 404,
     UNKNOWN_MESSAGE: 404,
     UNKNOWN_USER: 404,
+    UNKNOWN_ROUTE: 404,
+    METHOD_NOT_ALLOWED: 405,
     INVALID_USERNAME: 422,
     USERNAME_TAKEN: 409,
     WEAK_PASSWORD: 422,
@@ -71,6 +75,8 @@ ErrorCode = Literal[
     "unknown_conversation",
     "unknown_message",
     "unknown_user",
+    "unknown_route",
+    "method_not_allowed",
     "invalid_username",
     "username_taken",
     "weak_password",
