@@ -217,6 +217,25 @@ def test_schema_matches_pydantic(doc: dict[str, Any], model: type[BaseModel]) ->
     assert documented == generated
 
 
+def test_every_schema_a_generator_names_has_a_title(doc: dict[str, Any]) -> None:
+    """Payload schemas, enums and the ``oneOf``/``anyOf`` branches become classes in a
+    generated client; without a title they are called ``AnonymousSchema_N``."""
+    untitled = []
+    for name, schema in doc["components"]["schemas"].items():
+        if schema.get("title") != name:
+            untitled.append(name)
+        for prop, sub in schema.get("properties", {}).items():
+            if "enum" in sub and not sub.get("title"):
+                untitled.append(f"{name}.{prop}")
+        for combinator in ("oneOf", "anyOf"):
+            untitled += [
+                f"{name}.{combinator}[{i}]"
+                for i, branch in enumerate(schema.get(combinator, []))
+                if not branch.get("title")
+            ]
+    assert not untitled
+
+
 def test_error_code_enum_is_every_error_code(doc: dict[str, Any]) -> None:
     code = doc["components"]["schemas"]["ErrorPayload"]["properties"]["code"]
     assert code["enum"] == sorted(code["enum"]), "keep the enum sorted for readers"
