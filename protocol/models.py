@@ -170,8 +170,10 @@ class DownMessage(_Downlink):
 
 
 class Receipt(_Downlink):
-    """``sent`` / ``delivered`` / ``read``, on ``chat/v1/u/{sender}/down/receipt``.
+    """``sent`` / ``delivered`` / ``read``, on ``chat/v1/u/{member}/down/receipt``.
 
+    ``sent`` goes to the sender's devices; ``delivered`` and ``read`` to the other
+    members, and ``read`` to the reader's own devices too (``by`` is the reader).
     ``seq`` is a cursor: ``delivered`` and ``read`` mean "up to and including seq".
     """
 
