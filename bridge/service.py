@@ -385,10 +385,10 @@ class Bridge:
         partitions = self.settings.partitions
         if partitions == 1:
             return True
-        parsed = topics.parse_user_topic(topic)
-        if parsed is None:
+        sender = topics.uplink_sender(topic)
+        if sender is None:
             return self.settings.partition == 0  # malformed: one instance answers
-        return zlib.crc32(parsed.user.encode()) % partitions == self.settings.partition
+        return zlib.crc32(sender.encode()) % partitions == self.settings.partition
 
     def _receipts(self, user: str, outcome: AckOutcome) -> list[_Publish]:
         if outcome.error is not None:
@@ -442,11 +442,11 @@ class Bridge:
         self._announced.clear()
 
     def _refusal(self, topic: str, exc: errors.ProtocolError) -> list[_Publish]:
-        parsed = topics.parse_user_topic(topic)
-        if parsed is None or not topics.is_valid_username(parsed.user):
+        sender = topics.uplink_sender(topic)
+        if sender is None or not topics.is_valid_username(sender):
             log.warning("dropping uplink on %r: %s", topic, exc)
             return []
-        return [self._error(parsed.user, exc)]
+        return [self._error(sender, exc)]
 
     def _error(self, user: str, exc: errors.ProtocolError) -> _Publish:
         error = protocol.ErrorPayload(id=exc.id, code=exc.code, detail=exc.detail)

@@ -1,4 +1,5 @@
-"""The history API as the SDK uses it: a token, the caller's conversations, pages of messages.
+"""The history API as the SDK uses it: a token, the caller's conversations, pages of
+messages, someone's presence.
 
 The broker's queue is a cache. A device that was away longer than its session lived,
 or for more messages than the broker queues, gets the rest from here, by
@@ -15,6 +16,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -91,6 +93,17 @@ class HistoryClient:
             if not data["has_more"] or not page:
                 return out
             after = page[-1].seq
+
+    async def presence(self, username: str) -> protocol.Presence | None:
+        """A user's presence, as the same model as MQTT's ``chat/v1/presence/{user}``.
+
+        None if no device of theirs was ever seen. Raises :class:`HistoryError`
+        (``unknown_user``) for a name with no (enabled) account.
+        """
+        data = await self._get(f"/v1/users/{quote(username, safe='')}/presence")
+        if data["at"] is None:
+            return None
+        return protocol.Presence(state=data["state"], at=data["at"])
 
     async def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         headers = {"Authorization": f"Bearer {await self._bearer()}"}

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from store import make_engine
 
@@ -31,6 +32,17 @@ def create_app(settings: ApiSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    if settings.cors_origins:
+        # Bearer tokens, not cookies: no credentials mode. Retry-After and
+        # WWW-Authenticate are exposed so a page can act on a 429 or a 401.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Retry-After", "WWW-Authenticate"],
+            max_age=600,
+        )
     app.state.sign_in_guard = SignInGuard(settings)
     errors.install(app)
     app.include_router(users.router)

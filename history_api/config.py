@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
 
 from limits import parse_many
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ApiSettings(BaseSettings):
@@ -55,6 +57,38 @@ class ApiSettings(BaseSettings):
         parse_many(self.login_failures_per_source)
         return self
 
+    #: Browser origins (``https://app.example.com``) whose scripts may call the API
+    #: and read its answers (CORS), comma-separated; ``*`` for any. None by default:
+    #: a page on another origin cannot read a token it was issued.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            for origin in value:
+                if origin != "*" and not _is_origin(origin):
+                    raise ValueError(
+                        f"{origin!r} is not an origin: scheme://host[:port], no path or '/'"
+                    )
+        return value
+
     @property
     def provisions_mosquitto(self) -> bool:
         return self.mosquitto_admin_password is not None
+
+
+def _is_origin(text: object) -> bool:
+    """Whether ``text`` is what a browser sends in ``Origin``: an origin matches exactly,
+    so ``https://app.example/`` (a trailing slash) would never match and fail silently."""
+    if not isinstance(text, str):
+        return False
+    parts = urlsplit(text)
+    return (
+        parts.scheme in {"http", "https"}
+        and bool(parts.netloc)
+        and not (parts.path or parts.query or parts.fragment)
+        and text == f"{parts.scheme}://{parts.netloc}"
+    )

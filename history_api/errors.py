@@ -7,6 +7,9 @@
       Throttled              -> 429 rate_limited     (with Retry-After: seconds)
     RequestValidationError   -> 422 invalid_payload  (malformed JSON, missing or mistyped fields)
     HTTPException 400        -> 400 invalid_json     (a body FastAPI cannot parse: not UTF-8)
+    HTTPException 404        -> 404 unknown_route    (no such path)
+    HTTPException 405        -> 405 method_not_allowed (with Allow: the path's methods)
+    HTTPException, others    -> its status, unauthorized / invalid_payload / internal_error
     ProvisioningError        -> 503 internal_error   (mosquitto refused or is unreachable)
     OperationalError         -> 503 internal_error   (the database is unreachable)
     DataError                -> 422 invalid_payload  (a value the database refuses, e.g. NUL)
@@ -21,13 +24,11 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import Response
 
 from broker.mosquitto import ProvisioningError
 from protocol import errors
@@ -123,13 +124,33 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return error_response(errors.INVALID_PAYLOAD, _describe(exc))
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Starlette's and FastAPI's own refusals, in our shape with our codes.
+
+    Found by a browser app and by curl: an unknown path or a wrong method answered
+    FastAPI's ``{"detail": ...}``, which clients that switch on ``error.code`` cannot
+    read.
+    """
     assert isinstance(exc, StarletteHTTPException)
-    if exc.status_code == 400:
-        # FastAPI's own "error parsing the body" (not UTF-8, say), found by schemathesis:
-        # in our error shape, with our code, like every other refusal.
+    status = exc.status_code
+    if status == 400:
+        # FastAPI's own "error parsing the body" (not UTF-8, say), found by schemathesis.
         return error_response(errors.INVALID_JSON, "the body is not UTF-8 JSON")
-    return await http_exception_handler(request, exc)
+    if status == 404:
+        return error_response(
+            errors.UNKNOWN_ROUTE, f"no endpoint {request.url.path!r}; see /openapi.json"
+        )
+    if status == 405:
+        # Starlette names the path's methods in Allow (RFC 9110 requires it on a 405).
+        return error_response(
+            errors.METHOD_NOT_ALLOWED,
+            f"{request.method} is not allowed on {request.url.path!r}",
+            headers=dict(exc.headers or {}),
+        )
+    code = errors.UNAUTHORIZED if status == 401 else errors.INVALID_PAYLOAD
+    if status >= 500:
+        code = errors.INTERNAL
+    return error_response(code, str(exc.detail), status=status, headers=dict(exc.headers or {}))
 
 
 async def _broker_unavailable(request: Request, exc: Exception) -> JSONResponse:

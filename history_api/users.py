@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -158,11 +158,29 @@ async def change_my_password(
 
 
 class PresencePublic(BaseModel):
+    """A user's presence in the words of MQTT's ``chat/v1/presence/{user}``: ``state``
+    and ``at``. ``online`` and ``last_seen`` were this answer's first words; they stay,
+    deprecated, because v1 changes the meaning of nothing it listed."""
+
     username: str
-    #: Whether any of the user's devices is connected.
-    online: bool
-    #: The latest time any of the user's devices was seen; null if none ever was.
-    last_seen: datetime | None
+    #: ``online`` while any of the user's devices is, as on MQTT.
+    state: Literal["online", "offline"]
+    #: The latest time one of the user's devices was seen: for ``offline``, when the
+    #: user was last seen (as on MQTT); for ``online``, their latest announcement
+    #: (MQTT's ``at`` is when they came online, so it can be earlier). Null if no
+    #: device of theirs was ever seen.
+    at: datetime | None
+    online: Annotated[
+        bool,
+        Field(
+            description="Deprecated: `state` == `online`.",
+            json_schema_extra={"deprecated": True},
+        ),
+    ]
+    last_seen: Annotated[
+        datetime | None,
+        Field(description="Deprecated: the same as `at`.", json_schema_extra={"deprecated": True}),
+    ]
 
 
 @router.get(
@@ -174,4 +192,10 @@ def get_presence(username: str, session: SessionDep, me: CurrentUser) -> Presenc
     found = history.presence(session, username) if storable(username) else None
     if found is None:
         raise errors.ProtocolError(errors.UNKNOWN_USER, f"no user {username!r}")
-    return PresencePublic(username=found.username, online=found.online, last_seen=found.last_seen)
+    return PresencePublic(
+        username=found.username,
+        state="online" if found.online else "offline",
+        at=found.last_seen,
+        online=found.online,
+        last_seen=found.last_seen,
+    )

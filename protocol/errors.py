@@ -18,10 +18,13 @@ INVALID_PAYLOAD: Final = "invalid_payload"
 PAYLOAD_TOO_LARGE: Final = "payload_too_large"
 BODY_TOO_LARGE: Final = "body_too_large"
 UNKNOWN_TOPIC: Final = "unknown_topic"
+ID_REUSED: Final = "id_reused"
 UNKNOWN_RECIPIENT: Final = "unknown_recipient"
 UNKNOWN_CONVERSATION: Final = "unknown_conversation"
 UNKNOWN_MESSAGE: Final = "unknown_message"
 UNKNOWN_USER: Final = "unknown_user"
+UNKNOWN_ROUTE: Final = "unknown_route"
+METHOD_NOT_ALLOWED: Final = "method_not_allowed"
 INVALID_USERNAME: Final = "invalid_username"
 USERNAME_TAKEN: Final = "username_taken"
 WEAK_PASSWORD: Final = "weak_password"
@@ -40,10 +43,13 @@ HTTP_STATUS: Final[dict[str, int]] = {
     PAYLOAD_TOO_LARGE: 413,
     BODY_TOO_LARGE: 413,
     UNKNOWN_TOPIC: 404,
+    ID_REUSED: 409,
     UNKNOWN_RECIPIENT: 404,
     UNKNOWN_CONVERSATION: 404,
     UNKNOWN_MESSAGE: 404,
     UNKNOWN_USER: 404,
+    UNKNOWN_ROUTE: 404,
+    METHOD_NOT_ALLOWED: 405,
     INVALID_USERNAME: 422,
     USERNAME_TAKEN: 409,
     WEAK_PASSWORD: 422,
@@ -64,10 +70,13 @@ ErrorCode = Literal[
     "payload_too_large",
     "body_too_large",
     "unknown_topic",
+    "id_reused",
     "unknown_recipient",
     "unknown_conversation",
     "unknown_message",
     "unknown_user",
+    "unknown_route",
+    "method_not_allowed",
     "invalid_username",
     "username_taken",
     "weak_password",

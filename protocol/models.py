@@ -11,7 +11,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ErrorCode
 
@@ -22,11 +29,28 @@ MAX_BODY_CHARS: Final = 4096
 MAX_PAYLOAD_BYTES: Final = 32 * 1024
 MAX_ID_CHARS: Final = 64
 
-ClientMessageId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
-ConversationId = Annotated[str, Field(min_length=1, max_length=64)]
+#: What the schemas say of every uplink text: no NUL (``_Uplink._no_nul`` enforces it
+#: with a clearer message than a pattern mismatch) and no lone surrogate (``"\ud800"``
+#: is valid JSON but no Unicode text; pydantic refuses it).
+TEXT_PATTERN: Final = r"^[^\u0000\ud800-\udfff]*$"
+_TEXT: Final = {"pattern": TEXT_PATTERN}
+
+
+def _integral(value: object) -> object:
+    """``1.0`` as ``1``: JSON has one number type, and JSON Schema calls ``1.0`` an
+    integer, so a client whose JSON library writes it must not be refused for it."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+ClientMessageId = Annotated[
+    str, Field(min_length=1, max_length=MAX_ID_CHARS, json_schema_extra=_TEXT)
+]
+ConversationId = Annotated[str, Field(min_length=1, max_length=64, json_schema_extra=_TEXT)]
 Username = Annotated[str, Field(min_length=2, max_length=32, pattern=r"^[a-z0-9][a-z0-9_.]{1,31}$")]
-Seq = Annotated[int, Field(ge=1)]
-DeviceName = Annotated[str, Field(min_length=1, max_length=64)]
+Seq = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+DeviceName = Annotated[str, Field(min_length=1, max_length=64, json_schema_extra=_TEXT)]
 
 
 class _Uplink(BaseModel):
@@ -53,10 +77,25 @@ class UpMessage(_Uplink):
     again by the same user is the same message.
     """
 
+    # Exactly one target, written so that schema validators and code generators see it
+    # (a null target counts as absent, as it does here).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"title": "ToUser", "required": ["to"], "properties": {"to": {"type": "string"}}},
+                {
+                    "title": "ToConversation",
+                    "required": ["conversation"],
+                    "properties": {"conversation": {"type": "string"}},
+                },
+            ]
+        }
+    )
+
     id: ClientMessageId
     to: Username | None = None
     conversation: ConversationId | None = None
-    body: Annotated[str, Field(min_length=1, max_length=MAX_BODY_CHARS)]
+    body: Annotated[str, Field(min_length=1, max_length=MAX_BODY_CHARS, json_schema_extra=_TEXT)]
 
     @model_validator(mode="after")
     def _exactly_one_target(self) -> UpMessage:
@@ -72,6 +111,23 @@ class UpAck(_Uplink):
     implies ``delivered``. ``device`` names the device (its own cursor); stock clients
     that leave it out share the cursor ``default``.
     """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {
+                    "title": "Delivered",
+                    "required": ["delivered"],
+                    "properties": {"delivered": {"type": "integer"}},
+                },
+                {
+                    "title": "Read",
+                    "required": ["read"],
+                    "properties": {"read": {"type": "integer"}},
+                },
+            ]
+        }
+    )
 
     conversation: ConversationId
     delivered: Seq | None = None
@@ -114,8 +170,10 @@ class DownMessage(_Downlink):
 
 
 class Receipt(_Downlink):
-    """``sent`` / ``delivered`` / ``read``, on ``chat/v1/u/{sender}/down/receipt``.
+    """``sent`` / ``delivered`` / ``read``, on ``chat/v1/u/{member}/down/receipt``.
 
+    ``sent`` goes to the sender's devices; ``delivered`` and ``read`` to the other
+    members, and ``read`` to the reader's own devices too (``by`` is the reader).
     ``seq`` is a cursor: ``delivered`` and ``read`` mean "up to and including seq".
     """
 

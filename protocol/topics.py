@@ -93,6 +93,20 @@ def parse_user_topic(topic: str) -> UserTopic | None:
     return UserTopic(user=m.group(1), direction=direction, kind=m.group(3))
 
 
+_UPLINK_RE: Final = re.compile(rf"^{re.escape(PREFIX)}/u/([^/]+)/up(?:/.*)?$", re.DOTALL)
+
+
+def uplink_sender(topic: str) -> str | None:
+    """Whose uplink this is, even when the rest of the topic is no uplink kind we know.
+
+    The broker lets only ``{user}`` publish under ``chat/v1/u/{user}/up/#``, so the
+    fourth level names the publisher of ``up/msg/x`` or ``up/foo`` too, and the
+    bridge can tell them ``unknown_topic`` instead of dropping their publish unseen.
+    """
+    m = _UPLINK_RE.fullmatch(topic)
+    return None if m is None else m.group(1)
+
+
 def matches(topic: str, topic_filter: str) -> bool:
     """Whether a concrete topic matches an MQTT subscription filter."""
     t = topic.split("/")

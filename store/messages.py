@@ -191,9 +191,10 @@ def _persist(
     #    exist and are enabled. On PostgreSQL the write checks both itself, so a
     #    batch whose conversations are all known is that one write and nothing else.
     stored_before: dict[tuple[str, str], HistoryMessage] = {}
+    stored_directs: dict[str, str] = {}
     recipients: set[str] | None = None
     if not (_write_checks(conn) and all(_known(sender, up, known) for sender, up in uplinks)):
-        stored_before, recipients = _resends_and_recipients(conn, uplinks)
+        stored_before, stored_directs, recipients = _resends_and_recipients(conn, uplinks)
 
     # 2. The direct conversations of those recipients: known ones from ``known``.
     pairs = {
@@ -225,9 +226,22 @@ def _persist(
     for index, (sender, up) in enumerate(uplinks):
         key = (sender, up.id)
         if key in stored_before:
-            decided.append(stored_before[key])
+            # The same message is the same body in the same conversation, named by
+            # ``to`` or by ``conversation``: anything else is a new message under an
+            # old id. Compared only here, for the rows that hit a stored id.
+            before = stored_before[key]
+            if up.to is not None:
+                same_target = stored_directs.get(before.conversation) == direct_key(sender, up.to)
+            else:
+                same_target = before.conversation == up.conversation
+            same = same_target and before.body == up.body
+            decided.append(before if same else _id_reused(up))
         elif key in first_copy:
-            decided.append(_Again(first_copy[key]))
+            original = decided[first_copy[key]]
+            assert isinstance(original, _New)
+            target = direct.get(direct_key(sender, up.to)) if up.to else up.conversation
+            same = (original.conversation, original.up.body) == (target, up.body)
+            decided.append(_Again(first_copy[key]) if same else _id_reused(up))
         elif up.to is not None and recipients is not None and up.to not in recipients:
             decided.append(_unknown_recipient(up))
         else:
@@ -273,7 +287,11 @@ def _persist(
                 )
                 outcomes.append(Outcome(stored=_stored(message, members, duplicate=False)))
             elif key in resent:
-                outcomes.append(Outcome(stored=_stored(resent[key], members, duplicate=True)))
+                before = resent[key]
+                if (before.body, before.conversation) == (item.up.body, item.conversation):
+                    outcomes.append(Outcome(stored=_stored(before, members, duplicate=True)))
+                else:
+                    outcomes.append(Outcome(error=_id_reused(item.up)))
             elif item.up.to is not None:
                 outcomes.append(Outcome(error=_unknown_recipient(item.up)))
             else:
@@ -299,28 +317,35 @@ def _known(sender: str, up: UpMessage, known: DirectConversations) -> bool:
 
 def _resends_and_recipients(
     conn: Connection, uplinks: Sequence[tuple[str, UpMessage]]
-) -> tuple[dict[tuple[str, str], HistoryMessage], set[str]]:
+) -> tuple[dict[tuple[str, str], HistoryMessage], dict[str, str], set[str]]:
     """The batch's messages stored already, and its recipients that exist and are enabled.
 
-    One read; an account row has no client id.
+    Also the direct key of each stored message's conversation (where it is a direct
+    one), so that a resend naming ``to`` can be compared with what was stored. One
+    read; an account row has no client id.
     """
     keys = sorted({(sender, up.id) for sender, up in uplinks})
     wanted = sorted({up.to for _, up in uplinks if up.to is not None})
-    resends = select(*_MESSAGE_COLUMNS).where(
-        tuple_(col(Message.sender), col(Message.client_id)).in_(keys)
+    resends = (
+        select(*_MESSAGE_COLUMNS, col(Conversation.direct_key))
+        .join(Conversation, col(Conversation.id) == col(Message.conversation_id))
+        .where(tuple_(col(Message.sender), col(Message.client_id)).in_(keys))
     )
-    accounts = select(null(), null(), null(), col(Account.username), null(), null()).where(
+    accounts = select(null(), null(), null(), col(Account.username), null(), null(), null()).where(
         col(Account.username).in_(wanted), ~col(Account.disabled)
     )
     read = resends.union_all(accounts) if wanted else resends
     stored_before: dict[tuple[str, str], HistoryMessage] = {}
+    stored_directs: dict[str, str] = {}
     recipients: set[str] = set()
     for row in conn.execute(read):
         if row.client_id is None:
             recipients.add(row.sender)
-        else:
-            stored_before[row.sender, row.client_id] = HistoryMessage(*row)
-    return stored_before, recipients
+            continue
+        stored_before[row.sender, row.client_id] = HistoryMessage(*row[:6])
+        if row.direct_key is not None:
+            stored_directs[row.conversation_id] = row.direct_key
+    return stored_before, stored_directs, recipients
 
 
 def _members(
@@ -341,6 +366,20 @@ def _members(
             looked_up[conversation].append(username)
         members.update(looked_up)
     return members
+
+
+def _id_reused(up: UpMessage) -> errors.ProtocolError:
+    """A stored id sent again with another body or target: not a resend, so refused.
+
+    Answering it with the stored message would tell the client its new text was
+    delivered when it never was.
+    """
+    return errors.ProtocolError(
+        errors.ID_REUSED,
+        f"id {up.id!r} is already a message of yours with another body or recipient; "
+        "a new message needs a new id",
+        id=up.id,
+    )
 
 
 def _unknown_recipient(up: UpMessage) -> errors.ProtocolError:

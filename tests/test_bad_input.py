@@ -104,6 +104,14 @@ CASES: list[tuple[str, Callable[[], bytes], str, str, str | None]] = [
         None,
     ),
     (
+        "a level under a known kind",
+        lambda: msg(id="x12", to="bob", body="hi"),
+        "msg/x",
+        "unknown_topic",
+        None,
+    ),
+    ("an empty kind", lambda: msg(id="x13", to="bob", body="hi"), "", "unknown_topic", None),
+    (
         "ack for a conversation not mine",
         lambda: msg(conversation="c_1", read=3),
         "ack",
@@ -145,6 +153,35 @@ async def test_bad_uplink_gets_its_error_code(
     await mallory.publish(msg(id="ok", to="bob", body="sorry"))
     receipt = await asyncio.wait_for(mallory.receipts.get(), 15)
     assert (receipt["status"], receipt["id"]) == ("sent", "ok")
+
+
+async def test_a_reused_id_with_other_content_is_refused(stack: Stack) -> None:
+    """An id names one message: other text under it is refused, the same text is a resend."""
+    await stack.add_users("mallory", "bob", "carol")
+    mallory = Mallory(stack)
+    await mallory.start()
+
+    await mallory.publish(msg(id="r1", to="bob", body="first"))
+    first = await asyncio.wait_for(mallory.receipts.get(), 15)
+    for reused in (
+        msg(id="r1", to="bob", body="second"),
+        msg(id="r1", to="carol", body="first"),
+        msg(id="r1", conversation="c_00000000000000000000", body="first"),
+    ):
+        await mallory.publish(reused)
+        error = await mallory.error()
+        assert (error["code"], error["id"]) == ("id_reused", "r1")
+    await mallory.publish(msg(id="r1", to="bob", body="first"))
+    again = await asyncio.wait_for(mallory.receipts.get(), 15)
+
+    assert first["status"] == again["status"] == "sent"
+    assert (again["id"], again["conversation"], again["seq"]) == (
+        "r1",
+        first["conversation"],
+        first["seq"],
+    )
+    assert [(m.client_id, m.body) for m in stored(stack)] == [("r1", "first")]
+    assert mallory.errors.empty()
 
 
 async def test_bad_input_does_not_disturb_other_users(stack: Stack) -> None:

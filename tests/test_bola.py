@@ -164,7 +164,7 @@ async def presence(client: httpx.AsyncClient, world: World) -> None:
     for me, victim in world.pairs():
         response = await me.api.get(f"/v1/users/{victim.name}/presence")
         assert response.status_code == 200
-        assert set(response.json()) == {"username", "online", "last_seen"}
+        assert set(response.json()) == {"username", "state", "at", "online", "last_seen"}
         assert response.json()["username"] == victim.name
         assert not leaks(response, victim)
         assert victim.own_device not in response.text

@@ -35,7 +35,7 @@ from .conftest import Stack
 from .test_fuzz_decode import FUZZ, UP_KINDS, dump, hostile_payloads
 
 #: Topic suffixes after ``chat/v1/u/mallory/up/``: the real kinds, an unknown one
-#: (refused with ``unknown_topic``) and shapes the bridge cannot even parse (dropped).
+#: and shapes that are no uplink kind (all refused with ``unknown_topic``).
 SUFFIXES = [*UP_KINDS, "shout", "", "msg/extra"]
 SENTINEL_CONVERSATION = "zz-sentinel"
 
@@ -74,11 +74,15 @@ def draw_uplinks() -> list[tuple[str, bytes]]:
 Expected = tuple[str, Any]  # ("error", (code, id)) | ("sent", id) | ("silence", None)
 
 
-def oracle(topic: str, payload: bytes) -> Expected | None:
-    """What the bridge must answer, or None for an uplink this test does not send."""
+def oracle(topic: str, payload: bytes, bodies: dict[str, str]) -> Expected | None:
+    """What the bridge must answer, or None for an uplink this test does not send.
+
+    ``bodies`` holds the body first stored under each of Mallory's ids so far: the
+    same id with another body is ``id_reused``.
+    """
     if len(payload) > 2 * MAX_PAYLOAD_BYTES:
         return None  # over mosquitto's own limit: tests/test_bad_input.py covers it
-    if topics.parse_user_topic(topic) is None:
+    if topics.uplink_sender(topic) is None:
         return ("silence", None)  # not even a topic to answer on
     try:
         up = decode(topic, payload).payload
@@ -88,6 +92,8 @@ def oracle(topic: str, payload: bytes) -> Expected | None:
         if up.to in ("alice", "bob", "mallory"):
             return None  # would be stored: not the kind of input this test is about
         if up.to == "carol":
+            if bodies.setdefault(up.id, up.body) != up.body:
+                return ("error", ("id_reused", up.id))
             return ("sent", up.id)
         if up.to is not None:
             return ("error", ("unknown_recipient", up.id))
@@ -131,7 +137,8 @@ async def test_hostile_uplinks_while_others_chat(stack: Stack) -> None:
     link = await stack.raw("mallory", on_message=mallory.on_message)
     await link.subscribe(topics.down_all("mallory"), qos=1)
 
-    plan = [(t, p, e) for t, p in draw_uplinks() if (e := oracle(t, p)) is not None]
+    bodies: dict[str, str] = {}
+    plan = [(t, p, e) for t, p in draw_uplinks() if (e := oracle(t, p, bodies)) is not None]
     rounds = 20
 
     async def chat() -> None:

@@ -594,15 +594,16 @@ async def test_presence_from_devices(
     alice = await as_user(client, "alice")
 
     bob = await alice.json("/v1/users/bob/presence")
-    assert bob == {"username": "bob", "online": True, "last_seen": bob["last_seen"]}
-    assert when(bob["last_seen"]) == at(2)
+    assert set(bob) == {"username", "state", "at", "online", "last_seen"}
+    assert (bob["username"], bob["state"], when(bob["at"])) == ("bob", "online", at(2))
     dave = await alice.json("/v1/users/dave/presence")  # no conversation with alice: still fine
-    assert (dave["online"], when(dave["last_seen"])) == (False, at(7))
-    assert await alice.json("/v1/users/carol/presence") == {
-        "username": "carol",
-        "online": False,
-        "last_seen": None,
-    }
+    assert (dave["state"], when(dave["at"])) == ("offline", at(7))
+    carol = await alice.json("/v1/users/carol/presence")
+    assert (carol["state"], carol["at"]) == ("offline", None)
+    # The first words, kept as deprecated aliases: same values.
+    for answer in (bob, dave, carol):
+        assert answer["online"] == (answer["state"] == "online")
+        assert answer["last_seen"] == answer["at"]
     for name in ("nobody", "Bob", "x"):
         assert error_of(await alice.get(f"/v1/users/{name}/presence")) == (404, "unknown_user")
 

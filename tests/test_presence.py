@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlmodel import Session, select
 
 from clients.mqtt import Incoming, MqttLink
-from protocol import topics
+from protocol import Presence, topics
 from store.tables import Device
 
 from .conftest import Stack
@@ -158,3 +158,25 @@ async def test_presence_after_broker_restart(stack: Stack) -> None:
 
     await watcher.state_of("bob", "offline", timeout=30)
     await watcher.state_of("alice", "online", timeout=30)
+
+
+async def test_the_history_api_says_what_mqtt_says(stack: Stack) -> None:
+    """One vocabulary: HTTP's ``state`` and ``at`` are MQTT's, through the SDK's model."""
+    await stack.add_users("alice", "carol")
+    await stack.start_api()
+    watcher = Watcher()
+    await watcher.start(stack)
+    history = stack.history("carol")
+    try:
+        assert await history.presence("alice") is None  # never seen
+
+        phone = await stack.client("alice", "phone")
+        online = Presence.model_validate(await watcher.state_of("alice", "online"))
+        # No re-announcement yet, so even online's ``at`` is the same instant.
+        assert await history.presence("alice") == online
+
+        await phone.close()
+        offline = Presence.model_validate(await watcher.state_of("alice", "offline"))
+        assert await history.presence("alice") == offline
+    finally:
+        await history.close()

@@ -14,12 +14,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import jsonschema
 import pytest
 import yaml
 from pydantic import BaseModel
 
-from protocol import acl, decode, errors, models, topics
+from protocol import MAX_BODY_CHARS, ProtocolError, acl, decode, errors, models, topics
+
+from .test_fuzz_decode import FUZZ, dump, model_shaped
 
 ROOT = Path(__file__).resolve().parents[1]
 ASYNCAPI_PATH = ROOT / "protocol" / "asyncapi.yaml"
@@ -133,8 +136,11 @@ def _normalise(schema: dict[str, Any], resolve: Resolver) -> dict[str, Any]:
         out["enum"] = sorted(out["enum"], key=repr)
     if nullable:
         out["nullable"] = True
-    if "anyOf" in schema:
-        out["anyOf"] = sorted((_normalise(b, resolve) for b in schema["anyOf"]), key=json.dumps)
+    for combinator in ("anyOf", "oneOf"):
+        if combinator in schema:
+            out[combinator] = sorted(
+                (_normalise(b, resolve) for b in schema[combinator]), key=json.dumps
+            )
     if "items" in schema:
         out["items"] = _normalise(schema["items"], resolve)
     if schema.get("type") == "object" or "properties" in schema:
@@ -209,6 +215,25 @@ def test_schema_matches_pydantic(doc: dict[str, Any], model: type[BaseModel]) ->
     documented = _document_schema(doc, model.__name__)
     generated = _pydantic_schema(model)
     assert documented == generated
+
+
+def test_every_schema_a_generator_names_has_a_title(doc: dict[str, Any]) -> None:
+    """Payload schemas, enums and the ``oneOf``/``anyOf`` branches become classes in a
+    generated client; without a title they are called ``AnonymousSchema_N``."""
+    untitled = []
+    for name, schema in doc["components"]["schemas"].items():
+        if schema.get("title") != name:
+            untitled.append(name)
+        for prop, sub in schema.get("properties", {}).items():
+            if "enum" in sub and not sub.get("title"):
+                untitled.append(f"{name}.{prop}")
+        for combinator in ("oneOf", "anyOf"):
+            untitled += [
+                f"{name}.{combinator}[{i}]"
+                for i, branch in enumerate(schema.get(combinator, []))
+                if not branch.get("title")
+            ]
+    assert not untitled
 
 
 def test_error_code_enum_is_every_error_code(doc: dict[str, Any]) -> None:
@@ -332,6 +357,142 @@ def test_document_is_structurally_asyncapi_3(doc: dict[str, Any]) -> None:
     assert doc["components"]["messages"]
     for ref in _refs(doc):
         _pointer(doc, ref)
+
+
+# --- the schemas and the decoder agree on every uplink ------------------------------
+
+
+def _ecma_pattern(
+    validator: Any, pattern: str, instance: Any, schema: dict[str, Any]
+) -> Iterator[jsonschema.ValidationError]:
+    """``pattern`` as JSON Schema means it (ECMA-262): a final ``$`` matches only at the
+    end, where Python's also matches before a final newline and would accept
+    ``"bob\\n"`` as a username."""
+    if not validator.is_type(instance, "string"):
+        return
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + "\\Z"
+    if re.search(pattern, instance) is None:
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+#: What a client that validates before it sends would use: AsyncAPI's schema format is
+#: a superset of JSON Schema draft 7.
+ClientValidator = jsonschema.validators.extend(
+    jsonschema.Draft7Validator, {"pattern": _ecma_pattern}
+)
+
+
+@pytest.fixture(scope="module")
+def uplink_validators(doc: dict[str, Any]) -> dict[str, jsonschema.protocols.Validator]:
+    """The document's payload schema of each uplink kind, by kind."""
+    by_address = {channel["address"]: channel for channel in doc["channels"].values()}
+    validators = {}
+    for kind in topics.UP_KINDS:
+        (message,) = _channel_messages(doc, by_address[topics.up("{user}", kind)])
+        schema = doc["components"]["schemas"][_payload_schema_name(message)]
+        validators[kind] = ClientValidator(schema)
+    return validators
+
+
+def _verdicts(
+    validators: dict[str, jsonschema.protocols.Validator], kind: str, payload: Any
+) -> tuple[bool, bool]:
+    """(the document accepts it, the bridge's decoder accepts it).
+
+    Sent as a client would write it: UTF-8, escaping only what UTF-8 cannot carry (lone
+    surrogates). The one rule outside the schemas is the payload's size in bytes (stated
+    in the document's description): a schema-valid uplink without unknown fields stays
+    under it even with every character escaped.
+    """
+    try:
+        raw = json.dumps(payload, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raw = dump(payload)
+    try:
+        decode(topics.up(USER, kind), raw)
+    except ProtocolError:
+        decoded = False
+    else:
+        decoded = True
+    return validators[kind].is_valid(payload), decoded
+
+
+#: Hand-picked uplinks at every edge the schemas have to express, with the verdict.
+UPLINK_CASES: list[tuple[str, Any, bool]] = [
+    ("msg", {"id": "m1", "to": "bob", "body": "hi"}, True),
+    ("msg", {"id": "m1", "conversation": "c_1", "body": "hi"}, True),
+    ("msg", {"id": "m1", "body": "hi"}, False),  # neither target
+    ("msg", {"id": "m1", "to": "bob", "conversation": "c_1", "body": "hi"}, False),  # both
+    ("msg", {"id": "m1", "to": None, "conversation": "c_1", "body": "hi"}, True),
+    ("msg", {"id": "m1", "to": "bob", "conversation": None, "body": "hi"}, True),
+    ("msg", {"id": "m1", "to": None, "conversation": None, "body": "hi"}, False),
+    ("msg", {"id": "m1", "to": "bob", "body": "a\x00b"}, False),
+    ("msg", {"id": "m\x00", "to": "bob", "body": "hi"}, False),
+    ("msg", {"id": "m1", "conversation": "c\x00", "body": "hi"}, False),
+    ("msg", {"id": "m1", "to": "bob\n", "body": "hi"}, False),
+    ("msg", {"id": "m1", "to": "Bob", "body": "hi"}, False),
+    ("msg", {"id": "m1", "to": "bob", "body": ""}, False),
+    ("msg", {"id": "m1", "to": "bob", "body": "a\nb"}, True),
+    ("msg", {"id": "m1", "to": "bob", "body": "\U0001f600" * MAX_BODY_CHARS}, True),
+    ("msg", {"id": "m1", "to": "bob", "body": "a" * (MAX_BODY_CHARS + 1)}, False),
+    ("msg", {"id": "i" * 64, "to": "bob", "body": "hi"}, True),
+    ("msg", {"id": "i" * 65, "to": "bob", "body": "hi"}, False),
+    ("msg", {"id": 1, "to": "bob", "body": "hi"}, False),
+    ("msg", {"id": "m1", "to": "bob", "body": 1}, False),
+    ("msg", {"id": "m1", "to": "bob", "body": "hi", "sent_at": "later"}, True),  # ignored
+    ("msg", ["m1", "bob", "hi"], False),
+    ("ack", {"conversation": "c_1", "delivered": 1}, True),
+    ("ack", {"conversation": "c_1", "read": 3, "device": "phone"}, True),
+    ("ack", {"conversation": "c_1", "delivered": 5, "read": 3}, True),
+    ("ack", {"conversation": "c_1"}, False),  # no cursor
+    ("ack", {"conversation": "c_1", "delivered": None, "read": None}, False),
+    ("ack", {"conversation": "c_1", "delivered": 0}, False),
+    ("ack", {"conversation": "c_1", "delivered": 2.0}, True),  # JSON has one number type
+    ("ack", {"conversation": "c_1", "delivered": 1.5}, False),
+    ("ack", {"conversation": "c_1", "delivered": True}, False),
+    ("ack", {"conversation": "c_1", "delivered": "1"}, False),
+    ("ack", {"conversation": "c_1", "read": 1, "device": ""}, False),
+    ("ack", {"conversation": "c_1", "read": 1, "device": "ph\x00ne"}, False),
+    ("typing", {"conversation": "c_1"}, True),
+    ("typing", {"conversation": "c_1", "typing": False}, True),
+    ("typing", {"conversation": "c_1", "typing": 1}, False),
+    ("typing", {"conversation": "c\x00"}, False),
+    ("typing", {}, False),
+    ("presence", {"device": "phone", "state": "online"}, True),
+    ("presence", {"device": "phone", "state": "away"}, False),
+    ("presence", {"state": "offline"}, False),
+    ("presence", {"device": "\x00", "state": "online"}, False),
+    ("presence", None, False),
+]
+
+
+@pytest.mark.parametrize(("kind", "payload", "accepted"), UPLINK_CASES)
+def test_schema_and_decoder_agree_on_edge_cases(
+    uplink_validators: dict[str, jsonschema.protocols.Validator],
+    kind: str,
+    payload: Any,
+    accepted: bool,
+) -> None:
+    """A client validating against the document sends exactly what the bridge accepts."""
+    assert _verdicts(uplink_validators, kind, payload) == (accepted, accepted)
+
+
+@pytest.mark.parametrize("kind", topics.UP_KINDS)
+def test_schema_and_decoder_agree_on_generated_uplinks(
+    uplink_validators: dict[str, jsonschema.protocols.Validator], kind: str
+) -> None:
+    """Objects shaped like each uplink (fields right, mistyped, missing, extra) from
+    ``tests/test_fuzz_decode.py``: the document and the decoder never disagree."""
+
+    @FUZZ
+    @hypothesis.given(payload=model_shaped(kind))
+    @hypothesis.example(payload={"conversation": "c_1", "delivered": 1e300})
+    def agree(payload: dict[str, Any]) -> None:
+        in_document, in_decoder = _verdicts(uplink_validators, kind, payload)
+        assert in_document == in_decoder, (kind, payload)
+
+    agree()
 
 
 # --- the document for people -----------------------------------------------------

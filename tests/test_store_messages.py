@@ -180,20 +180,61 @@ def test_a_known_conversation_still_checks_its_recipient(store_engine: Engine) -
         assert list(stored.scalars()) == ["a1", "a2", "a4"]
 
 
-def test_a_resend_to_another_target_is_the_stored_message(store_engine: Engine) -> None:
-    """The id decides: resent with another recipient, it is still the first message."""
+@pytest.mark.parametrize("remember", [True, False], ids=["known-directs", "read-first"])
+def test_a_reused_id_with_other_content_is_refused(store_engine: Engine, remember: bool) -> None:
+    """The id is the same message only with the same body and conversation.
+
+    With ``known-directs`` PostgreSQL finds the stored row inside its one write; with
+    ``read-first`` the batch's read finds it (SQLite always reads first).
+    """
+
+    def batch(*uplinks: tuple[str, UpMessage]) -> list[Any]:
+        return persist_batch(store_engine, list(uplinks), directs if remember else None)
+
     directs = DirectConversations()
-    (a1,) = persist_batch(store_engine, [("alice", up("a1", to="bob"))], directs)
-    persist_batch(store_engine, [("alice", up("a2", to="carol"))], directs)
-    (again,) = persist_batch(store_engine, [("alice", up("a1", to="carol"))], directs)
+    (a1,) = batch(("alice", up("a1", to="bob")))
+    (a2,) = batch(("alice", up("a2", to="carol")))
     assert a1.stored is not None
-    assert again.stored is not None
-    assert again.stored.duplicate
-    assert (again.stored.conversation, again.stored.seq, again.stored.members) == (
-        a1.stored.conversation,
-        1,
-        ("alice", "bob"),
+    assert a2.stored is not None
+    same_by_to, same_by_id, other_body, other_to, other_conversation = batch(
+        ("alice", up("a1", to="bob")),
+        ("alice", up("a1", conversation=a1.stored.conversation)),
+        ("alice", UpMessage(id="a1", to="bob", body="another text")),
+        ("alice", up("a1", to="carol")),
+        ("alice", up("a1", conversation=a2.stored.conversation)),
     )
+    (unknown_to,) = batch(("alice", up("a1", to="nobody")))
+    for resend in (same_by_to, same_by_id):
+        assert resend.stored is not None
+        assert (resend.stored.seq, resend.stored.duplicate) == (1, True)
+        assert resend.stored.conversation == a1.stored.conversation
+    for reused in (other_body, other_to, other_conversation, unknown_to):
+        assert reused.error is not None
+        assert (reused.error.code, reused.error.id) == (errors.ID_REUSED, "a1")
+    with Session(store_engine) as session:
+        stored = session.execute(select(col(Message.client_id), col(Message.body))).all()
+    assert sorted(stored) == [("a1", "body of a1"), ("a2", "body of a2")]
+
+
+def test_a_reused_id_within_one_batch_is_refused(store_engine: Engine) -> None:
+    """The first copy is stored; a second copy in the same batch must match it."""
+    first, again, other_body, other_to = persist_batch(
+        store_engine,
+        [
+            ("alice", up("a1", to="bob")),
+            ("alice", up("a1", to="bob")),
+            ("alice", UpMessage(id="a1", to="bob", body="another text")),
+            ("alice", up("a1", to="carol")),
+        ],
+    )
+    assert first.stored is not None
+    assert again.stored is not None
+    assert (again.stored.seq, again.stored.duplicate) == (first.stored.seq, True)
+    for reused in (other_body, other_to):
+        assert reused.error is not None
+        assert (reused.error.code, reused.error.id) == (errors.ID_REUSED, "a1")
+    with Session(store_engine) as session:
+        assert session.execute(select(func.count()).select_from(Message)).scalar_one() == 1
 
 
 def test_a_failed_batch_teaches_nothing(store_engine: Engine) -> None:
