@@ -13,6 +13,8 @@ amqtt speaks MQTT 3.1.1 only and keeps sessions in memory. mqchat adds::
                         amqtt's own handling, replaying the CONNECT
                             └─▶ AccountAuth.authenticate: only what the gate admitted
                         TopicAcl: protocol.acl on every publish, subscribe, delivery
+                        PacketGuard: packet sizes, and 1.5 keepalives without a packet
+                        ──▶ closed (the last will fires)
                         MqchatBroker overrides amqtt where it skips TopicAcl: wills,
                         retained messages (users retain nothing; sent on SUBSCRIBE
                         only), queued messages (retain 0)
@@ -234,7 +236,8 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         source = peer[0] if peer is not None else "unknown"
         # Counted on arrival, so connections that never send a CONNECT count too.
         allowed = self.gate.connection_allowed(source)
-        rewindable = _Rewindable(PacketGuard(reader, self.settings.max_packet_bytes))
+        guard = PacketGuard(reader, self.settings.max_packet_bytes)
+        rewindable = _Rewindable(guard)
         try:
             connect = await asyncio.wait_for(
                 read_connect(rewindable), self.settings.connect_timeout
@@ -279,6 +282,7 @@ class MqchatBroker(Broker):  # type: ignore[misc]
             )
             await _refuse(writer, NOT_AUTHORIZED)
             return
+        guard.keepalive = connect.keep_alive  # amqtt never enforces it (broker.wire)
         rewindable.rewind()
         _admitted.set(verdict)
         await super()._client_connected(listener_name, rewindable, writer)
