@@ -46,6 +46,7 @@ from typing import Any, Final
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
+from amqtt.errors import AMQTTError
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
@@ -398,8 +399,7 @@ class MqchatBroker(Broker):  # type: ignore[misc]
                     )
                 )
             )
-        if sends:
-            await asyncio.wait(sends)
+        await _sent(sends)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Deliver what was queued for a persistent session while it was away.
@@ -420,8 +420,7 @@ class MqchatBroker(Broker):  # type: ignore[misc]
                     handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
                 )
             )
-        if sends:
-            await asyncio.wait(sends)
+        await _sent(sends)
 
     async def drop_user(self, username: str) -> int:
         """End every session of ``username``: subscriptions, queue and connection.
@@ -464,6 +463,21 @@ class MqchatBroker(Broker):  # type: ignore[misc]
             for username, hashes in signed_in.items():
                 if hashes != {current.get(username)}:
                     await self.drop_user(username)
+
+
+async def _sent(sends: list[asyncio.Future[Any]]) -> None:
+    """Wait for publishes to a client and take their outcome.
+
+    A client that never acknowledges makes each one fail with amqtt's PUBACK timeout,
+    which amqtt has already logged (rate-limited, broker.lognoise). Left unretrieved,
+    each also became asyncio's "Task exception was never retrieved" ERROR with a
+    traceback, outside any rate limit. Anything else is ours, and is logged whole.
+    """
+    for outcome in await asyncio.gather(*sends, return_exceptions=True):
+        if isinstance(outcome, Exception) and not isinstance(
+            outcome, TimeoutError | OSError | AMQTTError
+        ):
+            log.error("a publish to a client failed", exc_info=outcome)
 
 
 async def _refuse(writer: WriterAdapter, return_code: int) -> None:
