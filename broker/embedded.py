@@ -48,6 +48,7 @@ from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError
 from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from sqlalchemy import Engine
@@ -290,6 +291,17 @@ class MqchatBroker(Broker):  # type: ignore[misc]
 
     # -- amqtt's paths that skip the topic plugins -----------------------------------------
 
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's session set-up, with a handler that bounds unreleased QoS 2 messages."""
+        handler, session = await super()._initialize_client_session(
+            reader, writer, remote_address, remote_port
+        )
+        bounded = _BoundedHandler(self.plugins_manager, loop=getattr(handler, "_loop", None))
+        bounded.max_unreleased = self.settings.max_unreleased_messages
+        return bounded, session
+
     async def _handle_disconnect(
         self, client_session: Session, handler: Any, disconnect_waiter: asyncio.Future[Any]
     ) -> None:
@@ -489,6 +501,37 @@ async def _refuse(writer: WriterAdapter, return_code: int) -> None:
 async def _close(writer: WriterAdapter) -> None:
     with contextlib.suppress(OSError, ConnectionError):
         await writer.close()
+
+
+class _BoundedHandler(BrokerProtocolHandler):  # type: ignore[misc]
+    """amqtt's handler of one connection, holding a bounded number of QoS 2 messages.
+
+    amqtt 0.12.1 keeps every QoS 2 PUBLISH until its PUBREL, keyed by packet id: a
+    client that never sends PUBREL made it hold 65,535 messages of up to
+    ``max_packet_bytes`` each (1,000 of 60 KB: +66 MB of RSS). One over
+    ``max_unreleased`` closes the connection instead; a client that completes its
+    flows never has more than a few in flight.
+    """
+
+    max_unreleased: int = 100
+
+    async def handle_publish(self, publish_packet: Any) -> None:
+        session = self.session
+        if (
+            session is not None
+            and publish_packet.qos == 2
+            and publish_packet.packet_id not in session.inflight_in
+            and len(session.inflight_in) >= self.max_unreleased
+        ):
+            client_log.warning(
+                "closed %r: over %d QoS 2 messages not released "
+                "(MQCHAT_BROKER_MAX_UNRELEASED_MESSAGES)",
+                session.client_id,
+                self.max_unreleased,
+            )
+            await self.handle_connection_closed()
+            return
+        await super().handle_publish(publish_packet)
 
 
 class AccountAuth(BaseAuthPlugin):  # type: ignore[misc]
