@@ -75,6 +75,10 @@ class BrokerSettings(BaseSettings):
     #: payload of message_size_limit (65,536) with a topic of the longest length MQTT
     #: allows (2 + 65,535) and a packet id (2).
     max_packet_bytes: int = Field(default=131_075, ge=1024, le=268_435_455)
+    #: Messages queued for one disconnected persistent session; newer ones are dropped
+    #: (the history API has them), as mosquitto.conf's max_queued_messages does.
+    #: amqtt 0.12.1 queued without limit, for as long as session_expiry.
+    max_queued_messages: int = Field(default=10_000, ge=1)
     #: QoS 2 messages one session may have received and not yet released (its PUBREL);
     #: one more closes the connection. amqtt 0.12.1 kept every one, up to 65,535 per
     #: connection of up to max_packet_bytes each; mosquitto.conf's max_inflight_messages

@@ -413,6 +413,25 @@ class MqchatBroker(Broker):  # type: ignore[misc]
             )
         await _sent(sends)
 
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        """Queue a message for a disconnected persistent session, up to a bound.
+
+        amqtt 0.12.1 queued without limit for as long as a session is kept (30 days),
+        so a session left subscribed grew the broker with every message to its user.
+        Newer messages are dropped over ``max_queued_messages``, as mosquitto does; the
+        history API has them.
+        """
+        if target_session.retained_messages.qsize() >= self.settings.max_queued_messages:
+            client_log.warning(
+                "queue of %r full (%d, MQCHAT_BROKER_MAX_QUEUED_MESSAGES): message dropped",
+                target_session.client_id,
+                self.settings.max_queued_messages,
+            )
+            return
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
+
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Deliver what was queued for a persistent session while it was away.
 
