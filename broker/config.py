@@ -75,6 +75,10 @@ class BrokerSettings(BaseSettings):
     #: payload of message_size_limit (65,536) with a topic of the longest length MQTT
     #: allows (2 + 65,535) and a packet id (2).
     max_packet_bytes: int = Field(default=131_075, ge=1024, le=268_435_455)
+    #: Sessions (client ids) one user may hold, connected or kept while away. A CONNECT
+    #: with a new client id beyond it ends the user's longest-disconnected session, or
+    #: is refused (CONNACK 3) if all are connected. Service accounts are exempt.
+    max_sessions_per_user: int = Field(default=32, ge=1)
     #: Messages queued for one disconnected persistent session; newer ones are dropped
     #: (the history API has them), as mosquitto.conf's max_queued_messages does.
     #: amqtt 0.12.1 queued without limit, for as long as session_expiry.

@@ -284,10 +284,48 @@ class MqchatBroker(Broker):  # type: ignore[misc]
             )
             await _refuse(writer, NOT_AUTHORIZED)
             return
+        if verdict.password_hash is not None and not await self._make_room(
+            verdict.username, connect.client_id or ""
+        ):
+            await _refuse(writer, SERVER_UNAVAILABLE)
+            return
         guard.keepalive = connect.keep_alive  # amqtt never enforces it (broker.wire)
         rewindable.rewind()
         _admitted.set(verdict)
         await super()._client_connected(listener_name, rewindable, writer)
+
+    async def _make_room(self, username: str, client_id: str) -> bool:
+        """Whether ``username`` may hold one more session, after ending its oldest idle one.
+
+        amqtt keeps a persistent session (about 27 KB, its subscriptions, and a queue of
+        up to ``max_queued_messages``) for ``session_expiry``; without a bound a user could
+        leave thousands (``alice:1`` ... ``alice:N``), each with a copy of every message
+        addressed to them. ``client_id`` itself does not count: it resumes or replaces.
+        """
+        held = [
+            session
+            for cid, (session, _) in list(self._sessions.items())
+            if session.username == username and cid != client_id
+        ]
+        if len(held) < self.settings.max_sessions_per_user:
+            return True
+        away = [s for s in held if not s.transitions.is_connected()]
+        if not away:
+            client_log.warning(
+                "CONNECT of %r refused: %d sessions connected "
+                "(MQCHAT_BROKER_MAX_SESSIONS_PER_USER)",
+                username,
+                len(held),
+            )
+            return False
+        oldest = min(away, key=lambda s: s.last_disconnect_time or 0)
+        client_log.warning(
+            "session %r ended to make room for %r (MQCHAT_BROKER_MAX_SESSIONS_PER_USER)",
+            oldest.client_id,
+            client_id,
+        )
+        await self._delete_session(oldest.client_id)
+        return True
 
     # -- amqtt's paths that skip the topic plugins -----------------------------------------
 
