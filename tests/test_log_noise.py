@@ -16,6 +16,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 from broker.lognoise import CLIENT_LOG, ClientNoiseFilter
 
@@ -189,4 +192,43 @@ async def test_a_connection_flood_costs_a_bounded_log(embedded: Stack) -> None:
     log = embedded.embedded_broker.log_text()
     refusals = [line for line in log.splitlines() if "refused" in line]
     assert len(refusals) <= 10, f"{len(refusals)} lines for {FLOOD} connections"
+    assert "Traceback" not in log
+
+
+async def test_websocket_handshakes_without_mqtt_cost_a_bounded_log(embedded: Stack) -> None:
+    """No ``mqtt`` subprotocol, a wrong one, or no upgrade at all: before, each was an
+    ERROR with a traceback from the websockets server (the gate never sees them)."""
+    assert embedded.embedded_broker is not None
+    broker = embedded.embedded_broker
+    url = f"ws://127.0.0.1:{broker.env['MQCHAT_BROKER_WS_PORT']}/mqtt"
+
+    async def handshake(subprotocols: list[Subprotocol] | None) -> str:
+        try:
+            async with websockets.connect(url, subprotocols=subprotocols, open_timeout=10):
+                return "open"
+        except InvalidStatus as refused:
+            return str(refused.response.status_code)
+
+    outcomes = await asyncio.gather(
+        *(handshake(None) for _ in range(FLOOD // 4)),
+        *(handshake([Subprotocol("bogus")]) for _ in range(FLOOD // 4)),
+    )
+    assert set(outcomes) == {"400"}
+    needle = "handshake failed"
+    # One more at a time, over a second apart: its line brings the count left out.
+    for late in range(1, 6):
+        assert await handshake(None) == "400"
+        expected = FLOOD // 2 + late
+        with contextlib.suppress(TimeoutError):
+            await asyncio.to_thread(
+                wait_until,
+                lambda: _accounted(broker.log_text(), needle) >= expected,  # noqa: B023
+                timeout=2,
+                what=f"{expected} failed handshakes accounted for",
+            )
+            break
+    log = broker.log_text()
+    assert _accounted(log, needle) >= expected
+    failures = [line for line in log.splitlines() if needle in line]
+    assert len(failures) <= 8, f"{len(failures)} lines for {expected} handshakes"
     assert "Traceback" not in log
