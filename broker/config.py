@@ -75,6 +75,19 @@ class BrokerSettings(BaseSettings):
     #: payload of message_size_limit (65,536) with a topic of the longest length MQTT
     #: allows (2 + 65,535) and a packet id (2).
     max_packet_bytes: int = Field(default=131_075, ge=1024, le=268_435_455)
+    #: Sessions (client ids) one user may hold, connected or kept while away. A CONNECT
+    #: with a new client id beyond it ends the user's longest-disconnected session, or
+    #: is refused (CONNACK 3) if all are connected. Service accounts are exempt.
+    max_sessions_per_user: int = Field(default=32, ge=1)
+    #: Messages queued for one disconnected persistent session; newer ones are dropped
+    #: (the history API has them), as mosquitto.conf's max_queued_messages does.
+    #: amqtt 0.12.1 queued without limit, for as long as session_expiry.
+    max_queued_messages: int = Field(default=10_000, ge=1)
+    #: QoS 2 messages one session may have received and not yet released (its PUBREL);
+    #: one more closes the connection. amqtt 0.12.1 kept every one, up to 65,535 per
+    #: connection of up to max_packet_bytes each; mosquitto.conf's max_inflight_messages
+    #: (100) bounds the same on mosquitto.
+    max_unreleased_messages: int = Field(default=100, ge=1, le=65_535)
     #: Seconds during which one log line per kind of client misbehaviour is written
     #: (a PUBACK never sent, a refused CONNECT, ...); the next says how many were left
     #: out. 0 writes every one. Tracebacks of client-caused errors are never written.

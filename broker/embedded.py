@@ -13,6 +13,8 @@ amqtt speaks MQTT 3.1.1 only and keeps sessions in memory. mqchat adds::
                         amqtt's own handling, replaying the CONNECT
                             └─▶ AccountAuth.authenticate: only what the gate admitted
                         TopicAcl: protocol.acl on every publish, subscribe, delivery
+                        PacketGuard: packet sizes, and 1.5 keepalives without a packet
+                        ──▶ closed (the last will fires)
                         MqchatBroker overrides amqtt where it skips TopicAcl: wills,
                         retained messages (users retain nothing; sent on SUBSCRIBE
                         only), queued messages (retain 0)
@@ -44,7 +46,9 @@ from typing import Any, Final
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
+from amqtt.errors import AMQTTError
 from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from sqlalchemy import Engine
@@ -234,7 +238,8 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         source = peer[0] if peer is not None else "unknown"
         # Counted on arrival, so connections that never send a CONNECT count too.
         allowed = self.gate.connection_allowed(source)
-        rewindable = _Rewindable(PacketGuard(reader, self.settings.max_packet_bytes))
+        guard = PacketGuard(reader, self.settings.max_packet_bytes)
+        rewindable = _Rewindable(guard)
         try:
             connect = await asyncio.wait_for(
                 read_connect(rewindable), self.settings.connect_timeout
@@ -279,11 +284,61 @@ class MqchatBroker(Broker):  # type: ignore[misc]
             )
             await _refuse(writer, NOT_AUTHORIZED)
             return
+        if verdict.password_hash is not None and not await self._make_room(
+            verdict.username, connect.client_id or ""
+        ):
+            await _refuse(writer, SERVER_UNAVAILABLE)
+            return
+        guard.keepalive = connect.keep_alive  # amqtt never enforces it (broker.wire)
         rewindable.rewind()
         _admitted.set(verdict)
         await super()._client_connected(listener_name, rewindable, writer)
 
+    async def _make_room(self, username: str, client_id: str) -> bool:
+        """Whether ``username`` may hold one more session, after ending its oldest idle one.
+
+        amqtt keeps a persistent session (about 27 KB, its subscriptions, and a queue of
+        up to ``max_queued_messages``) for ``session_expiry``; without a bound a user could
+        leave thousands (``alice:1`` ... ``alice:N``), each with a copy of every message
+        addressed to them. ``client_id`` itself does not count: it resumes or replaces.
+        """
+        held = [
+            session
+            for cid, (session, _) in list(self._sessions.items())
+            if session.username == username and cid != client_id
+        ]
+        if len(held) < self.settings.max_sessions_per_user:
+            return True
+        away = [s for s in held if not s.transitions.is_connected()]
+        if not away:
+            client_log.warning(
+                "CONNECT of %r refused: %d sessions connected "
+                "(MQCHAT_BROKER_MAX_SESSIONS_PER_USER)",
+                username,
+                len(held),
+            )
+            return False
+        oldest = min(away, key=lambda s: s.last_disconnect_time or 0)
+        client_log.warning(
+            "session %r ended to make room for %r (MQCHAT_BROKER_MAX_SESSIONS_PER_USER)",
+            oldest.client_id,
+            client_id,
+        )
+        await self._delete_session(oldest.client_id)
+        return True
+
     # -- amqtt's paths that skip the topic plugins -----------------------------------------
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """amqtt's session set-up, with a handler that bounds unreleased QoS 2 messages."""
+        handler, session = await super()._initialize_client_session(
+            reader, writer, remote_address, remote_port
+        )
+        bounded = _BoundedHandler(self.plugins_manager, loop=getattr(handler, "_loop", None))
+        bounded.max_unreleased = self.settings.max_unreleased_messages
+        return bounded, session
 
     async def _handle_disconnect(
         self, client_session: Session, handler: Any, disconnect_waiter: asyncio.Future[Any]
@@ -394,8 +449,26 @@ class MqchatBroker(Broker):  # type: ignore[misc]
                     )
                 )
             )
-        if sends:
-            await asyncio.wait(sends)
+        await _sent(sends)
+
+    async def _retain_broadcast_message(
+        self, broadcast: dict[str, Any], qos: int, target_session: Session
+    ) -> None:
+        """Queue a message for a disconnected persistent session, up to a bound.
+
+        amqtt 0.12.1 queued without limit for as long as a session is kept (30 days),
+        so a session left subscribed grew the broker with every message to its user.
+        Newer messages are dropped over ``max_queued_messages``, as mosquitto does; the
+        history API has them.
+        """
+        if target_session.retained_messages.qsize() >= self.settings.max_queued_messages:
+            client_log.warning(
+                "queue of %r full (%d, MQCHAT_BROKER_MAX_QUEUED_MESSAGES): message dropped",
+                target_session.client_id,
+                self.settings.max_queued_messages,
+            )
+            return
+        await super()._retain_broadcast_message(broadcast, qos, target_session)
 
     async def _publish_session_retained_messages(self, session: Session) -> None:
         """Deliver what was queued for a persistent session while it was away.
@@ -416,8 +489,7 @@ class MqchatBroker(Broker):  # type: ignore[misc]
                     handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
                 )
             )
-        if sends:
-            await asyncio.wait(sends)
+        await _sent(sends)
 
     async def drop_user(self, username: str) -> int:
         """End every session of ``username``: subscriptions, queue and connection.
@@ -462,6 +534,21 @@ class MqchatBroker(Broker):  # type: ignore[misc]
                     await self.drop_user(username)
 
 
+async def _sent(sends: list[asyncio.Future[Any]]) -> None:
+    """Wait for publishes to a client and take their outcome.
+
+    A client that never acknowledges makes each one fail with amqtt's PUBACK timeout,
+    which amqtt has already logged (rate-limited, broker.lognoise). Left unretrieved,
+    each also became asyncio's "Task exception was never retrieved" ERROR with a
+    traceback, outside any rate limit. Anything else is ours, and is logged whole.
+    """
+    for outcome in await asyncio.gather(*sends, return_exceptions=True):
+        if isinstance(outcome, Exception) and not isinstance(
+            outcome, TimeoutError | OSError | AMQTTError
+        ):
+            log.error("a publish to a client failed", exc_info=outcome)
+
+
 async def _refuse(writer: WriterAdapter, return_code: int) -> None:
     with contextlib.suppress(OSError, ConnectionError):
         await ConnackPacket.build(0, return_code).to_stream(writer)
@@ -471,6 +558,37 @@ async def _refuse(writer: WriterAdapter, return_code: int) -> None:
 async def _close(writer: WriterAdapter) -> None:
     with contextlib.suppress(OSError, ConnectionError):
         await writer.close()
+
+
+class _BoundedHandler(BrokerProtocolHandler):  # type: ignore[misc]
+    """amqtt's handler of one connection, holding a bounded number of QoS 2 messages.
+
+    amqtt 0.12.1 keeps every QoS 2 PUBLISH until its PUBREL, keyed by packet id: a
+    client that never sends PUBREL made it hold 65,535 messages of up to
+    ``max_packet_bytes`` each (1,000 of 60 KB: +66 MB of RSS). One over
+    ``max_unreleased`` closes the connection instead; a client that completes its
+    flows never has more than a few in flight.
+    """
+
+    max_unreleased: int = 100
+
+    async def handle_publish(self, publish_packet: Any) -> None:
+        session = self.session
+        if (
+            session is not None
+            and publish_packet.qos == 2
+            and publish_packet.packet_id not in session.inflight_in
+            and len(session.inflight_in) >= self.max_unreleased
+        ):
+            client_log.warning(
+                "closed %r: over %d QoS 2 messages not released "
+                "(MQCHAT_BROKER_MAX_UNRELEASED_MESSAGES)",
+                session.client_id,
+                self.max_unreleased,
+            )
+            await self.handle_connection_closed()
+            return
+        await super().handle_publish(publish_packet)
 
 
 class AccountAuth(BaseAuthPlugin):  # type: ignore[misc]

@@ -4,7 +4,8 @@ A client decides how often amqtt logs: one that never acknowledges a QoS 1 messa
 costs a "Timeout waiting for PUBACK" warning and then a "Task failed" ERROR with a
 traceback, per message; a connection flood produced 3,458 such tracebacks in a second.
 An attacker could fill the disk and bury everything else. So the records of the loggers
-that speak about clients (amqtt's, and ``broker.clients`` for the gate's refusals) pass
+that speak about clients (amqtt's, the WebSocket server's, and ``broker.clients`` for
+the gate's refusals) pass
 :class:`ClientNoiseFilter`:
 
 * a traceback of an exception a client can cause (timeouts, closed connections,
@@ -27,11 +28,13 @@ from dataclasses import dataclass
 from typing import Final
 
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from websockets.exceptions import InvalidHandshake
+from websockets.exceptions import ProtocolError as WebSocketProtocolError
 
 #: The gate's per-connection refusals (a client's doing, as amqtt's warnings are).
 CLIENT_LOG: Final = "broker.clients"
 #: Loggers whose records are about what clients do.
-CLIENT_LOGGERS: Final = ("amqtt", "transitions", CLIENT_LOG)
+CLIENT_LOGGERS: Final = ("amqtt", "transitions", "websockets", CLIENT_LOG)
 
 #: Exceptions a client can cause: logged as one line. (websockets' ConnectionClosed
 #: and asyncio.IncompleteReadError are an Exception and an EOFError respectively.)
@@ -43,6 +46,11 @@ CLIENT_CAUSED: Final[tuple[type[BaseException], ...]] = (
     NoDataError,
     MQTTError,
     AMQTTError,
+    # A WebSocket upgrade without the "mqtt" subprotocol, or not HTTP at all: the
+    # websockets server logged an ERROR with a traceback for each, before the gate
+    # (and its connection rate) ever saw the connection.
+    InvalidHandshake,
+    WebSocketProtocolError,
 )
 
 

@@ -9,6 +9,12 @@ accepted and read as it came, and it answers only the CONNECTs it can parse as M
                  ──▶ read_connect: the first packet, whole, then name, level, flags
                        MQTT 3.1 / 5 ──▶ CONNACK 1; anything else malformed ──▶ closed
                  ──▶ the gate (broker.embedded) ──▶ amqtt
+
+amqtt 0.12.1 never enforces a client's keepalive either (its broker handler's read
+timeout does nothing, and the body of a packet is read with no timeout at all), so a
+connection that went silent, or trickles a packet a byte at a time, stayed open for
+good and its last will never fired. PacketGuard closes it once no whole packet has
+arrived for 1.5 times the keepalive the CONNECT asked for (MQTT-3.1.2-24).
 """
 
 from __future__ import annotations
@@ -48,31 +54,54 @@ class PacketGuard(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no types
     It sits under everything that reads the connection (the gate, then amqtt), so it
     sees each byte once. amqtt reads a fixed header byte by byte and a body in pieces;
     following them costs a few comparisons per read.
+
+    Once ``keepalive`` is set (from the CONNECT; 0 means none, as MQTT says), a read
+    that would end more than 1.5 keepalives after the last whole packet refuses the
+    connection instead: counting whole packets, not bytes, also ends a packet
+    trickled a byte at a time.
     """
 
     def __init__(self, reader: ReaderAdapter, max_bytes: int) -> None:
         self._reader = reader
         self.max_bytes = max_bytes
+        self.keepalive = 0
+        self._last_packet = asyncio.get_running_loop().time()
         self._body_left = 0  # bytes of the current packet's body still to come
         self._in_header = False  # between a packet's first byte and its length's last
         self._length = 0
         self._length_bytes = 0
 
     async def read(self, n: int = -1) -> bytes:
-        data: bytes = await self._reader.read(n)
-        self._follow(data)
+        loop = asyncio.get_running_loop()
+        if not self.keepalive:
+            data: bytes = await self._reader.read(n)
+        else:
+            silence = 1.5 * self.keepalive
+            try:
+                data = await asyncio.wait_for(
+                    self._reader.read(n), self._last_packet + silence - loop.time()
+                )
+            except TimeoutError:
+                raise PacketRefused(
+                    f"no whole packet for {silence:g} s, 1.5 times its keepalive"
+                ) from None
+        if self._follow(data):
+            self._last_packet = loop.time()
         return data
 
     def feed_eof(self) -> None:
         self._reader.feed_eof()
 
-    def _follow(self, data: bytes) -> None:
+    def _follow(self, data: bytes) -> bool:
+        """Advance over ``data``; whether a packet was completed in it."""
+        completed = False
         at = 0
         while at < len(data):
             if self._body_left:
                 step = min(self._body_left, len(data) - at)
                 self._body_left -= step
                 at += step
+                completed = completed or not self._body_left
             elif not self._in_header:
                 self._in_header, self._length, self._length_bytes = True, 0, 0
                 at += 1  # the packet type and flags
@@ -91,6 +120,8 @@ class PacketGuard(ReaderAdapter):  # type: ignore[misc]  # amqtt ships no types
                             f"{self.max_bytes} (MQCHAT_BROKER_MAX_PACKET_BYTES)"
                         )
                     self._body_left = self._length
+                    completed = completed or not self._length
+        return completed
 
 
 async def read_connect(reader: ReaderAdapter) -> ConnectPacket:

@@ -9,20 +9,25 @@ line for every refused connection: an attacker decided how fast the log grew
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 from broker.lognoise import CLIENT_LOG, ClientNoiseFilter
 
-from .conftest import Stack, _embedded_stack, wait_until
+from .conftest import Stack, _embedded_stack, password_of, wait_until
 from .test_acl_matrix import BRIDGE, _connect, _token
-from .test_mqtt_malformed import Raw, dial, login, subscribe
+from .test_mqtt_malformed import Raw, connect, dial, login, subscribe
 
 NON_ACKERS = 20
+QUEUED = 10
 FLOOD = 200
 
 # -- the filter alone ---------------------------------------------------------------------
@@ -122,6 +127,56 @@ async def test_clients_that_never_puback_cost_a_bounded_log(embedded: Stack) -> 
     assert "Traceback" not in log
 
 
+async def test_queued_and_retained_messages_never_acknowledged_cost_no_traceback(
+    embedded: Stack,
+) -> None:
+    """The paths the gate added for queued (reconnecting) and retained (subscribing)
+    messages: before, each message not acknowledged left asyncio's "Task exception was
+    never retrieved" ERROR with a traceback, outside the rate limit."""
+    await embedded.add_users("mallory")
+    assert embedded.embedded_broker is not None
+    broker = embedded.embedded_broker
+    bridge = await _connect(embedded, BRIDGE, "sender")
+    persistent = connect(b"mallory:queue", b"mallory", password_of("mallory").encode(), clean=False)
+    held: list[Raw] = []
+    away = await dial(embedded, held)
+    await away.send(persistent)
+    assert await away.answer() == "CONNACK 0"
+    await away.send(subscribe([b"chat/v1/u/mallory/down/msg"], qos=1))
+    assert await away.answer() == "SUBACK"
+    away.close()
+    for i in range(QUEUED):
+        await bridge.link.publish("chat/v1/u/mallory/down/msg", _token(f"queued {i}"), qos=1)
+        await bridge.link.publish(f"chat/v1/presence/user{i}", _token("state"), 1, retain=True)
+    back = await dial(embedded, held)  # takes the queue, acknowledges nothing
+    await back.send(persistent)
+    await back.send(subscribe([b"chat/v1/presence/+"], qos=1))  # the retained ones
+    needle = "Timeout waiting for PUBACK"
+    await asyncio.to_thread(
+        wait_until, lambda: needle in broker.log_text(), timeout=30, what=needle
+    )
+    # The queued ones time out first (amqtt sends them before it reads the SUBSCRIBE),
+    # the retained ones 5 s later. One more live message at a time, over a second
+    # apart: each one's line brings the count of those left out before it.
+    for live in range(1, 6):
+        await bridge.link.publish("chat/v1/u/mallory/down/msg", _token(f"live {live}"), qos=1)
+        expected = 2 * QUEUED + live
+        with contextlib.suppress(TimeoutError):
+            await asyncio.to_thread(
+                wait_until,
+                lambda: _accounted(broker.log_text(), needle) >= expected,  # noqa: B023
+                timeout=7,
+                what=f"{expected} PUBACK timeouts accounted for",
+            )
+            break
+    assert _accounted(broker.log_text(), needle) >= expected
+    for raw in held:
+        raw.close()
+    log = broker.log_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert "never retrieved" not in log
+
+
 async def test_a_connection_flood_costs_a_bounded_log(embedded: Stack) -> None:
     assert embedded.embedded_broker is not None
     held: list[Raw] = []
@@ -137,4 +192,43 @@ async def test_a_connection_flood_costs_a_bounded_log(embedded: Stack) -> None:
     log = embedded.embedded_broker.log_text()
     refusals = [line for line in log.splitlines() if "refused" in line]
     assert len(refusals) <= 10, f"{len(refusals)} lines for {FLOOD} connections"
+    assert "Traceback" not in log
+
+
+async def test_websocket_handshakes_without_mqtt_cost_a_bounded_log(embedded: Stack) -> None:
+    """No ``mqtt`` subprotocol, a wrong one, or no upgrade at all: before, each was an
+    ERROR with a traceback from the websockets server (the gate never sees them)."""
+    assert embedded.embedded_broker is not None
+    broker = embedded.embedded_broker
+    url = f"ws://127.0.0.1:{broker.env['MQCHAT_BROKER_WS_PORT']}/mqtt"
+
+    async def handshake(subprotocols: list[Subprotocol] | None) -> str:
+        try:
+            async with websockets.connect(url, subprotocols=subprotocols, open_timeout=10):
+                return "open"
+        except InvalidStatus as refused:
+            return str(refused.response.status_code)
+
+    outcomes = await asyncio.gather(
+        *(handshake(None) for _ in range(FLOOD // 4)),
+        *(handshake([Subprotocol("bogus")]) for _ in range(FLOOD // 4)),
+    )
+    assert set(outcomes) == {"400"}
+    needle = "handshake failed"
+    # One more at a time, over a second apart: its line brings the count left out.
+    for late in range(1, 6):
+        assert await handshake(None) == "400"
+        expected = FLOOD // 2 + late
+        with contextlib.suppress(TimeoutError):
+            await asyncio.to_thread(
+                wait_until,
+                lambda: _accounted(broker.log_text(), needle) >= expected,  # noqa: B023
+                timeout=2,
+                what=f"{expected} failed handshakes accounted for",
+            )
+            break
+    log = broker.log_text()
+    assert _accounted(log, needle) >= expected
+    failures = [line for line in log.splitlines() if needle in line]
+    assert len(failures) <= 8, f"{len(failures)} lines for {expected} handshakes"
     assert "Traceback" not in log
