@@ -244,6 +244,25 @@ def _emit(line: str) -> None:
         raise typer.Exit(EXIT_OK) from None
 
 
+def _say(line: str, *, err: bool = False) -> None:
+    """Print a line of ``mqchat up``'s and never raise.
+
+    ``make run | tee log`` and Ctrl-C: the terminal's SIGINT kills ``tee`` too, so
+    the "stopping" line meets a closed pipe. Stopping the children must not depend
+    on anyone reading, so a stream that cannot be written is pointed at /dev/null
+    and the supervisor goes on.
+    """
+    stream = sys.stderr if err else sys.stdout
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+
+
 _T = TypeVar("_T")
 
 
@@ -1131,7 +1150,7 @@ class _Supervisor:
             try:
                 ready = await _unless_stopped(self._stop, self._all_ready(stage))
             except _NotReady as exc:
-                typer.echo(
+                _say(
                     f"mqchat up: {exc}; last lines of {exc.child.log_path}:\n"
                     f"{exc.child.log_tail()}",
                     err=True,
@@ -1140,12 +1159,12 @@ class _Supervisor:
             if ready is None:
                 return False
         for line in self.header:
-            _emit(line)
+            _say(line)
         for child in self.children:
             assert child.process is not None
-            _emit(child.describe(child.process.pid))
+            _say(child.describe(child.process.pid))
         for line in self.footer:
-            _emit(line)
+            _say(line)
         return True
 
     async def _all_ready(self, stage: list[_Child]) -> bool:
@@ -1189,7 +1208,7 @@ class _Supervisor:
         while child.restarts and now - child.restarts[0] > RESTART_WINDOW:
             child.restarts.popleft()
         if len(child.restarts) >= MAX_RESTARTS:
-            typer.echo(
+            _say(
                 f"mqchat up: {child.name} {_exit_text(returncode)}, the "
                 f"{MAX_RESTARTS + 1}th time within {RESTART_WINDOW:g} s: stopping "
                 f"everything (see {child.log_path})",
@@ -1197,7 +1216,7 @@ class _Supervisor:
             )
             return False
         child.restarts.append(now)
-        _emit(
+        _say(
             f"{child.name:<7} {_exit_text(returncode)}; restarting "
             f"({len(child.restarts)} of {MAX_RESTARTS} restarts a minute)"
         )
@@ -1207,29 +1226,39 @@ class _Supervisor:
         except _NotReady as exc:
             # Still counts: the next turn of the main loop sees the exit (or lets a
             # slow child be).
-            typer.echo(f"mqchat up: {exc}", err=True)
+            _say(f"mqchat up: {exc}", err=True)
             return True
         if ready:
             assert child.process is not None
-            _emit(child.describe(child.process.pid))
+            _say(child.describe(child.process.pid))
         return True
 
     async def shutdown(self) -> bool:
         """Stop every child; True if a second signal forced it."""
         alive = [child for child in self.children if child.alive]
+        try:
+            if alive:
+                _say("stopping " + ", ".join(child.name for child in reversed(alive)))
+            for stage in reversed(self._stages):
+                await self._stop_stage([child for child in stage if child.alive])
+        finally:
+            # Whatever happened above (even an exception), no child outlives `mqchat up`.
+            self.kill_all()
+        for child in self.children:
+            if child.process is not None:
+                await child.process.wait()
         if alive:
-            _emit("stopping " + ", ".join(child.name for child in reversed(alive)))
-        for stage in reversed(self._stages):
-            await self._stop_stage([child for child in stage if child.alive])
-        # Whatever happened above, no child outlives `mqchat up`.
+            _say("stopped")
+        return self._force.is_set()
+
+    def kill_all(self) -> None:
+        """SIGKILL every child still running: the last resort, synchronous so that it
+        also runs from a ``finally`` whose event loop is being torn down."""
         for child in self.children:
             if child.alive:
                 assert child.process is not None
-                child.process.kill()
-                await child.process.wait()
-        if alive:
-            _emit("stopped")
-        return self._force.is_set()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.process.pid, signal.SIGKILL)
 
     async def _stop_stage(self, stage: list[_Child]) -> None:
         if not stage:
@@ -1264,7 +1293,7 @@ class _Supervisor:
                 if self._force.is_set()
                 else f"did not stop within {self.shutdown_timeout:g} s"
             )
-            _emit(f"{child.name:<7} {reason}: killed")
+            _say(f"{child.name:<7} {reason}: killed")
 
 
 def _client_host(host: str) -> str:
@@ -1478,13 +1507,17 @@ def up(
     ports = [port for _, port in binds if port]
     if len(set(ports)) != len(ports):
         raise typer.BadParameter("each service needs a port of its own", param_hint="ports")
-    for option, port in binds:
-        if port and _port_in_use(_client_host(host), port):
-            _fail(
-                EXIT_CONFIG,
-                f"port {port} on {host} is in use (another `mqchat up`?): "
-                f"choose another with {option}",
-            )
+    busy = [
+        (option, port) for option, port in binds if port and _port_in_use(_client_host(host), port)
+    ]
+    if busy:
+        # Every busy port at once: fixing them one run at a time is a guessing game.
+        named = ", ".join(f"{port} ({option})" for option, port in busy)
+        _fail(
+            EXIT_CONFIG,
+            f"{'port' if len(busy) == 1 else 'ports'} {named} on {host} in use "
+            "(another `mqchat up` still running?): stop it, or choose others with those options",
+        )
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     logs = data_dir.resolve() / "logs"
     url = _database_url(database_url, data_dir)
@@ -1538,4 +1571,8 @@ def up(
         header=header,
         footer=footer,
     )
-    raise typer.Exit(asyncio.run(supervisor.run()))
+    try:
+        code = asyncio.run(supervisor.run())
+    finally:
+        supervisor.kill_all()
+    raise typer.Exit(code)

@@ -306,6 +306,58 @@ def test_ctrl_c_stops_every_child(up: Up) -> None:
     assert [name for name, pid in pids.items() if alive(pid)] == []
 
 
+def _bindable(port: int) -> bool:
+    """Free for a new server: SO_REUSEADDR as every server here sets (a connection in
+    TIME_WAIT does not count, a listener does)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_ctrl_c_stops_every_child_when_nobody_reads_the_output(tmp_path: Path) -> None:
+    """``make run | tee log`` then Ctrl-C: the terminal's SIGINT kills ``tee`` too."""
+    ports = {"--mqtt-port": free_port(), "--ws-port": free_port(), "--api-port": free_port()}
+    args = [str(MQCHAT), "up", "--data-dir", str(tmp_path / "data")]
+    for option, port in ports.items():
+        args += [option, str(port)]
+    process = subprocess.Popen(
+        args,
+        env=base_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    pids: dict[str, int] = {}
+    try:
+        for line in process.stdout:
+            if match := re.search(r"^(broker|bridge|api) .*\(pid (\d+)\)$", line):
+                pids[match.group(1)] = int(match.group(2))
+            if line.startswith("logs "):
+                break
+        assert set(pids) == {"broker", "bridge", "api"}
+        # Both readers gone, as with `tee` killed (and `|&`): every line now meets EPIPE.
+        process.stdout.close()
+        process.stderr.close()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(WAIT) == 0
+        assert [name for name, pid in pids.items() if alive(pid)] == []
+        assert [port for port in ports.values() if not _bindable(port)] == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_a_killed_bridge_is_restarted_and_loses_nothing(up: Up) -> None:
     up.add_users("alice", "bob")
     bob = up.listen("bob", "--count", "1")
@@ -466,8 +518,26 @@ def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:
             check=False,
         )
     assert result.returncode == 78
-    assert f"port {port}" in result.stderr
-    assert "--api-port" in result.stderr
+    assert f"port {port} (--api-port)" in result.stderr
+
+
+def test_up_names_every_busy_port(tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        ports = {}
+        for option in ("--mqtt-port", "--ws-port", "--api-port"):
+            busy = stack.enter_context(socket.socket())
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            ports[option] = busy.getsockname()[1]
+        args = [str(MQCHAT), "up", "--data-dir", str(tmp_path)]
+        for option, port in ports.items():
+            args += [option, str(port)]
+        result = subprocess.run(
+            args, env=base_env(), capture_output=True, text=True, timeout=WAIT, check=False
+        )
+    assert result.returncode == 78
+    for option, port in ports.items():
+        assert f"{port} ({option})" in result.stderr
 
 
 # -- with mosquitto ------------------------------------------------------------------
