@@ -165,9 +165,11 @@ DeviceOption = Annotated[
     str,
     typer.Option(
         "--device",
+        envvar="MQCHAT_DEVICE",
         help="Names this device. The broker keeps one session (and offline queue) per "
-        "user and device, and a second connection as the same device takes it over: "
-        "run two commands at once as one user with different devices.",
+        "user and device, and a second connection as the same device takes it over. "
+        "Each command has its own default (cli-listen, cli-chat), so `listen` and "
+        "`chat` run side by side; two of one command at once need a --device each.",
         rich_help_panel=_CONNECTION,
     ),
 ]
@@ -318,6 +320,19 @@ async def _connected(conn: _Connection, *, ephemeral: bool = False) -> AsyncIter
     # ``send`` must not use the device's persistent session: it would take over the
     # connection of a ``listen`` running as the same device, and the messages queued
     # for that device would go to this short-lived process instead.
+    def report(connected: bool, reason: str) -> None:
+        if connected:
+            typer.echo("mqchat: reconnected", err=True)
+            return
+        # MQTT 3.1.1 gives no reason for a takeover: the broker just closes the
+        # socket. Say both causes at once rather than stall silently.
+        typer.echo(
+            f"mqchat: connection to the broker lost ({reason}); reconnecting. If another "
+            f"client is connected as {conn.user} with device {conn.device!r}, it took this "
+            "session over: give each its own --device",
+            err=True,
+        )
+
     client = ChatClient(
         host=conn.host,
         port=conn.port,
@@ -327,6 +342,7 @@ async def _connected(conn: _Connection, *, ephemeral: bool = False) -> AsyncIter
         persistent=not ephemeral,
         transport="websockets" if conn.websockets else "tcp",
         tls=conn.tls_context(),
+        on_connection=None if ephemeral else report,
     )
     try:
         try:
@@ -372,7 +388,7 @@ def send(
     port: PortOption = 1883,
     user: UserOption = ...,  # type: ignore[assignment]
     password: PasswordOption = ...,  # type: ignore[assignment]
-    device: DeviceOption = "cli",
+    device: DeviceOption = "cli-send",
     tls: TlsOption = False,
     tls_ca: TlsCaOption = None,
     websockets: WebsocketsOption = False,
@@ -444,7 +460,7 @@ def listen(
     port: PortOption = 1883,
     user: UserOption = ...,  # type: ignore[assignment]
     password: PasswordOption = ...,  # type: ignore[assignment]
-    device: DeviceOption = "cli",
+    device: DeviceOption = "cli-listen",
     tls: TlsOption = False,
     tls_ca: TlsCaOption = None,
     websockets: WebsocketsOption = False,
@@ -496,7 +512,7 @@ def chat(
     port: PortOption = 1883,
     user: UserOption = ...,  # type: ignore[assignment]
     password: PasswordOption = ...,  # type: ignore[assignment]
-    device: DeviceOption = "cli",
+    device: DeviceOption = "cli-chat",
     tls: TlsOption = False,
     tls_ca: TlsCaOption = None,
     websockets: WebsocketsOption = False,

@@ -283,7 +283,7 @@ def test_listen_json_and_chat_shows_the_peer(up: Up) -> None:
     code, rest = chat.finish()
     assert (code, rest) == (0, [])  # her own line is not printed back to her
 
-    # bob's device "cli" was offline since its listen: the broker kept what came.
+    # bob's device "cli-listen" was offline since its listen: the broker kept what came.
     bob = up.listen("bob", "--count", "3")
     code, lines = bob.finish()
     assert code == 0
@@ -292,6 +292,47 @@ def test_listen_json_and_chat_shows_the_peer(up: Up) -> None:
         "alice: from my phone",
         "alice: are you there?",
     ]
+
+
+def test_listen_and_chat_as_one_user_both_work(up: Up) -> None:
+    """Each command has a device of its own: neither takes the other's session over."""
+    up.add_users("alice", "bob")
+    listener = up.listen("bob")
+    chat = spawn("chat", "alice", env=up.env("bob"), stdin=subprocess.PIPE)
+    assert chat.process.stdin is not None
+    try:
+        chat.stderr.wait_for("^chatting with alice as bob")
+        assert up.mqchat("send", "--to", "bob", "to both", user="alice").returncode == 0
+        chat.stdout.wait_for("^alice: to both$")
+        listener.stdout.wait_for(r"\] alice: to both$")
+        chat.process.stdin.write("typed in chat\n")
+        chat.process.stdin.flush()
+        # Stored and delivered: the listen of the same user shows bob's own line.
+        listener.stdout.wait_for(r"\] bob: typed in chat$")
+        chat.process.stdin.close()
+        assert chat.process.wait(WAIT) == 0
+        assert not [line for line in chat.stderr.seen + listener.stderr.seen if "lost" in line]
+    finally:
+        for process in (chat.process, listener.process):
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                process.wait(WAIT)
+
+
+def test_a_session_taken_over_is_said_at_once(up: Up) -> None:
+    up.add_users("bob")
+    first = up.listen("bob", "--device", "laptop")
+    second = spawn("listen", "--device", "laptop", env=up.env("bob"))
+    try:
+        second.stderr.wait_for("^listening as bob ")
+        first.stderr.wait_for(
+            r"^mqchat: connection to the broker lost .*device 'laptop', it took this "
+            r"session over: give each its own --device$"
+        )
+    finally:
+        for process in (first.process, second.process):
+            process.send_signal(signal.SIGINT)
+            process.wait(WAIT)
 
 
 def test_ctrl_c_stops_every_child(up: Up) -> None:
