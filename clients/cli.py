@@ -43,6 +43,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, select
 
 import protocol
 from bridge import READY_LOG
@@ -65,6 +66,7 @@ from protocol import errors
 from protocol.errors import ProtocolError
 from store import accounts, make_engine, migrate
 from store.db import alembic_config
+from store.tables import Account
 
 from .mqtt import ConnectRefused, LinkConfig, tls_context
 from .sdk import ChatClient, ChatError, ChatMessage, SendTimeout
@@ -79,6 +81,7 @@ EXIT_CONFIG: Final = 78  # EX_CONFIG
 EXIT_FORCED: Final = 130
 
 DEFAULT_DATA_DIR: Final = Path(".mqchat")
+DEFAULT_MQTT_PORT: Final = 1883
 DATABASE_FILE: Final = "mqchat.db"
 SECRETS_FILE: Final = "secrets.json"
 BRIDGE_USERNAME: Final = "mqchat-bridge"
@@ -109,7 +112,13 @@ HostOption = Annotated[
 PortOption = Annotated[
     int,
     typer.Option(
-        "--port", envvar="MQCHAT_PORT", help="Broker MQTT port.", rich_help_panel=_CONNECTION
+        "--mqtt-port",
+        "--port",
+        # The same name as `up --mqtt-port`: one setting starts the broker on a port
+        # and points every command at it. --port / MQCHAT_PORT are deprecated aliases.
+        envvar=["MQCHAT_MQTT_PORT", "MQCHAT_PORT"],
+        help="Broker MQTT port (--port is a deprecated alias).",
+        rich_help_panel=_CONNECTION,
     ),
 ]
 UserOption = Annotated[
@@ -135,7 +144,7 @@ TlsOption = Annotated[
     typer.Option(
         "--tls",
         envvar="MQCHAT_TLS",
-        help="Connect over TLS, trusting the system's CAs; --port is then a TLS "
+        help="Connect over TLS, trusting the system's CAs; --mqtt-port is then a TLS "
         "listener's (8883, or the wss one with --websockets).",
         rich_help_panel=_CONNECTION,
     ),
@@ -157,7 +166,7 @@ WebsocketsOption = Annotated[
     typer.Option(
         "--websockets",
         envvar="MQCHAT_WEBSOCKETS",
-        help="MQTT over WebSocket (path /mqtt); --port is then the WebSocket listener's.",
+        help="MQTT over WebSocket (path /mqtt); --mqtt-port is then the WebSocket listener's.",
         rich_help_panel=_CONNECTION,
     ),
 ]
@@ -202,9 +211,13 @@ MosquittoPortOption = Annotated[
 MosquittoAdminUserOption = Annotated[
     str,
     typer.Option(
+        "--mosquitto-admin-username",
         "--mosquitto-admin-user",
-        envvar="MQCHAT_MOSQUITTO_ADMIN_USER",
-        help="mosquitto's dynamic-security admin account.",
+        # USERNAME as in the API's MQCHAT_API_MOSQUITTO_ADMIN_USERNAME and the bridge's
+        # MQCHAT_BRIDGE_USERNAME; the ..._USER spellings are deprecated aliases.
+        envvar=["MQCHAT_MOSQUITTO_ADMIN_USERNAME", "MQCHAT_MOSQUITTO_ADMIN_USER"],
+        help="mosquitto's dynamic-security admin account (--mosquitto-admin-user is a "
+        "deprecated alias).",
         rich_help_panel=_MOSQUITTO,
     ),
 ]
@@ -220,7 +233,18 @@ MosquittoAdminPasswordOption = Annotated[
 ]
 
 
+#: Old environment names still read, each with the name that replaced it.
+DEPRECATED_ENV: Final = {
+    "MQCHAT_PORT": "MQCHAT_MQTT_PORT",
+    "MQCHAT_MOSQUITTO_ADMIN_USER": "MQCHAT_MOSQUITTO_ADMIN_USERNAME",
+}
+
+
 def main() -> None:
+    for old, new in DEPRECATED_ENV.items():
+        if old in os.environ:
+            ignored = f" (ignored: {new} is set)" if new in os.environ else ""
+            _say(f"mqchat: {old} is deprecated, use {new}{ignored}", err=True)
     app()
 
 
@@ -883,7 +907,7 @@ async def _provisioned(
                 _fail(
                     EXIT_NOPERM,
                     f"{where} refused {admin.username!r}: {exc.reason} "
-                    "(check --mosquitto-admin-user / --mosquitto-admin-password)",
+                    "(check --mosquitto-admin-username / --mosquitto-admin-password)",
                 )
             except OSError as exc:
                 _fail(EXIT_UNAVAILABLE, f"cannot reach {where}: {exc}")
@@ -901,7 +925,14 @@ def mosquitto_bootstrap(
         Path,
         typer.Option("--out", help="The dynamic-security.json that mosquitto.conf names."),
     ],
-    admin_user: MosquittoAdminUserOption = "mqchat-admin",
+    admin_user: Annotated[
+        str,
+        typer.Option(
+            "--admin-user",
+            envvar=["MQCHAT_MOSQUITTO_ADMIN_USERNAME", "MQCHAT_MOSQUITTO_ADMIN_USER"],
+            help="The dynamic-security admin account to create.",
+        ),
+    ] = "mqchat-admin",
     admin_password: Annotated[
         str | None,
         typer.Option(
@@ -1346,19 +1377,22 @@ def _bridge_password(data_dir: Path) -> str:
     return password
 
 
-def _migrate(url: str) -> str:
-    """Migrate, returning a line that says what was done."""
+def _migrate(url: str) -> tuple[str, bool]:
+    """Migrate, returning a line that says what was done and whether any account exists
+    (which decides what ``up`` suggests next)."""
     engine = make_engine(url)
     try:
         before, head = _revisions(engine)
         if before != head:
             migrate(engine)
+        with Session(engine) as session:
+            has_users = session.exec(select(Account.username).limit(1)).first() is not None
     except SQLAlchemyError as exc:
         _fail(EXIT_UNAVAILABLE, f"cannot migrate {_shown(url)}: {exc}")
     finally:
         engine.dispose()
     schema = f"schema {head}" if before == head else f"schema {before or '(empty)'} -> {head}"
-    return f"{'db':<7} {_shown(url)}  ({schema})"
+    return f"{'db':<7} {_shown(url)}  ({schema})", has_users
 
 
 def _parse_host_port(value: str) -> tuple[str, int]:
@@ -1444,7 +1478,9 @@ def up(
     host: Annotated[
         str, typer.Option("--host", help="The interface every service listens on.")
     ] = "127.0.0.1",
-    mqtt_port: Annotated[int, typer.Option("--mqtt-port", help="MQTT over TCP.")] = 1883,
+    mqtt_port: Annotated[
+        int, typer.Option("--mqtt-port", envvar="MQCHAT_MQTT_PORT", help="MQTT over TCP.")
+    ] = DEFAULT_MQTT_PORT,
     ws_port: Annotated[
         int, typer.Option("--ws-port", help="MQTT over WebSocket (browsers); 0 turns it off.")
     ] = 8083,
@@ -1537,7 +1573,8 @@ def up(
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     logs = data_dir.resolve() / "logs"
     url = _database_url(database_url, data_dir)
-    header = [_migrate(url)]
+    migrated, has_users = _migrate(url)
+    header = [migrated]
 
     # Settings from the caller's environment pass through (MQCHAT_BRIDGE_KEEPALIVE,
     # ...), except those this command decides.
@@ -1578,7 +1615,16 @@ def up(
         )
     if database_url:
         hint = f" --database-url {_shown(url)}{hint if external else ''}"
-    footer = [f"{'logs':<7} {logs}/", f"create a user: mqchat user add alice{hint}"]
+    next_step = f"create a user: mqchat user add alice{hint}"
+    if has_users:
+        # A restart: the accounts are there, what comes next is chatting.
+        chat_port = external[1] if external else mqtt_port
+        port = "" if chat_port == DEFAULT_MQTT_PORT else f" --mqtt-port {chat_port}"
+        next_step = (
+            f"chat: mqchat listen --user NAME{port}  /  mqchat chat PEER --user NAME{port}"
+            "  (more users: mqchat user add NAME)"
+        )
+    footer = [f"{'logs':<7} {logs}/", next_step]
 
     supervisor = _Supervisor(
         children,

@@ -128,7 +128,7 @@ class Up:
     pids: dict[str, int] = field(default_factory=dict)
 
     def env(self, user: str | None = None, password: str | None = None) -> dict[str, str]:
-        extra = {"MQCHAT_DATA_DIR": str(self.data_dir), "MQCHAT_PORT": str(self.mqtt_port)}
+        extra = {"MQCHAT_DATA_DIR": str(self.data_dir), "MQCHAT_MQTT_PORT": str(self.mqtt_port)}
         if user is not None:
             extra["MQCHAT_USER"] = user
             extra["MQCHAT_PASSWORD"] = password if password is not None else PASSWORDS[user]
@@ -169,7 +169,7 @@ class Up:
         while "api" not in self.pids or "bridge" not in self.pids:
             match = self.run.stdout.wait_for(line)
             self.pids[match.group(1)] = int(match.group(2))
-        self.run.stdout.wait_for(r"^create a user: mqchat user add alice")
+        self.run.stdout.wait_for(r"^(create a user|chat): mqchat ")
 
 
 def start_up(data_dir: Path, *extra: str, mqtt_port: int | None = None) -> Up:
@@ -397,6 +397,45 @@ def test_ctrl_c_stops_every_child_when_nobody_reads_the_output(tmp_path: Path) -
         for pid in pids.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+#: Where Swagger UI's and ReDoc's pages name what they load: attributes, and the
+#: schema's ``url: '/openapi.json'`` in Swagger UI's inline script.
+ASSET_URL = r"""(?:src|href|spec-url)=["']([^"']+)["']|url: ?'([^']+)'"""
+
+
+def test_docs_work_offline(up: Up) -> None:
+    """/docs and /redoc load every script, stylesheet and icon from the API itself."""
+    api = f"http://127.0.0.1:{up.api_port}"
+    with httpx.Client(base_url=api, timeout=WAIT) as http:
+        for page in ("/docs", "/redoc"):
+            html = http.get(page)
+            assert html.status_code == 200, html.text
+            assets = re.findall(ASSET_URL, html.text)
+            urls = {a or b for a, b in assets}
+            assert len(urls) >= 3, html.text  # a script, a stylesheet or icon, the schema
+            assert [u for u in urls if not u.startswith("/")] == []  # no CDN, no other host
+            for url in urls:
+                asset = http.get(url)
+                assert (asset.status_code, url) == (200, url)
+                assert asset.content
+
+
+def test_a_restart_with_users_suggests_chatting(tmp_path: Path) -> None:
+    first = start_up(tmp_path / "data")
+    try:
+        assert any(line.startswith("create a user: ") for line in first.run.stdout.seen)
+        first.add_users("alice")
+    finally:
+        assert stop_up(first) == 0
+    again = start_up(tmp_path / "data")
+    try:
+        seen = again.run.stdout.seen
+        assert not [line for line in seen if "user add alice" in line]
+        [hint] = [line for line in seen if line.startswith("chat: ")]
+        assert f"mqchat chat PEER --user NAME --mqtt-port {again.mqtt_port}" in hint
+    finally:
+        stop_up(again)
 
 
 def test_a_killed_bridge_is_restarted_and_loses_nothing(up: Up) -> None:
