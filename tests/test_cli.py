@@ -11,6 +11,7 @@ import contextlib
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -728,3 +729,172 @@ async def test_mosquitto_bootstrap_writes_accounts_mosquitto_accepts(tmp_path: P
         await wrong.close()
     finally:
         server.close()
+
+
+# -- the README, run as written ------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+#: The passwords the README's chat section types (asserted to be in it below).
+README_PASSWORDS = {"alice": "alices-password", "bob": "bobs-password"}
+
+
+def readme_blocks(lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", README.read_text(), re.S | re.M)
+
+
+def shell_lines(block: str) -> list[str]:
+    """The block's commands, continuation lines joined; bash drops the comments."""
+    lines = block.replace("\\\n", " ").splitlines()
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+class Readme:
+    """Runs the README's lines the way a reader types them, one terminal per block.
+
+    Only the ports differ from the text: the stack under test runs on free ports, so
+    ``-p 1883`` and the SDK's ports are rewritten, and the ``mqchat`` commands get
+    ``MQCHAT_MQTT_PORT`` (as the README says to do for other ports).
+    """
+
+    def __init__(self, up: Up) -> None:
+        self.up = up
+        self.background: list[Background] = []
+        #: What each command run to its end printed.
+        self.printed: dict[str, str] = {}
+
+    def env(self) -> dict[str, str]:
+        env = base_env(
+            MQCHAT_MQTT_PORT=str(self.up.mqtt_port), MQCHAT_DATA_DIR=str(self.up.data_dir)
+        )
+        env["PATH"] = f"{MQCHAT.parent}{os.pathsep}{env['PATH']}"
+        return env
+
+    def ported(self, line: str) -> str:
+        return line.replace("-p 1883", f"-p {self.up.mqtt_port}")
+
+    def start(self, line: str, env: dict[str, str], stdin: int | None = None) -> Background:
+        process = subprocess.Popen(
+            ["bash", "-c", self.ported(line).rstrip("& ")],
+            env=env,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own group, so that all of it is stopped
+        )
+        assert process.stdout is not None
+        assert process.stderr is not None
+        running = Background(process, Lines(process.stdout), Lines(process.stderr))
+        self.background.append(running)
+        return running
+
+    def run(self, line: str, env: dict[str, str], input: str | None = None) -> str:
+        result = subprocess.run(
+            ["bash", "-c", self.ported(line)],
+            env=env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+            start_new_session=True,  # no terminal: the password prompt reads stdin
+        )
+        assert result.returncode == 0, (line, result.stderr)
+        return result.stdout
+
+    def terminal(self, lines: list[str]) -> dict[str, Background]:
+        """Run one block's lines; long-running commands stay in the background."""
+        env = self.env()
+        started: dict[str, Background] = {}
+        for line in lines:
+            if line.startswith("export "):
+                for assignment in shlex.split(line)[1:]:
+                    key, _, value = assignment.partition("=")
+                    env[key] = value
+            elif match := re.search(r"mqchat user add (\w+)", line):
+                password = README_PASSWORDS[match.group(1)]
+                self.run(line, env, input=f"{password}\n{password}\n")
+            elif re.search(r"mqchat (listen|chat)|mosquitto_sub", line):
+                stdin = subprocess.PIPE if "mqchat chat" in line else None
+                started[line] = self.start(line, env, stdin)
+            else:
+                self.printed[line] = self.run(line, env)
+        return started
+
+    def close(self) -> None:
+        for running in self.background:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(running.process.pid, signal.SIGKILL)
+            running.process.wait(WAIT)
+            if running.process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    running.process.stdin.close()
+
+
+def only(started: dict[str, Background], fragment: str) -> Background:
+    [found] = [running for line, running in started.items() if fragment in line]
+    return found
+
+
+def test_the_readme_runs_as_written(up: Up, tmp_path: Path) -> None:
+    text = README.read_text()
+    assert all(password in text for password in README_PASSWORDS.values())
+    blocks = {block.splitlines()[0]: block for block in readme_blocks("sh")}
+    readme = Readme(up)
+    try:
+        # Terminal 2: two accounts, then bob listens.
+        two = readme.terminal(shell_lines(blocks["# terminal 2: two accounts, then bob listens"]))
+        bob_listen = only(two, "mqchat listen")
+        bob_listen.stderr.wait_for("^listening as bob ")
+
+        # Terminal 3: alice sends, then chats.
+        three = readme.terminal(shell_lines(blocks["# terminal 3: alice writes"]))
+        [sent] = [out for line, out in readme.printed.items() if "mqchat send" in line]
+        assert re.fullmatch(r"sent c_\w+ #1\n", sent), sent
+        bob_listen.stdout.wait_for(r"^\[c_\w+ #1\] alice: hi bob$")
+        alice_chat = only(three, "mqchat chat bob")
+        alice_chat.stderr.wait_for("^chatting with bob as alice")
+
+        # Terminal 4: bob replies from a chat of his own, beside his listen.
+        four = readme.terminal(shell_lines(blocks["# terminal 4: bob replies"]))
+        bob_chat = only(four, "mqchat chat alice")
+        bob_chat.stderr.wait_for("^chatting with alice as bob")
+        assert bob_chat.process.stdin is not None
+        bob_chat.process.stdin.write("hi alice\n")
+        bob_chat.process.stdin.flush()
+        alice_chat.stdout.wait_for("^bob: hi alice$")
+        bob_listen.stdout.wait_for(r"\] bob: hi alice$")
+
+        # The same with mosquitto_pub / mosquitto_sub.
+        [stock] = [block for block in blocks.values() if "mosquitto_pub" in block]
+        [pub] = [line for line in shell_lines(stock) if "mosquitto_pub" in line]
+        subs = readme.terminal([line for line in shell_lines(stock) if line != pub])
+        bob_sub, alice_sub = (only(subs, "-u bob"), only(subs, "-u alice"))
+        env = readme.env()
+        # mosquitto_sub says nothing once subscribed: publish (the same id, so the same
+        # message) until bob's device has it, a bounded number of times.
+        for _ in range(10):
+            readme.run(pub, env)
+            with contextlib.suppress(TimeoutError):
+                bob_sub.stdout.wait_for(r'^chat/v1/u/bob/down/msg \{"id":"m1",.*"body":"hi bob"', 2)
+                break
+        else:
+            raise AssertionError(f"bob's mosquitto_sub saw nothing: {bob_sub.stdout.seen}")
+        alice_sub.stdout.wait_for(r'^chat/v1/u/alice/down/receipt \{"status":"sent",.*"id":"m1"')
+        readme.run(pub.replace("""'{"id":"m1","to":"bob","body":"hi bob"}'""", "'oops'"), env)
+        alice_sub.stdout.wait_for(r'^chat/v1/u/alice/down/error \{.*"code":"invalid_json"')
+
+        # The SDK snippet, as a file run by Python.
+        [snippet] = readme_blocks("python")
+        script = tmp_path / "readme_sdk.py"
+        script.write_text(
+            snippet.replace("127.0.0.1:8000", f"127.0.0.1:{up.api_port}").replace(
+                "port=1883", f"port={up.mqtt_port}"
+            )
+        )
+        sdk = readme.start(f"{sys.executable} {script}", env)
+        sdk.stdout.wait_for(r"^stored as #\d+ in c_\w+$")
+        sdk.stdout.wait_for("^bob: hi alice$")  # caught up from the history API
+        assert sdk.process.poll() is None, sdk.stderr.seen
+    finally:
+        readme.close()
