@@ -336,6 +336,39 @@ def test_a_session_taken_over_is_said_at_once(up: Up) -> None:
             process.wait(WAIT)
 
 
+def test_old_setting_names_still_work_with_a_warning(up: Up, tmp_path: Path) -> None:
+    up.add_users("alice", "bob")
+    env = up.env("alice")
+    env["MQCHAT_PORT"] = env.pop("MQCHAT_MQTT_PORT")
+    sent = subprocess.run(
+        [str(MQCHAT), "send", "--to", "bob", "hi"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert "mqchat: MQCHAT_PORT is deprecated, use MQCHAT_MQTT_PORT" in sent.stderr
+
+    target = tmp_path / "dynamic-security.json"
+    bootstrap = subprocess.run(
+        [str(MQCHAT), "mosquitto", "bootstrap", "--out", str(target)],
+        env=base_env(
+            MQCHAT_MOSQUITTO_ADMIN_USER="old-admin",
+            MQCHAT_MOSQUITTO_ADMIN_PASSWORD="admin-pass-123",
+            MQCHAT_BRIDGE_PASSWORD="bridge-pass-123",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert bootstrap.returncode == 0, bootstrap.stderr
+    assert "(admin old-admin, bridge mqchat-bridge)" in bootstrap.stdout
+    assert "MQCHAT_MOSQUITTO_ADMIN_USER is deprecated" in bootstrap.stderr
+
+
 def test_ctrl_c_stops_every_child(up: Up) -> None:
     pids = dict(up.pids)
     assert set(pids) == {"broker", "bridge", "api"}
