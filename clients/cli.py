@@ -68,7 +68,7 @@ from store import accounts, make_engine, migrate
 from store.db import alembic_config
 from store.tables import Account
 
-from .mqtt import ConnectRefused, LinkConfig, tls_context
+from .mqtt import ConnectRefused, LinkConfig, MqttError, tls_context
 from .sdk import ChatClient, ChatError, ChatMessage, SendTimeout
 
 EXIT_OK: Final = 0
@@ -82,6 +82,9 @@ EXIT_FORCED: Final = 130
 
 DEFAULT_DATA_DIR: Final = Path(".mqchat")
 DEFAULT_MQTT_PORT: Final = 1883
+#: A connection lost again within this many seconds of being made is in a fight over
+#: its session with another connection of the same device (see ``_connected``).
+TAKEOVER_WINDOW: Final = 2.0
 DATABASE_FILE: Final = "mqchat.db"
 SECRETS_FILE: Final = "secrets.json"
 BRIDGE_USERNAME: Final = "mqchat-bridge"
@@ -340,20 +343,42 @@ class _Connection:
 
 
 @contextlib.asynccontextmanager
-async def _connected(conn: _Connection, *, ephemeral: bool = False) -> AsyncIterator[ChatClient]:
+async def _connected(
+    conn: _Connection, *, ephemeral: bool = False, stop: asyncio.Event | None = None
+) -> AsyncIterator[ChatClient]:
+    """A connected client; with ``stop``, one that gives up a session fight.
+
+    Two connections of one device take the session from each other in turn, each
+    reconnecting at once: a storm of takeovers (hundreds a second on mosquitto) in
+    which neither receives. A connection lost again within ``TAKEOVER_WINDOW`` of
+    being made is taken to be in such a fight: this command says so, sets ``stop``
+    and exits 69, and the other connection keeps the session.
+    """
     # ``send`` must not use the device's persistent session: it would take over the
     # connection of a ``listen`` running as the same device, and the messages queued
     # for that device would go to this short-lived process instead.
+    taken_over = f"if another client is connected as {conn.user} with device {conn.device!r}, "
+    taken_over += "it took this session over: give each its own --device"
+    connected_at = time.monotonic()
+    fought = False
+
     def report(connected: bool, reason: str) -> None:
+        nonlocal connected_at, fought
         if connected:
-            typer.echo("mqchat: reconnected", err=True)
+            connected_at = time.monotonic()
+            _say("mqchat: reconnected", err=True)
+            return
+        if stop is not None and time.monotonic() - connected_at < TAKEOVER_WINDOW:
+            fought = True
+            _say(f"mqchat: the session keeps being taken over, giving up: {taken_over}", err=True)
+            # At once, before the link's own reconnect takes the session back again.
+            client.link.abort()
+            stop.set()
             return
         # MQTT 3.1.1 gives no reason for a takeover: the broker just closes the
         # socket. Say both causes at once rather than stall silently.
-        typer.echo(
-            f"mqchat: connection to the broker lost ({reason}); reconnecting. If another "
-            f"client is connected as {conn.user} with device {conn.device!r}, it took this "
-            "session over: give each its own --device",
+        _say(
+            f"mqchat: connection to the broker lost ({reason}); reconnecting. {taken_over}",
             err=True,
         )
 
@@ -378,10 +403,20 @@ async def _connected(conn: _Connection, *, ephemeral: bool = False) -> AsyncIter
             )
         except OSError as exc:
             _fail(EXIT_UNAVAILABLE, f"cannot reach the broker at {conn.host}:{conn.port}: {exc}")
+        except MqttError as exc:
+            # Connected, then cut off before the subscription was in place: on mosquitto,
+            # typically the other connection of this device taking its session back.
+            _fail(
+                EXIT_UNAVAILABLE,
+                f"the broker dropped the connection while subscribing ({exc}); {taken_over}",
+            )
+        connected_at = time.monotonic()
         yield client
     finally:
         with contextlib.suppress(Exception):
             await client.close()
+    if fought:
+        raise typer.Exit(EXIT_UNAVAILABLE)
 
 
 def _run(coroutine: Coroutine[Any, Any, int]) -> None:
@@ -504,7 +539,7 @@ def listen(
 
 async def _listen(conn: _Connection, count: int | None, as_json: bool) -> int:
     stop = _stop_on_signals()
-    async with _connected(conn) as client:
+    async with _connected(conn, stop=stop) as client:
         typer.echo(f"listening as {conn.user} (device {conn.device}); Ctrl-C to stop", err=True)
         shown = 0
         while count is None or shown < count:
@@ -576,7 +611,7 @@ async def _chat(conn: _Connection, peer: str) -> int:
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     state = _ChatState(peer=peer)
     refused = 0
-    async with _connected(conn) as client:
+    async with _connected(conn, stop=stop) as client:
         printer = asyncio.create_task(_print_chat(client, state))
         typer.echo(f"chatting with {peer} as {conn.user}; Ctrl-D or Ctrl-C to end", err=True)
         _read_lines(asyncio.get_running_loop(), lines)
