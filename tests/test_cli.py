@@ -954,3 +954,35 @@ def test_the_readme_runs_as_written(up: Up, tmp_path: Path) -> None:
         assert sdk.process.poll() is None, sdk.stderr.seen
     finally:
         readme.close()
+
+
+def test_the_documented_command_lines_exist() -> None:
+    """Every ``mqchat`` command and option the docs show is one ``--help`` lists.
+
+    ``mqchat mosquitto bootstrap --admin-user`` was documented before it existed.
+    """
+    docs = [README, README.parent / "docs" / "operations.md"]
+    shown = set()
+    for text in (path.read_text() for path in docs):
+        shown.update(re.findall(r"`(mqchat [^`]+)`", text))
+        for block in re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M):
+            shown.update(re.findall(r"^(mqchat [^#\n]+)", block, re.M))
+    options: dict[tuple[str, ...], set[str]] = {}
+    for line in shown:
+        words = shlex.split(line.replace("|", " ").replace("[", "").replace("]", ""))
+        command = tuple(w for w in words[1:4] if re.fullmatch(r"[a-z]+", w))
+        options.setdefault(command, set()).update(
+            w.split("=")[0] for w in words if w.startswith("--")
+        )
+    assert len(options) >= 8
+    for command, wanted in sorted(options.items()):
+        result = subprocess.run(
+            [str(MQCHAT), *command, "--help"],
+            env=base_env(COLUMNS="200"),
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+        assert result.returncode == 0, (command, result.stderr)
+        assert sorted(o for o in wanted if o not in result.stdout) == [], command
