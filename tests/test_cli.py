@@ -29,7 +29,7 @@ from sqlmodel import Session
 
 from store import accounts, make_engine
 
-from .services import MosquittoServer, free_port, start_mosquitto
+from .services import MosquittoServer, PostgresServer, free_port, start_mosquitto
 
 MQCHAT = Path(sys.executable).parent / "mqchat"
 WAIT = 20.0
@@ -794,8 +794,12 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 README_PASSWORDS = {"alice": "alices-password", "bob": "bobs-password"}
 
 
+def readme_blocks_of(text: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, re.S | re.M)
+
+
 def readme_blocks(lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```", README.read_text(), re.S | re.M)
+    return readme_blocks_of(README.read_text(), lang)
 
 
 def shell_lines(block: str) -> list[str]:
@@ -986,3 +990,41 @@ def test_the_documented_command_lines_exist() -> None:
         )
         assert result.returncode == 0, (command, result.stderr)
         assert sorted(o for o in wanted if o not in result.stdout) == [], command
+
+
+def test_the_documented_postgresql_setup_works(postgres: PostgresServer) -> None:
+    """docs/operations.md's psql steps, then `mqchat db upgrade` as the new role.
+
+    PostgreSQL 15 no longer lets every role create tables in ``public``: the steps
+    work only because the role owns its database. The psql line differs from the
+    text only in how it reaches this throwaway cluster (its port, no sudo).
+    """
+    text = (README.parent / "docs" / "operations.md").read_text()
+    [setup] = [block for block in readme_blocks_of(text, "sh") if "CREATE ROLE" in block]
+    psql = f"{postgres.bindir / 'psql'} -h {postgres.host} -p {postgres.port} -U postgres"
+    created = subprocess.run(
+        ["bash", "-c", setup.replace("sudo -u postgres psql", psql)],
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    try:
+        assert created.returncode == 0, created.stderr
+        [upgrade] = [line for line in text.splitlines() if line.startswith("mqchat db upgrade")]
+        url = f"postgresql+psycopg://mqchat:PASSWORD@{postgres.host}:{postgres.port}/mqchat"
+        args = shlex.split(upgrade.replace("postgresql+psycopg://mqchat:PASSWORD@db/mqchat", url))
+        result = subprocess.run(
+            [str(MQCHAT), *args[1:]],
+            env=base_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert re.search(r": upgraded \(empty\) -> \w+ \(head\)$", result.stdout.strip())
+    finally:
+        postgres.drop_database("mqchat")
+        subprocess.run([*shlex.split(psql), "-c", "DROP ROLE IF EXISTS mqchat"], check=False)
