@@ -18,11 +18,15 @@ CLIENTID_PLUGIN := build/mqchat_clientid_bind.so
 
 .PHONY: run test check system-deps mosquitto-plugin lock clean
 
+# The first install takes a minute or more: pip shows each package as it comes
+# (no --quiet), so a newcomer sees progress instead of a silent terminal.
 $(STAMP): pyproject.toml requirements.lock
+	@echo "setting up $(VENV): the locked dependencies (requirements.lock), once"
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(VENV)/bin/pip install --disable-pip-version-check --progress-bar on -r requirements.lock
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
+	@echo "$(VENV) is ready"
 
 run: $(STAMP)
 	$(VENV)/bin/mqchat up $(ARGS)

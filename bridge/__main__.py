@@ -13,8 +13,7 @@ import os
 import signal
 import sys
 
-from pydantic import ValidationError
-
+from broker import bad_settings
 from broker.collector import freeze_what_exists
 from clients.mqtt import ConnectRefused
 
@@ -25,15 +24,13 @@ EXIT_OK = 0
 EXIT_FORCED = 130
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: broker unreachable at startup
 EXIT_NOPERM = 77  # EX_NOPERM: the broker refused our credentials
-EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_CONFIG = bad_settings.EXIT_CONFIG
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bridge %(levelname)s %(message)s")
-    try:
-        settings = BridgeSettings()
-    except ValidationError as exc:
-        print(f"bridge: bad configuration (MQCHAT_BRIDGE_*):\n{exc}", file=sys.stderr)
+    settings = bad_settings.load(BridgeSettings, "bridge")
+    if settings is None:
         return EXIT_CONFIG
 
     async def run() -> int:

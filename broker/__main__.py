@@ -7,25 +7,21 @@ import logging
 import signal
 import sys
 
-from pydantic import ValidationError
-
-from . import lognoise
+from . import bad_settings, lognoise
 from .collector import keep_collections_short
 from .config import BrokerSettings
 from .embedded import serve
 
 EXIT_OK = 0
-EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_CONFIG = bad_settings.EXIT_CONFIG
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s broker %(levelname)s %(message)s")
     logging.getLogger("amqtt").setLevel(logging.WARNING)
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    try:
-        settings = BrokerSettings()
-    except ValidationError as exc:
-        print(f"broker: bad configuration (MQCHAT_BROKER_*):\n{exc}", file=sys.stderr)
+    settings = bad_settings.load(BrokerSettings, "broker")
+    if settings is None:
         return EXIT_CONFIG
     lognoise.install(settings.client_log_interval)
 

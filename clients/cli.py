@@ -43,6 +43,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, select
 
 import protocol
 from bridge import READY_LOG
@@ -65,8 +66,9 @@ from protocol import errors
 from protocol.errors import ProtocolError
 from store import accounts, make_engine, migrate
 from store.db import alembic_config
+from store.tables import Account
 
-from .mqtt import ConnectRefused, LinkConfig, tls_context
+from .mqtt import ConnectRefused, LinkConfig, MqttError, tls_context
 from .sdk import ChatClient, ChatError, ChatMessage, SendTimeout
 
 EXIT_OK: Final = 0
@@ -79,6 +81,10 @@ EXIT_CONFIG: Final = 78  # EX_CONFIG
 EXIT_FORCED: Final = 130
 
 DEFAULT_DATA_DIR: Final = Path(".mqchat")
+DEFAULT_MQTT_PORT: Final = 1883
+#: A connection lost again within this many seconds of being made is in a fight over
+#: its session with another connection of the same device (see ``_connected``).
+TAKEOVER_WINDOW: Final = 2.0
 DATABASE_FILE: Final = "mqchat.db"
 SECRETS_FILE: Final = "secrets.json"
 BRIDGE_USERNAME: Final = "mqchat-bridge"
@@ -109,7 +115,13 @@ HostOption = Annotated[
 PortOption = Annotated[
     int,
     typer.Option(
-        "--port", envvar="MQCHAT_PORT", help="Broker MQTT port.", rich_help_panel=_CONNECTION
+        "--mqtt-port",
+        "--port",
+        # The same name as `up --mqtt-port`: one setting starts the broker on a port
+        # and points every command at it. --port / MQCHAT_PORT are deprecated aliases.
+        envvar=["MQCHAT_MQTT_PORT", "MQCHAT_PORT"],
+        help="Broker MQTT port (--port is a deprecated alias).",
+        rich_help_panel=_CONNECTION,
     ),
 ]
 UserOption = Annotated[
@@ -135,7 +147,7 @@ TlsOption = Annotated[
     typer.Option(
         "--tls",
         envvar="MQCHAT_TLS",
-        help="Connect over TLS, trusting the system's CAs; --port is then a TLS "
+        help="Connect over TLS, trusting the system's CAs; --mqtt-port is then a TLS "
         "listener's (8883, or the wss one with --websockets).",
         rich_help_panel=_CONNECTION,
     ),
@@ -157,7 +169,7 @@ WebsocketsOption = Annotated[
     typer.Option(
         "--websockets",
         envvar="MQCHAT_WEBSOCKETS",
-        help="MQTT over WebSocket (path /mqtt); --port is then the WebSocket listener's.",
+        help="MQTT over WebSocket (path /mqtt); --mqtt-port is then the WebSocket listener's.",
         rich_help_panel=_CONNECTION,
     ),
 ]
@@ -165,9 +177,11 @@ DeviceOption = Annotated[
     str,
     typer.Option(
         "--device",
+        envvar="MQCHAT_DEVICE",
         help="Names this device. The broker keeps one session (and offline queue) per "
-        "user and device, and a second connection as the same device takes it over: "
-        "run two commands at once as one user with different devices.",
+        "user and device, and a second connection as the same device takes it over. "
+        "Each command has its own default (cli-listen, cli-chat), so `listen` and "
+        "`chat` run side by side; two of one command at once need a --device each.",
         rich_help_panel=_CONNECTION,
     ),
 ]
@@ -200,9 +214,13 @@ MosquittoPortOption = Annotated[
 MosquittoAdminUserOption = Annotated[
     str,
     typer.Option(
+        "--mosquitto-admin-username",
         "--mosquitto-admin-user",
-        envvar="MQCHAT_MOSQUITTO_ADMIN_USER",
-        help="mosquitto's dynamic-security admin account.",
+        # USERNAME as in the API's MQCHAT_API_MOSQUITTO_ADMIN_USERNAME and the bridge's
+        # MQCHAT_BRIDGE_USERNAME; the ..._USER spellings are deprecated aliases.
+        envvar=["MQCHAT_MOSQUITTO_ADMIN_USERNAME", "MQCHAT_MOSQUITTO_ADMIN_USER"],
+        help="mosquitto's dynamic-security admin account (--mosquitto-admin-user is a "
+        "deprecated alias).",
         rich_help_panel=_MOSQUITTO,
     ),
 ]
@@ -218,7 +236,18 @@ MosquittoAdminPasswordOption = Annotated[
 ]
 
 
+#: Old environment names still read, each with the name that replaced it.
+DEPRECATED_ENV: Final = {
+    "MQCHAT_PORT": "MQCHAT_MQTT_PORT",
+    "MQCHAT_MOSQUITTO_ADMIN_USER": "MQCHAT_MOSQUITTO_ADMIN_USERNAME",
+}
+
+
 def main() -> None:
+    for old, new in DEPRECATED_ENV.items():
+        if old in os.environ:
+            ignored = f" (ignored: {new} is set)" if new in os.environ else ""
+            _say(f"mqchat: {old} is deprecated, use {new}{ignored}", err=True)
     app()
 
 
@@ -242,6 +271,25 @@ def _emit(line: str) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(EXIT_OK) from None
+
+
+def _say(line: str, *, err: bool = False) -> None:
+    """Print a line of ``mqchat up``'s and never raise.
+
+    ``make run | tee log`` and Ctrl-C: the terminal's SIGINT kills ``tee`` too, so
+    the "stopping" line meets a closed pipe. Stopping the children must not depend
+    on anyone reading, so a stream that cannot be written is pointed at /dev/null
+    and the supervisor goes on.
+    """
+    stream = sys.stderr if err else sys.stdout
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
 
 
 _T = TypeVar("_T")
@@ -295,10 +343,45 @@ class _Connection:
 
 
 @contextlib.asynccontextmanager
-async def _connected(conn: _Connection, *, ephemeral: bool = False) -> AsyncIterator[ChatClient]:
+async def _connected(
+    conn: _Connection, *, ephemeral: bool = False, stop: asyncio.Event | None = None
+) -> AsyncIterator[ChatClient]:
+    """A connected client; with ``stop``, one that gives up a session fight.
+
+    Two connections of one device take the session from each other in turn, each
+    reconnecting at once: a storm of takeovers (hundreds a second on mosquitto) in
+    which neither receives. A connection lost again within ``TAKEOVER_WINDOW`` of
+    being made is taken to be in such a fight: this command says so, sets ``stop``
+    and exits 69, and the other connection keeps the session.
+    """
     # ``send`` must not use the device's persistent session: it would take over the
     # connection of a ``listen`` running as the same device, and the messages queued
     # for that device would go to this short-lived process instead.
+    taken_over = f"if another client is connected as {conn.user} with device {conn.device!r}, "
+    taken_over += "it took this session over: give each its own --device"
+    connected_at = time.monotonic()
+    fought = False
+
+    def report(connected: bool, reason: str) -> None:
+        nonlocal connected_at, fought
+        if connected:
+            connected_at = time.monotonic()
+            _say("mqchat: reconnected", err=True)
+            return
+        if stop is not None and time.monotonic() - connected_at < TAKEOVER_WINDOW:
+            fought = True
+            _say(f"mqchat: the session keeps being taken over, giving up: {taken_over}", err=True)
+            # At once, before the link's own reconnect takes the session back again.
+            client.link.abort()
+            stop.set()
+            return
+        # MQTT 3.1.1 gives no reason for a takeover: the broker just closes the
+        # socket. Say both causes at once rather than stall silently.
+        _say(
+            f"mqchat: connection to the broker lost ({reason}); reconnecting. {taken_over}",
+            err=True,
+        )
+
     client = ChatClient(
         host=conn.host,
         port=conn.port,
@@ -308,6 +391,7 @@ async def _connected(conn: _Connection, *, ephemeral: bool = False) -> AsyncIter
         persistent=not ephemeral,
         transport="websockets" if conn.websockets else "tcp",
         tls=conn.tls_context(),
+        on_connection=None if ephemeral else report,
     )
     try:
         try:
@@ -319,10 +403,20 @@ async def _connected(conn: _Connection, *, ephemeral: bool = False) -> AsyncIter
             )
         except OSError as exc:
             _fail(EXIT_UNAVAILABLE, f"cannot reach the broker at {conn.host}:{conn.port}: {exc}")
+        except MqttError as exc:
+            # Connected, then cut off before the subscription was in place: on mosquitto,
+            # typically the other connection of this device taking its session back.
+            _fail(
+                EXIT_UNAVAILABLE,
+                f"the broker dropped the connection while subscribing ({exc}); {taken_over}",
+            )
+        connected_at = time.monotonic()
         yield client
     finally:
         with contextlib.suppress(Exception):
             await client.close()
+    if fought:
+        raise typer.Exit(EXIT_UNAVAILABLE)
 
 
 def _run(coroutine: Coroutine[Any, Any, int]) -> None:
@@ -353,7 +447,7 @@ def send(
     port: PortOption = 1883,
     user: UserOption = ...,  # type: ignore[assignment]
     password: PasswordOption = ...,  # type: ignore[assignment]
-    device: DeviceOption = "cli",
+    device: DeviceOption = "cli-send",
     tls: TlsOption = False,
     tls_ca: TlsCaOption = None,
     websockets: WebsocketsOption = False,
@@ -425,7 +519,7 @@ def listen(
     port: PortOption = 1883,
     user: UserOption = ...,  # type: ignore[assignment]
     password: PasswordOption = ...,  # type: ignore[assignment]
-    device: DeviceOption = "cli",
+    device: DeviceOption = "cli-listen",
     tls: TlsOption = False,
     tls_ca: TlsCaOption = None,
     websockets: WebsocketsOption = False,
@@ -445,7 +539,7 @@ def listen(
 
 async def _listen(conn: _Connection, count: int | None, as_json: bool) -> int:
     stop = _stop_on_signals()
-    async with _connected(conn) as client:
+    async with _connected(conn, stop=stop) as client:
         typer.echo(f"listening as {conn.user} (device {conn.device}); Ctrl-C to stop", err=True)
         shown = 0
         while count is None or shown < count:
@@ -477,7 +571,7 @@ def chat(
     port: PortOption = 1883,
     user: UserOption = ...,  # type: ignore[assignment]
     password: PasswordOption = ...,  # type: ignore[assignment]
-    device: DeviceOption = "cli",
+    device: DeviceOption = "cli-chat",
     tls: TlsOption = False,
     tls_ca: TlsCaOption = None,
     websockets: WebsocketsOption = False,
@@ -517,7 +611,7 @@ async def _chat(conn: _Connection, peer: str) -> int:
     lines: asyncio.Queue[str | None] = asyncio.Queue()
     state = _ChatState(peer=peer)
     refused = 0
-    async with _connected(conn) as client:
+    async with _connected(conn, stop=stop) as client:
         printer = asyncio.create_task(_print_chat(client, state))
         typer.echo(f"chatting with {peer} as {conn.user}; Ctrl-D or Ctrl-C to end", err=True)
         _read_lines(asyncio.get_running_loop(), lines)
@@ -848,7 +942,7 @@ async def _provisioned(
                 _fail(
                     EXIT_NOPERM,
                     f"{where} refused {admin.username!r}: {exc.reason} "
-                    "(check --mosquitto-admin-user / --mosquitto-admin-password)",
+                    "(check --mosquitto-admin-username / --mosquitto-admin-password)",
                 )
             except OSError as exc:
                 _fail(EXIT_UNAVAILABLE, f"cannot reach {where}: {exc}")
@@ -866,7 +960,14 @@ def mosquitto_bootstrap(
         Path,
         typer.Option("--out", help="The dynamic-security.json that mosquitto.conf names."),
     ],
-    admin_user: MosquittoAdminUserOption = "mqchat-admin",
+    admin_user: Annotated[
+        str,
+        typer.Option(
+            "--admin-user",
+            envvar=["MQCHAT_MOSQUITTO_ADMIN_USERNAME", "MQCHAT_MOSQUITTO_ADMIN_USER"],
+            help="The dynamic-security admin account to create.",
+        ),
+    ] = "mqchat-admin",
     admin_password: Annotated[
         str | None,
         typer.Option(
@@ -1131,7 +1232,7 @@ class _Supervisor:
             try:
                 ready = await _unless_stopped(self._stop, self._all_ready(stage))
             except _NotReady as exc:
-                typer.echo(
+                _say(
                     f"mqchat up: {exc}; last lines of {exc.child.log_path}:\n"
                     f"{exc.child.log_tail()}",
                     err=True,
@@ -1140,12 +1241,12 @@ class _Supervisor:
             if ready is None:
                 return False
         for line in self.header:
-            _emit(line)
+            _say(line)
         for child in self.children:
             assert child.process is not None
-            _emit(child.describe(child.process.pid))
+            _say(child.describe(child.process.pid))
         for line in self.footer:
-            _emit(line)
+            _say(line)
         return True
 
     async def _all_ready(self, stage: list[_Child]) -> bool:
@@ -1189,7 +1290,7 @@ class _Supervisor:
         while child.restarts and now - child.restarts[0] > RESTART_WINDOW:
             child.restarts.popleft()
         if len(child.restarts) >= MAX_RESTARTS:
-            typer.echo(
+            _say(
                 f"mqchat up: {child.name} {_exit_text(returncode)}, the "
                 f"{MAX_RESTARTS + 1}th time within {RESTART_WINDOW:g} s: stopping "
                 f"everything (see {child.log_path})",
@@ -1197,7 +1298,7 @@ class _Supervisor:
             )
             return False
         child.restarts.append(now)
-        _emit(
+        _say(
             f"{child.name:<7} {_exit_text(returncode)}; restarting "
             f"({len(child.restarts)} of {MAX_RESTARTS} restarts a minute)"
         )
@@ -1207,29 +1308,39 @@ class _Supervisor:
         except _NotReady as exc:
             # Still counts: the next turn of the main loop sees the exit (or lets a
             # slow child be).
-            typer.echo(f"mqchat up: {exc}", err=True)
+            _say(f"mqchat up: {exc}", err=True)
             return True
         if ready:
             assert child.process is not None
-            _emit(child.describe(child.process.pid))
+            _say(child.describe(child.process.pid))
         return True
 
     async def shutdown(self) -> bool:
         """Stop every child; True if a second signal forced it."""
         alive = [child for child in self.children if child.alive]
+        try:
+            if alive:
+                _say("stopping " + ", ".join(child.name for child in reversed(alive)))
+            for stage in reversed(self._stages):
+                await self._stop_stage([child for child in stage if child.alive])
+        finally:
+            # Whatever happened above (even an exception), no child outlives `mqchat up`.
+            self.kill_all()
+        for child in self.children:
+            if child.process is not None:
+                await child.process.wait()
         if alive:
-            _emit("stopping " + ", ".join(child.name for child in reversed(alive)))
-        for stage in reversed(self._stages):
-            await self._stop_stage([child for child in stage if child.alive])
-        # Whatever happened above, no child outlives `mqchat up`.
+            _say("stopped")
+        return self._force.is_set()
+
+    def kill_all(self) -> None:
+        """SIGKILL every child still running: the last resort, synchronous so that it
+        also runs from a ``finally`` whose event loop is being torn down."""
         for child in self.children:
             if child.alive:
                 assert child.process is not None
-                child.process.kill()
-                await child.process.wait()
-        if alive:
-            _emit("stopped")
-        return self._force.is_set()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.process.pid, signal.SIGKILL)
 
     async def _stop_stage(self, stage: list[_Child]) -> None:
         if not stage:
@@ -1264,7 +1375,7 @@ class _Supervisor:
                 if self._force.is_set()
                 else f"did not stop within {self.shutdown_timeout:g} s"
             )
-            _emit(f"{child.name:<7} {reason}: killed")
+            _say(f"{child.name:<7} {reason}: killed")
 
 
 def _client_host(host: str) -> str:
@@ -1301,19 +1412,22 @@ def _bridge_password(data_dir: Path) -> str:
     return password
 
 
-def _migrate(url: str) -> str:
-    """Migrate, returning a line that says what was done."""
+def _migrate(url: str) -> tuple[str, bool]:
+    """Migrate, returning a line that says what was done and whether any account exists
+    (which decides what ``up`` suggests next)."""
     engine = make_engine(url)
     try:
         before, head = _revisions(engine)
         if before != head:
             migrate(engine)
+        with Session(engine) as session:
+            has_users = session.exec(select(Account.username).limit(1)).first() is not None
     except SQLAlchemyError as exc:
         _fail(EXIT_UNAVAILABLE, f"cannot migrate {_shown(url)}: {exc}")
     finally:
         engine.dispose()
     schema = f"schema {head}" if before == head else f"schema {before or '(empty)'} -> {head}"
-    return f"{'db':<7} {_shown(url)}  ({schema})"
+    return f"{'db':<7} {_shown(url)}  ({schema})", has_users
 
 
 def _parse_host_port(value: str) -> tuple[str, int]:
@@ -1399,7 +1513,9 @@ def up(
     host: Annotated[
         str, typer.Option("--host", help="The interface every service listens on.")
     ] = "127.0.0.1",
-    mqtt_port: Annotated[int, typer.Option("--mqtt-port", help="MQTT over TCP.")] = 1883,
+    mqtt_port: Annotated[
+        int, typer.Option("--mqtt-port", envvar="MQCHAT_MQTT_PORT", help="MQTT over TCP.")
+    ] = DEFAULT_MQTT_PORT,
     ws_port: Annotated[
         int, typer.Option("--ws-port", help="MQTT over WebSocket (browsers); 0 turns it off.")
     ] = 8083,
@@ -1478,17 +1594,22 @@ def up(
     ports = [port for _, port in binds if port]
     if len(set(ports)) != len(ports):
         raise typer.BadParameter("each service needs a port of its own", param_hint="ports")
-    for option, port in binds:
-        if port and _port_in_use(_client_host(host), port):
-            _fail(
-                EXIT_CONFIG,
-                f"port {port} on {host} is in use (another `mqchat up`?): "
-                f"choose another with {option}",
-            )
+    busy = [
+        (option, port) for option, port in binds if port and _port_in_use(_client_host(host), port)
+    ]
+    if busy:
+        # Every busy port at once: fixing them one run at a time is a guessing game.
+        named = ", ".join(f"{port} ({option})" for option, port in busy)
+        _fail(
+            EXIT_CONFIG,
+            f"{'port' if len(busy) == 1 else 'ports'} {named} on {host} in use "
+            "(another `mqchat up` still running?): stop it, or choose others with those options",
+        )
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     logs = data_dir.resolve() / "logs"
     url = _database_url(database_url, data_dir)
-    header = [_migrate(url)]
+    migrated, has_users = _migrate(url)
+    header = [migrated]
 
     # Settings from the caller's environment pass through (MQCHAT_BRIDGE_KEEPALIVE,
     # ...), except those this command decides.
@@ -1529,7 +1650,16 @@ def up(
         )
     if database_url:
         hint = f" --database-url {_shown(url)}{hint if external else ''}"
-    footer = [f"{'logs':<7} {logs}/", f"create a user: mqchat user add alice{hint}"]
+    next_step = f"create a user: mqchat user add alice{hint}"
+    if has_users:
+        # A restart: the accounts are there, what comes next is chatting.
+        chat_port = external[1] if external else mqtt_port
+        port = "" if chat_port == DEFAULT_MQTT_PORT else f" --mqtt-port {chat_port}"
+        next_step = (
+            f"chat: mqchat listen --user NAME{port}  /  mqchat chat PEER --user NAME{port}"
+            "  (more users: mqchat user add NAME)"
+        )
+    footer = [f"{'logs':<7} {logs}/", next_step]
 
     supervisor = _Supervisor(
         children,
@@ -1538,4 +1668,8 @@ def up(
         header=header,
         footer=footer,
     )
-    raise typer.Exit(asyncio.run(supervisor.run()))
+    try:
+        code = asyncio.run(supervisor.run())
+    finally:
+        supervisor.kill_all()
+    raise typer.Exit(code)

@@ -217,6 +217,10 @@ class MqttLink:
             block; hand the message to a queue if processing takes time.
         on_connect: called on the loop after every successful (re)connect, with
             ``session_present``.
+        on_disconnect: called on the loop when an established connection is lost
+            (not on :meth:`close`), with paho's reason. In MQTT 3.1.1 a broker says
+            nothing when another connection takes the session over: it just closes
+            the socket, so this is the only sign an owner can show its user.
     """
 
     def __init__(
@@ -225,10 +229,12 @@ class MqttLink:
         *,
         on_message: Callable[[Incoming], None] | None = None,
         on_connect: Callable[[bool], None] | None = None,
+        on_disconnect: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self._on_message = on_message
         self._on_connect_hook = on_connect
+        self._on_disconnect_hook = on_disconnect
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = _Pending()
         self._subscriptions: dict[str, int] = {}
@@ -468,6 +474,8 @@ class MqttLink:
             self._connack.set_exception(ConnectRefused(f"disconnected: {reason}"))
         if was_connected and not self._closing:
             log.warning("connection of %s lost: %s", self.config.client_id, reason)
+            if self._on_disconnect_hook is not None:
+                self._safely(self._on_disconnect_hook, str(reason))
         if not self._closing:
             self._lost.set()
 

@@ -30,7 +30,7 @@ import logging
 import random
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -123,6 +123,11 @@ class ChatClient:
             is offline. ``False`` is for one-shot tools (``mqchat send``): a clean
             session under a client id of its own, which neither takes over the
             device's own connection nor swallows the messages queued for it.
+        on_connection: called on the loop with ``(False, reason)`` when the connection
+            is lost and ``(True, "")`` when it is back (the client reconnects by
+            itself). A device whose session another connection with the same
+            ``{username}:{device}`` took over sees only a loss: show it, or the user
+            waits on a silent stall.
     """
 
     def __init__(
@@ -143,8 +148,10 @@ class ChatClient:
         ack_delivered: bool = True,
         presence_interval: float | None = 120.0,
         history: HistoryClient | None = None,
+        on_connection: Callable[[bool, str], None] | None = None,
     ) -> None:
         self.username = username
+        self._on_connection = on_connection
         self.device = device
         self.history = history
         self._catch_up_task: asyncio.Task[None] | None = None
@@ -184,6 +191,7 @@ class ChatClient:
             ),
             on_message=self._on_incoming,
             on_connect=self._on_reconnect,
+            on_disconnect=self._on_lost,
         )
         self._outbox: dict[str, _Outgoing] = {}
         self._lanes: dict[str, asyncio.Queue[_Outgoing]] = {}
@@ -369,7 +377,13 @@ class ChatClient:
             if self.link.is_connected:
                 self._publish_presence("online")
 
+    def _on_lost(self, reason: str) -> None:
+        if self._on_connection is not None:
+            self._on_connection(False, reason)
+
     def _on_reconnect(self, session_present: bool) -> None:
+        if self._on_connection is not None and self.link.generation > 1:
+            self._on_connection(True, "")
         if self.presence_interval is not None:
             self._publish_presence("online")
         # Resend the head of every lane now rather than after resend_after.

@@ -10,33 +10,20 @@ import logging
 import sys
 
 import uvicorn
-from pydantic import ValidationError
+
+from broker import bad_settings
 
 from .app import create_app
 from .config import ApiSettings
 
 EXIT_OK = 0
-EXIT_CONFIG = 78  # EX_CONFIG
-
-ENV_PREFIX = "MQCHAT_API_"
-
-
-def describe(exc: ValidationError) -> str:
-    """One line per bad setting, named as the variable the operator has to set."""
-    lines = []
-    for err in exc.errors(include_url=False, include_input=False):
-        key = ENV_PREFIX + "_".join(str(part) for part in err["loc"]).upper()
-        reason = "missing" if err["type"] == "missing" else err["msg"]
-        lines.append(f"  {key}: {reason}")
-    return "\n".join(lines)
+EXIT_CONFIG = bad_settings.EXIT_CONFIG
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s api %(levelname)s %(message)s")
-    try:
-        settings = ApiSettings()
-    except ValidationError as exc:
-        print(f"history_api: bad configuration:\n{describe(exc)}", file=sys.stderr)
+    settings = bad_settings.load(ApiSettings, "history_api")
+    if settings is None:
         return EXIT_CONFIG
     uvicorn.run(
         create_app(settings),

@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from store import make_engine
 
@@ -25,7 +26,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         finally:
             app.state.engine.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc from assets shipped in the package, not a CDN: they work
+    # offline, behind a firewall and under a strict CSP alike.
+    app = FastAPIOffline(
         title="mqchat history API",
         version="1",
         summary="Accounts, tokens, conversation history, delivery traces, presence and search.",

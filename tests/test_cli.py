@@ -11,6 +11,7 @@ import contextlib
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from sqlmodel import Session
 
 from store import accounts, make_engine
 
-from .services import MosquittoServer, free_port, start_mosquitto
+from .services import MosquittoServer, PostgresServer, free_port, start_mosquitto
 
 MQCHAT = Path(sys.executable).parent / "mqchat"
 WAIT = 20.0
@@ -128,7 +129,7 @@ class Up:
     pids: dict[str, int] = field(default_factory=dict)
 
     def env(self, user: str | None = None, password: str | None = None) -> dict[str, str]:
-        extra = {"MQCHAT_DATA_DIR": str(self.data_dir), "MQCHAT_PORT": str(self.mqtt_port)}
+        extra = {"MQCHAT_DATA_DIR": str(self.data_dir), "MQCHAT_MQTT_PORT": str(self.mqtt_port)}
         if user is not None:
             extra["MQCHAT_USER"] = user
             extra["MQCHAT_PASSWORD"] = password if password is not None else PASSWORDS[user]
@@ -169,7 +170,7 @@ class Up:
         while "api" not in self.pids or "bridge" not in self.pids:
             match = self.run.stdout.wait_for(line)
             self.pids[match.group(1)] = int(match.group(2))
-        self.run.stdout.wait_for(r"^create a user: mqchat user add alice")
+        self.run.stdout.wait_for(r"^(create a user|chat): mqchat ")
 
 
 def start_up(data_dir: Path, *extra: str, mqtt_port: int | None = None) -> Up:
@@ -283,7 +284,7 @@ def test_listen_json_and_chat_shows_the_peer(up: Up) -> None:
     code, rest = chat.finish()
     assert (code, rest) == (0, [])  # her own line is not printed back to her
 
-    # bob's device "cli" was offline since its listen: the broker kept what came.
+    # bob's device "cli-listen" was offline since its listen: the broker kept what came.
     bob = up.listen("bob", "--count", "3")
     code, lines = bob.finish()
     assert code == 0
@@ -292,6 +293,102 @@ def test_listen_json_and_chat_shows_the_peer(up: Up) -> None:
         "alice: from my phone",
         "alice: are you there?",
     ]
+
+
+def test_listen_and_chat_as_one_user_both_work(up: Up) -> None:
+    """Each command has a device of its own: neither takes the other's session over."""
+    up.add_users("alice", "bob")
+    listener = up.listen("bob")
+    chat = spawn("chat", "alice", env=up.env("bob"), stdin=subprocess.PIPE)
+    assert chat.process.stdin is not None
+    try:
+        chat.stderr.wait_for("^chatting with alice as bob")
+        assert up.mqchat("send", "--to", "bob", "to both", user="alice").returncode == 0
+        chat.stdout.wait_for("^alice: to both$")
+        listener.stdout.wait_for(r"\] alice: to both$")
+        chat.process.stdin.write("typed in chat\n")
+        chat.process.stdin.flush()
+        # Stored and delivered: the listen of the same user shows bob's own line.
+        listener.stdout.wait_for(r"\] bob: typed in chat$")
+        chat.process.stdin.close()
+        assert chat.process.wait(WAIT) == 0
+        assert not [line for line in chat.stderr.seen + listener.stderr.seen if "lost" in line]
+    finally:
+        for process in (chat.process, listener.process):
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                process.wait(WAIT)
+
+
+def test_a_session_taken_over_is_said_at_once(up: Up) -> None:
+    up.add_users("bob")
+    said_at_once_when_taken_over(up)
+
+
+def said_at_once_when_taken_over(up: Up) -> None:
+    """bob's second listen with the same device: both brokers, the same outcome.
+
+    The first is cut off and says so at once. Then the two would take the session
+    from each other for ever; instead the one cut off within moments of connecting
+    gives up (exit 69, with the same advice) and the other keeps the session.
+    """
+    first = up.listen("bob", "--device", "laptop")
+    second = spawn("listen", "--device", "laptop", env=up.env("bob"))
+    advice = "it took this session over: give each its own --device$"
+    try:
+        first.stderr.wait_for(
+            f"^mqchat: (connection to the broker lost|the session keeps).*{advice}"
+        )
+        deadline = time.monotonic() + WAIT
+        while first.process.poll() is None and second.process.poll() is None:
+            assert time.monotonic() < deadline, "neither gave the session up"
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                second.process.wait(0.1)
+        gave_up, kept = (first, second) if first.process.poll() is not None else (second, first)
+        assert gave_up.process.wait(WAIT) == 69
+        gave_up.stderr.rest()
+        assert any(re.search(advice, line) for line in gave_up.stderr.seen)
+        assert kept.process.poll() is None
+        for listener in (first, second):
+            assert not [line for line in listener.stderr.seen if "Traceback" in line]
+    finally:
+        for process in (first.process, second.process):
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                process.wait(WAIT)
+
+
+def test_old_setting_names_still_work_with_a_warning(up: Up, tmp_path: Path) -> None:
+    up.add_users("alice", "bob")
+    env = up.env("alice")
+    env["MQCHAT_PORT"] = env.pop("MQCHAT_MQTT_PORT")
+    sent = subprocess.run(
+        [str(MQCHAT), "send", "--to", "bob", "hi"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert sent.returncode == 0, sent.stderr
+    assert "mqchat: MQCHAT_PORT is deprecated, use MQCHAT_MQTT_PORT" in sent.stderr
+
+    target = tmp_path / "dynamic-security.json"
+    bootstrap = subprocess.run(
+        [str(MQCHAT), "mosquitto", "bootstrap", "--out", str(target)],
+        env=base_env(
+            MQCHAT_MOSQUITTO_ADMIN_USER="old-admin",
+            MQCHAT_MOSQUITTO_ADMIN_PASSWORD="admin-pass-123",
+            MQCHAT_BRIDGE_PASSWORD="bridge-pass-123",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert bootstrap.returncode == 0, bootstrap.stderr
+    assert "(admin old-admin, bridge mqchat-bridge)" in bootstrap.stdout
+    assert "MQCHAT_MOSQUITTO_ADMIN_USER is deprecated" in bootstrap.stderr
 
 
 def test_ctrl_c_stops_every_child(up: Up) -> None:
@@ -304,6 +401,97 @@ def test_ctrl_c_stops_every_child(up: Up) -> None:
     assert up.run.process.wait(WAIT) == 0
     assert up.run.stdout.rest()[-1] == "stopped"
     assert [name for name, pid in pids.items() if alive(pid)] == []
+
+
+def _bindable(port: int) -> bool:
+    """Free for a new server: SO_REUSEADDR as every server here sets (a connection in
+    TIME_WAIT does not count, a listener does)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_ctrl_c_stops_every_child_when_nobody_reads_the_output(tmp_path: Path) -> None:
+    """``make run | tee log`` then Ctrl-C: the terminal's SIGINT kills ``tee`` too."""
+    ports = {"--mqtt-port": free_port(), "--ws-port": free_port(), "--api-port": free_port()}
+    args = [str(MQCHAT), "up", "--data-dir", str(tmp_path / "data")]
+    for option, port in ports.items():
+        args += [option, str(port)]
+    process = subprocess.Popen(
+        args,
+        env=base_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    pids: dict[str, int] = {}
+    try:
+        for line in process.stdout:
+            if match := re.search(r"^(broker|bridge|api) .*\(pid (\d+)\)$", line):
+                pids[match.group(1)] = int(match.group(2))
+            if line.startswith("logs "):
+                break
+        assert set(pids) == {"broker", "bridge", "api"}
+        # Both readers gone, as with `tee` killed (and `|&`): every line now meets EPIPE.
+        process.stdout.close()
+        process.stderr.close()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(WAIT) == 0
+        assert [name for name, pid in pids.items() if alive(pid)] == []
+        assert [port for port in ports.values() if not _bindable(port)] == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for pid in pids.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+#: Where Swagger UI's and ReDoc's pages name what they load: attributes, and the
+#: schema's ``url: '/openapi.json'`` in Swagger UI's inline script.
+ASSET_URL = r"""(?:src|href|spec-url)=["']([^"']+)["']|url: ?'([^']+)'"""
+
+
+def test_docs_work_offline(up: Up) -> None:
+    """/docs and /redoc load every script, stylesheet and icon from the API itself."""
+    api = f"http://127.0.0.1:{up.api_port}"
+    with httpx.Client(base_url=api, timeout=WAIT) as http:
+        for page in ("/docs", "/redoc"):
+            html = http.get(page)
+            assert html.status_code == 200, html.text
+            assets = re.findall(ASSET_URL, html.text)
+            urls = {a or b for a, b in assets}
+            assert len(urls) >= 3, html.text  # a script, a stylesheet or icon, the schema
+            assert [u for u in urls if not u.startswith("/")] == []  # no CDN, no other host
+            for url in urls:
+                asset = http.get(url)
+                assert (asset.status_code, url) == (200, url)
+                assert asset.content
+
+
+def test_a_restart_with_users_suggests_chatting(tmp_path: Path) -> None:
+    first = start_up(tmp_path / "data")
+    try:
+        assert any(line.startswith("create a user: ") for line in first.run.stdout.seen)
+        first.add_users("alice")
+    finally:
+        assert stop_up(first) == 0
+    again = start_up(tmp_path / "data")
+    try:
+        seen = again.run.stdout.seen
+        assert not [line for line in seen if "user add alice" in line]
+        [hint] = [line for line in seen if line.startswith("chat: ")]
+        assert f"mqchat chat PEER --user NAME --mqtt-port {again.mqtt_port}" in hint
+    finally:
+        stop_up(again)
 
 
 def test_a_killed_bridge_is_restarted_and_loses_nothing(up: Up) -> None:
@@ -466,8 +654,26 @@ def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:
             check=False,
         )
     assert result.returncode == 78
-    assert f"port {port}" in result.stderr
-    assert "--api-port" in result.stderr
+    assert f"port {port} (--api-port)" in result.stderr
+
+
+def test_up_names_every_busy_port(tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        ports = {}
+        for option in ("--mqtt-port", "--ws-port", "--api-port"):
+            busy = stack.enter_context(socket.socket())
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            ports[option] = busy.getsockname()[1]
+        args = [str(MQCHAT), "up", "--data-dir", str(tmp_path)]
+        for option, port in ports.items():
+            args += [option, str(port)]
+        result = subprocess.run(
+            args, env=base_env(), capture_output=True, text=True, timeout=WAIT, check=False
+        )
+    assert result.returncode == 78
+    for option, port in ports.items():
+        assert f"{port} ({option})" in result.stderr
 
 
 # -- with mosquitto ------------------------------------------------------------------
@@ -516,6 +722,7 @@ def test_up_with_mosquitto(tmp_path: Path, mosquitto: MosquittoServer) -> None:
         )
         assert created.status_code == 201, created.text
 
+        said_at_once_when_taken_over(up)
         bob = up.listen("bob", "--count", "1")
         sent = up.mqchat("send", "--to", "bob", "via mosquitto", user="alice")
         assert sent.returncode == 0, sent.stderr
@@ -578,3 +785,246 @@ async def test_mosquitto_bootstrap_writes_accounts_mosquitto_accepts(tmp_path: P
         await wrong.close()
     finally:
         server.close()
+
+
+# -- the README, run as written ------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+#: The passwords the README's chat section types (asserted to be in it below).
+README_PASSWORDS = {"alice": "alices-password", "bob": "bobs-password"}
+
+
+def readme_blocks_of(text: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, re.S | re.M)
+
+
+def readme_blocks(lang: str) -> list[str]:
+    return readme_blocks_of(README.read_text(), lang)
+
+
+def shell_lines(block: str) -> list[str]:
+    """The block's commands, continuation lines joined; bash drops the comments."""
+    lines = block.replace("\\\n", " ").splitlines()
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+class Readme:
+    """Runs the README's lines the way a reader types them, one terminal per block.
+
+    Only the ports differ from the text: the stack under test runs on free ports, so
+    ``-p 1883`` and the SDK's ports are rewritten, and the ``mqchat`` commands get
+    ``MQCHAT_MQTT_PORT`` (as the README says to do for other ports).
+    """
+
+    def __init__(self, up: Up) -> None:
+        self.up = up
+        self.background: list[Background] = []
+        #: What each command run to its end printed.
+        self.printed: dict[str, str] = {}
+
+    def env(self) -> dict[str, str]:
+        env = base_env(
+            MQCHAT_MQTT_PORT=str(self.up.mqtt_port), MQCHAT_DATA_DIR=str(self.up.data_dir)
+        )
+        env["PATH"] = f"{MQCHAT.parent}{os.pathsep}{env['PATH']}"
+        return env
+
+    def ported(self, line: str) -> str:
+        return line.replace("-p 1883", f"-p {self.up.mqtt_port}")
+
+    def start(self, line: str, env: dict[str, str], stdin: int | None = None) -> Background:
+        process = subprocess.Popen(
+            ["bash", "-c", self.ported(line).rstrip("& ")],
+            env=env,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own group, so that all of it is stopped
+        )
+        assert process.stdout is not None
+        assert process.stderr is not None
+        running = Background(process, Lines(process.stdout), Lines(process.stderr))
+        self.background.append(running)
+        return running
+
+    def run(self, line: str, env: dict[str, str], input: str | None = None) -> str:
+        result = subprocess.run(
+            ["bash", "-c", self.ported(line)],
+            env=env,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+            start_new_session=True,  # no terminal: the password prompt reads stdin
+        )
+        assert result.returncode == 0, (line, result.stderr)
+        return result.stdout
+
+    def terminal(self, lines: list[str]) -> dict[str, Background]:
+        """Run one block's lines; long-running commands stay in the background."""
+        env = self.env()
+        started: dict[str, Background] = {}
+        for line in lines:
+            if line.startswith("export "):
+                for assignment in shlex.split(line)[1:]:
+                    key, _, value = assignment.partition("=")
+                    env[key] = value
+            elif match := re.search(r"mqchat user add (\w+)", line):
+                password = README_PASSWORDS[match.group(1)]
+                self.run(line, env, input=f"{password}\n{password}\n")
+            elif re.search(r"mqchat (listen|chat)|mosquitto_sub", line):
+                stdin = subprocess.PIPE if "mqchat chat" in line else None
+                started[line] = self.start(line, env, stdin)
+            else:
+                self.printed[line] = self.run(line, env)
+        return started
+
+    def close(self) -> None:
+        for running in self.background:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(running.process.pid, signal.SIGKILL)
+            running.process.wait(WAIT)
+            if running.process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    running.process.stdin.close()
+
+
+def only(started: dict[str, Background], fragment: str) -> Background:
+    [found] = [running for line, running in started.items() if fragment in line]
+    return found
+
+
+def test_the_readme_runs_as_written(up: Up, tmp_path: Path) -> None:
+    text = README.read_text()
+    assert all(password in text for password in README_PASSWORDS.values())
+    blocks = {block.splitlines()[0]: block for block in readme_blocks("sh")}
+    readme = Readme(up)
+    try:
+        # Terminal 2: two accounts, then bob listens.
+        two = readme.terminal(shell_lines(blocks["# terminal 2: two accounts, then bob listens"]))
+        bob_listen = only(two, "mqchat listen")
+        bob_listen.stderr.wait_for("^listening as bob ")
+
+        # Terminal 3: alice sends, then chats.
+        three = readme.terminal(shell_lines(blocks["# terminal 3: alice writes"]))
+        [sent] = [out for line, out in readme.printed.items() if "mqchat send" in line]
+        assert re.fullmatch(r"sent c_\w+ #1\n", sent), sent
+        bob_listen.stdout.wait_for(r"^\[c_\w+ #1\] alice: hi bob$")
+        alice_chat = only(three, "mqchat chat bob")
+        alice_chat.stderr.wait_for("^chatting with bob as alice")
+
+        # Terminal 4: bob replies from a chat of his own, beside his listen.
+        four = readme.terminal(shell_lines(blocks["# terminal 4: bob replies"]))
+        bob_chat = only(four, "mqchat chat alice")
+        bob_chat.stderr.wait_for("^chatting with alice as bob")
+        assert bob_chat.process.stdin is not None
+        bob_chat.process.stdin.write("hi alice\n")
+        bob_chat.process.stdin.flush()
+        alice_chat.stdout.wait_for("^bob: hi alice$")
+        bob_listen.stdout.wait_for(r"\] bob: hi alice$")
+
+        # The same with mosquitto_pub / mosquitto_sub.
+        [stock] = [block for block in blocks.values() if "mosquitto_pub" in block]
+        [pub] = [line for line in shell_lines(stock) if "mosquitto_pub" in line]
+        subs = readme.terminal([line for line in shell_lines(stock) if line != pub])
+        bob_sub, alice_sub = (only(subs, "-u bob"), only(subs, "-u alice"))
+        env = readme.env()
+        # mosquitto_sub says nothing once subscribed: publish (the same id, so the same
+        # message) until bob's device has it, a bounded number of times.
+        for _ in range(10):
+            readme.run(pub, env)
+            with contextlib.suppress(TimeoutError):
+                bob_sub.stdout.wait_for(r'^chat/v1/u/bob/down/msg \{"id":"m1",.*"body":"hi bob"', 2)
+                break
+        else:
+            raise AssertionError(f"bob's mosquitto_sub saw nothing: {bob_sub.stdout.seen}")
+        alice_sub.stdout.wait_for(r'^chat/v1/u/alice/down/receipt \{"status":"sent",.*"id":"m1"')
+        readme.run(pub.replace("""'{"id":"m1","to":"bob","body":"hi bob"}'""", "'oops'"), env)
+        alice_sub.stdout.wait_for(r'^chat/v1/u/alice/down/error \{.*"code":"invalid_json"')
+
+        # The SDK snippet, as a file run by Python.
+        [snippet] = readme_blocks("python")
+        script = tmp_path / "readme_sdk.py"
+        script.write_text(
+            snippet.replace("127.0.0.1:8000", f"127.0.0.1:{up.api_port}").replace(
+                "port=1883", f"port={up.mqtt_port}"
+            )
+        )
+        sdk = readme.start(f"{sys.executable} {script}", env)
+        sdk.stdout.wait_for(r"^stored as #\d+ in c_\w+$")
+        sdk.stdout.wait_for("^bob: hi alice$")  # caught up from the history API
+        assert sdk.process.poll() is None, sdk.stderr.seen
+    finally:
+        readme.close()
+
+
+def test_the_documented_command_lines_exist() -> None:
+    """Every ``mqchat`` command and option the docs show is one ``--help`` lists.
+
+    ``mqchat mosquitto bootstrap --admin-user`` was documented before it existed.
+    """
+    docs = [README, README.parent / "docs" / "operations.md"]
+    shown = set()
+    for text in (path.read_text() for path in docs):
+        shown.update(re.findall(r"`(mqchat [^`]+)`", text))
+        for block in re.findall(r"^```sh\n(.*?)^```", text, re.S | re.M):
+            shown.update(re.findall(r"^(mqchat [^#\n]+)", block, re.M))
+    options: dict[tuple[str, ...], set[str]] = {}
+    for line in shown:
+        words = shlex.split(line.replace("|", " ").replace("[", "").replace("]", ""))
+        command = tuple(w for w in words[1:4] if re.fullmatch(r"[a-z]+", w))
+        options.setdefault(command, set()).update(
+            w.split("=")[0] for w in words if w.startswith("--")
+        )
+    assert len(options) >= 8
+    for command, wanted in sorted(options.items()):
+        result = subprocess.run(
+            [str(MQCHAT), *command, "--help"],
+            env=base_env(COLUMNS="200"),
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+        assert result.returncode == 0, (command, result.stderr)
+        assert sorted(o for o in wanted if o not in result.stdout) == [], command
+
+
+def test_the_documented_postgresql_setup_works(postgres: PostgresServer) -> None:
+    """docs/operations.md's psql steps, then `mqchat db upgrade` as the new role.
+
+    PostgreSQL 15 no longer lets every role create tables in ``public``: the steps
+    work only because the role owns its database. The psql line differs from the
+    text only in how it reaches this throwaway cluster (its port, no sudo).
+    """
+    text = (README.parent / "docs" / "operations.md").read_text()
+    [setup] = [block for block in readme_blocks_of(text, "sh") if "CREATE ROLE" in block]
+    psql = f"{postgres.bindir / 'psql'} -h {postgres.host} -p {postgres.port} -U postgres"
+    created = subprocess.run(
+        ["bash", "-c", setup.replace("sudo -u postgres psql", psql)],
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    try:
+        assert created.returncode == 0, created.stderr
+        [upgrade] = [line for line in text.splitlines() if line.startswith("mqchat db upgrade")]
+        url = f"postgresql+psycopg://mqchat:PASSWORD@{postgres.host}:{postgres.port}/mqchat"
+        args = shlex.split(upgrade.replace("postgresql+psycopg://mqchat:PASSWORD@db/mqchat", url))
+        result = subprocess.run(
+            [str(MQCHAT), *args[1:]],
+            env=base_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert re.search(r": upgraded \(empty\) -> \w+ \(head\)$", result.stdout.strip())
+    finally:
+        postgres.drop_database("mqchat")
+        subprocess.run([*shlex.split(psql), "-c", "DROP ROLE IF EXISTS mqchat"], check=False)
