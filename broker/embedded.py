@@ -49,7 +49,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
 
 from protocol import acl
-from store import accounts, make_engine
+from store import accounts, make_engine, signin
 
 from . import READY_LOG
 from .config import BrokerSettings
@@ -112,7 +112,11 @@ class Gate:
         if service:
             ok = hmac.compare_digest(self.services[username].encode(), password.encode())
         else:
-            password_hash = await asyncio.to_thread(self._authenticate, username, password)
+            try:
+                password_hash = await asyncio.to_thread(self._authenticate, username, password)
+            except signin.Busy:
+                log.warning("sign-in of %r from %s refused: too many at once", username, source)
+                return SERVER_UNAVAILABLE
             ok = password_hash is not None
         if ok and not service and not acl.client_id_allowed(username, client_id):
             log.warning(
