@@ -296,8 +296,9 @@ def _bridge_env(database_url: str, host: str, port: int, password: str) -> dict[
         "MQCHAT_BRIDGE_MQTT_PORT": str(port),
         "MQCHAT_BRIDGE_PASSWORD": password,
         "MQCHAT_BRIDGE_KEEPALIVE": "5",
-        # Throughput tests send hundreds a second; the rate-limit test sets its own.
+        # Throughput tests send hundreds a second; the rate-limit tests set their own.
         "MQCHAT_BRIDGE_MESSAGE_RATE": "10000/second",
+        "MQCHAT_BRIDGE_UPLINK_RATE": "10000/second",
     }
 
 
