@@ -10,7 +10,8 @@ amqtt speaks MQTT 3.1.1 only and keeps sessions in memory. mqchat adds::
                                            amqtt never sees it: no session is touched
                         amqtt's own handling, replaying the CONNECT
                             └─▶ AccountAuth.authenticate: only what the gate admitted
-                        TopicAcl: protocol.acl on every publish and subscribe
+                        TopicAcl: a publish quota per user (quota.py), then
+                                  protocol.acl on every publish and subscribe
     every account_poll s: accounts disabled, deleted or with a new password
                         ──▶ their sessions deleted, connections dropped
 
@@ -51,7 +52,7 @@ from sqlmodel import Session as DbSession
 from protocol import acl
 from store import accounts, make_engine, signin
 
-from . import READY_LOG
+from . import READY_LOG, quota
 from .config import BrokerSettings
 from .throttle import Throttle
 from .topic_index import TopicIndex
@@ -314,6 +315,15 @@ class TopicAcl(BaseTopicPlugin):  # type: ignore[misc]
     class Config:
         #: usernames that get the bridge's rules instead of a user's.
         bridges: list[str] = field(default_factory=list)
+        #: The per-user publish quota (broker/quota.py); rate 0 turns it off.
+        publish_rate: float = 0.0
+        publish_burst: int = 0
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._quota = quota.PublishQuota(
+            self.config.publish_rate, self.config.publish_burst, self.config.bridges
+        )
 
     async def topic_filtering(
         self,
@@ -326,6 +336,12 @@ class TopicAcl(BaseTopicPlugin):  # type: ignore[misc]
             return True  # what a client receives was checked when it subscribed
         if session is None or not session.username or topic is None:
             return False
+        if action == Action.PUBLISH:
+            verdict = self._quota.admit(session.username)
+            if verdict is quota.Verdict.DISCONNECT:
+                quota.disconnect(self.context._broker_instance, session.client_id, session.username)
+            if verdict is not quota.Verdict.RELAY:
+                return False
         rules = acl.BRIDGE_RULES if session.username in self.config.bridges else acl.USER_RULES
         verb: acl.Action = "publish" if action == Action.PUBLISH else "subscribe"
         return acl.allowed(rules, session.username, verb, topic)
@@ -358,7 +374,11 @@ def broker_config(settings: BrokerSettings) -> dict[str, Any]:
         "session_expiry_interval": settings.session_expiry,
         "plugins": {
             f"{__name__}.AccountAuth": {},
-            f"{__name__}.TopicAcl": {"bridges": [settings.bridge_username]},
+            f"{__name__}.TopicAcl": {
+                "bridges": [settings.bridge_username],
+                "publish_rate": settings.publish_rate,
+                "publish_burst": settings.publish_burst,
+            },
         },
     }
 

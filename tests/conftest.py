@@ -243,6 +243,34 @@ class Stack:
         )
         self.mosquitto.restart()
 
+    def set_publish_quota(self, rate: float, burst: int) -> None:
+        """Restart the broker with another per-user publish quota (broker/quota.py,
+        and the plugin's ``plugin_opt_publish_*`` lines on mosquitto)."""
+        if self.mosquitto is not None:
+            conf = self.mosquitto.conf_path
+            lines = conf.read_text().splitlines()
+            settings = {
+                "plugin_opt_publish_rate": f"{rate:g}",
+                "plugin_opt_publish_burst": str(burst),
+            }
+            conf.write_text(
+                "\n".join(
+                    f"{line.split()[0]} {settings[line.split()[0]]}"
+                    if line.split() and line.split()[0] in settings
+                    else line
+                    for line in lines
+                )
+                + "\n"
+            )
+        else:
+            assert self.embedded_broker is not None
+            self.embedded_broker.env["MQCHAT_BROKER_PUBLISH_RATE"] = f"{rate:g}"
+            self.embedded_broker.env["MQCHAT_BROKER_PUBLISH_BURST"] = str(burst)
+        self.bridge.stop()
+        self.restart_broker()
+        # Subscribed again before this returns: amqtt forgets every session.
+        self.start_bridge()
+
     def start_bridge(self) -> None:
         self.bridge.start()
         self.bridge.wait_for_log(BRIDGE_READY)
