@@ -280,15 +280,21 @@ class Worker:
         interval_ns: int,
         mode: str,
         pairs: list[tuple[str, str]],
+        *,
+        alternate: bool = True,
     ) -> None:
-        """Publish message k at t0 + k * interval, catching up (never skipping) when late."""
+        """Publish message k at t0 + k * interval, catching up (never skipping) when late.
+
+        ``alternate``: the two users of a pair take turns sending; False: the first
+        sends everything (the flooder).
+        """
         k = 0
         while k < counts.total:
             now = time.monotonic_ns()
             due = min(counts.total, (now - t0) // interval_ns + 1)
             while k < due:
                 sender, recipient = pairs[k % len(pairs)]
-                if (k // len(pairs)) % 2:
+                if alternate and (k // len(pairs)) % 2:
                     sender, recipient = recipient, sender
                 message_id = f"{counts.tag}.{k}"
                 intended = t0 + k * interval_ns
@@ -353,7 +359,9 @@ class Worker:
             self.flood_interval_ns = max(1, int(1e9 / flood_spec["rate"]))
             flood_pair = [tuple(flood_spec["pair"])]
             senders.append(
-                self._send_schedule(flood, self.flood_t0, self.flood_interval_ns, mode, flood_pair)
+                self._send_schedule(
+                    flood, self.flood_t0, self.flood_interval_ns, mode, flood_pair, alternate=False
+                )
             )
         reporter = asyncio.create_task(self._report(counts))
         try:
@@ -377,8 +385,11 @@ class Worker:
             t0_wall=t0_wall,
             worst_by_window_us=counts.worst_by_window,
         )
-        if flood is not None:
+        if flood is not None and flood_spec is not None:
             result["flood"] = self._summary(flood, mode)
+            # Whether the broker cut the flooder off (its publish quota); it does not
+            # reconnect, so what it still "sends" after that goes nowhere.
+            result["flood"]["cut_off"] = self.links[flood_spec["pair"][0]].closed
         return result
 
     @staticmethod

@@ -76,7 +76,7 @@ class BrokerSettings(BaseSettings):
     publish_rate: float = Field(default=100.0, ge=0)
     #: Publishes one user may send at once before the rate applies, and refused
     #: publishes it may pile up before it is disconnected.
-    publish_burst: int = Field(default=500, ge=1)
+    publish_burst: int = Field(default=200, ge=1)
 
     @model_validator(mode="after")
     def _rates_parse(self) -> BrokerSettings:

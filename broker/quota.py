@@ -84,8 +84,15 @@ def disconnect(broker: Any, client_id: str, username: str) -> None:
         return  # the publishes it had already sent are still being read: one line
     setattr(handler, _CUT_OFF, True)  # on the connection's handler: a session outlives it
     log.warning("disconnected %r of %r: over its publish quota", client_id, username)
-    # End its input, as a lost connection does: amqtt's reader stops at the end of
-    # the stream and closes the session through its own path. (Telling the handler
-    # the connection closed while its reader is busy with a flood left that reader
-    # cancelling forever inside asyncio.wait_for, and the socket open.)
-    handler.reader.feed_eof()
+    # Drop the connection under amqtt, as a lost client would: its reader stops at
+    # the end of the stream and ends the session through amqtt's own path. (Telling
+    # the handler the connection closed while its reader is busy with a flood left
+    # that reader cancelling forever inside asyncio.wait_for, and the socket open.)
+    # Aborting the TCP transport also discards what the kernel still holds of the
+    # flood; a WebSocket connection gets the end of its stream only.
+    stream = getattr(handler.writer, "_writer", None)
+    transport = getattr(stream, "transport", None)
+    if transport is not None:
+        transport.abort()
+    else:
+        handler.reader.feed_eof()

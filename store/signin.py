@@ -42,8 +42,9 @@ CACHE_SECONDS: Final = 60.0
 CACHE_ENTRIES: Final = 10_000
 #: Callers that may wait for a hashing slot, per slot; more are refused at once.
 WAITING_PER_SLOT: Final = 4
-#: Seconds a caller waits for a slot before it is refused.
-WAIT_SECONDS: Final = 5.0
+#: Seconds a caller waits for a slot before it is refused: a backstop (the queue
+#: bound refuses first), long enough for a storm of distinct users on a busy machine.
+WAIT_SECONDS: Final = 30.0
 
 
 class Busy(Exception):

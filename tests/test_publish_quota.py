@@ -3,7 +3,7 @@ quota its publishes are dropped before they reach the bridge, and a user that ke
 flooding is disconnected; others keep chatting.
 
 The quota is lowered here (5 a second, bursts of 20) so that a test-sized flood meets
-it; the defaults (100 a second, bursts of 500) are the production config's.
+it; the defaults (100 a second, bursts of 200) are the production config's.
 """
 
 from __future__ import annotations

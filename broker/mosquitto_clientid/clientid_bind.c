@@ -21,7 +21,7 @@
  *
  * The publish quota (the quota_* functions; broker/quota.py is its twin on the
  * embedded broker): each user has a publish bucket of plugin_opt_publish_burst
- * tokens (default 500) refilled at plugin_opt_publish_rate a second (default 100;
+ * tokens (default 200) refilled at plugin_opt_publish_rate a second (default 100;
  * 0 turns the quota off). A publish takes a token; without one it is refused
  * (MOSQ_ERR_ACL_DENIED: mosquitto drops it and still PUBACKs a QoS 1 publish) and
  * takes a token from the user's patience bucket (same size and rate). Once
@@ -98,7 +98,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 /* -- the publish quota ------------------------------------------------------------ */
 
 #define QUOTA_DEFAULT_RATE 100.0
-#define QUOTA_DEFAULT_BURST 500
+#define QUOTA_DEFAULT_BURST 200
 /* Client ids waiting to be disconnected at the next tick; more wait for their next publish. */
 #define QUOTA_MAX_PENDING_KICKS 64
 
