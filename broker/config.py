@@ -64,6 +64,10 @@ class BrokerSettings(BaseSettings):
     auth_failures_per_user: str = "10/minute;100/hour"
     #: Failed sign-ins one source address may have, for any usernames.
     auth_failures_per_source: str = "30/minute;300/hour"
+    #: Successful sign-ins one username may make (service accounts exempt); above it
+    #: CONNACK 3 until the window has room. Room for every device of a user at once;
+    #: a client reconnecting in a loop is refused.
+    sign_ins_per_user: str = "30/minute;300/hour"
     #: Seconds between checks for disabled or deleted accounts and changed passwords;
     #: their live connections are dropped at the next check.
     account_poll: float = Field(default=2.0, gt=0)
@@ -84,6 +88,7 @@ class BrokerSettings(BaseSettings):
             self.connect_rate,
             self.auth_failures_per_user,
             self.auth_failures_per_source,
+            self.sign_ins_per_user,
         )
         for rates in rates_settings:
             parse_many(rates)  # ValueError names what is wrong

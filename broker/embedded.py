@@ -91,6 +91,7 @@ class Gate:
         self._connects = Throttle(settings.connect_rate)
         self._user_failures = Throttle(settings.auth_failures_per_user)
         self._source_failures = Throttle(settings.auth_failures_per_source)
+        self._user_sign_ins = Throttle(settings.sign_ins_per_user)
 
     def connection_allowed(self, source: str) -> bool:
         """Count a new connection from ``source``; False once it opens too many."""
@@ -104,10 +105,14 @@ class Gate:
             return NOT_AUTHORIZED
         service = username in self.services
         throttled = not self._source_failures.allowed("source", source) or (
-            not service and not self._user_failures.allowed("user", username)
+            not service
+            and not (
+                self._user_failures.allowed("user", username)
+                and self._user_sign_ins.allowed("user", username)
+            )
         )
         if throttled:
-            log.warning("sign-in of %r from %s refused: too many failures", username, source)
+            log.warning("sign-in of %r from %s refused: too many attempts", username, source)
             return SERVER_UNAVAILABLE
         password_hash: str | None = None
         if service:
@@ -134,6 +139,8 @@ class Gate:
             if not service:
                 self._user_failures.hit("user", username)
             return NOT_AUTHORIZED
+        if not service:
+            self._user_sign_ins.hit("user", username)
         return Admitted(username, password_hash)
 
     def _authenticate(self, username: str, password: str) -> str | None:

@@ -48,11 +48,18 @@ class ApiSettings(BaseSettings):
     #: Failed sign-ins from one client address, for any accounts. Behind a reverse
     #: proxy every client has the proxy's address: see docs/security.md.
     login_failures_per_source: str = "30/minute;300/hour"
+    #: Successful sign-ins (``POST /v1/tokens``) one account may make; above it 429
+    #: until the window has room. Each costs a database write (the token) and, without
+    #: the verified-credentials cache, an argon2 hash: 40 clients signing in over and
+    #: over held other users' requests for seconds. Room for every device of a user
+    #: signing in at once.
+    sign_ins_per_user: str = "30/minute;300/hour"
 
     @model_validator(mode="after")
     def _rates_parse(self) -> ApiSettings:
         parse_many(self.login_failures_per_user)  # ValueError names what is wrong
         parse_many(self.login_failures_per_source)
+        parse_many(self.sign_ins_per_user)
         return self
 
     @property

@@ -386,7 +386,13 @@ async def _embedded_stack(base: Path, broker_env: dict[str, str] | None = None) 
         start_embedded_broker,
         base,
         db_url,
-        {"MQCHAT_BROKER_ACCOUNT_POLL": "0.2", **(broker_env or {})},
+        {
+            "MQCHAT_BROKER_ACCOUNT_POLL": "0.2",
+            # Churn tests connect one user hundreds of times a minute on purpose;
+            # tests/test_signin_bound.py sets the default back where it is the subject.
+            "MQCHAT_BROKER_SIGN_INS_PER_USER": "100000/minute",
+            **(broker_env or {}),
+        },
     )
     env = _bridge_env(db_url, "127.0.0.1", port, bridge_password)
     bridge = Daemon("bridge", "bridge", env, base)

@@ -172,3 +172,40 @@ async def test_a_connect_burst_hashes_a_few_at_a_time(embedded: Stack) -> None:
     slots = signin.PasswordChecks().concurrency
     assert peak_rss_mib(broker) - before < 64 * (slots + 2), (before, peak_rss_mib(broker))
     assert "Traceback" not in broker.log_text()
+
+
+async def test_an_account_signing_in_over_and_over_is_refused_for_a_while(
+    embedded: Stack,
+) -> None:
+    """Even cached, each sign-in costs a token write: a loop of them is refused (429)."""
+    await embedded.add_users("looper", "bob")
+    base = await embedded.start_api()
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+
+        async def token(user: str) -> httpx.Response:
+            form = {"username": user, "password": password_of(user)}
+            return await http.post("/v1/tokens", data=form)
+
+        statuses = [(await token("looper")).status_code for _ in range(31)]
+        assert statuses == [200] * 30 + [429]
+        refused = await token("looper")
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert (await token("bob")).status_code == 200
+
+
+async def test_a_user_connecting_over_and_over_is_refused_for_a_while(tmp_path: Path) -> None:
+    stack = await _embedded_stack(tmp_path, {"MQCHAT_BROKER_SIGN_INS_PER_USER": "5/minute"})
+    try:
+        await stack.add_users("looper", "bob")
+        for _ in range(5):
+            link = await stack.raw("looper")
+            await link.close()
+        link = await stack.raw("looper", connect=False)
+        with pytest.raises(ConnectRefused, match="unavailable"):
+            await link.connect()
+        await stack.raw("bob")  # others are not affected
+        assert stack.embedded_broker is not None
+        assert "Traceback" not in stack.embedded_broker.log_text()
+    finally:
+        await stack.close()
