@@ -101,7 +101,7 @@ def test_concurrent_hashes_are_bounded_and_the_excess_is_refused() -> None:
 
 
 def burst_size() -> int:
-    """More sign-ins at once than a process lets hash or wait (per core: 1 + 4)."""
+    """More sign-ins at once than a process lets hash or wait (per slot: 1 + 4)."""
     return 6 * (os.cpu_count() or 1) + 8
 
 
@@ -167,7 +167,7 @@ async def test_a_connect_burst_hashes_a_few_at_a_time(embedded: Stack) -> None:
     # who waited too long would be told "server unavailable" and try again).
     assert set(outcomes) <= {"accepted", "Server unavailable"}, set(outcomes)
     assert "accepted" in outcomes
-    # argon2 takes 64 MiB a hash: one per core at most, and room for the connections
+    # argon2 takes 64 MiB a hash: one per slot at most, and room for the connections
     # (before the bound: +386 MiB here, six hashes at once, one per worker thread).
     slots = signin.PasswordChecks().concurrency
     assert peak_rss_mib(broker) - before < 64 * (slots + 2), (before, peak_rss_mib(broker))
