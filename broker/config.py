@@ -8,6 +8,8 @@ from limits import parse_many
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from store.signin import SIGN_IN_BURST, SIGN_INS_PER_SECOND
+
 
 class BrokerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MQCHAT_BROKER_", extra="ignore")
@@ -68,6 +70,10 @@ class BrokerSettings(BaseSettings):
     #: CONNACK 3 until the window has room. Room for every device of a user at once;
     #: a client reconnecting in a loop is refused.
     sign_ins_per_user: str = "30/minute;300/hour"
+    #: Sign-ins this process admits a second, and at once (``store.signin``); above it
+    #: CONNACK 3. Spreads a reconnect storm out; cache hits count too.
+    sign_ins_per_second: float = Field(default=SIGN_INS_PER_SECOND, gt=0)
+    sign_in_burst: int = Field(default=SIGN_IN_BURST, ge=1)
     #: Seconds between checks for disabled or deleted accounts and changed passwords;
     #: their live connections are dropped at the next check.
     account_poll: float = Field(default=2.0, gt=0)

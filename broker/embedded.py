@@ -92,6 +92,7 @@ class Gate:
         self._user_failures = Throttle(settings.auth_failures_per_user)
         self._source_failures = Throttle(settings.auth_failures_per_source)
         self._user_sign_ins = Throttle(settings.sign_ins_per_user)
+        signin.configure(rate=settings.sign_ins_per_second, burst=settings.sign_in_burst)
 
     def connection_allowed(self, source: str) -> bool:
         """Count a new connection from ``source``; False once it opens too many."""

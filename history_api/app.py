@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from store import make_engine
+from store import make_engine, signin
 
 from . import conversations, deps, devices, errors, health, messages, search, tokens, users
 from .config import ApiSettings
@@ -32,6 +32,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sign_in_guard = SignInGuard(settings)
+    signin.configure(rate=settings.sign_ins_per_second, burst=settings.sign_in_burst)
     errors.install(app)
     app.include_router(users.router)
     app.include_router(tokens.router)

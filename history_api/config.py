@@ -9,6 +9,8 @@ from limits import parse_many
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from store.signin import SIGN_IN_BURST, SIGN_INS_PER_SECOND
+
 
 class ApiSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MQCHAT_API_", extra="ignore")
@@ -54,6 +56,10 @@ class ApiSettings(BaseSettings):
     #: over held other users' requests for seconds. Room for every device of a user
     #: signing in at once.
     sign_ins_per_user: str = "30/minute;300/hour"
+    #: Sign-ins this process admits a second, and at once (``store.signin``); above it
+    #: 429 with ``Retry-After``. Cache hits count too.
+    sign_ins_per_second: float = Field(default=SIGN_INS_PER_SECOND, gt=0)
+    sign_in_burst: int = Field(default=SIGN_IN_BURST, ge=1)
 
     @model_validator(mode="after")
     def _rates_parse(self) -> ApiSettings:

@@ -186,3 +186,11 @@ class _Slot:
 def process_checks() -> PasswordChecks:
     """The process's one instance: its bound only holds if every caller shares it."""
     return PasswordChecks()
+
+
+def configure(*, rate: float, burst: int) -> PasswordChecks:
+    """Set the process's sign-in rate from a daemon's settings, at its start."""
+    checks = process_checks()
+    with checks._lock:
+        checks.rate, checks.burst = rate, burst
+    return checks

@@ -391,6 +391,7 @@ async def _embedded_stack(base: Path, broker_env: dict[str, str] | None = None) 
             # Churn tests connect one user hundreds of times a minute on purpose;
             # tests/test_signin_bound.py sets the default back where it is the subject.
             "MQCHAT_BROKER_SIGN_INS_PER_USER": "100000/minute",
+            "MQCHAT_BROKER_SIGN_INS_PER_SECOND": "100000",
             **(broker_env or {}),
         },
     )
