@@ -210,7 +210,9 @@ class Device(asyncio.Protocol):
             future.set_result(body)
 
     def send(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        # is_closing: the broker may have closed it before connection_lost has run
+        # (a flooder cut off by the publish quota); writing then only logs warnings.
+        if self.transport is not None and not self.closed and not self.transport.is_closing():
             self.transport.write(data)
 
     def expect(self, kind: int, packet_id: int = 0) -> asyncio.Future[bytes]:

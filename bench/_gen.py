@@ -155,13 +155,21 @@ class Worker:
 
         async def one(user: str) -> None:
             async with gate:
-                device = Device(on_publish=self._on_message_for(user))
-                await loop.create_connection(lambda: device, self.host, self.port)
-                connack = device.expect(CONNACK)
-                device.send(
-                    connect_packet(f"{user}:bench", user, self.password, KEEPALIVE, clean=True)
-                )
-                code = (await asyncio.wait_for(connack, 60))[1]
+                # CONNACK 3 ("try later": the broker admits so many sign-ins a second)
+                # is answered as a device would: again a second later, for up to two minutes.
+                for attempt in range(120):
+                    device = Device(on_publish=self._on_message_for(user))
+                    await loop.create_connection(lambda d=device: d, self.host, self.port)  # type: ignore[misc]
+                    connack = device.expect(CONNACK)
+                    device.send(
+                        connect_packet(f"{user}:bench", user, self.password, KEEPALIVE, clean=True)
+                    )
+                    code = (await asyncio.wait_for(connack, 60))[1]
+                    if code != 3 or attempt == 119:
+                        break
+                    if device.transport is not None:
+                        device.transport.close()
+                    await asyncio.sleep(1)
                 if code != 0:
                     raise ConnectionRefusedError(f"{user}: CONNACK {code}")
                 suback = device.subscribe([(topics.down_all(user), 1)])
@@ -280,15 +288,21 @@ class Worker:
         interval_ns: int,
         mode: str,
         pairs: list[tuple[str, str]],
+        *,
+        alternate: bool = True,
     ) -> None:
-        """Publish message k at t0 + k * interval, catching up (never skipping) when late."""
+        """Publish message k at t0 + k * interval, catching up (never skipping) when late.
+
+        ``alternate``: the two users of a pair take turns sending; False: the first
+        sends everything (the flooder).
+        """
         k = 0
         while k < counts.total:
             now = time.monotonic_ns()
             due = min(counts.total, (now - t0) // interval_ns + 1)
             while k < due:
                 sender, recipient = pairs[k % len(pairs)]
-                if (k // len(pairs)) % 2:
+                if alternate and (k // len(pairs)) % 2:
                     sender, recipient = recipient, sender
                 message_id = f"{counts.tag}.{k}"
                 intended = t0 + k * interval_ns
@@ -353,7 +367,9 @@ class Worker:
             self.flood_interval_ns = max(1, int(1e9 / flood_spec["rate"]))
             flood_pair = [tuple(flood_spec["pair"])]
             senders.append(
-                self._send_schedule(flood, self.flood_t0, self.flood_interval_ns, mode, flood_pair)
+                self._send_schedule(
+                    flood, self.flood_t0, self.flood_interval_ns, mode, flood_pair, alternate=False
+                )
             )
         reporter = asyncio.create_task(self._report(counts))
         try:
@@ -377,8 +393,11 @@ class Worker:
             t0_wall=t0_wall,
             worst_by_window_us=counts.worst_by_window,
         )
-        if flood is not None:
+        if flood is not None and flood_spec is not None:
             result["flood"] = self._summary(flood, mode)
+            # Whether the broker cut the flooder off (its publish quota); it does not
+            # reconnect, so what it still "sends" after that goes nowhere.
+            result["flood"]["cut_off"] = self.links[flood_spec["pair"][0]].closed
         return result
 
     @staticmethod

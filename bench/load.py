@@ -424,6 +424,7 @@ class Generator:
                 "accepted": flood["received"],
                 "errors": flood["errors"],
                 "e2e_accepted": percentiles(merged([flood["e2e"]])),
+                "cut_off": flood.get("cut_off", False),
             }
         return result
 
@@ -813,15 +814,20 @@ def flood(
     rate: float = 100,
     flood_rate: float = 500,
     seconds: float = 15,
+    stack: Annotated[str, typer.Option(help="production (mosquitto) or embedded (amqtt)")] = (
+        "production"
+    ),
     users: Users = 1000,
     workers: Workers = 2,
     bridges: Bridges = 1,
     results: ResultsPath = RESULTS,
 ) -> None:
     """One user floods far above the bridge's rate limit while others chat."""
+    if stack not in ("production", "embedded"):
+        raise typer.BadParameter("production (mosquitto) or embedded (amqtt)", param_hint="--stack")
     run = _start(results)
     s = Settings(users, workers, bridges, seconds, 10)
-    with generated_load("production", s, users) as gen:
+    with generated_load(stack, s, users) as gen:
         scenario_flood(run, gen, s, chatting // 2, rate, flood_rate)
     _finish(run, False)
 

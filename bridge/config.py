@@ -7,6 +7,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES
+from store.devices import DEFAULT_MAX_DEVICES
 
 from .faults import CRASH_AT_PATTERN
 
@@ -40,6 +41,14 @@ class BridgeSettings(BaseSettings):
     #: resends later. Generous for people, tight enough that one flooding account
     #: cannot crowd out the others.
     message_rate: str = "20/second;600/minute"
+    #: Acks, typing and presence one user may send, each kind counted on its own, in
+    #: the same notation. Checked before any database work: a refused uplink costs no
+    #: database turn. An SDK sends a few of each a minute; reconnecting with many
+    #: conversations it acks each once, within the burst.
+    uplink_rate: str = "30/second;1200/minute"
+    #: Device names one user may have (``store.devices``); a new one beyond it is
+    #: refused with ``too_many_devices``.
+    max_devices: int = Field(default=DEFAULT_MAX_DEVICES, ge=1)
     #: A device not heard from for this long is taken offline even without its last
     #: will (the SDK announces itself every 120 s).
     presence_ttl: float = Field(default=300.0, gt=0)
@@ -53,6 +62,7 @@ class BridgeSettings(BaseSettings):
     @model_validator(mode="after")
     def _rate_parses(self) -> BridgeSettings:
         parse_many(self.message_rate)  # ValueError names what is wrong
+        parse_many(self.uplink_rate)
         return self
 
     @model_validator(mode="after")

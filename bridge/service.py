@@ -31,6 +31,7 @@ from typing import TypeVar
 
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from cachetools import TTLCache
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import (
@@ -59,6 +60,16 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two "typing" events relayed for one sender and conversation.
 TYPING_WINDOW = 3.0
+#: Seconds a conversation's members (or a sender not being one) are trusted for
+#: relaying typing; a member added or removed meanwhile is seen that much later.
+TYPING_MEMBERS_SECONDS = 10.0
+TYPING_MEMBERS_ENTRIES = 10_000
+#: The uplink kinds counted by ``MQCHAT_BRIDGE_UPLINK_RATE``, each on its own.
+_UPLINK_KINDS: dict[type, str] = {
+    protocol.UpAck: "ack",
+    protocol.UpTyping: "typing",
+    protocol.UpPresence: "presence",
+}
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -123,6 +134,19 @@ class Bridge:
         self._typing_sent: dict[tuple[str, str], tuple[float, bool]] = {}
         self._crash = CrashHook(settings.crash_at)  # test only, see bridge/faults.py
         self._persist = functools.partial(persist_batch, directs=DirectConversations())
+        self._advance = functools.partial(advance_batch, max_devices=settings.max_devices)
+        self._announce = functools.partial(presence.update_batch, max_devices=settings.max_devices)
+        self._uplink_rates = {
+            kind: MessageRate(settings.uplink_rate) for kind in _UPLINK_KINDS.values()
+        }
+        #: (conversation, sender) -> its members, or None if the sender is not one: a
+        #: typing event is relayed at once, without a database lookup per keystroke.
+        self._typing_members: TTLCache[tuple[str, str], tuple[str, ...] | None] = TTLCache(
+            TYPING_MEMBERS_ENTRIES, TYPING_MEMBERS_SECONDS
+        )
+        #: Database turns taken (logged at shutdown; tests read it to show that
+        #: refused uplinks cost none).
+        self.database_turns = 0
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -207,7 +231,10 @@ class Bridge:
         await self.link.close()
         self.engine.dispose()
         log.info(
-            "bridge %s stopped after handling %d uplinks", self.settings.client_id, self.handled
+            "bridge %s stopped after handling %d uplinks in %d database turns",
+            self.settings.client_id,
+            self.handled,
+            self.database_turns,
         )
 
     # -- the pipeline -------------------------------------------------------------
@@ -229,19 +256,11 @@ class Bridge:
             except errors.ProtocolError as exc:
                 work.publishes.extend(self._refusal(incoming.topic, exc))
                 continue
+            refusal = self._over_rate(decoded.sender, decoded.payload)
+            if refusal is not None:
+                work.publishes.append(self._error(decoded.sender, refusal))
+                continue
             if isinstance(decoded.payload, protocol.UpMessage):
-                if not self._rate.allow(decoded.sender):
-                    work.publishes.append(
-                        self._error(
-                            decoded.sender,
-                            errors.ProtocolError(
-                                errors.RATE_LIMITED,
-                                f"over {self.settings.message_rate} messages; send it again later",
-                                id=decoded.payload.id,
-                            ),
-                        )
-                    )
-                    continue
                 work.to_store.append((decoded.sender, decoded.payload))
             elif isinstance(decoded.payload, protocol.UpAck):
                 work.acks.append((decoded.sender, decoded.payload))
@@ -250,6 +269,27 @@ class Bridge:
             elif isinstance(decoded.payload, protocol.UpTyping):
                 work.typing.append((decoded.sender, decoded.payload))
         return work
+
+    def _over_rate(self, sender: str, uplink: protocol.Uplink) -> errors.ProtocolError | None:
+        """``rate_limited`` if ``sender`` sent too many uplinks of this kind, else None.
+
+        Every kind is counted, before any database work, so a flood of any of them is
+        refused for the price of two numbers per sender and kind.
+        """
+        if isinstance(uplink, protocol.UpMessage):
+            if self._rate.allow(sender):
+                return None
+            return errors.ProtocolError(
+                errors.RATE_LIMITED,
+                f"over {self.settings.message_rate} messages; send it again later",
+                id=uplink.id,
+            )
+        kind = _UPLINK_KINDS[type(uplink)]
+        if self._uplink_rates[kind].allow(sender):
+            return None
+        return errors.ProtocolError(
+            errors.RATE_LIMITED, f"over {self.settings.uplink_rate} {kind} uplinks; dropped"
+        )
 
     async def _store(self, work: _Batch) -> None:
         """The batch's database turns, in order; adds what to publish for it."""
@@ -262,14 +302,13 @@ class Bridge:
                 publishes.extend(self._route(sender, outcome))
         if work.acks:
             # After the messages of the same batch, which an ack may refer to.
-            ack_outcomes = await self._with_database("receipts", advance_batch, work.acks)
+            ack_outcomes = await self._with_database("receipts", self._advance, work.acks)
             for (sender, _), ack_outcome in zip(work.acks, ack_outcomes, strict=True):
                 publishes.extend(self._receipts(sender, ack_outcome))
         if work.presences:
-            states = await self._with_database(
-                "presence updates", presence.update_batch, work.presences
-            )
-            publishes.extend(self._presence(states))
+            states = await self._with_database("presence updates", self._announce, work.presences)
+            publishes.extend(self._error(s.user, s.error) for s in states if s.error is not None)
+            publishes.extend(self._presence([s for s in states if s.error is None]))
         for sender, event in work.typing:
             # Ephemeral: QoS 0, never stored, and nothing waits for it.
             await self._relay_typing(sender, event, publishes)
@@ -309,6 +348,7 @@ class Bridge:
             reraise=True,
         ):
             with attempt:
+                self.database_turns += 1
                 started = time.monotonic()
                 result = await asyncio.to_thread(write, self.engine, items)
                 took = time.monotonic() - started
@@ -354,12 +394,17 @@ class Bridge:
             return
         if not event.typing and (last is None or not last[1]):
             return
-        try:
-            members = await asyncio.to_thread(
-                conversations.members_if_member, self.engine, event.conversation, sender
-            )
-        except (OperationalError, DBAPIError):
-            return  # typing is not worth holding anything up for
+        if key in self._typing_members:
+            members = self._typing_members[key]
+        else:
+            self.database_turns += 1
+            try:
+                members = await asyncio.to_thread(
+                    conversations.members_if_member, self.engine, event.conversation, sender
+                )
+            except (OperationalError, DBAPIError):
+                return  # typing is not worth holding anything up for
+            self._typing_members[key] = None if members is None else tuple(members)
         if members is None:
             errors_out.append(
                 self._error(

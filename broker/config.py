@@ -8,6 +8,8 @@ from limits import parse_many
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from store.signin import SIGN_IN_BURST, SIGN_INS_PER_SECOND
+
 
 class BrokerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MQCHAT_BROKER_", extra="ignore")
@@ -64,6 +66,14 @@ class BrokerSettings(BaseSettings):
     auth_failures_per_user: str = "10/minute;100/hour"
     #: Failed sign-ins one source address may have, for any usernames.
     auth_failures_per_source: str = "30/minute;300/hour"
+    #: Successful sign-ins one username may make (service accounts exempt); above it
+    #: CONNACK 3 until the window has room. Room for every device of a user at once;
+    #: a client reconnecting in a loop is refused.
+    sign_ins_per_user: str = "30/minute;300/hour"
+    #: Sign-ins this process admits a second, and at once (``store.signin``); above it
+    #: CONNACK 3. Spreads a reconnect storm out; cache hits count too.
+    sign_ins_per_second: float = Field(default=SIGN_INS_PER_SECOND, gt=0)
+    sign_in_burst: int = Field(default=SIGN_IN_BURST, ge=1)
     #: Seconds between checks for disabled or deleted accounts and changed passwords;
     #: their live connections are dropped at the next check.
     account_poll: float = Field(default=2.0, gt=0)
@@ -92,6 +102,14 @@ class BrokerSettings(BaseSettings):
     #: (a PUBACK never sent, a refused CONNECT, ...); the next says how many were left
     #: out. 0 writes every one. Tracebacks of client-caused errors are never written.
     client_log_interval: float = Field(default=10.0, ge=0)
+    #: Publishes a second one user may keep up, over all their connections
+    #: (``broker/quota.py``); above it publishes are dropped at the broker, and a user
+    #: who keeps sending over twice this is disconnected. Far above the bridge's own
+    #: rates, so only a flood meets it. 0 turns it off.
+    publish_rate: float = Field(default=100.0, ge=0)
+    #: Publishes one user may send at once before the rate applies, and refused
+    #: publishes it may pile up before it is disconnected.
+    publish_burst: int = Field(default=200, ge=1)
 
     @model_validator(mode="after")
     def _rates_parse(self) -> BrokerSettings:
@@ -99,6 +117,7 @@ class BrokerSettings(BaseSettings):
             self.connect_rate,
             self.auth_failures_per_user,
             self.auth_failures_per_source,
+            self.sign_ins_per_user,
         )
         for rates in rates_settings:
             parse_many(rates)  # ValueError names what is wrong

@@ -12,7 +12,8 @@ amqtt speaks MQTT 3.1.1 only and keeps sessions in memory. mqchat adds::
                                            amqtt never sees it: no session is touched
                         amqtt's own handling, replaying the CONNECT
                             └─▶ AccountAuth.authenticate: only what the gate admitted
-                        TopicAcl: protocol.acl on every publish, subscribe, delivery
+                        TopicAcl: a publish quota per user (quota.py), then
+                                  protocol.acl on every publish, subscribe, delivery
                         PacketGuard: packet sizes, and 1.5 keepalives without a packet
                         ──▶ closed (the last will fires)
                         MqchatBroker overrides amqtt where it skips TopicAcl: wills,
@@ -56,9 +57,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
 
 from protocol import acl
-from store import accounts, make_engine
+from store import accounts, make_engine, signin
 
-from . import READY_LOG
+from . import READY_LOG, quota
 from .config import BrokerSettings
 from .lognoise import CLIENT_LOG
 from .throttle import Throttle
@@ -106,6 +107,8 @@ class Gate:
         self._connects = Throttle(settings.connect_rate)
         self._user_failures = Throttle(settings.auth_failures_per_user)
         self._source_failures = Throttle(settings.auth_failures_per_source)
+        self._user_sign_ins = Throttle(settings.sign_ins_per_user)
+        signin.configure(rate=settings.sign_ins_per_second, burst=settings.sign_in_burst)
 
     def connection_allowed(self, source: str) -> bool:
         """Count a new connection from ``source``; False once it opens too many."""
@@ -119,16 +122,24 @@ class Gate:
             return NOT_AUTHORIZED
         service = username in self.services
         throttled = not self._source_failures.allowed("source", source) or (
-            not service and not self._user_failures.allowed("user", username)
+            not service
+            and not (
+                self._user_failures.allowed("user", username)
+                and self._user_sign_ins.allowed("user", username)
+            )
         )
         if throttled:
-            client_log.warning("sign-in of %r from %s refused: too many failures", username, source)
+            client_log.warning("sign-in of %r from %s refused: too many attempts", username, source)
             return SERVER_UNAVAILABLE
         password_hash: str | None = None
         if service:
             ok = hmac.compare_digest(self.services[username].encode(), password.encode())
         else:
-            password_hash = await asyncio.to_thread(self._authenticate, username, password)
+            try:
+                password_hash = await asyncio.to_thread(self._authenticate, username, password)
+            except signin.Busy:
+                log.warning("sign-in of %r from %s refused: too many at once", username, source)
+                return SERVER_UNAVAILABLE
             ok = password_hash is not None
         if ok and not service and not acl.client_id_allowed(username, client_id):
             client_log.warning(
@@ -145,6 +156,8 @@ class Gate:
             if not service:
                 self._user_failures.hit("user", username)
             return NOT_AUTHORIZED
+        if not service:
+            self._user_sign_ins.hit("user", username)
         return Admitted(username, password_hash)
 
     def publish_allowed(self, username: str, topic: str, *, retain: bool) -> bool:
@@ -607,6 +620,15 @@ class TopicAcl(BaseTopicPlugin):  # type: ignore[misc]
     class Config:
         #: usernames that get the bridge's rules instead of a user's.
         bridges: list[str] = field(default_factory=list)
+        #: The per-user publish quota (broker/quota.py); rate 0 turns it off.
+        publish_rate: float = 0.0
+        publish_burst: int = 0
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._quota = quota.PublishQuota(
+            self.config.publish_rate, self.config.publish_burst, self.config.bridges
+        )
 
     async def topic_filtering(
         self,
@@ -617,6 +639,12 @@ class TopicAcl(BaseTopicPlugin):  # type: ignore[misc]
     ) -> bool | None:
         if session is None or not session.username or topic is None:
             return False
+        if action == Action.PUBLISH:
+            verdict = self._quota.admit(session.username)
+            if verdict is quota.Verdict.DISCONNECT:
+                quota.disconnect(self.context._broker_instance, session.client_id, session.username)
+            if verdict is not quota.Verdict.RELAY:
+                return False
         rules = acl.BRIDGE_RULES if session.username in self.config.bridges else acl.USER_RULES
         # RECEIVE: a topic delivered to the session must be one it may read (a filter it
         # may subscribe to covers it); the subscription was checked too, but retained
@@ -652,7 +680,11 @@ def broker_config(settings: BrokerSettings) -> dict[str, Any]:
         "session_expiry_interval": settings.session_expiry,
         "plugins": {
             f"{__name__}.AccountAuth": {},
-            f"{__name__}.TopicAcl": {"bridges": [settings.bridge_username]},
+            f"{__name__}.TopicAcl": {
+                "bridges": [settings.bridge_username],
+                "publish_rate": settings.publish_rate,
+                "publish_burst": settings.publish_burst,
+            },
         },
     }
 

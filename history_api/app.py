@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
-from store import make_engine
+from store import make_engine, signin
 
 from . import conversations, deps, devices, errors, health, messages, search, tokens, users
 from .config import ApiSettings
@@ -47,6 +47,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             max_age=600,
         )
     app.state.sign_in_guard = SignInGuard(settings)
+    signin.configure(rate=settings.sign_ins_per_second, burst=settings.sign_in_burst)
     errors.install(app)
     app.include_router(users.router)
     app.include_router(tokens.router)

@@ -11,6 +11,8 @@ from limits import parse_many
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from store.signin import SIGN_IN_BURST, SIGN_INS_PER_SECOND
+
 
 class ApiSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MQCHAT_API_", extra="ignore")
@@ -50,11 +52,22 @@ class ApiSettings(BaseSettings):
     #: Failed sign-ins from one client address, for any accounts. Behind a reverse
     #: proxy every client has the proxy's address: see docs/security.md.
     login_failures_per_source: str = "30/minute;300/hour"
+    #: Successful sign-ins (``POST /v1/tokens``) one account may make; above it 429
+    #: until the window has room. Each costs a database write (the token) and, without
+    #: the verified-credentials cache, an argon2 hash: 40 clients signing in over and
+    #: over held other users' requests for seconds. Room for every device of a user
+    #: signing in at once.
+    sign_ins_per_user: str = "30/minute;300/hour"
+    #: Sign-ins this process admits a second, and at once (``store.signin``); above it
+    #: 429 with ``Retry-After``. Cache hits count too.
+    sign_ins_per_second: float = Field(default=SIGN_INS_PER_SECOND, gt=0)
+    sign_in_burst: int = Field(default=SIGN_IN_BURST, ge=1)
 
     @model_validator(mode="after")
     def _rates_parse(self) -> ApiSettings:
         parse_many(self.login_failures_per_user)  # ValueError names what is wrong
         parse_many(self.login_failures_per_source)
+        parse_many(self.sign_ins_per_user)
         return self
 
     #: Browser origins (``https://app.example.com``) whose scripts may call the API

@@ -5,6 +5,7 @@
     ProtocolError            -> HTTP_STATUS[code]   (invalid_username 422, username_taken 409, ...;
                                                      unauthorized 401 adds WWW-Authenticate: Bearer)
       Throttled              -> 429 rate_limited     (with Retry-After: seconds)
+    signin.Busy              -> 429 rate_limited     (too many password hashes at once; Retry-After)
     RequestValidationError   -> 422 invalid_payload  (malformed JSON, missing or mistyped fields)
     HTTPException 400        -> 400 invalid_json     (a body FastAPI cannot parse: not UTF-8)
     HTTPException 404        -> 404 unknown_route    (no such path)
@@ -33,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from broker.mosquitto import ProvisioningError
 from protocol import errors
 from protocol.errors import ErrorCode, ProtocolError
+from store import signin
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,8 @@ INVALID_JSON = {
 THROTTLED = {
     "model": ErrorResponse,
     "description": "`rate_limited`: too many failed sign-ins for the account or from this "
-    "address; `Retry-After` says how many seconds to wait",
+    "address, or too many sign-ins at once on the server; `Retry-After` says how many "
+    "seconds to wait",
     "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
 }
 
@@ -104,6 +107,7 @@ def error_response(
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ProtocolError, _protocol_error)
+    app.add_exception_handler(signin.Busy, _busy)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ProvisioningError, _broker_unavailable)
@@ -117,6 +121,13 @@ async def _protocol_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, Throttled):
         return error_response(exc.code, exc.detail, headers={"Retry-After": str(exc.retry_after)})
     return error_response(exc.code, exc.detail)
+
+
+async def _busy(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, signin.Busy)
+    return error_response(
+        errors.RATE_LIMITED, str(exc), status=429, headers={"Retry-After": str(exc.retry_after)}
+    )
 
 
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:

@@ -30,8 +30,11 @@ class MessageTrace(BaseModel):
     #: When the server stored the message (its ``sent_at``).
     stored_at: datetime
     devices: list[DeviceDelivery] = Field(
-        description="Every device of the other members that has a cursor in the conversation"
+        description="Every device of the other members that has a cursor in the "
+        "conversation, by user and device name, at most 256"
     )
+    #: True when more devices have cursors than ``devices`` lists.
+    more_devices: bool = False
 
 
 @router.get(
@@ -58,4 +61,5 @@ def get_message(message_id: str, session: SessionDep, me: CurrentUser) -> Messag
             )
             for device in trace.devices
         ],
+        more_devices=trace.more_devices,
     )

@@ -1,9 +1,11 @@
-"""Failed sign-ins, counted per account and per client address.
+"""Sign-ins, counted per account and per client address.
 
-Only failures count: a user who signs in correctly a hundred times is never slowed,
-and a guesser is stopped after a few tries whichever account or address they use. The
-check happens before the password is hashed, so a throttled guesser also stops costing
-argon2 time. Counts are in memory, per API process.
+Failures are counted per account and per address: a guesser is stopped after a few
+tries whichever account or address they use. Successes are counted per account with
+a far larger allowance (``sign_ins_per_user``): signing in over and over in a loop is
+refused too, since each success costs a database write. The check happens before the
+password is hashed, so a throttled client also stops costing argon2 time. Counts are in
+memory, per API process.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class SignInGuard:
     def __init__(self, settings: ApiSettings) -> None:
         self._users = Throttle(settings.login_failures_per_user)
         self._sources = Throttle(settings.login_failures_per_source)
+        self._sign_ins = Throttle(settings.sign_ins_per_user)
 
     def check(self, username: str | None, source: str) -> None:
         """Refuse before trying a password if either count is full.
@@ -33,6 +36,12 @@ class SignInGuard:
         if waits:
             wait = max(waits)
             raise Throttled(f"too many failed sign-ins; try again in {wait} s", wait)
+        if username is not None and not self._sign_ins.allowed("user", username):
+            wait = self._sign_ins.retry_after("user", username)
+            raise Throttled(f"too many sign-ins for this account; try again in {wait} s", wait)
+
+    def succeeded(self, username: str) -> None:
+        self._sign_ins.hit("user", username)
 
     def failed(self, username: str | None, source: str) -> None:
         self._sources.hit("source", source)

@@ -127,8 +127,9 @@ async def create_token(
     """Sign in: a bearer token for the other endpoints, valid for ``expires_in`` seconds.
 
     The username may be given in any spelling that normalises to it (``Alice``).
-    After too many failures for the account or from the address, 429 ``rate_limited``
-    with ``Retry-After``, even for the right password; successes never count.
+    After too many failures for the account or from the address, or too many
+    sign-ins of the account, 429 ``rate_limited`` with ``Retry-After``, even for the
+    right password.
     """
     form = await read_password_form(request)
     username = canonical_username(form.username)
@@ -142,6 +143,8 @@ async def create_token(
     if issued is None:
         guard.failed(username, source)
         raise errors.ProtocolError(errors.UNAUTHORIZED, "wrong username or password")
+    assert username is not None  # issued only for a name in its normal form
+    guard.succeeded(username)
     # RFC 6749 5.1: responses carrying tokens must not be cached.
     response.headers["Cache-Control"] = "no-store"
     return TokenResponse(

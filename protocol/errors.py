@@ -32,6 +32,7 @@ WRONG_PASSWORD: Final = "wrong_password"
 UNAUTHORIZED: Final = "unauthorized"
 NOT_SUPPORTED: Final = "not_supported"
 RATE_LIMITED: Final = "rate_limited"
+TOO_MANY_DEVICES: Final = "too_many_devices"
 INTERNAL: Final = "internal_error"
 
 #: Every code a client may see, with the HTTP status it maps to where the
@@ -57,6 +58,7 @@ HTTP_STATUS: Final[dict[str, int]] = {
     UNAUTHORIZED: 401,
     NOT_SUPPORTED: 400,
     RATE_LIMITED: 429,
+    TOO_MANY_DEVICES: 409,
     INTERNAL: 500,
 }
 
@@ -84,6 +86,7 @@ ErrorCode = Literal[
     "unauthorized",
     "not_supported",
     "rate_limited",
+    "too_many_devices",
     "internal_error",
 ]
 assert set(get_args(ErrorCode)) == ERROR_CODES

@@ -28,6 +28,7 @@ from sqlmodel import Session, col, select
 
 from protocol import errors, topics
 
+from . import signin
 from .tables import Account
 
 MIN_PASSWORD_CHARS: Final = 8
@@ -170,7 +171,7 @@ def exists(session: Session, username: str) -> bool:
 
 
 def verify(session: Session, username: str, password: str) -> bool:
-    """Whether the password is right for an enabled account; slow by design (argon2)."""
+    """Whether the password is right for an enabled account (see :func:`authenticate`)."""
     return authenticate(session, username, password) is not None
 
 
@@ -178,7 +179,11 @@ def authenticate(session: Session, username: str, password: str) -> str | None:
     """The account's password hash if the password is right and the account enabled.
 
     ``username`` is compared as given: MQTT clients must send the normal form, which
-    is what topics and the broker's ACL use. Slow by design (argon2).
+    is what topics and the broker's ACL use. Slow by design (argon2), unless the same
+    password was verified for the same stored hash a moment ago (``store.signin``).
+
+    Raises:
+        signin.Busy: too many password hashes at once in this process.
     """
     account = get(session, username) if topics.is_valid_username(username) else None
     enabled = account is not None and not account.disabled
@@ -188,11 +193,19 @@ def authenticate(session: Session, username: str, password: str) -> str | None:
     session.rollback()
     if len(password) > MAX_PASSWORD_CHARS:
         return None
-    try:
-        ok = _hasher().verify(stored, password)
-    except (VerificationError, InvalidHashError):
-        return None
+    # Bounded and cached per process (store.signin); only an enabled account's own
+    # hash is worth remembering.
+    ok = signin.process_checks().verify(
+        username, stored, password, _password_matches, cache=enabled
+    )
     return stored if ok and enabled else None
+
+
+def _password_matches(stored_hash: str, password: str) -> bool:
+    try:
+        return _hasher().verify(stored_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
 
 
 def _existing(session: Session, username: str) -> Account:

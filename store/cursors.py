@@ -18,6 +18,7 @@ from sqlmodel import Session, select
 
 from protocol import UpAck, errors
 
+from . import devices as devices_cap
 from .tables import Conversation, Cursor, CursorMove, Member
 from .types import utcnow
 
@@ -42,10 +43,27 @@ class AckOutcome:
     error: errors.ProtocolError | None = None
 
 
-def advance_batch(engine: Engine, acks: Sequence[tuple[str, UpAck]]) -> list[AckOutcome]:
-    """Apply a batch of acks in one transaction; one outcome per ack, in order."""
+def advance_batch(
+    engine: Engine,
+    acks: Sequence[tuple[str, UpAck]],
+    max_devices: int = devices_cap.DEFAULT_MAX_DEVICES,
+) -> list[AckOutcome]:
+    """Apply a batch of acks in one transaction; one outcome per ack, in order.
+
+    An ack from a new device name beyond ``max_devices`` is refused with
+    ``too_many_devices`` before anything else is looked at (``store.devices``).
+    """
     with Session(engine) as session:
-        outcomes = [_advance(session, user, ack) for user, ack in acks]
+        names = devices_cap.known(session, (user for user, _ in acks))
+        outcomes = []
+        for user, ack in acks:
+            if ack.device not in names[user] and len(names[user]) >= max_devices:
+                outcomes.append(AckOutcome(error=devices_cap.too_many(user, max_devices)))
+                continue
+            outcome = _advance(session, user, ack)
+            if outcome.error is None:
+                names[user].add(ack.device)
+            outcomes.append(outcome)
         session.commit()
         return outcomes
 

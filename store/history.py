@@ -90,6 +90,10 @@ class Page:
     has_more: bool
 
 
+#: Entries of one delivery trace at most.
+MAX_TRACE_DEVICES = 256
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceTrace:
     user: str
@@ -102,6 +106,8 @@ class DeviceTrace:
 class MessageTrace:
     message: HistoryMessage
     devices: list[DeviceTrace]
+    #: More devices than :data:`MAX_TRACE_DEVICES` have cursors; ``devices`` is cut.
+    more_devices: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +315,9 @@ def delivery_trace(session: Session, username: str, client_id: str) -> MessageTr
 
     Recipients are the members other than the sender, one entry per device that has
     a cursor in the conversation; a device that has not reached the message yet has
-    ``None`` for that step.
+    ``None`` for that step. At most :data:`MAX_TRACE_DEVICES` entries: an account
+    created 5,000 device names once and made one trace 870 KB (``store.devices`` caps
+    new names now; accounts from before the cap may still have more).
     """
     message = find_message(session, username, client_id)
     if message is None:
@@ -334,12 +342,15 @@ def delivery_trace(session: Session, username: str, client_id: str) -> MessageTr
             _is_member(Cursor.conversation_id, username),
         )
         .order_by(col(Cursor.username), col(Cursor.device))
+        .limit(MAX_TRACE_DEVICES + 1)
     ).all()
     devices = [
         DeviceTrace(user=user, device=device, delivered_at=delivered_at, read_at=read_at)
-        for user, device, delivered_at, read_at in rows
+        for user, device, delivered_at, read_at in rows[:MAX_TRACE_DEVICES]
     ]
-    return MessageTrace(message=message, devices=devices)
+    return MessageTrace(
+        message=message, devices=devices, more_devices=len(rows) > MAX_TRACE_DEVICES
+    )
 
 
 def presence(session: Session, username: str) -> Presence | None:

@@ -16,8 +16,9 @@ from sqlalchemy import Engine, func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col, select
 
-from protocol import UpPresence
+from protocol import UpPresence, errors
 
+from . import devices as devices_cap
 from .tables import Device
 from .types import utcnow
 
@@ -29,14 +30,21 @@ class UserPresence:
     #: since when: for an offline user, when they were last seen.
     at: datetime
     changed: bool
+    #: Why this announcement was refused (``too_many_devices``); nothing was stored.
+    error: errors.ProtocolError | None = None
 
 
-def update_batch(engine: Engine, items: Sequence[tuple[str, UpPresence]]) -> list[UserPresence]:
+def update_batch(
+    engine: Engine,
+    items: Sequence[tuple[str, UpPresence]],
+    max_devices: int = devices_cap.DEFAULT_MAX_DEVICES,
+) -> list[UserPresence]:
     """Record each device's announcement; one user-level state per item, in order.
 
-    Two statements per batch, whatever its size: read the devices of every user in
-    it, then one upsert of each announcing device's last word. (One query per
-    announcement held a storm of 20,000 reconnecting devices to ~500 a second.)
+    Three statements per batch, whatever its size: read the devices of every user in
+    it and the names they used, then one upsert of each announcing device's last word.
+    (One query per announcement held a storm of 20,000 reconnecting devices to ~500 a
+    second.) A new device name beyond ``max_devices`` is refused (``store.devices``).
     """
     if not items:
         return []
@@ -50,15 +58,24 @@ def update_batch(engine: Engine, items: Sequence[tuple[str, UpPresence]]) -> lis
             )
         ):
             devices[user][device] = online
+        names = devices_cap.known(session, users)
         out = []
         last_word: dict[tuple[str, str], bool] = {}
         for user, item in items:
             before = any(devices[user].values())
+            if item.device not in names[user] and len(names[user]) >= max_devices:
+                error = devices_cap.too_many(user, max_devices)
+                out.append(UserPresence(user, before, now, changed=False, error=error))
+                continue
+            names[user].add(item.device)
             online = item.state == "online"
             devices[user][item.device] = online
             last_word[(user, item.device)] = online
             after = any(devices[user].values())
             out.append(UserPresence(user, after, now, changed=after != before))
+        if not last_word:
+            session.rollback()
+            return out
         upsert = (postgresql if engine.dialect.name == "postgresql" else sqlite).insert(Device)
         session.execute(
             upsert.values(

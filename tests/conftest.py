@@ -243,6 +243,34 @@ class Stack:
         )
         self.mosquitto.restart()
 
+    def set_publish_quota(self, rate: float, burst: int) -> None:
+        """Restart the broker with another per-user publish quota (broker/quota.py,
+        and the plugin's ``plugin_opt_publish_*`` lines on mosquitto)."""
+        if self.mosquitto is not None:
+            conf = self.mosquitto.conf_path
+            lines = conf.read_text().splitlines()
+            settings = {
+                "plugin_opt_publish_rate": f"{rate:g}",
+                "plugin_opt_publish_burst": str(burst),
+            }
+            conf.write_text(
+                "\n".join(
+                    f"{line.split()[0]} {settings[line.split()[0]]}"
+                    if line.split() and line.split()[0] in settings
+                    else line
+                    for line in lines
+                )
+                + "\n"
+            )
+        else:
+            assert self.embedded_broker is not None
+            self.embedded_broker.env["MQCHAT_BROKER_PUBLISH_RATE"] = f"{rate:g}"
+            self.embedded_broker.env["MQCHAT_BROKER_PUBLISH_BURST"] = str(burst)
+        self.bridge.stop()
+        self.restart_broker()
+        # Subscribed again before this returns: amqtt forgets every session.
+        self.start_bridge()
+
     def start_bridge(self) -> None:
         self.bridge.start()
         self.bridge.wait_for_log(BRIDGE_READY)
@@ -296,8 +324,9 @@ def _bridge_env(database_url: str, host: str, port: int, password: str) -> dict[
         "MQCHAT_BRIDGE_MQTT_PORT": str(port),
         "MQCHAT_BRIDGE_PASSWORD": password,
         "MQCHAT_BRIDGE_KEEPALIVE": "5",
-        # Throughput tests send hundreds a second; the rate-limit test sets its own.
+        # Throughput tests send hundreds a second; the rate-limit tests set their own.
         "MQCHAT_BRIDGE_MESSAGE_RATE": "10000/second",
+        "MQCHAT_BRIDGE_UPLINK_RATE": "10000/second",
     }
 
 
@@ -357,7 +386,14 @@ async def _embedded_stack(base: Path, broker_env: dict[str, str] | None = None) 
         start_embedded_broker,
         base,
         db_url,
-        {"MQCHAT_BROKER_ACCOUNT_POLL": "0.2", **(broker_env or {})},
+        {
+            "MQCHAT_BROKER_ACCOUNT_POLL": "0.2",
+            # Churn tests connect one user hundreds of times a minute on purpose;
+            # tests/test_signin_bound.py sets the default back where it is the subject.
+            "MQCHAT_BROKER_SIGN_INS_PER_USER": "100000/minute",
+            "MQCHAT_BROKER_SIGN_INS_PER_SECOND": "100000",
+            **(broker_env or {}),
+        },
     )
     env = _bridge_env(db_url, "127.0.0.1", port, bridge_password)
     bridge = Daemon("bridge", "bridge", env, base)

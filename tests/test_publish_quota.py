@@ -1,0 +1,73 @@
+"""A flooder is stopped at the broker, on both brokers: over the per-user publish
+quota its publishes are dropped before they reach the bridge, and a user that keeps
+flooding is disconnected; others keep chatting.
+
+The quota is lowered here (5 a second, bursts of 20) so that a test-sized flood meets
+it; the defaults (100 a second, bursts of 200) are the production config's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from protocol import topics
+
+from .conftest import Stack
+from .test_chat import stored
+
+RATE = 5
+BURST = 20
+FLOOD = 400
+
+
+async def test_a_flood_is_dropped_at_the_broker_and_the_flooder_cut_off(stack: Stack) -> None:
+    await asyncio.to_thread(stack.set_publish_quota, RATE, BURST)
+    await stack.add_users("mallory", "alice", "bob")
+    alice = await stack.client("alice")
+    bob = await stack.client("bob")
+    mallory = await stack.raw("mallory")
+    generation = mallory.generation
+
+    started = time.monotonic()
+    for i in range(FLOOD):
+        payload = json.dumps({"id": f"f{i}", "to": "bob", "body": "spam"}).encode()
+        mallory.publish(topics.up_msg("mallory"), payload, qos=1)
+    # Over twice the rate for longer than its patience: the broker cuts it off (the
+    # link notices and connects again by itself).
+    await asyncio.wait_for(mallory.wait_reconnected(generation), 30)
+    await mallory.close()
+    flooded_for = time.monotonic() - started
+
+    # alice chats through it. Her message reaches the bridge after everything the
+    # broker relayed of mallory's, so once it is stored nothing more of his is coming.
+    await alice.send("still here", to="bob", timeout=20)
+    assert (await bob.next_message(timeout=20)).body in {"spam", "still here"}
+    senders = [m.sender for m in stored(stack)]
+    # The burst, what the rate refilled meanwhile, and the slack of one refill.
+    assert BURST <= senders.count("mallory") <= BURST + RATE * (flooded_for + 1)
+    assert senders.count("alice") == 1
+    log = (
+        stack.mosquitto.log_path.read_text()
+        if stack.mosquitto is not None
+        else stack.embedded_broker.log_text()  # type: ignore[union-attr]
+    )
+    assert "over its publish quota" in log
+    assert "Traceback" not in log
+
+
+async def test_an_honest_burst_within_the_quota_goes_through(stack: Stack) -> None:
+    await asyncio.to_thread(stack.set_publish_quota, RATE, BURST)
+    await stack.add_users("alice", "bob")
+    alice = await stack.raw("alice")
+    generation = alice.generation
+    for i in range(BURST):
+        payload = json.dumps({"id": f"m{i}", "to": "bob", "body": f"m{i}"}).encode()
+        await alice.publish(topics.up_msg("alice"), payload, qos=1)
+    sdk = await stack.client("alice", device="sdk")
+    await sdk.send("sentinel", to="bob", timeout=20)
+    bodies = [m.body for m in stored(stack) if m.sender == "alice"]
+    assert bodies[:BURST] == [f"m{i}" for i in range(BURST)]
+    assert alice.generation == generation
+    assert alice.is_connected

@@ -1,0 +1,211 @@
+"""Password checks cost a bounded amount: few argon2 hashes at once, none for
+credentials verified a moment ago, and a stale cache entry never lets anyone in.
+
+Real argon2, real databases (SQLite and PostgreSQL), real bursts of threads; the
+counters read are the ones ``store.signin`` keeps for operators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from clients.mqtt import ConnectRefused, MqttLink
+from store import accounts, signin
+
+from .conftest import Daemon, Stack, _embedded_stack, password_of
+
+
+def sign_in(engine: Engine, user: str, password: str) -> bool:
+    with Session(engine) as session:
+        return accounts.verify(session, user, password)
+
+
+def hashes_during(action: Callable[[], object]) -> int:
+    """How many argon2 verifications ``action`` caused in this process."""
+    checks = signin.process_checks()
+    before = checks.hashes
+    action()
+    return checks.hashes - before
+
+
+def test_a_verified_password_is_not_hashed_again(store_engine: Engine) -> None:
+    assert hashes_during(lambda: sign_in(store_engine, "alice", "alice-secret-pw")) == 1
+    assert hashes_during(lambda: sign_in(store_engine, "alice", "alice-secret-pw")) == 0
+
+
+def test_wrong_passwords_are_never_cached(store_engine: Engine) -> None:
+    for _ in range(3):
+        assert hashes_during(lambda: sign_in(store_engine, "bob", "bob-wrong-pw")) == 1
+    assert not sign_in(store_engine, "bob", "bob-wrong-pw")
+    assert sign_in(store_engine, "bob", "bob-secret-pw")
+
+
+def test_a_password_change_ends_the_old_password_at_once(store_engine: Engine) -> None:
+    assert sign_in(store_engine, "alice", "alice-secret-pw")
+    assert sign_in(store_engine, "alice", "alice-secret-pw")  # cached now
+    with Session(store_engine) as session:
+        accounts.set_password(session, "alice", "alice-new-pw-2")
+        session.commit()
+    assert not sign_in(store_engine, "alice", "alice-secret-pw")
+    assert sign_in(store_engine, "alice", "alice-new-pw-2")
+
+
+@pytest.mark.parametrize("change", ["disable", "delete"])
+def test_a_disabled_or_deleted_account_is_refused_at_once(
+    store_engine: Engine, change: str
+) -> None:
+    assert sign_in(store_engine, "carol", "carol-secret-pw")
+    assert sign_in(store_engine, "carol", "carol-secret-pw")  # cached now
+    with Session(store_engine) as session:
+        if change == "disable":
+            accounts.set_disabled(session, "carol", True)
+        else:
+            accounts.delete(session, "carol")
+        session.commit()
+    assert not sign_in(store_engine, "carol", "carol-secret-pw")
+
+
+def test_concurrent_hashes_are_bounded_and_the_excess_is_refused() -> None:
+    """A real burst: 24 threads verify real argon2 hashes through 2 slots, 3 waiting."""
+    checks = signin.PasswordChecks(concurrency=2, queue=3, wait=30)
+    stored = accounts.hash_password("a-password-1")
+    start = threading.Barrier(24)
+
+    def attempt(n: int) -> str:
+        start.wait()
+        try:
+            # Distinct usernames: each is a cache miss, so each needs a hash.
+            ok = checks.verify(f"user{n}", stored, "a-password-1", accounts._password_matches)
+        except signin.Busy as busy:
+            return "busy" if busy.retry_after >= 1 else "busy without a wait"
+        return "ok" if ok else "wrong"
+
+    with ThreadPoolExecutor(24) as pool:
+        outcomes = list(pool.map(attempt, range(24)))
+    assert checks.peak_hashing == 2
+    assert outcomes.count("wrong") == 0
+    # At least the two hashing and the three waiting got through; the rest were told.
+    assert outcomes.count("ok") >= 5
+    assert outcomes.count("busy") >= 1
+    assert outcomes.count("ok") + outcomes.count("busy") == 24
+
+
+def burst_size() -> int:
+    """More sign-ins at once than a process lets hash or wait (per slot: 1 + 4)."""
+    return 6 * (os.cpu_count() or 1) + 8
+
+
+@pytest.fixture
+async def embedded(tmp_path: Path) -> AsyncIterator[Stack]:
+    """The embedded stack alone: mosquitto checks passwords in dynsec, not with argon2."""
+    stack = await _embedded_stack(tmp_path)
+    try:
+        yield stack
+    finally:
+        await stack.close()
+
+
+async def test_an_api_sign_in_burst_is_answered_200_or_429(embedded: Stack) -> None:
+    users = [f"u{n}" for n in range(burst_size())]
+    await embedded.add_users(*users)
+    base = await embedded.start_api()
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+
+        async def token(user: str) -> httpx.Response:
+            return await http.post(
+                "/v1/tokens", data={"username": user, "password": password_of(user)}
+            )
+
+        answers = await asyncio.gather(*(token(u) for u in users))
+        assert sorted({a.status_code for a in answers}) == [200, 429]
+        for busy in (a for a in answers if a.status_code == 429):
+            assert busy.json()["error"]["code"] == "rate_limited"
+            assert int(busy.headers["Retry-After"]) >= 1
+        # A refusal is not a failure: nobody is locked out once the burst is over.
+        for user in users[:3]:
+            assert (await token(user)).status_code == 200
+    assert embedded.api is not None
+    assert "Traceback" not in embedded.api.log_text()
+
+
+def peak_rss_mib(daemon: Daemon) -> float:
+    """The most memory the process ever had resident (VmHWM)."""
+    assert daemon.process is not None
+    status = Path(f"/proc/{daemon.process.pid}/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+async def test_a_connect_burst_hashes_a_few_at_a_time(embedded: Stack) -> None:
+    """Fifty correct CONNECTs at once once took the broker from 100 to 500 MB."""
+    users = [f"u{n}" for n in range(burst_size())]
+    await embedded.add_users(*users)
+    broker = embedded.embedded_broker
+    assert broker is not None
+    before = peak_rss_mib(broker)
+    links = [await embedded.raw(u, connect=False) for u in users]
+
+    async def connect(link: MqttLink) -> str:
+        try:
+            await link.connect()
+        except ConnectRefused as refused:
+            return refused.reason
+        return "accepted"
+
+    outcomes = await asyncio.gather(*(connect(link) for link in links))
+    # The burst queues for the hashing slots: slower, but everyone gets in (a caller
+    # who waited too long would be told "server unavailable" and try again).
+    assert set(outcomes) <= {"accepted", "Server unavailable"}, set(outcomes)
+    assert "accepted" in outcomes
+    # argon2 takes 64 MiB a hash: one per slot at most, and room for the connections
+    # (before the bound: +386 MiB here, six hashes at once, one per worker thread).
+    slots = signin.PasswordChecks().concurrency
+    assert peak_rss_mib(broker) - before < 64 * (slots + 2), (before, peak_rss_mib(broker))
+    assert "Traceback" not in broker.log_text()
+
+
+async def test_an_account_signing_in_over_and_over_is_refused_for_a_while(
+    embedded: Stack,
+) -> None:
+    """Even cached, each sign-in costs a token write: a loop of them is refused (429)."""
+    await embedded.add_users("looper", "bob")
+    base = await embedded.start_api()
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+
+        async def token(user: str) -> httpx.Response:
+            form = {"username": user, "password": password_of(user)}
+            return await http.post("/v1/tokens", data=form)
+
+        statuses = [(await token("looper")).status_code for _ in range(31)]
+        assert statuses == [200] * 30 + [429]
+        refused = await token("looper")
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert (await token("bob")).status_code == 200
+
+
+async def test_a_user_connecting_over_and_over_is_refused_for_a_while(tmp_path: Path) -> None:
+    stack = await _embedded_stack(tmp_path, {"MQCHAT_BROKER_SIGN_INS_PER_USER": "5/minute"})
+    try:
+        await stack.add_users("looper", "bob")
+        for _ in range(5):
+            link = await stack.raw("looper")
+            await link.close()
+        link = await stack.raw("looper", connect=False)
+        with pytest.raises(ConnectRefused, match="unavailable"):
+            await link.connect()
+        await stack.raw("bob")  # others are not affected
+        assert stack.embedded_broker is not None
+        assert "Traceback" not in stack.embedded_broker.log_text()
+    finally:
+        await stack.close()
