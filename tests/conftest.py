@@ -436,6 +436,23 @@ async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 
 
 @pytest.fixture
+def embedded_broker_env() -> dict[str, str]:
+    """Extra ``MQCHAT_BROKER_*`` settings for :func:`embedded`; a test module that needs
+    others overrides this fixture."""
+    return {}
+
+
+@pytest.fixture
+async def embedded(tmp_path: Path, embedded_broker_env: dict[str, str]) -> AsyncIterator[Stack]:
+    """The embedded stack alone, for what only amqtt has (or lacks)."""
+    s = await _embedded_stack(tmp_path, embedded_broker_env)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
 async def production_stack(tmp_path: Path, postgres: PostgresServer) -> AsyncIterator[Stack]:
     """For tests about PostgreSQL itself (restarting it, say)."""
     s = await _production_stack(tmp_path, postgres)

@@ -13,11 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
-from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from amqtt.broker import Broker
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,18 +23,9 @@ from broker.embedded import _SubscriptionTable
 from clients.mqtt import Incoming
 from protocol import topics
 
-from .conftest import Stack, _embedded_stack
+from .conftest import Stack
 
 MESSAGES = 150
-
-
-@pytest.fixture
-async def embedded(tmp_path: Path) -> AsyncIterator[Stack]:
-    stack = await _embedded_stack(tmp_path)
-    try:
-        yield stack
-    finally:
-        await stack.close()
 
 
 async def test_live_delivery_survives_subscription_churn(embedded: Stack) -> None:

@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import websockets
@@ -22,7 +20,7 @@ from websockets.typing import Subprotocol
 
 from broker.lognoise import CLIENT_LOG, ClientNoiseFilter
 
-from .conftest import Stack, _embedded_stack, password_of, wait_until
+from .conftest import Stack, password_of, wait_until
 from .test_acl_matrix import BRIDGE, _connect, _token
 from .test_mqtt_malformed import Raw, connect, dial, login, subscribe
 
@@ -77,12 +75,8 @@ def test_client_caused_tracebacks_become_one_line_others_stay() -> None:
 
 
 @pytest.fixture
-async def embedded(tmp_path: Path) -> AsyncIterator[Stack]:
-    stack = await _embedded_stack(tmp_path, {"MQCHAT_BROKER_CLIENT_LOG_INTERVAL": "1"})
-    try:
-        yield stack
-    finally:
-        await stack.close()
+def embedded_broker_env() -> dict[str, str]:
+    return {"MQCHAT_BROKER_CLIENT_LOG_INTERVAL": "1"}
 
 
 def _accounted(log: str, needle: str) -> int:

@@ -11,24 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
-
-from .conftest import Stack, _embedded_stack
+from .conftest import Stack
 from .test_mqtt_malformed import Raw, dial, login, string, varint
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-async def embedded(tmp_path: Path) -> AsyncIterator[Stack]:
-    stack = await _embedded_stack(tmp_path)
-    try:
-        yield stack
-    finally:
-        await stack.close()
 
 
 def rss_bytes(stack: Stack) -> int:

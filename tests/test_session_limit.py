@@ -10,24 +10,18 @@ broker's alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from .conftest import Stack, _embedded_stack, password_of
+from .conftest import Stack, password_of
 from .test_mqtt_malformed import Raw, connect, dial, subscribe
 
 LIMIT = 3
 
 
 @pytest.fixture
-async def embedded(tmp_path: Path) -> AsyncIterator[Stack]:
-    stack = await _embedded_stack(tmp_path, {"MQCHAT_BROKER_MAX_SESSIONS_PER_USER": str(LIMIT)})
-    try:
-        yield stack
-    finally:
-        await stack.close()
+def embedded_broker_env() -> dict[str, str]:
+    return {"MQCHAT_BROKER_MAX_SESSIONS_PER_USER": str(LIMIT)}
 
 
 async def _connack(raw: Raw) -> tuple[bool, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -103,16 +103,6 @@ def test_concurrent_hashes_are_bounded_and_the_excess_is_refused() -> None:
 def burst_size() -> int:
     """More sign-ins at once than a process lets hash or wait (per slot: 1 + 4)."""
     return 6 * (os.cpu_count() or 1) + 8
-
-
-@pytest.fixture
-async def embedded(tmp_path: Path) -> AsyncIterator[Stack]:
-    """The embedded stack alone: mosquitto checks passwords in dynsec, not with argon2."""
-    stack = await _embedded_stack(tmp_path)
-    try:
-        yield stack
-    finally:
-        await stack.close()
 
 
 async def test_an_api_sign_in_burst_is_answered_200_or_429(embedded: Stack) -> None:
