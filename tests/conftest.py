@@ -43,10 +43,13 @@ from .services import (
     free_port,
     start_mosquitto,
     start_postgres,
+    with_settings,
 )
 
 ROOT = Path(__file__).parents[1]
 PASSWORD_SUFFIX = "-secret-pw"
+#: What the test stacks' mosquitto changes in the production config.
+TEST_MOSQUITTO_SETTINGS = {"plugin_opt_publish_rate": "0"}
 BRIDGE_READY = READY_LOG
 
 
@@ -227,20 +230,12 @@ class Stack:
         return HistoryClient(self.api_url, user, password_of(user))
 
     def limit_broker_queue(self, messages: int) -> None:
-        """Restart mosquitto with a smaller per-client queue (amqtt's has no limit)."""
+        """Restart mosquitto with a smaller per-client queue (the embedded broker's stays
+        at its default, ``MQCHAT_BROKER_MAX_QUEUED_MESSAGES``)."""
         if self.mosquitto is None:
             return
         conf = self.mosquitto.conf_path
-        text = conf.read_text()
-        conf.write_text(
-            "\n".join(
-                f"max_queued_messages {messages}"
-                if line.startswith("max_queued_messages")
-                else line
-                for line in text.splitlines()
-            )
-            + "\n"
-        )
+        conf.write_text(with_settings(conf.read_text(), {"max_queued_messages": str(messages)}))
         self.mosquitto.restart()
 
     def set_publish_quota(self, rate: float, burst: int) -> None:
@@ -248,20 +243,11 @@ class Stack:
         and the plugin's ``plugin_opt_publish_*`` lines on mosquitto)."""
         if self.mosquitto is not None:
             conf = self.mosquitto.conf_path
-            lines = conf.read_text().splitlines()
             settings = {
                 "plugin_opt_publish_rate": f"{rate:g}",
                 "plugin_opt_publish_burst": str(burst),
             }
-            conf.write_text(
-                "\n".join(
-                    f"{line.split()[0]} {settings[line.split()[0]]}"
-                    if line.split() and line.split()[0] in settings
-                    else line
-                    for line in lines
-                )
-                + "\n"
-            )
+            conf.write_text(with_settings(conf.read_text(), settings))
         else:
             assert self.embedded_broker is not None
             self.embedded_broker.env["MQCHAT_BROKER_PUBLISH_RATE"] = f"{rate:g}"
@@ -392,6 +378,8 @@ async def _embedded_stack(base: Path, broker_env: dict[str, str] | None = None) 
             # tests/test_signin_bound.py sets the default back where it is the subject.
             "MQCHAT_BROKER_SIGN_INS_PER_USER": "100000/minute",
             "MQCHAT_BROKER_SIGN_INS_PER_SECOND": "100000",
+            # Like the bridge's rates: tests/test_publish_quota.py sets its own.
+            "MQCHAT_BROKER_PUBLISH_RATE": "0",
             **(broker_env or {}),
         },
     )
@@ -413,7 +401,10 @@ async def _production_stack(
     postgres.create_database(dbname, template="mqchat_template")
     db_url = postgres.url(dbname)
     engine = make_engine(db_url)
-    mosq = await asyncio.to_thread(partial(start_mosquitto, base, tls_cert=tls_cert))
+    mosq = await asyncio.to_thread(
+        # The publish quota off, as on the embedded stack (test_publish_quota sets one).
+        partial(start_mosquitto, base, tls_cert=tls_cert, settings=TEST_MOSQUITTO_SETTINGS)
+    )
     env = _bridge_env(db_url, mosq.host, mosq.port, mosq.bridge.password)
     bridge = Daemon("bridge", "bridge", env, base)
     stack = Stack(

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -285,17 +285,37 @@ class MosquittoServer:
         return _tail(self.log_path, lines)
 
 
+def with_settings(config: str, settings: Mapping[str, str]) -> str:
+    """``config`` (mosquitto.conf text) with the value of each named setting replaced.
+
+    Raises:
+        ValueError: a setting of ``settings`` is not in ``config``.
+    """
+    lines = config.splitlines()
+    found = set()
+    for index, line in enumerate(lines):
+        words = line.split()
+        if words and words[0] in settings:
+            lines[index] = f"{words[0]} {settings[words[0]]}"
+            found.add(words[0])
+    if missing := set(settings) - found:
+        raise ValueError(f"not in the config: {sorted(missing)}")
+    return "\n".join(lines) + "\n"
+
+
 def start_mosquitto(
     base_dir: Path,
     *,
     host: str = LOOPBACK,
     tls_cert: tuple[bytes, bytes] | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> MosquittoServer:
     """Start mosquitto from the production config with fresh service accounts.
 
     The admin and bridge passwords are random; read them from the returned server.
     ``tls_cert`` (certificate chain and key, PEM) turns on the config's TLS
-    listeners, on free ports (``server.tls``).
+    listeners, on free ports (``server.tls``). ``settings`` replace the values of
+    settings the production config has (``with_settings``).
     """
     binary = mosquitto_binary()
     account = _service_account("mosquitto")
@@ -322,17 +342,16 @@ def start_mosquitto(
         )
         server.tls.certfile.write_bytes(tls_cert[0])
         server.tls.keyfile.write_bytes(tls_cert[1])
-    server.conf_path.write_text(
-        render_config(
-            template,
-            host=host,
-            port=server.port,
-            ws_port=server.ws_port,
-            data_dir=server.data_dir,
-            plugins=production_plugins(template, workdir),
-            tls=server.tls,
-        )
+    config = render_config(
+        template,
+        host=host,
+        port=server.port,
+        ws_port=server.ws_port,
+        data_dir=server.data_dir,
+        plugins=production_plugins(template, workdir),
+        tls=server.tls,
     )
+    server.conf_path.write_text(with_settings(config, settings or {}))
     write_dynsec_bootstrap(
         server.data_dir / "dynamic-security.json", admin=server.admin, bridge=server.bridge
     )

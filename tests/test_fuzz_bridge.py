@@ -130,9 +130,6 @@ def stored_by(stack: Stack, sender: str) -> list[str]:
 
 
 async def test_hostile_uplinks_while_others_chat(stack: Stack) -> None:
-    # The oracle is the bridge's answer to each uplink: the broker's publish quota,
-    # which would cut mallory off first, has tests of its own (test_publish_quota.py).
-    await asyncio.to_thread(stack.set_publish_quota, 100_000, 100_000)
     await stack.add_users("mallory", "alice", "bob", "carol")
     alice = await stack.client("alice")
     bob = await stack.client("bob")
