@@ -102,14 +102,14 @@ class BrokerSettings(BaseSettings):
     #: (a PUBACK never sent, a refused CONNECT, ...); the next says how many were left
     #: out. 0 writes every one. Tracebacks of client-caused errors are never written.
     client_log_interval: float = Field(default=10.0, ge=0)
-    #: Publishes a second one user may keep up, over all their connections
+    #: Messages (``up/msg`` publishes) a second one user may keep up, over all their connections
     #: (``broker/quota.py``); above it publishes are dropped at the broker, and a user
     #: who keeps sending over twice this is disconnected. Far above the bridge's own
     #: rates, so only a flood meets it. 0 turns it off.
     publish_rate: float = Field(default=100.0, ge=0)
     #: Publishes one user may send at once before the rate applies, and refused
     #: publishes it may pile up before it is disconnected.
-    publish_burst: int = Field(default=200, ge=1)
+    publish_burst: int = Field(default=50, ge=1)
 
     @model_validator(mode="after")
     def _rates_parse(self) -> BrokerSettings:

@@ -75,6 +75,9 @@ IDENTIFIER_REJECTED: Final = 0x02  # empty client id on a persistent session
 SERVER_UNAVAILABLE: Final = 0x03  # throttled: try again later
 NOT_AUTHORIZED: Final = 0x05  # wrong credentials, or another user's client id
 
+#: The publishes the per-user quota counts: new messages (``chat/v1/u/{user}/up/msg``).
+QUOTA_SUFFIX: Final = "/up/msg"
+
 #: Where the password hash an account signed in with is kept on its amqtt session.
 HASH_ATTRIBUTE: Final = "mqchat_password_hash"
 
@@ -639,7 +642,10 @@ class TopicAcl(BaseTopicPlugin):  # type: ignore[misc]
     ) -> bool | None:
         if session is None or not session.username or topic is None:
             return False
-        if action == Action.PUBLISH:
+        # Only new messages count: a device catching up acks every message it gets (a
+        # backlog of hundreds at once), and acks, typing and presence have the bridge's
+        # own cheap per-kind rates (MQCHAT_BRIDGE_UPLINK_RATE).
+        if action == Action.PUBLISH and topic.endswith(QUOTA_SUFFIX):
             verdict = self._quota.admit(session.username)
             if verdict is quota.Verdict.DISCONNECT:
                 quota.disconnect(self.context._broker_instance, session.client_id, session.username)

@@ -6,12 +6,17 @@ for 1.6 s (p50). The bridge's own rates stay (they say *why* to an honest client
 this one is far above them, so no honest client meets it, and it keeps a flood from
 reaching the bridge at all::
 
-    PUBLISH from user U ──▶ U's publish bucket (``rate``/s, holds ``burst``)
+    up/msg PUBLISH from user U ──▶ U's publish bucket (``rate``/s, holds ``burst``)
         ├─ a token ──▶ relayed as before (the ACL still decides)
         └─ empty ──▶ dropped (a QoS 1 publish is still PUBACKed, as for an ACL
                      refusal), and one token taken from U's patience bucket
                      (the same size and rate)
                         └─ empty: U sent over twice its rate for a while ──▶ disconnect
+
+Only new messages count (``broker.embedded.QUOTA_SUFFIX``): a device that catches up
+on a backlog acks every message it gets, hundreds at once, and acks, typing and
+presence have the bridge's own cheap per-kind rates. Counting them cut honest devices
+off in a loop (each reconnect got the backlog again, and acked it again).
 
 Both buckets belong to the user, not to a connection: reconnecting, or opening
 connections under new client ids, does not refill them. The bridge and other service

@@ -31,7 +31,7 @@
  *
  * The publish quota (the quota_* functions; broker/quota.py is its twin on the
  * embedded broker): each user has a publish bucket of plugin_opt_publish_burst
- * tokens (default 200) refilled at plugin_opt_publish_rate a second (default 100;
+ * tokens (default 50) refilled at plugin_opt_publish_rate a second (default 100;
  * 0 turns the quota off). A publish takes a token; without one it is refused
  * (MOSQ_ERR_ACL_DENIED: mosquitto drops it and still PUBACKs a QoS 1 publish) and
  * takes a token from the user's patience bucket (same size and rate). Once
@@ -108,7 +108,7 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 /* -- the publish quota ------------------------------------------------------------ */
 
 #define QUOTA_DEFAULT_RATE 100.0
-#define QUOTA_DEFAULT_BURST 200
+#define QUOTA_DEFAULT_BURST 50
 /* Client ids waiting to be disconnected at the next tick; more wait for their next publish. */
 #define QUOTA_MAX_PENDING_KICKS 64
 
@@ -188,13 +188,25 @@ static void quota_schedule_kick(const char *client_id)
 	}
 }
 
+/* Only new messages (".../up/msg") count: a device catching up acks every message it
+ * gets, a backlog of hundreds at once, and acks, typing and presence have the bridge's
+ * own cheap per-kind rates. */
+static int quota_counts(const char *topic)
+{
+	static const char suffix[] = "/up/msg";
+	size_t len = topic != NULL ? strlen(topic) : 0;
+
+	return len >= sizeof(suffix) - 1 && strcmp(topic + len - (sizeof(suffix) - 1), suffix) == 0;
+}
+
 static int quota_check(const struct mosquitto_evt_acl_check *check)
 {
 	const char *username = mosquitto_client_username(check->client);
 	const char *client_id = mosquitto_client_id(check->client);
 	struct quota_user *user;
 
-	if(check->access != MOSQ_ACL_WRITE || username == NULL || is_exempt(username)){
+	if(check->access != MOSQ_ACL_WRITE || username == NULL || is_exempt(username)
+			|| !quota_counts(check->topic)){
 		return MOSQ_ERR_PLUGIN_DEFER;
 	}
 	user = quota_user_of(username);
