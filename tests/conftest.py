@@ -57,6 +57,28 @@ def password_of(user: str) -> str:
     return user + PASSWORD_SUFFIX
 
 
+def migrated_sqlite(path: Path, *users: str) -> str:
+    """A migrated SQLite database at ``path`` with ``users`` (passwords ``password_of``)."""
+    url = f"sqlite:///{path}"
+    engine = make_engine(url)
+    migrate(engine)
+    with Session(engine) as session:
+        for user in users:
+            accounts.create(session, user, password_of(user))
+        session.commit()
+    engine.dispose()
+    return url
+
+
+def error_of(response: Any) -> tuple[int, str]:
+    """An HTTP error answer's status and code, checking the documented ``{"error"}`` shape."""
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"code", "detail"}, body
+    assert body["error"]["detail"], body
+    return int(response.status_code), str(body["error"]["code"])
+
+
 def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -16,12 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 from pydantic import ValidationError
-from sqlmodel import Session
 
 from history_api import ApiSettings
-from store import accounts, make_engine, migrate
 
-from .conftest import Daemon, password_of, wait_until
+from .conftest import Daemon, error_of, migrated_sqlite, password_of, wait_until
 from .services import _accepts, free_port
 
 APP = "https://app.example"
@@ -31,14 +29,7 @@ CORS_ENV = {"MQCHAT_API_CORS_ORIGINS": f"{APP}, http://localhost:5173"}
 
 @pytest.fixture(scope="module")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = f"sqlite:///{tmp_path_factory.mktemp('cors') / 'api.db'}"
-    engine = make_engine(url)
-    migrate(engine)
-    with Session(engine) as session:
-        accounts.create(session, "alice", password_of("alice"))
-        session.commit()
-    engine.dispose()
-    return url
+    return migrated_sqlite(tmp_path_factory.mktemp("cors") / "api.db", "alice")
 
 
 @contextlib.asynccontextmanager
@@ -72,14 +63,6 @@ async def cors_api(database_url: str, tmp_path: Path) -> AsyncIterator[httpx.Asy
 async def plain_api(database_url: str, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     async with serve(database_url, tmp_path) as client:
         yield client
-
-
-def error_of(response: httpx.Response) -> tuple[int, str]:
-    body = response.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "detail"}, body
-    assert body["error"]["detail"], body
-    return response.status_code, body["error"]["code"]
 
 
 def preflight(origin: str, method: str = "POST", headers: str = "content-type") -> dict[str, str]:

@@ -29,6 +29,7 @@ from sqlalchemy import Engine
 
 from history_api import ApiSettings, create_app
 
+from .conftest import error_of
 from .test_history_api import (
     As,
     add_users,
@@ -36,7 +37,6 @@ from .test_history_api import (
     at,
     database_url,
     engine,
-    error_of,
     move_cursor,
     send,
     serve,

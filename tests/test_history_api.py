@@ -37,6 +37,7 @@ from store.db import alembic_config
 from store.messages import StoredMessage, persist_batch
 from store.tables import Cursor, CursorMove, Device
 
+from .conftest import error_of
 from .services import PostgresServer
 
 T0 = datetime(2025, 6, 1, 9, 0, tzinfo=UTC)
@@ -242,14 +243,6 @@ class As:
 
 async def as_user(client: httpx.AsyncClient, user: str) -> As:
     return As(client, await sign_in(client, user))
-
-
-def error_of(response: httpx.Response) -> tuple[int, str]:
-    body = response.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "detail"}, body
-    assert body["error"]["detail"], body
-    return response.status_code, body["error"]["code"]
 
 
 def seqs(page: dict[str, Any]) -> list[int]:

@@ -22,13 +22,11 @@ from pathlib import Path
 import httpx
 import pytest
 import trustme
-from sqlmodel import Session
 
 from broker.mosquitto import TlsListeners, render_config
 from clients.history import HistoryClient
 from clients.mqtt import LinkConfig, MqttError, MqttLink, tls_context
 from clients.sdk import ChatClient, ChatMessage
-from store import accounts, make_engine, migrate
 
 from .conftest import (
     ROOT,
@@ -36,6 +34,7 @@ from .conftest import (
     Stack,
     _embedded_stack,
     _production_stack,
+    migrated_sqlite,
     password_of,
     wait_until,
 )
@@ -247,13 +246,7 @@ async def test_tls_ports_refuse_plain_and_untrusted_clients(tls_stack: TlsStack,
 
 
 async def test_history_api_over_https(tmp_path: Path, pki: Pki) -> None:
-    url = f"sqlite:///{tmp_path / 'api.db'}"
-    engine = make_engine(url)
-    migrate(engine)
-    with Session(engine) as session:
-        accounts.create(session, "alice", password_of("alice"))
-        session.commit()
-    engine.dispose()
+    url = migrated_sqlite(tmp_path / "api.db", "alice")
     port = free_port()
     api = Daemon(
         "api",
