@@ -57,7 +57,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
 
 from protocol import acl
-from store import accounts, make_engine, signin
+from store import accounts, make_engine, reading, signin
 
 from . import READY_LOG, quota
 from .config import BrokerSettings
@@ -105,7 +105,9 @@ class Gate:
     """Who may connect, decided from the CONNECT alone, before amqtt acts on it."""
 
     def __init__(self, settings: BrokerSettings, engine: Engine) -> None:
-        self._engine = engine
+        # Sign-in lookups only read: no SQLite write lock, so a burst of CONNECTs
+        # does not queue the bridge's commits (store.db.reading).
+        self._engine = reading(engine)
         self.services = {settings.bridge_username: settings.bridge_password.get_secret_value()}
         self._connects = Throttle(settings.connect_rate)
         self._user_failures = Throttle(settings.auth_failures_per_user)
@@ -184,7 +186,6 @@ class Gate:
             # In chunks: SQLite and PostgreSQL bound the parameters of one statement.
             for start in range(0, len(usernames), 500):
                 found.update(accounts.credentials_state(db, usernames[start : start + 500]))
-                db.rollback()  # do not hold SQLite's write lock across chunks
         return found
 
 

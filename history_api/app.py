@@ -9,9 +9,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
-from store import make_engine, signin
+from store import make_engine, reading, signin
 
-from . import conversations, deps, devices, errors, health, messages, search, tokens, users
+from . import conversations, devices, errors, health, messages, search, tokens, users
 from .config import ApiSettings
 from .throttle import SignInGuard
 
@@ -20,7 +20,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = make_engine(settings.database_url)
-        app.state.reading_engine = deps.reading_engine(app.state.engine)
+        app.state.reading_engine = reading(app.state.engine)
         try:
             yield
         finally:

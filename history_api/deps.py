@@ -63,7 +63,7 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 class ReadingSession(Session):
     """A session that refuses to write.
 
-    On PostgreSQL it runs in autocommit (:func:`reading_engine`), where writes would
+    On PostgreSQL it runs in autocommit (:func:`store.db.reading`), where writes would
     commit one statement at a time instead of all or nothing; failing loudly keeps
     a route from doing that by accident.
     """
@@ -84,27 +84,16 @@ def _refuse_dml(state: ORMExecuteState) -> None:
         raise _refuse("INSERT/UPDATE/DELETE")
 
 
-def reading_engine(engine: Engine) -> Engine:
-    """The engine for :data:`SessionDep`, whose routes only read.
-
-    On PostgreSQL it runs in autocommit: at the default READ COMMITTED every statement
-    takes its own snapshot anyway, so an explicit transaction adds nothing for reads
-    but a BEGIN and a ROLLBACK round trip per request. SQLite keeps its transactions
-    (``store.db`` makes each one ``BEGIN IMMEDIATE``).
-    """
-    if engine.dialect.name == "postgresql":
-        return engine.execution_options(isolation_level="AUTOCOMMIT")
-    return engine
-
-
 def get_reading_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.reading_engine
     return engine
 
 
-async def get_session(
-    engine: Annotated[Engine, Depends(get_reading_engine)],
-) -> AsyncIterator[Session]:
+#: The engine for transactions that only read (:func:`store.db.reading`).
+ReadingEngineDep = Annotated[Engine, Depends(get_reading_engine)]
+
+
+async def get_session(engine: ReadingEngineDep) -> AsyncIterator[Session]:
     """A session for a route that only reads; a route that writes opens its own on
     :data:`EngineDep` and commits.
 

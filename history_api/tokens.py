@@ -23,7 +23,14 @@ from starlette.concurrency import run_in_threadpool
 from protocol import errors
 from store import accounts, tokens
 
-from .deps import TOKEN_URL, ClientAddress, EngineDep, SettingsDep, SignInGuardDep
+from .deps import (
+    TOKEN_URL,
+    ClientAddress,
+    EngineDep,
+    ReadingEngineDep,
+    SettingsDep,
+    SignInGuardDep,
+)
 from .errors import THROTTLED, UNAVAILABLE, ErrorResponse
 
 router = APIRouter(prefix=TOKEN_URL, tags=["tokens"])
@@ -86,15 +93,19 @@ def canonical_username(username: str) -> str | None:
 
 
 def sign_in(
-    engine: Engine, username: str, password: str, ttl: timedelta
+    engine: Engine, reading_engine: Engine, username: str, password: str, ttl: timedelta
 ) -> tokens.IssuedToken | None:
     """Verify the password and issue a token; None for wrong credentials. Blocking.
 
-    ``username`` is the normal form (:func:`canonical_username`).
+    ``username`` is the normal form (:func:`canonical_username`). The check reads
+    without a lock (``reading_engine``); only the token's write takes SQLite's write
+    lock, for one short transaction. A token issued to an account disabled meanwhile
+    is refused where it is used (:func:`store.tokens.resolve`).
     """
-    with Session(engine) as session:
+    with Session(reading_engine) as session:
         if not accounts.verify(session, username, password):
             return None
+    with Session(engine) as session:
         issued = tokens.issue(session, username, ttl)
         session.commit()
         return issued
@@ -120,6 +131,7 @@ async def create_token(
     request: Request,
     response: Response,
     engine: EngineDep,
+    reading_engine: ReadingEngineDep,
     settings: SettingsDep,
     guard: SignInGuardDep,
     source: ClientAddress,
@@ -138,7 +150,12 @@ async def create_token(
     if username is not None:
         # argon2 is slow on purpose: keep it, and the database, off the event loop.
         issued = await run_in_threadpool(
-            sign_in, engine, username, form.password.get_secret_value(), settings.token_ttl
+            sign_in,
+            engine,
+            reading_engine,
+            username,
+            form.password.get_secret_value(),
+            settings.token_ttl,
         )
     if issued is None:
         guard.failed(username, source)

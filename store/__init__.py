@@ -11,6 +11,6 @@
 Alembic migrations in ``migrations/`` own the schema; ``migrate(engine)`` applies them.
 """
 
-from .db import make_engine, migrate
+from .db import make_engine, migrate, reading
 
-__all__ = ["make_engine", "migrate"]
+__all__ = ["make_engine", "migrate", "reading"]

@@ -188,8 +188,8 @@ def authenticate(session: Session, username: str, password: str) -> str | None:
     account = get(session, username) if topics.is_valid_username(username) else None
     enabled = account is not None and not account.disabled
     stored = account.password_hash if account is not None else _dummy_hash()
-    # End the read before the slow hash: on SQLite every transaction holds the write
-    # lock (BEGIN IMMEDIATE), and the bridge must not wait ~50 ms per login.
+    # End the read before the slow hash: a caller on a writing engine holds SQLite's
+    # write lock (BEGIN IMMEDIATE) until then, and the bridge must not wait ~50 ms.
     session.rollback()
     if len(password) > MAX_PASSWORD_CHARS:
         return None

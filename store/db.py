@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from alembic import command
 from alembic.config import Config
@@ -51,7 +51,32 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if conn.get_execution_options().get(_READ_ONLY, False):
+            conn.exec_driver_sql("BEGIN DEFERRED")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+#: Execution option of :func:`reading` engines: their transactions only read.
+_READ_ONLY: Final = "mqchat_read_only"
+
+
+def reading(engine: Engine) -> Engine:
+    """The same database for transactions that only read: sign-in lookups, history.
+
+    On SQLite, ``BEGIN IMMEDIATE`` takes the database's one write lock, so every read
+    would queue behind the bridge's commits and the bridge behind every read: a burst
+    of sign-ins held others' chat at p99 x15. A deferred transaction reads a WAL
+    snapshot and takes no lock. Writing through it is a mistake that SQLite would
+    only catch as ``database is locked`` under load, so keep writes on ``engine``.
+
+    On PostgreSQL it runs in autocommit: at the default READ COMMITTED every statement
+    takes its own snapshot anyway, so an explicit transaction adds nothing for reads
+    but a BEGIN and a ROLLBACK round trip each.
+    """
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return engine.execution_options(**{_READ_ONLY: True})
 
 
 def alembic_config(engine: Engine | None = None) -> Config:

@@ -9,9 +9,15 @@ fifty MQTT CONNECTs did the same to the embedded broker. So, per process::
     verify(username, stored hash, password)
         ├─ over ``rate`` sign-ins a second in this process (bursts of ``burst``) ──▶ Busy
         ├─ (username, stored hash, HMAC(password)) in the cache ──▶ True, no hash
+        ├─ the same check already hashing in another thread ──▶ its answer, no hash
         └─ a hashing slot (at most ``concurrency`` at once: half the cores)
               ├─ free, or freed within ``wait`` ──▶ argon2 ──▶ cache it if it matched
               └─ ``queue`` callers already waiting, or ``wait`` ran out ──▶ Busy
+
+The third branch is for one user's devices reconnecting together (after the broker
+restarts, or a phone regains its network with six apps): the first check of that
+password hashes, the others wait for its answer instead of queueing for slots of
+their own and being told "busy" because the queue filled with copies of one check.
 
 The cache never holds a password: the key has an HMAC of it under a key drawn at
 random when the process starts, which dies with the process. The stored hash is read
@@ -96,8 +102,11 @@ class PasswordChecks:
         self._verified: TTLCache[tuple[str, str, bytes], bool] = TTLCache(
             cache_entries, cache_seconds
         )
+        self._in_flight: dict[tuple[str, str, bytes], _Flight] = {}
         #: Hashes run since the start, and the most that ever ran at once.
         self.hashes = 0
+        #: Checks answered by another thread's identical hash.
+        self.shared = 0
         self.peak_hashing = 0
         self._hashing = 0
 
@@ -131,14 +140,39 @@ class PasswordChecks:
             if cache and self._verified.get(key, False):
                 self._admissions.consume("sign-ins", 1)
                 return True
-        with self._slot():
+            flight = self._in_flight.get(key)
+            leading = flight is None
+            if flight is None:
+                flight = self._in_flight[key] = _Flight()
+        if not leading:
+            return self._follow(flight)
+        try:
+            with self._slot():
+                with self._lock:
+                    self._admissions.consume("sign-ins", 1)
+                flight.ok = matches(stored_hash, password)
+            if flight.ok and cache:
+                with self._lock:
+                    self._verified[key] = True
+            return flight.ok
+        finally:
             with self._lock:
-                self._admissions.consume("sign-ins", 1)
-            ok = matches(stored_hash, password)
-        if ok and cache:
-            with self._lock:
-                self._verified[key] = True
-        return ok
+                del self._in_flight[key]
+            flight.done.set()
+
+    def _follow(self, flight: _Flight) -> bool:
+        """The answer of the identical check another thread is running.
+
+        The same username, stored hash and password give the same answer, right or
+        wrong, so nothing is learnt by sharing it. Should the leader end without one
+        (it was told "busy", or failed), so does the follower.
+        """
+        if not flight.done.wait(self.wait) or flight.ok is None:
+            raise Busy(1)
+        with self._lock:
+            self._admissions.consume("sign-ins", 1)
+            self.shared += 1
+        return flight.ok
 
     def _mac(self, password: str) -> bytes:
         return hmac.new(self._key, password.encode(), hashlib.sha256).digest()
@@ -167,6 +201,14 @@ class PasswordChecks:
         with self._lock:
             self._hashing -= 1
         self._slots.release()
+
+
+class _Flight:
+    """One password hash under way, and its answer for identical checks that wait."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok: bool | None = None
 
 
 class _Slot:

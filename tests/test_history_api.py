@@ -33,7 +33,7 @@ from sqlmodel import Session, select
 from history_api import ApiSettings, create_app, deps
 from protocol import DownMessage, UpMessage
 from store import accounts, make_engine, migrate, search, tokens
-from store.db import alembic_config
+from store.db import alembic_config, reading
 from store.messages import StoredMessage, persist_batch
 from store.tables import Cursor, CursorMove, Device
 
@@ -770,7 +770,7 @@ async def test_openapi_documents_every_endpoint_with_its_security(tmp_path: Path
 
 
 def test_the_reading_session_refuses_to_write(engine: Engine, world: World) -> None:
-    with deps.ReadingSession(deps.reading_engine(engine)) as session:
+    with deps.ReadingSession(reading(engine)) as session:
         assert accounts.exists(session, "alice")
         session.add(Device(username="alice", device="phone", online=True, last_seen=at(0)))
         with pytest.raises(RuntimeError, match="only reads"):

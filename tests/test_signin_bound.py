@@ -20,9 +20,9 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from clients.mqtt import ConnectRefused, MqttLink
-from store import accounts, signin
+from store import accounts, make_engine, reading, signin
 
-from .conftest import Daemon, Stack, _embedded_stack, password_of
+from .conftest import Daemon, Stack, _embedded_stack, migrated_sqlite, password_of
 
 
 def sign_in(engine: Engine, user: str, password: str) -> bool:
@@ -100,6 +100,44 @@ def test_concurrent_hashes_are_bounded_and_the_excess_is_refused() -> None:
     assert outcomes.count("ok") + outcomes.count("busy") == 24
 
 
+def test_one_users_devices_signing_in_together_share_one_hash() -> None:
+    """Six devices of one user reconnect at once (the broker restarted): one hash, and
+    every device in. Without sharing, five copies of one check queued for a single
+    slot with room for one waiting, and four devices were told "busy"."""
+    checks = signin.PasswordChecks(concurrency=1, queue=1, wait=30)
+    stored = accounts.hash_password("a-password-1")
+    start = threading.Barrier(6)
+
+    def attempt(_: int) -> str:
+        start.wait()
+        try:
+            ok = checks.verify("dana", stored, "a-password-1", accounts._password_matches)
+        except signin.Busy:
+            return "busy"
+        return "ok" if ok else "wrong"
+
+    with ThreadPoolExecutor(6) as pool:
+        outcomes = list(pool.map(attempt, range(6)))
+    assert outcomes == ["ok"] * 6
+    assert checks.hashes == 1
+
+
+def test_a_shared_wrong_answer_is_still_wrong_and_not_cached() -> None:
+    checks = signin.PasswordChecks(concurrency=1, queue=1, wait=30)
+    stored = accounts.hash_password("a-password-1")
+    start = threading.Barrier(4)
+
+    def attempt(_: int) -> bool:
+        start.wait()
+        return checks.verify("dana", stored, "wrong-password", accounts._password_matches)
+
+    with ThreadPoolExecutor(4) as pool:
+        assert not any(pool.map(attempt, range(4)))
+    before = checks.hashes
+    assert not checks.verify("dana", stored, "wrong-password", accounts._password_matches)
+    assert checks.hashes == before + 1
+
+
 def burst_size() -> int:
     """More sign-ins at once than a process lets hash or wait (per slot: 1 + 4)."""
     return 6 * (os.cpu_count() or 1) + 8
@@ -164,6 +202,22 @@ async def test_a_connect_burst_hashes_a_few_at_a_time(embedded: Stack) -> None:
     assert "Traceback" not in broker.log_text()
 
 
+async def test_six_devices_of_one_user_connecting_at_once_all_get_in(embedded: Stack) -> None:
+    """The embedded broker hashes one CONNECT's password and lets the five identical
+    ones that arrived meanwhile share its answer, on any number of cores."""
+    await embedded.add_users("erin")
+    links = [await embedded.raw("erin", connect=False) for _ in range(6)]
+
+    async def connect(link: MqttLink) -> str:
+        try:
+            await link.connect()
+        except ConnectRefused as refused:
+            return refused.reason
+        return "accepted"
+
+    assert await asyncio.gather(*(connect(link) for link in links)) == ["accepted"] * 6
+
+
 async def test_an_account_signing_in_over_and_over_is_refused_for_a_while(
     embedded: Stack,
 ) -> None:
@@ -199,3 +253,17 @@ async def test_a_user_connecting_over_and_over_is_refused_for_a_while(tmp_path: 
         assert "Traceback" not in stack.embedded_broker.log_text()
     finally:
         await stack.close()
+
+
+def test_a_sign_in_lookup_does_not_hold_sqlites_write_lock(tmp_path: Path) -> None:
+    """While a sign-in reads an account, the bridge commits at once: a lookup through
+    ``store.reading`` takes no lock (a burst of sign-ins used to queue every commit)."""
+    engine = make_engine(migrated_sqlite(tmp_path / "chat.db", "alice"))
+    with Session(reading(engine)) as looking_up:
+        assert accounts.exists(looking_up, "alice")  # the read transaction is open
+        with Session(engine) as bridge:
+            bridge.connection().exec_driver_sql("PRAGMA busy_timeout=200")
+            accounts.create(bridge, "bob", password_of("bob"))
+            bridge.commit()  # "database is locked" after 200 ms if the read held the lock
+        assert accounts.exists(looking_up, "alice")
+    engine.dispose()
