@@ -2,7 +2,7 @@
 #   make run    start mqchat (embedded broker + bridge + history API on SQLite)
 #   make test   run the test suite against real amqtt, mosquitto, SQLite and PostgreSQL
 # and, for contributors:
-#   make check  lint, format check and type check (CI runs it too)
+#   make check  lint, format check, type check and import directions (CI runs it too)
 #   make mosquitto-plugin   build the client-id plugin that mosquitto.conf loads
 
 VENV   ?= .venv
@@ -49,6 +49,7 @@ check: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache --no-logo pyproject.toml
 
 # Re-pin every dependency after changing pyproject.toml.
 lock: $(STAMP)

@@ -8,7 +8,7 @@ network loop per client. What one idle device needs is five packet types, so thi
 module speaks exactly those: CONNECT (with username, password and a last will),
 SUBSCRIBE, PUBLISH QoS 1 (and PUBACK for what it receives), PINGREQ. It is a load
 generator only (this benchmark's devices and ``bench._gen``'s chat users); mqchat's
-clients stay on paho (``clients/mqtt.py``).
+clients stay on paho (``core/mqtt.py``).
 
 Run as ``python -m bench._conn_client``: a worker process that reads JSON commands on
 stdin and writes JSON events on stdout (one per line), so that several of them can

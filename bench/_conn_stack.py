@@ -4,11 +4,11 @@ Creating 50,000 accounts one by one over ``$CONTROL/dynamic-security/v1`` (two
 commands each, and dynsec rewrites its whole JSON file after every command) grows
 quadratically; instead the accounts are written before the broker starts:
 
-* mosquitto: the same ``dynamic-security.json`` that ``broker.mosquitto`` bootstraps,
-  plus, per user, exactly what :class:`broker.mosquitto.DynsecProvisioner` would have
-  created: a role ``user:{name}`` with :func:`broker.mosquitto.user_acls` and a
+* mosquitto: the same ``dynamic-security.json`` that ``core.dynsec`` bootstraps,
+  plus, per user, exactly what :class:`core.dynsec.DynsecProvisioner` would have
+  created: a role ``user:{name}`` with :func:`core.dynsec.user_acls` and a
   client with that role and ``mqchat-user``, its password hashed by
-  :func:`broker.mosquitto.hash_password` (PBKDF2-SHA512, 101 iterations, dynsec's
+  :func:`core.dynsec.hash_password` (PBKDF2-SHA512, 101 iterations, dynsec's
   own count, with a salt of its own per account).
 * the database: one ``accounts`` row per user, inserted in one statement. Every bench
   user has the same password (random per run), so one argon2 hash, computed once
@@ -31,13 +31,13 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, text
 
-from bridge import READY_LOG
-from broker.mosquitto import (
+from broker.mosquitto import render_config
+from core.daemon import BRIDGE_READY_LOG as READY_LOG
+from core.dynsec import (
     USER_ROLE,
     Credentials,
     dynsec_bootstrap,
     hash_password,
-    render_config,
     user_acls,
     user_role,
 )

@@ -7,7 +7,7 @@
 Accounts go in through the real paths, in bulk: the database rows are inserted with
 one argon2 hash that every bench user shares (they share a password; hashing 1,000
 passwords would take minutes of the two cores), and on mosquitto every account is made
-by :class:`broker.mosquitto.DynsecProvisioner` (role + client over
+by :class:`core.dynsec.DynsecProvisioner` (role + client over
 ``$CONTROL/dynamic-security/v1``), many commands in flight at once. On this throwaway
 mosquitto the role all users share (``mqchat-user``) also gets publish rights on
 every ``down/#``: what the raw-broker baseline needs, unused by the chat runs; amqtt
@@ -31,8 +31,8 @@ import psutil
 from sqlalchemy import Engine, insert
 from sqlmodel import Session
 
-from bridge import READY_LOG
-from broker.mosquitto import USER_ROLE, DynsecProvisioner
+from core.daemon import BRIDGE_READY_LOG as READY_LOG
+from core.dynsec import USER_ROLE, DynsecProvisioner
 from store import accounts, make_engine, migrate
 from store.tables import Account
 from tests.conftest import Daemon, start_embedded_broker

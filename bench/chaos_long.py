@@ -376,6 +376,7 @@ async def amain(args: argparse.Namespace) -> int:
     # Devices lose their connections dozens of times on purpose: keep the progress readable.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     logging.getLogger("clients").setLevel(logging.ERROR)
+    logging.getLogger("core.mqtt").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="mqchat-chaos-") as tmp:
         bench = Bench(args, Path(tmp))
         await bench.setup()

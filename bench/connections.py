@@ -46,7 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from clients.mqtt import Incoming, LinkConfig, MqttLink
+from core.mqtt import Incoming, LinkConfig, MqttLink
 from protocol import topics
 
 from . import _conn_stack

@@ -13,9 +13,9 @@ import os
 import signal
 import sys
 
-from broker import bad_settings
-from broker.collector import freeze_what_exists
-from clients.mqtt import ConnectRefused
+from core import daemon
+from core.collector import freeze_what_exists
+from core.mqtt import ConnectRefused
 
 from .config import BridgeSettings
 from .service import Bridge, SchemaNotReady
@@ -24,12 +24,12 @@ EXIT_OK = 0
 EXIT_FORCED = 130
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: broker unreachable at startup
 EXIT_NOPERM = 77  # EX_NOPERM: the broker refused our credentials
-EXIT_CONFIG = bad_settings.EXIT_CONFIG
+EXIT_CONFIG = daemon.EXIT_CONFIG
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s bridge %(levelname)s %(message)s")
-    settings = bad_settings.load(BridgeSettings, "bridge")
+    settings = daemon.load(BridgeSettings, "bridge")
     if settings is None:
         return EXIT_CONFIG
 
@@ -37,7 +37,7 @@ def main() -> int:
         bridge = Bridge(settings)
         # Process-wide, so here and not in Bridge. What is built by now (the modules,
         # SQLAlchemy, pydantic) lives as long as the process: out of the collector's
-        # reach, full collections stay short (broker/collector.py). And the database
+        # reach, full collections stay short (core/collector.py). And the database
         # thread gets the GIL back within 0.5 ms of each round trip instead of 5 ms.
         freeze_what_exists()
         sys.setswitchinterval(0.0005)

@@ -43,7 +43,8 @@ from tenacity import (
 )
 
 import protocol
-from clients.mqtt import Incoming, LinkConfig, MqttLink
+from core.daemon import BRIDGE_READY_LOG
+from core.mqtt import Incoming, LinkConfig, MqttLink
 from protocol import errors, topics
 from store import conversations, make_engine, presence
 from store.cursors import AckOutcome, advance_batch
@@ -51,7 +52,6 @@ from store.db import alembic_config
 from store.messages import DirectConversations, Outcome, persist_batch
 from store.types import utcnow
 
-from . import READY_LOG
 from .config import BridgeSettings
 from .faults import CrashHook
 from .ratelimit import MessageRate
@@ -174,7 +174,7 @@ class Bridge:
         log.info(
             "bridge %s %s on %s:%s",
             self.settings.client_id,
-            READY_LOG,
+            BRIDGE_READY_LOG,
             self.settings.mqtt_host,
             self.settings.mqtt_port,
         )

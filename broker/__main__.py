@@ -7,20 +7,22 @@ import logging
 import signal
 import sys
 
-from . import bad_settings, lognoise
-from .collector import keep_collections_short
+from core import daemon
+from core.collector import keep_collections_short
+
+from . import lognoise
 from .config import BrokerSettings
 from .embedded import serve
 
 EXIT_OK = 0
-EXIT_CONFIG = bad_settings.EXIT_CONFIG
+EXIT_CONFIG = daemon.EXIT_CONFIG
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s broker %(levelname)s %(message)s")
     logging.getLogger("amqtt").setLevel(logging.WARNING)
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    settings = bad_settings.load(BrokerSettings, "broker")
+    settings = daemon.load(BrokerSettings, "broker")
     if settings is None:
         return EXIT_CONFIG
     lognoise.install(settings.client_log_interval)

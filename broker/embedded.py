@@ -56,13 +56,14 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
 
+from core.daemon import BROKER_READY_LOG
+from core.throttle import Throttle
 from protocol import acl
 from store import accounts, make_engine, reading, signin
 
-from . import READY_LOG, quota
+from . import quota
 from .config import BrokerSettings
 from .lognoise import CLIENT_LOG
-from .throttle import Throttle
 from .topic_index import TopicIndex
 from .wire import PacketGuard, PacketRefused, read_connect
 
@@ -762,7 +763,7 @@ async def serve(settings: BrokerSettings, stop: asyncio.Event) -> None:
     await broker.start()
     log.info(
         "%s %s:%s (ws %s)",
-        READY_LOG,
+        BROKER_READY_LOG,
         settings.host,
         settings.port,
         settings.ws_port or "off",

@@ -4,7 +4,7 @@
 
     mqchat send / listen / chat ──▶ clients.sdk.ChatClient ──MQTT──▶ broker ──▶ bridge
     mqchat user add|passwd|disable|enable|delete
-                    ──▶ broker.provisioning ──▶ database (+ mosquitto dynsec)
+                    ──▶ core.accounts ──▶ database (+ mosquitto dynsec)
     mqchat db upgrade ──▶ store.migrate
     mqchat up ──▶ supervises child processes, restarting any that dies:
                   python -m broker (amqtt; not with --mosquitto)
@@ -46,29 +46,28 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 import protocol
-from bridge import READY_LOG
-from broker import READY_LOG as BROKER_READY_LOG
-from broker.mosquitto import (
-    Credentials,
-    DynsecProvisioner,
-    ProvisioningError,
-    write_dynsec_bootstrap,
-)
-from broker.provisioning import (
+from core.accounts import (
     EmbeddedProvisioner,
     Provisioner,
     change_password,
     register,
     set_disabled,
 )
-from broker.provisioning import delete as delete_account
+from core.accounts import delete as delete_account
+from core.daemon import BRIDGE_READY_LOG, BROKER_READY_LOG
+from core.dynsec import (
+    Credentials,
+    DynsecProvisioner,
+    ProvisioningError,
+    write_dynsec_bootstrap,
+)
+from core.mqtt import ConnectRefused, LinkConfig, MqttError, tls_context
 from protocol import errors
 from protocol.errors import ProtocolError
 from store import accounts, make_engine, migrate
 from store.db import alembic_config
 from store.tables import Account
 
-from .mqtt import ConnectRefused, LinkConfig, MqttError, tls_context
 from .sdk import ChatClient, ChatError, ChatMessage, SendTimeout
 
 EXIT_OK: Final = 0
@@ -1483,7 +1482,7 @@ def _bridge_child(
         stage=1,
         ports=[],
         # What `python -m bridge` logs once it is subscribed; it has no port to probe.
-        ready_line=READY_LOG,
+        ready_line=BRIDGE_READY_LOG,
         describe=lambda pid: f"{'bridge':<7} running (pid {pid})",
     )
 

@@ -43,7 +43,7 @@ class HistoryClient:
         base_url: e.g. ``http://127.0.0.1:8000`` or ``https://chat.example:8443``.
         page_size: messages per request when catching up (the API caps it at 200).
         verify: for ``https``: the context to verify the server with
-            (``clients.mqtt.tls_context(ca_file)`` for a private CA); ``True`` trusts
+            (``core.mqtt.tls_context(ca_file)`` for a private CA); ``True`` trusts
             the system's CAs.
     """
 

@@ -40,10 +40,10 @@ from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 import protocol
+from core.mqtt import Incoming, LinkConfig, MqttLink, Will
 from protocol import errors, topics
 
 from .history import HistoryClient, HistoryError
-from .mqtt import Incoming, LinkConfig, MqttLink, Will
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class ChatClient:
 
     Args:
         transport: ``websockets`` for MQTT over WebSocket (path ``/mqtt``).
-        tls: verify and encrypt with this context (``clients.mqtt.tls_context``);
+        tls: verify and encrypt with this context (``core.mqtt.tls_context``);
             the port must then be a TLS listener's.
         device: names this device; the MQTT client id is ``{username}:{device}``, fixed,
             so the broker keeps the device's queue while it is offline.

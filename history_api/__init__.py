@@ -2,7 +2,7 @@
 
 ::
 
-    POST /v1/users ──▶ users.create_user ──▶ broker.provisioning.register
+    POST /v1/users ──▶ users.create_user ──▶ core.accounts.register
                                                 ├─▶ store.accounts.create (argon2)
                                                 └─▶ mosquitto dynsec, when configured
     POST /v1/tokens (password form) ──▶ store.accounts.verify (in a thread) ──▶ store.tokens.issue

@@ -11,18 +11,18 @@ import sys
 
 import uvicorn
 
-from broker import bad_settings
+from core import daemon
 
 from .app import create_app
 from .config import ApiSettings
 
 EXIT_OK = 0
-EXIT_CONFIG = bad_settings.EXIT_CONFIG
+EXIT_CONFIG = daemon.EXIT_CONFIG
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s api %(levelname)s %(message)s")
-    settings = bad_settings.load(ApiSettings, "history_api")
+    settings = daemon.load(ApiSettings, "history_api")
     if settings is None:
         return EXIT_CONFIG
     uvicorn.run(

@@ -19,9 +19,9 @@ from sqlalchemy.orm import ORMExecuteState, UOWTransaction
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from broker.mosquitto import DynsecProvisioner, ProvisioningError
-from broker.provisioning import EmbeddedProvisioner, Provisioner
-from clients.mqtt import LinkConfig, MqttError
+from core.accounts import EmbeddedProvisioner, Provisioner
+from core.dynsec import DynsecProvisioner, ProvisioningError
+from core.mqtt import LinkConfig, MqttError
 from protocol import errors
 from store import tokens
 

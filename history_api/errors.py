@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from broker.mosquitto import ProvisioningError
+from core.dynsec import ProvisioningError
 from protocol import errors
 from protocol.errors import ErrorCode, ProtocolError
 from store import signin

@@ -10,7 +10,7 @@ memory, per API process.
 
 from __future__ import annotations
 
-from broker.throttle import Throttle
+from core.throttle import Throttle
 
 from .config import ApiSettings
 from .errors import Throttled

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
-from broker.provisioning import change_password, register
+from core.accounts import change_password, register
 from protocol import errors
 from store import accounts, history
 from store.accounts import MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS

@@ -28,12 +28,12 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from bridge import READY_LOG
-from broker.mosquitto import DynsecProvisioner
-from broker.provisioning import EmbeddedProvisioner, Provisioner, register
 from clients.history import HistoryClient
-from clients.mqtt import Incoming, LinkConfig, MqttLink
 from clients.sdk import ChatClient
+from core.accounts import EmbeddedProvisioner, Provisioner, register
+from core.daemon import BRIDGE_READY_LOG as READY_LOG
+from core.dynsec import DynsecProvisioner
+from core.mqtt import Incoming, LinkConfig, MqttLink
 from store import accounts, make_engine, migrate
 
 from .services import (

@@ -29,8 +29,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from broker.mosquitto import Credentials, TlsListeners, render_config, write_dynsec_bootstrap
-from clients.mqtt import LinkConfig
+from broker.mosquitto import TlsListeners, render_config
+from core.dynsec import Credentials, write_dynsec_bootstrap
+from core.mqtt import LinkConfig
 
 PRODUCTION_CONFIG = Path(__file__).parents[1] / "mosquitto.conf"
 LOOPBACK = "127.0.0.1"
@@ -166,7 +167,7 @@ class MosquittoServer:
     """A mosquitto running the production config from a directory of its own.
 
     Attributes:
-        admin: the dynsec admin account (for :class:`broker.mosquitto.DynsecProvisioner`).
+        admin: the dynsec admin account (for :class:`core.dynsec.DynsecProvisioner`).
         bridge: the bridge's service account.
         data_dir: persistence and dynamic-security.json.
         log_path: mosquitto's stderr.

@@ -6,7 +6,7 @@ Client ids: a client id is the username or starts with ``<username>:``
 (broker/mosquitto_clientid/); the embedded broker binds an id to the first user that
 presents it. Either way, another user's id is refused before any session is touched.
 
-Each change goes through ``broker.provisioning`` as ``mqchat user ...`` and the HTTP
+Each change goes through ``core.accounts`` as ``mqchat user ...`` and the HTTP
 API make it: the database, plus dynsec on mosquitto. mosquitto drops the account's
 connections when the command is answered; the embedded broker at its next look at the
 accounts table (every 0.2 s in these tests), so the tests wait for the drop.
@@ -24,8 +24,8 @@ from datetime import timedelta
 import pytest
 from sqlmodel import Session
 
-from broker.provisioning import change_password, delete, register, set_disabled
-from clients.mqtt import ConnectRefused, Incoming, LinkConfig, MqttLink
+from core.accounts import change_password, delete, register, set_disabled
+from core.mqtt import ConnectRefused, Incoming, LinkConfig, MqttLink
 from protocol import errors, topics
 from protocol.errors import ProtocolError
 from store import tokens

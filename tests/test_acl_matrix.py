@@ -35,8 +35,8 @@ from functools import cache
 import pytest
 from sqlmodel import Session, select
 
-from broker.provisioning import register
-from clients.mqtt import ConnectRefused, Incoming, MqttLink, SubscribeRefused
+from core.accounts import register
+from core.mqtt import ConnectRefused, Incoming, MqttLink, SubscribeRefused
 from protocol.errors import ProtocolError
 from store.tables import Account
 

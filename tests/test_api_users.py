@@ -17,7 +17,7 @@ import pytest
 from pydantic import SecretStr
 from sqlmodel import Session, select
 
-from clients.mqtt import LinkConfig, MqttLink
+from core.mqtt import LinkConfig, MqttLink
 from history_api import ApiSettings, create_app
 from store import accounts, make_engine, migrate
 from store.tables import Account

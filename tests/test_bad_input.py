@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from clients.mqtt import Incoming, MqttLink
+from core.mqtt import Incoming, MqttLink
 from protocol import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES, topics
 
 from .conftest import Stack

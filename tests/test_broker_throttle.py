@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.provisioning import EmbeddedProvisioner, register
-from clients.mqtt import ConnectRefused, LinkConfig, MqttLink
+from core.accounts import EmbeddedProvisioner, register
+from core.mqtt import ConnectRefused, LinkConfig, MqttLink
 from store import make_engine, migrate
 
 from .conftest import Daemon, password_of

@@ -7,7 +7,7 @@ import json
 
 from sqlmodel import Session, col, select
 
-from clients.mqtt import Incoming
+from core.mqtt import Incoming
 from protocol import topics
 from store.tables import Message
 

@@ -736,8 +736,8 @@ def test_up_with_mosquitto(tmp_path: Path, mosquitto: MosquittoServer) -> None:
 
 async def test_mosquitto_bootstrap_writes_accounts_mosquitto_accepts(tmp_path: Path) -> None:
     """The operator's first step for production: the file mosquitto.conf points at."""
-    from broker.mosquitto import Credentials
-    from clients.mqtt import ConnectRefused, MqttLink
+    from core.dynsec import Credentials
+    from core.mqtt import ConnectRefused, MqttLink
 
     from .services import _chown_tree
 

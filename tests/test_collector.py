@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker import collector
+from core import collector
 
 
 class Cycle:

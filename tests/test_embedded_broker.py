@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broker.embedded import _SubscriptionTable
-from clients.mqtt import Incoming
+from core.mqtt import Incoming
 from protocol import topics
 
 from .conftest import Stack

@@ -27,7 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlmodel import Session, select
 
-from clients.mqtt import Incoming, MqttLink
+from core.mqtt import Incoming, MqttLink
 from protocol import MAX_PAYLOAD_BYTES, ProtocolError, UpMessage, UpTyping, decode, topics
 from store.tables import Message
 

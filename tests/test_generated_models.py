@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from clients.mqtt import Incoming
+from core.mqtt import Incoming
 from protocol import topics
 
 from .conftest import Stack

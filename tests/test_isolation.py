@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from clients.mqtt import ConnectRefused, Incoming, SubscribeRefused
+from core.mqtt import ConnectRefused, Incoming, SubscribeRefused
 from protocol import topics
 
 from .conftest import Stack

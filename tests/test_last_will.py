@@ -18,7 +18,7 @@ import asyncio
 import json
 import secrets
 
-from clients.mqtt import ConnectRefused, LinkConfig, MqttLink, Will
+from core.mqtt import ConnectRefused, LinkConfig, MqttLink, Will
 
 from .conftest import Stack, password_of, wait_until
 from .test_acl_matrix import BRIDGE, Recorder, _connect, _token

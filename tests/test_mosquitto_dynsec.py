@@ -24,19 +24,19 @@ from pathlib import Path
 
 import pytest
 
-import broker.mosquitto as mosquitto_module
-from broker.mosquitto import (
+import core.dynsec as dynsec_module
+from broker.mosquitto import render_config
+from core.dynsec import (
     BRIDGE_ROLE,
     USER_ROLE,
     Credentials,
     DynsecProvisioner,
     ProvisioningError,
     dynsec_bootstrap,
-    render_config,
     user_acls,
     write_dynsec_bootstrap,
 )
-from clients.mqtt import ConnectRefused, Incoming, LinkConfig, MqttLink, SubscribeRefused
+from core.mqtt import ConnectRefused, Incoming, LinkConfig, MqttLink, SubscribeRefused
 from protocol import MAX_PAYLOAD_BYTES, acl, topics
 
 from .services import PRODUCTION_CONFIG, MosquittoServer, start_mosquitto
@@ -495,7 +495,7 @@ async def test_unanswered_command_times_out(
     mosquitto: MosquittoServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Allowed for the admin, but no plugin answers there.
-    monkeypatch.setattr(mosquitto_module, "CONTROL_TOPIC", "$CONTROL/dynamic-security/v0")
+    monkeypatch.setattr(dynsec_module, "CONTROL_TOPIC", "$CONTROL/dynamic-security/v0")
     async with DynsecProvisioner(admin_config(mosquitto), timeout=0.2) as provisioner:
         with pytest.raises(ProvisioningError, match="no answer") as failed:
             await provisioner.disable_user("nobody")

@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlmodel import Session, select
 
-from clients.mqtt import Incoming, MqttLink
+from core.mqtt import Incoming, MqttLink
 from protocol import Presence, topics
 from store.tables import Device
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.mqtt import Incoming, LinkConfig, MqttLink
+from core.mqtt import Incoming, LinkConfig, MqttLink
 
 from .conftest import Stack, _embedded_stack, _production_stack, password_of
 from .test_acl_matrix import BRIDGE, _connect

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from clients.mqtt import Incoming
+from core.mqtt import Incoming
 from protocol import topics
 
 from .conftest import Stack

@@ -8,8 +8,8 @@ import json
 from sqlmodel import Session, select
 
 import protocol
-from clients.mqtt import Incoming
 from clients.sdk import ChatClient
+from core.mqtt import Incoming
 from protocol import topics
 from store.tables import Cursor
 

@@ -13,7 +13,7 @@ import asyncio
 import json
 import secrets
 
-from clients.mqtt import LinkConfig, MqttLink
+from core.mqtt import LinkConfig, MqttLink
 
 from .conftest import Stack, password_of
 from .test_acl_matrix import BRIDGE, Recorder, _connect, _token

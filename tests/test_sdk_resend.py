@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import time
 
-from clients.mqtt import Incoming
+from core.mqtt import Incoming
 from protocol import topics
 
 from .conftest import Stack

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from clients.mqtt import ConnectRefused, MqttLink
+from core.mqtt import ConnectRefused, MqttLink
 from store import accounts, make_engine, reading, signin
 
 from .conftest import Daemon, Stack, _embedded_stack, migrated_sqlite, password_of

@@ -25,8 +25,8 @@ import trustme
 
 from broker.mosquitto import TlsListeners, render_config
 from clients.history import HistoryClient
-from clients.mqtt import LinkConfig, MqttError, MqttLink, tls_context
 from clients.sdk import ChatClient, ChatMessage
+from core.mqtt import LinkConfig, MqttError, MqttLink, tls_context
 
 from .conftest import (
     ROOT,

@@ -89,7 +89,7 @@ async def test_two_bridges_keep_order_of_pipelined_stock_clients(stack: Stack) -
     """
     import json
 
-    from clients.mqtt import Incoming
+    from core.mqtt import Incoming
     from protocol import topics
 
     second = await start_two_bridges(stack)

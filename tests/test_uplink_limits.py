@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlmodel import Session
 
-from clients.mqtt import Incoming, MqttLink
+from core.mqtt import Incoming, MqttLink
 from protocol import topics
 from store import devices, history
 from store.tables import Cursor

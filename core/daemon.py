@@ -1,22 +1,34 @@
-"""A daemon's bad settings, told as the environment variables an operator sets.
+"""What every daemon (broker, bridge, history API) shares with whoever supervises it.
 
-pydantic's own message names fields (``password``) and links to its docs; the
-operator has set, or forgot, ``MQCHAT_BRIDGE_PASSWORD``. Shared by the three daemons
-(broker, bridge, history API): it lives here, beside the broker's settings, until the
-daemons get a common runtime package (issue 14's layout move).
+Its exit code and message for a bad setting, and the log line that says it is ready.
+A bad setting is told as the environment variable an operator sets: pydantic's own
+message names fields (``password``) and links to its docs; the operator has set, or
+forgot, ``MQCHAT_BRIDGE_PASSWORD``. The ready lines live here rather than in the
+daemons' packages so that ``mqchat up``, the tests and the benchmarks can wait for
+them without importing a daemon.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
+from protocol import topics
+
 _S = TypeVar("_S", bound=BaseSettings)
 
 EXIT_CONFIG = 78  # EX_CONFIG, the exit code of every daemon for a bad setting
+
+#: In the embedded broker's log once every listener accepts connections: what
+#: ``mqchat up`` waits for.
+BROKER_READY_LOG: Final = "embedded broker listening on"
+
+#: In the bridge's log once it consumes uplinks: what supervisors and tests wait for
+#: (a bare "consuming" would also match psycopg's "consuming input failed").
+BRIDGE_READY_LOG: Final = f"consuming {topics.ALL_UPLINKS}"
 
 
 def describe(exc: ValidationError, settings: type[BaseSettings]) -> str:
