@@ -19,6 +19,12 @@ restarts, or a phone regains its network with six apps): the first check of that
 password hashes, the others wait for its answer instead of queueing for slots of
 their own and being told "busy" because the queue filled with copies of one check.
 
+Hashing yields the processor: the hashes run on threads of their own at the lowest
+CPU priority (nice 19, Linux gives each thread its own). A core busy hashing still
+serves a chat message the moment one arrives; sign-ins take longer when the machine
+is full, chat does not. On two cores, the embedded broker and the history API each
+hashing at full tilt left nothing for the bridge: others' chat stalled for seconds.
+
 The cache never holds a password: the key has an HMAC of it under a key drawn at
 random when the process starts, which dies with the process. The stored hash is read
 fresh from the database by the caller at every sign-in (an indexed lookup), so a
@@ -42,8 +48,10 @@ import hashlib
 import hmac
 import os
 import secrets
+import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Final
 
@@ -62,6 +70,8 @@ SIGN_IN_BURST: Final = 50
 #: Seconds a caller waits for a slot before it is refused: a backstop (the queue
 #: bound refuses first), long enough for a storm of distinct users on a busy machine.
 WAIT_SECONDS: Final = 30.0
+#: The nice value of the hashing threads: the lowest priority there is.
+HASHING_NICE: Final = 19
 
 
 class Busy(Exception):
@@ -96,6 +106,9 @@ class PasswordChecks:
         self.rate, self.burst = rate, burst
         self._admissions = MemoryStorage()
         self._slots = threading.BoundedSemaphore(self.concurrency)
+        self._hashers = ThreadPoolExecutor(
+            self.concurrency, thread_name_prefix="argon2", initializer=_yield_the_processor
+        )
         self._lock = threading.Lock()
         self._waiting = 0
         self._key = secrets.token_bytes(32)
@@ -150,7 +163,7 @@ class PasswordChecks:
             with self._slot():
                 with self._lock:
                     self._admissions.consume("sign-ins", 1)
-                flight.ok = matches(stored_hash, password)
+                flight.ok = self._hashers.submit(matches, stored_hash, password).result()
             if flight.ok and cache:
                 with self._lock:
                     self._verified[key] = True
@@ -201,6 +214,16 @@ class PasswordChecks:
         with self._lock:
             self._hashing -= 1
         self._slots.release()
+
+
+def _yield_the_processor() -> None:
+    """Run this thread at the lowest priority (Linux: nice is per thread).
+
+    Elsewhere ``setpriority`` would renice the whole process, which is worse than
+    nothing: there the hashes keep the default priority.
+    """
+    if sys.platform.startswith("linux"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASHING_NICE)
 
 
 class _Flight:

@@ -267,3 +267,20 @@ def test_a_sign_in_lookup_does_not_hold_sqlites_write_lock(tmp_path: Path) -> No
             bridge.commit()  # "database is locked" after 200 ms if the read held the lock
         assert accounts.exists(looking_up, "alice")
     engine.dispose()
+
+
+def test_passwords_are_hashed_at_the_lowest_cpu_priority() -> None:
+    """A hash must yield the core to chat: it runs on a thread at nice 19, and the
+    caller's own thread keeps its priority."""
+    checks = signin.PasswordChecks(concurrency=1, queue=1, wait=30)
+    stored = accounts.hash_password("a-password-1")
+    seen: list[int] = []
+
+    def matches(stored_hash: str, password: str) -> bool:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return accounts._password_matches(stored_hash, password)
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert checks.verify("dana", stored, "a-password-1", matches)
+    assert seen == [signin.HASHING_NICE]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
