@@ -19,11 +19,14 @@ restarts, or a phone regains its network with six apps): the first check of that
 password hashes, the others wait for its answer instead of queueing for slots of
 their own and being told "busy" because the queue filled with copies of one check.
 
-Hashing yields the processor: the hashes run on threads of their own at the lowest
-CPU priority (nice 19, Linux gives each thread its own). A core busy hashing still
-serves a chat message the moment one arrives; sign-ins take longer when the machine
-is full, chat does not. On two cores, the embedded broker and the history API each
-hashing at full tilt left nothing for the bridge: others' chat stalled for seconds.
+Hashing yields the processor: the hashes run on threads of their own at a low CPU
+priority (nice 10; Linux gives each thread its own). A core busy hashing still serves
+a chat message the moment one arrives; sign-ins take longer when the machine is full,
+chat does not. Not nice 19: against ten busy threads of normal priority a hash would
+get 0.3% of a core and time out, and a device that cannot sign in gets no messages
+at all; at nice 10 it still gets about a tenth of its share. On two cores, the
+embedded broker and the history API each hashing at full tilt left nothing for the
+bridge: others' chat stalled for seconds.
 
 The cache never holds a password: the key has an HMAC of it under a key drawn at
 random when the process starts, which dies with the process. The stored hash is read
@@ -70,8 +73,8 @@ SIGN_IN_BURST: Final = 50
 #: Seconds a caller waits for a slot before it is refused: a backstop (the queue
 #: bound refuses first), long enough for a storm of distinct users on a busy machine.
 WAIT_SECONDS: Final = 30.0
-#: The nice value of the hashing threads: the lowest priority there is.
-HASHING_NICE: Final = 19
+#: The nice value of the hashing threads (0 is normal, 19 the lowest).
+HASHING_NICE: Final = 10
 
 
 class Busy(Exception):
@@ -223,7 +226,11 @@ def _yield_the_processor() -> None:
     nothing: there the hashes keep the default priority.
     """
     if sys.platform.startswith("linux"):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASHING_NICE)
+        thread = threading.get_native_id()
+        # Never raise the priority of a process started at a lower one (nor could we
+        # without CAP_SYS_NICE).
+        nice = max(HASHING_NICE, os.getpriority(os.PRIO_PROCESS, thread))
+        os.setpriority(os.PRIO_PROCESS, thread, nice)
 
 
 class _Flight:

@@ -269,8 +269,8 @@ def test_a_sign_in_lookup_does_not_hold_sqlites_write_lock(tmp_path: Path) -> No
     engine.dispose()
 
 
-def test_passwords_are_hashed_at_the_lowest_cpu_priority() -> None:
-    """A hash must yield the core to chat: it runs on a thread at nice 19, and the
+def test_passwords_are_hashed_at_a_low_cpu_priority() -> None:
+    """A hash must yield the core to chat: it runs on a thread at a low priority, and the
     caller's own thread keeps its priority."""
     checks = signin.PasswordChecks(concurrency=1, queue=1, wait=30)
     stored = accounts.hash_password("a-password-1")
