@@ -1,4 +1,5 @@
-"""The one module that imports paho: an MQTT connection driven by the asyncio loop.
+"""An MQTT connection driven by the asyncio loop; with ``core/_paho.py`` (paho's client
+with a few of its private methods replaced) the only module that imports paho.
 
 paho's own network thread calls back on a thread of its own and reports errors as
 return codes. Here paho runs inside the caller's event loop instead (its sockets are
@@ -25,17 +26,15 @@ import logging
 import os
 import socket
 import ssl
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from core._paho import PahoClient
 
 log = logging.getLogger(__name__)
 
@@ -116,80 +115,6 @@ class LinkConfig:
     def __post_init__(self) -> None:
         if self.tls is not None and not self.tls.check_hostname:
             raise ValueError("the TLS context must check the broker's host name")
-
-
-class _PahoClient(paho.Client):
-    """paho's client with read-ahead, and a failed TLS handshake closes its socket.
-
-    Read-ahead: paho reads each packet in pieces (the type byte, each length byte,
-    then the body), one system call each. A busy link (the bridge) spent a fifth of
-    its loop in those calls (py-spy); reading up to 64 KiB at once and handing paho
-    its pieces from memory makes it one call per socket wake-up.
-
-    PUBACK: an MQTT 3.1.1 PUBACK carries nothing but its packet id, yet paho 2.2
-    decodes each into a new ``ReasonCode`` and ``Properties`` (15 µs here, against
-    0.1 µs for the id alone; the bridge handles three PUBACKs per chat message). A
-    3.1.1 PUBACK is read here, and every one reports the same shared success pair.
-
-    TLS: paho 2.2 leaves the half-made ``SSLSocket`` open when the handshake fails (a
-    broker certificate the client does not trust), leaking one descriptor per
-    reconnect attempt. Host names are checked by the context itself
-    (``check_hostname``, which :class:`LinkConfig` insists on).
-    """
-
-    READ_AHEAD = 65536
-    _PUBACK_SUCCESS = (
-        ReasonCode(PacketTypes.PUBACK, "Success"),
-        Properties(PacketTypes.PUBACK),  # type: ignore[no-untyped-call]
-    )
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._ahead = b""
-        self._ahead_pos = 0
-        super().__init__(*args, **kwargs)
-
-    def buffered(self) -> int:
-        """Bytes read from the socket that paho has not taken yet."""
-        return len(self._ahead) - self._ahead_pos
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._ahead_pos >= len(self._ahead):
-            data = super()._sock_recv(max(bufsize, self.READ_AHEAD))
-            if len(data) <= bufsize:
-                return data  # all of it wanted (or b"": the connection closed)
-            self._ahead, self._ahead_pos = data, 0
-        start = self._ahead_pos
-        self._ahead_pos = min(start + bufsize, len(self._ahead))
-        return self._ahead[start : self._ahead_pos]
-
-    def _sock_close(self) -> None:
-        self._ahead, self._ahead_pos = b"", 0
-        super()._sock_close()
-
-    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
-        packet = self._in_packet["packet"]
-        if cmd != "PUBACK" or self._protocol != MQTTProtocolVersion.MQTTv311 or len(packet) != 2:
-            return super()._handle_pubackcomp(cmd)  # anything else: paho's own checks
-        (mid,) = struct.unpack("!H", packet)
-        with self._out_message_mutex:
-            if mid in self._out_messages:
-                return self._do_on_publish(mid, *self._PUBACK_SUCCESS)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _ssl_wrap_socket(self, tcp_sock: socket.socket) -> ssl.SSLSocket:
-        context = self._ssl_context
-        if context is None:  # paho calls this only once a context is set
-            raise ValueError("no TLS context")
-        ssl_sock = context.wrap_socket(
-            tcp_sock, server_hostname=self._host, do_handshake_on_connect=False
-        )
-        try:
-            ssl_sock.settimeout(self._connect_timeout)
-            ssl_sock.do_handshake()
-        except BaseException:
-            ssl_sock.close()
-            raise
-        return ssl_sock
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,9 +284,9 @@ class MqttLink:
 
     # -- connection management --------------------------------------------------
 
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> PahoClient:
         cfg = self.config
-        client = _PahoClient(
+        client = PahoClient(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
             clean_session=cfg.clean_session,
@@ -556,10 +481,7 @@ class MqttLink:
         # Bytes the selector cannot see: read ahead by us, or decrypted by a TLS or
         # WebSocket wrapper.
         pending = getattr(sock, "pending", None)
-        if sock is not None and (
-            (isinstance(client, _PahoClient) and client.buffered())
-            or (pending is not None and pending() > 0)
-        ):
+        if sock is not None and (client.buffered() or (pending is not None and pending() > 0)):
             self._require_loop().call_soon(self._readable)
 
     def _socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
@@ -580,9 +502,8 @@ class MqttLink:
         self._fd = None
 
     def _teardown_socket(self) -> None:
-        # paho has no public "drop the socket" call; _sock_close() is what its own
-        # loop uses, and it reports the close back through _socket_close above.
-        self._client._sock_close()
+        # Reported back through _socket_close above.
+        self._client.drop_socket()
         self._unwatch()
         if self._misc_task is not None:
             self._misc_task.cancel()
