@@ -494,14 +494,21 @@ def _outcomes(
         elif isinstance(item, _New):
             key = (item.sender, item.up.id)
             if key in seqs:
-                message = HistoryMessage(
-                    item.up.id, item.conversation, seqs[key], item.sender, item.up.body, now
+                stored = StoredMessage(
+                    item.up.id,
+                    item.conversation,
+                    seqs[key],
+                    item.sender,
+                    item.up.body,
+                    now,
+                    members=tuple(members[item.conversation]),
+                    duplicate=False,
                 )
-                outcomes.append(Outcome(stored=_stored(message, members, duplicate=False)))
+                outcomes.append(Outcome(stored=stored))
             elif key in resent:
                 before = resent[key]
                 if (before.body, before.conversation) == (item.up.body, item.conversation):
-                    outcomes.append(Outcome(stored=_stored(before, members, duplicate=True)))
+                    outcomes.append(Outcome(stored=_found_again(before, members)))
                 else:
                     outcomes.append(Outcome(error=_id_reused(item.up)))
             elif item.up.to is not None:
@@ -511,7 +518,7 @@ def _outcomes(
                 # not acknowledged, so they come back, and what was stored is found then.
                 raise RuntimeError(f"conversation {item.conversation!r} not found")
         else:
-            outcomes.append(Outcome(stored=_stored(item, members, duplicate=True)))
+            outcomes.append(Outcome(stored=_found_again(item, members)))
     return outcomes
 
 
@@ -638,11 +645,10 @@ def _create_directs(
     return found
 
 
-def _stored(
-    message: HistoryMessage, members: Mapping[str, Sequence[str]], *, duplicate: bool
-) -> StoredMessage:
+def _found_again(message: HistoryMessage, members: Mapping[str, Sequence[str]]) -> StoredMessage:
+    """A message stored earlier, found again for a resend."""
     return StoredMessage(
         **{name: getattr(message, name) for name in _HISTORY_FIELDS},
         members=tuple(members[message.conversation]),
-        duplicate=duplicate,
+        duplicate=True,
     )
