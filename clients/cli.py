@@ -495,15 +495,7 @@ async def _send(
 
 
 def _wire_json(message: ChatMessage) -> str:
-    down = protocol.DownMessage(
-        id=message.id,
-        conversation=message.conversation,
-        seq=message.seq,
-        from_=message.sender,
-        body=message.body,
-        sent_at=message.sent_at,
-    )
-    return protocol.encode(down).decode()
+    return protocol.encode(message.down()).decode()
 
 
 @app.command()

@@ -87,6 +87,21 @@ class ChatMessage:
     body: str
     sent_at: datetime
 
+    @classmethod
+    def from_down(cls, down: protocol.DownMessage) -> ChatMessage:
+        return cls(down.id, down.conversation, down.seq, down.from_, down.body, down.sent_at)
+
+    def down(self) -> protocol.DownMessage:
+        """As it came on ``down/msg`` (the CLI's ``listen --json`` prints it so)."""
+        return protocol.DownMessage(
+            id=self.id,
+            conversation=self.conversation,
+            seq=self.seq,
+            from_=self.sender,
+            body=self.body,
+            sent_at=self.sent_at,
+        )
+
 
 @dataclass
 class _Outgoing:
@@ -454,14 +469,7 @@ class ChatClient:
         self.errors.put_nowait(error)
 
     def _on_message(self, down: protocol.DownMessage) -> None:
-        message = ChatMessage(
-            id=down.id,
-            conversation=down.conversation,
-            seq=down.seq,
-            sender=down.from_,
-            body=down.body,
-            sent_at=down.sent_at,
-        )
+        message = ChatMessage.from_down(down)
         held = self._held.setdefault(message.conversation, _Held())
         if held.delivered is None:
             # First sight of this conversation on this device: with the history at

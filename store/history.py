@@ -44,7 +44,12 @@ class HistoryMessage:
     sent_at: datetime
 
     def down(self) -> DownMessage:
-        """As the bridge delivers it on ``down/msg`` (and the API returns it)."""
+        """As the bridge delivers it on ``down/msg`` and the API returns it.
+
+        The one place a stored message becomes a wire one. It lives here because
+        ``protocol`` is below ``store`` and cannot know this class, and the bridge
+        and the history API both need it.
+        """
         return DownMessage(
             id=self.client_id,
             conversation=self.conversation,

@@ -4,15 +4,27 @@
 once (group commit; on PostgreSQL usually one statement). Within it each message is
 handled in arrival order, so a sender's messages get increasing seqs in their
 conversation.
+
+Deciding what happens to each uplink is the same on both engines; how the batch
+reaches the database is not, so each engine has its :class:`_Dialect`::
+
+    persist_batch ─▶ dialect.connect     PostgreSQL: autocommit   SQLite: BEGIN IMMEDIATE
+      ─▶ resends and recipients          (PostgreSQL skips it when every conversation is known)
+      ─▶ dialect.create_directs ─▶ members
+      ─▶ _decide                         each uplink in arrival order: dedupe, refusals
+      ─▶ dialect.store_new               PostgreSQL: one CTE      SQLite: UPDATE + INSERT
+      ─▶ _outcomes
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
+from typing import Any, Final
 
 from sqlalchemy import (
     Connection,
@@ -29,7 +41,7 @@ from sqlmodel import col
 
 from protocol import UpMessage, errors
 
-from .history import HistoryMessage
+from .history import MESSAGE_COLUMNS, HistoryMessage, to_history_message
 from .tables import Account, Conversation, Member, Message
 from .types import utcnow
 
@@ -41,6 +53,10 @@ class StoredMessage(HistoryMessage):
     members: tuple[str, ...]
     #: True when this uplink was already stored earlier (a resend).
     duplicate: bool
+
+
+#: The fields a StoredMessage takes over from the HistoryMessage it is made of.
+_HISTORY_FIELDS: Final = tuple(field.name for field in fields(HistoryMessage))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +121,7 @@ def persist_batch(
     new message. Messages are taken in arrival order, so a sender's messages get
     increasing seqs. With ``directs``, direct conversations it knows are not read
     again, and the ones this batch found or created are added to it once committed.
-
-    On PostgreSQL each statement is its own transaction (autocommit): the write is a
-    single statement, so its seqs and rows commit together or not at all. It also
-    skips resends and messages to a missing or disabled account by itself, so a batch
-    whose conversations are all known is that one statement: one round trip. The
-    reads run only for a batch with a conversation to find or create; they are what
-    a transaction at READ COMMITTED would see too, and a new conversation is created
-    with its members in a transaction of its own. On SQLite (in-process, no round
-    trips) the whole batch is one ``BEGIN IMMEDIATE`` transaction, reads first.
+    How each engine commits the batch: :class:`_PostgreSQL`, :class:`_SQLite`.
 
     Rejections (unknown recipient, not a member) never undo the rest of the batch.
     If the write fails on a constraint (another bridge stored the same message at the
@@ -122,10 +130,11 @@ def persist_batch(
     """
     if not uplinks:
         return []
+    dialect = _dialect_of(engine)
     known = directs if directs is not None else DirectConversations()
     try:
-        with _writing(engine) as conn:
-            outcomes, found, members = _persist(conn, uplinks, known)
+        with dialect.connect(engine) as conn:
+            outcomes, found, members = _persist(conn, dialect, uplinks, known)
     except IntegrityError:
         if len(uplinks) == 1:
             raise
@@ -137,34 +146,6 @@ def persist_batch(
     for item in uplinks:
         results.extend(persist_batch(engine, [item], directs))
     return results
-
-
-_AUTOCOMMIT = "AUTOCOMMIT"
-
-
-@contextmanager
-def _writing(engine: Engine) -> Iterator[Connection]:
-    """A connection to store a batch on: see :func:`persist_batch` for why these two."""
-    if engine.dialect.name == "postgresql":
-        with engine.connect().execution_options(isolation_level=_AUTOCOMMIT) as conn:
-            yield conn
-    else:
-        with engine.begin() as conn:
-            yield conn
-
-
-def _autocommit(conn: Connection) -> bool:
-    return conn.get_execution_options().get("isolation_level") == _AUTOCOMMIT
-
-
-_MESSAGE_COLUMNS = (
-    col(Message.client_id),
-    col(Message.conversation_id),
-    col(Message.seq),
-    col(Message.sender),
-    col(Message.body),
-    col(Message.sent_at),
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,274 +164,42 @@ class _Again:
     first: int
 
 
-def _persist(
-    conn: Connection, uplinks: Sequence[tuple[str, UpMessage]], known: DirectConversations
-) -> tuple[list[Outcome], dict[str, str], dict[str, Sequence[str]]]:
-    """The outcomes, and the direct conversations read or created here with their members."""
-    # 1. Resends (messages of this batch stored already) and the recipients that
-    #    exist and are enabled. On PostgreSQL the write checks both itself, so a
-    #    batch whose conversations are all known is that one write and nothing else.
-    stored_before: dict[tuple[str, str], HistoryMessage] = {}
-    stored_directs: dict[str, str] = {}
-    recipients: set[str] | None = None
-    if not (_write_checks(conn) and all(_known(sender, up, known) for sender, up in uplinks)):
-        stored_before, stored_directs, recipients = _resends_and_recipients(conn, uplinks)
+#: What became of one uplink before the write: stored earlier, new, a resend of a
+#: new one in the same batch, or refused.
+_Decided = HistoryMessage | _New | _Again | errors.ProtocolError
 
-    # 2. The direct conversations of those recipients: known ones from ``known``.
-    pairs = {
-        direct_key(sender, up.to): (sender, up.to)
-        for sender, up in uplinks
-        if up.to is not None
-        and (recipients is None or up.to in recipients)
-        and (sender, up.id) not in stored_before
-    }
-    direct = {pair: cid for pair in pairs if (cid := known.id_of(pair)) is not None}
-    missing = {pair: users for pair, users in pairs.items() if pair not in direct}
-    if missing and _autocommit(conn):
-        # Created with its members in one transaction, of its own.
-        with conn.engine.begin() as creating:
-            found = _direct_conversations(creating, missing)
-    else:
-        found = _direct_conversations(conn, missing)
-    direct.update(found)
-
-    # 3. Members of every conversation involved: membership checks and routing.
-    involved = set(direct.values()) | {m.conversation for m in stored_before.values()}
-    involved |= {up.conversation for _, up in uplinks if up.conversation is not None}
-    members = _members(conn, involved, known)
-
-    # 4. Decide each uplink in arrival order; count the new messages per conversation.
-    decided: list[HistoryMessage | _New | _Again | errors.ProtocolError] = []
-    first_copy: dict[tuple[str, str], int] = {}
-    new_in: dict[str, int] = {}
-    for index, (sender, up) in enumerate(uplinks):
-        key = (sender, up.id)
-        if key in stored_before:
-            # The same message is the same body in the same conversation, named by
-            # ``to`` or by ``conversation``: anything else is a new message under an
-            # old id. Compared only here, for the rows that hit a stored id.
-            before = stored_before[key]
-            if up.to is not None:
-                same_target = stored_directs.get(before.conversation) == direct_key(sender, up.to)
-            else:
-                same_target = before.conversation == up.conversation
-            same = same_target and before.body == up.body
-            decided.append(before if same else _id_reused(up))
-        elif key in first_copy:
-            original = decided[first_copy[key]]
-            assert isinstance(original, _New)
-            target = direct.get(direct_key(sender, up.to)) if up.to else up.conversation
-            same = (original.conversation, original.up.body) == (target, up.body)
-            decided.append(_Again(first_copy[key]) if same else _id_reused(up))
-        elif up.to is not None and recipients is not None and up.to not in recipients:
-            decided.append(_unknown_recipient(up))
-        else:
-            conversation = direct[direct_key(sender, up.to)] if up.to else up.conversation or ""
-            if sender not in members.get(conversation, ()):
-                # Same answer for "does not exist" and "not yours": no probing.
-                decided.append(
-                    errors.ProtocolError(
-                        errors.UNKNOWN_CONVERSATION,
-                        f"no conversation {conversation!r} of yours",
-                        id=up.id,
-                    )
-                )
-                continue
-            first_copy[key] = index
-            new_in[conversation] = new_in.get(conversation, 0) + 1
-            decided.append(_New(sender, up, conversation, new_in[conversation]))
-
-    # 5. Take the seqs and store the new messages: one statement on PostgreSQL,
-    #    which also finds the resends and refused recipients step 1 did not read.
-    now = utcnow()
-    seqs, resent = _store_new(
-        [item for item in decided if isinstance(item, _New)], new_in, now, conn
-    )
-    members.update(
-        _members(conn, {m.conversation for m in resent.values()} - members.keys(), known)
-    )
-    outcomes: list[Outcome] = []
-    for item in decided:
-        if isinstance(item, errors.ProtocolError):
-            outcomes.append(Outcome(error=item))
-        elif isinstance(item, _Again):
-            first = outcomes[item.first]
-            again = first.stored
-            outcomes.append(
-                first if again is None else Outcome(stored=replace(again, duplicate=True))
-            )
-        elif isinstance(item, _New):
-            key = (item.sender, item.up.id)
-            if key in seqs:
-                message = HistoryMessage(
-                    item.up.id, item.conversation, seqs[key], item.sender, item.up.body, now
-                )
-                outcomes.append(Outcome(stored=_stored(message, members, duplicate=False)))
-            elif key in resent:
-                before = resent[key]
-                if (before.body, before.conversation) == (item.up.body, item.conversation):
-                    outcomes.append(Outcome(stored=_stored(before, members, duplicate=True)))
-                else:
-                    outcomes.append(Outcome(error=_id_reused(item.up)))
-            elif item.up.to is not None:
-                outcomes.append(Outcome(error=_unknown_recipient(item.up)))
-            else:
-                # A conversation row missing (they are never deleted). The uplinks are
-                # not acknowledged, so they come back, and what was stored is found then.
-                raise RuntimeError(f"conversation {item.conversation!r} not found")
-        else:
-            outcomes.append(Outcome(stored=_stored(item, members, duplicate=True)))
-    return outcomes, found, members
+#: What the write reports: the seq of each (sender, client id) it stored, and the
+#: messages it found stored already (only a dialect whose write checks that).
+_Written = tuple[dict[tuple[str, str], int], dict[tuple[str, str], HistoryMessage]]
 
 
-def _write_checks(conn: Connection) -> bool:
-    """Whether the write itself skips resends and refused recipients (PostgreSQL)."""
-    return conn.dialect.name == "postgresql"
+class _Dialect(ABC):
+    """How a batch reaches one database engine; what it decides is the same on all."""
 
+    #: The write itself skips resends and messages to a missing or disabled account,
+    #: so the read that finds them may be left out.
+    checks_in_write: bool
 
-def _known(sender: str, up: UpMessage, known: DirectConversations) -> bool:
-    """Whether ``known`` has the uplink's conversation and its members."""
-    if up.to is not None:
-        return known.id_of(direct_key(sender, up.to)) is not None
-    return up.conversation is not None and known.members_of(up.conversation) is not None
+    @abstractmethod
+    def connect(self, engine: Engine) -> AbstractContextManager[Connection]:
+        """The connection the batch is stored on, committed when it closes."""
 
+    @abstractmethod
+    def create_directs(self, conn: Connection, pairs: dict[str, tuple[str, str]]) -> dict[str, str]:
+        """The conversation id of each direct key, creating the missing ones."""
 
-def _resends_and_recipients(
-    conn: Connection, uplinks: Sequence[tuple[str, UpMessage]]
-) -> tuple[dict[tuple[str, str], HistoryMessage], dict[str, str], set[str]]:
-    """The batch's messages stored already, and its recipients that exist and are enabled.
+    @abstractmethod
+    def store_new(
+        self, conn: Connection, new: list[_New], counts: dict[str, int], now: datetime
+    ) -> _Written:
+        """Add the new messages of each conversation to its ``last_seq`` and insert them.
 
-    Also the direct key of each stored message's conversation (where it is a direct
-    one), so that a resend naming ``to`` can be compared with what was stored. One
-    read; an account row has no client id.
-    """
-    keys = sorted({(sender, up.id) for sender, up in uplinks})
-    wanted = sorted({up.to for _, up in uplinks if up.to is not None})
-    resends = (
-        select(*_MESSAGE_COLUMNS, col(Conversation.direct_key))
-        .join(Conversation, col(Conversation.id) == col(Message.conversation_id))
-        .where(tuple_(col(Message.sender), col(Message.client_id)).in_(keys))
-    )
-    accounts = select(null(), null(), null(), col(Account.username), null(), null(), null()).where(
-        col(Account.username).in_(wanted), ~col(Account.disabled)
-    )
-    read = resends.union_all(accounts) if wanted else resends
-    stored_before: dict[tuple[str, str], HistoryMessage] = {}
-    stored_directs: dict[str, str] = {}
-    recipients: set[str] = set()
-    for row in conn.execute(read):
-        if row.client_id is None:
-            recipients.add(row.sender)
-            continue
-        stored_before[row.sender, row.client_id] = HistoryMessage(*row[:6])
-        if row.direct_key is not None:
-            stored_directs[row.conversation_id] = row.direct_key
-    return stored_before, stored_directs, recipients
-
-
-def _members(
-    conn: Connection, conversations: set[str], known: DirectConversations
-) -> dict[str, Sequence[str]]:
-    """Members of each conversation: from ``known``, else one read."""
-    members: dict[str, Sequence[str]] = {
-        cid: cached for cid in conversations if (cached := known.members_of(cid)) is not None
-    }
-    unknown = sorted(conversations - members.keys())
-    if unknown:
-        looked_up: dict[str, list[str]] = {conversation: [] for conversation in unknown}
-        for conversation, username in conn.execute(
-            select(col(Member.conversation_id), col(Member.username))
-            .where(col(Member.conversation_id).in_(unknown))
-            .order_by(col(Member.conversation_id), col(Member.username))
-        ):
-            looked_up[conversation].append(username)
-        members.update(looked_up)
-    return members
-
-
-def _id_reused(up: UpMessage) -> errors.ProtocolError:
-    """A stored id sent again with another body or target: not a resend, so refused.
-
-    Answering it with the stored message would tell the client its new text was
-    delivered when it never was.
-    """
-    return errors.ProtocolError(
-        errors.ID_REUSED,
-        f"id {up.id!r} is already a message of yours with another body or recipient; "
-        "a new message needs a new id",
-        id=up.id,
-    )
-
-
-def _unknown_recipient(up: UpMessage) -> errors.ProtocolError:
-    return errors.ProtocolError(errors.UNKNOWN_RECIPIENT, f"no user {up.to!r}", id=up.id)
-
-
-def _store_new(
-    new: list[_New], counts: dict[str, int], now: datetime, conn: Connection
-) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], HistoryMessage]]:
-    """Add the new messages of each conversation to its ``last_seq`` and insert them.
-
-    A message's seq is its conversation's ``last_seq`` before the batch plus its
-    place among the batch's new messages of that conversation (``k`` from 1, in
-    arrival order). Returns the seq of each (sender, client id) stored, and, on
-    PostgreSQL, the messages found stored already; what is in neither was refused
-    (its recipient does not exist or is disabled).
-    """
-    if not new:
-        return {}, {}
-    if _write_checks(conn):
-        rows = conn.exec_driver_sql(
-            _STORE_NEW_PG,
-            {
-                "senders": [item.sender for item in new],
-                "client_ids": [item.up.id for item in new],
-                "conversations": [item.conversation for item in new],
-                "recipients": [item.up.to for item in new],
-                "bodies": [item.up.body for item in new],
-                "sent_at": now,
-            },
-        ).all()
-        seqs: dict[tuple[str, str], int] = {}
-        resent: dict[tuple[str, str], HistoryMessage] = {}
-        for is_new, client_id, conversation, seq, sender, body, sent_at in rows:
-            if is_new:
-                seqs[sender, client_id] = seq
-            else:
-                resent[sender, client_id] = HistoryMessage(
-                    client_id, conversation, seq, sender, body, sent_at.astimezone(UTC)
-                )
-        return seqs, resent
-    # SQLite cannot name a VALUES list's columns; it is in-process, so one short
-    # statement per conversation costs no round trips.
-    last_seq = {
-        conversation: conn.execute(
-            update(Conversation)
-            .where(col(Conversation.id) == conversation)
-            .values(last_seq=col(Conversation.last_seq) + n)
-            .returning(col(Conversation.last_seq))
-        ).scalar_one()
-        for conversation, n in sorted(counts.items())
-    }
-    seqs = {
-        (item.sender, item.up.id): last_seq[item.conversation] - counts[item.conversation] + item.k
-        for item in new
-    }
-    conn.execute(
-        insert(Message),
-        [
-            {
-                "conversation_id": item.conversation,
-                "seq": seqs[item.sender, item.up.id],
-                "sender": item.sender,
-                "client_id": item.up.id,
-                "body": item.up.body,
-                "sent_at": now,
-            }
-            for item in new
-        ],
-    )
-    return seqs, {}
+        ``new`` is not empty and in arrival order; ``counts`` has how many of them go
+        to each conversation. A message's seq is its conversation's ``last_seq``
+        before the batch plus its place ``k`` among the batch's new messages of that
+        conversation. What is neither stored nor found stored already was refused
+        (its recipient does not exist or is disabled).
+        """
 
 
 #: The whole write of a batch on PostgreSQL, one statement (so one round trip, and
@@ -503,8 +252,357 @@ FROM checked WHERE stored_seq IS NOT NULL
 """
 
 
-def _direct_conversations(conn: Connection, pairs: dict[str, tuple[str, str]]) -> dict[str, str]:
-    """The conversation id of each direct key, creating the ones that do not exist yet."""
+class _PostgreSQL(_Dialect):
+    """A batch whose conversations are all known is one statement: one round trip.
+
+    Each statement is its own transaction (autocommit): the write is a single
+    statement, so its seqs and rows commit together or not at all, and it skips
+    resends and messages to a missing or disabled account by itself. The reads run
+    only for a batch with a conversation to find or create; they are what a
+    transaction at READ COMMITTED would see too, and a new conversation is created
+    with its members in a transaction of its own.
+    """
+
+    checks_in_write = True
+
+    @contextmanager
+    def connect(self, engine: Engine) -> Iterator[Connection]:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            yield conn
+
+    def create_directs(self, conn: Connection, pairs: dict[str, tuple[str, str]]) -> dict[str, str]:
+        if not pairs:
+            return {}
+        with conn.engine.begin() as creating:
+            return _create_directs(creating, pairs, postgresql.insert)
+
+    def store_new(
+        self, conn: Connection, new: list[_New], counts: dict[str, int], now: datetime
+    ) -> _Written:
+        rows = conn.exec_driver_sql(
+            _STORE_NEW_PG,
+            {
+                "senders": [item.sender for item in new],
+                "client_ids": [item.up.id for item in new],
+                "conversations": [item.conversation for item in new],
+                "recipients": [item.up.to for item in new],
+                "bodies": [item.up.body for item in new],
+                "sent_at": now,
+            },
+        ).all()
+        seqs: dict[tuple[str, str], int] = {}
+        resent: dict[tuple[str, str], HistoryMessage] = {}
+        for is_new, client_id, conversation, seq, sender, body, sent_at in rows:
+            if is_new:
+                seqs[sender, client_id] = seq
+            else:
+                resent[sender, client_id] = HistoryMessage(
+                    client_id, conversation, seq, sender, body, sent_at.astimezone(UTC)
+                )
+        return seqs, resent
+
+
+class _SQLite(_Dialect):
+    """In-process, so no round trips to save: the batch is one transaction, reads first.
+
+    ``BEGIN IMMEDIATE`` (see :mod:`store.db`) takes the write lock at the start, so
+    the ``last_seq`` read and written here cannot interleave with another writer.
+    """
+
+    checks_in_write = False
+
+    @contextmanager
+    def connect(self, engine: Engine) -> Iterator[Connection]:
+        with engine.begin() as conn:
+            yield conn
+
+    def create_directs(self, conn: Connection, pairs: dict[str, tuple[str, str]]) -> dict[str, str]:
+        return _create_directs(conn, pairs, sqlite.insert)
+
+    def store_new(
+        self, conn: Connection, new: list[_New], counts: dict[str, int], now: datetime
+    ) -> _Written:
+        # SQLite cannot name a VALUES list's columns, so no single statement like
+        # PostgreSQL's; one short statement per conversation costs no round trips.
+        last_seq = {
+            conversation: conn.execute(
+                update(Conversation)
+                .where(col(Conversation.id) == conversation)
+                .values(last_seq=col(Conversation.last_seq) + n)
+                .returning(col(Conversation.last_seq))
+            ).scalar_one()
+            for conversation, n in sorted(counts.items())
+        }
+        seqs = {
+            (item.sender, item.up.id): last_seq[item.conversation]
+            - counts[item.conversation]
+            + item.k
+            for item in new
+        }
+        conn.execute(
+            insert(Message),
+            [
+                {
+                    "conversation_id": item.conversation,
+                    "seq": seqs[item.sender, item.up.id],
+                    "sender": item.sender,
+                    "client_id": item.up.id,
+                    "body": item.up.body,
+                    "sent_at": now,
+                }
+                for item in new
+            ],
+        )
+        return seqs, {}
+
+
+_DIALECTS: Final[dict[str, _Dialect]] = {"postgresql": _PostgreSQL(), "sqlite": _SQLite()}
+
+
+def _dialect_of(engine: Engine) -> _Dialect:
+    try:
+        return _DIALECTS[engine.dialect.name]
+    except KeyError:
+        raise ValueError(f"messages cannot be stored on {engine.dialect.name!r}") from None
+
+
+def _persist(
+    conn: Connection,
+    dialect: _Dialect,
+    uplinks: Sequence[tuple[str, UpMessage]],
+    known: DirectConversations,
+) -> tuple[list[Outcome], dict[str, str], dict[str, Sequence[str]]]:
+    """The outcomes, and the direct conversations read or created here with their members."""
+    # 1. Resends (messages of this batch stored already) and the recipients that
+    #    exist and are enabled: None when not read, because the write checks both.
+    stored_before: dict[tuple[str, str], HistoryMessage] = {}
+    stored_directs: dict[str, str] = {}
+    recipients: set[str] | None = None
+    if not (dialect.checks_in_write and all(_known(sender, up, known) for sender, up in uplinks)):
+        stored_before, stored_directs, recipients = _resends_and_recipients(conn, uplinks)
+
+    # 2. The direct conversations of those recipients: known ones from ``known``.
+    pairs = {
+        direct_key(sender, up.to): (sender, up.to)
+        for sender, up in uplinks
+        if up.to is not None
+        and (recipients is None or up.to in recipients)
+        and (sender, up.id) not in stored_before
+    }
+    direct = {pair: cid for pair in pairs if (cid := known.id_of(pair)) is not None}
+    found = dialect.create_directs(
+        conn, {pair: users for pair, users in pairs.items() if pair not in direct}
+    )
+    direct.update(found)
+
+    # 3. Members of every conversation involved: membership checks and routing.
+    involved = set(direct.values()) | {m.conversation for m in stored_before.values()}
+    involved |= {up.conversation for _, up in uplinks if up.conversation is not None}
+    members = _members(conn, involved, known)
+
+    # 4. Decide each uplink in arrival order.
+    decided, new_in = _decide(uplinks, stored_before, stored_directs, recipients, direct, members)
+
+    # 5. Take the seqs and store the new messages; the write also finds the resends
+    #    and refused recipients that step 1 did not read.
+    now = utcnow()
+    new = [item for item in decided if isinstance(item, _New)]
+    seqs, resent = dialect.store_new(conn, new, new_in, now) if new else ({}, {})
+    members.update(
+        _members(conn, {m.conversation for m in resent.values()} - members.keys(), known)
+    )
+    return _outcomes(decided, seqs, resent, members, now), found, members
+
+
+def _known(sender: str, up: UpMessage, known: DirectConversations) -> bool:
+    """Whether ``known`` has the uplink's conversation and its members."""
+    if up.to is not None:
+        return known.id_of(direct_key(sender, up.to)) is not None
+    return up.conversation is not None and known.members_of(up.conversation) is not None
+
+
+def _decide(
+    uplinks: Sequence[tuple[str, UpMessage]],
+    stored_before: Mapping[tuple[str, str], HistoryMessage],
+    stored_directs: Mapping[str, str],
+    recipients: set[str] | None,
+    direct: Mapping[str, str],
+    members: Mapping[str, Sequence[str]],
+) -> tuple[list[_Decided], dict[str, int]]:
+    """What becomes of each uplink, in arrival order, and how many new ones each
+    conversation gets."""
+    decided: list[_Decided] = []
+    first_copy: dict[tuple[str, str], int] = {}
+    new_in: dict[str, int] = {}
+    for index, (sender, up) in enumerate(uplinks):
+        key = (sender, up.id)
+        if key in stored_before:
+            # The same message is the same body in the same conversation, named by
+            # ``to`` or by ``conversation``: anything else is a new message under an
+            # old id. Compared only here, for the rows that hit a stored id.
+            before = stored_before[key]
+            if up.to is not None:
+                same_target = stored_directs.get(before.conversation) == direct_key(sender, up.to)
+            else:
+                same_target = before.conversation == up.conversation
+            same = same_target and before.body == up.body
+            decided.append(before if same else _id_reused(up))
+        elif key in first_copy:
+            original = decided[first_copy[key]]
+            assert isinstance(original, _New)
+            target = direct.get(direct_key(sender, up.to)) if up.to else up.conversation
+            same = (original.conversation, original.up.body) == (target, up.body)
+            decided.append(_Again(first_copy[key]) if same else _id_reused(up))
+        elif up.to is not None and recipients is not None and up.to not in recipients:
+            decided.append(_unknown_recipient(up))
+        else:
+            conversation = direct[direct_key(sender, up.to)] if up.to else up.conversation or ""
+            if sender not in members.get(conversation, ()):
+                # Same answer for "does not exist" and "not yours": no probing.
+                decided.append(
+                    errors.ProtocolError(
+                        errors.UNKNOWN_CONVERSATION,
+                        f"no conversation {conversation!r} of yours",
+                        id=up.id,
+                    )
+                )
+                continue
+            first_copy[key] = index
+            new_in[conversation] = new_in.get(conversation, 0) + 1
+            decided.append(_New(sender, up, conversation, new_in[conversation]))
+    return decided, new_in
+
+
+def _outcomes(
+    decided: list[_Decided],
+    seqs: Mapping[tuple[str, str], int],
+    resent: Mapping[tuple[str, str], HistoryMessage],
+    members: Mapping[str, Sequence[str]],
+    now: datetime,
+) -> list[Outcome]:
+    """One outcome per decided uplink, with what the write reported."""
+    outcomes: list[Outcome] = []
+    for item in decided:
+        if isinstance(item, errors.ProtocolError):
+            outcomes.append(Outcome(error=item))
+        elif isinstance(item, _Again):
+            first = outcomes[item.first]
+            again = first.stored
+            outcomes.append(
+                first if again is None else Outcome(stored=replace(again, duplicate=True))
+            )
+        elif isinstance(item, _New):
+            key = (item.sender, item.up.id)
+            if key in seqs:
+                stored = StoredMessage(
+                    item.up.id,
+                    item.conversation,
+                    seqs[key],
+                    item.sender,
+                    item.up.body,
+                    now,
+                    members=tuple(members[item.conversation]),
+                    duplicate=False,
+                )
+                outcomes.append(Outcome(stored=stored))
+            elif key in resent:
+                before = resent[key]
+                if (before.body, before.conversation) == (item.up.body, item.conversation):
+                    outcomes.append(Outcome(stored=_found_again(before, members)))
+                else:
+                    outcomes.append(Outcome(error=_id_reused(item.up)))
+            elif item.up.to is not None:
+                outcomes.append(Outcome(error=_unknown_recipient(item.up)))
+            else:
+                # A conversation row missing (they are never deleted). The uplinks are
+                # not acknowledged, so they come back, and what was stored is found then.
+                raise RuntimeError(f"conversation {item.conversation!r} not found")
+        else:
+            outcomes.append(Outcome(stored=_found_again(item, members)))
+    return outcomes
+
+
+def _resends_and_recipients(
+    conn: Connection, uplinks: Sequence[tuple[str, UpMessage]]
+) -> tuple[dict[tuple[str, str], HistoryMessage], dict[str, str], set[str]]:
+    """The batch's messages stored already, and its recipients that exist and are enabled.
+
+    Also the direct key of each stored message's conversation (where it is a direct
+    one), so that a resend naming ``to`` can be compared with what was stored. One
+    read; an account row has no client id.
+    """
+    keys = sorted({(sender, up.id) for sender, up in uplinks})
+    wanted = sorted({up.to for _, up in uplinks if up.to is not None})
+    resends = (
+        select(*MESSAGE_COLUMNS, col(Conversation.direct_key))
+        .join(Conversation, col(Conversation.id) == col(Message.conversation_id))
+        .where(tuple_(col(Message.sender), col(Message.client_id)).in_(keys))
+    )
+    accounts = select(null(), null(), null(), col(Account.username), null(), null(), null()).where(
+        col(Account.username).in_(wanted), ~col(Account.disabled)
+    )
+    read = resends.union_all(accounts) if wanted else resends
+    stored_before: dict[tuple[str, str], HistoryMessage] = {}
+    stored_directs: dict[str, str] = {}
+    recipients: set[str] = set()
+    for row in conn.execute(read):
+        if row.client_id is None:
+            recipients.add(row.sender)
+            continue
+        stored_before[row.sender, row.client_id] = to_history_message(row[: len(MESSAGE_COLUMNS)])
+        if row.direct_key is not None:
+            stored_directs[row.conversation_id] = row.direct_key
+    return stored_before, stored_directs, recipients
+
+
+def _members(
+    conn: Connection, conversations: set[str], known: DirectConversations
+) -> dict[str, Sequence[str]]:
+    """Members of each conversation: from ``known``, else one read."""
+    members: dict[str, Sequence[str]] = {
+        cid: cached for cid in conversations if (cached := known.members_of(cid)) is not None
+    }
+    unknown = sorted(conversations - members.keys())
+    if unknown:
+        looked_up: dict[str, list[str]] = {conversation: [] for conversation in unknown}
+        for conversation, username in conn.execute(
+            select(col(Member.conversation_id), col(Member.username))
+            .where(col(Member.conversation_id).in_(unknown))
+            .order_by(col(Member.conversation_id), col(Member.username))
+        ):
+            looked_up[conversation].append(username)
+        members.update(looked_up)
+    return members
+
+
+def _id_reused(up: UpMessage) -> errors.ProtocolError:
+    """A stored id sent again with another body or target: not a resend, so refused.
+
+    Answering it with the stored message would tell the client its new text was
+    delivered when it never was.
+    """
+    return errors.ProtocolError(
+        errors.ID_REUSED,
+        f"id {up.id!r} is already a message of yours with another body or recipient; "
+        "a new message needs a new id",
+        id=up.id,
+    )
+
+
+def _unknown_recipient(up: UpMessage) -> errors.ProtocolError:
+    return errors.ProtocolError(errors.UNKNOWN_RECIPIENT, f"no user {up.to!r}", id=up.id)
+
+
+def _create_directs(
+    conn: Connection,
+    pairs: dict[str, tuple[str, str]],
+    insert_ignoring: Callable[[type[Conversation]], Any],
+) -> dict[str, str]:
+    """The conversation id of each direct key, creating the ones that do not exist yet.
+
+    ``insert_ignoring`` is the dialect's ``insert`` (the one with ``ON CONFLICT DO
+    NOTHING``): another writer may create the same pair's conversation meanwhile.
+    """
     if not pairs:
         return {}
 
@@ -524,8 +622,6 @@ def _direct_conversations(conn: Connection, pairs: dict[str, tuple[str, str]]) -
     if not missing:
         return found
     created = {key: new_conversation_id() for key in missing}
-    dialect = conn.dialect.name
-    insert_ignoring = postgresql.insert if dialect == "postgresql" else sqlite.insert
     now = utcnow()
     conn.execute(
         insert_ignoring(Conversation)
@@ -549,16 +645,10 @@ def _direct_conversations(conn: Connection, pairs: dict[str, tuple[str, str]]) -
     return found
 
 
-def _stored(
-    message: HistoryMessage, members: Mapping[str, Sequence[str]], *, duplicate: bool
-) -> StoredMessage:
+def _found_again(message: HistoryMessage, members: Mapping[str, Sequence[str]]) -> StoredMessage:
+    """A message stored earlier, found again for a resend."""
     return StoredMessage(
-        client_id=message.client_id,
-        conversation=message.conversation,
-        seq=message.seq,
-        sender=message.sender,
-        body=message.body,
-        sent_at=message.sent_at,
+        **{name: getattr(message, name) for name in _HISTORY_FIELDS},
         members=tuple(members[message.conversation]),
-        duplicate=duplicate,
+        duplicate=True,
     )
