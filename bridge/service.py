@@ -29,8 +29,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeVar
 
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from cachetools import TTLCache
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -48,7 +46,7 @@ from core.mqtt import Incoming, LinkConfig, MqttLink
 from protocol import errors, topics
 from store import conversations, make_engine, presence
 from store.cursors import AckOutcome, advance_batch
-from store.db import alembic_config
+from store.db import revisions
 from store.messages import DirectConversations, Outcome, persist_batch
 from store.types import utcnow
 
@@ -507,9 +505,7 @@ class Bridge:
             self.link.ack(incoming)
 
     def _check_schema(self) -> None:
-        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-        with self.engine.connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
+        current, head = revisions(self.engine)
         if current != head:
             raise SchemaNotReady(
                 f"database is at revision {current}, this bridge needs {head}: "

@@ -7,6 +7,8 @@ from typing import Any, Final
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -85,6 +87,20 @@ def alembic_config(engine: Engine | None = None) -> Config:
     if engine is not None:
         cfg.attributes["engine"] = engine
     return cfg
+
+
+def revisions(engine: Engine) -> tuple[str | None, str]:
+    """(the database's schema revision, the newest this code knows).
+
+    Every daemon and command that uses the database checks these are equal before it
+    starts: code on an older or newer schema would fail later, in the middle of work.
+    """
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError("store/migrations has no head revision")
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+    return current, head
 
 
 def migrate(engine: Engine) -> None:

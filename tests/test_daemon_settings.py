@@ -74,3 +74,16 @@ def test_a_bad_setting_is_named_by_its_variable(
     assert result.stderr.startswith(f"{module}: bad configuration:\n")
     assert "Traceback" not in result.stderr
     assert "errors.pydantic.dev" not in result.stderr
+
+
+def test_the_bridge_refuses_a_database_not_at_the_newest_schema(tmp_path: Path) -> None:
+    """An empty (never migrated) database: exit 78 and the command that fixes it,
+    before the bridge takes any uplink it could not store."""
+    done = run_daemon(
+        "bridge",
+        MQCHAT_BRIDGE_DATABASE_URL=f"sqlite:///{tmp_path / 'empty.db'}",
+        MQCHAT_BRIDGE_PASSWORD="x" * 16,
+    )
+    assert done.returncode == 78, done.stderr
+    assert "at revision None" in done.stderr
+    assert "run `mqchat db upgrade` first" in done.stderr
