@@ -24,9 +24,8 @@ import pytest
 import trustme
 
 from broker.mosquitto import TlsListeners, render_config
-from clients.history import HistoryClient
-from clients.sdk import ChatClient, ChatMessage
 from core.mqtt import LinkConfig, MqttError, MqttLink, tls_context
+from mqchat import ChatClient, ChatMessage, HistoryClient
 
 from .conftest import (
     ROOT,
