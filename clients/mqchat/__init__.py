@@ -27,8 +27,6 @@ The names below are the whole public API (``tests/test_sdk_api.py`` pins them); 
 ``_``-modules behind them may change. docs/sdk.md has the guide and the error codes.
 """
 
-from __future__ import annotations
-
 from core.mqtt import tls_context
 from protocol import DownTyping, Presence, Receipt
 
