@@ -486,7 +486,7 @@ async def _send(
             )
         except mqchat.SendTimeout as exc:
             typer.echo(
-                f"error timeout: no 'sent' receipt within {timeout:g} s, so it may not be "
+                f"error {exc.code}: no 'sent' receipt within {timeout:g} s, so it may not be "
                 f"stored; send again with --id {exc.id} (the same id is stored at most once)",
                 err=True,
             )
