@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from clients.sdk import ChatClient
+from mqchat import ChatClient
 from store import make_engine, migrate
 from tests import chaos
 from tests.chaos import History, Received, StoredRow, check

@@ -2,7 +2,7 @@
 
 ::
 
-    mqchat send / listen / chat ──▶ clients.sdk.ChatClient ──MQTT──▶ broker ──▶ bridge
+    mqchat send / listen / chat ──▶ mqchat.ChatClient ──MQTT──▶ broker ──▶ bridge
     mqchat user add|passwd|disable|enable|delete
                     ──▶ core.accounts ──▶ database (+ mosquitto dynsec)
     mqchat db upgrade ──▶ store.migrate
@@ -45,6 +45,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
+import mqchat
 import protocol
 from core.accounts import (
     EmbeddedProvisioner,
@@ -61,14 +62,13 @@ from core.dynsec import (
     ProvisioningError,
     write_dynsec_bootstrap,
 )
-from core.mqtt import ConnectRefused, LinkConfig, MqttError, tls_context
+from core.mqtt import ConnectRefused, LinkConfig, tls_context
+from mqchat import ChatClient, ChatMessage
 from protocol import errors
 from protocol.errors import ProtocolError
 from store import accounts, make_engine, migrate
 from store.db import alembic_config
 from store.tables import Account
-
-from .sdk import ChatClient, ChatError, ChatMessage, SendTimeout
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
@@ -395,19 +395,22 @@ async def _connected(
     try:
         try:
             await client.connect()
-        except ConnectRefused as exc:
+        except mqchat.ConnectRefused as exc:
             _fail(
                 EXIT_NOPERM,
                 f"the broker refused {conn.user!r}: {exc.reason} (check --user and --password)",
             )
-        except OSError as exc:
-            _fail(EXIT_UNAVAILABLE, f"cannot reach the broker at {conn.host}:{conn.port}: {exc}")
-        except MqttError as exc:
+        except mqchat.ConnectError as exc:
+            cause = exc.__cause__ or exc.detail
+            if exc.code == "unreachable":
+                _fail(
+                    EXIT_UNAVAILABLE, f"cannot reach the broker at {conn.host}:{conn.port}: {cause}"
+                )
             # Connected, then cut off before the subscription was in place: on mosquitto,
             # typically the other connection of this device taking its session back.
             _fail(
                 EXIT_UNAVAILABLE,
-                f"the broker dropped the connection while subscribing ({exc}); {taken_over}",
+                f"the broker dropped the connection while subscribing ({cause}); {taken_over}",
             )
         connected_at = time.monotonic()
         yield client
@@ -481,14 +484,14 @@ async def _send(
             sent = await client.send(
                 body, to=to, conversation=conversation, id=message_id, timeout=timeout
             )
-        except SendTimeout as exc:
+        except mqchat.SendTimeout as exc:
             typer.echo(
-                f"error timeout: no 'sent' receipt within {timeout:g} s, so it may not be "
+                f"error {exc.code}: no 'sent' receipt within {timeout:g} s, so it may not be "
                 f"stored; send again with --id {exc.id} (the same id is stored at most once)",
                 err=True,
             )
             return EXIT_TEMPFAIL
-        except ChatError as exc:
+        except mqchat.MessageRefused as exc:
             _refused(exc.code, exc.detail)
     _emit(f"sent {sent.conversation} #{sent.seq}")
     return EXIT_OK
@@ -615,7 +618,7 @@ async def _chat(conn: _Connection, peer: str) -> int:
                 state.mine.add(message_id)
                 try:
                     sent = await _unless_stopped(stop, client.send(text, to=peer, id=message_id))
-                except ChatError as exc:
+                except mqchat.MessageRefused as exc:
                     typer.echo(f"error {exc.code}: {exc.detail}", err=True)
                     refused += 1
                     continue

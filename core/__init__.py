@@ -13,9 +13,9 @@ before, the daemons reached into ``clients/`` for their MQTT transport and into
 
 Imports run one way, downward (``tests/test_layout.py`` holds every package to it)::
 
-    clients (SDK, CLI, mqchat up)
+    clients (CLI, mqchat up)
         ▼
-    broker │ bridge │ history_api       daemons; none imports another
+    broker │ bridge │ history_api │ mqchat     daemons and the SDK; none imports another
         ▼
     core                                this package
         ▼

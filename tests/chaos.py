@@ -37,7 +37,7 @@ from typing import Literal
 
 from sqlalchemy.engine import make_url
 
-from clients.sdk import ChatClient, ChatError, SendTimeout
+from mqchat import ChatClient, MessageRefused, SendTimeout
 
 from .conftest import Stack
 from .services import PostgresServer
@@ -59,7 +59,7 @@ class Op:
     time: float
     conversation: str | None = None  # ok only
     seq: int | None = None  # ok only
-    error: str | None = None  # fail: the ChatError code; unknown: why
+    error: str | None = None  # fail: the MessageRefused code; unknown: why
 
     @property
     def key(self) -> Key:
@@ -129,7 +129,7 @@ class History:
             sent = await client.send(body, to=to, id=message_id, timeout=timeout)
         except SendTimeout:
             self.unknown(sender, message_id, target, body, "timeout")
-        except ChatError as exc:
+        except MessageRefused as exc:
             self.fail(sender, message_id, target, body, exc.code)
         except asyncio.CancelledError:
             self.unknown(sender, message_id, target, body, "cancelled")
@@ -177,7 +177,7 @@ class Report:
         rows = [
             ("invoked", self.invoked, ""),
             ("ok (sent receipt)", self.acknowledged, ""),
-            ("fail (ChatError)", self.failed, ""),
+            ("fail (MessageRefused)", self.failed, ""),
             ("unknown (timeout/cancel)", self.unknown, ""),
             ("stored rows", self.stored, ""),
             ("deliveries to devices", self.deliveries, ""),

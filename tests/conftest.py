@@ -28,12 +28,11 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from clients.history import HistoryClient
-from clients.sdk import ChatClient
 from core.accounts import EmbeddedProvisioner, Provisioner, register
 from core.daemon import BRIDGE_READY_LOG as READY_LOG
 from core.dynsec import DynsecProvisioner
 from core.mqtt import Incoming, LinkConfig, MqttLink
+from mqchat import ChatClient, HistoryClient
 from store import accounts, make_engine, migrate
 
 from .services import (

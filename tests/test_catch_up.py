@@ -6,7 +6,7 @@ import asyncio
 
 from sqlmodel import Session, select
 
-from clients.sdk import ChatClient
+from mqchat import ChatClient
 from store.tables import Cursor
 
 from .conftest import Stack, wait_until

@@ -24,7 +24,7 @@ import pytest
 from pydantic import ValidationError
 
 from bridge.config import BridgeSettings
-from clients.sdk import ChatClient
+from mqchat import ChatClient
 
 from . import chaos
 from .chaos import History, Op, Received, StoredRow, check

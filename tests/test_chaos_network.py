@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
-from clients.sdk import ChatClient
+from mqchat import ChatClient
 
 from .chaos import History, Received, Report, StoredRow, check
 from .conftest import BRIDGE_READY, Stack, password_of
@@ -267,7 +267,7 @@ async def test_catch_up_retries_until_the_history_answers(
         client = run.clients["alice"]
         for i in range(5, 5 + count):
             await run.history.send(client, "alice", "bob", i, SEND_TIMEOUT)
-        caplog.set_level(logging.WARNING, logger="clients.sdk")
+        caplog.set_level(logging.WARNING, logger="mqchat")
         await asyncio.to_thread(postgres.stop)
         try:
             proxy.heal()

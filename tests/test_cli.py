@@ -12,12 +12,15 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -896,6 +899,18 @@ def only(started: dict[str, Background], fragment: str) -> Background:
     return found
 
 
+def readme_sdk_script(up: Up, directory: Path) -> Path:
+    """The README's SDK example as a file, its ports the stack's."""
+    [snippet] = readme_blocks("python")
+    script = directory / "readme_sdk.py"
+    script.write_text(
+        snippet.replace("127.0.0.1:8000", f"127.0.0.1:{up.api_port}").replace(
+            "port=1883", f"port={up.mqtt_port}"
+        )
+    )
+    return script
+
+
 def test_the_readme_runs_as_written(up: Up, tmp_path: Path) -> None:
     text = README.read_text()
     assert all(password in text for password in README_PASSWORDS.values())
@@ -945,16 +960,112 @@ def test_the_readme_runs_as_written(up: Up, tmp_path: Path) -> None:
         alice_sub.stdout.wait_for(r'^chat/v1/u/alice/down/error \{.*"code":"invalid_json"')
 
         # The SDK snippet, as a file run by Python.
-        [snippet] = readme_blocks("python")
-        script = tmp_path / "readme_sdk.py"
-        script.write_text(
-            snippet.replace("127.0.0.1:8000", f"127.0.0.1:{up.api_port}").replace(
-                "port=1883", f"port={up.mqtt_port}"
-            )
-        )
+        script = readme_sdk_script(up, tmp_path)
         sdk = readme.start(f"{sys.executable} {script}", env)
         sdk.stdout.wait_for(r"^stored as #\d+ in c_\w+$")
         sdk.stdout.wait_for("^bob: hi alice$")  # caught up from the history API
+        assert sdk.process.poll() is None, sdk.stderr.seen
+    finally:
+        readme.close()
+
+
+#: What the wheel is built from: the project file, the README it names, and the
+#: top-level folders of [tool.setuptools] packages (copied, so that the build's own
+#: build/ and *.egg-info stay out of the checkout).
+PROJECT = README.parent
+BUILT_FROM = ["pyproject.toml", "README.md"]
+
+#: Run in the fresh venv: every third-party module `import mqchat` loads must come
+#: from a distribution mqchat requires (directly or through another), so the
+#: borrowed site-packages (see below) cannot hide a missing dependency.
+UNDECLARED = """
+import sys
+before = set(sys.modules)  # the interpreter's own start-up (site, .pth hooks) aside
+import mqchat
+import importlib.metadata as md
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+own = set(md.distribution("mqchat").read_text("top_level.txt").split())
+needed, todo = set(), ["mqchat"]
+while todo:
+    name = todo.pop()
+    if name in needed:
+        continue
+    needed.add(name)
+    for line in md.requires(name) or []:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            todo.append(canonicalize_name(req.name))
+dists = md.packages_distributions()
+loaded = {m.split(".")[0] for m in set(sys.modules) - before}
+loaded -= set(sys.stdlib_module_names) | own
+print(sorted(
+    m for m in loaded
+    if m in dists and not {canonicalize_name(d) for d in dists[m]} & needed
+))
+"""
+
+
+def test_the_readme_sdk_example_runs_from_a_wheel_in_a_fresh_venv(up: Up, tmp_path: Path) -> None:
+    """Issue 14's "done when": ``pip install`` of the package, then the README's example.
+
+    Offline and quick: the wheel is built with this venv's setuptools
+    (``--no-build-isolation``) and installed with ``--no-deps``; the fresh venv gets the
+    runtime dependencies from this venv's site-packages through a ``.pth`` line, which
+    Python appends after the venv's own site-packages. The wheel therefore wins over
+    this checkout's editable install (whose import hook a ``.pth`` path line does not
+    run), and :data:`UNDECLARED` proves the dependencies it borrows are declared.
+    """
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in BUILT_FROM:
+        shutil.copy2(PROJECT / name, source / name)
+    config = tomllib.loads((PROJECT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = config.get("package-dir", {})
+    top_level = {package.split(".")[0] for package in config["packages"]}
+    for root in {mapped.get(name, name).split("/")[0] for name in top_level}:
+        shutil.copytree(PROJECT / root, source / root, ignore=shutil.ignore_patterns("__pycache__"))
+
+    def run(*args: str | Path) -> str:
+        done = subprocess.run(
+            [str(arg) for arg in args],
+            cwd=tmp_path,
+            env=base_env(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1"),
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-2000:])
+        return done.stdout
+
+    wheels = tmp_path / "wheels"
+    build = (sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation")
+    run(*build, "-w", wheels, source)
+    [wheel] = wheels.glob("mqchat-*.whl")
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", venv)
+    python = venv / "bin" / "python"
+    run(python, "-m", "pip", "install", "--no-deps", wheel)
+    [site] = (venv / "lib").glob("python3*/site-packages")
+    (site / "borrowed-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+    where = run(python, "-c", "import mqchat, protocol; print(mqchat.__file__, protocol.__file__)")
+    assert all(Path(path).is_relative_to(site) for path in where.split()), where
+    assert run(python, "-c", UNDECLARED).strip() == "[]"
+
+    for name, password in README_PASSWORDS.items():
+        created = up.mqchat("user", "add", name, "--password-stdin", input=password + "\n")
+        assert created.returncode == 0, created.stderr
+    readme = Readme(up)
+    try:
+        sdk = readme.start(f"{python} {readme_sdk_script(up, tmp_path)}", readme.env())
+        sdk.stdout.wait_for(r"^stored as #1 in c_\w+$")
+        reply = up.mqchat(
+            "send", "--to", "alice", "hi alice", user="bob", password=README_PASSWORDS["bob"]
+        )
+        assert reply.returncode == 0, reply.stderr
+        sdk.stdout.wait_for("^bob: hi alice$")
         assert sdk.process.poll() is None, sdk.stderr.seen
     finally:
         readme.close()

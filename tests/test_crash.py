@@ -8,7 +8,7 @@ import threading
 from sqlalchemy import text
 from sqlmodel import Session
 
-from clients.sdk import ChatClient
+from mqchat import ChatClient
 
 from .conftest import Stack
 from .services import PostgresServer

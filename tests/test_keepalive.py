@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from clients.sdk import ChatClient
+from mqchat import ChatClient
 
 from .conftest import Stack, password_of
 from .tcp_proxy import TcpProxy

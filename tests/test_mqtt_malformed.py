@@ -21,7 +21,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from clients.sdk import ChatClient
+from mqchat import ChatClient
 
 from .conftest import Stack, password_of
 

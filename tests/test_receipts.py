@@ -8,8 +8,8 @@ import json
 from sqlmodel import Session, select
 
 import protocol
-from clients.sdk import ChatClient
 from core.mqtt import Incoming
+from mqchat import ChatClient
 from protocol import topics
 from store.tables import Cursor
 

@@ -24,9 +24,8 @@ import pytest
 import trustme
 
 from broker.mosquitto import TlsListeners, render_config
-from clients.history import HistoryClient
-from clients.sdk import ChatClient, ChatMessage
 from core.mqtt import LinkConfig, MqttError, MqttLink, tls_context
+from mqchat import ChatClient, ChatMessage, ConnectError, HistoryClient
 
 from .conftest import (
     ROOT,
@@ -273,7 +272,7 @@ async def test_history_api_over_https(tmp_path: Path, pki: Pki) -> None:
 
         system_ca = HistoryClient(base, "alice", password_of("alice"))
         try:
-            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            with pytest.raises(ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                 await system_ca.conversations()
         finally:
             await system_ca.close()

@@ -6,7 +6,7 @@ import asyncio
 import re
 import zlib
 
-from clients.sdk import ChatClient
+from mqchat import ChatClient
 
 from .conftest import BRIDGE_READY, Daemon, Stack
 from .test_chat import stored

@@ -5,9 +5,8 @@ The broker's queue is a cache. A device that was away longer than its session li
 or for more messages than the broker queues, gets the rest from here, by
 per-conversation cursor; a gap in ``seq`` seen live is filled from here too.
 
-Exceptions::
-
-    HistoryError      the API answered with an error (.status, .code)
+Raises :class:`HistoryError` for the API's errors and :class:`ConnectError` when it
+cannot be reached (``_exceptions.py`` draws the tree).
 """
 
 from __future__ import annotations
@@ -22,16 +21,13 @@ import httpx
 
 import protocol
 
-
-class HistoryError(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(f"{status} {code}: {detail}")
-        self.status = status
-        self.code = code
+from ._exceptions import UNEXPECTED_RESPONSE, UNREACHABLE, ConnectError, HistoryError
 
 
 @dataclass(frozen=True, slots=True)
 class ConversationState:
+    """Where a conversation stands: catching up reads it to skip what is already here."""
+
     id: str
     last_seq: int
 
@@ -64,9 +60,11 @@ class HistoryClient:
         self.page_size = page_size
 
     async def close(self) -> None:
+        """Close the HTTP connections; :meth:`ChatClient.close` calls it for its own."""
         await self._http.aclose()
 
     async def conversations(self) -> list[ConversationState]:
+        """Every conversation of the user, with its last seq."""
         data = await self._get("/v1/conversations")
         return [
             ConversationState(c["id"], c["last_message"]["seq"] if c["last_message"] else 0)
@@ -97,8 +95,10 @@ class HistoryClient:
     async def presence(self, username: str) -> protocol.Presence | None:
         """A user's presence, as the same model as MQTT's ``chat/v1/presence/{user}``.
 
-        None if no device of theirs was ever seen. Raises :class:`HistoryError`
-        (``unknown_user``) for a name with no (enabled) account.
+        None if no device of theirs was ever seen.
+
+        Raises:
+            HistoryError: ``unknown_user`` for a name with no (enabled) account.
         """
         data = await self._get(f"/v1/users/{quote(username, safe='')}/presence")
         if data["at"] is None:
@@ -107,16 +107,26 @@ class HistoryClient:
 
     async def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         headers = {"Authorization": f"Bearer {await self._bearer()}"}
-        response = await self._http.get(path, params=params, headers=headers)
+        response = await self._request("GET", path, params=params, headers=headers)
         if response.status_code == 401:  # expired meanwhile: once more with a new one
             self._token = None
             headers = {"Authorization": f"Bearer {await self._bearer()}"}
-            response = await self._http.get(path, params=params, headers=headers)
+            response = await self._request("GET", path, params=params, headers=headers)
         return self._json(response)
+
+    async def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
+        # httpx's own errors stay inside: an app catches the SDK's tree only.
+        try:
+            return await self._http.request(method, path, **options)
+        except httpx.TransportError as exc:
+            raise ConnectError(
+                UNREACHABLE, f"history API at {self._http.base_url}: {exc!r}"
+            ) from exc
 
     async def _bearer(self) -> str:
         if self._token is None or time.monotonic() > self._token_expires:
-            response = await self._http.post(
+            response = await self._request(
+                "POST",
                 "/v1/tokens",
                 data={"username": self._username, "password": self._password},
             )
@@ -133,6 +143,12 @@ class HistoryClient:
                 error = response.json()["error"]
                 code, detail = str(error["code"]), str(error["detail"])
             except (ValueError, KeyError, TypeError):
-                code, detail = "http_error", response.text[:200]
+                # Not the API's error body: something in front of it answered.
+                code, detail = UNEXPECTED_RESPONSE, response.text[:200]
             raise HistoryError(response.status_code, code, detail)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            raise HistoryError(
+                response.status_code, UNEXPECTED_RESPONSE, response.text[:200]
+            ) from None

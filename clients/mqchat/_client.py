@@ -1,4 +1,4 @@
-"""The Python SDK: one device's chat connection.
+"""One device's chat connection: :class:`ChatClient`.
 
 ::
 
@@ -15,10 +15,10 @@ published only once the previous one is stored. A lost uplink that is resent can
 therefore never land behind a later one, whatever the broker does with in-flight
 messages when the bridge restarts.
 
-Exceptions::
-
-    ChatError            the bridge refused a message (.code, .detail, .id)
-    └── SendTimeout      no ``sent`` receipt in time; the message stays in the outbox
+Errors: every failure raised here is a :class:`MqchatError` (``_exceptions.py`` draws
+the tree); paho's, httpx's and the MQTT link's own never reach the app. Only misuse
+(a bad argument: ``ValueError``) and :meth:`ChatClient.next_message`'s timeout (asyncio's
+``TimeoutError``: nothing failed, nothing came) are Python's own.
 """
 
 from __future__ import annotations
@@ -35,15 +35,25 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-import httpx
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 import protocol
+from core import mqtt
 from core.mqtt import Incoming, LinkConfig, MqttLink, Will
 from protocol import errors, topics
 
-from .history import HistoryClient, HistoryError
+from ._exceptions import (
+    CONNECTION_LOST,
+    UNREACHABLE,
+    ConnectError,
+    ConnectRefused,
+    HistoryError,
+    MessageRefused,
+    MqchatError,
+    SendTimeout,
+)
+from ._history import HistoryClient
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +63,7 @@ CATCH_UP_RETRY_MAX = 5.0
 
 def _history_unavailable(exc: BaseException) -> bool:
     """Worth retrying: the history API is unreachable or answers 5xx (database down)."""
-    return isinstance(exc, httpx.HTTPError) or (isinstance(exc, HistoryError) and exc.status >= 500)
-
-
-class ChatError(Exception):
-    def __init__(self, code: str, detail: str, id: str | None = None) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
-        self.id = id
-
-
-class SendTimeout(ChatError):
-    def __init__(self, id: str) -> None:
-        super().__init__("timeout", "no 'sent' receipt yet; still in the outbox", id)
+    return isinstance(exc, ConnectError) or (isinstance(exc, HistoryError) and exc.status >= 500)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +77,8 @@ class Sent:
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
+    """A stored message as this device shows it: in seq order, once."""
+
     id: str
     conversation: str
     seq: int
@@ -126,7 +125,7 @@ class ChatClient:
 
     Args:
         transport: ``websockets`` for MQTT over WebSocket (path ``/mqtt``).
-        tls: verify and encrypt with this context (``core.mqtt.tls_context``);
+        tls: verify and encrypt with this context (:func:`tls_context`);
             the port must then be a TLS listener's.
         device: names this device; the MQTT client id is ``{username}:{device}``, fixed,
             so the broker keeps the device's queue while it is offline.
@@ -216,7 +215,9 @@ class ChatClient:
         self._held: dict[str, _Held] = {
             conv: _Held(delivered=seq) for conv, seq in (cursors or {}).items()
         }
-        self.errors: asyncio.Queue[ChatError] = asyncio.Queue()
+        #: Refusals nobody awaits: of an ack, typing or presence, or of a message whose
+        #: ``send()`` is no longer waiting.
+        self.errors: asyncio.Queue[MessageRefused] = asyncio.Queue()
         self.receipts: asyncio.Queue[protocol.Receipt] = asyncio.Queue()
         self.typing_events: asyncio.Queue[protocol.DownTyping] = asyncio.Queue()
 
@@ -228,24 +229,47 @@ class ChatClient:
         await self.close()
 
     async def connect(self) -> None:
-        """Connect and subscribe to this user's downlink (raises ``ConnectRefused``).
+        """Connect and subscribe to this user's downlink; then stay connected.
 
         With a history client, this device's cursors are read from the server first,
         and everything after them is fetched once connected (catch-up).
+
+        Raises:
+            ConnectRefused: the broker refused the credentials (or throttles them).
+            ConnectError: the broker cannot be reached (``unreachable``) or dropped
+                the connection while subscribing (``connection_lost``).
+            HistoryError: the history API refused (``unauthorized``, ...).
         """
         if self.history is not None:
             for conversation, seq in (await self.history.cursors(self.device)).items():
                 held = self._held.setdefault(conversation, _Held())
                 held.delivered = max(held.delivered or 0, seq)
-        await self.link.connect()
-        await self.link.subscribe(topics.down_all(self.username), qos=1)
+        where = f"{self.link.config.host}:{self.link.config.port}"
+        try:
+            await self.link.connect()
+            await self.link.subscribe(topics.down_all(self.username), qos=1)
+        except mqtt.ConnectRefused as exc:
+            raise ConnectRefused(exc.reason) from exc
+        except mqtt.SubscribeRefused as exc:
+            raise ConnectRefused(str(exc)) from exc
+        except (OSError, TimeoutError) as exc:
+            raise ConnectError(UNREACHABLE, f"broker at {where}: {exc}") from exc
+        except mqtt.MqttError as exc:
+            # Connected, then cut off before the subscription was in place: on
+            # mosquitto, typically another connection of this device taking it back.
+            raise ConnectError(CONNECTION_LOST, f"broker at {where}: {exc}") from exc
         if self.presence_interval is not None:
             self._presence_task = asyncio.create_task(self._announce_presence())
         if self.history is not None:
             await self.catch_up()
 
     async def catch_up(self) -> None:
-        """Fetch from the history API everything after this device's cursors."""
+        """Fetch from the history API everything after this device's cursors.
+
+        Raises:
+            HistoryError: the API answered with an error.
+            ConnectError: it cannot be reached.
+        """
         assert self.history is not None
         for state in await self.history.conversations():
             held = self._held.setdefault(state.id, _Held())
@@ -294,8 +318,9 @@ class ChatClient:
         """Send a message and wait until it is stored.
 
         Raises:
-            ChatError: the bridge refused it (``unknown_recipient``, ...) or it is
-                invalid before sending (``body_too_large``, ``invalid_payload``).
+            MessageRefused: the bridge refused it (``unknown_recipient``, ...) or it is
+                invalid before sending (``body_too_large``, ``invalid_payload``,
+                ``payload_too_large``).
             SendTimeout: no receipt within ``timeout``; the message stays in the
                 outbox and is still resent.
         """
@@ -308,10 +333,10 @@ class ChatClient:
                 if len(body) > protocol.MAX_BODY_CHARS
                 else errors.INVALID_PAYLOAD
             )
-            raise ChatError(code, str(exc.errors()[0]["msg"]), message_id) from None
+            raise MessageRefused(code, str(exc.errors()[0]["msg"]), message_id) from None
         payload = protocol.encode(up)
         if len(payload) > protocol.MAX_PAYLOAD_BYTES:
-            raise ChatError(errors.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes", message_id)
+            raise MessageRefused(errors.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes", message_id)
         existing = self._outbox.get(message_id)
         if existing is None:
             lane = f"to:{to}" if to is not None else f"conversation:{conversation}"
@@ -326,9 +351,18 @@ class ChatClient:
             raise SendTimeout(message_id) from None
 
     async def mark_read(self, conversation: str, seq: int) -> None:
-        """Tell the other members (and this user's other devices) that up to ``seq`` is read."""
+        """Tell the other members (and this user's other devices) that up to ``seq`` is read.
+
+        Returns once the broker has it; a refusal arrives on :attr:`errors`.
+
+        Raises:
+            ConnectError: the link failed to publish (``connection_lost``).
+        """
         ack = protocol.UpAck(conversation=conversation, read=seq, device=self.device)
-        await self.link.publish(topics.up(self.username, "ack"), protocol.encode(ack), qos=1)
+        try:
+            await self.link.publish(topics.up(self.username, "ack"), protocol.encode(ack), qos=1)
+        except mqtt.MqttError as exc:
+            raise ConnectError(CONNECTION_LOST, str(exc)) from exc
 
     def set_typing(self, conversation: str, typing: bool = True) -> None:
         """Show the others that this user is (or stopped) typing; QoS 0, best effort."""
@@ -341,6 +375,11 @@ class ChatClient:
             yield await self._inbox.get()
 
     async def next_message(self, timeout: float | None = None) -> ChatMessage:
+        """The next incoming message, as :meth:`messages` yields it.
+
+        Raises:
+            TimeoutError: none within ``timeout`` (asyncio's: nothing failed).
+        """
         return await asyncio.wait_for(self._inbox.get(), timeout)
 
     # -- sending --------------------------------------------------------------------
@@ -423,7 +462,7 @@ class ChatClient:
             ):
                 with attempt:
                     await self.catch_up()
-        except HistoryError as exc:  # 4xx: retrying will not help
+        except MqchatError as exc:  # a 4xx: retrying will not help
             log.warning("catch-up failed: %s", exc)
 
     # -- receiving ------------------------------------------------------------------
@@ -455,7 +494,7 @@ class ChatClient:
         self.receipts.put_nowait(receipt)
 
     def _on_error(self, payload: protocol.ErrorPayload) -> None:
-        error = ChatError(payload.code, payload.detail, payload.id)
+        error = MessageRefused(payload.code, payload.detail, payload.id)
         item = self._outbox.get(payload.id) if payload.id is not None else None
         if item is not None and payload.code == errors.RATE_LIMITED:
             # Not stored, not refused: it stays at the head of its lane and is resent
@@ -533,7 +572,7 @@ class ChatClient:
             missing = await self.history.messages_between(
                 conversation, after=held.delivered, before=held.heap[0][0]
             )
-        except (HistoryError, httpx.HTTPError) as exc:
+        except MqchatError as exc:
             log.warning("gap fill failed, retrying after the hold-back: %s", exc)
             held.gap_timer = asyncio.get_running_loop().call_later(
                 self.hold_back, self._give_up_gap, held
