@@ -17,9 +17,13 @@ field renames its variable instead of silently dropping it, as a hand-typed
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
+import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
 from pydantic import AliasChoices, SecretStr, ValidationError
@@ -30,7 +34,13 @@ from protocol import topics
 
 _S = TypeVar("_S", bound=BaseSettings)
 
-EXIT_CONFIG = 78  # EX_CONFIG, the exit code of every daemon for a bad setting
+EXIT_OK: Final = 0
+#: The exit code of every daemon for a bad setting.
+EXIT_CONFIG: Final = 78  # EX_CONFIG
+#: A port to listen on is in use, or not ours to bind.
+EXIT_CANNOT_LISTEN: Final = 71  # EX_OSERR
+#: A second signal: exited at once, without finishing the shutdown.
+EXIT_FORCED: Final = 130
 
 #: In the embedded broker's log once every listener accepts connections: what
 #: ``mqchat up`` waits for.
@@ -39,6 +49,28 @@ BROKER_READY_LOG: Final = "embedded broker listening on"
 #: In the bridge's log once it consumes uplinks: what supervisors and tests wait for
 #: (a bare "consuming" would also match psycopg's "consuming input failed").
 BRIDGE_READY_LOG: Final = f"consuming {topics.ALL_UPLINKS}"
+
+
+def stop_on_signals(request_stop: Callable[[], None]) -> None:
+    """SIGTERM or Ctrl-C calls ``request_stop`` (a flag; the daemon drains and exits);
+    a second one exits at once with EXIT_FORCED.
+
+    Call it from the daemon's event loop. Forcing is safe for ours: whatever a daemon
+    had not finished is redelivered, or was never acknowledged.
+    """
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            logging.warning("second signal: exiting now")
+            os._exit(EXIT_FORCED)
+        request_stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
 
 
 def describe(exc: ValidationError, settings: type[BaseSettings]) -> str:
