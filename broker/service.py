@@ -1,4 +1,4 @@
-"""The embedded broker as a daemon, in the shape of uvicorn's server (and the bridge).
+"""The embedded broker as a daemon, in the shape of every daemon (``core.daemon.Service``).
 
 ``run()`` → ``startup()`` → ``main_loop()`` → ``shutdown()``; a signal only sets a
 flag (``request_stop``). ``startup()`` tells a port it cannot listen on apart from any
@@ -15,7 +15,7 @@ import logging
 
 from amqtt.errors import BrokerError
 
-from core.daemon import BROKER_READY_LOG
+from core.daemon import BROKER_READY_LOG, Service
 
 from .config import BrokerSettings
 from .embedded import MqchatBroker
@@ -36,21 +36,11 @@ class _BindFailure(logging.Filter):
         return not isinstance(error, OSError)
 
 
-class BrokerService:
+class BrokerService(Service):
     def __init__(self, settings: BrokerSettings) -> None:
+        super().__init__()
         self.settings = settings
         self.broker = MqchatBroker(settings)
-        self._stop = asyncio.Event()
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    async def run(self) -> None:
-        await self.startup()
-        try:
-            await self.main_loop()
-        finally:
-            await self.shutdown()
 
     async def startup(self) -> None:
         amqtt_log = logging.getLogger("amqtt.broker")

@@ -17,6 +17,7 @@ field renames its variable instead of silently dropping it, as a hand-typed
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import logging
@@ -49,6 +50,38 @@ BROKER_READY_LOG: Final = "embedded broker listening on"
 #: In the bridge's log once it consumes uplinks: what supervisors and tests wait for
 #: (a bare "consuming" would also match psycopg's "consuming input failed").
 BRIDGE_READY_LOG: Final = f"consuming {topics.ALL_UPLINKS}"
+
+
+class Service(abc.ABC):
+    """A daemon's work in the shape of uvicorn's server, as every daemon of ours has it.
+
+    ``run()`` → ``startup()`` → ``main_loop()`` → ``shutdown()``. ``request_stop()``
+    only sets a flag (it is what a signal calls); ``main_loop()`` returns once it is
+    set, and ``shutdown()`` runs however the loop ended, bounded by a timeout of the
+    daemon's settings.
+    """
+
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        await self.startup()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    @abc.abstractmethod
+    async def startup(self) -> None: ...
+
+    @abc.abstractmethod
+    async def main_loop(self) -> None: ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...
 
 
 def stop_on_signals(request_stop: Callable[[], None]) -> None:

@@ -213,7 +213,7 @@ class Child:
         """Whether the latest start has logged its ready line and its ports accept."""
         if self.ready_line is not None and self.ready_line not in self.latest_log():
             return False
-        return all(_accepts(host, port) for host, port in self.ports)
+        return all(accepts(host, port) for host, port in self.ports)
 
     def wait_for_log(self, needle: str, *, timeout: float = 30.0) -> None:
         """Block until the latest start has logged ``needle``.
@@ -319,9 +319,10 @@ class Child:
         return self.process
 
 
-def _accepts(host: str, port: int) -> bool:
+def accepts(host: str, port: int, *, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections at (host, port) now."""
     try:
-        with socket.create_connection((host, port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import secrets
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
@@ -20,7 +19,7 @@ import typer
 from pydantic_settings import BaseSettings
 
 from core.daemon import BRIDGE_READY_LOG, BROKER_READY_LOG, child_environment, load
-from core.supervisor import Child, Supervisor
+from core.supervisor import Child, Supervisor, accepts
 
 from .database import migrate_for_up, shown, url_for
 from .options import (
@@ -44,14 +43,6 @@ def _client_host(host: str) -> str:
     """Where a client on this machine reaches a service bound to ``host``."""
     wildcards = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # noqa: S104
     return wildcards.get(host, host)
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return True
-    except OSError:
-        return False
 
 
 def _bridge_password(data_dir: Path) -> str:
@@ -205,7 +196,9 @@ def up(
     if len(set(ports)) != len(ports):
         raise typer.BadParameter("each service needs a port of its own", param_hint="ports")
     busy = [
-        (option, port) for option, port in binds if port and _port_in_use(_client_host(host), port)
+        (option, port)
+        for option, port in binds
+        if port and accepts(_client_host(host), port, timeout=1.0)
     ]
     if busy:
         # Every busy port at once: fixing them one run at a time is a guessing game.
@@ -251,46 +244,28 @@ def up(
             ready_line=BROKER_READY_LOG,
             describe=lambda pid: f"{'broker':<7} mqtt://{near}:{mqtt_port}{ws}  (pid {pid})",
         )
-        bridge_settings = _settings(
-            BridgeSettings,
-            "bridge",
-            database_url=url,
-            mqtt_host=near,
-            mqtt_port=mqtt_port,
-            username=BRIDGE_USERNAME,
-            password=password,
-        )
+        bridge_link: dict[str, Any] = {
+            "mqtt_host": near,
+            "mqtt_port": mqtt_port,
+            "username": BRIDGE_USERNAME,
+            "password": password,
+        }
         # The embedded broker keeps no accounts of its own: the API must not try
         # mosquitto's, whatever the environment says.
-        api_settings = _settings(
-            ApiSettings,
-            "history_api",
-            database_url=url,
-            host=host,
-            port=api_port,
-            mosquitto_admin_password=None,
-        )
+        api_mosquitto: dict[str, Any] = {"mosquitto_admin_password": None}
         hint = "" if data_dir == DEFAULT_DATA_DIR else f" --data-dir {data_dir}"
     else:
-        bridge_settings = _settings(
-            BridgeSettings,
-            "bridge",
-            database_url=url,
-            mqtt_host=external[0],
-            mqtt_port=external[1],
-            password=mosquitto_bridge_password,
-        )
-        api_settings = _settings(
-            ApiSettings,
-            "history_api",
-            database_url=url,
-            host=host,
-            port=api_port,
-            mosquitto_host=external[0],
-            mosquitto_port=external[1],
-            mosquitto_admin_username=mosquitto_admin_user,
-            mosquitto_admin_password=mosquitto_admin_password,
-        )
+        bridge_link = {
+            "mqtt_host": external[0],
+            "mqtt_port": external[1],
+            "password": mosquitto_bridge_password,
+        }
+        api_mosquitto = {
+            "mosquitto_host": external[0],
+            "mosquitto_port": external[1],
+            "mosquitto_admin_username": mosquitto_admin_user,
+            "mosquitto_admin_password": mosquitto_admin_password,
+        }
         header.insert(
             0, f"{'broker':<7} mqtt://{external[0]}:{external[1]}  (mosquitto, not started here)"
         )
@@ -298,6 +273,10 @@ def up(
             f" --mosquitto-host {external[0]} --mosquitto-port {external[1]}"
             " --mosquitto-admin-password ..."
         )
+    bridge_settings = _settings(BridgeSettings, "bridge", database_url=url, **bridge_link)
+    api_settings = _settings(
+        ApiSettings, "history_api", database_url=url, host=host, port=api_port, **api_mosquitto
+    )
     bridge = _child(
         bridge_settings,
         "bridge",
