@@ -239,7 +239,9 @@ class Child:
                 returncode = process.wait(min(POLL, remaining))
             except subprocess.TimeoutExpired:
                 continue
-            raise NotReady(self, f"{exit_text(returncode)} before {what}")
+            raise NotReady(
+                self, f"{exit_text(returncode)} before {what}; its log ends:\n{self.log_tail()}"
+            )
 
     async def until_ready(self, timeout: float) -> bool:
         """``wait_ready`` for an event loop; True once ready (a value ``unless_set``
