@@ -35,6 +35,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_FORCED",
+    "EXIT_OK",
+    "Child",
+    "NotReady",
+    "Supervisor",
+    "accepts",
+    "exit_text",
+    "say",
+    "unless_set",
+]
+
 EXIT_OK: Final = 0
 #: A child could not start, or died too often.
 EXIT_FAILED: Final = 1
