@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Final
 
 import typer
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from store import make_engine, migrate
-from store.db import alembic_config
+from store.db import revisions
 from store.tables import Account
 
 from .options import DEFAULT_DATA_DIR, DatabaseUrlOption, DataDirOption
@@ -39,14 +37,6 @@ def url_for(database_url: str | None, data_dir: Path) -> str:
 def shown(url: str) -> str:
     """The URL without its password, for messages."""
     return make_url(url).render_as_string(hide_password=True)
-
-
-def revisions(engine: Engine) -> tuple[str | None, str | None]:
-    """(the database's revision, the newest this code knows)."""
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    with engine.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
-    return current, head
 
 
 def open_migrated(url: str) -> Engine:
