@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import sys
 
 from core import daemon
@@ -20,8 +18,8 @@ from core.mqtt import ConnectRefused
 from .config import BridgeSettings
 from .service import Bridge, SchemaNotReady
 
-EXIT_OK = 0
-EXIT_FORCED = 130
+EXIT_OK = daemon.EXIT_OK
+EXIT_FORCED = daemon.EXIT_FORCED
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE: broker unreachable at startup
 EXIT_NOPERM = 77  # EX_NOPERM: the broker refused our credentials
 EXIT_CONFIG = daemon.EXIT_CONFIG
@@ -41,19 +39,7 @@ def main() -> int:
         # thread gets the GIL back within 0.5 ms of each round trip instead of 5 ms.
         freeze_what_exists()
         sys.setswitchinterval(0.0005)
-        loop = asyncio.get_running_loop()
-        signals = 0
-
-        def on_signal() -> None:
-            nonlocal signals
-            signals += 1
-            if signals > 1:
-                logging.warning("second signal: exiting now")
-                os._exit(EXIT_FORCED)
-            bridge.request_stop()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal)
+        daemon.stop_on_signals(bridge.request_stop)
         try:
             await bridge.run()
         except ConnectRefused as exc:

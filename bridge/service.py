@@ -41,7 +41,7 @@ from tenacity import (
 )
 
 import protocol
-from core.daemon import BRIDGE_READY_LOG
+from core.daemon import BRIDGE_READY_LOG, Service
 from core.mqtt import Incoming, LinkConfig, MqttLink
 from protocol import errors, topics
 from store import conversations, make_engine, presence
@@ -100,13 +100,13 @@ class _Batch:
     typing: list[tuple[str, protocol.UpTyping]] = field(default_factory=list)
 
 
-class Bridge:
+class Bridge(Service):
     def __init__(self, settings: BridgeSettings, engine: Engine | None = None) -> None:
+        super().__init__()
         self.settings = settings
         # No pool pre-ping: every database call here retries a lost connection.
         self.engine = engine or make_engine(settings.database_url, pool_pre_ping=False)
         self._queue: asyncio.Queue[Incoming] = asyncio.Queue()
-        self._stop = asyncio.Event()
         self._ack_tasks: set[asyncio.Task[None]] = set()
         self.link = MqttLink(
             LinkConfig(
@@ -145,16 +145,6 @@ class Bridge:
         #: Database turns taken (logged at shutdown; tests read it to show that
         #: refused uplinks cost none).
         self.database_turns = 0
-
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    async def run(self) -> None:
-        await self.startup()
-        try:
-            await self.main_loop()
-        finally:
-            await self.shutdown()
 
     async def startup(self) -> None:
         await asyncio.to_thread(self._check_schema)

@@ -1,10 +1,13 @@
-"""``python -m broker``: run the embedded broker until SIGTERM or Ctrl-C."""
+"""``python -m broker``: run the embedded broker; settings come from ``MQCHAT_BROKER_*``.
+
+The first SIGTERM or Ctrl-C closes every session and exits (within
+``MQCHAT_BROKER_SHUTDOWN_TIMEOUT``); a second one exits at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 from core import daemon
@@ -12,10 +15,12 @@ from core.collector import keep_collections_short
 
 from . import lognoise
 from .config import BrokerSettings
-from .embedded import serve
+from .service import BrokerService, CannotListen
 
-EXIT_OK = 0
+EXIT_OK = daemon.EXIT_OK
+EXIT_CANNOT_LISTEN = daemon.EXIT_CANNOT_LISTEN
 EXIT_CONFIG = daemon.EXIT_CONFIG
+EXIT_FORCED = daemon.EXIT_FORCED
 
 
 def main() -> int:
@@ -27,19 +32,20 @@ def main() -> int:
         return EXIT_CONFIG
     lognoise.install(settings.client_log_interval)
 
-    async def run() -> None:
+    async def run() -> int:
         collector = asyncio.create_task(keep_collections_short())  # process-wide
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        service = BrokerService(settings)
+        daemon.stop_on_signals(service.request_stop)
         try:
-            await serve(settings, stop)
+            await service.run()
+        except CannotListen as exc:
+            logging.error("%s (check MQCHAT_BROKER_HOST and the ports)", exc)
+            return EXIT_CANNOT_LISTEN
         finally:
             collector.cancel()
+        return EXIT_OK
 
-    asyncio.run(run())
-    return EXIT_OK
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":

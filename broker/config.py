@@ -23,6 +23,9 @@ class BrokerSettings(BaseSettings):
     bridge_username: str = "mqchat-bridge"
     #: No default: a service password that ships in the code is everyone's password.
     bridge_password: SecretStr
+    #: Seconds amqtt gets to close every session on SIGTERM; then what is left is
+    #: abandoned (and logged), and the broker exits.
+    shutdown_timeout: float = Field(default=10.0, gt=0)
     #: Seconds a disconnected persistent session (and its queue) is kept.
     session_expiry: int = 30 * 24 * 3600
     #: The server certificate (PEM, with any intermediates after it) and its private

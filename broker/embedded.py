@@ -56,7 +56,6 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
 
-from core.daemon import BROKER_READY_LOG
 from core.throttle import Throttle
 from protocol import acl
 from store import accounts, make_engine, reading, signin
@@ -240,6 +239,12 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         await super().start()
         self._watch_task = asyncio.create_task(self._watch_accounts())
 
+    def unfinished(self) -> str:
+        """What a shutdown cut short would abandon: sessions not yet closed, messages
+        not yet relayed (both as amqtt counts them)."""
+        sessions = len(getattr(self, "_sessions"))  # noqa: B009
+        return f"{sessions} client sessions, {self._broadcast_queue.qsize()} messages to relay"
+
     async def shutdown(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
@@ -247,7 +252,11 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         try:
             await super().shutdown()
         finally:
-            self._engine.dispose()
+            self.dispose()
+
+    def dispose(self) -> None:
+        """Close the database connections: also after a start or shutdown that failed."""
+        self._engine.dispose()
 
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
@@ -755,27 +764,3 @@ class _BroadcastQueue(asyncio.Queue[dict[str, Any]]):
         # amqtt reads the table right after this, before it awaits anything.
         self._table.relaying = broadcast.get("topic")
         return broadcast
-
-
-async def serve(settings: BrokerSettings, stop: asyncio.Event) -> None:
-    """Run the broker until ``stop`` is set."""
-    broker = MqchatBroker(settings)
-    await broker.start()
-    log.info(
-        "%s %s:%s (ws %s)",
-        BROKER_READY_LOG,
-        settings.host,
-        settings.port,
-        settings.ws_port or "off",
-    )
-    if settings.tls:
-        log.info(
-            "TLS listeners on %s: mqtts %s, wss %s",
-            settings.tls_host or settings.host,
-            settings.tls_port or "off",
-            settings.wss_port or "off",
-        )
-    try:
-        await stop.wait()
-    finally:
-        await broker.shutdown()

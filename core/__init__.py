@@ -9,7 +9,9 @@ before, the daemons reached into ``clients/`` for their MQTT transport and into
 * ``dynsec``: mosquitto's dynamic-security accounts and their ACLs over ``$CONTROL``;
 * ``throttle``: events per key in moving windows, for refusing floods;
 * ``collector``: how a long-running daemon keeps garbage collections short;
-* ``daemon``: a daemon's exit code and message for a bad setting, its ready log line.
+* ``daemon``: a daemon's exit code and message for a bad setting, its ready log line,
+  its settings as the environment that starts it;
+* ``supervisor``: our daemons as child processes, for ``mqchat up``, tests, benchmarks.
 
 Imports run one way, downward (``tests/test_layout.py`` holds every package to it)::
 

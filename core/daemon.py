@@ -1,26 +1,47 @@
 """What every daemon (broker, bridge, history API) shares with whoever supervises it.
 
-Its exit code and message for a bad setting, and the log line that says it is ready.
+Its exit code and message for a bad setting, the log line that says it is ready, and
+its settings as the environment that starts it.
+
 A bad setting is told as the environment variable an operator sets: pydantic's own
 message names fields (``password``) and links to its docs; the operator has set, or
 forgot, ``MQCHAT_BRIDGE_PASSWORD``. The ready lines live here rather than in the
 daemons' packages so that ``mqchat up``, the tests and the benchmarks can wait for
 them without importing a daemon.
+
+A supervisor builds a daemon's settings object and ``environment(settings)`` turns it
+into ``MQCHAT_BRIDGE_*`` variables, named from the settings class itself: a renamed
+field renames its variable instead of silently dropping it, as a hand-typed
+``"MQCHAT_BRIDGE_MQTT_HOST"`` would.
 """
 
 from __future__ import annotations
 
+import abc
+import asyncio
+import json
+import logging
+import os
+import signal
 import sys
-from typing import Final, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeVar
 
-from pydantic import ValidationError
-from pydantic_settings import BaseSettings
+from pydantic import AliasChoices, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode
 
 from protocol import topics
 
 _S = TypeVar("_S", bound=BaseSettings)
 
-EXIT_CONFIG = 78  # EX_CONFIG, the exit code of every daemon for a bad setting
+EXIT_OK: Final = 0
+#: The exit code of every daemon for a bad setting.
+EXIT_CONFIG: Final = 78  # EX_CONFIG
+#: A port to listen on is in use, or not ours to bind.
+EXIT_CANNOT_LISTEN: Final = 71  # EX_OSERR
+#: A second signal: exited at once, without finishing the shutdown.
+EXIT_FORCED: Final = 130
 
 #: In the embedded broker's log once every listener accepts connections: what
 #: ``mqchat up`` waits for.
@@ -29,6 +50,60 @@ BROKER_READY_LOG: Final = "embedded broker listening on"
 #: In the bridge's log once it consumes uplinks: what supervisors and tests wait for
 #: (a bare "consuming" would also match psycopg's "consuming input failed").
 BRIDGE_READY_LOG: Final = f"consuming {topics.ALL_UPLINKS}"
+
+
+class Service(abc.ABC):
+    """A daemon's work in the shape of uvicorn's server, as every daemon of ours has it.
+
+    ``run()`` → ``startup()`` → ``main_loop()`` → ``shutdown()``. ``request_stop()``
+    only sets a flag (it is what a signal calls); ``main_loop()`` returns once it is
+    set, and ``shutdown()`` runs however the loop ended, bounded by a timeout of the
+    daemon's settings.
+    """
+
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        await self.startup()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    @abc.abstractmethod
+    async def startup(self) -> None: ...
+
+    @abc.abstractmethod
+    async def main_loop(self) -> None: ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...
+
+
+def stop_on_signals(request_stop: Callable[[], None]) -> None:
+    """SIGTERM or Ctrl-C calls ``request_stop`` (a flag; the daemon drains and exits);
+    a second one exits at once with EXIT_FORCED.
+
+    Call it from the daemon's event loop. Forcing is safe for ours: whatever a daemon
+    had not finished is redelivered, or was never acknowledged.
+    """
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            logging.warning("second signal: exiting now")
+            os._exit(EXIT_FORCED)
+        request_stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
 
 
 def describe(exc: ValidationError, settings: type[BaseSettings]) -> str:
@@ -44,11 +119,75 @@ def describe(exc: ValidationError, settings: type[BaseSettings]) -> str:
     return "\n".join(lines)
 
 
-def load(settings: type[_S], daemon: str) -> _S | None:
-    """The settings from the environment, or None after printing what is wrong."""
+def load(settings: type[_S], daemon: str, **values: Any) -> _S | None:
+    """The settings from the environment (``values`` first), or None after printing
+    what is wrong."""
+    # The settings ignore names they do not know (the environment is full of them):
+    # a caller's misspelt or renamed field must not be ignored with them.
+    unknown = sorted(set(values) - set(settings.model_fields))
+    if unknown:
+        raise TypeError(f"{settings.__name__} has no field {', '.join(unknown)}")
     try:
-        return settings()
+        return settings(**values)
     except ValidationError as exc:
         # Not logging: it must read the same whatever logging is set up to do.
         print(f"{daemon}: bad configuration:\n{describe(exc, settings)}", file=sys.stderr)
         return None
+
+
+def variable(settings: type[BaseSettings], field: str) -> str:
+    """The environment variable that sets ``field``: its alias, or prefix and name.
+
+    As pydantic-settings reads them: an alias is taken as it is, without the prefix.
+    """
+    info = settings.model_fields[field]
+    alias = info.validation_alias or info.alias
+    if isinstance(alias, AliasChoices):
+        alias = next((choice for choice in alias.choices if isinstance(choice, str)), None)
+    if isinstance(alias, str):
+        return alias.upper()
+    return (str(settings.model_config.get("env_prefix", "")) + field).upper()
+
+
+def environment(settings: BaseSettings) -> dict[str, str]:
+    """Every setting of ``settings`` as the variable that sets it, ready for a child's
+    environment: reading them back gives equal settings (``tests/test_daemon_settings.py``).
+
+    A setting that is None has no variable (unset is None for every such field ours
+    has); secrets are written out, as the child needs them.
+    """
+    values = settings.model_dump(mode="json")
+    env = {}
+    for name, info in type(settings).model_fields.items():
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            text = value.get_secret_value()
+        else:
+            text = _as_text(values[name], info)
+        env[variable(type(settings), name)] = text
+    return env
+
+
+def child_environment(settings: BaseSettings, base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` (a parent's environment) with ``settings`` in place of every variable
+    of the settings' prefix that it had: the settings object is the whole truth."""
+    prefix = str(type(settings).model_config.get("env_prefix", "")).upper()
+    kept = {key: value for key, value in base.items() if not key.upper().startswith(prefix)}
+    return {**kept, **environment(settings)}
+
+
+def _as_text(value: Any, info: FieldInfo) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and _not_json(info):
+        # Not JSON: such a field splits a comma-separated value itself.
+        return ",".join(str(item) for item in value)
+    # JSON is what pydantic-settings reads for the rest: numbers, true/false, lists.
+    return json.dumps(value)
+
+
+def _not_json(info: FieldInfo) -> bool:
+    # ``Annotated[..., NoDecode]`` puts the class itself in the metadata.
+    return any(meta is NoDecode or isinstance(meta, NoDecode) for meta in info.metadata)

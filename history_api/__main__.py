@@ -1,7 +1,9 @@
 """``python -m history_api``: serve the API with uvicorn; settings from ``MQCHAT_API_*``.
 
-uvicorn owns the signals: SIGTERM or Ctrl-C finishes the requests in flight, runs
-the lifespan shutdown (which disposes of the engine) and exits 0.
+uvicorn owns the signals: SIGTERM or Ctrl-C finishes the requests in flight (for up
+to ``MQCHAT_API_SHUTDOWN_TIMEOUT`` seconds, then cancels them and logs how many),
+runs the lifespan shutdown (which disposes of the engine) and exits 0; a second one
+exits at once. A port it cannot bind, or a startup that fails, exits 3 (uvicorn's).
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from core import daemon
 from .app import create_app
 from .config import ApiSettings
 
-EXIT_OK = 0
+EXIT_OK = daemon.EXIT_OK
 EXIT_CONFIG = daemon.EXIT_CONFIG
+#: uvicorn's own exit code (it exits itself): a port it cannot bind, or the app's
+#: startup failed; it has logged which.
+EXIT_STARTUP_FAILED = 3
 
 
 def main() -> int:
@@ -32,6 +37,7 @@ def main() -> int:
         log_config=None,
         ssl_certfile=settings.tls_certfile,
         ssl_keyfile=settings.tls_keyfile,
+        timeout_graceful_shutdown=settings.shutdown_timeout,
     )
     return EXIT_OK
 

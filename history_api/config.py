@@ -27,6 +27,9 @@ class ApiSettings(BaseSettings):
     mosquitto_port: int = Field(default=1883, ge=1, le=65535)
     mosquitto_admin_username: str = "mqchat-admin"
     mosquitto_admin_password: SecretStr | None = None
+    #: Seconds requests in flight get to finish on SIGTERM; then uvicorn cancels them
+    #: (and logs how many) and the API exits.
+    shutdown_timeout: int = Field(default=10, ge=1)
     #: How long a bearer token from ``POST /v1/tokens`` stays valid: seconds
     #: (``86400``) or ISO 8601 (``PT24H``).
     token_ttl: timedelta = Field(default=timedelta(hours=24), gt=timedelta(0))

@@ -9,9 +9,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings
+
+from bridge.config import BridgeSettings
+from broker.config import BrokerSettings
+from core import daemon
+from history_api.config import ApiSettings
 
 WAIT = 30.0
 
@@ -87,3 +95,113 @@ def test_the_bridge_refuses_a_database_not_at_the_newest_schema(tmp_path: Path) 
     assert done.returncode == 78, done.stderr
     assert "at revision None" in done.stderr
     assert "run `mqchat db upgrade` first" in done.stderr
+
+
+# -- settings -> environment -> settings ----------------------------------------------
+
+
+def _samples(files: Path) -> list[BaseSettings]:
+    """One settings object per daemon with every field away from its default, so that
+    a variable ``environment()`` drops or misnames shows as a difference."""
+    cert, key = files / "cert.pem", files / "key.pem"
+    cert.write_text("not read here")
+    key.write_text("not read here")
+    return [
+        BrokerSettings(
+            host="127.0.0.2",
+            port=1884,
+            ws_port=0,
+            database_url="sqlite:///broker.db",
+            bridge_username="bridge-2",
+            bridge_password=SecretStr("broker's secret"),
+            shutdown_timeout=3.5,
+            session_expiry=3600,
+            tls_certfile=cert,
+            tls_keyfile=key,
+            tls_host="::1",
+            tls_port=8885,
+            wss_port=0,
+            connect_rate="5/second",
+            auth_failures_per_user="3/minute",
+            auth_failures_per_source="4/minute;40/hour",
+            sign_ins_per_user="2/second",
+            sign_ins_per_second=7.5,
+            sign_in_burst=3,
+            account_poll=0.5,
+            connect_timeout=2.5,
+            max_packet_bytes=4096,
+            max_sessions_per_user=4,
+            max_queued_messages=10,
+            max_unreleased_messages=7,
+            client_log_interval=0,
+            publish_rate=12.5,
+            publish_burst=6,
+        ),
+        BridgeSettings(
+            database_url="postgresql+psycopg://u:p@db/mqchat",
+            mqtt_host="broker.internal",
+            mqtt_port=1885,
+            username="bridge-2",
+            password=SecretStr("bridge's secret, with = and ;"),
+            client_id="mqchat-bridge-2",
+            partitions=3,
+            partition=2,
+            keepalive=30,
+            max_batch=16,
+            max_payload_bytes=1024,
+            max_body_chars=100,
+            message_rate="1/second",
+            uplink_rate="2/second;20/minute",
+            max_devices=3,
+            presence_ttl=60.5,
+            slow_turn=0.5,
+            startup_timeout=5.0,
+            shutdown_timeout=2.0,
+            crash_at="after_commit:3",
+        ),
+        ApiSettings(
+            database_url="sqlite:///api.db",
+            host="127.0.0.2",
+            port=8001,
+            mosquitto_host="mqtt.internal",
+            mosquitto_port=1886,
+            mosquitto_admin_username="admin-2",
+            mosquitto_admin_password=SecretStr("admin's secret"),
+            shutdown_timeout=4,
+            token_ttl=timedelta(minutes=90, seconds=5),
+            tls_certfile=cert,
+            tls_keyfile=key,
+            login_failures_per_user="1/minute",
+            login_failures_per_source="2/minute",
+            sign_ins_per_user="3/minute",
+            sign_ins_per_second=1.5,
+            sign_in_burst=2,
+            cors_origins=["https://app.example", "http://localhost:5173"],
+        ),
+    ]
+
+
+@pytest.mark.parametrize("index", range(3), ids=["broker", "bridge", "history_api"])
+def test_settings_survive_the_environment(
+    index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _samples(tmp_path)[index]
+    cls = type(settings)
+    defaults = {name: field.get_default() for name, field in cls.model_fields.items()}
+    unchanged = [name for name, default in defaults.items() if getattr(settings, name) == default]
+    assert not unchanged, (
+        f"give these a value in the sample, or the test cannot see them: {unchanged}"
+    )
+
+    env = daemon.environment(settings)
+    for name in list(os.environ):
+        if name.startswith("MQCHAT_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    assert cls() == settings
+    assert set(env) == {daemon.variable(cls, name) for name in cls.model_fields}
+    prefix = str(cls.model_config["env_prefix"])
+    inherited = {"PATH": "/bin", f"{prefix}STALE": "from the parent"}
+    assert daemon.child_environment(settings, inherited) == {"PATH": "/bin", **env}

@@ -1,0 +1,151 @@
+"""The options more than one command takes, declared once as ``Annotated`` aliases.
+
+The same option has the same name, variable and help everywhere: ``--mqtt-port`` /
+``MQCHAT_MQTT_PORT`` starts ``up``'s broker on a port and points ``send`` at it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Final
+
+import typer
+
+DEFAULT_DATA_DIR: Final = Path(".mqchat")
+DEFAULT_MQTT_PORT: Final = 1883
+
+CONNECTION_PANEL: Final = "Connection"
+MOSQUITTO_PANEL: Final = "mosquitto (production broker)"
+
+HostOption = Annotated[
+    str,
+    typer.Option(
+        "--host", envvar="MQCHAT_HOST", help="Broker host.", rich_help_panel=CONNECTION_PANEL
+    ),
+]
+PortOption = Annotated[
+    int,
+    typer.Option(
+        "--mqtt-port",
+        "--port",
+        # The same name as `up --mqtt-port`: one setting starts the broker on a port
+        # and points every command at it. --port / MQCHAT_PORT are deprecated aliases.
+        envvar=["MQCHAT_MQTT_PORT", "MQCHAT_PORT"],
+        help="Broker MQTT port (--port is a deprecated alias).",
+        rich_help_panel=CONNECTION_PANEL,
+    ),
+]
+UserOption = Annotated[
+    str,
+    typer.Option(
+        "--user", envvar="MQCHAT_USER", help="Your username.", rich_help_panel=CONNECTION_PANEL
+    ),
+]
+PasswordOption = Annotated[
+    str,
+    typer.Option(
+        "--password",
+        envvar="MQCHAT_PASSWORD",
+        prompt=True,
+        hide_input=True,
+        show_default=False,
+        help="Your password; asked for (hidden) when not given.",
+        rich_help_panel=CONNECTION_PANEL,
+    ),
+]
+TlsOption = Annotated[
+    bool,
+    typer.Option(
+        "--tls",
+        envvar="MQCHAT_TLS",
+        help="Connect over TLS, trusting the system's CAs; --mqtt-port is then a TLS "
+        "listener's (8883, or the wss one with --websockets).",
+        rich_help_panel=CONNECTION_PANEL,
+    ),
+]
+TlsCaOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca",
+        envvar="MQCHAT_TLS_CA",
+        dir_okay=False,
+        show_default=False,
+        help="Connect over TLS, trusting the CA certificate(s) in this PEM file "
+        "(a private CA). Implies --tls.",
+        rich_help_panel=CONNECTION_PANEL,
+    ),
+]
+WebsocketsOption = Annotated[
+    bool,
+    typer.Option(
+        "--websockets",
+        envvar="MQCHAT_WEBSOCKETS",
+        help="MQTT over WebSocket (path /mqtt); --mqtt-port is then the WebSocket listener's.",
+        rich_help_panel=CONNECTION_PANEL,
+    ),
+]
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        envvar="MQCHAT_DEVICE",
+        help="Names this device. The broker keeps one session (and offline queue) per "
+        "user and device, and a second connection as the same device takes it over. "
+        "Each command has its own default (cli-listen, cli-chat), so `listen` and "
+        "`chat` run side by side; two of one command at once need a --device each.",
+        rich_help_panel=CONNECTION_PANEL,
+    ),
+]
+DataDirOption = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        envvar="MQCHAT_DATA_DIR",
+        file_okay=False,
+        help="Where `mqchat up` keeps the SQLite database, secrets and logs.",
+    ),
+]
+DatabaseUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        envvar="MQCHAT_DATABASE_URL",
+        show_default=False,
+        help="sqlite:///PATH or postgresql://... [default: the SQLite file in --data-dir]",
+    ),
+]
+MosquittoHostOption = Annotated[
+    str,
+    typer.Option(
+        "--mosquitto-host", envvar="MQCHAT_MOSQUITTO_HOST", rich_help_panel=MOSQUITTO_PANEL
+    ),
+]
+MosquittoPortOption = Annotated[
+    int,
+    typer.Option(
+        "--mosquitto-port", envvar="MQCHAT_MOSQUITTO_PORT", rich_help_panel=MOSQUITTO_PANEL
+    ),
+]
+MosquittoAdminUserOption = Annotated[
+    str,
+    typer.Option(
+        "--mosquitto-admin-username",
+        "--mosquitto-admin-user",
+        # USERNAME as in the API's MQCHAT_API_MOSQUITTO_ADMIN_USERNAME and the bridge's
+        # MQCHAT_BRIDGE_USERNAME; the ..._USER spellings are deprecated aliases.
+        envvar=["MQCHAT_MOSQUITTO_ADMIN_USERNAME", "MQCHAT_MOSQUITTO_ADMIN_USER"],
+        help="mosquitto's dynamic-security admin account (--mosquitto-admin-user is a "
+        "deprecated alias).",
+        rich_help_panel=MOSQUITTO_PANEL,
+    ),
+]
+MosquittoAdminPasswordOption = Annotated[
+    str | None,
+    typer.Option(
+        "--mosquitto-admin-password",
+        envvar="MQCHAT_MOSQUITTO_ADMIN_PASSWORD",
+        show_default=False,
+        help="When given, accounts are also created in mosquitto (which keeps its own).",
+        rich_help_panel=MOSQUITTO_PANEL,
+    ),
+]
