@@ -52,8 +52,10 @@ from .output import (
 )
 
 #: A connection lost again within this many seconds of being made is in a fight over
-#: its session with another connection of the same device (see ``_connected``).
-TAKEOVER_WINDOW: Final = 2.0
+#: its session with another connection of the same device (see ``_connected``). One
+#: round of the fight is the other side's reconnect: milliseconds on an idle machine,
+#: over 2 s on a loaded one, where a 2 s window let both fight on for ever.
+TAKEOVER_WINDOW: Final = 5.0
 
 
 def _stop_on_signals() -> asyncio.Event:
