@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from protocol import errors
 from store import accounts, tokens
+from store.db import relaxed
 
 from .deps import (
     TOKEN_URL,
@@ -99,13 +100,14 @@ def sign_in(
 
     ``username`` is the normal form (:func:`canonical_username`). The check reads
     without a lock (``reading_engine``); only the token's write takes SQLite's write
-    lock, for one short transaction. A token issued to an account disabled meanwhile
-    is refused where it is used (:func:`store.tokens.resolve`).
+    lock, for one short transaction without a disk flush (:func:`store.db.relaxed`).
+    A token issued to an account disabled meanwhile is refused where it is used
+    (:func:`store.tokens.resolve`).
     """
     with Session(reading_engine) as session:
         if not accounts.verify(session, username, password):
             return None
-    with Session(engine) as session:
+    with Session(relaxed(engine)) as session:
         issued = tokens.issue(session, username, ttl)
         session.commit()
         return issued

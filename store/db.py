@@ -40,27 +40,57 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own implicit
         # BEGIN comes too late: after the SELECT that reads last_seq).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
+        record.info["synchronous"] = "FULL"
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        if conn.get_execution_options().get(_READ_ONLY, False):
+        options = conn.get_execution_options()
+        if options.get(_READ_ONLY, False):
             conn.exec_driver_sql("BEGIN DEFERRED")
-        else:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            return
+        # Per transaction, and only when it changes: a pooled connection may have
+        # served a relaxed write last.
+        level = "NORMAL" if options.get(_RELAXED, False) else "FULL"
+        info = conn.connection.info
+        if info.get("synchronous") != level:
+            conn.exec_driver_sql(f"PRAGMA synchronous={level}")
+            info["synchronous"] = level
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 #: Execution option of :func:`reading` engines: their transactions only read.
 _READ_ONLY: Final = "mqchat_read_only"
+#: Execution option of :func:`relaxed` engines: their commits need not reach the disk.
+_RELAXED: Final = "mqchat_relaxed"
+
+
+def relaxed(engine: Engine) -> Engine:
+    """The same database for writes whose loss in a power cut costs a sign-in, never a
+    message: the tokens of ``POST /v1/tokens``.
+
+    On SQLite such a commit skips its fsync (``synchronous=NORMAL`` in WAL mode), so it
+    holds the database's one write lock for microseconds instead of a disk flush. A
+    token write at FULL held the lock up to 24 ms, and the bridge, waiting on SQLite's
+    busy handler (which sleeps 1, 2, 5, ... 100 ms between tries), missed its turn
+    again and again: others' chat stalled ~300 ms at a time during a sign-in burst.
+    The next FULL commit (every bridge batch) flushes the log with these frames in it,
+    and the database stays consistent whatever happens; only the last relaxed commits
+    before a power cut (not a process crash) can be lost, and their clients sign in
+    again. PostgreSQL is unchanged.
+    """
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(**{_RELAXED: True})
+    return engine
 
 
 def reading(engine: Engine) -> Engine:

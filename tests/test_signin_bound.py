@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,8 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from core.mqtt import ConnectRefused, MqttLink
-from store import accounts, make_engine, reading, signin
+from store import accounts, make_engine, reading, signin, tokens
+from store.db import relaxed
 
 from .conftest import Daemon, Stack, _embedded_stack, migrated_sqlite, password_of
 
@@ -284,3 +286,25 @@ def test_passwords_are_hashed_at_a_low_cpu_priority() -> None:
     assert checks.verify("dana", stored, "a-password-1", matches)
     assert seen == [signin.HASHING_NICE]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+
+
+def test_only_token_writes_skip_the_disk_flush(tmp_path: Path) -> None:
+    """A token's commit holds SQLite's write lock without an fsync (synchronous NORMAL);
+    every other write, on the very same pooled connection after it, flushes (FULL)."""
+    engine = make_engine(migrated_sqlite(tmp_path / "chat.db", "alice"), pool_size=1)
+
+    def synchronous(target: Engine) -> int:
+        with Session(target) as session:
+            level = session.connection().exec_driver_sql("PRAGMA synchronous").scalar()
+            session.rollback()
+        return int(level)
+
+    normal, full = 1, 2
+    assert synchronous(engine) == full
+    assert synchronous(relaxed(engine)) == normal
+    assert synchronous(engine) == full
+    with Session(relaxed(engine)) as session:
+        tokens.issue(session, "alice", timedelta(minutes=5))
+        session.commit()
+    assert synchronous(engine) == full
+    engine.dispose()
