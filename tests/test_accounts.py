@@ -30,8 +30,8 @@ from protocol import errors, topics
 from protocol.errors import ProtocolError
 from store import tokens
 
-from .conftest import Stack, password_of
-from .services import CLIENTID_PLUGIN, PRODUCTION_CONFIG
+from .support.services import CLIENTID_PLUGIN, PRODUCTION_CONFIG
+from .support.stack import Stack, password_of
 
 WAIT = 15.0
 

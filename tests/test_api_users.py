@@ -22,7 +22,7 @@ from history_api import ApiSettings, create_app
 from store import accounts, make_engine, migrate
 from store.tables import Account
 
-from .services import MosquittoServer, free_port, start_mosquitto
+from .support.services import MosquittoServer, free_port, start_mosquitto
 
 
 @pytest.fixture

@@ -11,8 +11,7 @@ import pytest
 from clients.mqtt import Incoming, MqttLink
 from protocol import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES, topics
 
-from .conftest import Stack
-from .test_chat import stored
+from .support.stack import Stack, stored
 
 
 class Mallory:

@@ -3,8 +3,8 @@ catch-up retried while the history is down, one of two bridges killed.
 
 Cuts and stalls of the client<->broker, bridge<->broker and bridge<->PostgreSQL paths
 run in the CI run (``tests/test_chaos.py``). Every scenario here records what was sent
-(:class:`tests.chaos.History`), what each device was shown and what is stored, then
-reconciles them with :func:`tests.chaos.check`. Seeded; replay with
+(:class:`tests.support.chaos.History`), what each device was shown and what is stored, then
+reconciles them with :func:`tests.support.chaos.check`. Seeded; replay with
 ``MQCHAT_CHAOS_SEED=<seed>``.
 """
 
@@ -22,12 +22,10 @@ import pytest
 
 from clients.sdk import ChatClient
 
-from .chaos import History, Received, Report, StoredRow, check
-from .conftest import BRIDGE_READY, Stack, password_of
-from .services import PostgresServer
-from .tcp_proxy import TcpProxy
-from .test_chat import stored
-from .test_two_bridges import start_two_bridges
+from .support.chaos import History, Received, Report, StoredRow, check
+from .support.services import PostgresServer
+from .support.stack import BRIDGE_READY, Stack, password_of, start_two_bridges, stored
+from .support.tcp_proxy import TcpProxy
 
 PAIRS = (("alice", "bob"), ("carol", "dave"))
 PACE = 0.05

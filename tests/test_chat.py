@@ -5,18 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-from sqlmodel import Session, col, select
-
 from clients.mqtt import Incoming
 from protocol import topics
-from store.tables import Message
 
-from .conftest import Stack
-
-
-def stored(stack: Stack) -> list[Message]:
-    with Session(stack.engine) as session:
-        return list(session.exec(select(Message).order_by(col(Message.pk))).all())
+from .support.stack import Stack, stored
 
 
 async def test_round_trip_with_sent_receipt(stack: Stack) -> None:

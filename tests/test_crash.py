@@ -10,9 +10,8 @@ from sqlmodel import Session
 
 from clients.sdk import ChatClient
 
-from .conftest import Stack
-from .services import PostgresServer
-from .test_chat import stored
+from .support.services import PostgresServer
+from .support.stack import Stack, stored
 
 SENDERS = ("alice", "carol", "dave", "erin")
 PER_SENDER = 500  # 2,000 messages in all

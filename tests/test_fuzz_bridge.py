@@ -31,8 +31,8 @@ from clients.mqtt import Incoming, MqttLink
 from protocol import MAX_PAYLOAD_BYTES, ProtocolError, UpMessage, UpTyping, decode, topics
 from store.tables import Message
 
-from .conftest import Stack
-from .test_fuzz_decode import FUZZ, UP_KINDS, dump, hostile_payloads
+from .support.fuzz import FUZZ, UP_KINDS, dump, hostile_payloads
+from .support.stack import Stack
 
 #: Topic suffixes after ``chat/v1/u/mallory/up/``: the real kinds, an unknown one
 #: and shapes that are no uplink kind (all refused with ``unknown_topic``).

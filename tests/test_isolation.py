@@ -10,8 +10,7 @@ import pytest
 from clients.mqtt import ConnectRefused, Incoming, SubscribeRefused
 from protocol import topics
 
-from .conftest import Stack
-from .test_chat import stored
+from .support.stack import Stack, stored
 
 FORBIDDEN_FILTERS = [
     "chat/v1/u/alice/down/#",

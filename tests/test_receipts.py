@@ -13,7 +13,7 @@ from clients.sdk import ChatClient
 from protocol import topics
 from store.tables import Cursor
 
-from .conftest import Stack
+from .support.stack import Stack
 
 
 async def receipt_matching(

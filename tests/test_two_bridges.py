@@ -8,35 +8,13 @@ import zlib
 
 from clients.sdk import ChatClient
 
-from .conftest import BRIDGE_READY, Daemon, Stack
-from .test_chat import stored
+from .support.stack import BRIDGE_READY, Stack, start_two_bridges, stored
 
 PER_SENDER = 300
 
 
 def partition_of(user: str) -> int:
     return zlib.crc32(user.encode()) % 2
-
-
-async def start_two_bridges(stack: Stack) -> Daemon:
-    """Restart the stack's bridge as partition 0 of 2 and start partition 1 beside it."""
-    stack.bridge.stop()
-    stack.bridge.env.update(MQCHAT_BRIDGE_PARTITIONS="2", MQCHAT_BRIDGE_PARTITION="0")
-    await asyncio.to_thread(stack.start_bridge)
-    second = Daemon(
-        "bridge-2",
-        "bridge",
-        {
-            **stack.bridge_env,
-            "MQCHAT_BRIDGE_PARTITIONS": "2",
-            "MQCHAT_BRIDGE_PARTITION": "1",
-            "MQCHAT_BRIDGE_CLIENT_ID": "mqchat-bridge-2",
-        },
-        stack.base_dir,
-    )
-    second.start()
-    await asyncio.to_thread(second.wait_for_log, BRIDGE_READY)
-    return second
 
 
 async def test_two_bridges_keep_each_senders_order(stack: Stack) -> None:

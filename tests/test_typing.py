@@ -11,7 +11,7 @@ from clients.mqtt import Incoming
 from protocol import topics
 from store.tables import Message
 
-from .conftest import Stack
+from .support.stack import Stack
 
 
 async def test_typing_reaches_the_other_member_only_and_is_rate_limited(stack: Stack) -> None:

@@ -39,8 +39,8 @@ from sqlalchemy.engine import make_url
 
 from clients.sdk import ChatClient, ChatError, SendTimeout
 
-from .conftest import Stack
 from .services import PostgresServer
+from .stack import Stack
 from .tcp_proxy import TcpProxy
 
 OpKind = Literal["invoke", "ok", "fail", "unknown"]
