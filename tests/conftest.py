@@ -7,6 +7,7 @@ this one or a ``test_*`` module (``tests/test_layout.py`` checks).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
 
 @pytest.fixture(params=["embedded", "production"])
 async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
+    """Both stacks, started for this test alone: for tests that kill, restart or
+    configure a daemon, or that need the database to themselves."""
     if request.param == "embedded":
         s = await start_embedded_stack(tmp_path)
     else:
@@ -51,6 +54,47 @@ async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture(scope="session")
+def shared_embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = asyncio.run(start_embedded_stack(tmp_path_factory.mktemp("shared-embedded")))
+    try:
+        yield s
+    finally:
+        asyncio.run(s.close())
+
+
+@pytest.fixture(scope="session")
+def shared_production(
+    tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer
+) -> Iterator[Stack]:
+    s = asyncio.run(start_production_stack(tmp_path_factory.mktemp("shared-production"), postgres))
+    try:
+        yield s
+    finally:
+        asyncio.run(s.close())
+
+
+@pytest.fixture(params=["embedded", "production"])
+def _shared_daemons(request: pytest.FixtureRequest) -> Stack:
+    # Synchronous, so that the session fixture it starts lazily runs outside the
+    # test's event loop (those start with asyncio.run).
+    stack: Stack = request.getfixturevalue(f"shared_{request.param}")
+    return stack
+
+
+@pytest.fixture
+async def shared_stack(_shared_daemons: Stack) -> AsyncIterator[Stack]:
+    """Both stacks like :func:`stack`, but started once per session (per xdist worker)
+    and shared: for tests that leave the daemons and their settings alone and use
+    users of their own (``unique_names``). Saves a broker, a bridge and a database
+    per test; its clients are closed after each test."""
+    s = _shared_daemons.view()
+    try:
+        yield s
+    finally:
+        await s.close_clients()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -200,13 +200,21 @@ class Stack:
             self.embedded_broker.start()
             wait_until(lambda: accepts(self.host, self.port), timeout=30, what="amqtt")
 
-    async def close(self) -> None:
+    def view(self) -> Stack:
+        """This stack for one test: the same daemons and database, the test's own
+        clients (closed by :meth:`close_clients`, the daemons left running)."""
+        return replace(self, _clients=[], _links=[])
+
+    async def close_clients(self) -> None:
         for client in self._clients:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), 5)
         for link in self._links:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(link.close(), 5)
+
+    async def close(self) -> None:
+        await self.close_clients()
         self.bridge.stop()
         if self.api is not None:
             self.api.stop()
@@ -336,10 +344,21 @@ async def start_production_stack(
     return stack
 
 
-def stored(stack: Stack) -> list[Message]:
-    """Every message row of the stack's database, in the order they were stored."""
+def stored(stack: Stack, *senders: str) -> list[Message]:
+    """The message rows of the stack's database in the order they were stored: all of
+    them, or those sent by ``senders`` (a shared stack holds other tests' too)."""
+    query = select(Message).order_by(col(Message.pk))
+    if senders:
+        query = query.where(col(Message.sender).in_(senders))
     with Session(stack.engine) as session:
-        return list(session.exec(select(Message).order_by(col(Message.pk))).all())
+        return list(session.exec(query).all())
+
+
+def unique_names(*names: str) -> tuple[str, ...]:
+    """``names`` made this test's own (``bob`` -> ``bob_3fa9c1``), for a shared stack
+    where every test adds its users beside the others'."""
+    tag = secrets.token_hex(3)
+    return tuple(f"{name}_{tag}" for name in names)
 
 
 async def start_two_bridges(stack: Stack) -> Daemon:
