@@ -195,8 +195,10 @@ async def test_offline_device_catches_up_past_the_broker_queue(production_stack:
     await run.connect("alice")
     await run.connect("bob")
     count = 60 + seed % 40
-    await run.send_many("alice", "bob", 5)  # bob's device knows the conversation
-    await asyncio.sleep(1.0)
+    await run.send_many("alice", "bob", 5)
+    async with asyncio.timeout(20):  # bob's device has them: it knows the conversation
+        while sum(r.device == "bob/phone" for r in run.received) < 5:
+            await asyncio.sleep(0.05)
     await run.disconnect("bob")
     # The same ids would be deduplicated: continue alice's numbering.
     client = run.clients["alice"]
