@@ -42,8 +42,12 @@ $(CLIENTID_PLUGIN): broker/mosquitto_clientid/clientid_bind.c | system-deps
 	@mkdir -p $(dir $@)
 	$(CC) -shared -fPIC -O2 -Wall -Werror -o $@ $<
 
+# Tests mostly wait on brokers, daemons and databases, so more workers than cores
+# (pytest-xdist); every fixture takes free ports and its own temp dir. WORKERS=1 runs
+# in one process. One test alone: .venv/bin/pytest tests/test_chat.py -k round_trip
+WORKERS ?= 4
 test: $(STAMP) system-deps $(CLIENTID_PLUGIN)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(if $(filter 1,$(WORKERS)),,-n $(WORKERS) --dist worksteal) $(PYTEST_ARGS)
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check .
