@@ -22,7 +22,7 @@ from clients.mqtt import ConnectRefused, LinkConfig, MqttLink, Will
 
 from .support.clients import BRIDGE, Recorder, connect_actor, probe
 from .support.services import wait_until
-from .support.stack import Stack, password_of
+from .support.stack import Stack, password_of, unique_names
 
 
 def _with_will(stack: Stack, user: str, will: Will) -> MqttLink:
@@ -51,8 +51,8 @@ async def _disconnect_handled(stack: Stack, client_id: str) -> None:
     )
 
 
-def _message(body: str) -> bytes:
-    return json.dumps({"id": f"will-{secrets.token_hex(4)}", "to": "bob", "body": body}).encode()
+def _message(body: str, to: str = "bob") -> bytes:
+    return json.dumps({"id": f"will-{secrets.token_hex(4)}", "to": to, "body": body}).encode()
 
 
 #: (topic, retain) of wills mallory may not leave, each with a payload of its own.
@@ -119,18 +119,22 @@ async def test_a_will_outside_the_acl_refuses_the_connect(stack: Stack) -> None:
     assert not any(m.topic == "chat/v1/presence/bob" for m in newcomer.seen.messages)
 
 
-async def test_a_will_on_ones_own_uplink_is_an_ordinary_message(stack: Stack) -> None:
+async def test_a_will_on_ones_own_uplink_is_an_ordinary_message(shared_stack: Stack) -> None:
     """Allowed, as the same publish would be: the bridge stores and delivers it as
     mallory's message to bob, with mallory as the sender taken from the topic."""
-    await stack.add_users("mallory", "bob")
-    bob = await stack.client("bob")
-    payload = _message("gone without a goodbye")
-    link = _with_will(stack, "mallory", Will("chat/v1/u/mallory/up/msg", payload, retain=False))
+    stack = shared_stack
+    mallory_name, bob_name = unique_names("mallory", "bob")
+    await stack.add_users(mallory_name, bob_name)
+    bob = await stack.client(bob_name)
+    payload = _message("gone without a goodbye", to=bob_name)
+    link = _with_will(
+        stack, mallory_name, Will(f"chat/v1/u/{mallory_name}/up/msg", payload, retain=False)
+    )
     await link.connect()
     link.abort()  # no DISCONNECT: the will fires
     got = await bob.next_message(timeout=20)
     assert (got.sender, got.body, got.id) == (
-        "mallory",
+        mallory_name,
         "gone without a goodbye",
         json.loads(payload)["id"],
     )
