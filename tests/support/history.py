@@ -18,12 +18,12 @@ from sqlmodel import Session
 
 from history_api import ApiSettings, create_app
 from protocol import UpMessage
-from store import accounts, make_engine, migrate
+from store import accounts
 from store.messages import StoredMessage, persist_batch
 from store.tables import Cursor, CursorMove, Device
 
 from .services import PostgresServer
-from .stack import password_of
+from .stack import migrated_sqlite, password_of
 
 #: The clock of the history tests' data: messages are sent at ``at(minutes)``.
 T0 = datetime(2025, 6, 1, 9, 0, tzinfo=UTC)
@@ -35,11 +35,7 @@ def at(minutes: float) -> datetime:
 
 @contextlib.contextmanager
 def sqlite_database(directory: Path) -> Iterator[str]:
-    url = f"sqlite:///{directory / 'history.db'}"
-    engine = make_engine(url)
-    migrate(engine)
-    engine.dispose()
-    yield url
+    yield migrated_sqlite(directory / "history.db")
 
 
 @contextlib.contextmanager
