@@ -95,6 +95,10 @@ def oracle(topic: str, payload: bytes, bodies: dict[str, str]) -> Expected | Non
             if bodies.setdefault(up.id, up.body) != up.body:
                 return ("error", ("id_reused", up.id))
             return ("sent", up.id)
+        if up.id in bodies:
+            # An id already stored names that message: under it, another target is
+            # refused as a reuse before the target is looked at (store.messages).
+            return ("error", ("id_reused", up.id))
         if up.to is not None:
             return ("error", ("unknown_recipient", up.id))
         return ("error", ("unknown_conversation", up.id))
