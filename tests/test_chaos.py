@@ -47,6 +47,7 @@ def _seed() -> int:
     return int(value) if value else secrets.randbelow(1_000_000)
 
 
+@pytest.mark.xdist_group("cpu_heavy")
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 async def test_no_message_is_lost_under_every_fault(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from clients.mqtt import Incoming
 from protocol import topics
 
@@ -41,6 +43,7 @@ async def test_round_trip_with_sent_receipt(shared_stack: Stack) -> None:
     assert (got.sender, got.body, got.seq) == (bob_name, "hi alice", 2)
 
 
+@pytest.mark.xdist_group("cpu_heavy")
 async def test_thousand_messages_each_way_arrive_complete_and_in_order(
     shared_stack: Stack,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
 from sqlalchemy import text
 from sqlmodel import Session
 
@@ -17,6 +18,7 @@ SENDERS = ("alice", "carol", "dave", "erin")
 PER_SENDER = 500  # 2,000 messages in all
 
 
+@pytest.mark.xdist_group("cpu_heavy")
 async def test_kill_9_of_the_bridge_mid_stream(stack: Stack) -> None:
     await stack.add_users("bob", *SENDERS)
     bob = await stack.client("bob")

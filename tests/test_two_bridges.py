@@ -6,6 +6,8 @@ import asyncio
 import re
 import zlib
 
+import pytest
+
 from clients.sdk import ChatClient
 
 from .support.stack import BRIDGE_READY, Stack, start_two_bridges, stored
@@ -17,6 +19,7 @@ def partition_of(user: str) -> int:
     return zlib.crc32(user.encode()) % 2
 
 
+@pytest.mark.xdist_group("cpu_heavy")
 async def test_two_bridges_keep_each_senders_order(stack: Stack) -> None:
     # alice and bob are handled by different instances, in one conversation.
     assert {partition_of("alice"), partition_of("bob")} == {0, 1}
@@ -58,6 +61,7 @@ async def test_two_bridges_keep_each_senders_order(stack: Stack) -> None:
         assert sum(handled) > 0, daemon.name
 
 
+@pytest.mark.xdist_group("cpu_heavy")
 async def test_two_bridges_keep_order_of_pipelined_stock_clients(stack: Stack) -> None:
     """Stock clients publish bursts without waiting for receipts.
 
