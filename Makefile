@@ -42,8 +42,14 @@ $(CLIENTID_PLUGIN): broker/mosquitto_clientid/clientid_bind.c | system-deps
 	@mkdir -p $(dir $@)
 	$(CC) -shared -fPIC -O2 -Wall -Werror -o $@ $<
 
+# Tests mostly wait on brokers, daemons and databases, so more workers than cores
+# (pytest-xdist), but not so many that starting daemons starves the tests' timeouts;
+# the CPU-heavy tests (xdist_group "cpu_heavy") share one worker. Every fixture takes
+# free ports and its own temp dir. WORKERS=1 runs in one process. One test alone:
+# .venv/bin/pytest tests/test_chat.py -k round_trip
+WORKERS ?= 3
 test: $(STAMP) system-deps $(CLIENTID_PLUGIN)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(if $(filter 1,$(WORKERS)),,-n $(WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check .

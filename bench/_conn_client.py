@@ -5,7 +5,8 @@ per connection and 844 connects/s for 500 clients in one process, and it cannot 
 a source address, which a storm past one address's ~28k ephemeral ports needs.
 gmqtt and aiomqtt are not dependencies of mqchat, and paho (the one we have) wants a
 network loop per client. What one idle device needs is five packet types, so this
-module speaks exactly those: CONNECT (with username, password and a last will),
+module speaks exactly those (built by ``tests.support.packets``, which the tests'
+malformed-packet clients share): CONNECT (with username, password and a last will),
 SUBSCRIBE, PUBLISH QoS 1 (and PUBACK for what it receives), PINGREQ. It is a load
 generator only (this benchmark's devices and ``bench._gen``'s chat users); mqchat's
 clients stay on paho (``core/mqtt.py``).
@@ -37,14 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol import topics
+from tests.support import packets
+from tests.support.packets import CONNACK, PINGREQ_BYTES, PUBACK, PUBLISH, SUBACK
 
 #: Linux's IP_BIND_ADDRESS_NO_PORT: bind the source address now, choose the port at
 #: connect(), so ports are only unique per (source, destination) pair.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
-CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
-SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 12, 13, 14
-PINGREQ_BYTES = b"\xc0\x00"
 DEVICE = "bench"
 
 
@@ -62,58 +62,6 @@ def source_address(index: int) -> str:
 def presence_payload(state: str) -> bytes:
     # What the SDK sends (protocol.UpPresence), spelled out to keep the worker lean.
     return json.dumps({"device": DEVICE, "state": state}, separators=(",", ":")).encode()
-
-
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _string(value: str | bytes) -> bytes:
-    raw = value.encode() if isinstance(value, str) else value
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _packet(first_byte: int, body: bytes) -> bytes:
-    return bytes([first_byte]) + _remaining_length(len(body)) + body
-
-
-def connect_packet(
-    client_id: str,
-    user: str,
-    password: str,
-    keepalive: int,
-    will_topic: str | None = None,
-    will: bytes = b"",
-    *,
-    clean: bool = False,
-) -> bytes:
-    """CONNECT with username and password; a last will (QoS 1, not retained) when
-    ``will_topic`` is given; ``clean`` off by default, like the SDK's devices."""
-    flags = 0x80 | 0x40 | (0x02 if clean else 0)
-    payload = _string(client_id)
-    if will_topic is not None:
-        flags |= (1 << 3) | 0x04
-        payload += _string(will_topic) + _string(will)
-    header = _string("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
-    payload += _string(user) + _string(password)
-    return _packet(CONNECT << 4, header + payload)
-
-
-def subscribe_packet(packet_id: int, filters: list[tuple[str, int]]) -> bytes:
-    body = struct.pack("!H", packet_id)
-    for topic, qos in filters:
-        body += _string(topic) + bytes([qos])
-    return _packet((SUBSCRIBE << 4) | 0x02, body)
-
-
-def publish_packet(topic: str, payload: bytes, packet_id: int, *, retain: bool = False) -> bytes:
-    body = _string(topic) + struct.pack("!H", packet_id) + payload
-    return _packet((PUBLISH << 4) | 0x02 | (0x01 if retain else 0), body)
 
 
 class HandshakeError(Exception):
@@ -197,7 +145,7 @@ class Device(asyncio.Protocol):
             if self.on_publish is not None:
                 self.on_publish(body[2 : 2 + topic_length].decode(), body[payload_at:])
             if packet_id:
-                self.send(b"\x40\x02" + packet_id)
+                self.send(packets.puback(packet_id))
         elif kind == CONNACK:
             self._resolve((CONNACK, 0), body)
         elif kind in (SUBACK, PUBACK):
@@ -224,7 +172,7 @@ class Device(asyncio.Protocol):
         """PUBLISH at QoS 1; the future resolves with the PUBACK."""
         packet_id = self.packet_id()
         acked = self.expect(PUBACK, packet_id)
-        self.send(publish_packet(topic, payload, packet_id))
+        self.send(packets.publish(topic, payload, qos=1, packet_id=packet_id))
         return acked
 
     def subscribe(self, filters: list[tuple[str, int]]) -> asyncio.Future[bytes]:
@@ -232,7 +180,7 @@ class Device(asyncio.Protocol):
         byte 2 on, 0x80 for a refused filter)."""
         packet_id = self.packet_id()
         acked = self.expect(SUBACK, packet_id)
-        self.send(subscribe_packet(packet_id, filters))
+        self.send(packets.subscribe(filters, packet_id))
         return acked
 
     def packet_id(self) -> int:
@@ -305,13 +253,14 @@ async def _handshake(
     user = username(index)
     connack = device.expect(CONNACK)
     device.send(
-        connect_packet(
+        packets.connect(
             f"{user}:{DEVICE}",
             user,
             state.password,
-            state.keepalive,
-            topics.up(user, "presence"),
-            presence_payload("offline"),
+            clean=False,
+            keepalive=state.keepalive,
+            will_topic=topics.up(user, "presence"),
+            will=presence_payload("offline"),
         )
     )
     body = await connack
@@ -401,7 +350,7 @@ async def keep_alive(state: WorkerState) -> None:
                 user = username(index)
                 payload = presence_payload("online")
                 topic = topics.up(user, "presence")
-                device.send(publish_packet(topic, payload, device.packet_id()))
+                device.send(packets.publish(topic, payload, qos=1, packet_id=device.packet_id()))
                 state.announcements += 1
 
 

@@ -31,7 +31,6 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, text
 
-from broker.mosquitto import render_config
 from core.daemon import BRIDGE_READY_LOG as READY_LOG
 from core.dynsec import (
     USER_ROLE,
@@ -44,18 +43,13 @@ from core.dynsec import (
 from store import accounts, make_engine, migrate
 from store.tables import Account
 from store.types import utcnow
-from tests.conftest import Daemon, _bridge_env, start_embedded_broker
-from tests.services import (
-    PRODUCTION_CONFIG,
+from tests.support.services import (
+    Daemon,
     MosquittoServer,
-    _chown_tree,
-    _service_account,
-    _workdir,
-    free_port,
-    mosquitto_binary,
-    production_plugins,
+    prepare_mosquitto,
     start_postgres,
 )
+from tests.support.stack import bridge_env, start_embedded_broker
 
 
 def rss_kib(pid: int) -> int:
@@ -205,32 +199,8 @@ def _start_mosquitto(
     setup: dict[str, float],
     sys_reader: Credentials,
 ) -> MosquittoServer:
-    """``tests.services.start_mosquitto`` with every account in place before start."""
-    account = _service_account("mosquitto")
-    workdir, private = _workdir(base, "mosquitto", account)
-    template = PRODUCTION_CONFIG.read_text()
-    server = MosquittoServer(
-        binary=mosquitto_binary(),
-        workdir=workdir,
-        host="127.0.0.1",
-        port=free_port(),
-        ws_port=free_port(),
-        admin=Credentials("mqchat-admin", secrets.token_urlsafe(24)),
-        bridge=Credentials("mqchat-bridge", secrets.token_urlsafe(24)),
-        account=account,
-        private_workdir=private,
-    )
-    server.data_dir.mkdir()
-    server.conf_path.write_text(
-        render_config(
-            template,
-            host=server.host,
-            port=server.port,
-            ws_port=server.ws_port,
-            data_dir=server.data_dir,
-            plugins=production_plugins(template, workdir),
-        )
-    )
+    """``tests.support.services.start_mosquitto`` with every account in place before start."""
+    server = prepare_mosquitto(base)
     t0 = time.monotonic()
     doc = dynsec_with_users(
         admin=server.admin,
@@ -240,10 +210,10 @@ def _start_mosquitto(
         sys_reader=sys_reader,
     )
     path = server.data_dir / "dynamic-security.json"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(doc, f)
-    _chown_tree(workdir, account)
+    server.own_files()
     setup["dynsec_json"] = time.monotonic() - t0
     t0 = time.monotonic()
     try:
@@ -284,7 +254,7 @@ def production(base: Path, names: list[str], monitor: str) -> BenchStack:
         sys_reader = Credentials("bench-sys", secrets.token_urlsafe(18))
         mosquitto = _start_mosquitto(base, [*names, monitor], password, setup, sys_reader)
         closers.append(mosquitto.close)
-        env = _bridge_env(postgres.url("mqchat"), mosquitto.host, mosquitto.port, "")
+        env = bridge_env(postgres.url("mqchat"), mosquitto.host, mosquitto.port, "")
         env["MQCHAT_BRIDGE_PASSWORD"] = mosquitto.bridge.password
         env["MQCHAT_BRIDGE_KEEPALIVE"] = "15"
         bridge = _start_bridge(base, env, setup)
@@ -336,7 +306,7 @@ def embedded(base: Path, names: list[str], monitor: str) -> BenchStack:
         )
         closers.append(broker.stop)
         setup["broker_start"] = time.monotonic() - t0
-        env = _bridge_env(db_url, "127.0.0.1", port, bridge_password)
+        env = bridge_env(db_url, "127.0.0.1", port, bridge_password)
         env["MQCHAT_BRIDGE_KEEPALIVE"] = "15"
         bridge = _start_bridge(base, env, setup)
         closers.append(bridge.stop)

@@ -44,13 +44,10 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from protocol import topics
+from tests.support import packets
+from tests.support.packets import CONNACK, DISCONNECT_BYTES, PINGREQ_BYTES
 
-from ._conn_client import (
-    CONNACK,
-    PINGREQ_BYTES,
-    Device,
-    connect_packet,
-)
+from ._conn_client import Device
 
 #: Microseconds, 1 µs to 10 minutes, 3 significant digits.
 HIST_MAX_US = 600_000_000
@@ -60,7 +57,6 @@ FAKE_CONVERSATION = "0" * 32
 SLOTS = ("sent", "received", "receipts", "errors")
 #: Seconds; every connection pings at half of it.
 KEEPALIVE = 60
-DISCONNECT_BYTES = b"\xe0\x00"
 
 
 #: The timeline's resolution: the worst latency is kept per this much of the schedule.
@@ -162,7 +158,7 @@ class Worker:
                     await loop.create_connection(lambda d=device: d, self.host, self.port)  # type: ignore[misc]
                     connack = device.expect(CONNACK)
                     device.send(
-                        connect_packet(f"{user}:bench", user, self.password, KEEPALIVE, clean=True)
+                        packets.connect(f"{user}:bench", user, self.password, keepalive=KEEPALIVE)
                     )
                     code = (await asyncio.wait_for(connack, 60))[1]
                     if code != 3 or attempt == 119:

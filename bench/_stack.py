@@ -35,13 +35,14 @@ from core.daemon import BRIDGE_READY_LOG as READY_LOG
 from core.dynsec import USER_ROLE, DynsecProvisioner
 from store import accounts, make_engine, migrate
 from store.tables import Account
-from tests.conftest import Daemon, start_embedded_broker
-from tests.services import (
+from tests.support.services import (
+    Daemon,
     MosquittoServer,
     PostgresServer,
     start_mosquitto,
     start_postgres,
 )
+from tests.support.stack import start_embedded_broker
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "bench-user-password"  # noqa: S105 (throwaway accounts on a loopback broker)
@@ -249,7 +250,7 @@ class CpuMeter:
 
 
 def _postgres_durable(server: PostgresServer) -> None:
-    """fsync on (tests.services sets it) and synchronous_commit on, stated explicitly.
+    """fsync on (tests.support.services sets it) and synchronous_commit on, stated explicitly.
 
     Also logs what can stall a step (slow statements, checkpoints, autovacuum), with
     millisecond timestamps to match the steps' stall times.

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.history_page                   # python -m history_api, loopback HTTP
     .venv/bin/python -m bench.history_page --transport asgi  # the app in-process (httpx ASGI)
 
-Starts a throwaway PostgreSQL (``tests.services.start_postgres``) unless
+Starts a throwaway PostgreSQL (``tests.support.services.start_postgres``) unless
 ``--database-url`` names an empty database, migrates it, creates two accounts and
 their conversation through the store, then COPYs the rest of the messages in (with
 every index of the schema in place, as in production). It then asks the real app for
@@ -327,7 +327,7 @@ def database(url: str | None) -> Iterator[str]:
     if url is not None:
         yield url
         return
-    from tests.services import start_postgres
+    from tests.support.services import start_postgres
 
     with tempfile.TemporaryDirectory(prefix="mqchat-bench-") as tmp:
         server = start_postgres(Path(tmp))
@@ -339,7 +339,7 @@ def database(url: str | None) -> Iterator[str]:
 
 
 async def run(args: argparse.Namespace) -> None:
-    from tests.services import free_port
+    from tests.support.services import free_port
 
     rng = random.Random(args.seed)
     log(f"machine: {machine()}")

@@ -37,12 +37,13 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from bench._conn_client import CONNACK, Device, HandshakeError, connect_packet
-from bench._gen import DISCONNECT_BYTES, new_histogram, percentiles
+from bench._conn_client import Device, HandshakeError
+from bench._gen import new_histogram, percentiles
 from bench._stack import PASSWORD, log
 from bench.load import RESULTS, Run, Settings, StepPlan, generated_load
-from tests.conftest import Daemon
-from tests.services import _accepts, free_port
+from tests.support import packets
+from tests.support.packets import CONNACK, DISCONNECT_BYTES
+from tests.support.services import Daemon, accepts, free_port
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
 
@@ -64,7 +65,7 @@ async def _mqtt_sign_ins(
         try:
             await loop.create_connection(lambda d=device: d, host, port)  # type: ignore[misc]
             connack = device.expect(CONNACK)
-            device.send(connect_packet(f"{user}:burst", user, PASSWORD, 30, clean=True))
+            device.send(packets.connect(f"{user}:burst", user, PASSWORD, keepalive=30))
             code = (await asyncio.wait_for(connack, 30))[1]
         except (OSError, TimeoutError, HandshakeError):
             counts.failures += 1
@@ -166,7 +167,7 @@ def main(
         api.start()
         try:
             deadline = time.monotonic() + 30
-            while not _accepts("127.0.0.1", port):
+            while not accepts("127.0.0.1", port):
                 if time.monotonic() > deadline:
                     raise RuntimeError("the history API did not start")
                 time.sleep(0.05)

@@ -108,7 +108,15 @@ def uplink_sender(topic: str) -> str | None:
 
 
 def matches(topic: str, topic_filter: str) -> bool:
-    """Whether a concrete topic matches an MQTT subscription filter."""
+    """Whether a concrete topic matches an MQTT subscription filter (MQTT 3.1.1 4.7).
+
+    A wildcard first level never matches a topic that starts with ``$`` (4.7.2), so
+    ``#`` does not reach ``$SYS/...``. The one matcher of the code base: the ACL
+    uses it, and the tests' oracles (``tests/test_acl_matrix.py``, the broker's topic
+    index in ``tests/test_topic_index.py``) check against it.
+    """
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
     t = topic.split("/")
     f = topic_filter.split("/")
     for i, level in enumerate(f):

@@ -30,8 +30,8 @@ from protocol import errors, topics
 from protocol.errors import ProtocolError
 from store import tokens
 
-from .conftest import Stack, password_of
-from .services import CLIENTID_PLUGIN, PRODUCTION_CONFIG
+from .support.services import CLIENTID_PLUGIN, PRODUCTION_CONFIG
+from .support.stack import Stack, password_of, unique_names
 
 WAIT = 15.0
 
@@ -195,81 +195,93 @@ async def connect_refused(made: MqttLink) -> str:
 
 @pytest.mark.parametrize("clean_session", [True, False], ids=["clean", "persistent"])
 async def test_wrong_password_with_someones_client_id_leaves_them_alone(
-    stack: Stack, clean_session: bool
+    shared_stack: Stack, clean_session: bool
 ) -> None:
     """amqtt on its own would end alice's connection (persistent) or silently drop her
     subscriptions (clean) before checking the intruder's password."""
-    await stack.add_users("alice", "bob")
+    stack = shared_stack
+    alice_name, bob_name = unique_names("alice", "bob")
+    await stack.add_users(alice_name, bob_name)
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     alice = link(
         stack,
-        "alice",
-        password_of("alice"),
-        "alice:phone",
+        alice_name,
+        password_of(alice_name),
+        f"{alice_name}:phone",
         clean_session=clean_session,
         on_message=inbox.put_nowait,
     )
     await alice.connect()
-    await alice.subscribe(topics.down_all("alice"), qos=1)
+    await alice.subscribe(topics.down_all(alice_name), qos=1)
     generation = alice.generation
 
     intruder = link(
-        stack, "alice", "not alices password", "alice:phone", clean_session=clean_session
+        stack, alice_name, "not alices password", f"{alice_name}:phone", clean_session=clean_session
     )
     reason = await connect_refused(intruder)
 
     assert "not authori" in reason.lower()
-    bob = await stack.client("bob")
-    await bob.send("you are still subscribed", to="alice", timeout=WAIT)
+    bob = await stack.client(bob_name)
+    await bob.send("you are still subscribed", to=alice_name, timeout=WAIT)
     assert await next_body(inbox) == "you are still subscribed"
     assert alice.is_connected
     assert alice.generation == generation
 
 
-async def test_another_user_cannot_take_a_client_id(stack: Stack) -> None:
+async def test_another_user_cannot_take_a_client_id(shared_stack: Stack) -> None:
     """bob, signed in with his own password, presents alice's client id: refused, both
     while alice is online (her connection and subscription stay) and while she is away
     (her persistent session keeps the messages queued for her)."""
-    await stack.add_users("alice", "bob")
+    stack = shared_stack
+    alice_name, bob_name = unique_names("alice", "bob")
+    await stack.add_users(alice_name, bob_name)
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     sessions: list[bool] = []
     alice = link(
         stack,
-        "alice",
-        password_of("alice"),
-        "alice:phone",
+        alice_name,
+        password_of(alice_name),
+        f"{alice_name}:phone",
         clean_session=False,
         on_message=inbox.put_nowait,
         on_connect=sessions.append,
     )
     await alice.connect()
-    await alice.subscribe(topics.down_all("alice"), qos=1)
+    await alice.subscribe(topics.down_all(alice_name), qos=1)
     generation = alice.generation
 
     for clean_session in (False, True):
         bob_as_alice = link(
-            stack, "bob", password_of("bob"), "alice:phone", clean_session=clean_session
+            stack,
+            bob_name,
+            password_of(bob_name),
+            f"{alice_name}:phone",
+            clean_session=clean_session,
         )
         assert "not authori" in (await connect_refused(bob_as_alice)).lower()
-    bob = await stack.client("bob")
-    await bob.send("only for alice", to="alice", timeout=WAIT)
+    bob = await stack.client(bob_name)
+    await bob.send("only for alice", to=alice_name, timeout=WAIT)
     assert await next_body(inbox) == "only for alice"
     assert alice.is_connected
     assert alice.generation == generation
 
     await alice.close()
-    await bob.send("queued for alice", to="alice", timeout=WAIT)  # the "sent" receipt
+    await bob.send("queued for alice", to=alice_name, timeout=WAIT)  # the "sent" receipt
     for clean_session in (False, True):
         bob_as_alice = link(
-            stack, "bob", password_of("bob"), "alice:phone", clean_session=clean_session
+            stack,
+            bob_name,
+            password_of(bob_name),
+            f"{alice_name}:phone",
+            clean_session=clean_session,
         )
         assert "not authori" in (await connect_refused(bob_as_alice)).lower()
 
     back = link(
         stack,
-        "alice",
-        password_of("alice"),
-        "alice:phone",
+        alice_name,
+        password_of(alice_name),
+        f"{alice_name}:phone",
         clean_session=False,
         on_message=inbox.put_nowait,
         on_connect=sessions.append,

@@ -11,8 +11,9 @@ service account, exactly the combinations the topic table allows succeed:
   topic, and each prober must receive exactly what its granted filters match.
 
 The expectation comes from the topic table of DESIGN.md, written out again below
-and evaluated by a matcher of this file's own (regular expressions over sample
-topics), not by ``protocol.acl``, which is the code under test.
+and evaluated with the one topic matcher, ``protocol.topics.matches``, over sample
+topics: the rules are this file's own, not ``protocol.acl``'s, which is the code under
+test (and mosquitto matches with its own code).
 
 "Nothing arrived" is never a sleep: after the probes, a sentinel that the observer
 is entitled to is published on the same broker; once it is in, anything the probes
@@ -24,26 +25,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import secrets
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from functools import cache
 
 import pytest
 from sqlmodel import Session, select
 
 from core.accounts import register
-from core.mqtt import ConnectRefused, Incoming, MqttLink, SubscribeRefused
+from core.mqtt import ConnectRefused, MqttLink, SubscribeRefused
+from protocol import topics
 from protocol.errors import ProtocolError
 from store.tables import Account
 
-from .conftest import ROOT, Stack, password_of
-from .test_chat import stored
+from .support.clients import BRIDGE, Recorder, connect_actor, probe
+from .support.services import ROOT
+from .support.stack import Stack, password_of, stored
 
-BRIDGE = "mqchat-bridge"
 LONG_NAME = "d.o_t" + "9" * 27  # 32 characters, the longest a username may be
 USERS = ("alice", "bob", "bobby", LONG_NAME)
 ACTORS = (*USERS, BRIDGE)
@@ -66,25 +64,6 @@ ALLOWED: dict[str, dict[str, tuple[str, ...]]] = {
 # -- the oracle --------------------------------------------------------------------
 
 
-@cache
-def _regex(pattern: str) -> re.Pattern[str]:
-    """An MQTT filter as a regular expression over topic names."""
-    if pattern == "#":
-        return re.compile(r"(?!\$).*", re.DOTALL)
-    levels = pattern.split("/")
-    tail = ""
-    if levels[-1] == "#":
-        levels = levels[:-1]
-        tail = "(/.*)?"  # '#' also matches the parent level itself
-    body = "/".join("[^/]*" if level == "+" else re.escape(level) for level in levels)
-    guard = r"(?!\$)" if levels[0] == "+" else ""  # wildcards never match '$' topics
-    return re.compile(guard + body + tail, re.DOTALL)
-
-
-def _match(pattern: str, topic: str) -> bool:
-    return _regex(pattern).fullmatch(topic) is not None
-
-
 def _samples(topic_filter: str) -> list[str]:
     """Topics that stand for everything ``topic_filter`` can match.
 
@@ -104,13 +83,13 @@ def may(actor: str, action: str, topic: str) -> bool:
     kind = "bridge" if actor == BRIDGE else "user"
     patterns = [p.replace("{me}", actor) for p in ALLOWED[kind][action]]
     if action == "publish":
-        return any(_match(p, topic) for p in patterns)
+        return any(topics.matches(topic, p) for p in patterns)
     # A subscription is granted only if it cannot reach past what is allowed.
-    return all(any(_match(p, s) for p in patterns) for s in _samples(topic))
+    return all(any(topics.matches(s, p) for p in patterns) for s in _samples(topic))
 
 
 def test_the_oracle_reads_the_table_as_intended() -> None:
-    """The matcher above is itself code; pin the cases the matrix leans on."""
+    """The oracle is itself code; pin the cases the matrix leans on."""
     assert may("bob", "publish", "chat/v1/u/bob/up/msg")
     assert not may("bob", "publish", "chat/v1/u/bobby/up/msg")
     assert not may("bob", "publish", "chat/v1/presence/bob")
@@ -124,7 +103,7 @@ def test_the_oracle_reads_the_table_as_intended() -> None:
     assert not may(BRIDGE, "subscribe", "chat/v1/u/+/down/#")
     assert may(BRIDGE, "publish", "chat/v1/u/bob/down/msg")
     assert not may(BRIDGE, "publish", "chat/v1/u/bob/up/msg")
-    assert not _match("+/#", "$SYS/broker/uptime")
+    assert not topics.matches("$SYS/broker/uptime", "+/#")
 
 
 # -- what is probed ----------------------------------------------------------------
@@ -180,51 +159,6 @@ def traffic_topics() -> list[str]:
 # -- connections that record what they receive --------------------------------------
 
 
-@dataclass
-class Recorder:
-    messages: list[Incoming] = field(default_factory=list)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __call__(self, message: Incoming) -> None:
-        self.messages.append(message)
-        self._changed.set()
-
-    def payloads(self) -> set[bytes]:
-        return {m.payload for m in self.messages}
-
-    async def wait_for(self, payload: bytes, timeout: float = 20) -> None:
-        async with asyncio.timeout(timeout):
-            while payload not in self.payloads():
-                self._changed.clear()
-                await self._changed.wait()
-
-
-@dataclass
-class Actor:
-    name: str
-    link: MqttLink
-    seen: Recorder
-
-
-def _password(stack: Stack, name: str) -> str:
-    return stack.bridge_env["MQCHAT_BRIDGE_PASSWORD"] if name == BRIDGE else password_of(name)
-
-
-async def _connect(stack: Stack, name: str, role: str) -> Actor:
-    seen = Recorder()
-    link = await stack.raw(
-        name,
-        _password(stack, name),
-        client_id=f"{name}:{role}-{secrets.token_hex(3)}",
-        on_message=seen,
-    )
-    return Actor(name, link, seen)
-
-
-def _token(label: str) -> bytes:
-    return json.dumps({"probe": label, "nonce": secrets.token_hex(6)}).encode()
-
-
 async def _publish_all(items: Iterable[tuple[MqttLink, str, bytes, bool]]) -> None:
     """Publish at QoS 1 and wait for every PUBACK."""
     async with asyncio.timeout(30):
@@ -250,7 +184,7 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
     await stack.add_users(*USERS)
 
     # A real retained presence for alice, published by the bridge from her device.
-    watcher = await _connect(stack, "alice", "presence-watch")
+    watcher = await connect_actor(stack, "alice", "presence-watch")
     await watcher.link.subscribe("chat/v1/presence/+", qos=1)
     await stack.client("alice", "phone")
     async with asyncio.timeout(20):
@@ -262,9 +196,9 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
     )
 
     # Observers, each subscribed only to what it is entitled to.
-    up_observer = await _connect(stack, BRIDGE, "observer")
+    up_observer = await connect_actor(stack, BRIDGE, "observer")
     await up_observer.link.subscribe("chat/v1/u/+/up/#", qos=1)
-    down_observers = {user: await _connect(stack, user, "observer") for user in USERS}
+    down_observers = {user: await connect_actor(stack, user, "observer") for user in USERS}
     for user, observer in down_observers.items():
         await observer.link.subscribe(f"chat/v1/u/{user}/down/#", qos=1)
 
@@ -274,13 +208,13 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
         user, direction = topic.split("/")[3:5]
         return [up_observer.seen if direction == "up" else down_observers[user].seen]
 
-    actors = {name: await _connect(stack, name, "prober") for name in ACTORS}
+    actors = {name: await connect_actor(stack, name, "prober") for name in ACTORS}
 
     # -- publish ------------------------------------------------------------------
     probes: dict[tuple[str, str], bytes] = {}
     for name in actors:
         for topic in observable_topics():
-            probes[(name, topic)] = _token(f"{name} -> {topic}")
+            probes[(name, topic)] = probe(f"{name} -> {topic}")
     forged_presence = {
         user: json.dumps({"state": "offline", "at": "2020-01-01T00:00:00+00:00"}).encode()
         for user in ("alice", "bob")
@@ -289,7 +223,7 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
     # From a connection of its own: amqtt stops serving a session that publishes to a
     # '$' topic (it neither closes it nor answers it again), which would end bob's
     # probing here.
-    escalator = await _connect(stack, "bob", "escalator")
+    escalator = await connect_actor(stack, "bob", "escalator")
     escalation = json.dumps(
         {
             "commands": [
@@ -317,13 +251,13 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
     sentinels: list[tuple[Recorder, bytes]] = []
     publishes = []
     for user, observer in down_observers.items():
-        token = _token(f"sentinel down {user}")
+        token = probe(f"sentinel down {user}")
         publishes.append((actors[BRIDGE].link, f"chat/v1/u/{user}/down/typing", token, False))
         sentinels.append((observer.seen, token))
-    token = _token("sentinel up")
+    token = probe("sentinel up")
     publishes.append((actors["alice"].link, "chat/v1/u/alice/up/typing", token, False))
     sentinels.append((up_observer.seen, token))
-    token = _token("sentinel presence")
+    token = probe("sentinel presence")
     publishes.append((actors[BRIDGE].link, "chat/v1/presence/zz.sentinel", token, False))
     sentinels.append((watcher.seen, token))
     await _publish_all(publishes)
@@ -342,9 +276,9 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
     assert not set(forged_presence.values()) & watcher.seen.payloads()
 
     # -- retained presence: what a newcomer sees is the bridge's word only -------------
-    newcomer = await _connect(stack, "bobby", "newcomer")
+    newcomer = await connect_actor(stack, "bobby", "newcomer")
     await newcomer.link.subscribe("chat/v1/presence/+", qos=1)
-    token = _token("sentinel retained")
+    token = probe("sentinel retained")
     await actors[BRIDGE].link.publish("chat/v1/presence/zz.sentinel", token, qos=1)
     await newcomer.seen.wait_for(token)
     retained = {m.topic: m.payload for m in newcomer.seen.messages if m.retain}
@@ -366,22 +300,22 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
     assert not wrong, "subscribe outcomes differ from the topic table:\n" + _table(wrong)
 
     # Traffic on every topic, from someone allowed to publish it.
-    traffic = actors | {"bridge-traffic": await _connect(stack, BRIDGE, "traffic")}
+    traffic = actors | {"bridge-traffic": await connect_actor(stack, BRIDGE, "traffic")}
     items = []
     for topic in traffic_topics():
         user = topic.split("/")[3]
         sender = traffic[user] if "/up/" in topic else traffic["bridge-traffic"]
-        items.append((sender.link, topic, _token(f"traffic {topic}"), False))
+        items.append((sender.link, topic, probe(f"traffic {topic}"), False))
     await _publish_all(items)
     sentinels = []
     publishes = []
     for name in USERS:
-        token = _token(f"sentinel sub {name}")
+        token = probe(f"sentinel sub {name}")
         publishes.append(
             (traffic["bridge-traffic"].link, f"chat/v1/u/{name}/down/typing", token, False)
         )
         sentinels.append((actors[name].seen, token))
-    token = _token("sentinel sub bridge")
+    token = probe("sentinel sub bridge")
     publishes.append((actors["alice"].link, "chat/v1/u/alice/up/typing", token, False))
     sentinels.append((actors[BRIDGE].seen, token))
     await _publish_all(publishes)
@@ -391,9 +325,9 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
     for name, actor in actors.items():
         filters = [f for (who, f), ok in granted.items() if who == name and ok]
         received = {m.topic for m in actor.seen.messages}
-        leaked = {t for t in received if not any(_match(f, t) for f in filters)}
+        leaked = {t for t in received if not any(topics.matches(t, f) for f in filters)}
         assert not leaked, f"{name} received topics it may not subscribe to: {sorted(leaked)}"
-        expected = {t for t in traffic_topics() if any(_match(f, t) for f in filters)}
+        expected = {t for t in traffic_topics() if any(topics.matches(t, f) for f in filters)}
         assert expected <= received, f"{name} missed {sorted(expected - received)}"
 
     # The $CONTROL publish changed nothing: no bridge rights for bob, no new account.

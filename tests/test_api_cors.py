@@ -19,8 +19,9 @@ from pydantic import ValidationError
 
 from history_api import ApiSettings
 
-from .conftest import Daemon, error_of, migrated_sqlite, password_of, wait_until
-from .services import _accepts, free_port
+from .support.history import error_of
+from .support.services import Daemon, accepts, free_port, wait_until
+from .support.stack import migrated_sqlite, password_of
 
 APP = "https://app.example"
 OTHER = "https://evil.example"
@@ -44,7 +45,7 @@ async def serve(database_url: str, log_dir: Path, **env: str) -> AsyncIterator[h
     api.start()
     try:
         await asyncio.to_thread(
-            wait_until, lambda: _accepts("127.0.0.1", port), timeout=30, what="history API"
+            wait_until, lambda: accepts("127.0.0.1", port), timeout=30, what="history API"
         )
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             yield client

@@ -30,9 +30,7 @@ from sqlmodel import Session
 from history_api import ApiSettings, create_app
 from store import make_engine, tokens
 
-from .test_history_api import add_users, database_url, send, serve
-
-__all__ = ["database_url"]  # a fixture, re-used from test_history_api
+from .support.history import add_users, send, serve
 
 EXAMPLES = int(os.environ.get("MQCHAT_SCHEMATHESIS_EXAMPLES", "10"))
 
@@ -117,7 +115,7 @@ async def test_nul_in_a_request_is_not_a_server_error(
             method,
             path,
             headers={"Authorization": f"Bearer {token}"},
-            data={"username": "alice\x00", "password": "alice-history-pw"}
+            data={"username": "alice\x00", "password": "alice-secret-pw"}
             if method == "POST"
             else None,
         )

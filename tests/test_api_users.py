@@ -18,35 +18,23 @@ from pydantic import SecretStr
 from sqlmodel import Session, select
 
 from core.mqtt import LinkConfig, MqttLink
-from history_api import ApiSettings, create_app
-from store import accounts, make_engine, migrate
+from history_api import ApiSettings
+from store import accounts, make_engine
 from store.tables import Account
 
-from .services import MosquittoServer, free_port, start_mosquitto
+from .support.history import serve
+from .support.services import MosquittoServer, free_port, start_mosquitto
+from .support.stack import migrated_sqlite
 
 
 @pytest.fixture
 def database_url(tmp_path: Path) -> str:
-    url = f"sqlite:///{tmp_path / 'mqchat.db'}"
-    engine = make_engine(url)
-    migrate(engine)
-    engine.dispose()
-    return url
-
-
-@contextlib.asynccontextmanager
-async def api(settings: ApiSettings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c,
-    ):
-        yield c
+    return migrated_sqlite(tmp_path / "mqchat.db")
 
 
 @pytest.fixture
 async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with api(ApiSettings(database_url=database_url)) as test_client:
+    async with serve(ApiSettings(database_url=database_url)) as test_client:
         yield test_client
 
 
@@ -219,7 +207,7 @@ async def can_connect(server: MosquittoServer, username: str, password: str) -> 
 async def test_account_is_created_in_mosquitto_too(
     mosquitto: MosquittoServer, database_url: str
 ) -> None:
-    async with api(mosquitto_settings(database_url, mosquitto)) as client:
+    async with serve(mosquitto_settings(database_url, mosquitto)) as client:
         response = await create(client, "erin", "erin-secret")
 
     assert response.status_code == 201
@@ -236,7 +224,7 @@ async def test_broker_failure_is_503_and_creates_nothing(
         if broken == "unreachable"
         else {"mosquitto_admin_password": SecretStr("not-the-password")}
     )
-    async with api(mosquitto_settings(database_url, mosquitto, **change)) as client:
+    async with serve(mosquitto_settings(database_url, mosquitto, **change)) as client:
         response = await create(client, "frank", "frank-pw-1")
 
     assert error_of(response) == (503, "internal_error")
@@ -310,7 +298,7 @@ async def test_weak_password_is_422(
 
 @contextlib.asynccontextmanager
 async def throttled_api(database_url: str, **limits: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with api(ApiSettings(database_url=database_url, **limits)) as test_client:  # type: ignore[arg-type]
+    async with serve(ApiSettings(database_url=database_url, **limits)) as test_client:  # type: ignore[arg-type]
         for name in ("alice", "bob", "carol"):
             assert (await create(test_client, name, f"{name}-secret")).status_code == 201
         yield test_client
@@ -441,7 +429,7 @@ async def test_wrong_current_passwords_are_throttled(database_url: str) -> None:
 async def test_password_change_reaches_mosquitto(
     mosquitto: MosquittoServer, database_url: str
 ) -> None:
-    async with api(mosquitto_settings(database_url, mosquitto)) as client:
+    async with serve(mosquitto_settings(database_url, mosquitto)) as client:
         assert (await create(client, "grace", "grace-secret")).status_code == 201
         auth = await token_of(client, "grace", "grace-secret")
         response = await change(client, auth, "grace-secret", "grace's new secret")

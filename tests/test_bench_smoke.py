@@ -18,6 +18,7 @@ from bench.load import Settings, StepPlan, generated_load, stalls
 from store import make_engine
 
 
+@pytest.mark.xdist_group("cpu_heavy")
 def test_a_small_open_loop_run_is_counted_exactly(tmp_path: Path) -> None:
     settings = Settings(users=20, workers=2, bridges=1, step_seconds=2, drain=20)
     with generated_load("embedded", settings, settings.users) as gen:

@@ -29,22 +29,18 @@ from sqlalchemy import Engine
 
 from history_api import ApiSettings, create_app
 
-from .conftest import error_of
-from .test_history_api import (
+from .support.history import (
     As,
     add_users,
     as_user,
     at,
-    database_url,
-    engine,
+    error_of,
     move_cursor,
     send,
     serve,
     set_device,
     sqlite_database,
 )
-
-__all__ = ["database_url", "engine"]  # fixtures, re-used from test_history_api
 
 
 @dataclass
@@ -182,7 +178,7 @@ async def search(client: httpx.AsyncClient, world: World) -> None:
 async def create_token(client: httpx.AsyncClient, world: World) -> None:
     for me, victim in world.pairs():
         response = await client.post(
-            "/v1/tokens", data={"username": victim.name, "password": f"{me.name}-history-pw"}
+            "/v1/tokens", data={"username": victim.name, "password": f"{me.name}-secret-pw"}
         )
         assert error_of(response) == (401, "unauthorized")
         assert "access_token" not in response.text
@@ -191,13 +187,13 @@ async def create_token(client: httpx.AsyncClient, world: World) -> None:
 async def create_user(client: httpx.AsyncClient, world: World) -> None:
     for me, victim in world.pairs():
         response = await client.post(
-            "/v1/users", json={"username": victim.name, "password": f"{me.name}-history-pw"}
+            "/v1/users", json={"username": victim.name, "password": f"{me.name}-secret-pw"}
         )
         assert error_of(response) == (409, "username_taken")
     # Nobody's password changed: each still signs in with their own, not the other's.
     for me, _ in world.pairs():
         ok = await client.post(
-            "/v1/tokens", data={"username": me.name, "password": f"{me.name}-history-pw"}
+            "/v1/tokens", data={"username": me.name, "password": f"{me.name}-secret-pw"}
         )
         assert ok.status_code == 200
 
@@ -210,14 +206,14 @@ async def change_password(client: httpx.AsyncClient, world: World) -> None:
             "/v1/users/me/password",
             headers=me.api.headers,
             json={
-                "current_password": f"{victim.name}-history-pw",
+                "current_password": f"{victim.name}-secret-pw",
                 "new_password": "a brand new passphrase",
             },
         )
         assert error_of(response) == (403, "wrong_password")
     for me, _ in world.pairs():
         ok = await client.post(
-            "/v1/tokens", data={"username": me.name, "password": f"{me.name}-history-pw"}
+            "/v1/tokens", data={"username": me.name, "password": f"{me.name}-secret-pw"}
         )
         assert ok.status_code == 200
 

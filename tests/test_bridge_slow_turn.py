@@ -12,7 +12,8 @@ import re
 
 from sqlalchemy import text
 
-from .conftest import Stack, wait_until
+from .support.services import wait_until
+from .support.stack import Stack
 
 #: How long the bridge's write is kept waiting on the lock, at least.
 HELD = 0.5

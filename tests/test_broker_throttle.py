@@ -20,8 +20,8 @@ from core.accounts import EmbeddedProvisioner, register
 from core.mqtt import ConnectRefused, LinkConfig, MqttLink
 from store import make_engine, migrate
 
-from .conftest import Daemon, password_of
-from .services import free_port
+from .support.services import Daemon, free_port
+from .support.stack import password_of
 
 NOT_AUTHORIZED = "Not authorized"
 SERVER_UNAVAILABLE = "Server unavailable"

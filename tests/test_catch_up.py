@@ -9,7 +9,8 @@ from sqlmodel import Session, select
 from mqchat import ChatClient
 from store.tables import Cursor
 
-from .conftest import Stack, wait_until
+from .support.services import wait_until
+from .support.stack import Stack
 
 
 async def receive(client: ChatClient, count: int, timeout: float = 30) -> list[tuple[int, str]]:

@@ -1,13 +1,13 @@
 """No message is ever lost: the CI-sized chaos run, checked Jepsen-style.
 
 Three pairs of users message each other through the SDK (clients behind a TCP proxy)
-while a seeded schedule applies every fault kind of :data:`tests.chaos.FAULT_KINDS`
+while a seeded schedule applies every fault kind of :data:`tests.support.chaos.FAULT_KINDS`
 twice: the bridge killed at random moments and at its three dangerous points
 (``MQCHAT_BRIDGE_CRASH_AT``), restarted gracefully, frozen past its keepalive;
 mosquitto killed; PostgreSQL restarted and crashed; the client<->broker,
 bridge<->broker and bridge<->PostgreSQL paths cut and stalled. Half the senders give
 up waiting for a ``sent`` receipt after :data:`SHORT_TIMEOUT`, so outcomes go unknown
-and the checker must find them recovered. Afterwards :func:`tests.chaos.check`
+and the checker must find them recovered. Afterwards :func:`tests.support.chaos.check`
 reconciles every sender's operation log, every device's received log and the
 database. Replay a run with ``MQCHAT_CHAOS_SEED=<seed>`` (printed on failure).
 """
@@ -26,12 +26,11 @@ from pydantic import ValidationError
 from bridge.config import BridgeSettings
 from mqchat import ChatClient
 
-from . import chaos
-from .chaos import History, Op, Received, StoredRow, check
-from .conftest import Stack, password_of
-from .services import PostgresServer
-from .tcp_proxy import TcpProxy
-from .test_chat import stored
+from .support import chaos
+from .support.chaos import History, Op, Received, StoredRow, check
+from .support.services import PostgresServer
+from .support.stack import Stack, password_of, stored
+from .support.tcp_proxy import TcpProxy
 
 PAIRS = (("alice", "bob"), ("carol", "dave"), ("erin", "frank"))
 ROUNDS = 3  # every fault kind this many times
@@ -48,6 +47,7 @@ def _seed() -> int:
     return int(value) if value else secrets.randbelow(1_000_000)
 
 
+@pytest.mark.xdist_group("cpu_heavy")
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 async def test_no_message_is_lost_under_every_fault(

@@ -3,8 +3,8 @@ catch-up retried while the history is down, one of two bridges killed.
 
 Cuts and stalls of the client<->broker, bridge<->broker and bridge<->PostgreSQL paths
 run in the CI run (``tests/test_chaos.py``). Every scenario here records what was sent
-(:class:`tests.chaos.History`), what each device was shown and what is stored, then
-reconciles them with :func:`tests.chaos.check`. Seeded; replay with
+(:class:`tests.support.chaos.History`), what each device was shown and what is stored, then
+reconciles them with :func:`tests.support.chaos.check`. Seeded; replay with
 ``MQCHAT_CHAOS_SEED=<seed>``.
 """
 
@@ -22,12 +22,10 @@ import pytest
 
 from mqchat import ChatClient
 
-from .chaos import History, Received, Report, StoredRow, check
-from .conftest import BRIDGE_READY, Stack, password_of
-from .services import PostgresServer
-from .tcp_proxy import TcpProxy
-from .test_chat import stored
-from .test_two_bridges import start_two_bridges
+from .support.chaos import History, Received, Report, StoredRow, check
+from .support.services import PostgresServer
+from .support.stack import BRIDGE_READY, Stack, password_of, start_two_bridges, stored
+from .support.tcp_proxy import TcpProxy
 
 PAIRS = (("alice", "bob"), ("carol", "dave"))
 PACE = 0.05
@@ -197,8 +195,10 @@ async def test_offline_device_catches_up_past_the_broker_queue(production_stack:
     await run.connect("alice")
     await run.connect("bob")
     count = 60 + seed % 40
-    await run.send_many("alice", "bob", 5)  # bob's device knows the conversation
-    await asyncio.sleep(1.0)
+    await run.send_many("alice", "bob", 5)
+    async with asyncio.timeout(20):  # bob's device has them: it knows the conversation
+        while sum(r.device == "bob/phone" for r in run.received) < 5:
+            await asyncio.sleep(0.05)
     await run.disconnect("bob")
     # The same ids would be deduplicated: continue alice's numbering.
     client = run.clients["alice"]

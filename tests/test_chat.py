@@ -5,31 +5,27 @@ from __future__ import annotations
 import asyncio
 import json
 
-from sqlmodel import Session, col, select
+import pytest
 
 from core.mqtt import Incoming
 from protocol import topics
-from store.tables import Message
 
-from .conftest import Stack
-
-
-def stored(stack: Stack) -> list[Message]:
-    with Session(stack.engine) as session:
-        return list(session.exec(select(Message).order_by(col(Message.pk))).all())
+from .support.stack import Stack, stored, unique_names
 
 
-async def test_round_trip_with_sent_receipt(stack: Stack) -> None:
-    await stack.add_users("alice", "bob")
-    alice = await stack.client("alice")
-    bob = await stack.client("bob")
+async def test_round_trip_with_sent_receipt(shared_stack: Stack) -> None:
+    stack = shared_stack
+    alice_name, bob_name = unique_names("alice", "bob")
+    await stack.add_users(alice_name, bob_name)
+    alice = await stack.client(alice_name)
+    bob = await stack.client(bob_name)
 
-    sent = await alice.send("hello bob", to="bob", timeout=20)
+    sent = await alice.send("hello bob", to=bob_name, timeout=20)
 
     assert sent.seq == 1
     got = await bob.next_message(timeout=10)
     assert (got.sender, got.body, got.seq, got.conversation) == (
-        "alice",
+        alice_name,
         "hello bob",
         1,
         sent.conversation,
@@ -38,19 +34,24 @@ async def test_round_trip_with_sent_receipt(stack: Stack) -> None:
     # The sender's own device sees the stored message too (multi-device echo).
     echo = await alice.next_message(timeout=10)
     assert (echo.id, echo.seq) == (sent.id, 1)
-    [row] = stored(stack)
-    assert (row.sender, row.client_id, row.body, row.seq) == ("alice", sent.id, "hello bob", 1)
+    [row] = stored(stack, alice_name, bob_name)
+    assert (row.sender, row.client_id, row.body, row.seq) == (alice_name, sent.id, "hello bob", 1)
 
     reply = await bob.send("hi alice", conversation=sent.conversation, timeout=20)
     assert (reply.conversation, reply.seq) == (sent.conversation, 2)
     got = await alice.next_message(timeout=10)
-    assert (got.sender, got.body, got.seq) == ("bob", "hi alice", 2)
+    assert (got.sender, got.body, got.seq) == (bob_name, "hi alice", 2)
 
 
-async def test_thousand_messages_each_way_arrive_complete_and_in_order(stack: Stack) -> None:
-    await stack.add_users("alice", "bob")
-    alice = await stack.client("alice")
-    bob = await stack.client("bob")
+@pytest.mark.xdist_group("cpu_heavy")
+async def test_thousand_messages_each_way_arrive_complete_and_in_order(
+    shared_stack: Stack,
+) -> None:
+    stack = shared_stack
+    alice_name, bob_name = unique_names("alice", "bob")
+    await stack.add_users(alice_name, bob_name)
+    alice = await stack.client(alice_name)
+    bob = await stack.client(bob_name)
     n = 1000
 
     async def send_all(client: object, sender: str, peer: str) -> None:
@@ -75,61 +76,68 @@ async def test_thousand_messages_each_way_arrive_complete_and_in_order(stack: St
         return bodies
 
     _, _, from_bob, from_alice = await asyncio.gather(
-        send_all(alice, "alice", "bob"),
-        send_all(bob, "bob", "alice"),
-        receive_all(alice, "bob"),
-        receive_all(bob, "alice"),
+        send_all(alice, alice_name, bob_name),
+        send_all(bob, bob_name, alice_name),
+        receive_all(alice, bob_name),
+        receive_all(bob, alice_name),
     )
-    assert from_alice == [f"alice-{i}" for i in range(n)]
-    assert from_bob == [f"bob-{i}" for i in range(n)]
-    rows = stored(stack)
+    assert from_alice == [f"{alice_name}-{i}" for i in range(n)]
+    assert from_bob == [f"{bob_name}-{i}" for i in range(n)]
+    rows = stored(stack, alice_name, bob_name)
     assert len(rows) == 2 * n
     assert sorted(r.seq for r in rows) == list(range(1, 2 * n + 1))
 
 
-async def test_same_id_twice_is_stored_once_and_shown_once(stack: Stack) -> None:
-    await stack.add_users("alice", "bob")
-    bob = await stack.client("bob")
+async def test_same_id_twice_is_stored_once_and_shown_once(shared_stack: Stack) -> None:
+    stack = shared_stack
+    alice_name, bob_name = unique_names("alice", "bob")
+    await stack.add_users(alice_name, bob_name)
+    bob = await stack.client(bob_name)
     receipts: asyncio.Queue[dict[str, object]] = asyncio.Queue()
 
     def on_message(m: Incoming) -> None:
         # bob's device acks delivery, so "delivered" receipts come too: keep "sent".
-        if m.topic == topics.down_receipt("alice") and json.loads(m.payload)["status"] == "sent":
+        if m.topic == topics.down_receipt(alice_name) and json.loads(m.payload)["status"] == "sent":
             receipts.put_nowait(json.loads(m.payload))
 
     # A stock client that resends the same publish, as after a lost PUBACK.
-    raw = await stack.raw("alice", on_message=on_message)
-    await raw.subscribe(topics.down_all("alice"), qos=1)
-    payload = json.dumps({"id": "m-1", "to": "bob", "body": "once"}).encode()
-    await raw.publish(topics.up_msg("alice"), payload, qos=1)
+    raw = await stack.raw(alice_name, on_message=on_message)
+    await raw.subscribe(topics.down_all(alice_name), qos=1)
+    payload = json.dumps({"id": "m-1", "to": bob_name, "body": "once"}).encode()
+    await raw.publish(topics.up_msg(alice_name), payload, qos=1)
     first = await asyncio.wait_for(receipts.get(), 10)
-    await raw.publish(topics.up_msg("alice"), payload, qos=1)
+    await raw.publish(topics.up_msg(alice_name), payload, qos=1)
     second = await asyncio.wait_for(receipts.get(), 10)
 
     assert first["status"] == second["status"] == "sent"
     assert first["seq"] == second["seq"] == 1
     assert first["id"] == second["id"] == "m-1"
     # The SDK resending the same id gets the same place, too.
-    alice = await stack.client("alice")
-    again = await alice.send("once", to="bob", id="m-1", timeout=10)
+    alice = await stack.client(alice_name)
+    again = await alice.send("once", to=bob_name, id="m-1", timeout=10)
     assert again.seq == 1
-    after = await alice.send("after", to="bob", timeout=10)
+    after = await alice.send("after", to=bob_name, timeout=10)
     assert after.seq == 2
 
     shown = [await bob.next_message(timeout=10), await bob.next_message(timeout=10)]
     assert [(m.body, m.seq) for m in shown] == [("once", 1), ("after", 2)]
-    assert [(r.client_id, r.seq) for r in stored(stack)] == [("m-1", 1), (after.id, 2)]
+    assert [(r.client_id, r.seq) for r in stored(stack, alice_name, bob_name)] == [
+        ("m-1", 1),
+        (after.id, 2),
+    ]
 
 
-async def test_offline_recipient_gets_its_messages_on_reconnect(stack: Stack) -> None:
-    await stack.add_users("alice", "bob")
-    bob = await stack.client("bob", device="phone")
+async def test_offline_recipient_gets_its_messages_on_reconnect(shared_stack: Stack) -> None:
+    stack = shared_stack
+    alice_name, bob_name = unique_names("alice", "bob")
+    await stack.add_users(alice_name, bob_name)
+    bob = await stack.client(bob_name, device="phone")
     await bob.close()  # bob's phone goes offline; the broker keeps its session
-    alice = await stack.client("alice")
+    alice = await stack.client(alice_name)
     for i in range(20):
-        await alice.send(f"while you were away {i}", to="bob", timeout=20)
+        await alice.send(f"while you were away {i}", to=bob_name, timeout=20)
 
-    bob = await stack.client("bob", device="phone")
+    bob = await stack.client(bob_name, device="phone")
     got = [await bob.next_message(timeout=10) for _ in range(20)]
     assert [m.body for m in got] == [f"while you were away {i}" for i in range(20)]
     assert [m.seq for m in got] == list(range(1, 21))

@@ -32,7 +32,7 @@ from sqlmodel import Session
 
 from store import accounts, make_engine
 
-from .services import MosquittoServer, PostgresServer, free_port, start_mosquitto
+from .support.services import MosquittoServer, PostgresServer, free_port, start_mosquitto
 
 MQCHAT = Path(sys.executable).parent / "mqchat"
 WAIT = 20.0
@@ -742,7 +742,7 @@ async def test_mosquitto_bootstrap_writes_accounts_mosquitto_accepts(tmp_path: P
     from core.dynsec import Credentials
     from core.mqtt import ConnectRefused, MqttLink
 
-    from .services import _chown_tree
+    from .support.services import chown_tree
 
     server = start_mosquitto(tmp_path)
     try:
@@ -775,7 +775,7 @@ async def test_mosquitto_bootstrap_writes_accounts_mosquitto_accepts(tmp_path: P
         )
         assert again.returncode == 78
         assert "not overwritten" in again.stderr
-        _chown_tree(server.workdir, server._account)
+        chown_tree(server.workdir, server._account)
         server.start()
 
         bridge = MqttLink(server.link_config(Credentials("mqchat-bridge", "bridge-pass-123"), "b"))

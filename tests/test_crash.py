@@ -5,19 +5,20 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
 from sqlalchemy import text
 from sqlmodel import Session
 
 from mqchat import ChatClient
 
-from .conftest import Stack
-from .services import PostgresServer
-from .test_chat import stored
+from .support.services import PostgresServer
+from .support.stack import Stack, stored
 
 SENDERS = ("alice", "carol", "dave", "erin")
 PER_SENDER = 500  # 2,000 messages in all
 
 
+@pytest.mark.xdist_group("cpu_heavy")
 async def test_kill_9_of_the_bridge_mid_stream(stack: Stack) -> None:
     await stack.add_users("bob", *SENDERS)
     bob = await stack.client("bob")

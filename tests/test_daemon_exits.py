@@ -21,7 +21,7 @@ import pytest
 
 from core.daemon import BROKER_READY_LOG, EXIT_CANNOT_LISTEN, EXIT_FORCED, EXIT_OK
 
-from .services import free_port
+from .support.services import free_port
 
 WAIT = 60.0
 

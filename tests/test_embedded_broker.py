@@ -23,7 +23,7 @@ from broker.embedded import _SubscriptionTable
 from core.mqtt import Incoming
 from protocol import topics
 
-from .conftest import Stack
+from .support.stack import Stack
 
 MESSAGES = 150
 

@@ -31,8 +31,8 @@ from core.mqtt import Incoming, MqttLink
 from protocol import MAX_PAYLOAD_BYTES, ProtocolError, UpMessage, UpTyping, decode, topics
 from store.tables import Message
 
-from .conftest import Stack
-from .test_fuzz_decode import FUZZ, UP_KINDS, dump, hostile_payloads
+from .support.fuzz import FUZZ, UP_KINDS, dump, hostile_payloads
+from .support.stack import Stack
 
 #: Topic suffixes after ``chat/v1/u/mallory/up/``: the real kinds, an unknown one
 #: and shapes that are no uplink kind (all refused with ``unknown_topic``).
@@ -95,6 +95,10 @@ def oracle(topic: str, payload: bytes, bodies: dict[str, str]) -> Expected | Non
             if bodies.setdefault(up.id, up.body) != up.body:
                 return ("error", ("id_reused", up.id))
             return ("sent", up.id)
+        if up.id in bodies:
+            # An id already stored names that message: under it, another target is
+            # refused as a reuse before the target is looked at (store.messages).
+            return ("error", ("id_reused", up.id))
         if up.to is not None:
             return ("error", ("unknown_recipient", up.id))
         return ("error", ("unknown_conversation", up.id))

@@ -24,7 +24,7 @@ import pytest
 from core.mqtt import Incoming
 from protocol import topics
 
-from .conftest import Stack
+from .support.stack import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
 ASYNCAPI = ROOT / "protocol" / "asyncapi.yaml"

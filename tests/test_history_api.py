@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,17 +30,31 @@ from alembic import command
 from sqlalchemy import Engine, delete, event
 from sqlmodel import Session, select
 
-from history_api import ApiSettings, create_app, deps
+from history_api import ApiSettings, deps
 from protocol import DownMessage, UpMessage
 from store import accounts, make_engine, migrate, search, tokens
 from store.db import alembic_config, reading
-from store.messages import StoredMessage, persist_batch
-from store.tables import Cursor, CursorMove, Device
+from store.messages import persist_batch
+from store.tables import Device
 
-from .conftest import error_of
-from .services import PostgresServer
+from .support.history import (
+    As,
+    add_users,
+    as_user,
+    at,
+    error_of,
+    move_cursor,
+    postgres_database,
+    send,
+    send_many,
+    serve,
+    set_device,
+    sign_in,
+    sqlite_database,
+)
+from .support.services import PostgresServer
+from .support.stack import password_of
 
-T0 = datetime(2025, 6, 1, 9, 0, tzinfo=UTC)
 MESSAGE_FIELDS = {"id", "conversation", "seq", "from", "body", "sent_at"}
 BEARER_ENDPOINTS = [
     "/v1/conversations",
@@ -51,132 +65,10 @@ BEARER_ENDPOINTS = [
 ]
 
 
-def password_of(user: str) -> str:
-    return f"{user}-history-pw"
-
-
-def at(minutes: float) -> datetime:
-    return T0 + timedelta(minutes=minutes)
-
-
 # -- databases ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def sqlite_database(directory: Path) -> Iterator[str]:
-    url = f"sqlite:///{directory / 'history.db'}"
-    engine = make_engine(url)
-    migrate(engine)
-    engine.dispose()
-    yield url
-
-
-@contextlib.contextmanager
-def postgres_database(postgres: PostgresServer, template: str | None) -> Iterator[str]:
-    name = f"history_{secrets.token_hex(6)}"
-    postgres.create_database(name, template=template)
-    try:
-        yield postgres.url(name)
-    finally:
-        postgres.drop_database(name)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        with sqlite_database(tmp_path) as url:
-            yield url
-    else:
-        with postgres_database(request.getfixturevalue("postgres"), "mqchat_template") as url:
-            yield url
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-
-
 # -- writing data through the real code paths ---------------------------------------
-
-
-def add_users(engine: Engine, *names: str) -> None:
-    with Session(engine) as session:
-        for name in names:
-            accounts.create(session, name, password_of(name))
-        session.commit()
-
-
-def send(
-    engine: Engine,
-    sender: str,
-    body: str,
-    *,
-    id: str,
-    to: str | None = None,
-    conversation: str | None = None,
-) -> StoredMessage:
-    (outcome,) = persist_batch(
-        engine, [(sender, UpMessage(id=id, to=to, conversation=conversation, body=body))]
-    )
-    assert outcome.error is None, outcome.error
-    assert outcome.stored is not None
-    return outcome.stored
-
-
-def send_many(engine: Engine, sender: str, to: str, count: int, prefix: str) -> list[str]:
-    outcomes = persist_batch(
-        engine,
-        [
-            (sender, UpMessage(id=f"{prefix}{n:03}", to=to, body=f"message number {n}"))
-            for n in range(1, count + 1)
-        ],
-    )
-    assert all(o.stored is not None for o in outcomes)
-    return [o.stored.client_id for o in outcomes if o.stored is not None]
-
-
-def move_cursor(
-    engine: Engine,
-    conversation: str,
-    user: str,
-    device: str,
-    *,
-    when: datetime,
-    delivered: int | None = None,
-    read: int | None = None,
-) -> None:
-    """What the bridge will do on an ``up/ack``: move the cursor, log the move."""
-    with Session(engine) as session:
-        cursor = session.get(Cursor, (conversation, user, device)) or Cursor(
-            conversation_id=conversation, username=user, device=device
-        )
-        for kind, seq in (("delivered", delivered), ("read", read)):
-            if seq is None:
-                continue
-            setattr(cursor, f"{kind}_seq", seq)
-            setattr(cursor, f"{kind}_at", when)
-            session.add(
-                CursorMove(
-                    conversation_id=conversation,
-                    username=user,
-                    device=device,
-                    kind=kind,
-                    up_to=seq,
-                    at=when,
-                )
-            )
-        session.add(cursor)
-        session.commit()
-
-
-def set_device(engine: Engine, user: str, device: str, *, online: bool, seen: datetime) -> None:
-    with Session(engine) as session:
-        session.merge(Device(username=user, device=device, online=online, last_seen=seen))
-        session.commit()
 
 
 # -- the world and the API ----------------------------------------------------------
@@ -198,51 +90,10 @@ def world(engine: Engine) -> World:
     return World(ab=ab, ac=ac, cd=cd)
 
 
-@contextlib.asynccontextmanager
-async def serve(settings: ApiSettings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as c,
-    ):
-        yield c
-
-
 @pytest.fixture
 async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
     async with serve(ApiSettings(database_url=database_url)) as api:
         yield api
-
-
-async def sign_in(client: httpx.AsyncClient, user: str, password: str | None = None) -> str:
-    response = await client.post(
-        "/v1/tokens",
-        data={"username": user, "password": password or password_of(user)},
-    )
-    assert response.status_code == 200, response.text
-    token = response.json()["access_token"]
-    assert isinstance(token, str)
-    return token
-
-
-class As:
-    """A signed-in user's view of the API."""
-
-    def __init__(self, client: httpx.AsyncClient, token: str) -> None:
-        self.client = client
-        self.headers = {"Authorization": f"Bearer {token}"}
-
-    async def get(self, url: str, **params: Any) -> httpx.Response:
-        return await self.client.get(url, params=params or None, headers=self.headers)
-
-    async def json(self, url: str, **params: Any) -> Any:
-        response = await self.get(url, **params)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-
-async def as_user(client: httpx.AsyncClient, user: str) -> As:
-    return As(client, await sign_in(client, user))
 
 
 def seqs(page: dict[str, Any]) -> list[int]:
@@ -291,7 +142,7 @@ async def test_token_lifetime_comes_from_settings(database_url: str, world: Worl
 
 @pytest.mark.parametrize(
     ("username", "password"),
-    [("alice", "wrong-password"), ("nobody", "whatever-pw"), ("al/ice", "alice-history-pw")],
+    [("alice", "wrong-password"), ("nobody", "whatever-pw"), ("al/ice", "alice-secret-pw")],
     ids=["wrong-password", "unknown-user", "invalid-username"],
 )
 async def test_wrong_credentials_are_401(
@@ -306,10 +157,10 @@ async def test_wrong_credentials_are_401(
 @pytest.mark.parametrize(
     ("content", "content_type"),
     [
-        (b'{"username": "alice", "password": "alice-history-pw"}', "application/json"),
+        (b'{"username": "alice", "password": "alice-secret-pw"}', "application/json"),
         (b"username=alice", "application/x-www-form-urlencoded"),
         (
-            b"grant_type=client_credentials&username=alice&password=alice-history-pw",
+            b"grant_type=client_credentials&username=alice&password=alice-secret-pw",
             "application/x-www-form-urlencoded",
         ),
     ],

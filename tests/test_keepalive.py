@@ -12,10 +12,11 @@ import asyncio
 
 from mqchat import ChatClient
 
-from .conftest import Stack, password_of
-from .tcp_proxy import TcpProxy
-from .test_mqtt_malformed import Raw, dial, login, packet, publish, string, varint
-from .test_presence import Watcher
+from .support.clients import Watcher
+from .support.packets import packet, publish, string, varint
+from .support.raw import Raw, dial, login
+from .support.stack import Stack, password_of
+from .support.tcp_proxy import TcpProxy
 
 #: What the raw clients here ask for; the brokers must close after 3 s of silence.
 KEEPALIVE = 2

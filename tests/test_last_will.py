@@ -20,8 +20,9 @@ import secrets
 
 from core.mqtt import ConnectRefused, LinkConfig, MqttLink, Will
 
-from .conftest import Stack, password_of, wait_until
-from .test_acl_matrix import BRIDGE, Recorder, _connect, _token
+from .support.clients import BRIDGE, Recorder, connect_actor, probe
+from .support.services import wait_until
+from .support.stack import Stack, password_of, unique_names
 
 
 def _with_will(stack: Stack, user: str, will: Will) -> MqttLink:
@@ -50,8 +51,8 @@ async def _disconnect_handled(stack: Stack, client_id: str) -> None:
     )
 
 
-def _message(body: str) -> bytes:
-    return json.dumps({"id": f"will-{secrets.token_hex(4)}", "to": "bob", "body": body}).encode()
+def _message(body: str, to: str = "bob") -> bytes:
+    return json.dumps({"id": f"will-{secrets.token_hex(4)}", "to": to, "body": body}).encode()
 
 
 #: (topic, retain) of wills mallory may not leave, each with a payload of its own.
@@ -68,11 +69,11 @@ FORBIDDEN = [
 
 async def test_a_will_outside_the_acl_refuses_the_connect(stack: Stack) -> None:
     await stack.add_users("mallory", "bob", "carol", "alice")
-    bob = await _connect(stack, "bob", "down-watch")
+    bob = await connect_actor(stack, "bob", "down-watch")
     await bob.link.subscribe("chat/v1/u/bob/down/#", qos=1)
-    uplinks = await _connect(stack, BRIDGE, "up-watch")
+    uplinks = await connect_actor(stack, BRIDGE, "up-watch")
     await uplinks.link.subscribe("chat/v1/u/+/up/#", qos=1)
-    watcher = await _connect(stack, "carol", "presence-watch")
+    watcher = await connect_actor(stack, "carol", "presence-watch")
     await watcher.link.subscribe("chat/v1/presence/+", qos=1)
 
     payloads = []
@@ -97,9 +98,9 @@ async def test_a_will_outside_the_acl_refuses_the_connect(stack: Stack) -> None:
         assert set(answers.values()) == {"accepted"}, answers
 
     # A newcomer subscribing afterwards sees no retained will either.
-    newcomer = await _connect(stack, "alice", "newcomer")
+    newcomer = await connect_actor(stack, "alice", "newcomer")
     await newcomer.link.subscribe("chat/v1/presence/+", qos=1)
-    bridge = await _connect(stack, BRIDGE, "sentinels")
+    bridge = await connect_actor(stack, BRIDGE, "sentinels")
     sentinels: list[tuple[Recorder, bytes]] = []
     for recorder, topic, sender in [
         (bob.seen, "chat/v1/u/bob/down/typing", bridge),
@@ -107,7 +108,7 @@ async def test_a_will_outside_the_acl_refuses_the_connect(stack: Stack) -> None:
         (newcomer.seen, "chat/v1/presence/zz.sentinel", bridge),
         (uplinks.seen, "chat/v1/u/carol/up/typing", watcher),
     ]:
-        token = _token(f"sentinel {topic}")
+        token = probe(f"sentinel {topic}")
         await sender.link.publish(topic, token, qos=1)
         sentinels.append((recorder, token))
     for recorder, token in sentinels:
@@ -118,18 +119,22 @@ async def test_a_will_outside_the_acl_refuses_the_connect(stack: Stack) -> None:
     assert not any(m.topic == "chat/v1/presence/bob" for m in newcomer.seen.messages)
 
 
-async def test_a_will_on_ones_own_uplink_is_an_ordinary_message(stack: Stack) -> None:
+async def test_a_will_on_ones_own_uplink_is_an_ordinary_message(shared_stack: Stack) -> None:
     """Allowed, as the same publish would be: the bridge stores and delivers it as
     mallory's message to bob, with mallory as the sender taken from the topic."""
-    await stack.add_users("mallory", "bob")
-    bob = await stack.client("bob")
-    payload = _message("gone without a goodbye")
-    link = _with_will(stack, "mallory", Will("chat/v1/u/mallory/up/msg", payload, retain=False))
+    stack = shared_stack
+    mallory_name, bob_name = unique_names("mallory", "bob")
+    await stack.add_users(mallory_name, bob_name)
+    bob = await stack.client(bob_name)
+    payload = _message("gone without a goodbye", to=bob_name)
+    link = _with_will(
+        stack, mallory_name, Will(f"chat/v1/u/{mallory_name}/up/msg", payload, retain=False)
+    )
     await link.connect()
     link.abort()  # no DISCONNECT: the will fires
     got = await bob.next_message(timeout=20)
     assert (got.sender, got.body, got.id) == (
-        "mallory",
+        mallory_name,
         "gone without a goodbye",
         json.loads(payload)["id"],
     )

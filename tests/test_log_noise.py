@@ -20,9 +20,11 @@ from websockets.typing import Subprotocol
 
 from broker.lognoise import CLIENT_LOG, ClientNoiseFilter
 
-from .conftest import Stack, password_of, wait_until
-from .test_acl_matrix import BRIDGE, _connect, _token
-from .test_mqtt_malformed import Raw, connect, dial, login, subscribe
+from .support.clients import BRIDGE, connect_actor, probe
+from .support.packets import connect, subscribe
+from .support.raw import Raw, dial, login
+from .support.services import wait_until
+from .support.stack import Stack, password_of
 
 NON_ACKERS = 20
 QUEUED = 10
@@ -97,8 +99,8 @@ async def test_clients_that_never_puback_cost_a_bounded_log(embedded: Stack) -> 
         assert await raw.answer() == "CONNACK 0"
         await raw.send(subscribe([b"chat/v1/u/mallory/down/msg"], qos=1))
         assert await raw.answer() == "SUBACK"
-    bridge = await _connect(embedded, BRIDGE, "sender")
-    await bridge.link.publish("chat/v1/u/mallory/down/msg", _token("first"), qos=1)
+    bridge = await connect_actor(embedded, BRIDGE, "sender")
+    await bridge.link.publish("chat/v1/u/mallory/down/msg", probe("first"), qos=1)
     needle = "Timeout waiting for PUBACK"
 
     # amqtt gives up after 5 s on each of them; once the first line is out, one more
@@ -106,7 +108,7 @@ async def test_clients_that_never_puback_cost_a_bounded_log(embedded: Stack) -> 
     await asyncio.to_thread(
         wait_until, lambda: needle in broker.log_text(), timeout=30, what=needle
     )
-    await bridge.link.publish("chat/v1/u/mallory/down/msg", _token("second"), qos=1)
+    await bridge.link.publish("chat/v1/u/mallory/down/msg", probe("second"), qos=1)
     expected = NON_ACKERS + 1  # all of the first round, and the line of the second
     await asyncio.to_thread(
         wait_until,
@@ -130,7 +132,7 @@ async def test_queued_and_retained_messages_never_acknowledged_cost_no_traceback
     await embedded.add_users("mallory")
     assert embedded.embedded_broker is not None
     broker = embedded.embedded_broker
-    bridge = await _connect(embedded, BRIDGE, "sender")
+    bridge = await connect_actor(embedded, BRIDGE, "sender")
     persistent = connect(b"mallory:queue", b"mallory", password_of("mallory").encode(), clean=False)
     held: list[Raw] = []
     away = await dial(embedded, held)
@@ -140,8 +142,8 @@ async def test_queued_and_retained_messages_never_acknowledged_cost_no_traceback
     assert await away.answer() == "SUBACK"
     away.close()
     for i in range(QUEUED):
-        await bridge.link.publish("chat/v1/u/mallory/down/msg", _token(f"queued {i}"), qos=1)
-        await bridge.link.publish(f"chat/v1/presence/user{i}", _token("state"), 1, retain=True)
+        await bridge.link.publish("chat/v1/u/mallory/down/msg", probe(f"queued {i}"), qos=1)
+        await bridge.link.publish(f"chat/v1/presence/user{i}", probe("state"), 1, retain=True)
     back = await dial(embedded, held)  # takes the queue, acknowledges nothing
     await back.send(persistent)
     await back.send(subscribe([b"chat/v1/presence/+"], qos=1))  # the retained ones
@@ -153,7 +155,7 @@ async def test_queued_and_retained_messages_never_acknowledged_cost_no_traceback
     # the retained ones 5 s later. One more live message at a time, over a second
     # apart: each one's line brings the count of those left out before it.
     for live in range(1, 6):
-        await bridge.link.publish("chat/v1/u/mallory/down/msg", _token(f"live {live}"), qos=1)
+        await bridge.link.publish("chat/v1/u/mallory/down/msg", probe(f"live {live}"), qos=1)
         expected = 2 * QUEUED + live
         with contextlib.suppress(TimeoutError):
             await asyncio.to_thread(

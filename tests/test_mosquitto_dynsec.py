@@ -39,7 +39,7 @@ from core.dynsec import (
 from core.mqtt import ConnectRefused, Incoming, LinkConfig, MqttLink, SubscribeRefused
 from protocol import MAX_PAYLOAD_BYTES, acl, topics
 
-from .services import PRODUCTION_CONFIG, MosquittoServer, start_mosquitto
+from .support.services import PRODUCTION_CONFIG, MosquittoServer, start_mosquitto
 
 WAIT = 10.0
 

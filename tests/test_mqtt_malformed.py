@@ -16,61 +16,13 @@ broker that serves one connection at a time, or stalls on one, fails here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from mqchat import ChatClient
 
-from .conftest import Stack, password_of
-
-# -- packets -------------------------------------------------------------------------
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + varint(len(body)) + body
-
-
-def string(value: bytes) -> bytes:
-    return struct.pack("!H", len(value)) + value
-
-
-def connect(
-    client_id: bytes,
-    username: bytes | None = None,
-    password: bytes | None = None,
-    *,
-    clean: bool = True,
-    protocol: bytes = b"MQTT",
-    level: int = 4,
-) -> bytes:
-    flags = (0x02 if clean else 0) | (0x80 if username is not None else 0)
-    flags |= 0x40 if password is not None else 0
-    body = string(protocol) + bytes([level, flags]) + struct.pack("!H", 30) + string(client_id)
-    for field in (username, password):
-        if field is not None:
-            body += string(field)
-    return packet(0x10, body)
-
-
-def login(user: str, client_id: str | None = None) -> bytes:
-    cid = (client_id or f"{user}:raw-malformed").encode()
-    return connect(cid, user.encode(), password_of(user).encode())
-
-
-def subscribe(filters: list[bytes], packet_id: int = 1, qos: int = 0) -> bytes:
-    body = struct.pack("!H", packet_id) + b"".join(string(f) + bytes([qos]) for f in filters)
-    return packet(0x82, body)
+from .support.packets import connect, packet, publish, string, subscribe, varint
+from .support.raw import Raw, dial, login
+from .support.stack import Stack, password_of
 
 
 def subscribe_in_parts(filters: list[bytes], first_packet_id: int) -> bytes:
@@ -80,68 +32,6 @@ def subscribe_in_parts(filters: list[bytes], first_packet_id: int) -> bytes:
         subscribe(filters[start : start + 1000], packet_id=first_packet_id + start // 1000)
         for start in range(0, len(filters), 1000)
     )
-
-
-def publish(topic: bytes, payload: bytes, *, qos: int = 0, packet_id: int = 1) -> bytes:
-    body = string(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
-    return packet(0x30 | (qos << 1), body)
-
-
-# -- talking to the broker -------------------------------------------------------------
-
-
-@dataclass
-class Raw:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        with contextlib.suppress(ConnectionError):
-            await self.writer.drain()
-
-    async def answer(self, timeout: float = 5.0) -> str:
-        """What the broker did next: sent a packet (its type), closed, or nothing."""
-        try:
-            head = await asyncio.wait_for(self.reader.read(1), timeout)
-        except TimeoutError:
-            return "open"
-        except ConnectionError:
-            return "closed"
-        if not head:
-            return "closed"
-        names = {2: "CONNACK", 3: "PUBLISH", 4: "PUBACK", 9: "SUBACK", 13: "PINGRESP"}
-        kind = names.get(head[0] >> 4, f"type {head[0] >> 4}")
-        if kind == "CONNACK":
-            rest = await asyncio.wait_for(self.reader.readexactly(3), timeout)
-            return f"CONNACK {rest[2]}"
-        return kind
-
-    async def until_closed(self, timeout: float = 3.0) -> str:
-        """Read and drop everything until the broker closes; 'open' if it never does."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            while True:
-                left = deadline - loop.time()
-                if left <= 0:
-                    return "open"
-                if not await asyncio.wait_for(self.reader.read(65536), left):
-                    return "closed"
-        except TimeoutError:
-            return "open"
-        except ConnectionError:
-            return "closed"
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-async def dial(stack: Stack, opened: list[Raw]) -> Raw:
-    """A new connection, left open until the test ends unless the broker closes it."""
-    reader, writer = await asyncio.open_connection(stack.host, stack.port)
-    opened.append(Raw(reader, writer))
-    return opened[-1]
 
 
 # -- the cases ---------------------------------------------------------------------------

@@ -16,8 +16,9 @@ import threading
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from .conftest import Stack, password_of
-from .test_mqtt_malformed import Raw, dial, packet, string, varint
+from .support.packets import packet, string, varint
+from .support.raw import Raw, dial
+from .support.stack import Stack, password_of
 
 
 def _connect_v5(user: str, client_id: str) -> bytes:

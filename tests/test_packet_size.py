@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from .conftest import Stack
-from .test_mqtt_malformed import Raw, dial, login, string, varint
+from .support.packets import string, varint
+from .support.raw import Raw, dial, login
+from .support.stack import Stack
 
 MIB = 1024 * 1024
 

@@ -34,7 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from core._paho import PUBACK_SUCCESS, PahoClient
 from protocol import topics
 
-from .services import MosquittoServer, start_mosquitto
+from .support.services import MosquittoServer, start_mosquitto
 
 CONNACK = b"\x20\x02\x00\x00"  # MQTT 3.1.1: accepted, no session present
 TIMEOUT = 10.0

@@ -8,41 +8,12 @@ from datetime import datetime
 
 from sqlmodel import Session, select
 
-from core.mqtt import Incoming, MqttLink
 from protocol import Presence, topics
 from store.tables import Device
 
-from .conftest import Stack
-from .test_chat import stored as stored_messages
-
-
-class Watcher:
-    """Another signed-in user following presence, as an app's contact list would."""
-
-    def __init__(self) -> None:
-        self.seen: asyncio.Queue[tuple[str, dict[str, str]]] = asyncio.Queue()
-        self.latest: dict[str, dict[str, str]] = {}
-        self.changed = asyncio.Event()
-        self.link: MqttLink | None = None
-
-    def on_message(self, m: Incoming) -> None:
-        user = m.topic.rsplit("/", 1)[-1]
-        payload = json.loads(m.payload)
-        self.seen.put_nowait((user, payload))
-        self.latest[user] = payload
-        self.changed.set()
-
-    async def start(self, stack: Stack, name: str = "carol") -> None:
-        self.link = await stack.raw(name, on_message=self.on_message)
-        await self.link.subscribe(topics.ALL_PRESENCE, qos=1)
-
-    async def state_of(self, user: str, state: str, timeout: float = 20) -> dict[str, str]:
-        """Wait until the user's latest published presence is ``state``."""
-        async with asyncio.timeout(timeout):
-            while self.latest.get(user, {}).get("state") != state:
-                self.changed.clear()
-                await self.changed.wait()
-            return self.latest[user]
+from .support.clients import Watcher
+from .support.stack import Stack
+from .support.stack import stored as stored_messages
 
 
 async def test_online_while_any_device_is(stack: Stack) -> None:

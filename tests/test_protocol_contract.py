@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from protocol import MAX_BODY_CHARS, ProtocolError, acl, decode, errors, models, topics
 
-from .test_fuzz_decode import FUZZ, dump, model_shaped
+from .support.fuzz import FUZZ, dump, model_shaped
 
 ROOT = Path(__file__).resolve().parents[1]
 ASYNCAPI_PATH = ROOT / "protocol" / "asyncapi.yaml"

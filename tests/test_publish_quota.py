@@ -14,8 +14,8 @@ import time
 
 from protocol import topics
 
-from .conftest import Stack, wait_until
-from .test_chat import stored
+from .support.services import wait_until
+from .support.stack import Stack, stored
 
 RATE = 5
 BURST = 20

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from .conftest import Stack
-from .test_mqtt_malformed import Raw, dial, login, publish
+from .support.packets import publish
+from .support.raw import Raw, dial, login
+from .support.stack import Stack
 
 MIB = 1024 * 1024
 UNRELEASED = 1000

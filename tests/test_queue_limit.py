@@ -18,8 +18,8 @@ import pytest
 
 from core.mqtt import Incoming, LinkConfig, MqttLink
 
-from .conftest import Stack, _embedded_stack, _production_stack, password_of
-from .test_acl_matrix import BRIDGE, _connect
+from .support.clients import BRIDGE, connect_actor
+from .support.stack import Stack, password_of, start_embedded_stack, start_production_stack
 
 LIMIT = 20
 OFFERED = 60
@@ -28,9 +28,11 @@ OFFERED = 60
 @pytest.fixture(params=["embedded", "production"])
 async def limited(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
     if request.param == "embedded":
-        stack = await _embedded_stack(tmp_path, {"MQCHAT_BROKER_MAX_QUEUED_MESSAGES": str(LIMIT)})
+        stack = await start_embedded_stack(
+            tmp_path, {"MQCHAT_BROKER_MAX_QUEUED_MESSAGES": str(LIMIT)}
+        )
     else:
-        stack = await _production_stack(tmp_path, request.getfixturevalue("postgres"))
+        stack = await start_production_stack(tmp_path, request.getfixturevalue("postgres"))
         await asyncio.to_thread(stack.limit_broker_queue, LIMIT)
     try:
         yield stack
@@ -60,7 +62,7 @@ async def test_a_sessions_queue_keeps_the_oldest_up_to_the_limit(limited: Stack)
     await away.subscribe("chat/v1/u/bob/down/msg", qos=1)
     await away.close()
 
-    bridge = await _connect(limited, BRIDGE, "sender")
+    bridge = await connect_actor(limited, BRIDGE, "sender")
     for n in range(OFFERED):
         payload = json.dumps({"n": str(n)}).encode()
         await bridge.link.publish("chat/v1/u/bob/down/msg", payload, qos=1)

@@ -8,8 +8,7 @@ import json
 from core.mqtt import Incoming
 from protocol import topics
 
-from .conftest import Stack
-from .test_chat import stored
+from .support.stack import Stack, stored
 
 
 async def restart_bridge_with_rate(stack: Stack, rate: str) -> None:

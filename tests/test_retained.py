@@ -15,8 +15,8 @@ import secrets
 
 from core.mqtt import LinkConfig, MqttLink
 
-from .conftest import Stack, password_of
-from .test_acl_matrix import BRIDGE, Recorder, _connect, _token
+from .support.clients import BRIDGE, Recorder, connect_actor, probe
+from .support.stack import Stack, password_of
 
 OTHERS = 25
 
@@ -26,25 +26,25 @@ async def test_a_newcomer_gets_retained_messages_only_for_its_own_subscriptions(
 ) -> None:
     users = [f"user{i}" for i in range(OTHERS)]
     await stack.add_users("alice", "bob", "carol", *users)
-    bridge = await _connect(stack, BRIDGE, "retainer")
+    bridge = await connect_actor(stack, BRIDGE, "retainer")
     # Retained state a newcomer must not be sent unasked: the presence of many users,
     # and something retained on alice's downlink.
     for user in users:
         state = json.dumps({"state": "online", "at": "2026-01-01T00:00:00+00:00"}).encode()
         await bridge.link.publish(f"chat/v1/presence/{user}", state, qos=1, retain=True)
-    alice_secret = _token("retained for alice only")
+    alice_secret = probe("retained for alice only")
     await bridge.link.publish("chat/v1/u/alice/down/msg", alice_secret, qos=1, retain=True)
     # Filters held by others, which amqtt walked for every newcomer.
-    alice = await _connect(stack, "alice", "holder")
+    alice = await connect_actor(stack, "alice", "holder")
     await alice.link.subscribe("chat/v1/u/alice/down/#", qos=1)
-    carol = await _connect(stack, "carol", "holder")
+    carol = await connect_actor(stack, "carol", "holder")
     await carol.link.subscribe("chat/v1/presence/+", qos=1)
     await alice.seen.wait_for(alice_secret)  # retained on alice's own subscription
 
     # bob connects with no subscription, then subscribes to his own downlink only.
-    bob = await _connect(stack, "bob", "newcomer")
+    bob = await connect_actor(stack, "bob", "newcomer")
     await bob.link.subscribe("chat/v1/u/bob/down/#", qos=1)
-    sentinel = _token("sentinel bob")
+    sentinel = probe("sentinel bob")
     await bridge.link.publish("chat/v1/u/bob/down/typing", sentinel, qos=1)
     await bob.seen.wait_for(sentinel)
 
@@ -55,17 +55,17 @@ async def test_users_may_not_retain(stack: Stack) -> None:
     """A retained publish from a user is dropped whole, as any publish outside the ACL:
     neither stored for later subscribers nor relayed."""
     await stack.add_users("alice")
-    alice = await _connect(stack, "alice", "retainer")
+    alice = await connect_actor(stack, "alice", "retainer")
     retained = {}
     for kind in ("msg", "ack", "typing", "presence"):
         topic = f"chat/v1/u/alice/up/{kind}"
-        retained[topic] = _token(f"retained {topic}")
+        retained[topic] = probe(f"retained {topic}")
         await alice.link.publish(topic, retained[topic], qos=1, retain=True)
 
     # Subscribing afterwards shows what is stored; a live sentinel ends the wait.
-    observer = await _connect(stack, BRIDGE, "observer")
+    observer = await connect_actor(stack, BRIDGE, "observer")
     await observer.link.subscribe("chat/v1/u/alice/up/#", qos=1)
-    sentinel = _token("sentinel")
+    sentinel = probe("sentinel")
     await alice.link.publish("chat/v1/u/alice/up/typing", sentinel, qos=1)
     await observer.seen.wait_for(sentinel)
 
@@ -95,13 +95,13 @@ async def test_queued_messages_arrive_without_the_retain_flag(stack: Stack) -> N
     await away.subscribe("chat/v1/presence/+", qos=1)
     await away.close()
 
-    bridge = await _connect(stack, BRIDGE, "sender")
-    queued = [_token(f"queued {i}") for i in range(3)]
+    bridge = await connect_actor(stack, BRIDGE, "sender")
+    queued = [probe(f"queued {i}") for i in range(3)]
     for payload in queued:
         await bridge.link.publish("chat/v1/u/bob/down/msg", payload, qos=1)
     # Even a message that was published retained arrives queued with retain 0
     # (MQTT-3.3.1-9), as mosquitto sends it.
-    presence = _token("presence, retained")
+    presence = probe("presence, retained")
     await bridge.link.publish("chat/v1/presence/zz.someone", presence, qos=1, retain=True)
 
     seen = Recorder()
@@ -132,8 +132,8 @@ async def test_queued_messages_reach_mosquitto_sub_without_the_retain_flag(stack
     await stack.add_users("bob")
     client_id = f"bob:sub-{secrets.token_hex(3)}"
     await _mosquitto_sub(stack, client_id, "-E")  # subscribe, then leave the session
-    bridge = await _connect(stack, BRIDGE, "sender")
-    queued = [_token(f"queued {i}").decode() for i in range(3)]
+    bridge = await connect_actor(stack, BRIDGE, "sender")
+    queued = [probe(f"queued {i}").decode() for i in range(3)]
     for payload in queued:
         await bridge.link.publish("chat/v1/u/bob/down/msg", payload.encode(), qos=1)
     lines = await _mosquitto_sub(stack, client_id, "-C", "3", "-F", "%r %t %p")

@@ -34,8 +34,8 @@ from mqchat import (
 )
 from protocol import MAX_BODY_CHARS, errors
 
-from .conftest import Stack, password_of
-from .services import free_port
+from .support.services import free_port
+from .support.stack import Stack, password_of
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 WAIT = 30.0

@@ -9,8 +9,7 @@ import time
 from core.mqtt import Incoming
 from protocol import topics
 
-from .conftest import Stack
-from .test_chat import stored
+from .support.stack import Stack, stored
 
 
 async def test_resends_back_off_while_the_bridge_is_away_then_the_message_lands_once(

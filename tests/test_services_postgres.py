@@ -1,4 +1,4 @@
-"""tests/services.py can run PostgreSQL from its binaries, as root or not."""
+"""tests/support/services.py can run PostgreSQL from its binaries, as root or not."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
-from .services import start_postgres
+from .support.services import start_postgres
 
 
 def _select(url: str, statement: str) -> object:

@@ -13,8 +13,9 @@ import asyncio
 
 import pytest
 
-from .conftest import Stack, password_of
-from .test_mqtt_malformed import Raw, connect, dial, subscribe
+from .support.packets import connect, subscribe
+from .support.raw import Raw, dial
+from .support.stack import Stack, password_of
 
 LIMIT = 3
 

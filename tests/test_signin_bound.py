@@ -24,7 +24,8 @@ from core.mqtt import ConnectRefused, MqttLink
 from store import accounts, make_engine, reading, signin, tokens
 from store.db import relaxed
 
-from .conftest import Daemon, Stack, _embedded_stack, migrated_sqlite, password_of
+from .support.services import Daemon
+from .support.stack import Stack, migrated_sqlite, password_of, start_embedded_stack
 
 
 def sign_in(engine: Engine, user: str, password: str) -> bool:
@@ -241,7 +242,7 @@ async def test_an_account_signing_in_over_and_over_is_refused_for_a_while(
 
 
 async def test_a_user_connecting_over_and_over_is_refused_for_a_while(tmp_path: Path) -> None:
-    stack = await _embedded_stack(tmp_path, {"MQCHAT_BROKER_SIGN_INS_PER_USER": "5/minute"})
+    stack = await start_embedded_stack(tmp_path, {"MQCHAT_BROKER_SIGN_INS_PER_USER": "5/minute"})
     try:
         await stack.add_users("looper", "bob")
         for _ in range(5):

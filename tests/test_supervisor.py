@@ -15,7 +15,7 @@ import pytest
 from core.daemon import BROKER_READY_LOG, EXIT_CONFIG, EXIT_OK
 from core.supervisor import Child, NotReady
 
-from .services import free_port
+from .support.services import free_port
 
 WAIT = 60.0
 

@@ -27,17 +27,14 @@ from broker.mosquitto import TlsListeners, render_config
 from core.mqtt import LinkConfig, MqttError, MqttLink, tls_context
 from mqchat import ChatClient, ChatMessage, ConnectError, HistoryClient
 
-from .conftest import (
-    ROOT,
-    Daemon,
+from .support.services import ROOT, Daemon, PostgresServer, accepts, free_port, wait_until
+from .support.stack import (
     Stack,
-    _embedded_stack,
-    _production_stack,
     migrated_sqlite,
     password_of,
-    wait_until,
+    start_embedded_stack,
+    start_production_stack,
 )
-from .services import PostgresServer, _accepts, free_port
 
 MQCHAT = Path(sys.executable).parent / "mqchat"
 CLI_ENV = {k: v for k, v in os.environ.items() if not k.startswith("MQCHAT_")}
@@ -90,7 +87,7 @@ async def tls_stack(
     base.mkdir()
     if request.param == "embedded":
         mqtts, wss = free_port(), free_port()
-        stack = await _embedded_stack(
+        stack = await start_embedded_stack(
             base,
             {
                 "MQCHAT_BROKER_TLS_CERTFILE": str(pki.cert_file),
@@ -101,13 +98,13 @@ async def tls_stack(
         )
         await asyncio.to_thread(
             wait_until,
-            lambda: _accepts("127.0.0.1", mqtts) and _accepts("127.0.0.1", wss),
+            lambda: accepts("127.0.0.1", mqtts) and accepts("127.0.0.1", wss),
             timeout=30,
             what="amqtt TLS listeners",
         )
     else:
         postgres: PostgresServer = request.getfixturevalue("postgres")
-        stack = await _production_stack(base, postgres, tls_cert=(pki.cert_chain, pki.key))
+        stack = await start_production_stack(base, postgres, tls_cert=(pki.cert_chain, pki.key))
         assert stack.mosquitto is not None
         assert stack.mosquitto.tls is not None
         mqtts, wss = stack.mosquitto.tls.port, stack.mosquitto.tls.ws_port

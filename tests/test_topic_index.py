@@ -1,7 +1,9 @@
 """The embedded broker's topic index matches as MQTT does, and leaves no garbage.
 
-paho's ``topic_matches_sub`` is the reference: the index replaced paho's
-``MQTTMatcher`` for the garbage its matching left, not for its answers.
+``protocol.topics.matches``, the one topic matcher, is the reference, and it is
+pinned here to paho's ``topic_matches_sub``: the index replaced paho's
+``MQTTMatcher`` for the garbage its matching left, not for its answers. The index
+keeps its trie (one walk per topic, not one test per filter).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from paho.mqtt.client import topic_matches_sub
 from paho.mqtt.matcher import MQTTMatcher
 
 from broker.topic_index import TopicIndex
+from protocol import topics
 
 LEVEL = st.sampled_from(["a", "b", "chat", "", "$SYS", "$x"])
 TOPIC = st.lists(LEVEL, min_size=1, max_size=4).map("/".join)
@@ -36,8 +39,14 @@ def test_matches_what_mqtt_matches_after_adds_and_removes(
     index = TopicIndex(kept | removed)
     for topic_filter in removed - kept:
         index.discard(topic_filter)
-    expected = sorted(f for f in kept if topic_matches_sub(f, topic))
+    expected = sorted(f for f in kept if topics.matches(topic, f))
     assert sorted(index.matching(topic)) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(filters(), TOPIC)
+def test_the_one_matcher_matches_what_paho_matches(topic_filter: str, topic: str) -> None:
+    assert topics.matches(topic, topic_filter) == topic_matches_sub(topic_filter, topic)
 
 
 def test_the_examples_of_the_standard() -> None:

@@ -6,10 +6,11 @@ import asyncio
 import re
 import zlib
 
+import pytest
+
 from mqchat import ChatClient
 
-from .conftest import BRIDGE_READY, Daemon, Stack
-from .test_chat import stored
+from .support.stack import BRIDGE_READY, Stack, start_two_bridges, stored
 
 PER_SENDER = 300
 
@@ -18,27 +19,7 @@ def partition_of(user: str) -> int:
     return zlib.crc32(user.encode()) % 2
 
 
-async def start_two_bridges(stack: Stack) -> Daemon:
-    """Restart the stack's bridge as partition 0 of 2 and start partition 1 beside it."""
-    stack.bridge.stop()
-    stack.bridge.env.update(MQCHAT_BRIDGE_PARTITIONS="2", MQCHAT_BRIDGE_PARTITION="0")
-    await asyncio.to_thread(stack.start_bridge)
-    second = Daemon(
-        "bridge-2",
-        "bridge",
-        {
-            **stack.bridge_env,
-            "MQCHAT_BRIDGE_PARTITIONS": "2",
-            "MQCHAT_BRIDGE_PARTITION": "1",
-            "MQCHAT_BRIDGE_CLIENT_ID": "mqchat-bridge-2",
-        },
-        stack.base_dir,
-    )
-    second.start()
-    await asyncio.to_thread(second.wait_for_log, BRIDGE_READY)
-    return second
-
-
+@pytest.mark.xdist_group("cpu_heavy")
 async def test_two_bridges_keep_each_senders_order(stack: Stack) -> None:
     # alice and bob are handled by different instances, in one conversation.
     assert {partition_of("alice"), partition_of("bob")} == {0, 1}
@@ -80,6 +61,7 @@ async def test_two_bridges_keep_each_senders_order(stack: Stack) -> None:
         assert sum(handled) > 0, daemon.name
 
 
+@pytest.mark.xdist_group("cpu_heavy")
 async def test_two_bridges_keep_order_of_pipelined_stock_clients(stack: Stack) -> None:
     """Stock clients publish bursts without waiting for receipts.
 

@@ -21,7 +21,7 @@ from protocol import topics
 from store import devices, history
 from store.tables import Cursor
 
-from .conftest import Stack
+from .support.stack import Stack
 
 FLOOD = 200
 ALLOWED = 5

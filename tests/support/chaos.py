@@ -39,8 +39,8 @@ from sqlalchemy.engine import make_url
 
 from mqchat import ChatClient, MessageRefused, SendTimeout
 
-from .conftest import Stack
 from .services import PostgresServer
+from .stack import Stack
 from .tcp_proxy import TcpProxy
 
 OpKind = Literal["invoke", "ok", "fail", "unknown"]

@@ -1,4 +1,7 @@
-"""Real mosquitto and PostgreSQL, started from their binaries, for tests and benchmarks.
+"""Real servers and our daemons as child processes, for tests and benchmarks.
+
+mosquitto and PostgreSQL are started from their binaries; our daemons
+(:class:`Daemon`) as ``python -m <module>``.
 
 These are plain helpers, not fixtures: the caller starts a server, keeps it as long
 as it likes and stops it; nothing is registered globally, and a stopped server
@@ -20,6 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -33,7 +37,8 @@ from broker.mosquitto import TlsListeners, render_config
 from core.dynsec import Credentials, write_dynsec_bootstrap
 from core.mqtt import LinkConfig
 
-PRODUCTION_CONFIG = Path(__file__).parents[1] / "mosquitto.conf"
+ROOT = Path(__file__).parents[2]
+PRODUCTION_CONFIG = ROOT / "mosquitto.conf"
 LOOPBACK = "127.0.0.1"
 
 
@@ -43,7 +48,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _accepts(host: str, port: int) -> bool:
+def accepts(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
@@ -76,7 +81,7 @@ def _workdir(base_dir: Path, name: str, account: pwd.struct_passwd | None) -> tu
     return workdir, True
 
 
-def _chown_tree(root: Path, account: pwd.struct_passwd | None) -> None:
+def chown_tree(root: Path, account: pwd.struct_passwd | None) -> None:
     if account is None:
         return
     for path in [root, *root.rglob("*")]:
@@ -115,6 +120,87 @@ def _wait_for(
         time.sleep(0.02)
 
 
+# -- our daemons ---------------------------------------------------------------------
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Daemon:
+    """One of our daemons as a child process, with its output in a log file."""
+
+    def __init__(
+        self, name: str, module: str, env: dict[str, str], log_dir: Path, tree: Path | None = None
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.env = env
+        self.log_path = log_dir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        #: Another checkout to run the module from, with its own .venv (benchmarks'
+        #: before/after runs); None: this one.
+        self.tree = tree
+        #: Where the latest start's output begins in the log (restarts append to it).
+        self._log_start = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        python = str(self.tree / ".venv" / "bin" / "python") if self.tree else sys.executable
+        with self.log_path.open("ab") as log:
+            self._log_start = log.tell()
+            self.process = subprocess.Popen(
+                [python, "-m", self.module],
+                env={**os.environ, **self.env},
+                cwd=self.tree or ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log_text(self) -> str:
+        """Everything every start of this daemon has logged."""
+        return self.log_path.read_text(errors="replace")
+
+    def _latest_log(self) -> str:
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode(errors="replace")
+
+    def wait_for_log(self, needle: str, *, timeout: float = 30) -> None:
+        """Wait until the latest start has logged ``needle`` (earlier starts' lines
+        in the same file do not count: a restart must say it again)."""
+
+        def seen() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
+            return needle in self._latest_log()
+
+        wait_until(seen, timeout=timeout, what=f"{self.name}: {needle!r}")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, timeout: float = 20) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
 # -- mosquitto -------------------------------------------------------------------------
 
 
@@ -130,7 +216,7 @@ def mosquitto_binary() -> str:
 DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
 #: The client-id plugin mosquitto.conf loads, as ``make mosquitto-plugin`` builds it.
 CLIENTID_PLUGIN = "mqchat_clientid_bind.so"
-CLIENTID_PLUGIN_BUILT = Path(__file__).parents[1] / "build" / CLIENTID_PLUGIN
+CLIENTID_PLUGIN_BUILT = ROOT / "build" / CLIENTID_PLUGIN
 
 
 def production_plugins(template: str, workdir: Path) -> dict[str, Path]:
@@ -238,7 +324,7 @@ class MosquittoServer:
             if self.tls is not None:
                 ports += [self.tls.port, self.tls.ws_port]
             _wait_for(
-                lambda: all(_accepts(self.host, p) for p in ports),
+                lambda: all(accepts(self.host, p) for p in ports),
                 timeout=timeout,
                 what="mosquitto",
                 log=self.log_path,
@@ -285,6 +371,10 @@ class MosquittoServer:
     def log_tail(self, lines: int = 30) -> str:
         return _tail(self.log_path, lines)
 
+    def own_files(self) -> None:
+        """Hand the working directory to the account mosquitto runs as (when root)."""
+        chown_tree(self.workdir, self._account)
+
 
 def with_settings(config: str, settings: Mapping[str, str]) -> str:
     """``config`` (mosquitto.conf text) with the value of each named setting replaced.
@@ -317,6 +407,28 @@ def start_mosquitto(
     ``tls_cert`` (certificate chain and key, PEM) turns on the config's TLS
     listeners, on free ports (``server.tls``). ``settings`` replace the values of
     settings the production config has (``with_settings``).
+    """
+    server = prepare_mosquitto(base_dir, host=host, tls_cert=tls_cert, settings=settings)
+    try:
+        server.start()
+    except BaseException:
+        server.close()
+        raise
+    return server
+
+
+def prepare_mosquitto(
+    base_dir: Path,
+    *,
+    host: str = LOOPBACK,
+    tls_cert: tuple[bytes, bytes] | None = None,
+    settings: Mapping[str, str] | None = None,
+) -> MosquittoServer:
+    """:func:`start_mosquitto` up to the start: config and dynsec bootstrap written.
+
+    For a caller that changes the files first (a benchmark writes thousands of
+    accounts into dynamic-security.json), then calls :meth:`MosquittoServer.own_files`
+    and :meth:`MosquittoServer.start`.
     """
     binary = mosquitto_binary()
     account = _service_account("mosquitto")
@@ -356,12 +468,7 @@ def start_mosquitto(
     write_dynsec_bootstrap(
         server.data_dir / "dynamic-security.json", admin=server.admin, bridge=server.bridge
     )
-    _chown_tree(workdir, account)
-    try:
-        server.start()
-    except BaseException:
-        server.close()
-        raise
+    server.own_files()
     return server
 
 
@@ -531,7 +638,7 @@ def start_postgres(base_dir: Path) -> PostgresServer:
         bindir=bindir, workdir=workdir, port=free_port(), account=account, private_workdir=private
     )
     server.socket_dir.mkdir()
-    _chown_tree(workdir, account)
+    chown_tree(workdir, account)
     try:
         server._run(
             [
@@ -549,7 +656,7 @@ def start_postgres(base_dir: Path) -> PostgresServer:
         )
         with (server.data_dir / "postgresql.conf").open("a") as conf:
             conf.write(
-                "\n# tests/services.py\n"
+                "\n# tests/support/services.py\n"
                 f"port = {server.port}\n"
                 f"listen_addresses = '{server.host}'\n"
                 f"unix_socket_directories = '{server.socket_dir}'\n"

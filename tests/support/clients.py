@@ -1,0 +1,97 @@
+"""Stock MQTT clients that record what they receive: probes for ACL, presence and wills.
+
+A test that asks "what did this account see" connects one of these through
+:meth:`Stack.raw` instead of the SDK, as mosquitto_sub or an IoT device would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from dataclasses import dataclass, field
+
+from core.mqtt import Incoming, MqttLink
+from protocol import topics
+
+from .stack import Stack, password_of
+
+#: The bridge's service account on both stacks.
+BRIDGE = "mqchat-bridge"
+
+
+@dataclass
+class Recorder:
+    messages: list[Incoming] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __call__(self, message: Incoming) -> None:
+        self.messages.append(message)
+        self._changed.set()
+
+    def payloads(self) -> set[bytes]:
+        return {m.payload for m in self.messages}
+
+    async def wait_for(self, payload: bytes, timeout: float = 20) -> None:
+        async with asyncio.timeout(timeout):
+            while payload not in self.payloads():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@dataclass
+class Actor:
+    name: str
+    link: MqttLink
+    seen: Recorder
+
+
+def password_for(stack: Stack, name: str) -> str:
+    """``name``'s password on ``stack``: the bridge's service account's, or a user's."""
+    return stack.bridge_env["MQCHAT_BRIDGE_PASSWORD"] if name == BRIDGE else password_of(name)
+
+
+async def connect_actor(stack: Stack, name: str, role: str) -> Actor:
+    """``name`` (a user or :data:`BRIDGE`) connected with a recorder of what it receives."""
+    seen = Recorder()
+    link = await stack.raw(
+        name,
+        password_for(stack, name),
+        client_id=f"{name}:{role}-{secrets.token_hex(3)}",
+        on_message=seen,
+    )
+    return Actor(name, link, seen)
+
+
+def probe(label: str) -> bytes:
+    """A payload no other publish has: what a recorder waits for."""
+    return json.dumps({"probe": label, "nonce": secrets.token_hex(6)}).encode()
+
+
+class Watcher:
+    """Another signed-in user following presence, as an app's contact list would."""
+
+    def __init__(self) -> None:
+        self.seen: asyncio.Queue[tuple[str, dict[str, str]]] = asyncio.Queue()
+        self.latest: dict[str, dict[str, str]] = {}
+        self.changed = asyncio.Event()
+        self.link: MqttLink | None = None
+
+    def on_message(self, m: Incoming) -> None:
+        user = m.topic.rsplit("/", 1)[-1]
+        payload = json.loads(m.payload)
+        self.seen.put_nowait((user, payload))
+        self.latest[user] = payload
+        self.changed.set()
+
+    async def start(self, stack: Stack, name: str = "carol") -> None:
+        self.link = await stack.raw(name, on_message=self.on_message)
+        await self.link.subscribe(topics.ALL_PRESENCE, qos=1)
+
+    async def state_of(self, user: str, state: str, timeout: float = 20) -> dict[str, str]:
+        """Wait until the user's latest published presence is ``state``."""
+        async with asyncio.timeout(timeout):
+            while self.latest.get(user, {}).get("state") != state:
+                self.changed.clear()
+                await self.changed.wait()
+            return self.latest[user]
