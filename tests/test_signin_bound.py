@@ -141,6 +141,15 @@ def test_a_shared_wrong_answer_is_still_wrong_and_not_cached() -> None:
     assert checks.hashes == before + 1
 
 
+async def connect_outcome(link: MqttLink) -> str:
+    """The outcome of a CONNECT: accepted, or the reason the broker gave."""
+    try:
+        await link.connect()
+    except ConnectRefused as refused:
+        return refused.reason
+    return "accepted"
+
+
 def burst_size() -> int:
     """More sign-ins at once than a process lets hash or wait (per slot: 1 + 4)."""
     return 6 * (os.cpu_count() or 1) + 8
@@ -186,14 +195,7 @@ async def test_a_connect_burst_hashes_a_few_at_a_time(embedded: Stack) -> None:
     before = peak_rss_mib(broker)
     links = [await embedded.raw(u, connect=False) for u in users]
 
-    async def connect(link: MqttLink) -> str:
-        try:
-            await link.connect()
-        except ConnectRefused as refused:
-            return refused.reason
-        return "accepted"
-
-    outcomes = await asyncio.gather(*(connect(link) for link in links))
+    outcomes = await asyncio.gather(*(connect_outcome(link) for link in links))
     # The burst queues for the hashing slots: slower, but everyone gets in (a caller
     # who waited too long would be told "server unavailable" and try again).
     assert set(outcomes) <= {"accepted", "Server unavailable"}, set(outcomes)
@@ -211,14 +213,7 @@ async def test_six_devices_of_one_user_connecting_at_once_all_get_in(embedded: S
     await embedded.add_users("erin")
     links = [await embedded.raw("erin", connect=False) for _ in range(6)]
 
-    async def connect(link: MqttLink) -> str:
-        try:
-            await link.connect()
-        except ConnectRefused as refused:
-            return refused.reason
-        return "accepted"
-
-    assert await asyncio.gather(*(connect(link) for link in links)) == ["accepted"] * 6
+    assert await asyncio.gather(*(connect_outcome(link) for link in links)) == ["accepted"] * 6
 
 
 async def test_an_account_signing_in_over_and_over_is_refused_for_a_while(
