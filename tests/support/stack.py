@@ -19,9 +19,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+from bridge.config import BridgeSettings
+from core import daemon
 from core.accounts import EmbeddedProvisioner, Provisioner, register
 from core.daemon import BRIDGE_READY_LOG as READY_LOG
 from core.dynsec import DynsecProvisioner
@@ -237,16 +240,19 @@ def template_copy(postgres: PostgresServer, prefix: str = "mqchat") -> str:
 
 
 def bridge_env(database_url: str, host: str, port: int, password: str) -> dict[str, str]:
-    return {
-        "MQCHAT_BRIDGE_DATABASE_URL": database_url,
-        "MQCHAT_BRIDGE_MQTT_HOST": host,
-        "MQCHAT_BRIDGE_MQTT_PORT": str(port),
-        "MQCHAT_BRIDGE_PASSWORD": password,
-        "MQCHAT_BRIDGE_KEEPALIVE": "5",
+    """The test bridge's environment, written from a settings object as ``mqchat up``
+    writes it (``core.daemon.environment``): a renamed setting fails here, loudly."""
+    settings = BridgeSettings(
+        database_url=database_url,
+        mqtt_host=host,
+        mqtt_port=port,
+        password=SecretStr(password),
+        keepalive=5,
         # Throughput tests send hundreds a second; the rate-limit tests set their own.
-        "MQCHAT_BRIDGE_MESSAGE_RATE": "10000/second",
-        "MQCHAT_BRIDGE_UPLINK_RATE": "10000/second",
-    }
+        message_rate="10000/second",
+        uplink_rate="10000/second",
+    )
+    return daemon.environment(settings)
 
 
 def start_embedded_broker(
