@@ -8,6 +8,7 @@ from limits import parse_many
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core import daemon
 from store.signin import SIGN_IN_BURST, SIGN_INS_PER_SECOND
 
 
@@ -49,11 +50,7 @@ class BrokerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls_pair(self) -> BrokerSettings:
-        if (self.tls_certfile is None) != (self.tls_keyfile is None):
-            raise ValueError("set both MQCHAT_BROKER_TLS_CERTFILE and MQCHAT_BROKER_TLS_KEYFILE")
-        for path in (self.tls_certfile, self.tls_keyfile):
-            if path is not None and not path.is_file():
-                raise ValueError(f"no such file: {path}")
+        daemon.check_tls_pair(type(self), self.tls_certfile, self.tls_keyfile)
         return self
 
     @property

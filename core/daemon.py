@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from pydantic import AliasChoices, SecretStr, ValidationError
@@ -133,6 +134,23 @@ def load(settings: type[_S], daemon: str, **values: Any) -> _S | None:
         # Not logging: it must read the same whatever logging is set up to do.
         print(f"{daemon}: bad configuration:\n{describe(exc, settings)}", file=sys.stderr)
         return None
+
+
+def check_tls_pair(
+    settings: type[BaseSettings], certfile: Path | None, keyfile: Path | None
+) -> None:
+    """A daemon's ``tls_certfile`` and ``tls_keyfile``: both or neither, and both
+    there to read at startup rather than at the first TLS client.
+
+    Raises:
+        ValueError: naming the variables to set, or the file that is missing.
+    """
+    if (certfile is None) != (keyfile is None):
+        names = [variable(settings, field) for field in ("tls_certfile", "tls_keyfile")]
+        raise ValueError(f"set both {' and '.join(names)}")
+    for path in (certfile, keyfile):
+        if path is not None and not path.is_file():
+            raise ValueError(f"no such file: {path}")
 
 
 def variable(settings: type[BaseSettings], field: str) -> str:

@@ -18,7 +18,7 @@ from sqlmodel import Session
 from store import accounts, make_engine, migrate
 
 from .support.history import postgres_database, sqlite_database
-from .support.services import PostgresServer, start_postgres
+from .support.services import MosquittoServer, PostgresServer, start_mosquitto, start_postgres
 from .support.stack import (
     TEMPLATE_DATABASE,
     Stack,
@@ -122,6 +122,17 @@ async def production_stack(tmp_path: Path, postgres: PostgresServer) -> AsyncIte
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture
+def own_mosquitto(tmp_path: Path) -> Iterator[MosquittoServer]:
+    """mosquitto with the production config, for this test alone: for tests that
+    restart, crash or reconfigure it."""
+    server = start_mosquitto(tmp_path / "mosquitto")
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

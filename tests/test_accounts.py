@@ -237,28 +237,35 @@ async def test_another_user_cannot_take_a_client_id(shared_stack: Stack) -> None
     await stack.add_users(alice_name, bob_name)
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     sessions: list[bool] = []
-    alice = link(
-        stack,
-        alice_name,
-        password_of(alice_name),
-        f"{alice_name}:phone",
-        clean_session=False,
-        on_message=inbox.put_nowait,
-        on_connect=sessions.append,
-    )
+
+    def alices_phone() -> MqttLink:
+        return link(
+            stack,
+            alice_name,
+            password_of(alice_name),
+            f"{alice_name}:phone",
+            clean_session=False,
+            on_message=inbox.put_nowait,
+            on_connect=sessions.append,
+        )
+
+    async def bob_is_refused_alices_id() -> None:
+        for clean_session in (False, True):
+            bob_as_alice = link(
+                stack,
+                bob_name,
+                password_of(bob_name),
+                f"{alice_name}:phone",
+                clean_session=clean_session,
+            )
+            assert "not authori" in (await connect_refused(bob_as_alice)).lower()
+
+    alice = alices_phone()
     await alice.connect()
     await alice.subscribe(topics.down_all(alice_name), qos=1)
     generation = alice.generation
 
-    for clean_session in (False, True):
-        bob_as_alice = link(
-            stack,
-            bob_name,
-            password_of(bob_name),
-            f"{alice_name}:phone",
-            clean_session=clean_session,
-        )
-        assert "not authori" in (await connect_refused(bob_as_alice)).lower()
+    await bob_is_refused_alices_id()
     bob = await stack.client(bob_name)
     await bob.send("only for alice", to=alice_name, timeout=WAIT)
     assert await next_body(inbox) == "only for alice"
@@ -267,25 +274,9 @@ async def test_another_user_cannot_take_a_client_id(shared_stack: Stack) -> None
 
     await alice.close()
     await bob.send("queued for alice", to=alice_name, timeout=WAIT)  # the "sent" receipt
-    for clean_session in (False, True):
-        bob_as_alice = link(
-            stack,
-            bob_name,
-            password_of(bob_name),
-            f"{alice_name}:phone",
-            clean_session=clean_session,
-        )
-        assert "not authori" in (await connect_refused(bob_as_alice)).lower()
+    await bob_is_refused_alices_id()
 
-    back = link(
-        stack,
-        alice_name,
-        password_of(alice_name),
-        f"{alice_name}:phone",
-        clean_session=False,
-        on_message=inbox.put_nowait,
-        on_connect=sessions.append,
-    )
+    back = alices_phone()
     await back.connect()
     assert await next_body(inbox) == "queued for alice"
     assert sessions == [False, True]

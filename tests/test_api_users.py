@@ -17,7 +17,8 @@ import pytest
 from pydantic import SecretStr
 from sqlmodel import Session, select
 
-from core.mqtt import LinkConfig, MqttLink
+from core.dynsec import Credentials
+from core.mqtt import MqttLink
 from history_api import ApiSettings
 from store import accounts, make_engine
 from store.tables import Account
@@ -187,12 +188,9 @@ def mosquitto_settings(
 
 async def can_connect(server: MosquittoServer, username: str, password: str) -> bool:
     link = MqttLink(
-        LinkConfig(
-            host=server.host,
-            port=server.port,
-            username=username,
-            password=password,
-            client_id=f"{username}:probe-{secrets.token_hex(3)}",
+        server.link_config(
+            Credentials(username, password),
+            f"{username}:probe-{secrets.token_hex(3)}",
             clean_session=True,
         )
     )

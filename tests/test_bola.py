@@ -184,18 +184,22 @@ async def create_token(client: httpx.AsyncClient, world: World) -> None:
         assert "access_token" not in response.text
 
 
+async def each_signs_in_with_their_own(client: httpx.AsyncClient, world: World) -> None:
+    """Nobody's password changed: each still signs in with their own, not the other's."""
+    for me, _ in world.pairs():
+        ok = await client.post(
+            "/v1/tokens", data={"username": me.name, "password": f"{me.name}-secret-pw"}
+        )
+        assert ok.status_code == 200
+
+
 async def create_user(client: httpx.AsyncClient, world: World) -> None:
     for me, victim in world.pairs():
         response = await client.post(
             "/v1/users", json={"username": victim.name, "password": f"{me.name}-secret-pw"}
         )
         assert error_of(response) == (409, "username_taken")
-    # Nobody's password changed: each still signs in with their own, not the other's.
-    for me, _ in world.pairs():
-        ok = await client.post(
-            "/v1/tokens", data={"username": me.name, "password": f"{me.name}-secret-pw"}
-        )
-        assert ok.status_code == 200
+    await each_signs_in_with_their_own(client, world)
 
 
 async def change_password(client: httpx.AsyncClient, world: World) -> None:
@@ -211,11 +215,7 @@ async def change_password(client: httpx.AsyncClient, world: World) -> None:
             },
         )
         assert error_of(response) == (403, "wrong_password")
-    for me, _ in world.pairs():
-        ok = await client.post(
-            "/v1/tokens", data={"username": me.name, "password": f"{me.name}-secret-pw"}
-        )
-        assert ok.status_code == 200
+    await each_signs_in_with_their_own(client, world)
 
 
 async def healthz(client: httpx.AsyncClient, world: World) -> None:

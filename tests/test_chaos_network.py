@@ -183,14 +183,22 @@ def _users() -> list[str]:
     return [user for pair in PAIRS for user in pair]
 
 
-@pytest.mark.slow
-async def test_offline_device_catches_up_past_the_broker_queue(production_stack: Stack) -> None:
-    stack, seed = production_stack, _seed()
+@pytest.fixture
+async def queue_of_20(production_stack: Stack) -> Stack:
+    """The production stack with a broker that queues at most 20 messages for an
+    offline session (the bridge restarted on it), alice and bob, and the API."""
+    stack = production_stack
     stack.bridge.stop()
     await asyncio.to_thread(stack.limit_broker_queue, 20)
     await asyncio.to_thread(stack.start_bridge)
     await stack.add_users("alice", "bob")
     await stack.start_api()
+    return stack
+
+
+@pytest.mark.slow
+async def test_offline_device_catches_up_past_the_broker_queue(queue_of_20: Stack) -> None:
+    stack, seed = queue_of_20, _seed()
     run = Run(stack)
     await run.connect("alice")
     await run.connect("bob")
@@ -243,17 +251,12 @@ async def test_two_bridges_with_one_killed(production_stack: Stack) -> None:
 
 @pytest.mark.slow
 async def test_catch_up_retries_until_the_history_answers(
-    production_stack: Stack, postgres: PostgresServer, caplog: pytest.LogCaptureFixture
+    queue_of_20: Stack, postgres: PostgresServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The tail that overflowed the broker queue reaches bob although his first
     catch-up hit a dead database: nothing after that tail would reveal the gap, so
     only a catch-up retried on a timer can fetch it."""
-    stack, seed = production_stack, _seed()
-    stack.bridge.stop()
-    await asyncio.to_thread(stack.limit_broker_queue, 20)
-    await asyncio.to_thread(stack.start_bridge)
-    await stack.add_users("alice", "bob")
-    await stack.start_api()
+    stack, seed = queue_of_20, _seed()
     count = 40 + seed % 20
     async with TcpProxy(stack.host, stack.port) as proxy:
         run = Run(stack)

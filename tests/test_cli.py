@@ -8,6 +8,7 @@ wait has a deadline and none is a fixed sleep.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import re
@@ -21,10 +22,10 @@ import sysconfig
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -99,6 +100,33 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def completed(
+    argv: Sequence[str | Path],
+    *,
+    env: dict[str, str],
+    input: str | None = None,
+    timeout: float = WAIT,
+    **options: Any,
+) -> subprocess.CompletedProcess[str]:
+    """``argv`` to its end, its output captured as text; the caller checks the exit code."""
+    return subprocess.run(
+        [str(arg) for arg in argv],
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **options,
+    )
+
+
+def run_mqchat(
+    *args: str, env: dict[str, str], input: str | None = None, timeout: float = WAIT
+) -> subprocess.CompletedProcess[str]:
+    return completed([MQCHAT, *args], env=env, input=input, timeout=timeout)
+
+
 def spawn(*args: str, env: dict[str, str], stdin: int | None = subprocess.DEVNULL) -> Background:
     process = subprocess.Popen(
         [str(MQCHAT), *args],
@@ -145,15 +173,7 @@ class Up:
         password: str | None = None,
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(MQCHAT), *args],
-            env=self.env(user, password),
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-            check=False,
-        )
+        return run_mqchat(*args, env=self.env(user, password), input=input)
 
     def add_users(self, *names: str) -> None:
         for name in names:
@@ -365,29 +385,21 @@ def test_old_setting_names_still_work_with_a_warning(up: Up, tmp_path: Path) -> 
     up.add_users("alice", "bob")
     env = up.env("alice")
     env["MQCHAT_PORT"] = env.pop("MQCHAT_MQTT_PORT")
-    sent = subprocess.run(
-        [str(MQCHAT), "send", "--to", "bob", "hi"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
-    )
+    sent = run_mqchat("send", "--to", "bob", "hi", env=env)
     assert sent.returncode == 0, sent.stderr
     assert "mqchat: MQCHAT_PORT is deprecated, use MQCHAT_MQTT_PORT" in sent.stderr
 
     target = tmp_path / "dynamic-security.json"
-    bootstrap = subprocess.run(
-        [str(MQCHAT), "mosquitto", "bootstrap", "--out", str(target)],
+    bootstrap = run_mqchat(
+        "mosquitto",
+        "bootstrap",
+        "--out",
+        str(target),
         env=base_env(
             MQCHAT_MOSQUITTO_ADMIN_USER="old-admin",
             MQCHAT_MOSQUITTO_ADMIN_PASSWORD="admin-pass-123",
             MQCHAT_BRIDGE_PASSWORD="bridge-pass-123",
         ),
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
     )
     assert bootstrap.returncode == 0, bootstrap.stderr
     assert "(admin old-admin, bridge mqchat-bridge)" in bootstrap.stdout
@@ -534,18 +546,7 @@ def test_a_bridge_that_keeps_dying_stops_everything(up: Up) -> None:
 
 
 def test_accounts_and_schema_without_up(tmp_path: Path) -> None:
-    env = base_env(MQCHAT_DATA_DIR=str(tmp_path / "data"))
-
-    def mqchat(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(MQCHAT), *args],
-            env=env,
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-            check=False,
-        )
+    mqchat = functools.partial(run_mqchat, env=base_env(MQCHAT_DATA_DIR=str(tmp_path / "data")))
 
     missing = mqchat("user", "add", "alice", "--password-stdin", input="alice-secret\n")
     assert missing.returncode == 78
@@ -574,18 +575,7 @@ def test_accounts_and_schema_without_up(tmp_path: Path) -> None:
 
 
 def test_user_passwd_disable_enable_delete(tmp_path: Path) -> None:
-    env = base_env(MQCHAT_DATA_DIR=str(tmp_path / "data"))
-
-    def mqchat(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(MQCHAT), *args],
-            env=env,
-            input=input,
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-            check=False,
-        )
+    mqchat = functools.partial(run_mqchat, env=base_env(MQCHAT_DATA_DIR=str(tmp_path / "data")))
 
     def signs_in(password: str) -> bool:
         engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'mqchat.db'}")
@@ -637,24 +627,17 @@ def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = subprocess.run(
-            [
-                str(MQCHAT),
-                "up",
-                "--data-dir",
-                str(tmp_path),
-                "--api-port",
-                str(port),
-                "--mqtt-port",
-                str(free_port()),
-                "--ws-port",
-                str(free_port()),
-            ],
+        result = run_mqchat(
+            "up",
+            "--data-dir",
+            str(tmp_path),
+            "--api-port",
+            str(port),
+            "--mqtt-port",
+            str(free_port()),
+            "--ws-port",
+            str(free_port()),
             env=base_env(),
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-            check=False,
         )
     assert result.returncode == 78
     assert f"port {port} (--api-port)" in result.stderr
@@ -668,12 +651,10 @@ def test_up_names_every_busy_port(tmp_path: Path) -> None:
             busy.bind(("127.0.0.1", 0))
             busy.listen()
             ports[option] = busy.getsockname()[1]
-        args = [str(MQCHAT), "up", "--data-dir", str(tmp_path)]
+        args = ["up", "--data-dir", str(tmp_path)]
         for option, port in ports.items():
             args += [option, str(port)]
-        result = subprocess.run(
-            args, env=base_env(), capture_output=True, text=True, timeout=WAIT, check=False
-        )
+        result = run_mqchat(*args, env=base_env())
     assert result.returncode == 78
     for option, port in ports.items():
         assert f"{port} ({option})" in result.stderr
@@ -682,16 +663,8 @@ def test_up_names_every_busy_port(tmp_path: Path) -> None:
 # -- with mosquitto ------------------------------------------------------------------
 
 
-@pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[MosquittoServer]:
-    server = start_mosquitto(tmp_path / "broker")
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-def test_up_with_mosquitto(tmp_path: Path, mosquitto: MosquittoServer) -> None:
+def test_up_with_mosquitto(tmp_path: Path, own_mosquitto: MosquittoServer) -> None:
+    mosquitto = own_mosquitto
     admin = ["--mosquitto-admin-password", mosquitto.admin.password]
     up = start_up(
         tmp_path / "data",
@@ -753,26 +726,13 @@ async def test_mosquitto_bootstrap_writes_accounts_mosquitto_accepts(tmp_path: P
             MQCHAT_MOSQUITTO_ADMIN_PASSWORD="admin-pass-123",
             MQCHAT_BRIDGE_PASSWORD="bridge-pass-123",
         )
-        done = subprocess.run(
-            [str(MQCHAT), "mosquitto", "bootstrap", "--out", str(target)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        bootstrap = ("mosquitto", "bootstrap", "--out", str(target))
+        done = run_mqchat(*bootstrap, env=env, timeout=60)
         assert done.returncode == 0, done.stderr
         assert "make mosquitto-plugin" in done.stdout
         assert "must name mqchat-admin and mqchat-bridge" in done.stdout
         assert oct(target.stat().st_mode & 0o777) == "0o600"
-        again = subprocess.run(
-            [str(MQCHAT), "mosquitto", "bootstrap", "--out", str(target)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        again = run_mqchat(*bootstrap, env=env, timeout=60)
         assert again.returncode == 78
         assert "not overwritten" in again.stderr
         chown_tree(server.workdir, server._account)
@@ -852,14 +812,10 @@ class Readme:
         return running
 
     def run(self, line: str, env: dict[str, str], input: str | None = None) -> str:
-        result = subprocess.run(
+        result = completed(
             ["bash", "-c", self.ported(line)],
             env=env,
             input=input,
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-            check=False,
             start_new_session=True,  # no terminal: the password prompt reads stdin
         )
         assert result.returncode == 0, (line, result.stderr)
@@ -1027,15 +983,8 @@ def test_the_readme_sdk_example_runs_from_a_wheel_in_a_fresh_venv(up: Up, tmp_pa
         shutil.copytree(PROJECT / root, source / root, ignore=shutil.ignore_patterns("__pycache__"))
 
     def run(*args: str | Path) -> str:
-        done = subprocess.run(
-            [str(arg) for arg in args],
-            cwd=tmp_path,
-            env=base_env(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1"),
-            capture_output=True,
-            text=True,
-            timeout=240,
-            check=False,
-        )
+        env = base_env(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+        done = completed(args, env=env, timeout=240, cwd=tmp_path)
         assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-2000:])
         return done.stdout
 
@@ -1091,14 +1040,7 @@ def test_the_documented_command_lines_exist() -> None:
         )
     assert len(options) >= 8
     for command, wanted in sorted(options.items()):
-        result = subprocess.run(
-            [str(MQCHAT), *command, "--help"],
-            env=base_env(COLUMNS="200"),
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-            check=False,
-        )
+        result = run_mqchat(*command, "--help", env=base_env(COLUMNS="200"))
         assert result.returncode == 0, (command, result.stderr)
         assert sorted(o for o in wanted if o not in result.stdout) == [], command
 
@@ -1113,27 +1055,14 @@ def test_the_documented_postgresql_setup_works(postgres: PostgresServer) -> None
     text = (README.parent / "docs" / "operations.md").read_text()
     [setup] = [block for block in readme_blocks_of(text, "sh") if "CREATE ROLE" in block]
     psql = f"{postgres.bindir / 'psql'} -h {postgres.host} -p {postgres.port} -U postgres"
-    created = subprocess.run(
-        ["bash", "-c", setup.replace("sudo -u postgres psql", psql)],
-        env=base_env(),
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=False,
-    )
+    steps = setup.replace("sudo -u postgres psql", psql)
+    created = completed(["bash", "-c", steps], env=base_env())
     try:
         assert created.returncode == 0, created.stderr
         [upgrade] = [line for line in text.splitlines() if line.startswith("mqchat db upgrade")]
         url = f"postgresql+psycopg://mqchat:PASSWORD@{postgres.host}:{postgres.port}/mqchat"
         args = shlex.split(upgrade.replace("postgresql+psycopg://mqchat:PASSWORD@db/mqchat", url))
-        result = subprocess.run(
-            [str(MQCHAT), *args[1:]],
-            env=base_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        result = run_mqchat(*args[1:], env=base_env(), timeout=60)
         assert result.returncode == 0, result.stderr
         assert re.search(r": upgraded \(empty\) -> \w+ \(head\)$", result.stdout.strip())
     finally:

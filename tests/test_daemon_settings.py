@@ -7,6 +7,7 @@ have forgotten to fill: no traceback, no pydantic field names, the variable to s
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from datetime import timedelta
@@ -95,6 +96,34 @@ def test_the_bridge_refuses_a_database_not_at_the_newest_schema(tmp_path: Path) 
     assert done.returncode == 78, done.stderr
     assert "at revision None" in done.stderr
     assert "run `mqchat db upgrade` first" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "required"),
+    [
+        (BrokerSettings, {"database_url": "sqlite://", "bridge_password": "x" * 16}),
+        (ApiSettings, {"database_url": "sqlite://"}),
+    ],
+    ids=["broker", "history_api"],
+)
+def test_tls_takes_a_certificate_and_its_key_both_there(
+    settings: type[BaseSettings],
+    required: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("MQCHAT_"):
+            monkeypatch.delenv(name)
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not read here")
+    prefix = settings.model_config["env_prefix"]
+
+    with pytest.raises(ValueError, match=f"set both {prefix}TLS_CERTFILE and {prefix}TLS_KEYFILE"):
+        settings(**required, tls_certfile=cert)
+    with pytest.raises(ValueError, match=re.escape(f"no such file: {tmp_path / 'key.pem'}")):
+        settings(**required, tls_certfile=cert, tls_keyfile=tmp_path / "key.pem")
+    assert settings(**required, tls_certfile=cert, tls_keyfile=cert)
 
 
 # -- settings -> environment -> settings ----------------------------------------------

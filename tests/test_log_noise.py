@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Awaitable, Callable
 
 import pytest
 import websockets
@@ -23,7 +24,7 @@ from broker.lognoise import CLIENT_LOG, ClientNoiseFilter
 from .support.clients import BRIDGE, connect_actor, probe
 from .support.packets import connect, subscribe
 from .support.raw import Raw, dial, login
-from .support.services import wait_until
+from .support.services import Daemon, wait_until
 from .support.stack import Stack, password_of
 
 NON_ACKERS = 20
@@ -86,6 +87,32 @@ def _accounted(log: str, needle: str) -> int:
     lines = [line for line in log.splitlines() if needle in line]
     left_out = [re.search(r"\[and (\d+) more like this", line) for line in lines]
     return len(lines) + sum(int(m.group(1)) for m in left_out if m)
+
+
+async def one_more_until_accounted(
+    broker: Daemon,
+    needle: str,
+    one_more: Callable[[int], Awaitable[None]],
+    before: int,
+    what: str,
+    timeout: float,
+) -> int:
+    """Cause one more event at a time (``one_more(1)``, ``one_more(2)``, ..., at most
+    five), each after waiting up to ``timeout`` for the log to account for ``before``
+    and those so far: a later event's line brings the count of those left out before
+    it. Returns the count last waited for."""
+    for more in range(1, 6):
+        await one_more(more)
+        expected = before + more
+        with contextlib.suppress(TimeoutError):
+            await asyncio.to_thread(
+                wait_until,
+                lambda: _accounted(broker.log_text(), needle) >= expected,  # noqa: B023
+                timeout=timeout,
+                what=f"{expected} {what} accounted for",
+            )
+            break
+    return expected
 
 
 async def test_clients_that_never_puback_cost_a_bounded_log(embedded: Stack) -> None:
@@ -152,19 +179,14 @@ async def test_queued_and_retained_messages_never_acknowledged_cost_no_traceback
         wait_until, lambda: needle in broker.log_text(), timeout=30, what=needle
     )
     # The queued ones time out first (amqtt sends them before it reads the SUBSCRIBE),
-    # the retained ones 5 s later. One more live message at a time, over a second
-    # apart: each one's line brings the count of those left out before it.
-    for live in range(1, 6):
-        await bridge.link.publish("chat/v1/u/mallory/down/msg", probe(f"live {live}"), qos=1)
-        expected = 2 * QUEUED + live
-        with contextlib.suppress(TimeoutError):
-            await asyncio.to_thread(
-                wait_until,
-                lambda: _accounted(broker.log_text(), needle) >= expected,  # noqa: B023
-                timeout=7,
-                what=f"{expected} PUBACK timeouts accounted for",
-            )
-            break
+    # the retained ones 5 s later; then one more live message at a time.
+
+    async def live(n: int) -> None:
+        await bridge.link.publish("chat/v1/u/mallory/down/msg", probe(f"live {n}"), qos=1)
+
+    expected = await one_more_until_accounted(
+        broker, needle, live, 2 * QUEUED, "PUBACK timeouts", timeout=7
+    )
     assert _accounted(broker.log_text(), needle) >= expected
     for raw in held:
         raw.close()
@@ -211,18 +233,13 @@ async def test_websocket_handshakes_without_mqtt_cost_a_bounded_log(embedded: St
     )
     assert set(outcomes) == {"400"}
     needle = "handshake failed"
-    # One more at a time, over a second apart: its line brings the count left out.
-    for late in range(1, 6):
+
+    async def late(_: int) -> None:
         assert await handshake(None) == "400"
-        expected = FLOOD // 2 + late
-        with contextlib.suppress(TimeoutError):
-            await asyncio.to_thread(
-                wait_until,
-                lambda: _accounted(broker.log_text(), needle) >= expected,  # noqa: B023
-                timeout=2,
-                what=f"{expected} failed handshakes accounted for",
-            )
-            break
+
+    expected = await one_more_until_accounted(
+        broker, needle, late, FLOOD // 2, "failed handshakes", timeout=2
+    )
     log = broker.log_text()
     assert _accounted(log, needle) >= expected
     failures = [line for line in log.splitlines() if needle in line]

@@ -514,13 +514,6 @@ async def test_only_the_admin_may_provision(mosquitto: MosquittoServer, alice: C
 # -- restarts and crashes (a broker of their own) ----------------------------------------
 
 
-@pytest.fixture
-def own_mosquitto(tmp_path: Path) -> Iterator[MosquittoServer]:
-    server = start_mosquitto(tmp_path)
-    yield server
-    server.close()
-
-
 async def test_session_survives_restart(own_mosquitto: MosquittoServer) -> None:
     server = own_mosquitto
     carol = Credentials("carol", "carols password")

@@ -46,6 +46,13 @@ async def then(connack: str, outcome: Awaitable[str]) -> str:
 Case = Callable[[Stack, list[Raw]], Awaitable[Awaitable[str]]]
 
 
+async def logged_in(stack: Stack, held: list[Raw], client_id: str) -> tuple[Raw, str]:
+    """A connection signed in as mallory, and the broker's answer to its CONNECT."""
+    raw = await dial(stack, held)
+    await raw.send(login("mallory", client_id))
+    return raw, await raw.answer()
+
+
 async def garbage(stack: Stack, held: list[Raw]) -> Awaitable[str]:
     raw = await dial(stack, held)
     await raw.send(bytes(range(256)) * 8)
@@ -72,9 +79,7 @@ async def huge_remaining_length(stack: Stack, held: list[Raw]) -> Awaitable[str]
 
 
 async def huge_remaining_length_after_login(stack: Stack, held: list[Raw]) -> Awaitable[str]:
-    raw = await dial(stack, held)
-    await raw.send(login("mallory", "mallory:raw-huge"))
-    connack = await raw.answer()
+    raw, connack = await logged_in(stack, held, "mallory:raw-huge")
     await raw.send(bytes([0x30]) + varint(268_435_455) + string(b"chat/v1/u/mallory/up/msg"))
     return then(connack, raw.answer(timeout=1.0))
 
@@ -98,17 +103,13 @@ async def reserved_type_0(stack: Stack, held: list[Raw]) -> Awaitable[str]:
 
 
 async def reserved_type_15_after_login(stack: Stack, held: list[Raw]) -> Awaitable[str]:
-    raw = await dial(stack, held)
-    await raw.send(login("mallory", "mallory:raw-15"))
-    connack = await raw.answer()
+    raw, connack = await logged_in(stack, held, "mallory:raw-15")
     await raw.send(packet(0xF0, b"\x00\x00"))
     return then(connack, raw.until_closed())
 
 
 async def second_connect(stack: Stack, held: list[Raw]) -> Awaitable[str]:
-    raw = await dial(stack, held)
-    await raw.send(login("mallory", "mallory:raw-second"))
-    connack = await raw.answer()
+    raw, connack = await logged_in(stack, held, "mallory:raw-second")
     await raw.send(login("mallory", "mallory:raw-second"))
     return then(connack, raw.until_closed())
 
@@ -138,27 +139,21 @@ async def oversized_client_id(stack: Stack, held: list[Raw]) -> Awaitable[str]:
 
 
 async def invalid_utf8_topic(stack: Stack, held: list[Raw]) -> Awaitable[str]:
-    raw = await dial(stack, held)
-    await raw.send(login("mallory", "mallory:raw-utf8"))
-    connack = await raw.answer()
+    raw, connack = await logged_in(stack, held, "mallory:raw-utf8")
     await raw.send(publish(b"chat/v1/u/mallory/up/\xff\xfe", b'{"id":"u","to":"bob","body":"x"}'))
     await raw.send(publish(b"chat/v1/u/mallory/up/ms\x00g", b"{}", qos=1, packet_id=2))
     return then(connack, raw.until_closed())
 
 
 async def wildcard_in_publish_topic(stack: Stack, held: list[Raw]) -> Awaitable[str]:
-    raw = await dial(stack, held)
-    await raw.send(login("mallory", "mallory:raw-wild"))
-    connack = await raw.answer()
+    raw, connack = await logged_in(stack, held, "mallory:raw-wild")
     await raw.send(publish(b"chat/v1/u/+/down/msg", b'{"id":"w"}', qos=1, packet_id=3))
     return then(connack, raw.until_closed())
 
 
 async def thousands_of_filters(stack: Stack, held: list[Raw]) -> Awaitable[str]:
     """5,000 filters the ACL allows (all under mallory's own down/), kept subscribed."""
-    raw = await dial(stack, held)
-    await raw.send(login("mallory", "mallory:raw-many"))
-    connack = await raw.answer()
+    raw, connack = await logged_in(stack, held, "mallory:raw-many")
     filters = [f"chat/v1/u/mallory/down/x{i}/+/#".encode() for i in range(5000)]
     await raw.send(subscribe_in_parts(filters, first_packet_id=10))
     return then(connack, raw.answer(timeout=15))
@@ -166,18 +161,14 @@ async def thousands_of_filters(stack: Stack, held: list[Raw]) -> Awaitable[str]:
 
 async def very_deep_filters(stack: Stack, held: list[Raw]) -> Awaitable[str]:
     """10,000-level filters, one allowed (under mallory's down/) and one refused."""
-    raw = await dial(stack, held)
-    await raw.send(login("mallory", "mallory:raw-deep"))
-    connack = await raw.answer()
+    raw, connack = await logged_in(stack, held, "mallory:raw-deep")
     deep = b"+/" * 10_000 + b"#"
     await raw.send(subscribe([b"chat/v1/u/mallory/down/" + deep, deep], packet_id=8))
     return then(connack, raw.answer(timeout=15))
 
 
 async def thousands_of_refused_filters(stack: Stack, held: list[Raw]) -> Awaitable[str]:
-    raw = await dial(stack, held)
-    await raw.send(login("mallory", "mallory:raw-refused"))
-    connack = await raw.answer()
+    raw, connack = await logged_in(stack, held, "mallory:raw-refused")
     filters = [b"+/" * (i % 50) + b"#" for i in range(3000)] + [b"$SYS/#", b"#"]
     await raw.send(subscribe_in_parts(filters, first_packet_id=20))
     return then(connack, raw.answer(timeout=15))

@@ -15,10 +15,19 @@ import secrets
 
 from core.mqtt import LinkConfig, MqttLink
 
-from .support.clients import BRIDGE, Recorder, connect_actor, probe
+from .support.clients import BRIDGE, Actor, Recorder, connect_actor, probe
 from .support.stack import Stack, password_of
 
 OTHERS = 25
+
+
+async def sentinel_seen(watcher: Actor, sender: Actor, topic: str, label: str) -> bytes:
+    """A live message from ``sender`` on ``topic``, once ``watcher`` has it: anything
+    stored for ``watcher`` (retained) would have reached it before, so the wait ends."""
+    sentinel = probe(label)
+    await sender.link.publish(topic, sentinel, qos=1)
+    await watcher.seen.wait_for(sentinel)
+    return sentinel
 
 
 async def test_a_newcomer_gets_retained_messages_only_for_its_own_subscriptions(
@@ -44,9 +53,7 @@ async def test_a_newcomer_gets_retained_messages_only_for_its_own_subscriptions(
     # bob connects with no subscription, then subscribes to his own downlink only.
     bob = await connect_actor(stack, "bob", "newcomer")
     await bob.link.subscribe("chat/v1/u/bob/down/#", qos=1)
-    sentinel = probe("sentinel bob")
-    await bridge.link.publish("chat/v1/u/bob/down/typing", sentinel, qos=1)
-    await bob.seen.wait_for(sentinel)
+    sentinel = await sentinel_seen(bob, bridge, "chat/v1/u/bob/down/typing", "sentinel bob")
 
     assert [m.payload for m in bob.seen.messages] == [sentinel]
 
@@ -65,9 +72,7 @@ async def test_users_may_not_retain(stack: Stack) -> None:
     # Subscribing afterwards shows what is stored; a live sentinel ends the wait.
     observer = await connect_actor(stack, BRIDGE, "observer")
     await observer.link.subscribe("chat/v1/u/alice/up/#", qos=1)
-    sentinel = probe("sentinel")
-    await alice.link.publish("chat/v1/u/alice/up/typing", sentinel, qos=1)
-    await observer.seen.wait_for(sentinel)
+    sentinel = await sentinel_seen(observer, alice, "chat/v1/u/alice/up/typing", "sentinel")
 
     assert [m.payload for m in observer.seen.messages] == [sentinel]
 

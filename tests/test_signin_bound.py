@@ -14,6 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -26,6 +27,8 @@ from store.db import relaxed
 
 from .support.services import Daemon
 from .support.stack import Stack, migrated_sqlite, password_of, start_embedded_stack
+
+T = TypeVar("T")
 
 
 def sign_in(engine: Engine, user: str, password: str) -> bool:
@@ -78,14 +81,25 @@ def test_a_disabled_or_deleted_account_is_refused_at_once(
     assert not sign_in(store_engine, "carol", "carol-secret-pw")
 
 
+def at_once(threads: int, attempt: Callable[[int], T]) -> list[T]:
+    """``attempt(0)`` ... ``attempt(threads - 1)``, each in a thread of its own, all
+    released together by a barrier: a real burst."""
+    start = threading.Barrier(threads)
+
+    def released(n: int) -> T:
+        start.wait()
+        return attempt(n)
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(released, range(threads)))
+
+
 def test_concurrent_hashes_are_bounded_and_the_excess_is_refused() -> None:
     """A real burst: 24 threads verify real argon2 hashes through 2 slots, 3 waiting."""
     checks = signin.PasswordChecks(concurrency=2, queue=3, wait=30)
     stored = accounts.hash_password("a-password-1")
-    start = threading.Barrier(24)
 
     def attempt(n: int) -> str:
-        start.wait()
         try:
             # Distinct usernames: each is a cache miss, so each needs a hash.
             ok = checks.verify(f"user{n}", stored, "a-password-1", accounts._password_matches)
@@ -93,8 +107,7 @@ def test_concurrent_hashes_are_bounded_and_the_excess_is_refused() -> None:
             return "busy" if busy.retry_after >= 1 else "busy without a wait"
         return "ok" if ok else "wrong"
 
-    with ThreadPoolExecutor(24) as pool:
-        outcomes = list(pool.map(attempt, range(24)))
+    outcomes = at_once(24, attempt)
     assert checks.peak_hashing == 2
     assert outcomes.count("wrong") == 0
     # At least the two hashing and the three waiting got through; the rest were told.
@@ -109,18 +122,15 @@ def test_one_users_devices_signing_in_together_share_one_hash() -> None:
     slot with room for one waiting, and four devices were told "busy"."""
     checks = signin.PasswordChecks(concurrency=1, queue=1, wait=30)
     stored = accounts.hash_password("a-password-1")
-    start = threading.Barrier(6)
 
     def attempt(_: int) -> str:
-        start.wait()
         try:
             ok = checks.verify("dana", stored, "a-password-1", accounts._password_matches)
         except signin.Busy:
             return "busy"
         return "ok" if ok else "wrong"
 
-    with ThreadPoolExecutor(6) as pool:
-        outcomes = list(pool.map(attempt, range(6)))
+    outcomes = at_once(6, attempt)
     assert outcomes == ["ok"] * 6
     assert checks.hashes == 1
 
@@ -128,14 +138,11 @@ def test_one_users_devices_signing_in_together_share_one_hash() -> None:
 def test_a_shared_wrong_answer_is_still_wrong_and_not_cached() -> None:
     checks = signin.PasswordChecks(concurrency=1, queue=1, wait=30)
     stored = accounts.hash_password("a-password-1")
-    start = threading.Barrier(4)
 
     def attempt(_: int) -> bool:
-        start.wait()
         return checks.verify("dana", stored, "wrong-password", accounts._password_matches)
 
-    with ThreadPoolExecutor(4) as pool:
-        assert not any(pool.map(attempt, range(4)))
+    assert not any(at_once(4, attempt))
     before = checks.hashes
     assert not checks.verify("dana", stored, "wrong-password", accounts._password_matches)
     assert checks.hashes == before + 1

@@ -40,6 +40,20 @@ MQCHAT = Path(sys.executable).parent / "mqchat"
 CLI_ENV = {k: v for k, v in os.environ.items() if not k.startswith("MQCHAT_")}
 
 
+async def mqchat(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a stock user runs it, to its end; in a thread, so that the clients
+    of the test (on this event loop) keep receiving meanwhile."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [str(MQCHAT), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=CLI_ENV,
+    )
+
+
 @dataclass
 class Pki:
     """A CA, a server certificate from it for 127.0.0.1, and a CA nobody uses."""
@@ -172,29 +186,20 @@ async def test_chat_over_mqtts_and_wss(tls_stack: TlsStack, pki: Pki) -> None:
         assert (await next_from(alice, "bob")).body == "over wss"
 
         # The CLI, as a stock user would run it: WebSocket over TLS with a private CA.
-        result = await asyncio.to_thread(
-            subprocess.run,
-            [
-                str(MQCHAT),
-                "send",
-                "--to",
-                "bob",
-                "--port",
-                str(tls_stack.wss_port),
-                "--websockets",
-                "--tls-ca",
-                str(pki.ca_file),
-                "--user",
-                "alice",
-                "--password",
-                password_of("alice"),
-                "from the cli",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env=CLI_ENV,
+        result = await mqchat(
+            "send",
+            "--to",
+            "bob",
+            "--port",
+            str(tls_stack.wss_port),
+            "--websockets",
+            "--tls-ca",
+            str(pki.ca_file),
+            "--user",
+            "alice",
+            "--password",
+            password_of("alice"),
+            "from the cli",
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"sent {sent.conversation} #")
@@ -215,23 +220,14 @@ async def test_tls_ports_refuse_plain_and_untrusted_clients(tls_stack: TlsStack,
             await untrusted.connect()
         await untrusted.close()
     # The CLI says so, with its "unreachable" exit code.
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [
-            str(MQCHAT),
-            "send",
-            "--to=alice",
-            f"--port={tls_stack.mqtts_port}",
-            f"--tls-ca={pki.other_ca_file}",
-            "--user=alice",
-            f"--password={password_of('alice')}",
-            "never sent",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=CLI_ENV,
+    result = await mqchat(
+        "send",
+        "--to=alice",
+        f"--port={tls_stack.mqtts_port}",
+        f"--tls-ca={pki.other_ca_file}",
+        "--user=alice",
+        f"--password={password_of('alice')}",
+        "never sent",
     )
     assert result.returncode == 69, result.stderr
     assert "certificate verify failed" in result.stderr

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import zlib
+from collections.abc import AsyncIterator
 
 import pytest
 
 from mqchat import ChatClient
+from store.tables import Message
 
+from .support.services import Daemon
 from .support.stack import BRIDGE_READY, Stack, start_two_bridges, stored
 
 PER_SENDER = 300
@@ -19,12 +23,30 @@ def partition_of(user: str) -> int:
     return zlib.crc32(user.encode()) % 2
 
 
+@contextlib.asynccontextmanager
+async def two_bridges(stack: Stack) -> AsyncIterator[Daemon]:
+    """The second bridge; both are stopped at the end, so that what is stored is final."""
+    second = await start_two_bridges(stack)
+    try:
+        yield second
+    finally:
+        second.stop()
+        stack.bridge.stop()
+
+
+def by_seq(stack: Stack) -> list[Message]:
+    return sorted(stored(stack), key=lambda r: r.seq)
+
+
+def uplinks_handled(bridge: Daemon) -> int:
+    return sum(int(n) for n in re.findall(r"after handling (\d+) uplinks", bridge.log_text()))
+
+
 @pytest.mark.xdist_group("cpu_heavy")
 async def test_two_bridges_keep_each_senders_order(stack: Stack) -> None:
     # alice and bob are handled by different instances, in one conversation.
     assert {partition_of("alice"), partition_of("bob")} == {0, 1}
-    second = await start_two_bridges(stack)
-    try:
+    async with two_bridges(stack) as second:
         await stack.add_users("alice", "bob")
         alice = await stack.client("alice")
         bob = await stack.client("bob")
@@ -46,19 +68,15 @@ async def test_two_bridges_keep_each_senders_order(stack: Stack) -> None:
             await asyncio.to_thread(second.wait_for_log, BRIDGE_READY)
 
         await asyncio.gather(send_all(alice, "alice"), send_all(bob, "bob"), crash_second())
-    finally:
-        second.stop()
-        stack.bridge.stop()
 
-    rows = sorted(stored(stack), key=lambda r: r.seq)
+    rows = by_seq(stack)
     assert [r.seq for r in rows] == list(range(1, 2 * PER_SENDER + 2))
     for name in ("alice", "bob"):
         bodies = [r.body for r in rows if r.sender == name and r.body != "hello"]
         assert bodies == [f"{name} {i}" for i in range(PER_SENDER)]
     # Both instances did real work.
     for daemon in (stack.bridge, second):
-        handled = [int(n) for n in re.findall(r"after handling (\d+) uplinks", daemon.log_text())]
-        assert sum(handled) > 0, daemon.name
+        assert uplinks_handled(daemon) > 0, daemon.name
 
 
 @pytest.mark.xdist_group("cpu_heavy")
@@ -74,8 +92,7 @@ async def test_two_bridges_keep_order_of_pipelined_stock_clients(stack: Stack) -
     from core.mqtt import Incoming
     from protocol import topics
 
-    second = await start_two_bridges(stack)
-    try:
+    async with two_bridges(stack) as second:
         await stack.add_users("alice", "bob")
         done = {"alice": asyncio.Event(), "bob": asyncio.Event()}
         receipts: dict[str, list[int]] = {"alice": [], "bob": []}
@@ -98,11 +115,8 @@ async def test_two_bridges_keep_order_of_pipelined_stock_clients(stack: Stack) -
                 payload = json.dumps({"id": f"{user}-{i}", "to": peer, "body": f"{user} {i}"})
                 links[user].publish(topics.up_msg(user), payload.encode(), qos=1)
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in done.values())), 60)
-    finally:
-        second.stop()
-        stack.bridge.stop()
 
-    rows = sorted(stored(stack), key=lambda r: r.seq)
+    rows = by_seq(stack)
     assert [r.seq for r in rows] == list(range(1, 2 * PER_SENDER + 1))
     for name in ("alice", "bob"):
         assert [r.client_id for r in rows if r.sender == name] == [
@@ -110,8 +124,5 @@ async def test_two_bridges_keep_order_of_pipelined_stock_clients(stack: Stack) -
         ]
     # Each uplink was handled by exactly one instance (no double work, no double
     # deliveries), and each instance handled its own sender.
-    handled = [
-        sum(int(n) for n in re.findall(r"after handling (\d+) uplinks", d.log_text()))
-        for d in (stack.bridge, second)
-    ]
+    handled = [uplinks_handled(d) for d in (stack.bridge, second)]
     assert handled == [PER_SENDER, PER_SENDER]

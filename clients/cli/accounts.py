@@ -3,22 +3,18 @@
 An account lives in the database and, on mosquitto, in its dynamic-security list as
 well (``core.accounts`` changes both). Where those are is the same six options for
 every command: ``AccountStore`` declares them once, and ``takes_account_store`` gives
-them to each command as one argument.
+them to each command as one argument (``options.grouped``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import functools
-import inspect
 import secrets
 import sys
-import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from sqlalchemy import Engine
@@ -46,6 +42,7 @@ from .options import (
     MosquittoAdminUserOption,
     MosquittoHostOption,
     MosquittoPortOption,
+    grouped,
 )
 from .output import EXIT_NOPERM, EXIT_UNAVAILABLE, emit, fail, refused
 
@@ -91,36 +88,8 @@ class AccountStore:
         )
 
 
-def takes_account_store(command: Callable[..., None]) -> Callable[..., None]:
-    """The command with ``store: AccountStore`` replaced by AccountStore's options.
-
-    typer reads a command's options from its signature, and has no way to group
-    several into one argument: this gives it the signature it reads, and the command
-    the dataclass back.
-    """
-    hints = typing.get_type_hints(AccountStore, include_extras=True)
-    fields = dataclasses.fields(AccountStore)
-    options = [
-        inspect.Parameter(
-            field.name,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            annotation=hints[field.name],
-            default=field.default,
-        )
-        for field in fields
-    ]
-    signature = inspect.signature(command, eval_str=True)
-    own = [param for param in signature.parameters.values() if param.name != "store"]
-
-    @functools.wraps(command)
-    def with_store(**kwargs: Any) -> None:
-        store = AccountStore(**{field.name: kwargs.pop(field.name) for field in fields})
-        command(store=store, **kwargs)
-
-    with_store.__signature__ = signature.replace(  # type: ignore[attr-defined]
-        parameters=[*own, *options]
-    )
-    return with_store
+#: The command with ``store: AccountStore`` replaced by AccountStore's options.
+takes_account_store = grouped(AccountStore, "store")
 
 
 async def _provisioned(engine: Engine, admin: LinkConfig | None, change: Change) -> None:

@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Final
 
 import typer
@@ -29,6 +28,7 @@ from core.supervisor import unless_set
 from mqchat import ChatClient, ChatMessage
 
 from .options import (
+    DEFAULT_MQTT_PORT,
     DeviceOption,
     HostOption,
     PasswordOption,
@@ -37,6 +37,7 @@ from .options import (
     TlsOption,
     UserOption,
     WebsocketsOption,
+    grouped,
 )
 from .output import (
     EXIT_CONFIG,
@@ -67,16 +68,19 @@ def _stop_on_signals() -> asyncio.Event:
     return stop
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Connection:
-    host: str
-    port: int
-    user: str
-    password: str
-    device: str
-    tls: bool = False
-    tls_ca: Path | None = None
-    websockets: bool = False
+    """Where and as whom a command connects: options of every chat command, declared
+    here once (each command gives ``device`` a default of its own)."""
+
+    host: HostOption = "127.0.0.1"
+    port: PortOption = DEFAULT_MQTT_PORT
+    user: UserOption
+    password: PasswordOption
+    device: DeviceOption
+    tls: TlsOption = False
+    tls_ca: TlsCaOption = None
+    websockets: WebsocketsOption = False
 
     def tls_context(self) -> ssl.SSLContext | None:
         if not (self.tls or self.tls_ca):
@@ -171,6 +175,7 @@ def _run(coroutine: Coroutine[Any, Any, int]) -> None:
     raise typer.Exit(asyncio.run(coroutine))
 
 
+@grouped(_Connection, "conn", device="cli-send")
 def send(
     body: Annotated[str, typer.Argument(help="The text of the message.", show_default=False)],
     to: Annotated[
@@ -190,14 +195,8 @@ def send(
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the 'sent' receipt.")
     ] = 30.0,
-    host: HostOption = "127.0.0.1",
-    port: PortOption = 1883,
-    user: UserOption = ...,  # type: ignore[assignment]
-    password: PasswordOption = ...,  # type: ignore[assignment]
-    device: DeviceOption = "cli-send",
-    tls: TlsOption = False,
-    tls_ca: TlsCaOption = None,
-    websockets: WebsocketsOption = False,
+    *,
+    conn: _Connection,
 ) -> None:
     """Send one message and wait until it is stored: prints `sent <conversation> #<seq>`.
 
@@ -209,7 +208,6 @@ def send(
         raise typer.BadParameter(
             "give exactly one of --to and --conversation", param_hint="'--to' / '--conversation'"
         )
-    conn = _Connection(host, port, user, password, device, tls, tls_ca, websockets)
     _run(
         _send(conn, body, to=to, conversation=conversation, message_id=message_id, timeout=timeout)
     )
@@ -246,6 +244,7 @@ def _wire_json(message: ChatMessage) -> str:
     return protocol.encode(message.down()).decode()
 
 
+@grouped(_Connection, "conn", device="cli-listen")
 def listen(
     count: Annotated[
         int | None, typer.Option("--count", min=1, help="Exit after this many messages.")
@@ -253,14 +252,8 @@ def listen(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print each message as its protocol JSON object.")
     ] = False,
-    host: HostOption = "127.0.0.1",
-    port: PortOption = 1883,
-    user: UserOption = ...,  # type: ignore[assignment]
-    password: PasswordOption = ...,  # type: ignore[assignment]
-    device: DeviceOption = "cli-listen",
-    tls: TlsOption = False,
-    tls_ca: TlsCaOption = None,
-    websockets: WebsocketsOption = False,
+    *,
+    conn: _Connection,
 ) -> None:
     """Print incoming messages, one line each, until Ctrl-C.
 
@@ -268,11 +261,7 @@ def listen(
     devices appear too. Messages queued for this device while it was offline come
     first. `listening as ...` on stderr says the subscription is in place.
     """
-    _run(
-        _listen(
-            _Connection(host, port, user, password, device, tls, tls_ca, websockets), count, as_json
-        )
-    )
+    _run(_listen(conn, count, as_json))
 
 
 async def _listen(conn: _Connection, count: int | None, as_json: bool) -> int:
@@ -302,16 +291,11 @@ class _ChatState:
     mine: set[str] = field(default_factory=set)
 
 
+@grouped(_Connection, "conn", device="cli-chat")
 def chat(
     peer: Annotated[str, typer.Argument(help="Who to chat with.", show_default=False)],
-    host: HostOption = "127.0.0.1",
-    port: PortOption = 1883,
-    user: UserOption = ...,  # type: ignore[assignment]
-    password: PasswordOption = ...,  # type: ignore[assignment]
-    device: DeviceOption = "cli-chat",
-    tls: TlsOption = False,
-    tls_ca: TlsCaOption = None,
-    websockets: WebsocketsOption = False,
+    *,
+    conn: _Connection,
 ) -> None:
     """Chat with PEER: every line you type is sent; their messages print as `<from>: <body>`.
 
@@ -320,7 +304,7 @@ def chat(
     password by --password or MQCHAT_PASSWORD when piping lines in: a prompt would
     read the first line. Exits 1 if any line was refused.
     """
-    _run(_chat(_Connection(host, port, user, password, device, tls, tls_ca, websockets), peer))
+    _run(_chat(conn, peer))
 
 
 def _read_lines(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[str | None]) -> None:

@@ -2,14 +2,23 @@
 
 The same option has the same name, variable and help everywhere: ``--mqtt-port`` /
 ``MQCHAT_MQTT_PORT`` starts ``up``'s broker on a port and points ``send`` at it.
+Options that always go together are the fields of a dataclass, and :func:`grouped`
+gives them to each command as one argument.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated, Any, Final
 
 import typer
+
+Command = Callable[..., None]
 
 DEFAULT_DATA_DIR: Final = Path(".mqchat")
 DEFAULT_MQTT_PORT: Final = 1883
@@ -149,3 +158,44 @@ MosquittoAdminPasswordOption = Annotated[
         rich_help_panel=MOSQUITTO_PANEL,
     ),
 ]
+
+
+def grouped(group: type[Any], name: str, **defaults: Any) -> Callable[[Command], Command]:
+    """Replace the command's ``name: group`` argument by the options ``group`` declares.
+
+    ``group`` is a dataclass whose fields are annotated with options (the aliases
+    above). typer reads a command's options from its signature, and has no way to
+    group several into one argument: this gives it the signature it reads, and the
+    command the dataclass back. ``defaults`` are this command's own defaults for some
+    of the fields.
+    """
+    hints = typing.get_type_hints(group, include_extras=True)
+    fields = dataclasses.fields(group)
+    options = [
+        inspect.Parameter(
+            field.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=hints[field.name],
+            default=defaults.get(
+                field.name,
+                inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default,
+            ),
+        )
+        for field in fields
+    ]
+
+    def decorate(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        own = [param for param in signature.parameters.values() if param.name != name]
+
+        @functools.wraps(command)
+        def with_group(**kwargs: Any) -> None:
+            values = {field.name: kwargs.pop(field.name) for field in fields}
+            command(**{name: group(**values)}, **kwargs)
+
+        with_group.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*own, *options]
+        )
+        return with_group
+
+    return decorate
