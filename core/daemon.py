@@ -12,7 +12,8 @@ them without importing a daemon.
 A supervisor builds a daemon's settings object and ``environment(settings)`` turns it
 into ``MQCHAT_BRIDGE_*`` variables, named from the settings class itself: a renamed
 field renames its variable instead of silently dropping it, as a hand-typed
-``"MQCHAT_BRIDGE_MQTT_HOST"`` would.
+``"MQCHAT_BRIDGE_MQTT_HOST"`` would. ``replace(settings, port=...)`` changes some
+(a test restarting the bridge through a proxy); a misspelt field raises there too.
 """
 
 from __future__ import annotations
@@ -122,17 +123,36 @@ def describe(exc: ValidationError, settings: type[BaseSettings]) -> str:
 def load(settings: type[_S], daemon: str, **values: Any) -> _S | None:
     """The settings from the environment (``values`` first), or None after printing
     what is wrong."""
-    # The settings ignore names they do not know (the environment is full of them):
-    # a caller's misspelt or renamed field must not be ignored with them.
-    unknown = sorted(set(values) - set(settings.model_fields))
-    if unknown:
-        raise TypeError(f"{settings.__name__} has no field {', '.join(unknown)}")
+    _known(settings, values)
     try:
         return settings(**values)
     except ValidationError as exc:
         # Not logging: it must read the same whatever logging is set up to do.
         print(f"{daemon}: bad configuration:\n{describe(exc, settings)}", file=sys.stderr)
         return None
+
+
+def replace(settings: _S, **changes: Any) -> _S:
+    """``settings`` with ``changes``, validated as the daemon will validate them.
+
+    Like ``dataclasses.replace``: a field the settings do not have raises, where
+    pydantic's ``model_copy(update=...)`` would keep it and ``environment`` drop it.
+    The environment is not read again: ``settings`` already hold what it said.
+
+    Raises:
+        TypeError: a field of ``changes`` is not one of the settings'.
+        pydantic.ValidationError: a value of ``changes`` is not valid.
+    """
+    _known(type(settings), changes)
+    return type(settings).model_validate({**settings.model_dump(exclude_unset=True), **changes})
+
+
+def _known(settings: type[BaseSettings], values: Mapping[str, Any]) -> None:
+    # The settings ignore names they do not know (the environment is full of them):
+    # a caller's misspelt or renamed field must not be ignored with them.
+    unknown = sorted(set(values) - set(settings.model_fields))
+    if unknown:
+        raise TypeError(f"{settings.__name__} has no field {', '.join(unknown)}")
 
 
 def variable(settings: type[BaseSettings], field: str) -> str:
@@ -149,16 +169,20 @@ def variable(settings: type[BaseSettings], field: str) -> str:
     return (str(settings.model_config.get("env_prefix", "")) + field).upper()
 
 
-def environment(settings: BaseSettings) -> dict[str, str]:
+def environment(settings: BaseSettings, *, defaults: bool = True) -> dict[str, str]:
     """Every setting of ``settings`` as the variable that sets it, ready for a child's
     environment: reading them back gives equal settings (``tests/test_daemon_settings.py``).
 
     A setting that is None has no variable (unset is None for every such field ours
-    has); secrets are written out, as the child needs them.
+    has); secrets are written out, as the child needs them. ``defaults=False`` leaves
+    out the settings nobody gave (``model_fields_set``): a daemon run from another
+    checkout (a benchmark's before/after) then keeps its own defaults.
     """
     values = settings.model_dump(mode="json")
     env = {}
     for name, info in type(settings).model_fields.items():
+        if not defaults and name not in settings.model_fields_set:
+            continue
         value = getattr(settings, name)
         if value is None:
             continue
