@@ -12,8 +12,10 @@ them without importing a daemon.
 A supervisor builds a daemon's settings object and ``environment(settings)`` turns it
 into ``MQCHAT_BRIDGE_*`` variables, named from the settings class itself: a renamed
 field renames its variable instead of silently dropping it, as a hand-typed
-``"MQCHAT_BRIDGE_MQTT_HOST"`` would. ``replace(settings, port=...)`` changes some
-(a test restarting the bridge through a proxy); a misspelt field raises there too.
+``"MQCHAT_BRIDGE_MQTT_HOST"`` would. ``build(BridgeSettings, ...)`` makes settings
+from values alone (a test's daemons do not depend on the shell that runs them) and
+``replace(settings, mqtt_port=...)`` changes some (a test restarting the bridge
+through a proxy); a misspelt or renamed field raises in both.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from pydantic import AliasChoices, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
@@ -132,19 +134,47 @@ def load(settings: type[_S], daemon: str, **values: Any) -> _S | None:
         return None
 
 
+def build(settings: type[_S], **values: Any) -> _S:
+    """Settings from ``values`` and the defaults alone, not from this environment: what
+    a supervisor decides for a child (a test's bridge), whatever the shell has set.
+
+    Which fields were given is kept (``model_fields_set``), for ``environment``.
+
+    Raises:
+        TypeError: a field of ``values`` is not one of the settings' (the settings
+            ignore unknown names, so a renamed field would otherwise be dropped), or
+            a field without a default is not given.
+        pydantic.ValidationError: a value is not valid.
+    """
+    _known(settings, values)
+    fields = settings.model_fields
+    missing = [name for name, info in fields.items() if info.is_required() and name not in values]
+    if missing:
+        raise TypeError(f"{settings.__name__} needs {', '.join(missing)}")
+    # Every field given, a default if nothing else: the environment has nothing to fill.
+    defaults = {
+        name: info.get_default(call_default_factory=True)
+        for name, info in fields.items()
+        if not info.is_required()
+    }
+    built = settings.model_validate(defaults | values)
+    # Validated above; constructed again only to say which fields were given. (The
+    # pydantic mypy plugin types model_construct on a TypeVar as its bound.)
+    return cast(_S, settings.model_construct(_fields_set=set(values), **dict(built)))
+
+
 def replace(settings: _S, **changes: Any) -> _S:
     """``settings`` with ``changes``, validated as the daemon will validate them.
 
     Like ``dataclasses.replace``: a field the settings do not have raises, where
     pydantic's ``model_copy(update=...)`` would keep it and ``environment`` drop it.
-    The environment is not read again: ``settings`` already hold what it said.
+    As ``build``, it does not read the environment.
 
     Raises:
         TypeError: a field of ``changes`` is not one of the settings'.
         pydantic.ValidationError: a value of ``changes`` is not valid.
     """
-    _known(type(settings), changes)
-    return type(settings).model_validate({**settings.model_dump(exclude_unset=True), **changes})
+    return build(type(settings), **(settings.model_dump(exclude_unset=True) | changes))
 
 
 def _known(settings: type[BaseSettings], values: Mapping[str, Any]) -> None:

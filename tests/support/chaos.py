@@ -502,10 +502,10 @@ class Injector:
         await asyncio.to_thread(bridge.stop)
         broker, db = self.proxies["bridge-broker"], self.proxies["bridge-db"]
         if broker is not None:
-            bridge.env["MQCHAT_BRIDGE_MQTT_PORT"] = str(broker.port)
+            bridge.reconfigure(mqtt_port=broker.port)
         if db is not None:
             url = make_url(self.stack.database_url).set(host=db.host, port=db.port)
-            bridge.env["MQCHAT_BRIDGE_DATABASE_URL"] = url.render_as_string(hide_password=False)
+            bridge.reconfigure(database_url=url.render_as_string(hide_password=False))
         await asyncio.to_thread(self.stack.start_bridge)
 
     def counts(self) -> Counter[str]:
@@ -545,8 +545,8 @@ class Injector:
             await asyncio.sleep(down)
             await asyncio.to_thread(stack.start_bridge)
         elif kind == "SIGSTOP bridge":
-            assert bridge.process is not None
-            pid = bridge.process.pid
+            pid = bridge.pid
+            assert pid is not None
             os.kill(pid, signal.SIGSTOP)
             try:
                 await asyncio.sleep(down)
@@ -584,7 +584,7 @@ class Injector:
         """Restart the bridge (SIGTERM) armed to SIGKILL itself at ``point``, then again."""
         bridge = self.stack.bridge
         await asyncio.to_thread(bridge.stop)
-        bridge.env["MQCHAT_BRIDGE_CRASH_AT"] = f"{point}:{n}"
+        bridge.reconfigure(crash_at=f"{point}:{n}")
         try:
             bridge.start()
             assert bridge.process is not None
@@ -596,7 +596,7 @@ class Injector:
                     f"bridge never reached {point} {n} times in {self.CRASH_TIMEOUT} s"
                 ) from None
         finally:
-            del bridge.env["MQCHAT_BRIDGE_CRASH_AT"]
+            bridge.reconfigure(crash_at=None)
         if code != -signal.SIGKILL or f"crash point {point} reached" not in bridge.log_text():
             raise FaultFailed(
                 f"armed bridge exited with {code}, not by its crash point {point}; its log "
