@@ -18,6 +18,7 @@ own under the system temp dir, linked from ``base_dir``; :meth:`close` removes i
 
 from __future__ import annotations
 
+import abc
 import os
 import pwd
 import secrets
@@ -90,13 +91,6 @@ def _run_as(account: pwd.struct_passwd | None) -> dict[str, Any]:
     if account is None:
         return {}
     return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
@@ -195,26 +189,66 @@ def production_plugins(template: str, workdir: Path) -> dict[str, Path]:
 
 
 @dataclass(kw_only=True)
-class MosquittoServer:
+class _Server(abc.ABC):
+    """What mosquitto and PostgreSQL have alike here: a directory of their own and the
+    account they run as (see the module's docstring)."""
+
+    #: Names its log, ``<program>.log``.
+    program: ClassVar[str]
+
+    workdir: Path
+    #: The OS account it runs as; None: ours.
+    account: pwd.struct_passwd | None
+    #: ``workdir`` is outside ``base_dir``: :meth:`close` removes it.
+    private_workdir: bool
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.program}.log"
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    def close(self) -> None:
+        """Stop, and remove the files if they were kept outside ``base_dir``."""
+        self.stop()
+        if self.private_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no log: {exc})"
+
+    def own_files(self) -> None:
+        """Hand the working directory to the account the server runs as (when root)."""
+        chown_tree(self.workdir, self.account)
+
+
+@dataclass(kw_only=True)
+class MosquittoServer(_Server):
     """A mosquitto running the production config from a directory of its own.
 
     Attributes:
         admin: the dynsec admin account (for :class:`core.dynsec.DynsecProvisioner`).
         bridge: the bridge's service account.
-        account: the OS account it runs as; None: ours (see the module's docstring).
-        private_workdir: ``workdir`` is outside ``base_dir``; :meth:`close` removes it.
+        data_dir: persistence and dynamic-security.json.
         child: its process, ready once every listener accepts connections.
     """
 
+    program: ClassVar[str] = "mosquitto"
+
     binary: str
-    workdir: Path
     host: str
     port: int
     ws_port: int
     admin: Credentials
     bridge: Credentials
-    account: pwd.struct_passwd | None
-    private_workdir: bool
     tls: TlsListeners | None = None
     child: Child = field(init=False)
 
@@ -229,17 +263,8 @@ class MosquittoServer:
         )
 
     @property
-    def data_dir(self) -> Path:
-        """Persistence and dynamic-security.json."""
-        return self.workdir / "data"
-
-    @property
     def conf_path(self) -> Path:
         return self.workdir / "mosquitto.conf"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "mosquitto.log"
 
     @property
     def is_running(self) -> bool:
@@ -279,19 +304,6 @@ class MosquittoServer:
     def restart(self, timeout: float = 15.0) -> None:
         self.child.stop(timeout)
         self.start(timeout)
-
-    def close(self) -> None:
-        """Stop, and remove the files if they were kept outside ``base_dir``."""
-        self.stop()
-        if self.private_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def log_tail(self, lines: int = 30) -> str:
-        return self.child.log_tail(lines)
-
-    def own_files(self) -> None:
-        """Hand the working directory to the account mosquitto runs as (when root)."""
-        chown_tree(self.workdir, self.account)
 
 
 def with_settings(config: str, settings: Mapping[str, str]) -> str:
@@ -417,7 +429,7 @@ def _clean_env() -> dict[str, str]:
 
 
 @dataclass(kw_only=True)
-class PostgresServer:
+class PostgresServer(_Server):
     """A PostgreSQL cluster in a directory of its own, on loopback, trust auth.
 
     The superuser is ``postgres`` whatever the OS account. fsync is on, so a
@@ -425,27 +437,16 @@ class PostgresServer:
     daemonizes), so its process is not a ``Child``.
     """
 
+    program: ClassVar[str] = "postgres"
     superuser: ClassVar[str] = "postgres"
 
     bindir: Path
-    workdir: Path
     port: int
-    #: As :class:`MosquittoServer`'s.
-    account: pwd.struct_passwd | None
-    private_workdir: bool
     host: str = LOOPBACK
-
-    @property
-    def data_dir(self) -> Path:
-        return self.workdir / "data"
 
     @property
     def socket_dir(self) -> Path:
         return self.workdir / "sock"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "postgres.log"
 
     @property
     def is_running(self) -> bool:
@@ -479,11 +480,6 @@ class PostgresServer:
         if self.is_running:
             self._pg_ctl("stop", "-m", "immediate", "-w")
 
-    def close(self) -> None:
-        self.stop()
-        if self.private_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
     def create_database(self, name: str, template: str | None = None) -> None:
         """Create ``name``, as a copy of ``template`` if given (which must be idle)."""
         statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
@@ -496,9 +492,6 @@ class PostgresServer:
         self._admin_execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
-
-    def log_tail(self, lines: int = 30) -> str:
-        return _tail(self.log_path, lines)
 
     def _admin_execute(self, statement: sql.Composed) -> None:
         with psycopg.connect(self.conninfo("postgres"), autocommit=True) as conn:
@@ -562,7 +555,7 @@ def start_postgres(base_dir: Path) -> PostgresServer:
         bindir=bindir, workdir=workdir, port=free_port(), account=account, private_workdir=private
     )
     server.socket_dir.mkdir()
-    chown_tree(workdir, account)
+    server.own_files()
     try:
         server._run(
             [
