@@ -24,6 +24,7 @@ share it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -40,7 +41,7 @@ from sqlalchemy.engine import make_url
 from mqchat import ChatClient, MessageRefused, SendTimeout
 
 from .services import PostgresServer
-from .stack import Stack
+from .stack import Stack, stored
 from .tcp_proxy import TcpProxy
 
 OpKind = Literal["invoke", "ok", "fail", "unknown"]
@@ -136,6 +137,24 @@ class History:
             raise
         else:
             self.ok(sender, message_id, target, body, sent.conversation, sent.seq)
+
+
+def stored_rows(stack: Stack) -> list[StoredRow]:
+    """The stack's ``messages`` table as the checker reads it."""
+    return [
+        StoredRow(r.client_id, r.conversation_id, r.seq, r.sender, r.body, r.pk or 0)
+        for r in stored(stack)
+    ]
+
+
+async def cancel(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel the receivers at the end of a run and wait until they have stopped."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 # -- the checker --------------------------------------------------------------------
