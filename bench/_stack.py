@@ -116,32 +116,27 @@ class Stack:
         self.stop_bridges()
         if fresh_session:
             self.bridge_generation += 1
+        shared = daemon.build(
+            BridgeSettings,
+            database_url=self.database_url,
+            mqtt_host=self.host,
+            mqtt_port=self.port,
+            password=self.bridge_password,
+            partitions=count,
+            message_rate=message_rate,
+            # Every turn long enough to show in the latency timeline is logged, so
+            # a stall can be matched against the bridge's log (KEEP_LOGS).
+            slow_turn=SLOW_TURN_S,
+        )
         for index in range(count):
-            settings = daemon.build(
-                BridgeSettings,
-                database_url=self.database_url,
-                mqtt_host=self.host,
-                mqtt_port=self.port,
-                password=self.bridge_password,
-                client_id=f"mqchat-bridge-{index + 1}-{self.bridge_generation}",
-                partitions=count,
-                partition=index,
-                message_rate=message_rate,
-                # Every turn long enough to show in the latency timeline is logged, so
-                # a stall can be matched against the bridge's log (KEEP_LOGS).
-                slow_turn=SLOW_TURN_S,
+            name = f"bridge-{index + 1}"
+            settings = daemon.replace(
+                shared, partition=index, client_id=f"mqchat-{name}-{self.bridge_generation}"
             )
             # Only what is set here: a bridge of BRIDGE_TREE keeps its own defaults.
             env = daemon.environment(settings, defaults=False)
             self.bridges.append(
-                Daemon(
-                    f"bridge-{index + 1}",
-                    "bridge",
-                    env,
-                    self.base,
-                    tree=BRIDGE_TREE,
-                    ready_line=READY_LOG,
-                )
+                Daemon(name, "bridge", env, self.base, tree=BRIDGE_TREE, ready_line=READY_LOG)
             )
         for bridge in self.bridges:
             bridge.start()
