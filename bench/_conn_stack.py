@@ -18,20 +18,20 @@ quadratically; instead the accounts are written before the broker starts:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, insert, text
 
-from core.daemon import BRIDGE_READY_LOG as READY_LOG
 from core.dynsec import (
     USER_ROLE,
     Credentials,
@@ -44,12 +44,13 @@ from store import accounts, make_engine, migrate
 from store.tables import Account
 from store.types import utcnow
 from tests.support.services import (
+    LOOPBACK,
     Daemon,
     MosquittoServer,
     prepare_mosquitto,
     start_postgres,
 )
-from tests.support.stack import bridge_env, start_embedded_broker
+from tests.support.stack import bridge_daemon, bridge_settings, start_embedded_broker
 
 
 def rss_kib(pid: int) -> int:
@@ -94,11 +95,11 @@ class BenchStack:
 
     @property
     def bridge_pid(self) -> int:
-        assert self.bridge.process is not None
-        return self.bridge.process.pid
+        assert self.bridge.pid is not None
+        return self.bridge.pid
 
     def bridge_alive(self) -> bool:
-        return self.bridge.process is not None and self.bridge.process.poll() is None
+        return self.bridge.alive
 
     def online_devices(self) -> int:
         """Bench devices the bridge has recorded as online."""
@@ -192,139 +193,153 @@ def dynsec_with_users(
     return doc
 
 
-def _start_mosquitto(
-    base: Path,
-    names: list[str],
-    password: str,
-    setup: dict[str, float],
-    sys_reader: Credentials,
-) -> MosquittoServer:
+@dataclass
+class _Setup:
+    """What starting a stack needs, and what it notes for the benchmark's record."""
+
+    base: Path
+    #: Every account to make before the broker starts (the monitor's too).
+    names: list[str]
+    #: Their one password.
+    password: str
+    #: Seconds each part took to start.
+    seconds: dict[str, float] = field(default_factory=dict)
+    #: How to stop what has started, in the order it started.
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        self.seconds[part] = time.monotonic() - started
+
+
+def _start_mosquitto(setup: _Setup, sys_reader: Credentials) -> MosquittoServer:
     """``tests.support.services.start_mosquitto`` with every account in place before start."""
-    server = prepare_mosquitto(base)
-    t0 = time.monotonic()
-    doc = dynsec_with_users(
-        admin=server.admin,
-        bridge=server.bridge,
-        names=names,
-        password=password,
-        sys_reader=sys_reader,
-    )
-    path = server.data_dir / "dynamic-security.json"
-    fd = os.open(path, os.O_WRONLY | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(doc, f)
-    server.own_files()
-    setup["dynsec_json"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    try:
+    server = prepare_mosquitto(setup.base)
+    with setup.timed("dynsec_json"):
+        doc = dynsec_with_users(
+            admin=server.admin,
+            bridge=server.bridge,
+            names=setup.names,
+            password=setup.password,
+            sys_reader=sys_reader,
+        )
+        path = server.data_dir / "dynamic-security.json"
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+        server.own_files()
+    setup.closers.append(server.close)
+    with setup.timed("mosquitto_start"):
         server.start(timeout=900)
-    except BaseException:
-        server.close()
-        raise
-    setup["mosquitto_start"] = time.monotonic() - t0
     return server
 
 
-def _start_bridge(base: Path, env: dict[str, str], setup: dict[str, float]) -> Daemon:
-    t0 = time.monotonic()
-    bridge = Daemon("bridge", "bridge", env, base)
-    bridge.start()
-    bridge.wait_for_log(READY_LOG, timeout=120)
-    setup["bridge_start"] = time.monotonic() - t0
-    return bridge
+@dataclass(frozen=True)
+class _Broker:
+    """A started broker and database, as the bridge and the benchmark need them."""
+
+    database_url: str
+    engine: Engine
+    host: str
+    port: int
+    bridge_password: str
+    pid: int
+    log_path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+    sys_reader: Credentials | None = None
+
+
+def _start(
+    name: str, start_broker: Callable[[_Setup], _Broker], base: Path, names: list[str], monitor: str
+) -> BenchStack:
+    """``start_broker`` (a database with every account, and a broker), then the bridge;
+    on a failure whatever was started is stopped again."""
+    setup = _Setup(base, [*names, monitor], secrets.token_urlsafe(18))
+    try:
+        broker = start_broker(setup)
+        settings = bridge_settings(
+            broker.database_url, broker.host, broker.port, broker.bridge_password, keepalive=15
+        )
+        bridge = bridge_daemon(base, settings)
+        setup.closers.append(bridge.stop)
+        with setup.timed("bridge_start"):
+            bridge.start_ready(timeout=120)
+        return BenchStack(
+            name=name,
+            host=broker.host,
+            port=broker.port,
+            engine=broker.engine,
+            broker_pid=broker.pid,
+            bridge=bridge,
+            password=setup.password,
+            monitor=monitor,
+            setup_s=setup.seconds,
+            info=broker.info,
+            broker_log=broker.log_path,
+            sys_reader=broker.sys_reader,
+            _closers=setup.closers,
+        )
+    except BaseException:
+        for close in reversed(setup.closers):
+            close()
+        raise
+
+
+def _production_broker(setup: _Setup) -> _Broker:
+    with setup.timed("postgres"):
+        postgres = start_postgres(setup.base)
+        setup.closers.append(postgres.close)
+        postgres.create_database("mqchat")
+        url = postgres.url("mqchat")
+        engine = make_engine(url)
+        setup.closers.append(engine.dispose)
+        migrate(engine)
+    with setup.timed("db_accounts"):
+        _insert_accounts(engine, setup.names, setup.password)
+    sys_reader = Credentials("bench-sys", secrets.token_urlsafe(18))
+    mosquitto = _start_mosquitto(setup, sys_reader)
+    assert mosquitto.child.pid is not None
+    version = subprocess.run(
+        [str(postgres.bindir / "postgres"), "--version"], capture_output=True, text=True
+    ).stdout.strip()
+    return _Broker(
+        url,
+        engine,
+        mosquitto.host,
+        mosquitto.port,
+        mosquitto.bridge.password,
+        mosquitto.child.pid,
+        mosquitto.log_path,
+        info={"postgres": version},
+        sys_reader=sys_reader,
+    )
+
+
+def _embedded_broker(setup: _Setup) -> _Broker:
+    with setup.timed("db_accounts"):
+        url = f"sqlite:///{setup.base / 'mqchat.db'}"
+        engine = make_engine(url)
+        setup.closers.append(engine.dispose)
+        migrate(engine)
+        _insert_accounts(engine, setup.names, setup.password)
+    with setup.timed("broker_start"):
+        # A storm of distinct users measures what the broker can take; the broker's own
+        # sign-in admission rate (20/s by default) would make it a measure of that.
+        broker, port, bridge_password = start_embedded_broker(
+            setup.base, url, timeout=60, sign_ins_per_second=100000
+        )
+        setup.closers.append(broker.stop)
+    assert broker.pid is not None
+    return _Broker(url, engine, LOOPBACK, port, bridge_password, broker.pid, broker.log_path)
 
 
 def production(base: Path, names: list[str], monitor: str) -> BenchStack:
     """mosquitto (production config, dynsec) + bridge + PostgreSQL (fsync on)."""
-    setup: dict[str, float] = {}
-    closers: list[Callable[[], None]] = []
-    password = secrets.token_urlsafe(18)
-    try:
-        t0 = time.monotonic()
-        postgres = start_postgres(base)
-        closers.append(postgres.close)
-        postgres.create_database("mqchat")
-        engine = make_engine(postgres.url("mqchat"))
-        closers.append(engine.dispose)
-        migrate(engine)
-        setup["postgres"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        _insert_accounts(engine, [*names, monitor], password)
-        setup["db_accounts"] = time.monotonic() - t0
-        sys_reader = Credentials("bench-sys", secrets.token_urlsafe(18))
-        mosquitto = _start_mosquitto(base, [*names, monitor], password, setup, sys_reader)
-        closers.append(mosquitto.close)
-        env = bridge_env(postgres.url("mqchat"), mosquitto.host, mosquitto.port, "")
-        env["MQCHAT_BRIDGE_PASSWORD"] = mosquitto.bridge.password
-        env["MQCHAT_BRIDGE_KEEPALIVE"] = "15"
-        bridge = _start_bridge(base, env, setup)
-        closers.append(bridge.stop)
-        process = mosquitto._process
-        assert process is not None
-        version = subprocess.run(
-            [str(postgres.bindir / "postgres"), "--version"], capture_output=True, text=True
-        ).stdout.strip()
-        return BenchStack(
-            name="production",
-            host=mosquitto.host,
-            port=mosquitto.port,
-            engine=engine,
-            broker_pid=process.pid,
-            bridge=bridge,
-            password=password,
-            monitor=monitor,
-            setup_s=setup,
-            info={"postgres": version},
-            broker_log=mosquitto.log_path,
-            sys_reader=sys_reader,
-            _closers=closers,
-        )
-    except BaseException:
-        for close in reversed(closers):
-            close()
-        raise
+    return _start("production", _production_broker, base, names, monitor)
 
 
 def embedded(base: Path, names: list[str], monitor: str) -> BenchStack:
     """amqtt (``python -m broker``) + bridge + SQLite, as ``mqchat up`` runs them."""
-    setup: dict[str, float] = {}
-    closers: list[Callable[[], None]] = []
-    password = secrets.token_urlsafe(18)
-    try:
-        t0 = time.monotonic()
-        db_url = f"sqlite:///{base / 'mqchat.db'}"
-        engine = make_engine(db_url)
-        closers.append(engine.dispose)
-        migrate(engine)
-        _insert_accounts(engine, [*names, monitor], password)
-        setup["db_accounts"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        # A storm of distinct users measures what the broker can take; the broker's own
-        # sign-in admission rate (20/s by default) would make it a measure of that.
-        broker, port, bridge_password = start_embedded_broker(
-            base, db_url, {"MQCHAT_BROKER_SIGN_INS_PER_SECOND": "100000"}, timeout=60
-        )
-        closers.append(broker.stop)
-        setup["broker_start"] = time.monotonic() - t0
-        env = bridge_env(db_url, "127.0.0.1", port, bridge_password)
-        env["MQCHAT_BRIDGE_KEEPALIVE"] = "15"
-        bridge = _start_bridge(base, env, setup)
-        closers.append(bridge.stop)
-        assert broker.process is not None
-        return BenchStack(
-            name="embedded",
-            host="127.0.0.1",
-            port=port,
-            engine=engine,
-            broker_pid=broker.process.pid,
-            bridge=bridge,
-            password=password,
-            monitor=monitor,
-            setup_s=setup,
-            broker_log=broker.log_path,
-            _closers=closers,
-        )
-    except BaseException:
-        for close in reversed(closers):
-            close()
-        raise
+    return _start("embedded", _embedded_broker, base, names, monitor)

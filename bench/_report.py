@@ -1,9 +1,29 @@
-"""Turning the step records of one ``bench.load`` run into tables and a plot."""
+"""Turning the step records of one ``bench.load`` run into tables and a plot; and the
+commit every benchmark's record names."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit(tree: Path | str = ROOT) -> str:
+    """``abc1234``, ``abc1234+dirty`` with changes to tracked files, or ``unknown``."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=tree, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
 
 
 def _ms(stats: dict[str, Any], key: str) -> str:

@@ -31,6 +31,8 @@ import psutil
 from sqlalchemy import Engine, insert
 from sqlmodel import Session
 
+from bridge.config import BridgeSettings
+from core import daemon
 from core.daemon import BRIDGE_READY_LOG as READY_LOG
 from core.dynsec import USER_ROLE, DynsecProvisioner
 from store import accounts, make_engine, migrate
@@ -114,27 +116,32 @@ class Stack:
         self.stop_bridges()
         if fresh_session:
             self.bridge_generation += 1
+        shared = daemon.build(
+            BridgeSettings,
+            database_url=self.database_url,
+            mqtt_host=self.host,
+            mqtt_port=self.port,
+            password=self.bridge_password,
+            partitions=count,
+            message_rate=message_rate,
+            # Every turn long enough to show in the latency timeline is logged, so
+            # a stall can be matched against the bridge's log (KEEP_LOGS).
+            slow_turn=SLOW_TURN_S,
+        )
         for index in range(count):
-            env = {
-                "MQCHAT_BRIDGE_DATABASE_URL": self.database_url,
-                "MQCHAT_BRIDGE_MQTT_HOST": self.host,
-                "MQCHAT_BRIDGE_MQTT_PORT": str(self.port),
-                "MQCHAT_BRIDGE_PASSWORD": self.bridge_password,
-                "MQCHAT_BRIDGE_CLIENT_ID": f"mqchat-bridge-{index + 1}-{self.bridge_generation}",
-                "MQCHAT_BRIDGE_PARTITIONS": str(count),
-                "MQCHAT_BRIDGE_PARTITION": str(index),
-                "MQCHAT_BRIDGE_MESSAGE_RATE": message_rate,
-                # Every turn long enough to show in the latency timeline is logged, so
-                # a stall can be matched against the bridge's log (KEEP_LOGS).
-                "MQCHAT_BRIDGE_SLOW_TURN": str(SLOW_TURN_S),
-            }
+            name = f"bridge-{index + 1}"
+            settings = daemon.replace(
+                shared, partition=index, client_id=f"mqchat-{name}-{self.bridge_generation}"
+            )
+            # Only what is set here: a bridge of BRIDGE_TREE keeps its own defaults.
+            env = daemon.environment(settings, defaults=False)
             self.bridges.append(
-                Daemon(f"bridge-{index + 1}", "bridge", env, self.base, tree=BRIDGE_TREE)
+                Daemon(name, "bridge", env, self.base, tree=BRIDGE_TREE, ready_line=READY_LOG)
             )
         for bridge in self.bridges:
             bridge.start()
         for bridge in self.bridges:
-            bridge.wait_for_log(READY_LOG, timeout=60)
+            bridge.wait_ready(timeout=60)
 
     def stop_bridges(self) -> None:
         for bridge in self.bridges:
@@ -173,12 +180,11 @@ class Stack:
 
     def pids(self) -> dict[str, list[int]]:
         """The processes to charge CPU to, by part."""
-        found: dict[str, list[int]] = {"bridge": [], "broker": [], "database": []}
-        for bridge in self.bridges:
-            if bridge.process is not None:
-                found["bridge"].append(bridge.process.pid)
-        if self.broker is not None and self.broker.process is not None:
-            found["broker"].append(self.broker.process.pid)
+        found: dict[str, list[int]] = {
+            "bridge": [bridge.pid for bridge in self.bridges if bridge.pid is not None],
+            "broker": [self.broker.pid] if self.broker and self.broker.pid else [],
+            "database": [],
+        }
         for process in psutil.process_iter(["cmdline"]):
             cmdline = " ".join(process.info["cmdline"] or [])
             if self.mosquitto is not None and str(self.mosquitto.conf_path) in cmdline:

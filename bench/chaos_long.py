@@ -23,19 +23,19 @@ import logging
 import os
 import random
 import secrets
-import subprocess
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench._report import git_commit
 from mqchat import ChatClient
 from store import make_engine, migrate
 from tests.support import chaos
-from tests.support.chaos import History, Received, StoredRow, check
-from tests.support.services import Daemon, PostgresServer, start_mosquitto, start_postgres
-from tests.support.stack import Stack, bridge_env, password_of, stored
+from tests.support.chaos import History, Received, check
+from tests.support.services import PostgresServer, start_mosquitto, start_postgres
+from tests.support.stack import new_stack, password_of, stored
 from tests.support.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).parents[1]
@@ -44,27 +44,6 @@ IMPATIENT_TIMEOUT = 3.0  # every fifth sender: past it the outcome is logged unk
 MAX_PER_SENDER = 20_000
 QUIET_TIMEOUT = 180.0
 TAIL = 10.0  # seconds of load after the last fault
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return (out.stdout.strip() or "unknown") + (" (+ local changes)" if dirty.stdout else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def loadavg() -> str:
@@ -109,14 +88,13 @@ class Bench:
         db_url = self.postgres.url("mqchat")
         engine = make_engine(db_url)
         migrate(engine)
+        engine.dispose()
         mosq = await asyncio.to_thread(start_mosquitto, self.base)
         self.client_proxy = await TcpProxy(mosq.host, mosq.port).start()
         self.broker_proxy = await TcpProxy(mosq.host, mosq.port).start()
         self.db_proxy = await TcpProxy(self.postgres.host, self.postgres.port).start()
-        env = bridge_env(db_url, mosq.host, mosq.port, mosq.bridge.password)
-        bridge = Daemon("bridge", "bridge", env, self.base)
-        self.stack = Stack(
-            "long", mosq.host, mosq.port, db_url, engine, bridge, env, self.base, mosquitto=mosq
+        self.stack = new_stack(
+            "long", self.base, db_url, mosq.host, mosq.port, mosq.bridge.password, mosquitto=mosq
         )
         self.injector = chaos.Injector(
             self.stack,
@@ -180,8 +158,7 @@ class Bench:
                     # bridge back, go on; the run then fails (not every fault applied).
                     self.failures.append(f"{time.monotonic() - self.started:6.1f}s {exc}")
                     print(f"fault failed: {exc}", flush=True)
-                    process = self.stack.bridge.process
-                    if process is None or process.poll() is not None:
+                    if not self.stack.bridge.alive:
                         await asyncio.to_thread(self.stack.start_bridge)
             remaining = self.started + self.args.minutes * 60 - time.monotonic()
             await asyncio.sleep(max(remaining, 2.0))
@@ -269,15 +246,8 @@ class Bench:
         finally:
             stop.set()
             await ticker
-            for task in receivers:
-                task.cancel()
-            for task in receivers:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        rows = [
-            StoredRow(r.client_id, r.conversation_id, r.seq, r.sender, r.body, r.pk or 0)
-            for r in stored(self.stack)
-        ]
+            await chaos.cancel(receivers)
+        rows = chaos.stored_rows(self.stack)
         devices: dict[str, Sequence[str]] = {
             u: [f"{u}/{d}" for d in names] for u, names in self.devices.items()
         }

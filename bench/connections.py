@@ -51,6 +51,7 @@ from protocol import topics
 
 from . import _conn_stack
 from ._conn_client import username
+from ._report import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STEPS = (1_000, 5_000, 10_000, 20_000, 50_000)
@@ -269,16 +270,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-def commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD")
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 class Run:
     def __init__(self, args: argparse.Namespace, out: Path) -> None:
         self.args = args
@@ -363,7 +354,7 @@ async def run_steps(args: argparse.Namespace, run: Run, base: Path) -> None:
                 "stack": args.stack,
                 "at": datetime.now(UTC).isoformat(timespec="seconds"),
                 "command": "python -m bench.connections " + " ".join(sys.argv[1:]),
-                "commit": commit(),
+                "commit": git_commit(),
                 "loadavg_at_launch": run.loadavg_at_launch,
                 "loadavg_at_first_step": read_text("/proc/loadavg"),
                 "machine": machine(),

@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
+from bench._report import git_commit
 from history_api import ApiSettings, create_app
 from protocol import UpMessage
 from store import accounts, history, make_engine, migrate
@@ -202,43 +202,20 @@ class KeepAliveConnection:
 
 
 @contextlib.asynccontextmanager
-async def http_api(url: str, port: int, log_path: Path) -> AsyncIterator[Api]:
+async def http_api(url: str, log_dir: Path) -> AsyncIterator[Api]:
     """``python -m history_api`` (uvicorn) in its own process, on loopback."""
-    env = {
-        **os.environ,
-        "MQCHAT_API_DATABASE_URL": url,
-        "MQCHAT_API_HOST": "127.0.0.1",
-        "MQCHAT_API_PORT": str(port),
-    }
-    with log_path.open("ab") as server_log:
-        process = subprocess.Popen(  # noqa: ASYNC220 (started once, before measuring)
-            [sys.executable, "-m", "history_api"],
-            env=env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=server_log,
-            stderr=subprocess.STDOUT,
-        )
-    connection = KeepAliveConnection("127.0.0.1", port)
+    from tests.support.stack import api_daemon, api_url
+
+    server = api_daemon(log_dir, url)
+    await asyncio.to_thread(server.start_ready)
+    host, port = server.ports[0]
+    connection = KeepAliveConnection(host, port)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            deadline = time.monotonic() + 30
-            while True:
-                with contextlib.suppress(httpx.TransportError):
-                    if (await client.get("/healthz")).status_code == 200:
-                        break
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"history_api did not start; see {log_path}")
-                await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(base_url=api_url(server)) as client:
             yield Api(client, connection.fetch)
     finally:
         await connection.close()
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
 
 
 async def measure(
@@ -306,19 +283,10 @@ def machine() -> str:
         for line in meminfo:
             if line.startswith("MemTotal:"):
                 memory_kib = int(line.split()[1])
-    commit = "unknown"
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
     return (
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
         f"{memory_kib / 1024 / 1024:.1f} GiB RAM, Python {platform.python_version()}, "
-        f"commit {commit}"
+        f"commit {git_commit()}"
     )
 
 
@@ -339,8 +307,6 @@ def database(url: str | None) -> Iterator[str]:
 
 
 async def run(args: argparse.Namespace) -> None:
-    from tests.support.services import free_port
-
     rng = random.Random(args.seed)
     log(f"machine: {machine()}")
     with database(args.database_url) as url:
@@ -365,7 +331,7 @@ async def run(args: argparse.Namespace) -> None:
                 if args.transport == "asgi":
                     api_context = asgi_api(url)
                 else:
-                    api_context = http_api(url, free_port(), Path(tmp) / "api.log")
+                    api_context = http_api(url, Path(tmp))
                 async with api_context as api:
                     result = await measure(
                         api,

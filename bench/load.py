@@ -38,7 +38,6 @@ import multiprocessing
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -53,6 +52,7 @@ from hdrh.histogram import HdrHistogram
 
 from bench._disk import DiskProbe
 from bench._gen import SLOTS, WINDOW_NS, new_histogram, percentiles, worker_main
+from bench._report import git_commit
 from bench._stack import PASSWORD, Stack, log, running_stack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,20 +121,6 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
     }
-
-
-def git_commit(tree: Path | str = ROOT) -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=tree, capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
 
 
 def load_average() -> list[float]:
@@ -665,6 +651,7 @@ Workers = Annotated[int, typer.Option(help="generator processes")]
 Bridges = Annotated[int, typer.Option(help="bridge processes (MQCHAT_BRIDGE_PARTITIONS)")]
 WriteDocs = Annotated[bool, typer.Option(help="render docs/benchmarks.md and the plot")]
 ResultsPath = Annotated[Path, typer.Option(help="JSON lines are appended here")]
+StackKind = Annotated[str, typer.Option(help="production (mosquitto) or embedded (amqtt)")]
 
 
 def _finish(run: Run, write_docs: bool) -> None:
@@ -694,36 +681,27 @@ def _start(results: Path) -> Run:
     return run
 
 
-@app.command()
-def short(
-    users: Users = 1000,
-    workers: Workers = 2,
-    bridges: Bridges = 1,
-    write_docs: WriteDocs = False,
-    results: ResultsPath = RESULTS,
-) -> None:
-    """Every scenario, small steps: under 5 minutes."""
-    run = _start(results)
-    started = time.monotonic()
-    run_suite(run, SHORT, users, workers, bridges)
-    log(f"short suite done in {time.monotonic() - started:.0f} s")
-    _finish(run, write_docs)
+def _suite_command(name: str, suite: Suite, summary: str) -> None:
+    """``python -m bench.load <name>``: every scenario, with ``suite``'s steps."""
+
+    def command(
+        users: Users = 1000,
+        workers: Workers = 2,
+        bridges: Bridges = 1,
+        write_docs: WriteDocs = False,
+        results: ResultsPath = RESULTS,
+    ) -> None:
+        run = _start(results)
+        started = time.monotonic()
+        run_suite(run, suite, users, workers, bridges)
+        log(f"{name} suite done in {time.monotonic() - started:.0f} s")
+        _finish(run, write_docs)
+
+    app.command(name, help=summary)(command)
 
 
-@app.command()
-def full(
-    users: Users = 1000,
-    workers: Workers = 2,
-    bridges: Bridges = 1,
-    write_docs: WriteDocs = False,
-    results: ResultsPath = RESULTS,
-) -> None:
-    """Every scenario, 30-second steps, 1,000 users on both stacks."""
-    run = _start(results)
-    started = time.monotonic()
-    run_suite(run, FULL, users, workers, bridges)
-    log(f"full suite done in {time.monotonic() - started:.0f} s")
-    _finish(run, write_docs)
+_suite_command("short", SHORT, "Every scenario, small steps: under 5 minutes.")
+_suite_command("full", FULL, "Every scenario, 30-second steps, 1,000 users on both stacks.")
 
 
 @app.command()
@@ -736,10 +714,19 @@ def latency(
     results: ResultsPath = RESULTS,
 ) -> None:
     """(1) latency at a fixed rate on mosquitto+PostgreSQL."""
-    run = _start(results)
     s = Settings(users, workers, bridges, seconds, 10)
-    with generated_load("production", s, users) as gen:
+    with _one_run(results, "production", s) as (run, gen):
         scenario_latency(run, gen, s, rate, seconds)
+
+
+@contextlib.contextmanager
+def _one_run(results: Path, stack: str, s: Settings) -> Iterator[tuple[Run, Generator]]:
+    """A command's run on a fresh ``stack`` with ``s.users`` connected; its table after."""
+    if stack not in ("production", "embedded"):
+        raise typer.BadParameter("production (mosquitto) or embedded (amqtt)", param_hint="--stack")
+    run = _start(results)
+    with generated_load(stack, s, s.users) as gen:
+        yield run, gen
     _finish(run, False)
 
 
@@ -747,65 +734,57 @@ def _rates(text: str) -> list[float]:
     return [float(r) for r in text.split(",") if r.strip()]
 
 
-@app.command()
-def throughput(
-    rates: str = "100,250,500,1000,2000,3000,4000,5000,6000,8000",
-    seconds: float = 15,
-    raw_steps: int = 4,
-    users: Users = 1000,
-    workers: Workers = 2,
-    bridges: Bridges = 1,
-    results: ResultsPath = RESULTS,
-) -> None:
-    """(2) sustainable durable throughput on mosquitto+PostgreSQL, then the raw broker."""
-    run = _start(results)
-    s = Settings(users, workers, bridges, seconds, 10)
-    with generated_load("production", s, users) as gen:
-        ceiling = scenario_steps(run, gen, s, _rates(rates), "throughput", "chat")
-        if raw_steps:
-            scenario_raw(run, gen, s, ceiling, raw_steps)
-    _finish(run, False)
+def _steps_command(name: str, stack: str, default_rates: str, summary: str) -> None:
+    """``python -m bench.load <name>``: chat steps on ``stack`` up to the first failed
+    rate, then ``--raw-steps`` of the raw broker."""
+
+    def command(
+        rates: str = default_rates,
+        seconds: float = 15,
+        raw_steps: int = 4,
+        users: Users = 1000,
+        workers: Workers = 2,
+        bridges: Bridges = 1,
+        results: ResultsPath = RESULTS,
+    ) -> None:
+        s = Settings(users, workers, bridges, seconds, 10)
+        with _one_run(results, stack, s) as (run, gen):
+            ceiling = scenario_steps(run, gen, s, _rates(rates), name, "chat")
+            if raw_steps:
+                scenario_raw(run, gen, s, ceiling, raw_steps)
+
+    app.command(name, help=summary)(command)
+
+
+_steps_command(
+    "throughput",
+    "production",
+    "100,250,500,1000,2000,3000,4000,5000,6000,8000",
+    "(2) sustainable durable throughput on mosquitto+PostgreSQL, then the raw broker.",
+)
 
 
 @app.command()
 def raw(
     rates: str = "2000,4000,6000,8000,12000",
     seconds: float = 10,
-    stack: Annotated[str, typer.Option(help="production (mosquitto) or embedded (amqtt)")] = (
-        "production"
-    ),
+    stack: StackKind = "production",
     users: Users = 1000,
     workers: Workers = 2,
     results: ResultsPath = RESULTS,
 ) -> None:
     """The raw broker alone (no bridge): how fast it relays this traffic."""
-    if stack not in ("production", "embedded"):
-        raise typer.BadParameter("production (mosquitto) or embedded (amqtt)", param_hint="--stack")
-    run = _start(results)
     s = Settings(users, workers, 1, seconds, 10)
-    with generated_load(stack, s, users) as gen:
+    with _one_run(results, stack, s) as (run, gen):
         scenario_steps(run, gen, s, _rates(rates), "raw", "raw")
-    _finish(run, False)
 
 
-@app.command()
-def embedded(
-    rates: str = "100,250,500,1000,1500,2000,3000",
-    seconds: float = 15,
-    raw_steps: int = 4,
-    users: Users = 1000,
-    workers: Workers = 2,
-    bridges: Bridges = 1,
-    results: ResultsPath = RESULTS,
-) -> None:
-    """(3) sustainable throughput on the embedded stack (amqtt + SQLite), then raw amqtt."""
-    run = _start(results)
-    s = Settings(users, workers, bridges, seconds, 10)
-    with generated_load("embedded", s, users) as gen:
-        ceiling = scenario_steps(run, gen, s, _rates(rates), "embedded", "chat")
-        if raw_steps:
-            scenario_raw(run, gen, s, ceiling, raw_steps)
-    _finish(run, False)
+_steps_command(
+    "embedded",
+    "embedded",
+    "100,250,500,1000,1500,2000,3000",
+    "(3) sustainable throughput on the embedded stack (amqtt + SQLite), then raw amqtt.",
+)
 
 
 @app.command()
@@ -814,22 +793,16 @@ def flood(
     rate: float = 100,
     flood_rate: float = 500,
     seconds: float = 15,
-    stack: Annotated[str, typer.Option(help="production (mosquitto) or embedded (amqtt)")] = (
-        "production"
-    ),
+    stack: StackKind = "production",
     users: Users = 1000,
     workers: Workers = 2,
     bridges: Bridges = 1,
     results: ResultsPath = RESULTS,
 ) -> None:
     """One user floods far above the bridge's rate limit while others chat."""
-    if stack not in ("production", "embedded"):
-        raise typer.BadParameter("production (mosquitto) or embedded (amqtt)", param_hint="--stack")
-    run = _start(results)
     s = Settings(users, workers, bridges, seconds, 10)
-    with generated_load(stack, s, users) as gen:
+    with _one_run(results, stack, s) as (run, gen):
         scenario_flood(run, gen, s, chatting // 2, rate, flood_rate)
-    _finish(run, False)
 
 
 @app.command()

@@ -39,9 +39,9 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from bench._report import _figure, _save, write_docs_section
+from bench._report import _figure, _save, git_commit, write_docs_section
 from bench._stack import PASSWORD, log, running_stack
-from bench.load import UNLIMITED_MESSAGE_RATE, git_commit, machine
+from bench.load import UNLIMITED_MESSAGE_RATE, machine
 from protocol import topics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -44,7 +44,7 @@ from bench._stack import PASSWORD, log
 from bench.load import RESULTS, Run, Settings, StepPlan, generated_load
 from tests.support import packets
 from tests.support.packets import CONNACK, DISCONNECT_BYTES
-from tests.support.services import Daemon, accepts, free_port
+from tests.support.stack import api_daemon, api_url
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
 
@@ -160,20 +160,9 @@ def main(
     run = Run(shlex.join(["python", "-m", "bench.signin_burst", *sys.argv[1:]]), results)
     s = Settings(users, 2, 1, seconds, 10)
     with generated_load(stack, s, users) as gen:
-        port = free_port()
-        api = Daemon(
-            "api",
-            "history_api",
-            {"MQCHAT_API_DATABASE_URL": gen.stack.database_url, "MQCHAT_API_PORT": str(port)},
-            gen.stack.base,
-        )
-        api.start()
+        api = api_daemon(gen.stack.base, gen.stack.database_url)
+        api.start_ready()
         try:
-            deadline = time.monotonic() + 30
-            while not accepts("127.0.0.1", port):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the history API did not start")
-                time.sleep(0.05)
             names = gen.stack.users
             reader_user, burst_users = names[chatting], names[chatting + 1 : chatting + 1 + clients]
             pids = gen.stack.pids()
@@ -190,7 +179,7 @@ def main(
                     side.update(
                         asyncio.run(
                             _side_load(
-                                f"http://127.0.0.1:{port}",
+                                api_url(api),
                                 gen.stack.host,
                                 gen.stack.port,
                                 reader_user,
@@ -215,7 +204,7 @@ def main(
                     "failures": counts.failures,
                     "api_reader": side,
                     "peak_rss_mib": {
-                        "api": round(_peak_rss_mib(api.process.pid), 1) if api.process else None,
+                        "api": round(_peak_rss_mib(api.pid), 1) if api.pid else None,
                         "broker": [round(_peak_rss_mib(p), 1) for p in pids.get("broker", [])],
                     },
                 }

@@ -12,7 +12,10 @@ them without importing a daemon.
 A supervisor builds a daemon's settings object and ``environment(settings)`` turns it
 into ``MQCHAT_BRIDGE_*`` variables, named from the settings class itself: a renamed
 field renames its variable instead of silently dropping it, as a hand-typed
-``"MQCHAT_BRIDGE_MQTT_HOST"`` would.
+``"MQCHAT_BRIDGE_MQTT_HOST"`` would. ``build(BridgeSettings, ...)`` makes settings
+from values alone (a test's daemons do not depend on the shell that runs them) and
+``replace(settings, mqtt_port=...)`` changes some (a test restarting the bridge
+through a proxy); a misspelt or renamed field raises in both.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from pydantic import AliasChoices, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
@@ -123,11 +126,7 @@ def describe(exc: ValidationError, settings: type[BaseSettings]) -> str:
 def load(settings: type[_S], daemon: str, **values: Any) -> _S | None:
     """The settings from the environment (``values`` first), or None after printing
     what is wrong."""
-    # The settings ignore names they do not know (the environment is full of them):
-    # a caller's misspelt or renamed field must not be ignored with them.
-    unknown = sorted(set(values) - set(settings.model_fields))
-    if unknown:
-        raise TypeError(f"{settings.__name__} has no field {', '.join(unknown)}")
+    _known(settings, values)
     try:
         return settings(**values)
     except ValidationError as exc:
@@ -153,6 +152,57 @@ def check_tls_pair(
             raise ValueError(f"no such file: {path}")
 
 
+def build(settings: type[_S], **values: Any) -> _S:
+    """Settings from ``values`` and the defaults alone, not from this environment: what
+    a supervisor decides for a child (a test's bridge), whatever the shell has set.
+
+    Which fields were given is kept (``model_fields_set``), for ``environment``.
+
+    Raises:
+        TypeError: a field of ``values`` is not one of the settings' (the settings
+            ignore unknown names, so a renamed field would otherwise be dropped), or
+            a field without a default is not given.
+        pydantic.ValidationError: a value is not valid.
+    """
+    _known(settings, values)
+    fields = settings.model_fields
+    missing = [name for name, info in fields.items() if info.is_required() and name not in values]
+    if missing:
+        raise TypeError(f"{settings.__name__} needs {', '.join(missing)}")
+    # Every field given, a default if nothing else: the environment has nothing to fill.
+    defaults = {
+        name: info.get_default(call_default_factory=True)
+        for name, info in fields.items()
+        if not info.is_required()
+    }
+    built = settings.model_validate(defaults | values)
+    # Validated above; constructed again only to say which fields were given. (The
+    # pydantic mypy plugin types model_construct on a TypeVar as its bound.)
+    return cast(_S, settings.model_construct(_fields_set=set(values), **dict(built)))
+
+
+def replace(settings: _S, **changes: Any) -> _S:
+    """``settings`` with ``changes``, validated as the daemon will validate them.
+
+    Like ``dataclasses.replace``: a field the settings do not have raises, where
+    pydantic's ``model_copy(update=...)`` would keep it and ``environment`` drop it.
+    As ``build``, it does not read the environment.
+
+    Raises:
+        TypeError: a field of ``changes`` is not one of the settings'.
+        pydantic.ValidationError: a value of ``changes`` is not valid.
+    """
+    return build(type(settings), **(settings.model_dump(exclude_unset=True) | changes))
+
+
+def _known(settings: type[BaseSettings], values: Mapping[str, Any]) -> None:
+    # The settings ignore names they do not know (the environment is full of them):
+    # a caller's misspelt or renamed field must not be ignored with them.
+    unknown = sorted(set(values) - set(settings.model_fields))
+    if unknown:
+        raise TypeError(f"{settings.__name__} has no field {', '.join(unknown)}")
+
+
 def variable(settings: type[BaseSettings], field: str) -> str:
     """The environment variable that sets ``field``: its alias, or prefix and name.
 
@@ -167,16 +217,20 @@ def variable(settings: type[BaseSettings], field: str) -> str:
     return (str(settings.model_config.get("env_prefix", "")) + field).upper()
 
 
-def environment(settings: BaseSettings) -> dict[str, str]:
+def environment(settings: BaseSettings, *, defaults: bool = True) -> dict[str, str]:
     """Every setting of ``settings`` as the variable that sets it, ready for a child's
     environment: reading them back gives equal settings (``tests/test_daemon_settings.py``).
 
     A setting that is None has no variable (unset is None for every such field ours
-    has); secrets are written out, as the child needs them.
+    has); secrets are written out, as the child needs them. ``defaults=False`` leaves
+    out the settings nobody gave (``model_fields_set``): a daemon run from another
+    checkout (a benchmark's before/after) then keeps its own defaults.
     """
     values = settings.model_dump(mode="json")
     env = {}
     for name, info in type(settings).model_fields.items():
+        if not defaults and name not in settings.model_fields_set:
+            continue
         value = getattr(settings, name)
         if value is None:
             continue

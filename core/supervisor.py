@@ -1,11 +1,12 @@
 """Our daemons as child processes: started, waited for, restarted, stopped in order.
 
 ``mqchat up``, the tests and the benchmarks all do the same with a daemon: start
-``python -m <module>`` with an environment, its output appended to a log file; wait
-until it says it is ready (a line in that log, or its ports accepting connections);
-stop it with SIGTERM and, after a timeout, SIGKILL. ``Child`` is one such process and
-works from plain code (a test) as well as from an event loop; ``Supervisor`` runs
-several in stages, in the shape of uvicorn's server::
+``python -m <module>`` with its settings as its environment (``core.daemon``), its
+output appended to a log file; wait until it says it is ready (a line in that log, or
+its ports accepting connections); stop it with SIGTERM and, after a timeout, SIGKILL.
+``Child`` is one such process (or a server's binary: the tests' mosquitto) and works
+from plain code (a test) as well as from an event loop; ``Supervisor`` runs several
+in stages, in the shape of uvicorn's server::
 
     run() ─▶ startup()    stage by stage: start each child, wait until all are ready
           ─▶ main_loop()  a child that exits is started again, at most 5 times a minute
@@ -35,6 +36,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from pydantic_settings import BaseSettings
+
+from core import daemon
+from core.daemon import EXIT_FORCED, EXIT_OK
+
 __all__ = [
     "EXIT_FAILED",
     "EXIT_FORCED",
@@ -48,11 +54,10 @@ __all__ = [
     "unless_set",
 ]
 
-EXIT_OK: Final = 0
+# EXIT_OK and EXIT_FORCED (a second signal killed the children instead of waiting for
+# them) are the daemons' own codes for the same outcomes.
 #: A child could not start, or died too often.
 EXIT_FAILED: Final = 1
-#: A second signal killed the children instead of waiting for them.
-EXIT_FORCED: Final = 130
 
 #: A child that exits more often than this within RESTART_WINDOW is not started again.
 MAX_RESTARTS: Final = 5
@@ -122,9 +127,12 @@ class Child:
 
     Args:
         name: What it is called in messages and by default in its log's name.
-        module: Run as ``python -m module``.
+        command: A module of ours, run as ``python -m command``; or a whole command
+            line (a server's binary and its arguments).
         env: The child's whole environment (nothing else is inherited).
         log_path: Its stdout and stderr, appended across restarts.
+        settings: The daemon's settings: they replace every variable of their prefix
+            in ``env`` (``core.daemon.child_environment``), now and at ``configure``.
         ready_line: Text the child logs once ready (each start must log it again).
         ports: (host, port) pairs that must accept connections once it is ready.
         describe: The line that says where it listens, given its pid.
@@ -132,38 +140,58 @@ class Child:
         cwd: The working directory (another checkout), or this process's.
         own_session: Start it in a session of its own, so that a Ctrl-C in the
             terminal reaches only the supervisor, which then stops it in order.
+        popen: More ``subprocess.Popen`` arguments: a server that runs as an
+            account of its own (``user``, ``group``, ``umask``).
     """
 
     def __init__(
         self,
         name: str,
-        module: str,
+        command: str | Sequence[str],
         env: Mapping[str, str],
         log_path: Path,
         *,
+        settings: BaseSettings | None = None,
         ready_line: str | None = None,
         ports: Sequence[tuple[str, int]] = (),
         describe: Callable[[int], str] | None = None,
         python: str | Path = sys.executable,
         cwd: Path | None = None,
         own_session: bool = False,
+        popen: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
-        self.module = module
+        self.argv = [str(python), "-m", command] if isinstance(command, str) else list(command)
         self.env = dict(env)
+        self.settings: BaseSettings | None = None
+        if settings is not None:
+            self.configure(settings)
         self.log_path = log_path
         self.ready_line = ready_line
         self.ports = list(ports)
         self._describe = describe
-        self.python = str(python)
         self.cwd = cwd
         self.own_session = own_session
+        self.popen = dict(popen or {})
         self.process: subprocess.Popen[bytes] | None = None
         #: How many times it was started (restarts included).
         self.starts = 0
         #: Where the latest start's output begins in the log.
         self._log_start = 0
         self._exit: asyncio.Future[int] | None = None
+
+    def configure(self, settings: BaseSettings) -> None:
+        """Run with ``settings`` from the next start on: written into ``env`` in place of
+        every variable of their prefix, so they are the whole truth of the daemon."""
+        self.settings = settings
+        self.env = daemon.child_environment(settings, self.env)
+
+    def reconfigure(self, **changes: Any) -> None:
+        """``configure`` with some of the current settings changed, by field name (a
+        misspelt one raises: ``core.daemon.replace``)."""
+        if self.settings is None:
+            raise RuntimeError(f"{self.name} was not given settings to change")
+        self.configure(daemon.replace(self.settings, **changes))
 
     def describe(self) -> str:
         assert self.process is not None
@@ -180,16 +208,35 @@ class Child:
                 log.flush()
             self._log_start = log.tell()
             self.process = subprocess.Popen(
-                [self.python, "-m", self.module],
+                self.argv,
                 env=self.env,
                 cwd=self.cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=self.own_session,
+                **self.popen,
             )
         self.starts += 1
         self._exit = None
+
+    def start_ready(self, timeout: float = 30.0) -> None:
+        """Start it and block until ``ready()``; one that is not ready in time is killed.
+
+        Raises:
+            NotReady: it exited first, or ``timeout`` passed.
+        """
+        self.start()
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
+
+    def restart(self, timeout: float = 30.0) -> None:
+        """``stop`` (SIGTERM, SIGKILL after ``timeout``), then ``start_ready``."""
+        self.stop(timeout)
+        self.start_ready(timeout)
 
     @property
     def alive(self) -> bool:
@@ -198,6 +245,11 @@ class Child:
     @property
     def returncode(self) -> int | None:
         return None if self.process is None else self.process.poll()
+
+    @property
+    def pid(self) -> int | None:
+        """The latest start's process id (None before the first start)."""
+        return None if self.process is None else self.process.pid
 
     # -- its log ------------------------------------------------------------------------
 

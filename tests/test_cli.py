@@ -735,7 +735,7 @@ async def test_mosquitto_bootstrap_writes_accounts_mosquitto_accepts(tmp_path: P
         again = run_mqchat(*bootstrap, env=env, timeout=60)
         assert again.returncode == 78
         assert "not overwritten" in again.stderr
-        chown_tree(server.workdir, server._account)
+        chown_tree(server.workdir, server.account)
         server.start()
 
         bridge = MqttLink(server.link_config(Credentials("mqchat-bridge", "bridge-pass-123"), "b"))

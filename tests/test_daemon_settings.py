@@ -234,3 +234,29 @@ def test_settings_survive_the_environment(
     prefix = str(cls.model_config["env_prefix"])
     inherited = {"PATH": "/bin", f"{prefix}STALE": "from the parent"}
     assert daemon.child_environment(settings, inherited) == {"PATH": "/bin", **env}
+
+
+def test_a_supervisor_names_settings_by_field_and_a_wrong_name_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``BridgeSettings(mqtt_hots=...)`` would ignore the name (the settings ignore
+    what they do not know); ``build`` and ``replace`` refuse it, and neither reads
+    this process's environment."""
+    monkeypatch.setenv("MQCHAT_BRIDGE_KEEPALIVE", "99")
+    settings = daemon.build(BridgeSettings, database_url="sqlite://", password="pw")
+    assert settings.keepalive == BridgeSettings.model_fields["keepalive"].default
+    with pytest.raises(TypeError, match="mqtt_hots"):
+        daemon.build(BridgeSettings, database_url="sqlite://", password="pw", mqtt_hots="h")
+
+    moved = daemon.replace(settings, mqtt_port=1884, crash_at="after_commit:2")
+    assert (moved.mqtt_port, moved.crash_at) == (1884, "after_commit:2")
+    assert moved.password.get_secret_value() == "pw"
+    with pytest.raises(TypeError, match="crash_at_"):
+        daemon.replace(settings, crash_at_="after_commit:2")
+    env = daemon.environment(moved, defaults=False)
+    assert set(env) == {
+        "MQCHAT_BRIDGE_DATABASE_URL",
+        "MQCHAT_BRIDGE_PASSWORD",
+        "MQCHAT_BRIDGE_MQTT_PORT",
+        "MQCHAT_BRIDGE_CRASH_AT",
+    }

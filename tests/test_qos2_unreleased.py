@@ -27,8 +27,8 @@ def broker_rss(stack: Stack) -> int:
         pid = stack.embedded_broker.process.pid
     else:
         assert stack.mosquitto is not None
-        assert stack.mosquitto._process is not None
-        pid = stack.mosquitto._process.pid
+        assert stack.mosquitto.child.process is not None
+        pid = stack.mosquitto.child.process.pid
     status = Path(f"/proc/{pid}/status").read_text()
     [line] = [line for line in status.splitlines() if line.startswith("VmRSS:")]
     return int(line.split()[1]) * 1024

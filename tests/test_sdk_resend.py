@@ -30,7 +30,7 @@ async def test_resends_back_off_while_the_bridge_is_away_then_the_message_lands_
 
     watcher = await stack.raw(
         "mqchat-bridge",
-        stack.bridge_env["MQCHAT_BRIDGE_PASSWORD"],
+        stack.bridge_settings.password.get_secret_value(),
         client_id="mqchat-bridge-watch",
         on_message=on_uplink,
     )

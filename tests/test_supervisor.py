@@ -2,7 +2,8 @@
 
 ``mqchat up`` covers ``Supervisor`` (tests/test_cli.py); here, the one child on its
 own: a real ``python -m broker``, ready by its log line and its port, stopped by
-SIGTERM; and one with a bad setting, whose exit is reported with its log.
+SIGTERM; one with a bad setting, whose exit is reported with its log; and a child's
+settings as its environment.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bridge.config import BridgeSettings
+from core import daemon
 from core.daemon import BROKER_READY_LOG, EXIT_CONFIG, EXIT_OK
 from core.supervisor import Child, NotReady
 
@@ -63,3 +66,21 @@ async def test_an_exit_while_starting_is_reported_with_the_log(tmp_path: Path) -
     with pytest.raises(NotReady, match="MQCHAT_BROKER_DATABASE_URL: missing"):
         child.wait_for_log(BROKER_READY_LOG, timeout=WAIT)
     assert child.log_text().startswith("--- a test starts the broker ---\n")
+
+
+def test_a_child_runs_with_its_settings_and_changes_them_by_field(tmp_path: Path) -> None:
+    """What a crash test does to the bridge between two starts: its settings are the
+    whole truth of its environment, and a misspelt change raises instead of vanishing."""
+    settings = daemon.build(BridgeSettings, database_url="sqlite://", password="pw")
+    inherited = {"PATH": "/bin", "MQCHAT_BRIDGE_CRASH_AT": "after_commit:1"}
+    child = Child("bridge", "bridge", inherited, tmp_path / "bridge.log", settings=settings)
+    assert child.env == {"PATH": "/bin", **daemon.environment(settings)}
+
+    child.reconfigure(crash_at="before_commit:3", mqtt_port=1884)
+    assert child.env["MQCHAT_BRIDGE_CRASH_AT"] == "before_commit:3"
+    assert child.env["MQCHAT_BRIDGE_MQTT_PORT"] == "1884"
+    child.reconfigure(crash_at=None)
+    assert "MQCHAT_BRIDGE_CRASH_AT" not in child.env
+    assert child.env["MQCHAT_BRIDGE_MQTT_PORT"] == "1884"
+    with pytest.raises(TypeError, match="crash_point"):
+        child.reconfigure(crash_point="before_commit:3")

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Final, TypeVar
 import typer
 from pydantic_settings import BaseSettings
 
-from core.daemon import BRIDGE_READY_LOG, BROKER_READY_LOG, child_environment, load
+from core.daemon import BRIDGE_READY_LOG, BROKER_READY_LOG, load
 from core.supervisor import Child, Supervisor, accepts
 
 from .database import migrate_for_up, shown, url_for
@@ -84,13 +84,12 @@ def _child(
 ) -> Child:
     # The caller's environment passes through; the settings replace their daemon's
     # variables in it (they were read from it, with what this command decides on top).
-    env = child_environment(settings, os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
     return Child(
         name,
         module,
-        env,
+        {**os.environ, "PYTHONUNBUFFERED": "1"},
         logs / f"{name}.log",
+        settings=settings,
         ready_line=ready_line,
         ports=ports or [],
         describe=describe,

@@ -24,6 +24,7 @@ share it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import random
@@ -40,7 +41,7 @@ from sqlalchemy.engine import make_url
 from mqchat import ChatClient, MessageRefused, SendTimeout
 
 from .services import PostgresServer
-from .stack import Stack
+from .stack import Stack, stored
 from .tcp_proxy import TcpProxy
 
 OpKind = Literal["invoke", "ok", "fail", "unknown"]
@@ -136,6 +137,24 @@ class History:
             raise
         else:
             self.ok(sender, message_id, target, body, sent.conversation, sent.seq)
+
+
+def stored_rows(stack: Stack) -> list[StoredRow]:
+    """The stack's ``messages`` table as the checker reads it."""
+    return [
+        StoredRow(r.client_id, r.conversation_id, r.seq, r.sender, r.body, r.pk or 0)
+        for r in stored(stack)
+    ]
+
+
+async def cancel(tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel the receivers at the end of a run and wait until they have stopped."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 # -- the checker --------------------------------------------------------------------
@@ -502,10 +521,10 @@ class Injector:
         await asyncio.to_thread(bridge.stop)
         broker, db = self.proxies["bridge-broker"], self.proxies["bridge-db"]
         if broker is not None:
-            bridge.env["MQCHAT_BRIDGE_MQTT_PORT"] = str(broker.port)
+            bridge.reconfigure(mqtt_port=broker.port)
         if db is not None:
             url = make_url(self.stack.database_url).set(host=db.host, port=db.port)
-            bridge.env["MQCHAT_BRIDGE_DATABASE_URL"] = url.render_as_string(hide_password=False)
+            bridge.reconfigure(database_url=url.render_as_string(hide_password=False))
         await asyncio.to_thread(self.stack.start_bridge)
 
     def counts(self) -> Counter[str]:
@@ -545,8 +564,8 @@ class Injector:
             await asyncio.sleep(down)
             await asyncio.to_thread(stack.start_bridge)
         elif kind == "SIGSTOP bridge":
-            assert bridge.process is not None
-            pid = bridge.process.pid
+            pid = bridge.pid
+            assert pid is not None
             os.kill(pid, signal.SIGSTOP)
             try:
                 await asyncio.sleep(down)
@@ -584,7 +603,7 @@ class Injector:
         """Restart the bridge (SIGTERM) armed to SIGKILL itself at ``point``, then again."""
         bridge = self.stack.bridge
         await asyncio.to_thread(bridge.stop)
-        bridge.env["MQCHAT_BRIDGE_CRASH_AT"] = f"{point}:{n}"
+        bridge.reconfigure(crash_at=f"{point}:{n}")
         try:
             bridge.start()
             assert bridge.process is not None
@@ -596,7 +615,7 @@ class Injector:
                     f"bridge never reached {point} {n} times in {self.CRASH_TIMEOUT} s"
                 ) from None
         finally:
-            del bridge.env["MQCHAT_BRIDGE_CRASH_AT"]
+            bridge.reconfigure(crash_at=None)
         if code != -signal.SIGKILL or f"crash point {point} reached" not in bridge.log_text():
             raise FaultFailed(
                 f"armed bridge exited with {code}, not by its crash point {point}; its log "

@@ -48,7 +48,9 @@ class Actor:
 
 def password_for(stack: Stack, name: str) -> str:
     """``name``'s password on ``stack``: the bridge's service account's, or a user's."""
-    return stack.bridge_env["MQCHAT_BRIDGE_PASSWORD"] if name == BRIDGE else password_of(name)
+    return (
+        stack.bridge_settings.password.get_secret_value() if name == BRIDGE else password_of(name)
+    )
 
 
 async def connect_actor(stack: Stack, name: str, role: str) -> Actor:

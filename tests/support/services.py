@@ -1,7 +1,9 @@
 """Real servers and our daemons as child processes, for tests and benchmarks.
 
 mosquitto and PostgreSQL are started from their binaries; our daemons
-(:class:`Daemon`) as ``python -m <module>``.
+(:class:`Daemon`) as ``python -m <module>``. Every process but PostgreSQL's (which
+``pg_ctl`` runs) is a ``core.supervisor.Child``, as under ``mqchat up``: one class
+starts, waits for and stops them all.
 
 These are plain helpers, not fixtures: the caller starts a server, keeps it as long
 as it likes and stops it; nothing is registered globally, and a stopped server
@@ -16,26 +18,30 @@ own under the system temp dir, linked from ``base_dir``; :meth:`close` removes i
 
 from __future__ import annotations
 
+import abc
 import os
 import pwd
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg import sql
+from pydantic_settings import BaseSettings
 
 from broker.mosquitto import TlsListeners, render_config
 from core.dynsec import Credentials, write_dynsec_bootstrap
 from core.mqtt import LinkConfig
+from core.supervisor import Child
+from core.supervisor import accepts as accepts  # where the tests have always found it
 
 ROOT = Path(__file__).parents[2]
 PRODUCTION_CONFIG = ROOT / "mosquitto.conf"
@@ -46,14 +52,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
-
-
-def accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _service_account(preferred: str) -> pwd.struct_passwd | None:
@@ -95,34 +93,6 @@ def _run_as(account: pwd.struct_passwd | None) -> dict[str, Any]:
     return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
 
 
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
-
-
-def _wait_for(
-    ready: Callable[[], bool],
-    *,
-    timeout: float,
-    what: str,
-    log: Path,
-    alive: Callable[[], bool] | None = None,
-) -> None:
-    """Poll ``ready()`` until true, failing early if ``alive()`` turns false."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if alive is not None and not alive():
-            raise RuntimeError(f"{what} exited during startup; log tail:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} not ready after {timeout} s; log tail:\n{_tail(log)}")
-        time.sleep(0.02)
-
-
-# -- our daemons ---------------------------------------------------------------------
-
-
 def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -131,74 +101,43 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> N
         time.sleep(0.02)
 
 
-class Daemon:
-    """One of our daemons as a child process, with its output in a log file."""
+# -- our daemons ---------------------------------------------------------------------
+
+
+class Daemon(Child):
+    """One of our daemons as tests and benchmarks start it.
+
+    Starting, waiting (``wait_ready``, ``wait_for_log``), stopping and killing are
+    ``core.supervisor.Child``'s, as under ``mqchat up``; this only says where things
+    are for a test: the log at ``log_dir/<name>.log``, this process's environment
+    under ``env``, the daemon's ``settings`` over both (``Child.configure``), and the
+    checkout it runs from: this one, or ``tree``, another with its own .venv (a
+    benchmark's before/after runs).
+    """
 
     def __init__(
-        self, name: str, module: str, env: dict[str, str], log_dir: Path, tree: Path | None = None
+        self,
+        name: str,
+        module: str,
+        env: Mapping[str, str],
+        log_dir: Path,
+        tree: Path | None = None,
+        *,
+        settings: BaseSettings | None = None,
+        ready_line: str | None = None,
+        ports: Sequence[tuple[str, int]] = (),
     ) -> None:
-        self.name = name
-        self.module = module
-        self.env = env
-        self.log_path = log_dir / f"{name}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-        #: Another checkout to run the module from, with its own .venv (benchmarks'
-        #: before/after runs); None: this one.
-        self.tree = tree
-        #: Where the latest start's output begins in the log (restarts append to it).
-        self._log_start = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        python = str(self.tree / ".venv" / "bin" / "python") if self.tree else sys.executable
-        with self.log_path.open("ab") as log:
-            self._log_start = log.tell()
-            self.process = subprocess.Popen(
-                [python, "-m", self.module],
-                env={**os.environ, **self.env},
-                cwd=self.tree or ROOT,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log_text(self) -> str:
-        """Everything every start of this daemon has logged."""
-        return self.log_path.read_text(errors="replace")
-
-    def _latest_log(self) -> str:
-        with self.log_path.open("rb") as log:
-            log.seek(self._log_start)
-            return log.read().decode(errors="replace")
-
-    def wait_for_log(self, needle: str, *, timeout: float = 30) -> None:
-        """Wait until the latest start has logged ``needle`` (earlier starts' lines
-        in the same file do not count: a restart must say it again)."""
-
-        def seen() -> bool:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
-            return needle in self._latest_log()
-
-        wait_until(seen, timeout=timeout, what=f"{self.name}: {needle!r}")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-
-    def stop(self, timeout: float = 20) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        super().__init__(
+            name,
+            module,
+            {**os.environ, **env},
+            log_dir / f"{name}.log",
+            settings=settings,
+            ready_line=ready_line,
+            ports=ports,
+            python=tree / ".venv" / "bin" / "python" if tree else sys.executable,
+            cwd=tree or ROOT,
+        )
 
 
 # -- mosquitto -------------------------------------------------------------------------
@@ -249,48 +188,87 @@ def production_plugins(template: str, workdir: Path) -> dict[str, Path]:
     return plugins
 
 
-class MosquittoServer:
+@dataclass(kw_only=True)
+class _Server(abc.ABC):
+    """What mosquitto and PostgreSQL have alike here: a directory of their own and the
+    account they run as (see the module's docstring)."""
+
+    #: Names its log, ``<program>.log``.
+    program: ClassVar[str]
+
+    workdir: Path
+    #: The OS account it runs as; None: ours.
+    account: pwd.struct_passwd | None
+    #: ``workdir`` is outside ``base_dir``: :meth:`close` removes it.
+    private_workdir: bool
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.program}.log"
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    def close(self) -> None:
+        """Stop, and remove the files if they were kept outside ``base_dir``."""
+        self.stop()
+        if self.private_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(no log: {exc})"
+
+    def own_files(self) -> None:
+        """Hand the working directory to the account the server runs as (when root)."""
+        chown_tree(self.workdir, self.account)
+
+
+@dataclass(kw_only=True)
+class MosquittoServer(_Server):
     """A mosquitto running the production config from a directory of its own.
 
     Attributes:
         admin: the dynsec admin account (for :class:`core.dynsec.DynsecProvisioner`).
         bridge: the bridge's service account.
         data_dir: persistence and dynamic-security.json.
-        log_path: mosquitto's stderr.
+        child: its process, ready once every listener accepts connections.
     """
 
-    def __init__(
-        self,
-        *,
-        binary: str,
-        workdir: Path,
-        host: str,
-        port: int,
-        ws_port: int,
-        admin: Credentials,
-        bridge: Credentials,
-        account: pwd.struct_passwd | None,
-        private_workdir: bool,
-        tls: TlsListeners | None = None,
-    ) -> None:
-        self.binary = binary
-        self.tls = tls
-        self.workdir = workdir
-        self.host = host
-        self.port = port
-        self.ws_port = ws_port
-        self.admin = admin
-        self.bridge = bridge
-        self.data_dir = workdir / "data"
-        self.conf_path = workdir / "mosquitto.conf"
-        self.log_path = workdir / "mosquitto.log"
-        self._account = account
-        self._private_workdir = private_workdir
-        self._process: subprocess.Popen[bytes] | None = None
+    program: ClassVar[str] = "mosquitto"
+
+    binary: str
+    host: str
+    port: int
+    ws_port: int
+    admin: Credentials
+    bridge: Credentials
+    tls: TlsListeners | None = None
+    child: Child = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.child = Child(
+            "mosquitto",
+            [self.binary, "-c", str(self.conf_path)],
+            os.environ,
+            self.log_path,
+            cwd=self.workdir,
+            popen={"umask": 0o077, **_run_as(self.account)},
+        )
+
+    @property
+    def conf_path(self) -> Path:
+        return self.workdir / "mosquitto.conf"
 
     @property
     def is_running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self.child.alive
 
     def link_config(self, credentials: Credentials, client_id: str, **options: Any) -> LinkConfig:
         """How to connect to this broker as ``credentials``; ``options`` override.
@@ -306,74 +284,26 @@ class MosquittoServer:
         )
 
     def start(self, timeout: float = 15.0) -> None:
-        """Start mosquitto and return once both listeners accept connections."""
+        """Start mosquitto and return once every listener accepts connections."""
         if self.is_running:
             raise RuntimeError("mosquitto is already running")
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                [self.binary, "-c", str(self.conf_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                umask=0o077,
-                **_run_as(self._account),
-            )
-        try:
-            ports = [self.port, self.ws_port]
-            if self.tls is not None:
-                ports += [self.tls.port, self.tls.ws_port]
-            _wait_for(
-                lambda: all(accepts(self.host, p) for p in ports),
-                timeout=timeout,
-                what="mosquitto",
-                log=self.log_path,
-                alive=lambda: self.is_running,
-            )
-        except BaseException:
-            self.kill()
-            raise
+        ports = [self.port, self.ws_port]
+        if self.tls is not None:
+            ports += [self.tls.port, self.tls.ws_port]
+        self.child.ports = [(self.host, port) for port in ports]
+        self.child.start_ready(timeout)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (mosquitto saves its database) and wait; SIGKILL if it hangs."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        self._process = None
+        self.child.stop(timeout)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: whatever was not autosaved is lost."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        self._process = None
+        self.child.kill()
 
     def restart(self, timeout: float = 15.0) -> None:
-        self.stop(timeout)
+        self.child.stop(timeout)
         self.start(timeout)
-
-    def close(self) -> None:
-        """Stop, and remove the files if they were kept outside ``base_dir``."""
-        self.stop()
-        if self._private_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def log_tail(self, lines: int = 30) -> str:
-        return _tail(self.log_path, lines)
-
-    def own_files(self) -> None:
-        """Hand the working directory to the account mosquitto runs as (when root)."""
-        chown_tree(self.workdir, self._account)
 
 
 def with_settings(config: str, settings: Mapping[str, str]) -> str:
@@ -498,33 +428,25 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-class PostgresServer:
+@dataclass(kw_only=True)
+class PostgresServer(_Server):
     """A PostgreSQL cluster in a directory of its own, on loopback, trust auth.
 
     The superuser is ``postgres`` whatever the OS account. fsync is on, so a
-    durability test sees what production would.
+    durability test sees what production would. ``pg_ctl`` runs the server (it
+    daemonizes), so its process is not a ``Child``.
     """
 
-    superuser = "postgres"
+    program: ClassVar[str] = "postgres"
+    superuser: ClassVar[str] = "postgres"
 
-    def __init__(
-        self,
-        *,
-        bindir: Path,
-        workdir: Path,
-        port: int,
-        account: pwd.struct_passwd | None,
-        private_workdir: bool,
-    ) -> None:
-        self.bindir = bindir
-        self.workdir = workdir
-        self.host = LOOPBACK
-        self.port = port
-        self.data_dir = workdir / "data"
-        self.socket_dir = workdir / "sock"
-        self.log_path = workdir / "postgres.log"
-        self._account = account
-        self._private_workdir = private_workdir
+    bindir: Path
+    port: int
+    host: str = LOOPBACK
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.workdir / "sock"
 
     @property
     def is_running(self) -> bool:
@@ -539,7 +461,10 @@ class PostgresServer:
 
     def start(self, timeout: float = 60.0) -> None:
         self._pg_ctl("start", "-l", str(self.log_path), "-w", "-t", str(int(timeout)))
-        _wait_for(self._ready, timeout=timeout, what="PostgreSQL", log=self.log_path)
+        try:
+            wait_until(self._ready, timeout=timeout, what="PostgreSQL")
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc}; log tail:\n{self.log_tail()}") from exc
 
     def stop(self, timeout: float = 60.0) -> None:
         """Fast shutdown (a checkpoint, then exit), waiting for every backend to go."""
@@ -555,11 +480,6 @@ class PostgresServer:
         if self.is_running:
             self._pg_ctl("stop", "-m", "immediate", "-w")
 
-    def close(self) -> None:
-        self.stop()
-        if self._private_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
     def create_database(self, name: str, template: str | None = None) -> None:
         """Create ``name``, as a copy of ``template`` if given (which must be idle)."""
         statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
@@ -572,9 +492,6 @@ class PostgresServer:
         self._admin_execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
-
-    def log_tail(self, lines: int = 30) -> str:
-        return _tail(self.log_path, lines)
 
     def _admin_execute(self, statement: sql.Composed) -> None:
         with psycopg.connect(self.conninfo("postgres"), autocommit=True) as conn:
@@ -619,7 +536,7 @@ class PostgresServer:
             capture_output=True,
             text=True,
             check=False,
-            **_run_as(self._account),
+            **_run_as(self.account),
         )
         if check and result.returncode != 0:
             raise RuntimeError(
@@ -638,7 +555,7 @@ def start_postgres(base_dir: Path) -> PostgresServer:
         bindir=bindir, workdir=workdir, port=free_port(), account=account, private_workdir=private
     )
     server.socket_dir.mkdir()
-    chown_tree(workdir, account)
+    server.own_files()
     try:
         server._run(
             [

@@ -6,6 +6,11 @@
 Every service is the real program, started from its binary on free loopback ports;
 the bridge always runs as its own process (``python -m bridge``) so that tests can
 kill it the way a crash would. ``tests/conftest.py`` turns these into fixtures.
+
+Our daemons are configured as ``mqchat up`` configures them: a settings object per
+daemon (``BridgeSettings``, ``BrokerSettings``, ``ApiSettings``), built with
+``core.daemon.build`` and written into its environment by ``core.daemon``, so a
+renamed setting fails here instead of being dropped.
 """
 
 from __future__ import annotations
@@ -13,34 +18,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import SecretStr
+from pydantic_settings import BaseSettings
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from bridge.config import BridgeSettings
+from broker.config import BrokerSettings
 from core import daemon
 from core.accounts import EmbeddedProvisioner, Provisioner, register
 from core.daemon import BRIDGE_READY_LOG as READY_LOG
 from core.dynsec import DynsecProvisioner
 from core.mqtt import Incoming, LinkConfig, MqttLink
+from history_api.config import ApiSettings
 from mqchat import ChatClient, HistoryClient
 from store import accounts, make_engine, migrate
 from store.tables import Message
 
 from .services import (
+    LOOPBACK,
     Daemon,
     MosquittoServer,
     PostgresServer,
-    accepts,
     free_port,
     start_mosquitto,
-    wait_until,
     with_settings,
 )
 
@@ -48,6 +54,8 @@ PASSWORD_SUFFIX = "-secret-pw"
 #: What the test stacks' mosquitto changes in the production config.
 TEST_MOSQUITTO_SETTINGS = {"plugin_opt_publish_rate": "0"}
 BRIDGE_READY = READY_LOG
+
+_S = TypeVar("_S", bound=BaseSettings)
 
 
 def password_of(user: str) -> str:
@@ -77,7 +85,6 @@ class Stack:
     database_url: str
     engine: Engine
     bridge: Daemon
-    bridge_env: dict[str, str]
     base_dir: Path
     mosquitto: MosquittoServer | None = None
     embedded_broker: Daemon | None = None
@@ -85,6 +92,13 @@ class Stack:
     api_url: str | None = None
     _clients: list[ChatClient] = field(default_factory=list)
     _links: list[MqttLink] = field(default_factory=list)
+
+    @property
+    def bridge_settings(self) -> BridgeSettings:
+        """What the bridge runs with (after any ``reconfigure``)."""
+        settings = self.bridge.settings
+        assert isinstance(settings, BridgeSettings)
+        return settings
 
     def provisioner(self) -> contextlib.AbstractAsyncContextManager[Provisioner]:
         if self.mosquitto is None:
@@ -140,21 +154,9 @@ class Stack:
 
     async def start_api(self) -> str:
         """Start the history API on a free port; returns its base URL."""
-        port = free_port()
-        self.api = Daemon(
-            "api",
-            "history_api",
-            {
-                "MQCHAT_API_DATABASE_URL": self.database_url,
-                "MQCHAT_API_PORT": str(port),
-            },
-            self.base_dir,
-        )
-        self.api.start()
-        await asyncio.to_thread(
-            wait_until, lambda: accepts("127.0.0.1", port), timeout=30, what="history API"
-        )
-        self.api_url = f"http://127.0.0.1:{port}"
+        self.api = api_daemon(self.base_dir, self.database_url)
+        await asyncio.to_thread(self.api.start_ready)
+        self.api_url = api_url(self.api)
         return self.api_url
 
     def history(self, user: str) -> HistoryClient:
@@ -182,25 +184,21 @@ class Stack:
             conf.write_text(with_settings(conf.read_text(), settings))
         else:
             assert self.embedded_broker is not None
-            self.embedded_broker.env["MQCHAT_BROKER_PUBLISH_RATE"] = f"{rate:g}"
-            self.embedded_broker.env["MQCHAT_BROKER_PUBLISH_BURST"] = str(burst)
+            self.embedded_broker.reconfigure(publish_rate=rate, publish_burst=burst)
         self.bridge.stop()
         self.restart_broker()
         # Subscribed again before this returns: amqtt forgets every session.
         self.start_bridge()
 
     def start_bridge(self) -> None:
-        self.bridge.start()
-        self.bridge.wait_for_log(BRIDGE_READY)
+        self.bridge.start_ready()
 
     def restart_broker(self) -> None:
         if self.mosquitto is not None:
             self.mosquitto.restart()
         else:
             assert self.embedded_broker is not None
-            self.embedded_broker.stop()
-            self.embedded_broker.start()
-            wait_until(lambda: accepts(self.host, self.port), timeout=30, what="amqtt")
+            self.embedded_broker.restart()
 
     def view(self) -> Stack:
         """This stack for one test: the same daemons and database, the test's own
@@ -217,11 +215,9 @@ class Stack:
 
     async def close(self) -> None:
         await self.close_clients()
-        self.bridge.stop()
-        if self.api is not None:
-            self.api.stop()
-        if self.embedded_broker is not None:
-            self.embedded_broker.stop()
+        for child in (self.bridge, self.api, self.embedded_broker):
+            if child is not None:
+                child.stop()
         if self.mosquitto is not None:
             self.mosquitto.close()
         self.engine.dispose()
@@ -239,93 +235,118 @@ def template_copy(postgres: PostgresServer, prefix: str = "mqchat") -> str:
     return postgres.url(name)
 
 
-def bridge_env(database_url: str, host: str, port: int, password: str) -> dict[str, str]:
-    """The test bridge's environment, written from a settings object as ``mqchat up``
-    writes it (``core.daemon.environment``): a renamed setting fails here, loudly."""
-    settings = BridgeSettings(
-        database_url=database_url,
-        mqtt_host=host,
-        mqtt_port=port,
-        password=SecretStr(password),
-        keepalive=5,
+def bridge_settings(
+    database_url: str, host: str, port: int, password: str, **changes: Any
+) -> BridgeSettings:
+    """The test bridge's settings; ``changes`` by field name (``keepalive=15``)."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "mqtt_host": host,
+        "mqtt_port": port,
+        "password": password,
+        "keepalive": 5,
         # Throughput tests send hundreds a second; the rate-limit tests set their own.
-        message_rate="10000/second",
-        uplink_rate="10000/second",
-    )
-    return daemon.environment(settings)
+        "message_rate": "10000/second",
+        "uplink_rate": "10000/second",
+    }
+    return daemon.build(BridgeSettings, **(values | changes))
+
+
+def bridge_daemon(base: Path, settings: BridgeSettings, name: str = "bridge") -> Daemon:
+    """``python -m bridge`` with ``settings``, ready once it consumes uplinks."""
+    return Daemon(name, "bridge", {}, base, settings=settings, ready_line=BRIDGE_READY)
+
+
+def api_daemon(base: Path, database_url: str) -> Daemon:
+    """``python -m history_api`` on a free loopback port, ready once it accepts."""
+    port = free_port()
+    settings = daemon.build(ApiSettings, database_url=database_url, host=LOOPBACK, port=port)
+    return Daemon("api", "history_api", {}, base, settings=settings, ports=[(LOOPBACK, port)])
+
+
+def api_url(api: Daemon) -> str:
+    host, port = api.ports[0]
+    return f"http://{host}:{port}"
+
+
+def from_variables(settings: type[_S], env: Mapping[str, str]) -> dict[str, str]:
+    """Settings given as variables (``{"MQCHAT_BROKER_PORT": "1884"}``, as a test's
+    fixture may) as the fields they set (``{"port": "1884"}``), for ``core.daemon.build``.
+
+    Raises:
+        TypeError: a variable sets no field of ``settings`` (misspelt, or renamed).
+    """
+    fields = {daemon.variable(settings, name): name for name in settings.model_fields}
+    unknown = sorted(set(env) - set(fields))
+    if unknown:
+        raise TypeError(f"{settings.__name__} has no variable {', '.join(unknown)}")
+    return {fields[key]: value for key, value in env.items()}
 
 
 def start_embedded_broker(
     base: Path,
     database_url: str,
-    env: dict[str, str] | None = None,
     *,
     timeout: float = 30,
     module: str = "broker",
+    **changes: Any,
 ) -> tuple[Daemon, int, str]:
     """Start ``python -m broker`` (amqtt) over ``database_url`` on a free loopback port
     and wait until it accepts connections. Blocking. ``module``: another entry point
-    of the same broker (the load benchmark's ``bench._amqtt_raw``).
+    of the same broker (the load benchmark's ``bench._amqtt_raw``); ``changes``: its
+    settings by field name.
 
     Returns:
         The daemon, its MQTT port and the bridge's (random) password.
     """
     port = free_port()
     bridge_password = secrets.token_urlsafe(16)
-    broker = Daemon(
-        "broker",
-        module,
-        {
-            "MQCHAT_BROKER_DATABASE_URL": database_url,
-            "MQCHAT_BROKER_PORT": str(port),
-            "MQCHAT_BROKER_WS_PORT": str(free_port()),
-            "MQCHAT_BROKER_BRIDGE_PASSWORD": bridge_password,
-            # Test and benchmark clients all come from loopback, many at once; the
-            # per-source connection limit (tests/test_broker_throttle.py sets its own)
-            # is not what they are about.
-            "MQCHAT_BROKER_CONNECT_RATE": "100000/second",
-            **(env or {}),
-        },
-        base,
-    )
-    broker.start()
-
-    def accepting() -> bool:
-        if broker.process is not None and broker.process.poll() is not None:
-            raise RuntimeError(f"amqtt exited:\n{broker.log_text()[-3000:]}")
-        return accepts("127.0.0.1", port)
-
-    try:
-        wait_until(accepting, timeout=timeout, what="amqtt")
-    except BaseException:
-        broker.stop()
-        raise
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "port": port,
+        "ws_port": free_port(),
+        "bridge_password": bridge_password,
+        # Test and benchmark clients all come from loopback, many at once; the
+        # per-source connection limit (tests/test_broker_throttle.py sets its own)
+        # is not what they are about.
+        "connect_rate": "100000/second",
+    }
+    settings = daemon.build(BrokerSettings, **(values | changes))
+    broker = Daemon("broker", module, {}, base, settings=settings, ports=[(LOOPBACK, port)])
+    broker.start_ready(timeout)
     return broker, port, bridge_password
 
 
+def new_stack(
+    name: str, base: Path, database_url: str, host: str, port: int, password: str, **parts: Any
+) -> Stack:
+    """A stack around a running broker at ``host:port``; its bridge not started yet."""
+    bridge = bridge_daemon(base, bridge_settings(database_url, host, port, password))
+    engine = make_engine(database_url)
+    return Stack(name, host, port, database_url, engine, bridge, base, **parts)
+
+
 async def start_embedded_stack(base: Path, broker_env: dict[str, str] | None = None) -> Stack:
+    """``broker_env``: more of the broker's settings, as variables (a fixture's)."""
     db_url = f"sqlite:///{base / 'mqchat.db'}"
     engine = make_engine(db_url)
     migrate(engine)
+    engine.dispose()
+    settings: dict[str, Any] = {
+        "account_poll": 0.2,
+        # Churn tests connect one user hundreds of times a minute on purpose;
+        # tests/test_signin_bound.py sets the default back where it is the subject.
+        "sign_ins_per_user": "100000/minute",
+        "sign_ins_per_second": 100000,
+        # Like the bridge's rates: tests/test_publish_quota.py sets its own.
+        "publish_rate": 0,
+    }
+    settings |= from_variables(BrokerSettings, broker_env or {})
     broker, port, bridge_password = await asyncio.to_thread(
-        start_embedded_broker,
-        base,
-        db_url,
-        {
-            "MQCHAT_BROKER_ACCOUNT_POLL": "0.2",
-            # Churn tests connect one user hundreds of times a minute on purpose;
-            # tests/test_signin_bound.py sets the default back where it is the subject.
-            "MQCHAT_BROKER_SIGN_INS_PER_USER": "100000/minute",
-            "MQCHAT_BROKER_SIGN_INS_PER_SECOND": "100000",
-            # Like the bridge's rates: tests/test_publish_quota.py sets its own.
-            "MQCHAT_BROKER_PUBLISH_RATE": "0",
-            **(broker_env or {}),
-        },
+        partial(start_embedded_broker, base, db_url, **settings)
     )
-    env = bridge_env(db_url, "127.0.0.1", port, bridge_password)
-    bridge = Daemon("bridge", "bridge", env, base)
-    stack = Stack(
-        "embedded", "127.0.0.1", port, db_url, engine, bridge, env, base, embedded_broker=broker
+    stack = new_stack(
+        "embedded", base, db_url, LOOPBACK, port, bridge_password, embedded_broker=broker
     )
     await asyncio.to_thread(stack.start_bridge)
     return stack
@@ -335,15 +356,12 @@ async def start_production_stack(
     base: Path, postgres: PostgresServer, *, tls_cert: tuple[bytes, bytes] | None = None
 ) -> Stack:
     db_url = template_copy(postgres)
-    engine = make_engine(db_url)
     mosq = await asyncio.to_thread(
         # The publish quota off, as on the embedded stack (test_publish_quota sets one).
         partial(start_mosquitto, base, tls_cert=tls_cert, settings=TEST_MOSQUITTO_SETTINGS)
     )
-    env = bridge_env(db_url, mosq.host, mosq.port, mosq.bridge.password)
-    bridge = Daemon("bridge", "bridge", env, base)
-    stack = Stack(
-        "production", mosq.host, mosq.port, db_url, engine, bridge, env, base, mosquitto=mosq
+    stack = new_stack(
+        "production", base, db_url, mosq.host, mosq.port, mosq.bridge.password, mosquitto=mosq
     )
     await asyncio.to_thread(stack.start_bridge)
     return stack
@@ -369,19 +387,9 @@ def unique_names(*names: str) -> tuple[str, ...]:
 async def start_two_bridges(stack: Stack) -> Daemon:
     """Restart the stack's bridge as partition 0 of 2 and start partition 1 beside it."""
     stack.bridge.stop()
-    stack.bridge.env.update(MQCHAT_BRIDGE_PARTITIONS="2", MQCHAT_BRIDGE_PARTITION="0")
+    stack.bridge.reconfigure(partitions=2, partition=0)
     await asyncio.to_thread(stack.start_bridge)
-    second = Daemon(
-        "bridge-2",
-        "bridge",
-        {
-            **stack.bridge_env,
-            "MQCHAT_BRIDGE_PARTITIONS": "2",
-            "MQCHAT_BRIDGE_PARTITION": "1",
-            "MQCHAT_BRIDGE_CLIENT_ID": "mqchat-bridge-2",
-        },
-        stack.base_dir,
-    )
-    second.start()
-    await asyncio.to_thread(second.wait_for_log, BRIDGE_READY)
+    settings = daemon.replace(stack.bridge_settings, partition=1, client_id="mqchat-bridge-2")
+    second = bridge_daemon(stack.base_dir, settings, "bridge-2")
+    await asyncio.to_thread(second.start_ready)
     return second
