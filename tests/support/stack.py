@@ -34,7 +34,7 @@ from core import daemon
 from core.accounts import EmbeddedProvisioner, Provisioner, register
 from core.daemon import BRIDGE_READY_LOG as READY_LOG
 from core.dynsec import DynsecProvisioner
-from core.mqtt import Incoming, LinkConfig, MqttLink
+from core.mqtt import Incoming, LinkConfig, MqttLink, Will
 from history_api.config import ApiSettings
 from mqchat import ChatClient, HistoryClient
 from store import accounts, make_engine, migrate
@@ -132,10 +132,15 @@ class Stack:
         password: str | None = None,
         *,
         client_id: str | None = None,
+        clean_session: bool = True,
+        will: Will | None = None,
         on_message: Callable[[Incoming], None] | None = None,
+        on_connect: Callable[[bool], None] | None = None,
         connect: bool = True,
     ) -> MqttLink:
-        """A stock MQTT client (no SDK): what mosquitto_pub or an IoT device would be."""
+        """A stock MQTT client (no SDK): what mosquitto_pub or an IoT device would be.
+        Closed with the test's other clients; ``connect=False`` for a test that
+        connects it itself (to see a refusal, or to reconnect a persistent session)."""
         link = MqttLink(
             LinkConfig(
                 host=self.host,
@@ -143,9 +148,11 @@ class Stack:
                 username=user,
                 password=password if password is not None else password_of(user),
                 client_id=client_id or f"{user}:raw-{secrets.token_hex(3)}",
-                clean_session=True,
+                clean_session=clean_session,
+                will=will,
             ),
             on_message=on_message,
+            on_connect=on_connect,
         )
         if connect:
             await link.connect()
