@@ -88,7 +88,7 @@ def _shared_daemons(request: pytest.FixtureRequest) -> Stack:
 async def shared_stack(_shared_daemons: Stack) -> AsyncIterator[Stack]:
     """Both stacks like :func:`stack`, but started once per session (per xdist worker)
     and shared: for tests that leave the daemons and their settings alone and use
-    users of their own (``unique_names``). Saves a broker, a bridge and a database
+    users of their own (``Stack.new_users``). Saves a broker, a bridge and a database
     per test; its clients are closed after each test."""
     s = _shared_daemons.view()
     try:

@@ -31,7 +31,7 @@ from protocol.errors import ProtocolError
 from store import tokens
 
 from .support.services import CLIENTID_PLUGIN, PRODUCTION_CONFIG
-from .support.stack import Stack, password_of, unique_names
+from .support.stack import Stack, password_of
 
 WAIT = 15.0
 
@@ -176,8 +176,7 @@ async def test_wrong_password_with_someones_client_id_leaves_them_alone(
     """amqtt on its own would end alice's connection (persistent) or silently drop her
     subscriptions (clean) before checking the intruder's password."""
     stack = shared_stack
-    alice_name, bob_name = unique_names("alice", "bob")
-    await stack.add_users(alice_name, bob_name)
+    alice_name, bob_name = await stack.new_users("alice", "bob")
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     alice = await stack.raw(
         alice_name,
@@ -205,8 +204,7 @@ async def test_another_user_cannot_take_a_client_id(shared_stack: Stack) -> None
     while alice is online (her connection and subscription stay) and while she is away
     (her persistent session keeps the messages queued for her)."""
     stack = shared_stack
-    alice_name, bob_name = unique_names("alice", "bob")
-    await stack.add_users(alice_name, bob_name)
+    alice_name, bob_name = await stack.new_users("alice", "bob")
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     sessions: list[bool] = []
 

@@ -22,7 +22,7 @@ from core.mqtt import ConnectRefused, MqttLink, Will
 
 from .support.clients import BRIDGE, Recorder, connect_actor, probe
 from .support.services import wait_until
-from .support.stack import Stack, unique_names
+from .support.stack import Stack
 
 
 async def _with_will(stack: Stack, user: str, will: Will) -> MqttLink:
@@ -113,8 +113,7 @@ async def test_a_will_on_ones_own_uplink_is_an_ordinary_message(shared_stack: St
     """Allowed, as the same publish would be: the bridge stores and delivers it as
     mallory's message to bob, with mallory as the sender taken from the topic."""
     stack = shared_stack
-    mallory_name, bob_name = unique_names("mallory", "bob")
-    await stack.add_users(mallory_name, bob_name)
+    mallory_name, bob_name = await stack.new_users("mallory", "bob")
     bob = await stack.client(bob_name)
     payload = _message("gone without a goodbye", to=bob_name)
     link = await _with_will(

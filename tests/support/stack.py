@@ -112,6 +112,13 @@ class Stack:
             for name in names:
                 await register(self.engine, provisioner, name, password_of(name))
 
+    async def new_users(self, *names: str) -> tuple[str, ...]:
+        """Accounts of this test's own on a shared stack: ``names`` made unique
+        (:func:`unique_names`), added, and returned in the order given."""
+        users = unique_names(*names)
+        await self.add_users(*users)
+        return users
+
     async def client(self, user: str, device: str = "phone", **options: Any) -> ChatClient:
         options.setdefault("resend_after", 2.0)
         client = ChatClient(
