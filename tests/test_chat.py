@@ -140,11 +140,7 @@ async def test_offline_recipient_gets_its_messages_on_reconnect(shared_stack: St
 
 
 async def test_bridge_survives_broker_restart(stack: Stack) -> None:
-    await stack.add_users("alice", "bob")
-    alice = await stack.client("alice")
-    bob = await stack.client("bob")
-    await alice.send("before", to="bob", timeout=20)
-    assert (await bob.next_message(timeout=10)).body == "before"
+    alice, bob = await stack.two_who_chatted()
 
     generation = bob.link.generation
     await asyncio.to_thread(stack.restart_broker)

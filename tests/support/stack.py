@@ -133,6 +133,18 @@ class Stack:
         self._clients.append(client)
         return client
 
+    async def two_who_chatted(self, body: str = "before") -> tuple[ChatClient, ChatClient]:
+        """alice and bob, connected, with one message from alice delivered to bob: their
+        conversation exists and both ends work, the ground a test then breaks something
+        on (the bridge, the broker, the database). Fixed names: for a stack of one test's
+        own, not :func:`shared_stack`'s."""
+        await self.add_users("alice", "bob")
+        alice = await self.client("alice")
+        bob = await self.client("bob")
+        await alice.send(body, to="bob", timeout=20)
+        assert (await bob.next_message(timeout=20)).body == body
+        return alice, bob
+
     async def raw(
         self,
         user: str,
