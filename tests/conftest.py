@@ -23,6 +23,7 @@ from .support.stack import (
     TEMPLATE_DATABASE,
     Stack,
     password_of,
+    running,
     start_embedded_stack,
     start_production_stack,
     template_copy,
@@ -47,13 +48,11 @@ async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     """Both stacks, started for this test alone: for tests that kill, restart or
     configure a daemon, or that need the database to themselves."""
     if request.param == "embedded":
-        s = await start_embedded_stack(tmp_path)
+        starting = start_embedded_stack(tmp_path)
     else:
-        s = await start_production_stack(tmp_path, request.getfixturevalue("postgres"))
-    try:
+        starting = start_production_stack(tmp_path, request.getfixturevalue("postgres"))
+    async with running(starting) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture(scope="session")
@@ -107,21 +106,15 @@ def embedded_broker_env() -> dict[str, str]:
 @pytest.fixture
 async def embedded(tmp_path: Path, embedded_broker_env: dict[str, str]) -> AsyncIterator[Stack]:
     """The embedded stack alone, for what only amqtt has (or lacks)."""
-    s = await start_embedded_stack(tmp_path, embedded_broker_env)
-    try:
+    async with running(start_embedded_stack(tmp_path, embedded_broker_env)) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture
 async def production_stack(tmp_path: Path, postgres: PostgresServer) -> AsyncIterator[Stack]:
     """For tests about PostgreSQL itself (restarting it, say)."""
-    s = await start_production_stack(tmp_path, postgres)
-    try:
+    async with running(start_production_stack(tmp_path, postgres)) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from mqchat import ChatClient
 from .support import chaos
 from .support.chaos import History, Op, Received, StoredRow, check
 from .support.services import PostgresServer
-from .support.stack import Stack, password_of, stored
+from .support.stack import Stack, stored
 from .support.tcp_proxy import TcpProxy
 
 PAIRS = (("alice", "bob"), ("carol", "dave"), ("erin", "frank"))
@@ -77,17 +77,9 @@ async def test_no_message_is_lost_under_every_fault(
         await injector.route_bridge()
         clients: dict[str, ChatClient] = {}
         for user in users:
-            clients[user] = ChatClient(
-                host=client_proxy.host,
-                port=client_proxy.port,
-                username=user,
-                password=password_of(user),
-                device="phone",
-                resend_after=2.0,
-                history=stack.history(user),
+            clients[user] = await stack.client(
+                user, port=client_proxy.port, history=stack.history(user)
             )
-            await clients[user].connect()
-            stack._clients.append(clients[user])
         devices = {user: [f"{user}/phone"] for user in users}
 
         history = History()

@@ -24,7 +24,7 @@ from mqchat import ChatClient
 
 from .support.chaos import History, Received, Report, StoredRow, check
 from .support.services import PostgresServer
-from .support.stack import BRIDGE_READY, Stack, password_of, start_two_bridges, stored
+from .support.stack import BRIDGE_READY, Stack, start_two_bridges, stored
 from .support.tcp_proxy import TcpProxy
 
 PAIRS = (("alice", "bob"), ("carol", "dave"))
@@ -51,17 +51,7 @@ class Run:
 
     async def connect(self, user: str, port: int | None = None) -> ChatClient:
         stack = self.stack
-        client = ChatClient(
-            host=stack.host,
-            port=port if port is not None else stack.port,
-            username=user,
-            password=password_of(user),
-            device="phone",
-            resend_after=2.0,
-            history=stack.history(user),
-        )
-        await client.connect()
-        stack._clients.append(client)
+        client = await stack.client(user, port=port, history=stack.history(user))
         self.clients[user] = client
         self.receivers[user] = asyncio.create_task(self._receive(f"{user}/phone", client))
         return client

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -119,11 +119,20 @@ class Stack:
         await self.add_users(*users)
         return users
 
-    async def client(self, user: str, device: str = "phone", **options: Any) -> ChatClient:
+    async def client(
+        self, user: str, device: str = "phone", *, port: int | None = None, **options: Any
+    ) -> ChatClient:
+        """``user``'s device, connected, closed with the test's other clients.
+
+        Args:
+            port: another port on the stack's host than the broker's own: a
+                ``TcpProxy`` in front of it, for a test that breaks the network.
+            options: more of :class:`mqchat.ChatClient`'s (``resend_after`` is 2 s here).
+        """
         options.setdefault("resend_after", 2.0)
         client = ChatClient(
             host=self.host,
-            port=self.port,
+            port=self.port if port is None else port,
             username=user,
             password=password_of(user),
             device=device,
@@ -391,6 +400,17 @@ async def start_production_stack(
     )
     await asyncio.to_thread(stack.start_bridge)
     return stack
+
+
+@contextlib.asynccontextmanager
+async def running(starting: Awaitable[Stack]) -> AsyncIterator[Stack]:
+    """The stack ``starting`` brings up (``start_embedded_stack(...)``, say), closed
+    however the block ends: a fixture that owns a stack cannot leak its daemons."""
+    stack = await starting
+    try:
+        yield stack
+    finally:
+        await stack.close()
 
 
 def stored(stack: Stack, *senders: str) -> list[Message]:
