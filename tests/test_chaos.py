@@ -27,7 +27,7 @@ from bridge.config import BridgeSettings
 from mqchat import ChatClient
 
 from .support import chaos
-from .support.chaos import History, Op, Received, StoredRow, check
+from .support.chaos import History, Op, Received, StoredRow, check, record_shown, stored_rows
 from .support.services import PostgresServer
 from .support.stack import Stack, stored
 from .support.tcp_proxy import TcpProxy
@@ -93,14 +93,6 @@ async def test_no_message_is_lost_under_every_fault(
                 await history.send(clients[sender], sender, partner[sender], i, timeout)
                 await asyncio.sleep(PACE)
 
-        async def receive_all(device: str, client: ChatClient) -> None:
-            async for m in client.messages():
-                received.append(
-                    Received(
-                        device, m.id, m.conversation, m.seq, m.sender, m.body, time.monotonic()
-                    )
-                )
-
         async def inject() -> None:
             try:
                 await injector.run(plan, tail=TAIL)
@@ -118,7 +110,7 @@ async def test_no_message_is_lost_under_every_fault(
             )
 
         receivers = [
-            asyncio.create_task(receive_all(f"{user}/phone", client))
+            asyncio.create_task(record_shown(f"{user}/phone", client, received))
             for user, client in clients.items()
         ]
         injector.started = time.monotonic()
@@ -143,11 +135,7 @@ async def test_no_message_is_lost_under_every_fault(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    rows = [
-        StoredRow(r.client_id, r.conversation_id, r.seq, r.sender, r.body, r.pk or 0)
-        for r in stored(stack)
-    ]
-    report = check(history, received, rows, devices=devices)
+    report = check(history, received, stored_rows(stack), devices=devices)
     counts = injector.counts()
     summary = (
         f"chaos seed {seed} (replay: MQCHAT_CHAOS_SEED={seed}): load {load_ended:.1f}s, "
