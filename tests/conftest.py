@@ -11,13 +11,15 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from history_api import ApiSettings
 from store import accounts, make_engine, migrate
 
-from .support.history import postgres_database, sqlite_database
+from .support.history import postgres_database, serve, sqlite_database
 from .support.services import MosquittoServer, PostgresServer, start_mosquitto, start_postgres
 from .support.stack import (
     TEMPLATE_DATABASE,
@@ -167,3 +169,11 @@ def engine(database_url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The history API with its default settings, served in-process over the test's
+    database."""
+    async with serve(ApiSettings(database_url=database_url)) as api:
+        yield api
