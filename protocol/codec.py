@@ -91,13 +91,14 @@ def decode(
             f"body is {len(body)} characters; the limit is {max_body_chars}",
             id=client_id,
         )
+    name = data.get("name") if model is UpGroup else None
+    if isinstance(name, str):
+        check_group_name(name, client_id)
     try:
         message = model.model_validate(data)
     except ValidationError as exc:
         raise errors.ProtocolError(errors.INVALID_PAYLOAD, _describe(exc), id=client_id) from None
     assert isinstance(message, UpMessage | UpAck | UpTyping | UpPresence | UpGroup)
-    if isinstance(message, UpGroup) and message.name is not None:
-        check_group_name(message.name, message.id)
     return Decoded(sender=parsed.user, payload=message)
 
 

@@ -38,6 +38,11 @@ MAX_OP_MEMBERS: Final = 1024
 #: is valid JSON but no Unicode text; pydantic refuses it).
 TEXT_PATTERN: Final = r"^[^\u0000\ud800-\udfff]*$"
 _TEXT: Final = {"pattern": TEXT_PATTERN}
+#: A group name: text as above with at least one character that is not white space
+#: (``codec.check_group_name`` refuses the rest with ``invalid_name``).
+GROUP_NAME_PATTERN: Final = (
+    r"^[^\u0000\ud800-\udfff]*[^\s\u0000\ud800-\udfff][^\u0000\ud800-\udfff]*$"
+)
 
 
 def _integral(value: object) -> object:
@@ -183,10 +188,60 @@ class UpGroup(_Uplink):
     bridge (``invalid_name``: empty, blank or over 100 characters).
     """
 
+    # What each op needs, written so that schema validators see it (a null
+    # ``conversation`` counts as absent, as it does here).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "title": "Create",
+                    "required": ["name"],
+                    "properties": {
+                        "op": {"const": "create"},
+                        "name": {"type": "string"},
+                        "conversation": {"type": "null"},
+                    },
+                },
+                {
+                    "title": "OnMembers",
+                    "required": ["conversation", "members"],
+                    "properties": {
+                        "op": {"enum": sorted(OPS_ON_MEMBERS)},
+                        "conversation": {"type": "string"},
+                        "members": {"type": "array", "minItems": 1},
+                    },
+                },
+                {
+                    "title": "Leave",
+                    "required": ["conversation"],
+                    "properties": {"op": {"const": "leave"}, "conversation": {"type": "string"}},
+                },
+                {
+                    "title": "Rename",
+                    "required": ["conversation", "name"],
+                    "properties": {
+                        "op": {"const": "rename"},
+                        "conversation": {"type": "string"},
+                        "name": {"type": "string"},
+                    },
+                },
+            ]
+        }
+    )
+
     id: ClientMessageId
     op: GroupOp
     conversation: ConversationId | None = None
-    name: str | None = None
+    name: (
+        Annotated[
+            str,
+            Field(
+                max_length=MAX_GROUP_NAME_CHARS,
+                json_schema_extra={"pattern": GROUP_NAME_PATTERN},
+            ),
+        ]
+        | None
+    ) = None
     members: Annotated[list[Username], Field(max_length=MAX_OP_MEMBERS)] | None = None
 
     @model_validator(mode="after")
