@@ -173,7 +173,7 @@ class UpTyping(_Uplink):
 
 GroupOp = Literal["create", "add", "remove", "leave", "promote", "demote", "rename"]
 GroupEvent = Literal["created", "added", "removed", "left", "promoted", "demoted", "renamed"]
-#: The ops that name users in ``members``.
+#: The ops that name users in ``members`` (the schema's ``OnMembers`` lists them too).
 OPS_ON_MEMBERS: Final[frozenset[str]] = frozenset({"add", "remove", "promote", "demote"})
 
 
@@ -206,7 +206,7 @@ class UpGroup(_Uplink):
                     "title": "OnMembers",
                     "required": ["conversation", "members"],
                     "properties": {
-                        "op": {"enum": sorted(OPS_ON_MEMBERS)},
+                        "op": {"enum": ["add", "demote", "promote", "remove"]},
                         "conversation": {"type": "string"},
                         "members": {"type": "array", "minItems": 1},
                     },
