@@ -614,6 +614,7 @@ async def test_openapi_documents_every_endpoint_with_its_security(tmp_path: Path
     secured = {
         ("/v1/conversations", "get"): set(),
         ("/v1/conversations/{conversation_id}/messages", "get"): {"404", "422"},
+        ("/v1/conversations/{conversation_id}/members", "get"): {"404"},
         ("/v1/messages/{message_id}", "get"): {"404"},
         ("/v1/users/{username}/presence", "get"): {"404"},
         ("/v1/search", "get"): {"422"},
