@@ -6,13 +6,14 @@ here each rule is checked where it is decided, fast, with nothing but a database
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlmodel import Session
 
 from protocol import UpGroup, UpMessage, errors
@@ -180,6 +181,34 @@ def test_a_removed_member_keeps_what_they_had_and_gets_nothing_after(db: Engine)
     ok(op(db, "alice", "add", conversation=group, members=["carol"]))  # seq 6
     ok(send(db, "bob", group, "carol is back", groups))  # seq 7
     assert seqs_of(db, "carol", group) == [1, 2, 3, 4, 6, 7]
+
+
+def test_a_busy_group_costs_no_members_read_per_message(db: Engine) -> None:
+    """The writer keeps a group's members while its members_seq holds; a change made
+    by anyone (here without the cache) is seen by the very next message."""
+    groups = GroupMembers()
+    group = create(db, "bob", "carol")
+    reads: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if re.search(r"\bFROM members\b", statement):
+            reads.append(statement)
+
+    event.listen(db, "before_cursor_execute", count)
+    try:
+        for n in range(5):
+            assert ok(send(db, "alice", group, f"busy {n}", groups)).members == (
+                "alice",
+                "bob",
+                "carol",
+            )
+        assert len(reads) == 1
+        ok(op(db, "alice", "remove", conversation=group, members=["carol"]))
+        reads.clear()
+        assert ok(send(db, "alice", group, "after carol", groups)).members == ("alice", "bob")
+        assert len(reads) == 1
+    finally:
+        event.remove(db, "before_cursor_execute", count)
 
 
 def test_a_resend_after_a_change_reaches_who_received_it_first(db: Engine) -> None:
