@@ -3,10 +3,17 @@
 ::
 
     broker ──up/msg──▶ queue ──batch──▶ decode ─┬─ bad ──▶ down/error ─────────────┐
-                                                └─ ok ──▶ persist_batch (COMMIT)   │
+          ──up/group─▶                          └─ ok ──▶ persist_batch (COMMIT)   │
+                                                     or apply_op (COMMIT)          │
                                                            ├─▶ down/msg to members │
                                                            └─▶ down/receipt sent   │
                       ack uplinks ◀── all those PUBACKs ◀──────────────────────────┘
+
+A group change (``up/group``) is stored like a message, as an event with the next seq
+of its conversation, and published the same way to every member (the one writer of
+a conversation's timeline is the bridge, so events and messages share one order).
+Messages and changes of one batch are stored in arrival order: a run of messages
+in one write, each change in a transaction of its own.
 
 Persist before deliver: nothing is published before its commit, and an uplink is
 acknowledged to the broker only after the broker has acknowledged everything
@@ -47,7 +54,8 @@ from protocol import errors, topics
 from store import conversations, make_engine, presence
 from store.cursors import AckOutcome, advance_batch
 from store.db import revisions
-from store.messages import DirectConversations, Outcome, persist_batch
+from store.groups import apply_op
+from store.messages import DirectConversations, GroupMembers, Outcome, persist_batch
 from store.types import utcnow
 
 from .config import BridgeSettings
@@ -67,6 +75,7 @@ _UPLINK_KINDS: dict[type, str] = {
     protocol.UpAck: "ack",
     protocol.UpTyping: "typing",
     protocol.UpPresence: "presence",
+    protocol.UpGroup: "group",
 }
 
 T = TypeVar("T")
@@ -94,7 +103,8 @@ class _Batch:
 
     uplinks: Sequence[Incoming]
     publishes: list[_Publish] = field(default_factory=list)
-    to_store: list[tuple[str, protocol.UpMessage]] = field(default_factory=list)
+    #: Messages and group changes, in arrival order.
+    to_store: list[tuple[str, protocol.UpMessage | protocol.UpGroup]] = field(default_factory=list)
     acks: list[tuple[str, protocol.UpAck]] = field(default_factory=list)
     presences: list[tuple[str, protocol.UpPresence]] = field(default_factory=list)
     typing: list[tuple[str, protocol.UpTyping]] = field(default_factory=list)
@@ -131,7 +141,9 @@ class Bridge(Service):
         #: (sender, conversation) -> (when, typing) of the last typing event relayed.
         self._typing_sent: dict[tuple[str, str], tuple[float, bool]] = {}
         self._crash = CrashHook(settings.crash_at)  # test only, see bridge/faults.py
-        self._persist = functools.partial(persist_batch, directs=DirectConversations())
+        self._persist = functools.partial(
+            persist_batch, directs=DirectConversations(), groups=GroupMembers()
+        )
         self._advance = functools.partial(advance_batch, max_devices=settings.max_devices)
         self._announce = functools.partial(presence.update_batch, max_devices=settings.max_devices)
         self._uplink_rates = {
@@ -248,7 +260,7 @@ class Bridge(Service):
             if refusal is not None:
                 work.publishes.append(self._error(decoded.sender, refusal))
                 continue
-            if isinstance(decoded.payload, protocol.UpMessage):
+            if isinstance(decoded.payload, protocol.UpMessage | protocol.UpGroup):
                 work.to_store.append((decoded.sender, decoded.payload))
             elif isinstance(decoded.payload, protocol.UpAck):
                 work.acks.append((decoded.sender, decoded.payload))
@@ -276,7 +288,9 @@ class Bridge(Service):
         if self._uplink_rates[kind].allow(sender):
             return None
         return errors.ProtocolError(
-            errors.RATE_LIMITED, f"over {self.settings.uplink_rate} {kind} uplinks; dropped"
+            errors.RATE_LIMITED,
+            f"over {self.settings.uplink_rate} {kind} uplinks; dropped",
+            id=uplink.id if isinstance(uplink, protocol.UpGroup) else None,
         )
 
     async def _store(self, work: _Batch) -> None:
@@ -284,7 +298,7 @@ class Bridge(Service):
         publishes = work.publishes
         if work.to_store:
             self._crash.reach("before_commit")
-            outcomes = await self._with_database("messages", self._persist, work.to_store)
+            outcomes = await self._store_in_order(work.to_store)
             self._crash.reach("after_commit")
             for (sender, _), outcome in zip(work.to_store, outcomes, strict=True):
                 publishes.extend(self._route(sender, outcome))
@@ -300,6 +314,39 @@ class Bridge(Service):
         for sender, event in work.typing:
             # Ephemeral: QoS 0, never stored, and nothing waits for it.
             await self._relay_typing(sender, event, publishes)
+
+    async def _store_in_order(
+        self, uplinks: Sequence[tuple[str, protocol.UpMessage | protocol.UpGroup]]
+    ) -> list[Outcome]:
+        """Messages and group changes in arrival order: a sender's "bye" before their
+        leaving is stored, and their "welcome" after adding someone reaches them."""
+        outcomes: list[Outcome] = []
+        run: list[tuple[str, protocol.UpMessage]] = []
+        for sender, uplink in uplinks:
+            if isinstance(uplink, protocol.UpMessage):
+                run.append((sender, uplink))
+                continue
+            if run:
+                outcomes += await self._with_database("messages", self._persist, run)
+                run = []
+            outcomes += await self._with_database("group changes", self._apply, [(sender, uplink)])
+            self._forget_typing_members(uplink.conversation)
+        if run:
+            outcomes += await self._with_database("messages", self._persist, run)
+        return outcomes
+
+    def _apply(
+        self, engine: Engine, changes: Sequence[tuple[str, protocol.UpGroup]]
+    ) -> list[Outcome]:
+        return [
+            apply_op(engine, sender, op, self.settings.group_max_members) for sender, op in changes
+        ]
+
+    def _forget_typing_members(self, conversation: str | None) -> None:
+        """Membership changed: typing is relayed to the new members from now on (a
+        change made through another bridge instance is seen when the entry expires)."""
+        for key in [key for key in self._typing_members if key[0] == conversation]:
+            self._typing_members.pop(key, None)
 
     def _deliver(self, stored: _Batch) -> None:
         """Publish a stored batch; acknowledge its uplinks once the broker has it all."""
