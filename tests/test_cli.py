@@ -37,6 +37,9 @@ from .support.services import MosquittoServer, PostgresServer, free_port, start_
 
 MQCHAT = Path(sys.executable).parent / "mqchat"
 WAIT = 20.0
+#: For a daemon's ready line: a start imports, migrates and binds, which on a loaded
+#: 2-core machine (the suite's workers beside it) has taken over 20 s.
+START_WAIT = 60.0
 PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret-1"}
 
 
@@ -191,7 +194,7 @@ class Up:
     def wait_started(self) -> None:
         line = r"^(broker|bridge|api) .*\(pid (\d+)\)$"
         while "api" not in self.pids or "bridge" not in self.pids:
-            match = self.run.stdout.wait_for(line)
+            match = self.run.stdout.wait_for(line, START_WAIT)
             self.pids[match.group(1)] = int(match.group(2))
         self.run.stdout.wait_for(r"^(create a user|chat): mqchat ")
 
