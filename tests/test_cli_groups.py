@@ -9,7 +9,7 @@ from .test_cli import PASSWORDS, Up, run_mqchat, up  # noqa: F401  (up: the fixt
 
 
 def test_a_group_from_the_command_line(up: Up) -> None:  # noqa: F811
-    PASSWORDS.setdefault("carol", "carol-secret")
+    PASSWORDS.setdefault("carol", "carol-secret")  # test_cli.py's Up reads them here
     up.add_users("alice", "bob", "carol")
 
     def mqchat(*args: str, user: str = "alice") -> tuple[int, str, str]:
@@ -49,7 +49,10 @@ def test_a_group_from_the_command_line(up: Up) -> None:  # noqa: F811
 
     code, _, err = mqchat("group", "add", group, "alice", user="bob")
     assert (code, err.split(":")[0]) == (1, "error forbidden")
-    assert mqchat("group", "leave", group, user="carol")[:2] == (0, f"left {group} #5\n")
+    assert mqchat("group", "promote", group, "bob")[:2] == (0, f"promoted {group} #5\n")
+    assert mqchat("group", "demote", group, "alice", user="bob")[:2] == (0, f"demoted {group} #6\n")
+    assert mqchat("group", "leave", group, user="carol")[:2] == (0, f"left {group} #7\n")
+    assert mqchat("group", "remove", group, "alice", user="bob")[:2] == (0, f"removed {group} #8\n")
     code, out, _ = mqchat("group", "list", user="carol")
     assert (code, out) == (0, f"{group} climbing club (left)\n")
     code, _, err = mqchat("group", "members", group, user="carol")

@@ -35,6 +35,8 @@ ConversationArg = Annotated[
 UsersArg = Annotated[list[str], typer.Argument(help="Usernames.", show_default=False)]
 
 Change = Callable[[ChatClient], Awaitable[Sent | str]]
+#: ``ChatClient.add_members`` and its kind: (conversation, users, timeout=) -> Sent.
+MembersOp = Callable[..., Awaitable[Sent]]
 
 
 def _change(conn: _Connection, what: str, change: Change) -> None:
@@ -74,18 +76,32 @@ def create(
     _change(conn, "created", lambda c: c.create_group(name, member or [], timeout=TIMEOUT))
 
 
-@app.command()
-@grouped(_Connection, "conn", device="cli-send")
-def add(conversation: ConversationArg, users: UsersArg, *, conn: _Connection) -> None:
-    """Add users to a group (admins only)."""
-    _change(conn, "added", lambda c: c.add_members(conversation, users, timeout=TIMEOUT))
+def _on_members(
+    name: str, done: str, op: Callable[[ChatClient], MembersOp], help_text: str
+) -> None:
+    """Register ``group <name> CONVERSATION USER...``: one op on some members."""
+
+    def command(conversation: ConversationArg, users: UsersArg, *, conn: _Connection) -> None:
+        _change(conn, done, lambda c: op(c)(conversation, users, timeout=TIMEOUT))
+
+    command.__doc__ = help_text
+    app.command(name=name)(grouped(_Connection, "conn", device="cli-send")(command))
 
 
-@app.command()
-@grouped(_Connection, "conn", device="cli-send")
-def remove(conversation: ConversationArg, users: UsersArg, *, conn: _Connection) -> None:
-    """Remove members from a group (admins only); they keep what they had."""
-    _change(conn, "removed", lambda c: c.remove_members(conversation, users, timeout=TIMEOUT))
+_on_members("add", "added", lambda c: c.add_members, "Add users to a group (admins only).")
+_on_members(
+    "remove",
+    "removed",
+    lambda c: c.remove_members,
+    "Remove members from a group (admins only); they keep what they had.",
+)
+_on_members("promote", "promoted", lambda c: c.promote, "Make members admins (admins only).")
+_on_members(
+    "demote",
+    "demoted",
+    lambda c: c.demote,
+    "Make admins plain members (admins only; never the last one).",
+)
 
 
 @app.command()
@@ -93,20 +109,6 @@ def remove(conversation: ConversationArg, users: UsersArg, *, conn: _Connection)
 def leave(conversation: ConversationArg, *, conn: _Connection) -> None:
     """Leave a group."""
     _change(conn, "left", lambda c: c.leave_group(conversation, timeout=TIMEOUT))
-
-
-@app.command()
-@grouped(_Connection, "conn", device="cli-send")
-def promote(conversation: ConversationArg, users: UsersArg, *, conn: _Connection) -> None:
-    """Make members admins (admins only)."""
-    _change(conn, "promoted", lambda c: c.promote(conversation, users, timeout=TIMEOUT))
-
-
-@app.command()
-@grouped(_Connection, "conn", device="cli-send")
-def demote(conversation: ConversationArg, users: UsersArg, *, conn: _Connection) -> None:
-    """Make admins plain members (admins only; never the last one)."""
-    _change(conn, "demoted", lambda c: c.demote(conversation, users, timeout=TIMEOUT))
 
 
 @app.command()
