@@ -134,9 +134,9 @@ class ChatMessage:
 class _Outgoing:
     id: str
     lane: str
+    topic: str
     payload: bytes
     done: asyncio.Future[Sent]
-    topic: str = ""
 
 
 @dataclass
@@ -502,7 +502,7 @@ class ChatClient:
         existing = self._outbox.get(up.id)
         if existing is None:
             future = asyncio.get_running_loop().create_future()
-            existing = _Outgoing(up.id, lane, payload, future, topic)
+            existing = _Outgoing(up.id, lane, topic, payload, future)
             self._outbox[up.id] = existing
             self._lane(lane).put_nowait(existing)
         try:
