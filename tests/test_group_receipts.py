@@ -18,9 +18,9 @@ import pytest
 from history_api import ApiSettings
 from protocol import topics
 
+from .support.devices import devices
 from .support.history import as_user, serve
 from .support.stack import Stack, start_two_bridges, unique_names
-from .test_groups import devices
 
 #: Members reading one message at once in the storm test.
 STORM = 40
