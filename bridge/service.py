@@ -15,6 +15,11 @@ a conversation's timeline is the bridge, so events and messages share one order)
 Messages and changes of one batch are stored in arrival order: a run of messages
 in one write, each change in a transaction of its own.
 
+Acks move cursors (``store.cursors``): in a 1:1 conversation the other member is
+told each move; in a group the moves of one batch are summed up per message sender
+and each sender gets one aggregate receipt ("read by k of n") per group and batch,
+which is what bounds a receipt storm in a 1,024-member group.
+
 Persist before deliver: nothing is published before its commit, and an uplink is
 acknowledged to the broker only after the broker has acknowledged everything
 published for it. A crash anywhere means the broker redelivers the uplink, dedupe
@@ -36,7 +41,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeVar
 
-from cachetools import TTLCache
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import (
@@ -66,10 +70,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two "typing" events relayed for one sender and conversation.
 TYPING_WINDOW = 3.0
-#: Seconds a conversation's members (or a sender not being one) are trusted for
-#: relaying typing; a member added or removed meanwhile is seen that much later.
-TYPING_MEMBERS_SECONDS = 10.0
-TYPING_MEMBERS_ENTRIES = 10_000
 #: The uplink kinds counted by ``MQCHAT_BRIDGE_UPLINK_RATE``, each on its own.
 _UPLINK_KINDS: dict[type, str] = {
     protocol.UpAck: "ack",
@@ -149,11 +149,10 @@ class Bridge(Service):
         self._uplink_rates = {
             kind: MessageRate(settings.uplink_rate) for kind in _UPLINK_KINDS.values()
         }
-        #: (conversation, sender) -> its members, or None if the sender is not one: a
-        #: typing event is relayed at once, without a database lookup per keystroke.
-        self._typing_members: TTLCache[tuple[str, str], tuple[str, ...] | None] = TTLCache(
-            TYPING_MEMBERS_ENTRIES, TYPING_MEMBERS_SECONDS
-        )
+        #: Conversations' members as of their ``members_seq``, for relaying typing:
+        #: one key lookup per relayed event (at most one per window per sender and
+        #: conversation), and a removal made through any instance holds at once.
+        self._typing_members = GroupMembers(limit=100_000)
         #: Database turns taken (logged at shutdown; tests read it to show that
         #: refused uplinks cost none).
         self.database_turns = 0
@@ -330,7 +329,6 @@ class Bridge(Service):
                 outcomes += await self._with_database("messages", self._persist, run)
                 run = []
             outcomes += await self._with_database("group changes", self._apply, [(sender, uplink)])
-            self._forget_typing_members(uplink.conversation)
         if run:
             outcomes += await self._with_database("messages", self._persist, run)
         return outcomes
@@ -341,12 +339,6 @@ class Bridge(Service):
         return [
             apply_op(engine, sender, op, self.settings.group_max_members) for sender, op in changes
         ]
-
-    def _forget_typing_members(self, conversation: str | None) -> None:
-        """Membership changed: typing is relayed to the new members from now on (a
-        change made through another bridge instance is seen when the entry expires)."""
-        for key in [key for key in self._typing_members if key[0] == conversation]:
-            self._typing_members.pop(key, None)
 
     def _deliver(self, stored: _Batch) -> None:
         """Publish a stored batch; acknowledge its uplinks once the broker has it all."""
@@ -429,17 +421,17 @@ class Bridge(Service):
             return
         if not event.typing and (last is None or not last[1]):
             return
-        if key in self._typing_members:
-            members = self._typing_members[key]
-        else:
-            self.database_turns += 1
-            try:
-                members = await asyncio.to_thread(
-                    conversations.members_if_member, self.engine, event.conversation, sender
-                )
-            except (OperationalError, DBAPIError):
-                return  # typing is not worth holding anything up for
-            self._typing_members[key] = None if members is None else tuple(members)
+        self.database_turns += 1
+        try:
+            members = await asyncio.to_thread(
+                conversations.current_members_if_member,
+                self.engine,
+                event.conversation,
+                sender,
+                self._typing_members,
+            )
+        except (OperationalError, DBAPIError):
+            return  # typing is not worth holding anything up for
         if members is None:
             errors_out.append(
                 self._error(
@@ -484,11 +476,24 @@ class Bridge(Service):
                     at=change.at,
                 )
             )
-            # Everyone else learns how far this member got; for "read" the member's
-            # own devices learn it too, so each clears its unread count.
+            # Everyone else learns how far this member got (in a group, nobody: its
+            # senders get the tallies below); for "read" the member's own devices
+            # learn it too, so each clears its unread count.
             for member in change.members:
                 if member != change.user or change.kind == "read":
                     out.append(_Publish(topics.down_receipt(member), payload))
+        for tally in outcome.tallies:
+            aggregate = protocol.Receipt(
+                status=tally.kind,
+                conversation=tally.conversation,
+                seq=tally.seq,
+                by=tally.by,
+                at=tally.at,
+                delivered=tally.delivered,
+                read=tally.read,
+                members=tally.members,
+            )
+            out.append(_Publish(topics.down_receipt(tally.sender), protocol.encode(aggregate)))
         return out
 
     def _presence(self, states: Sequence[presence.UserPresence]) -> list[_Publish]:

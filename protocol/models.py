@@ -292,6 +292,12 @@ class Receipt(_Downlink):
     ``sent`` goes to the sender's devices; ``delivered`` and ``read`` to the other
     members, and ``read`` to the reader's own devices too (``by`` is the reader).
     ``seq`` is a cursor: ``delivered`` and ``read`` mean "up to and including seq".
+
+    In a group, telling every member of every move would cost 1,023 publishes per
+    cursor move; instead a message's sender gets an aggregate: ``seq`` is then that
+    one message of theirs, ``members`` how many may read it (the sender aside), and
+    ``delivered`` / ``read`` how many of those have it and have read it by now. One
+    such receipt per sender and group per bridge batch, however many members moved.
     """
 
     status: Literal["sent", "delivered", "read"]
@@ -300,6 +306,10 @@ class Receipt(_Downlink):
     id: str | None = None
     by: str
     at: datetime
+    # Left out when absent (not null): a 1:1 receipt reads as it always did.
+    delivered: int | None = Field(default=None, ge=0, exclude_if=_absent)
+    read: int | None = Field(default=None, ge=0, exclude_if=_absent)
+    members: int | None = Field(default=None, ge=0, exclude_if=_absent)
 
 
 class DownTyping(_Downlink):

@@ -132,9 +132,20 @@ MAX_TRACE_DEVICES = 256
 @dataclass(frozen=True, slots=True)
 class DeviceTrace:
     user: str
-    device: str
+    #: None for a member none of whose devices has acked the conversation yet.
+    device: str | None
     delivered_at: datetime | None
     read_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """How far one message got: of the ``members`` who may read it (its sender aside),
+    how many have it on a device (``delivered``) and how many have read it."""
+
+    members: int
+    delivered: int
+    read: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +154,7 @@ class MessageTrace:
     devices: list[DeviceTrace]
     #: More devices than :data:`MAX_TRACE_DEVICES` have cursors; ``devices`` is cut.
     more_devices: bool = False
+    tally: Tally = Tally(0, 0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,35 +413,39 @@ def _first_move(kind: Literal["delivered", "read"], seq: int) -> Any:
 def delivery_trace(session: Session, username: str, client_id: str) -> MessageTrace | None:
     """A message the caller may see, with when each recipient device got and read it.
 
-    Recipients are the members other than the sender, one entry per device that has
-    a cursor in the conversation; a device that has not reached the message yet has
-    ``None`` for that step. At most :data:`MAX_TRACE_DEVICES` entries: an account
-    created 5,000 device names once and made one trace 870 KB (``store.devices`` caps
-    new names now; accounts from before the cap may still have more).
+    Recipients are everyone whose membership period holds the message (members removed
+    since included), the sender aside: one entry per device that has a cursor in the
+    conversation, or one with no device for a recipient none of whose devices has
+    acked yet; a device that has not reached the message has ``None`` for that step.
+    At most :data:`MAX_TRACE_DEVICES` entries: an account created 5,000 device names
+    once and made one trace 870 KB (``store.devices`` caps new names now; accounts
+    from before the cap may still have more). The tally counts every recipient.
     """
     message = find_message(session, username, client_id)
     if message is None:
         return None
+    period = MemberPeriod
     rows = session.execute(
         select(
-            Cursor.username,
+            period.username,
             Cursor.device,
             _first_move("delivered", message.seq),
             _first_move("read", message.seq),
         )
-        .join(
-            Member,
+        .select_from(period)
+        .outerjoin(
+            Cursor,
             and_(
-                col(Member.conversation_id) == col(Cursor.conversation_id),
-                col(Member.username) == col(Cursor.username),
+                col(Cursor.conversation_id) == col(period.conversation_id),
+                col(Cursor.username) == col(period.username),
             ),
         )
         .where(
-            col(Cursor.conversation_id) == message.conversation,
-            col(Cursor.username) != message.sender,
-            visible_to(Cursor.conversation_id, message.seq, username),
+            col(period.conversation_id) == message.conversation,
+            col(period.username) != message.sender,
+            *_holds(message.seq),
         )
-        .order_by(col(Cursor.username), col(Cursor.device))
+        .order_by(col(period.username), col(Cursor.device))
         .limit(MAX_TRACE_DEVICES + 1)
     ).all()
     devices = [
@@ -437,8 +453,52 @@ def delivery_trace(session: Session, username: str, client_id: str) -> MessageTr
         for user, device, delivered_at, read_at in rows[:MAX_TRACE_DEVICES]
     ]
     return MessageTrace(
-        message=message, devices=devices, more_devices=len(rows) > MAX_TRACE_DEVICES
+        message=message,
+        devices=devices,
+        more_devices=len(rows) > MAX_TRACE_DEVICES,
+        tally=tally(session, message.conversation, message.seq, message.sender),
     )
+
+
+def _holds(seq: int) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    """A ``member_periods`` row's period holds ``seq``."""
+    return (
+        col(MemberPeriod.first_seq) <= seq,
+        func.coalesce(col(MemberPeriod.last_seq), _NO_END) >= seq,
+    )
+
+
+def tally(session: Session, conversation_id: str, seq: int, sender: str) -> Tally:
+    """Of the users who may read message ``seq`` (its ``sender`` aside), how many have
+    it delivered and read: one query over the periods and each one's furthest cursor.
+
+    A user has one period at most that holds a seq, so each is counted once.
+    """
+    furthest = (
+        sa.select(
+            col(Cursor.username).label("username"),
+            func.max(Cursor.delivered_seq).label("delivered"),
+            func.max(Cursor.read_seq).label("read"),
+        )
+        .where(col(Cursor.conversation_id) == conversation_id)
+        .group_by(col(Cursor.username))
+        .subquery("furthest")
+    )
+    members, delivered, read = session.execute(
+        sa.select(
+            func.count(),
+            func.coalesce(func.sum(case((furthest.c.delivered >= seq, 1), else_=0)), 0),
+            func.coalesce(func.sum(case((furthest.c.read >= seq, 1), else_=0)), 0),
+        )
+        .select_from(MemberPeriod)
+        .outerjoin(furthest, furthest.c.username == col(MemberPeriod.username))
+        .where(
+            col(MemberPeriod.conversation_id) == conversation_id,
+            col(MemberPeriod.username) != sender,
+            *_holds(seq),
+        )
+    ).one()
+    return Tally(members=members, delivered=int(delivered), read=int(read))
 
 
 def presence(session: Session, username: str) -> Presence | None:

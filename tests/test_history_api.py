@@ -392,8 +392,17 @@ async def test_message_trace_per_recipient_device(
     alice = await as_user(client, "alice")
     trace = await alice.json("/v1/messages/ab-2")
 
-    assert set(trace) == {"message", "stored_at", "devices", "more_devices"}
+    assert set(trace) == {
+        "message",
+        "stored_at",
+        "devices",
+        "more_devices",
+        "members",
+        "delivered",
+        "read",
+    }
     assert trace["more_devices"] is False
+    assert (trace["members"], trace["delivered"], trace["read"]) == (1, 1, 1)
     assert set(trace["message"]) == MESSAGE_FIELDS
     assert (trace["message"]["id"], trace["message"]["seq"]) == ("ab-2", 2)
     assert trace["stored_at"] == trace["message"]["sent_at"]

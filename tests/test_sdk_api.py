@@ -47,6 +47,7 @@ PUBLIC = {
     "ConnectRefused",
     "ConversationState",
     "DownTyping",
+    "GroupMember",
     "HistoryClient",
     "HistoryError",
     "MessageRefused",

@@ -39,7 +39,7 @@ from ._exceptions import (
     MqchatError,
     SendTimeout,
 )
-from ._history import ConversationState, HistoryClient
+from ._history import ConversationState, GroupMember, HistoryClient
 
 __all__ = [
     "ChatClient",
@@ -48,6 +48,7 @@ __all__ = [
     "ConnectRefused",
     "ConversationState",
     "DownTyping",
+    "GroupMember",
     "HistoryClient",
     "HistoryError",
     "MessageRefused",
