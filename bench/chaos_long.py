@@ -180,12 +180,6 @@ class Bench:
             if rng.random() > 0.1:
                 await asyncio.sleep(rng.uniform(0.2, 1.8) * pace)
 
-    async def receive_all(self, device: str) -> None:
-        async for m in self.clients[device].messages():
-            self.received.append(
-                Received(device, m.id, m.conversation, m.seq, m.sender, m.body, time.monotonic())
-            )
-
     def counts(self) -> Counter[str]:
         return Counter(op.kind for op in self.history.ops)
 
@@ -228,7 +222,10 @@ class Bench:
             flush=True,
         )
         stop = asyncio.Event()
-        receivers = [asyncio.create_task(self.receive_all(d)) for d in self.clients]
+        receivers = [
+            asyncio.create_task(chaos.record_shown(device, client, self.received))
+            for device, client in self.clients.items()
+        ]
         self.started = self.injector.started = time.monotonic()
         ticker = asyncio.create_task(self.progress(stop))
         try:

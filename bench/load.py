@@ -54,6 +54,7 @@ from bench._disk import DiskProbe
 from bench._gen import SLOTS, WINDOW_NS, new_histogram, percentiles, worker_main
 from bench._report import git_commit
 from bench._stack import PASSWORD, Stack, log, running_stack
+from clients.cli.options import grouped
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "load.jsonl"
@@ -630,9 +631,8 @@ FULL = Suite(
 )
 
 
-def run_suite(run: Run, suite: Suite, users: int, workers: int, bridges: int) -> None:
-    s = Settings(users, workers, bridges, suite.step_seconds, suite.drain)
-    with generated_load("production", s, users) as gen:
+def run_suite(run: Run, suite: Suite, s: Settings) -> None:
+    with generated_load("production", s, s.users) as gen:
         scenario_latency(run, gen, s, 1000, suite.latency_seconds)
         ceiling = scenario_steps(run, gen, s, suite.production_rates, "throughput", "chat")
         scenario_raw(run, gen, s, ceiling, suite.raw_steps)
@@ -652,6 +652,18 @@ Bridges = Annotated[int, typer.Option(help="bridge processes (MQCHAT_BRIDGE_PART
 WriteDocs = Annotated[bool, typer.Option(help="render docs/benchmarks.md and the plot")]
 ResultsPath = Annotated[Path, typer.Option(help="JSON lines are appended here")]
 StackKind = Annotated[str, typer.Option(help="production (mosquitto) or embedded (amqtt)")]
+
+
+@dataclass
+class LoadOptions:
+    """The options every load command takes (``grouped`` gives them to each)."""
+
+    users: Users = 1000
+    workers: Workers = 2
+    results: ResultsPath = RESULTS
+
+    def settings(self, bridges: int, step_seconds: float, drain: float = 10) -> Settings:
+        return Settings(self.users, self.workers, bridges, step_seconds, drain)
 
 
 def _finish(run: Run, write_docs: bool) -> None:
@@ -684,16 +696,13 @@ def _start(results: Path) -> Run:
 def _suite_command(name: str, suite: Suite, summary: str) -> None:
     """``python -m bench.load <name>``: every scenario, with ``suite``'s steps."""
 
+    @grouped(LoadOptions, "options")
     def command(
-        users: Users = 1000,
-        workers: Workers = 2,
-        bridges: Bridges = 1,
-        write_docs: WriteDocs = False,
-        results: ResultsPath = RESULTS,
+        bridges: Bridges = 1, write_docs: WriteDocs = False, *, options: LoadOptions
     ) -> None:
-        run = _start(results)
+        run = _start(options.results)
         started = time.monotonic()
-        run_suite(run, suite, users, workers, bridges)
+        run_suite(run, suite, options.settings(bridges, suite.step_seconds, suite.drain))
         log(f"{name} suite done in {time.monotonic() - started:.0f} s")
         _finish(run, write_docs)
 
@@ -705,28 +714,27 @@ _suite_command("full", FULL, "Every scenario, 30-second steps, 1,000 users on bo
 
 
 @app.command()
+@grouped(LoadOptions, "options")
 def latency(
-    rate: float = 1000,
-    seconds: float = 30,
-    users: Users = 1000,
-    workers: Workers = 2,
-    bridges: Bridges = 1,
-    results: ResultsPath = RESULTS,
+    rate: float = 1000, seconds: float = 30, bridges: Bridges = 1, *, options: LoadOptions
 ) -> None:
     """(1) latency at a fixed rate on mosquitto+PostgreSQL."""
-    s = Settings(users, workers, bridges, seconds, 10)
-    with _one_run(results, "production", s) as (run, gen):
+    with _one_run(options, "production", bridges, seconds) as (run, gen, s):
         scenario_latency(run, gen, s, rate, seconds)
 
 
 @contextlib.contextmanager
-def _one_run(results: Path, stack: str, s: Settings) -> Iterator[tuple[Run, Generator]]:
-    """A command's run on a fresh ``stack`` with ``s.users`` connected; its table after."""
+def _one_run(
+    options: LoadOptions, stack: str, bridges: int, step_seconds: float
+) -> Iterator[tuple[Run, Generator, Settings]]:
+    """A command's run on a fresh ``stack`` with ``options.users`` connected; its table
+    after."""
     if stack not in ("production", "embedded"):
         raise typer.BadParameter("production (mosquitto) or embedded (amqtt)", param_hint="--stack")
-    run = _start(results)
+    s = options.settings(bridges, step_seconds)
+    run = _start(options.results)
     with generated_load(stack, s, s.users) as gen:
-        yield run, gen
+        yield run, gen, s
     _finish(run, False)
 
 
@@ -738,17 +746,16 @@ def _steps_command(name: str, stack: str, default_rates: str, summary: str) -> N
     """``python -m bench.load <name>``: chat steps on ``stack`` up to the first failed
     rate, then ``--raw-steps`` of the raw broker."""
 
+    @grouped(LoadOptions, "options")
     def command(
         rates: str = default_rates,
         seconds: float = 15,
         raw_steps: int = 4,
-        users: Users = 1000,
-        workers: Workers = 2,
         bridges: Bridges = 1,
-        results: ResultsPath = RESULTS,
+        *,
+        options: LoadOptions,
     ) -> None:
-        s = Settings(users, workers, bridges, seconds, 10)
-        with _one_run(results, stack, s) as (run, gen):
+        with _one_run(options, stack, bridges, seconds) as (run, gen, s):
             ceiling = scenario_steps(run, gen, s, _rates(rates), name, "chat")
             if raw_steps:
                 scenario_raw(run, gen, s, ceiling, raw_steps)
@@ -765,17 +772,16 @@ _steps_command(
 
 
 @app.command()
+@grouped(LoadOptions, "options")
 def raw(
     rates: str = "2000,4000,6000,8000,12000",
     seconds: float = 10,
     stack: StackKind = "production",
-    users: Users = 1000,
-    workers: Workers = 2,
-    results: ResultsPath = RESULTS,
+    *,
+    options: LoadOptions,
 ) -> None:
     """The raw broker alone (no bridge): how fast it relays this traffic."""
-    s = Settings(users, workers, 1, seconds, 10)
-    with _one_run(results, stack, s) as (run, gen):
+    with _one_run(options, stack, 1, seconds) as (run, gen, s):
         scenario_steps(run, gen, s, _rates(rates), "raw", "raw")
 
 
@@ -788,20 +794,19 @@ _steps_command(
 
 
 @app.command()
+@grouped(LoadOptions, "options")
 def flood(
     chatting: int = 100,
     rate: float = 100,
     flood_rate: float = 500,
     seconds: float = 15,
     stack: StackKind = "production",
-    users: Users = 1000,
-    workers: Workers = 2,
     bridges: Bridges = 1,
-    results: ResultsPath = RESULTS,
+    *,
+    options: LoadOptions,
 ) -> None:
     """One user floods far above the bridge's rate limit while others chat."""
-    s = Settings(users, workers, bridges, seconds, 10)
-    with _one_run(results, stack, s) as (run, gen):
+    with _one_run(options, stack, bridges, seconds) as (run, gen, s):
         scenario_flood(run, gen, s, chatting // 2, rate, flood_rate)
 
 

@@ -39,16 +39,13 @@ def main() -> int:
         # CONNACK 3). As in the bridge: a thread that holds the GIL gives it back to
         # the waiting loop after 0.5 ms instead of Python's default 5 ms.
         sys.setswitchinterval(0.0005)
-        service = BrokerService(settings)
-        daemon.stop_on_signals(service.request_stop)
         try:
-            await service.run()
-        except CannotListen as exc:
-            logging.error("%s (check MQCHAT_BROKER_HOST and the ports)", exc)
-            return EXIT_CANNOT_LISTEN
+            return await daemon.serve(
+                BrokerService(settings),
+                [(CannotListen, EXIT_CANNOT_LISTEN, "%s (check MQCHAT_BROKER_HOST and the ports)")],
+            )
         finally:
             collector.cancel()
-        return EXIT_OK
 
     return asyncio.run(run())
 

@@ -1,7 +1,8 @@
 """What every daemon (broker, bridge, history API) shares with whoever supervises it.
 
-Its exit code and message for a bad setting, the log line that says it is ready, and
-its settings as the environment that starts it.
+Its exit code and message for a bad setting, its run until a signal stops it with
+the exit code of each failure it expects (``serve``), the log line that says it is
+ready, and its settings as the environment that starts it.
 
 A bad setting is told as the environment variable an operator sets: pydantic's own
 message names fields (``password``) and links to its docs; the operator has set, or
@@ -27,7 +28,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
@@ -108,6 +109,30 @@ def stop_on_signals(request_stop: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+
+
+#: A failure a daemon expects, as an ``except`` clause would name it: the exception,
+#: the exit code it ends the daemon with, and the ``logging`` format of the one line
+#: it logs instead of a traceback (``%s``: the exception).
+Failure = tuple[type[Exception], int, str]
+
+
+async def serve(service: Service, failures: Sequence[Failure] = ()) -> int:
+    """Run ``service`` until a signal stops it (:func:`stop_on_signals`); the exit code.
+
+    EXIT_OK once it has shut down; the code of the first of ``failures`` that matches
+    what ended it otherwise. Anything else propagates, with its traceback.
+    """
+    stop_on_signals(service.request_stop)
+    try:
+        await service.run()
+    except Exception as exc:
+        for kind, code, message in failures:
+            if isinstance(exc, kind):
+                logging.error(message, exc)
+                return code
+        raise
+    return EXIT_OK
 
 
 def describe(exc: ValidationError, settings: type[BaseSettings]) -> str:

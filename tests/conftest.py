@@ -11,18 +11,21 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from history_api import ApiSettings
 from store import accounts, make_engine, migrate
 
-from .support.history import postgres_database, sqlite_database
+from .support.history import postgres_database, serve, sqlite_database
 from .support.services import MosquittoServer, PostgresServer, start_mosquitto, start_postgres
 from .support.stack import (
     TEMPLATE_DATABASE,
     Stack,
     password_of,
+    running,
     start_embedded_stack,
     start_production_stack,
     template_copy,
@@ -47,13 +50,11 @@ async def stack(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     """Both stacks, started for this test alone: for tests that kill, restart or
     configure a daemon, or that need the database to themselves."""
     if request.param == "embedded":
-        s = await start_embedded_stack(tmp_path)
+        starting = start_embedded_stack(tmp_path)
     else:
-        s = await start_production_stack(tmp_path, request.getfixturevalue("postgres"))
-    try:
+        starting = start_production_stack(tmp_path, request.getfixturevalue("postgres"))
+    async with running(starting) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +89,7 @@ def _shared_daemons(request: pytest.FixtureRequest) -> Stack:
 async def shared_stack(_shared_daemons: Stack) -> AsyncIterator[Stack]:
     """Both stacks like :func:`stack`, but started once per session (per xdist worker)
     and shared: for tests that leave the daemons and their settings alone and use
-    users of their own (``unique_names``). Saves a broker, a bridge and a database
+    users of their own (``Stack.new_users``). Saves a broker, a bridge and a database
     per test; its clients are closed after each test."""
     s = _shared_daemons.view()
     try:
@@ -107,21 +108,15 @@ def embedded_broker_env() -> dict[str, str]:
 @pytest.fixture
 async def embedded(tmp_path: Path, embedded_broker_env: dict[str, str]) -> AsyncIterator[Stack]:
     """The embedded stack alone, for what only amqtt has (or lacks)."""
-    s = await start_embedded_stack(tmp_path, embedded_broker_env)
-    try:
+    async with running(start_embedded_stack(tmp_path, embedded_broker_env)) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture
 async def production_stack(tmp_path: Path, postgres: PostgresServer) -> AsyncIterator[Stack]:
     """For tests about PostgreSQL itself (restarting it, say)."""
-    s = await start_production_stack(tmp_path, postgres)
-    try:
+    async with running(start_production_stack(tmp_path, postgres)) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest.fixture
@@ -174,3 +169,11 @@ def engine(database_url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The history API with its default settings, served in-process over the test's
+    database."""
+    async with serve(ApiSettings(database_url=database_url)) as api:
+        yield api

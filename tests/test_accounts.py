@@ -25,13 +25,13 @@ import pytest
 from sqlmodel import Session
 
 from core.accounts import change_password, delete, register, set_disabled
-from core.mqtt import ConnectRefused, Incoming, LinkConfig, MqttLink
+from core.mqtt import ConnectRefused, Incoming, MqttLink
 from protocol import errors, topics
 from protocol.errors import ProtocolError
 from store import tokens
 
 from .support.services import CLIENTID_PLUGIN, PRODUCTION_CONFIG
-from .support.stack import Stack, password_of, unique_names
+from .support.stack import Stack, password_of
 
 WAIT = 15.0
 
@@ -46,9 +46,18 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
-async def refused(stack: Stack, user: str, password: str, client_id: str | None = None) -> str:
+async def refused(
+    stack: Stack,
+    user: str,
+    password: str | None = None,
+    client_id: str | None = None,
+    *,
+    clean_session: bool = True,
+) -> str:
     """Connect once, expecting a refusal; the reason paho reports."""
-    link = await stack.raw(user, password, client_id=client_id, connect=False)
+    link = await stack.raw(
+        user, password, client_id=client_id, clean_session=clean_session, connect=False
+    )
     with pytest.raises(ConnectRefused) as refusal:
         await link.connect()
     await link.close()
@@ -160,39 +169,6 @@ async def test_unknown_user_cannot_be_changed(stack: Stack) -> None:
             assert unknown.value.code == errors.UNKNOWN_USER
 
 
-def link(
-    stack: Stack,
-    user: str,
-    password: str,
-    client_id: str,
-    *,
-    clean_session: bool,
-    on_message: Callable[[Incoming], None] | None = None,
-    on_connect: Callable[[bool], None] | None = None,
-) -> MqttLink:
-    made = MqttLink(
-        LinkConfig(
-            host=stack.host,
-            port=stack.port,
-            username=user,
-            password=password,
-            client_id=client_id,
-            clean_session=clean_session,
-        ),
-        on_message=on_message,
-        on_connect=on_connect,
-    )
-    stack._links.append(made)
-    return made
-
-
-async def connect_refused(made: MqttLink) -> str:
-    with pytest.raises(ConnectRefused) as refusal:
-        await made.connect()
-    await made.close()
-    return refusal.value.reason
-
-
 @pytest.mark.parametrize("clean_session", [True, False], ids=["clean", "persistent"])
 async def test_wrong_password_with_someones_client_id_leaves_them_alone(
     shared_stack: Stack, clean_session: bool
@@ -200,25 +176,20 @@ async def test_wrong_password_with_someones_client_id_leaves_them_alone(
     """amqtt on its own would end alice's connection (persistent) or silently drop her
     subscriptions (clean) before checking the intruder's password."""
     stack = shared_stack
-    alice_name, bob_name = unique_names("alice", "bob")
-    await stack.add_users(alice_name, bob_name)
+    alice_name, bob_name = await stack.new_users("alice", "bob")
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
-    alice = link(
-        stack,
+    alice = await stack.raw(
         alice_name,
-        password_of(alice_name),
-        f"{alice_name}:phone",
+        client_id=f"{alice_name}:phone",
         clean_session=clean_session,
         on_message=inbox.put_nowait,
     )
-    await alice.connect()
     await alice.subscribe(topics.down_all(alice_name), qos=1)
     generation = alice.generation
 
-    intruder = link(
+    reason = await refused(
         stack, alice_name, "not alices password", f"{alice_name}:phone", clean_session=clean_session
     )
-    reason = await connect_refused(intruder)
 
     assert "not authori" in reason.lower()
     bob = await stack.client(bob_name)
@@ -233,17 +204,14 @@ async def test_another_user_cannot_take_a_client_id(shared_stack: Stack) -> None
     while alice is online (her connection and subscription stay) and while she is away
     (her persistent session keeps the messages queued for her)."""
     stack = shared_stack
-    alice_name, bob_name = unique_names("alice", "bob")
-    await stack.add_users(alice_name, bob_name)
+    alice_name, bob_name = await stack.new_users("alice", "bob")
     inbox: asyncio.Queue[Incoming] = asyncio.Queue()
     sessions: list[bool] = []
 
-    def alices_phone() -> MqttLink:
-        return link(
-            stack,
+    async def alices_phone() -> MqttLink:
+        return await stack.raw(
             alice_name,
-            password_of(alice_name),
-            f"{alice_name}:phone",
+            client_id=f"{alice_name}:phone",
             clean_session=False,
             on_message=inbox.put_nowait,
             on_connect=sessions.append,
@@ -251,17 +219,12 @@ async def test_another_user_cannot_take_a_client_id(shared_stack: Stack) -> None
 
     async def bob_is_refused_alices_id() -> None:
         for clean_session in (False, True):
-            bob_as_alice = link(
-                stack,
-                bob_name,
-                password_of(bob_name),
-                f"{alice_name}:phone",
-                clean_session=clean_session,
+            reason = await refused(
+                stack, bob_name, client_id=f"{alice_name}:phone", clean_session=clean_session
             )
-            assert "not authori" in (await connect_refused(bob_as_alice)).lower()
+            assert "not authori" in reason.lower()
 
-    alice = alices_phone()
-    await alice.connect()
+    alice = await alices_phone()
     await alice.subscribe(topics.down_all(alice_name), qos=1)
     generation = alice.generation
 
@@ -276,8 +239,7 @@ async def test_another_user_cannot_take_a_client_id(shared_stack: Stack) -> None
     await bob.send("queued for alice", to=alice_name, timeout=WAIT)  # the "sent" receipt
     await bob_is_refused_alices_id()
 
-    back = alices_phone()
-    await back.connect()
+    await alices_phone()
     assert await next_body(inbox) == "queued for alice"
     assert sessions == [False, True]
 
@@ -307,14 +269,13 @@ async def test_mosquitto_client_id_must_name_its_user(production_stack: Stack) -
     stack = production_stack
     await stack.add_users("alice")
     for client_id in ACCEPTED_IDS:
-        made = link(stack, "alice", password_of("alice"), client_id, clean_session=True)
-        await made.connect()
+        made = await stack.raw("alice", client_id=client_id)
         await made.subscribe(topics.down_all("alice"), qos=1)
         assert made.is_connected, client_id
         await made.close()
     for client_id in REFUSED_IDS:
-        made = link(stack, "alice", password_of("alice"), client_id, clean_session=True)
-        assert "not authori" in (await connect_refused(made)).lower(), client_id
+        reason = await refused(stack, "alice", client_id=client_id)
+        assert "not authori" in reason.lower(), client_id
 
 
 def mosquitto_sub(stack: Stack, user: str, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -33,12 +33,6 @@ def database_url(tmp_path: Path) -> str:
     return migrated_sqlite(tmp_path / "mqchat.db")
 
 
-@pytest.fixture
-async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with serve(ApiSettings(database_url=database_url)) as test_client:
-        yield test_client
-
-
 async def create(client: httpx.AsyncClient, username: str, password: str) -> httpx.Response:
     return await client.post("/v1/users", json={"username": username, "password": password})
 

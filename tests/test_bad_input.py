@@ -11,7 +11,7 @@ import pytest
 from core.mqtt import Incoming, MqttLink
 from protocol import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES, topics
 
-from .support.stack import Stack, stored, unique_names
+from .support.stack import Stack, stored
 
 
 class Mallory:
@@ -154,8 +154,7 @@ async def test_bad_uplink_gets_its_error_code(
     message_id: str | None,
 ) -> None:
     stack = shared_stack
-    mallory_name, bob = unique_names("mallory", "bob")
-    await stack.add_users(mallory_name, bob)
+    mallory_name, bob = await stack.new_users("mallory", "bob")
     mallory = Mallory(stack, mallory_name)
     await mallory.start()
 
@@ -176,8 +175,7 @@ async def test_bad_uplink_gets_its_error_code(
 async def test_a_reused_id_with_other_content_is_refused(shared_stack: Stack) -> None:
     """An id names one message: other text under it is refused, the same text is a resend."""
     stack = shared_stack
-    mallory_name, bob, carol = unique_names("mallory", "bob", "carol")
-    await stack.add_users(mallory_name, bob, carol)
+    mallory_name, bob, carol = await stack.new_users("mallory", "bob", "carol")
     mallory = Mallory(stack, mallory_name)
     await mallory.start()
 
@@ -208,8 +206,7 @@ async def test_a_reused_id_with_other_content_is_refused(shared_stack: Stack) ->
 
 async def test_bad_input_does_not_disturb_other_users(shared_stack: Stack) -> None:
     stack = shared_stack
-    mallory_name, alice_name, bob_name = unique_names("mallory", "alice", "bob")
-    await stack.add_users(mallory_name, alice_name, bob_name)
+    mallory_name, alice_name, bob_name = await stack.new_users("mallory", "alice", "bob")
     alice = await stack.client(alice_name)
     bob = await stack.client(bob_name)
     mallory = Mallory(stack, mallory_name)
@@ -245,8 +242,7 @@ async def test_payload_over_the_broker_limit(shared_stack: Stack) -> None:
     way nothing is stored and the connection and the bridge keep working.
     """
     stack = shared_stack
-    mallory_name, bob = unique_names("mallory", "bob")
-    await stack.add_users(mallory_name, bob)
+    mallory_name, bob = await stack.new_users("mallory", "bob")
     mallory = Mallory(stack, mallory_name)
     await mallory.start()
     huge = msg(id="big", to=bob, body="a", pad="p" * (3 * MAX_PAYLOAD_BYTES))

@@ -37,7 +37,6 @@ from .support.history import (
     error_of,
     move_cursor,
     send,
-    serve,
     set_device,
     sqlite_database,
 )
@@ -64,12 +63,6 @@ class World:
     def pairs(self) -> list[tuple[Side, Side]]:
         """(caller, victim) both ways round."""
         return [(self.alice, self.bob), (self.bob, self.alice)]
-
-
-@pytest.fixture
-async def client(database_url: str) -> httpx.AsyncClient:  # type: ignore[misc]
-    async with serve(ApiSettings(database_url=database_url)) as api:
-        yield api
 
 
 @pytest.fixture

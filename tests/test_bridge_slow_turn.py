@@ -24,11 +24,7 @@ async def test_a_slow_turn_is_logged_with_its_duration(production_stack: Stack) 
     stack.bridge.stop()
     stack.bridge.env["MQCHAT_BRIDGE_SLOW_TURN"] = "0.3"
     await asyncio.to_thread(stack.start_bridge)
-    await stack.add_users("alice", "bob")
-    alice = await stack.client("alice")
-    bob = await stack.client("bob")
-    await alice.send("a quick one", to="bob", timeout=20)  # the conversation exists now
-    assert (await bob.next_message(timeout=20)).body == "a quick one"
+    alice, bob = await stack.two_who_chatted("a quick one")  # the conversation exists now
     assert "slow database turn" not in stack.bridge.log_text()
 
     def bridge_waiting_for(seconds: float) -> bool:

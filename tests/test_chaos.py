@@ -27,9 +27,9 @@ from bridge.config import BridgeSettings
 from mqchat import ChatClient
 
 from .support import chaos
-from .support.chaos import History, Op, Received, StoredRow, check
+from .support.chaos import History, Op, Received, StoredRow, check, record_shown, stored_rows
 from .support.services import PostgresServer
-from .support.stack import Stack, password_of, stored
+from .support.stack import Stack, stored
 from .support.tcp_proxy import TcpProxy
 
 PAIRS = (("alice", "bob"), ("carol", "dave"), ("erin", "frank"))
@@ -77,17 +77,9 @@ async def test_no_message_is_lost_under_every_fault(
         await injector.route_bridge()
         clients: dict[str, ChatClient] = {}
         for user in users:
-            clients[user] = ChatClient(
-                host=client_proxy.host,
-                port=client_proxy.port,
-                username=user,
-                password=password_of(user),
-                device="phone",
-                resend_after=2.0,
-                history=stack.history(user),
+            clients[user] = await stack.client(
+                user, port=client_proxy.port, history=stack.history(user)
             )
-            await clients[user].connect()
-            stack._clients.append(clients[user])
         devices = {user: [f"{user}/phone"] for user in users}
 
         history = History()
@@ -100,14 +92,6 @@ async def test_no_message_is_lost_under_every_fault(
                     return
                 await history.send(clients[sender], sender, partner[sender], i, timeout)
                 await asyncio.sleep(PACE)
-
-        async def receive_all(device: str, client: ChatClient) -> None:
-            async for m in client.messages():
-                received.append(
-                    Received(
-                        device, m.id, m.conversation, m.seq, m.sender, m.body, time.monotonic()
-                    )
-                )
 
         async def inject() -> None:
             try:
@@ -126,7 +110,7 @@ async def test_no_message_is_lost_under_every_fault(
             )
 
         receivers = [
-            asyncio.create_task(receive_all(f"{user}/phone", client))
+            asyncio.create_task(record_shown(f"{user}/phone", client, received))
             for user, client in clients.items()
         ]
         injector.started = time.monotonic()
@@ -151,11 +135,7 @@ async def test_no_message_is_lost_under_every_fault(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
-    rows = [
-        StoredRow(r.client_id, r.conversation_id, r.seq, r.sender, r.body, r.pk or 0)
-        for r in stored(stack)
-    ]
-    report = check(history, received, rows, devices=devices)
+    report = check(history, received, stored_rows(stack), devices=devices)
     counts = injector.counts()
     summary = (
         f"chaos seed {seed} (replay: MQCHAT_CHAOS_SEED={seed}): load {load_ended:.1f}s, "

@@ -22,9 +22,9 @@ import pytest
 
 from mqchat import ChatClient
 
-from .support.chaos import History, Received, Report, StoredRow, check
+from .support.chaos import History, Received, Report, check, record_shown, stored_rows
 from .support.services import PostgresServer
-from .support.stack import BRIDGE_READY, Stack, password_of, start_two_bridges, stored
+from .support.stack import BRIDGE_READY, Stack, start_two_bridges, stored
 from .support.tcp_proxy import TcpProxy
 
 PAIRS = (("alice", "bob"), ("carol", "dave"))
@@ -51,19 +51,10 @@ class Run:
 
     async def connect(self, user: str, port: int | None = None) -> ChatClient:
         stack = self.stack
-        client = ChatClient(
-            host=stack.host,
-            port=port if port is not None else stack.port,
-            username=user,
-            password=password_of(user),
-            device="phone",
-            resend_after=2.0,
-            history=stack.history(user),
-        )
-        await client.connect()
-        stack._clients.append(client)
+        client = await stack.client(user, port=port, history=stack.history(user))
         self.clients[user] = client
-        self.receivers[user] = asyncio.create_task(self._receive(f"{user}/phone", client))
+        receiving = record_shown(f"{user}/phone", client, self.received)
+        self.receivers[user] = asyncio.create_task(receiving)
         return client
 
     async def disconnect(self, user: str) -> None:
@@ -72,12 +63,6 @@ class Run:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-    async def _receive(self, device: str, client: ChatClient) -> None:
-        async for m in client.messages():
-            self.received.append(
-                Received(device, m.id, m.conversation, m.seq, m.sender, m.body, time.monotonic())
-            )
 
     async def send_many(
         self, sender: str, to: str, count: int, *, until: Callable[[], bool] = lambda: False
@@ -109,12 +94,8 @@ class Run:
         caught_up = time.monotonic() - self.started
         for user in list(self.receivers):
             await self.disconnect(user)
-        rows = [
-            StoredRow(r.client_id, r.conversation_id, r.seq, r.sender, r.body, r.pk or 0)
-            for r in stored(self.stack)
-        ]
         devices: dict[str, Sequence[str]] = {user: [f"{user}/phone"] for user in users}
-        report = check(self.history, self.received, rows, devices=devices)
+        report = check(self.history, self.received, stored_rows(self.stack), devices=devices)
         print(f"\n[{label}] caught up at {caught_up:.1f}s\n{extra}{report.render()}")
         return report
 

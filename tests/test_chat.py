@@ -10,13 +10,12 @@ import pytest
 from core.mqtt import Incoming
 from protocol import topics
 
-from .support.stack import Stack, stored, unique_names
+from .support.stack import Stack, stored
 
 
 async def test_round_trip_with_sent_receipt(shared_stack: Stack) -> None:
     stack = shared_stack
-    alice_name, bob_name = unique_names("alice", "bob")
-    await stack.add_users(alice_name, bob_name)
+    alice_name, bob_name = await stack.new_users("alice", "bob")
     alice = await stack.client(alice_name)
     bob = await stack.client(bob_name)
 
@@ -48,8 +47,7 @@ async def test_thousand_messages_each_way_arrive_complete_and_in_order(
     shared_stack: Stack,
 ) -> None:
     stack = shared_stack
-    alice_name, bob_name = unique_names("alice", "bob")
-    await stack.add_users(alice_name, bob_name)
+    alice_name, bob_name = await stack.new_users("alice", "bob")
     alice = await stack.client(alice_name)
     bob = await stack.client(bob_name)
     n = 1000
@@ -90,8 +88,7 @@ async def test_thousand_messages_each_way_arrive_complete_and_in_order(
 
 async def test_same_id_twice_is_stored_once_and_shown_once(shared_stack: Stack) -> None:
     stack = shared_stack
-    alice_name, bob_name = unique_names("alice", "bob")
-    await stack.add_users(alice_name, bob_name)
+    alice_name, bob_name = await stack.new_users("alice", "bob")
     bob = await stack.client(bob_name)
     receipts: asyncio.Queue[dict[str, object]] = asyncio.Queue()
 
@@ -129,8 +126,7 @@ async def test_same_id_twice_is_stored_once_and_shown_once(shared_stack: Stack) 
 
 async def test_offline_recipient_gets_its_messages_on_reconnect(shared_stack: Stack) -> None:
     stack = shared_stack
-    alice_name, bob_name = unique_names("alice", "bob")
-    await stack.add_users(alice_name, bob_name)
+    alice_name, bob_name = await stack.new_users("alice", "bob")
     bob = await stack.client(bob_name, device="phone")
     await bob.close()  # bob's phone goes offline; the broker keeps its session
     alice = await stack.client(alice_name)
@@ -144,11 +140,7 @@ async def test_offline_recipient_gets_its_messages_on_reconnect(shared_stack: St
 
 
 async def test_bridge_survives_broker_restart(stack: Stack) -> None:
-    await stack.add_users("alice", "bob")
-    alice = await stack.client("alice")
-    bob = await stack.client("bob")
-    await alice.send("before", to="bob", timeout=20)
-    assert (await bob.next_message(timeout=10)).body == "before"
+    alice, bob = await stack.two_who_chatted()
 
     generation = bob.link.generation
     await asyncio.to_thread(stack.restart_broker)

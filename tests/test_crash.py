@@ -69,11 +69,7 @@ async def test_kill_9_of_the_bridge_mid_stream(stack: Stack) -> None:
 
 async def test_database_outage_holds_messages_until_it_is_back(stack: Stack) -> None:
     """While the database refuses writes the bridge acks nothing; then it catches up."""
-    await stack.add_users("alice", "bob")
-    alice = await stack.client("alice")
-    bob = await stack.client("bob")
-    await alice.send("before", to="bob", timeout=20)
-    assert (await bob.next_message(timeout=10)).body == "before"
+    alice, bob = await stack.two_who_chatted()
 
     release = threading.Event()
     locked = threading.Event()
@@ -112,11 +108,7 @@ async def test_postgres_restart_loses_nothing(
 ) -> None:
     """The database goes away entirely: the bridge retries, acks nothing, then resumes."""
     stack = production_stack
-    await stack.add_users("alice", "bob")
-    alice = await stack.client("alice")
-    bob = await stack.client("bob")
-    await alice.send("before", to="bob", timeout=20)
-    assert (await bob.next_message(timeout=10)).body == "before"
+    alice, bob = await stack.two_who_chatted()
 
     await asyncio.to_thread(postgres.stop)
     try:

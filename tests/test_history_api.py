@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import secrets
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -88,12 +87,6 @@ def world(engine: Engine) -> World:
     ac = send(engine, "alice", "hello carol", id="ac-1", to="carol").conversation
     cd = send(engine, "carol", "hello dave", id="cd-1", to="dave").conversation
     return World(ab=ab, ac=ac, cd=cd)
-
-
-@pytest.fixture
-async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with serve(ApiSettings(database_url=database_url)) as api:
-        yield api
 
 
 def seqs(page: dict[str, Any]) -> list[int]:

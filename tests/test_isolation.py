@@ -31,8 +31,7 @@ async def test_bob_cannot_subscribe_outside_his_tree(
     shared_stack: Stack, topic_filter: str
 ) -> None:
     stack = shared_stack
-    alice, bob_name = unique_names("alice", "bob")
-    await stack.add_users(alice, bob_name)
+    alice, bob_name = await stack.new_users("alice", "bob")
     bob = await stack.raw(bob_name)
     with pytest.raises(SubscribeRefused):
         await bob.subscribe(topic_filter.format(alice=alice), qos=1)
@@ -43,8 +42,7 @@ async def test_bob_cannot_subscribe_outside_his_tree(
 
 async def test_bob_cannot_publish_into_alices_uplink(shared_stack: Stack) -> None:
     stack = shared_stack
-    alice, bob_name, carol = unique_names("alice", "bob", "carol")
-    await stack.add_users(alice, bob_name, carol)
+    alice, bob_name, carol = await stack.new_users("alice", "bob", "carol")
     receipts: asyncio.Queue[dict[str, object]] = asyncio.Queue()
 
     def on_message(m: Incoming) -> None:
@@ -68,8 +66,8 @@ async def test_bob_cannot_publish_into_alices_uplink(shared_stack: Stack) -> Non
 
 async def test_sender_comes_from_the_topic_not_the_payload(shared_stack: Stack) -> None:
     stack = shared_stack
-    alice_name, bob, carol = unique_names("alice", "bob", "carol")
-    await stack.add_users(alice_name, bob)
+    alice_name, bob = await stack.new_users("alice", "bob")
+    (carol,) = unique_names("carol")  # named in the payload, never signed up
     bob_client = await stack.client(bob)
     alice = await stack.raw(alice_name)
     payload = json.dumps({"id": "m", "to": bob, "body": "hi", "from": carol}).encode()
@@ -80,8 +78,7 @@ async def test_sender_comes_from_the_topic_not_the_payload(shared_stack: Stack) 
 
 async def test_anonymous_and_wrong_password_are_refused(shared_stack: Stack) -> None:
     stack = shared_stack
-    (alice,) = unique_names("alice")
-    await stack.add_users(alice)
+    (alice,) = await stack.new_users("alice")
     with pytest.raises(ConnectRefused):
         await stack.raw(alice, "not-the-password")
     with pytest.raises(ConnectRefused):
@@ -95,8 +92,8 @@ async def test_anonymous_and_wrong_password_are_refused(shared_stack: Stack) -> 
 
 async def test_new_account_can_connect_at_once(shared_stack: Stack) -> None:
     stack = shared_stack
-    alice, dave_name = unique_names("alice", "dave")
-    await stack.add_users(alice)
+    (alice,) = await stack.new_users("alice")
+    (dave_name,) = unique_names("dave")  # signed up below, once refused
     with pytest.raises(ConnectRefused):
         await stack.raw(dave_name)
     await stack.add_users(dave_name)

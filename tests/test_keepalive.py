@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 
-from mqchat import ChatClient
-
 from .support.clients import Watcher
 from .support.packets import packet, publish, string, varint
 from .support.raw import Raw, dial, login
-from .support.stack import Stack, password_of
+from .support.stack import Stack
 from .support.tcp_proxy import TcpProxy
 
 #: What the raw clients here ask for; the brokers must close after 3 s of silence.
@@ -36,16 +34,7 @@ async def test_a_half_open_connection_goes_offline_by_its_last_will(stack: Stack
     watcher = Watcher()
     await watcher.start(stack)
     async with TcpProxy(stack.host, stack.port) as proxy:
-        phone = ChatClient(
-            host=stack.host,
-            port=proxy.port,
-            username="alice",
-            password=password_of("alice"),
-            device="phone",
-            keepalive=KEEPALIVE,
-        )
-        await phone.connect()
-        stack._clients.append(phone)
+        await stack.client("alice", port=proxy.port, keepalive=KEEPALIVE)
         await watcher.state_of("alice", "online")
 
         proxy.stall()  # the phone's network is gone: no FIN, no RST, no bytes

@@ -18,27 +18,17 @@ import asyncio
 import json
 import secrets
 
-from core.mqtt import ConnectRefused, LinkConfig, MqttLink, Will
+from core.mqtt import ConnectRefused, MqttLink, Will
 
 from .support.clients import BRIDGE, Recorder, connect_actor, probe
 from .support.services import wait_until
-from .support.stack import Stack, password_of, unique_names
+from .support.stack import Stack
 
 
-def _with_will(stack: Stack, user: str, will: Will) -> MqttLink:
-    link = MqttLink(
-        LinkConfig(
-            host=stack.host,
-            port=stack.port,
-            username=user,
-            password=password_of(user),
-            client_id=f"{user}:will-{secrets.token_hex(3)}",
-            clean_session=True,
-            will=will,
-        )
-    )
-    stack._links.append(link)
-    return link
+async def _with_will(stack: Stack, user: str, will: Will) -> MqttLink:
+    """Not connected yet: the test connects it, to see a refusal."""
+    client_id = f"{user}:will-{secrets.token_hex(3)}"
+    return await stack.raw(user, client_id=client_id, will=will, connect=False)
 
 
 async def _disconnect_handled(stack: Stack, client_id: str) -> None:
@@ -81,7 +71,7 @@ async def test_a_will_outside_the_acl_refuses_the_connect(stack: Stack) -> None:
     for topic, retain in FORBIDDEN:
         payload = _message(f"forged will on {topic} retain={retain}")
         payloads.append(payload)
-        link = _with_will(stack, "mallory", Will(topic, payload, qos=1, retain=retain))
+        link = await _with_will(stack, "mallory", Will(topic, payload, qos=1, retain=retain))
         try:
             await link.connect()
         except ConnectRefused as refused:
@@ -123,11 +113,10 @@ async def test_a_will_on_ones_own_uplink_is_an_ordinary_message(shared_stack: St
     """Allowed, as the same publish would be: the bridge stores and delivers it as
     mallory's message to bob, with mallory as the sender taken from the topic."""
     stack = shared_stack
-    mallory_name, bob_name = unique_names("mallory", "bob")
-    await stack.add_users(mallory_name, bob_name)
+    mallory_name, bob_name = await stack.new_users("mallory", "bob")
     bob = await stack.client(bob_name)
     payload = _message("gone without a goodbye", to=bob_name)
-    link = _with_will(
+    link = await _with_will(
         stack, mallory_name, Will(f"chat/v1/u/{mallory_name}/up/msg", payload, retain=False)
     )
     await link.connect()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from core.mqtt import Incoming, LinkConfig, MqttLink
+from core.mqtt import Incoming
 
 from .support.clients import BRIDGE, connect_actor
-from .support.stack import Stack, password_of, start_embedded_stack, start_production_stack
+from .support.stack import Stack, running, start_embedded_stack, start_production_stack
 
 LIMIT = 20
 OFFERED = 60
@@ -28,16 +28,14 @@ OFFERED = 60
 @pytest.fixture(params=["embedded", "production"])
 async def limited(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stack]:
     if request.param == "embedded":
-        stack = await start_embedded_stack(
-            tmp_path, {"MQCHAT_BROKER_MAX_QUEUED_MESSAGES": str(LIMIT)}
-        )
+        env = {"MQCHAT_BROKER_MAX_QUEUED_MESSAGES": str(LIMIT)}
+        starting = start_embedded_stack(tmp_path, env)
     else:
-        stack = await start_production_stack(tmp_path, request.getfixturevalue("postgres"))
+        starting = start_production_stack(tmp_path, request.getfixturevalue("postgres"))
+    async with running(starting) as stack:
+        # mosquitto's queue is set on the running broker; amqtt's came with its settings.
         await asyncio.to_thread(stack.limit_broker_queue, LIMIT)
-    try:
         yield stack
-    finally:
-        await stack.close()
 
 
 async def test_a_sessions_queue_keeps_the_oldest_up_to_the_limit(limited: Stack) -> None:
@@ -49,16 +47,7 @@ async def test_a_sessions_queue_keeps_the_oldest_up_to_the_limit(limited: Stack)
         received.append(json.loads(message.payload)["n"])
         arrived.set()
 
-    config = LinkConfig(
-        host=limited.host,
-        port=limited.port,
-        username="bob",
-        password=password_of("bob"),
-        client_id="bob:queued",
-        clean_session=False,
-    )
-    away = MqttLink(config)
-    await away.connect()
+    away = await limited.raw("bob", client_id="bob:queued", clean_session=False)
     await away.subscribe("chat/v1/u/bob/down/msg", qos=1)
     await away.close()
 
@@ -67,15 +56,11 @@ async def test_a_sessions_queue_keeps_the_oldest_up_to_the_limit(limited: Stack)
         payload = json.dumps({"n": str(n)}).encode()
         await bridge.link.publish("chat/v1/u/bob/down/msg", payload, qos=1)
 
-    back = MqttLink(config, on_message=on_message)
-    await back.connect()
-    try:
-        # Sent live after bob is back: once it is in, nothing queued is still to come.
-        await bridge.link.publish("chat/v1/u/bob/down/msg", b'{"n": "sentinel"}', qos=1)
-        async with asyncio.timeout(20):
-            while "sentinel" not in received:
-                arrived.clear()
-                await arrived.wait()
-    finally:
-        await back.close()
+    await limited.raw("bob", client_id="bob:queued", clean_session=False, on_message=on_message)
+    # Sent live after bob is back: once it is in, nothing queued is still to come.
+    await bridge.link.publish("chat/v1/u/bob/down/msg", b'{"n": "sentinel"}', qos=1)
+    async with asyncio.timeout(20):
+        while "sentinel" not in received:
+            arrived.clear()
+            await arrived.wait()
     assert received == [str(n) for n in range(LIMIT)] + ["sentinel"]

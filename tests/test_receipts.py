@@ -13,7 +13,7 @@ from mqchat import ChatClient
 from protocol import topics
 from store.tables import Cursor
 
-from .support.stack import Stack, unique_names
+from .support.stack import Stack
 
 
 async def receipt_matching(
@@ -35,8 +35,7 @@ def cursors(stack: Stack, user: str) -> dict[str, tuple[int, int]]:
 
 async def test_delivered_and_read_with_two_devices_each_side(shared_stack: Stack) -> None:
     stack = shared_stack
-    alice_name, bob_name = unique_names("alice", "bob")
-    await stack.add_users(alice_name, bob_name)
+    alice_name, bob_name = await stack.new_users("alice", "bob")
     alice_phone = await stack.client(alice_name, "phone")
     alice_laptop = await stack.client(alice_name, "laptop")
     bob_phone = await stack.client(bob_name, "phone")
@@ -71,8 +70,7 @@ async def test_delivered_and_read_with_two_devices_each_side(shared_stack: Stack
 
 async def test_cursors_only_move_forward(shared_stack: Stack) -> None:
     stack = shared_stack
-    alice_name, bob_name = unique_names("alice", "bob")
-    await stack.add_users(alice_name, bob_name)
+    alice_name, bob_name = await stack.new_users("alice", "bob")
     alice = await stack.client(alice_name, ack_delivered=False)
     bob = await stack.client(bob_name, "phone", ack_delivered=False)
     for body in ("a", "b", "c"):
@@ -94,8 +92,7 @@ async def test_cursors_only_move_forward(shared_stack: Stack) -> None:
 
 async def test_stock_client_acks_and_bad_acks(shared_stack: Stack) -> None:
     stack = shared_stack
-    alice_name, bob_name, carol_name = unique_names("alice", "bob", "carol")
-    await stack.add_users(alice_name, bob_name, carol_name)
+    alice_name, bob_name, carol_name = await stack.new_users("alice", "bob", "carol")
     alice = await stack.client(alice_name)
     sent = await alice.send("hi", to=bob_name, timeout=20)
     answers: asyncio.Queue[tuple[str, dict[str, object]]] = asyncio.Queue()

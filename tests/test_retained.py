@@ -13,7 +13,7 @@ import asyncio
 import json
 import secrets
 
-from core.mqtt import LinkConfig, MqttLink
+from core.mqtt import MqttLink
 
 from .support.clients import BRIDGE, Actor, Recorder, connect_actor, probe
 from .support.stack import Stack, password_of
@@ -81,21 +81,12 @@ async def test_queued_messages_arrive_without_the_retain_flag(stack: Stack) -> N
     await stack.add_users("bob")
     client_id = f"bob:queue-{secrets.token_hex(3)}"
 
-    def persistent(on_message: Recorder | None = None) -> MqttLink:
-        config = LinkConfig(
-            host=stack.host,
-            port=stack.port,
-            username="bob",
-            password=password_of("bob"),
-            client_id=client_id,
-            clean_session=False,
+    async def persistent(on_message: Recorder | None = None) -> MqttLink:
+        return await stack.raw(
+            "bob", client_id=client_id, clean_session=False, on_message=on_message
         )
-        link = MqttLink(config, on_message=on_message)
-        stack._links.append(link)
-        return link
 
-    away = persistent()
-    await away.connect()
+    away = await persistent()
     await away.subscribe("chat/v1/u/bob/down/#", qos=1)
     await away.subscribe("chat/v1/presence/+", qos=1)
     await away.close()
@@ -110,8 +101,7 @@ async def test_queued_messages_arrive_without_the_retain_flag(stack: Stack) -> N
     await bridge.link.publish("chat/v1/presence/zz.someone", presence, qos=1, retain=True)
 
     seen = Recorder()
-    back = persistent(seen)
-    await back.connect()
+    await persistent(seen)
     for payload in [*queued, presence]:
         await seen.wait_for(payload)
     flagged = [m.payload for m in seen.messages if m.retain]

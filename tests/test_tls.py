@@ -32,6 +32,7 @@ from .support.stack import (
     Stack,
     migrated_sqlite,
     password_of,
+    running,
     start_embedded_stack,
     start_production_stack,
 )
@@ -101,7 +102,7 @@ async def tls_stack(
     base.mkdir()
     if request.param == "embedded":
         mqtts, wss = free_port(), free_port()
-        stack = await start_embedded_stack(
+        starting = start_embedded_stack(
             base,
             {
                 "MQCHAT_BROKER_TLS_CERTFILE": str(pki.cert_file),
@@ -110,22 +111,22 @@ async def tls_stack(
                 "MQCHAT_BROKER_WSS_PORT": str(wss),
             },
         )
-        await asyncio.to_thread(
-            wait_until,
-            lambda: accepts("127.0.0.1", mqtts) and accepts("127.0.0.1", wss),
-            timeout=30,
-            what="amqtt TLS listeners",
-        )
     else:
         postgres: PostgresServer = request.getfixturevalue("postgres")
-        stack = await start_production_stack(base, postgres, tls_cert=(pki.cert_chain, pki.key))
-        assert stack.mosquitto is not None
-        assert stack.mosquitto.tls is not None
-        mqtts, wss = stack.mosquitto.tls.port, stack.mosquitto.tls.ws_port
-    try:
+        starting = start_production_stack(base, postgres, tls_cert=(pki.cert_chain, pki.key))
+    async with running(starting) as stack:
+        if request.param == "embedded":
+            await asyncio.to_thread(
+                wait_until,
+                lambda: accepts("127.0.0.1", mqtts) and accepts("127.0.0.1", wss),
+                timeout=30,
+                what="amqtt TLS listeners",
+            )
+        else:
+            assert stack.mosquitto is not None
+            assert stack.mosquitto.tls is not None
+            mqtts, wss = stack.mosquitto.tls.port, stack.mosquitto.tls.ws_port
         yield TlsStack(stack, mqtts, wss)
-    finally:
-        await stack.close()
 
 
 @contextlib.asynccontextmanager

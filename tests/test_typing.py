@@ -8,15 +8,14 @@ import json
 from core.mqtt import Incoming
 from protocol import topics
 
-from .support.stack import Stack, stored, unique_names
+from .support.stack import Stack, stored
 
 
 async def test_typing_reaches_the_other_member_only_and_is_rate_limited(
     shared_stack: Stack,
 ) -> None:
     stack = shared_stack
-    alice_name, bob_name, carol_name = unique_names("alice", "bob", "carol")
-    await stack.add_users(alice_name, bob_name, carol_name)
+    alice_name, bob_name, carol_name = await stack.new_users("alice", "bob", "carol")
     alice = await stack.client(alice_name)
     bob = await stack.client(bob_name)
     carol_saw: asyncio.Queue[bytes] = asyncio.Queue()
@@ -45,8 +44,7 @@ async def test_typing_reaches_the_other_member_only_and_is_rate_limited(
 
 async def test_typing_in_someone_elses_conversation_is_refused(shared_stack: Stack) -> None:
     stack = shared_stack
-    alice_name, bob, mallory_name = unique_names("alice", "bob", "mallory")
-    await stack.add_users(alice_name, bob, mallory_name)
+    alice_name, bob, mallory_name = await stack.new_users("alice", "bob", "mallory")
     alice = await stack.client(alice_name)
     sent = await alice.send("hi", to=bob, timeout=20)
     errors: asyncio.Queue[dict[str, str]] = asyncio.Queue()

@@ -23,8 +23,9 @@
 
     asyncio.run(main())
 
-The names below are the whole public API (``tests/test_sdk_api.py`` pins them); the
-``_``-modules behind them may change. docs/sdk.md has the guide and the error codes.
+The names below are the whole public API (``tests/test_sdk_api.py`` pins them to the
+snapshot ``tests/data/sdk_public_api.txt``); the ``_``-modules behind them may change.
+docs/sdk.md has the guide and the error codes.
 """
 
 from core.mqtt import tls_context

@@ -139,6 +139,15 @@ class History:
             self.ok(sender, message_id, target, body, sent.conversation, sent.seq)
 
 
+async def record_shown(device: str, client: ChatClient, received: list[Received]) -> None:
+    """Append every message ``client`` shows to ``received``, as the checker reads it,
+    until cancelled: the receiving side of every chaos run."""
+    async for m in client.messages():
+        received.append(
+            Received(device, m.id, m.conversation, m.seq, m.sender, m.body, time.monotonic())
+        )
+
+
 def stored_rows(stack: Stack) -> list[StoredRow]:
     """The stack's ``messages`` table as the checker reads it."""
     return [

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict, Unpack
 
 import psycopg
 from psycopg import sql
@@ -324,21 +324,28 @@ def with_settings(config: str, settings: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_mosquitto(
-    base_dir: Path,
-    *,
-    host: str = LOOPBACK,
-    tls_cert: tuple[bytes, bytes] | None = None,
-    settings: Mapping[str, str] | None = None,
-) -> MosquittoServer:
+class MosquittoOptions(TypedDict, total=False):
+    """What a test may change of the production setup, for :func:`start_mosquitto` and
+    :func:`prepare_mosquitto` alike.
+
+    Attributes:
+        host: the address every listener binds (loopback unless given).
+        tls_cert: certificate chain and key (PEM): turns on the config's TLS
+            listeners, on free ports (``server.tls``).
+        settings: values of settings the production config has (``with_settings``).
+    """
+
+    host: str
+    tls_cert: tuple[bytes, bytes] | None
+    settings: Mapping[str, str] | None
+
+
+def start_mosquitto(base_dir: Path, **options: Unpack[MosquittoOptions]) -> MosquittoServer:
     """Start mosquitto from the production config with fresh service accounts.
 
     The admin and bridge passwords are random; read them from the returned server.
-    ``tls_cert`` (certificate chain and key, PEM) turns on the config's TLS
-    listeners, on free ports (``server.tls``). ``settings`` replace the values of
-    settings the production config has (``with_settings``).
     """
-    server = prepare_mosquitto(base_dir, host=host, tls_cert=tls_cert, settings=settings)
+    server = prepare_mosquitto(base_dir, **options)
     try:
         server.start()
     except BaseException:
@@ -347,19 +354,15 @@ def start_mosquitto(
     return server
 
 
-def prepare_mosquitto(
-    base_dir: Path,
-    *,
-    host: str = LOOPBACK,
-    tls_cert: tuple[bytes, bytes] | None = None,
-    settings: Mapping[str, str] | None = None,
-) -> MosquittoServer:
+def prepare_mosquitto(base_dir: Path, **options: Unpack[MosquittoOptions]) -> MosquittoServer:
     """:func:`start_mosquitto` up to the start: config and dynsec bootstrap written.
 
     For a caller that changes the files first (a benchmark writes thousands of
     accounts into dynamic-security.json), then calls :meth:`MosquittoServer.own_files`
     and :meth:`MosquittoServer.start`.
     """
+    host = options.get("host", LOOPBACK)
+    tls_cert = options.get("tls_cert")
     binary = mosquitto_binary()
     account = _service_account("mosquitto")
     workdir, private = _workdir(base_dir, "mosquitto", account)
@@ -394,7 +397,7 @@ def prepare_mosquitto(
         plugins=production_plugins(template, workdir),
         tls=server.tls,
     )
-    server.conf_path.write_text(with_settings(config, settings or {}))
+    server.conf_path.write_text(with_settings(config, options.get("settings") or {}))
     write_dynsec_bootstrap(
         server.data_dir / "dynamic-security.json", admin=server.admin, bridge=server.bridge
     )

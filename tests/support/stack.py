@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -34,7 +34,7 @@ from core import daemon
 from core.accounts import EmbeddedProvisioner, Provisioner, register
 from core.daemon import BRIDGE_READY_LOG as READY_LOG
 from core.dynsec import DynsecProvisioner
-from core.mqtt import Incoming, LinkConfig, MqttLink
+from core.mqtt import Incoming, LinkConfig, MqttLink, Will
 from history_api.config import ApiSettings
 from mqchat import ChatClient, HistoryClient
 from store import accounts, make_engine, migrate
@@ -112,11 +112,27 @@ class Stack:
             for name in names:
                 await register(self.engine, provisioner, name, password_of(name))
 
-    async def client(self, user: str, device: str = "phone", **options: Any) -> ChatClient:
+    async def new_users(self, *names: str) -> tuple[str, ...]:
+        """Accounts of this test's own on a shared stack: ``names`` made unique
+        (:func:`unique_names`), added, and returned in the order given."""
+        users = unique_names(*names)
+        await self.add_users(*users)
+        return users
+
+    async def client(
+        self, user: str, device: str = "phone", *, port: int | None = None, **options: Any
+    ) -> ChatClient:
+        """``user``'s device, connected, closed with the test's other clients.
+
+        Args:
+            port: another port on the stack's host than the broker's own: a
+                ``TcpProxy`` in front of it, for a test that breaks the network.
+            options: more of :class:`mqchat.ChatClient`'s (``resend_after`` is 2 s here).
+        """
         options.setdefault("resend_after", 2.0)
         client = ChatClient(
             host=self.host,
-            port=self.port,
+            port=self.port if port is None else port,
             username=user,
             password=password_of(user),
             device=device,
@@ -126,16 +142,33 @@ class Stack:
         self._clients.append(client)
         return client
 
+    async def two_who_chatted(self, body: str = "before") -> tuple[ChatClient, ChatClient]:
+        """alice and bob, connected, with one message from alice delivered to bob: their
+        conversation exists and both ends work, the ground a test then breaks something
+        on (the bridge, the broker, the database). Fixed names: for a stack of one test's
+        own, not :func:`shared_stack`'s."""
+        await self.add_users("alice", "bob")
+        alice = await self.client("alice")
+        bob = await self.client("bob")
+        await alice.send(body, to="bob", timeout=20)
+        assert (await bob.next_message(timeout=20)).body == body
+        return alice, bob
+
     async def raw(
         self,
         user: str,
         password: str | None = None,
         *,
         client_id: str | None = None,
+        clean_session: bool = True,
+        will: Will | None = None,
         on_message: Callable[[Incoming], None] | None = None,
+        on_connect: Callable[[bool], None] | None = None,
         connect: bool = True,
     ) -> MqttLink:
-        """A stock MQTT client (no SDK): what mosquitto_pub or an IoT device would be."""
+        """A stock MQTT client (no SDK): what mosquitto_pub or an IoT device would be.
+        Closed with the test's other clients; ``connect=False`` for a test that
+        connects it itself (to see a refusal, or to reconnect a persistent session)."""
         link = MqttLink(
             LinkConfig(
                 host=self.host,
@@ -143,9 +176,11 @@ class Stack:
                 username=user,
                 password=password if password is not None else password_of(user),
                 client_id=client_id or f"{user}:raw-{secrets.token_hex(3)}",
-                clean_session=True,
+                clean_session=clean_session,
+                will=will,
             ),
             on_message=on_message,
+            on_connect=on_connect,
         )
         if connect:
             await link.connect()
@@ -365,6 +400,17 @@ async def start_production_stack(
     )
     await asyncio.to_thread(stack.start_bridge)
     return stack
+
+
+@contextlib.asynccontextmanager
+async def running(starting: Awaitable[Stack]) -> AsyncIterator[Stack]:
+    """The stack ``starting`` brings up (``start_embedded_stack(...)``, say), closed
+    however the block ends: a fixture that owns a stack cannot leak its daemons."""
+    stack = await starting
+    try:
+        yield stack
+    finally:
+        await stack.close()
 
 
 def stored(stack: Stack, *senders: str) -> list[Message]:
