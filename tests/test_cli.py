@@ -842,7 +842,9 @@ class Readme:
 
     def env(self) -> dict[str, str]:
         env = base_env(
-            MQCHAT_MQTT_PORT=str(self.up.mqtt_port), MQCHAT_DATA_DIR=str(self.up.data_dir)
+            MQCHAT_MQTT_PORT=str(self.up.mqtt_port),
+            MQCHAT_API_URL=f"http://127.0.0.1:{self.up.api_port}",
+            MQCHAT_DATA_DIR=str(self.up.data_dir),
         )
         env["PATH"] = f"{MQCHAT.parent}{os.pathsep}{env['PATH']}"
         return env
@@ -950,6 +952,23 @@ def test_the_readme_runs_as_written(up: Up, tmp_path: Path) -> None:
         bob_chat.process.stdin.flush()
         alice_chat.stdout.wait_for("^bob: hi alice$")
         bob_listen.stdout.wait_for(r"\] bob: hi alice$")
+
+        # Groups, after "mqchat user add carol" as the README's sentence asks: the block
+        # in one shell, for its GROUP=$(...); the listen at its end is bob's above.
+        readme.run("mqchat user add carol", readme.env(), input="carols-secret\n" * 2)
+        [groups] = [block for block in blocks.values() if "mqchat group create" in block]
+        lines = [line for line in shell_lines(groups) if "mqchat listen" not in line]
+        printed = readme.run("set -e\n" + "\n".join(lines), readme.env())
+        assert re.search(r"^sent c_\w+ #2$", printed, re.M), printed
+        members = re.findall(r"^(\w+) (admin|member) since #(\d+)$", printed, re.M)
+        assert members == [
+            ("alice", "admin", "1"),
+            ("bob", "member", "1"),
+            ("carol", "member", "3"),
+        ]
+        assert re.search(r"^c_\w+ climbing \(3 members\)$", printed, re.M), printed
+        bob_listen.stdout.wait_for(r'^\[c_\w+ #1\] \* alice created the group "climbing"')
+        bob_listen.stdout.wait_for(r"^\[c_\w+ #2\] alice: saturday\?$")
 
         # The same with mosquitto_pub / mosquitto_sub.
         [stock] = [block for block in blocks.values() if "mosquitto_pub" in block]
