@@ -48,7 +48,8 @@ GROUP_TOPICS = "bench/g/#"
 
 
 def group_topic(name: str) -> str:
-    return f"bench/g/{name}"
+    """Ends in ``/msg`` as a downlink does: receivers tell kinds by the last level."""
+    return f"bench/g/{name}/msg"
 
 
 @dataclass

@@ -215,10 +215,13 @@ class Bench:
         rng = random.Random(f"{self.seed}-{sender}")
         pace = self.args.pace * rng.uniform(0.5, 2.0)  # some users chattier than others
         await asyncio.sleep(rng.uniform(0, pace))
-        in_group = self.group is not None and sender in (*self.group_members, self.joiner)
         for i in range(MAX_PER_SENDER):
             if stop.is_set():
                 return
+            # Members send to the group from their add on (the leaver goes on after its
+            # removal and is refused for good); before the add a refusal would not be
+            # final: a late resend of the same id could be stored once they are in.
+            in_group = self.group is not None and sender in self.group_ops.windows[self.group]
             if in_group and rng.random() < 0.25:
                 await self.history.send(client, sender, None, i, timeout, conversation=self.group)
             else:
