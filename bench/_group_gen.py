@@ -216,11 +216,13 @@ class GroupWorker(Worker):
         total = int(spec["rate"] * spec["duration"])
         members = [m for m in spec["members"] if m in self.links]
         step = GroupStep(spec["tag"], total, members)
+        # Counting starts before the common start: the sender's process may wake first,
+        # and its first message must not reach this one's members as a stray.
+        self.group = step
+        self.step_complete.clear()
         await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
         cpu_before, wall_before = os.times(), time.monotonic()
         t0 = time.monotonic_ns()
-        self.group = step
-        self.step_complete.clear()
         if spec["sender"] in self.links:
             await self._send_group(step, spec, t0, max(1, int(1e9 / spec["rate"])))
         # Every process, the sender's or not, waits out the schedule and then the drain.
