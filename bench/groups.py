@@ -424,7 +424,8 @@ class Bench:
 @contextlib.contextmanager
 def group_bench(run: Run, kind: str, plan: Plan) -> Iterator[Bench]:
     """A stack with the group members and the 1:1 users connected, the groups created."""
-    largest = max([*plan.sizes, *plan.fanout_sizes, *(s for s, _ in plan.latency)])
+    mixed = [plan.mixed_size] if "c" in plan.scenarios else []
+    largest = max([*plan.sizes, *plan.fanout_sizes, *(s for s, _ in plan.latency), *mixed])
     log(f"starting the {kind} stack")
     keep = os.environ.get("MQCHAT_BENCH_KEEP_LOGS")
     with running_stack(kind, Path(keep) if keep else None) as stack:
@@ -524,7 +525,7 @@ def write_plot(records: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = _figure((8, 5))
     series = {
-        "mqchat (bridge fan-out) p99 to last member": ("group-cost", "chat", "C0"),
+        "mqchat (the bridge publishes per member)": ("group-cost", "chat", "C0"),
         "broker alone, per-member publishes": ("group-fanout", "member-raw", "C1"),
         "broker alone, one group topic": ("group-fanout", "topic-raw", "C2"),
     }
@@ -536,7 +537,9 @@ def write_plot(records: list[dict[str, Any]], path: Path) -> None:
         rows = [r for r in rows if r["e2e"].get("count")]
         if rows:
             sizes = [r["members"] for r in rows]
-            ax.plot(sizes, [r["e2e"]["p99_ms"] for r in rows], "o-", color=color, label=name)
+            ax.plot(
+                sizes, [r["e2e"]["p99_ms"] for r in rows], "o-", color=color, label=f"{name} p99"
+            )
             ax.plot(
                 sizes, [r["e2e"]["p50_ms"] for r in rows], "s--", color=color, label=f"{name} p50"
             )
