@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench._report import git_commit
-from mqchat import ChatClient
+from mqchat import ChatClient, HistoryError
 from store import make_engine, migrate
 from tests.support import chaos
 from tests.support.chaos import History, Received, check
@@ -51,6 +51,19 @@ IMPATIENT_TIMEOUT = 3.0  # every fifth sender: past it the outcome is logged unk
 MAX_PER_SENDER = 20_000
 QUIET_TIMEOUT = 180.0
 TAIL = 10.0  # seconds of load after the last fault
+
+
+async def _connect(client: ChatClient, attempts: int = 60) -> None:
+    """Connect as a device would: the history API admits so many sign-ins at once and
+    answers the rest 429 "try again in 1 s" (nothing is connected yet then)."""
+    for attempt in range(attempts):
+        try:
+            await client.connect()
+            return
+        except HistoryError as exc:
+            if exc.status != 429 or attempt == attempts - 1:
+                raise
+        await asyncio.sleep(1)
 
 
 def loadavg() -> str:
@@ -135,7 +148,7 @@ class Bench:
                 self.clients[f"{user}/{device}"] = client
         pending = list(self.clients.values())
         for i in range(0, len(pending), 20):  # 20 devices connecting at a time
-            await asyncio.gather(*(client.connect() for client in pending[i : i + 20]))
+            await asyncio.gather(*(_connect(client) for client in pending[i : i + 20]))
         self.group_ops = chaos.GroupOps(self.stack, self.history)
         if self.group_members:
             creator, *members = self.group_members
