@@ -76,19 +76,7 @@ async def test_no_message_is_lost_under_every_fault(
             stack, postgres, clients=client_proxy, bridge_broker=broker_proxy, bridge_db=db_proxy
         )
         await injector.route_bridge()
-        clients: dict[str, ChatClient] = {}
-        for user in users:
-            clients[user] = ChatClient(
-                host=client_proxy.host,
-                port=client_proxy.port,
-                username=user,
-                password=password_of(user),
-                device="phone",
-                resend_after=2.0,
-                history=stack.history(user),
-            )
-            await clients[user].connect()
-            stack._clients.append(clients[user])
+        clients = await _clients(stack, client_proxy, users)
         devices = {user: [f"{user}/phone"] for user in users}
 
         history = History()
@@ -101,14 +89,6 @@ async def test_no_message_is_lost_under_every_fault(
                     return
                 await history.send(clients[sender], sender, partner[sender], i, timeout)
                 await asyncio.sleep(PACE)
-
-        async def receive_all(device: str, client: ChatClient) -> None:
-            async for m in client.messages():
-                received.append(
-                    Received(
-                        device, m.id, m.conversation, m.seq, m.sender, m.body, time.monotonic()
-                    )
-                )
 
         async def inject() -> None:
             try:
@@ -127,7 +107,7 @@ async def test_no_message_is_lost_under_every_fault(
             )
 
         receivers = [
-            asyncio.create_task(receive_all(f"{user}/phone", client))
+            asyncio.create_task(_receive_all(f"{user}/phone", client, received))
             for user, client in clients.items()
         ]
         injector.started = time.monotonic()
