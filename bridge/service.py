@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TypeVar
 
+from cachetools import TTLCache
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import (
@@ -70,6 +71,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two "typing" events relayed for one sender and conversation.
 TYPING_WINDOW = 3.0
+#: Refusals remembered per instance, and for how long: far longer than any resend of
+#: the SDK's (at most 8 x resend_after apart) stays in flight.
+REFUSALS_KEPT = 100_000
+REFUSALS_SECONDS = 600.0
 #: The uplink kinds counted by ``MQCHAT_BRIDGE_UPLINK_RATE``, each on its own.
 _UPLINK_KINDS: dict[type, str] = {
     protocol.UpAck: "ack",
@@ -153,6 +158,15 @@ class Bridge(Service):
         #: one key lookup per relayed event (at most one per window per sender and
         #: conversation), and a removal made through any instance holds at once.
         self._typing_members = GroupMembers(limit=100_000)
+        #: (sender, id) -> the refusal of a message or group change: a resend of the
+        #: same id gets the same answer, not a second chance. Without it a resend
+        #: already on its way when the refusal came (the SDK resends until answered)
+        #: was stored once the condition changed (the sender added to the group), after
+        #: the app had been told "refused". Per instance and in memory: every uplink of
+        #: a sender comes to the same instance, and a restart forgets.
+        self._refused: TTLCache[tuple[str, str], errors.ProtocolError] = TTLCache(
+            REFUSALS_KEPT, REFUSALS_SECONDS
+        )
         #: Database turns taken (logged at shutdown; tests read it to show that
         #: refused uplinks cost none).
         self.database_turns = 0
@@ -295,11 +309,21 @@ class Bridge(Service):
     async def _store(self, work: _Batch) -> None:
         """The batch's database turns, in order; adds what to publish for it."""
         publishes = work.publishes
-        if work.to_store:
+        fresh = []
+        for sender, uplink in work.to_store:
+            refusal = self._refused.get((sender, uplink.id))
+            if refusal is not None:
+                publishes.append(self._error(sender, refusal))
+            else:
+                fresh.append((sender, uplink))
+        if fresh:
             self._crash.reach("before_commit")
-            outcomes = await self._store_in_order(work.to_store)
+            outcomes = await self._store_in_order(fresh)
             self._crash.reach("after_commit")
-            for (sender, _), outcome in zip(work.to_store, outcomes, strict=True):
+            for (sender, uplink), outcome in zip(fresh, outcomes, strict=True):
+                # id_reused: the id names a stored message, which stays its answer.
+                if outcome.error is not None and outcome.error.code != errors.ID_REUSED:
+                    self._refused[(sender, uplink.id)] = outcome.error
                 publishes.extend(self._route(sender, outcome))
         if work.acks:
             # After the messages of the same batch, which an ack may refer to.

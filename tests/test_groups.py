@@ -230,3 +230,34 @@ async def test_a_group_is_full_at_the_configured_cap(stack: Stack) -> None:
     assert await alice.refused("add", conversation=group, members=[names[3]]) == "group_full"
     await alice.op("remove", conversation=group, members=[names[2]])
     await alice.op("add", conversation=group, members=[names[3]])
+
+
+async def test_a_refused_id_stays_refused_when_its_resend_comes_late(shared_stack: Stack) -> None:
+    """A resend already on its way when the refusal came (the SDK resends until it has
+    an answer) must not be stored once the condition changed: the app was told
+    "refused". Found by the chaos checker: a message refused while its sender was not
+    yet a member was stored when a late resend arrived after the add."""
+    names = unique_names("alice", "bob", "dave")
+    alice, bob, dave = await devices(shared_stack, *names)
+    group = (await alice.op("create", name="team", members=[names[1]]))["conversation"]
+
+    await dave.up("msg", id="early", conversation=group, body="hello?")
+    refused = await dave.next("error")
+    assert (refused["code"], refused["id"]) == ("unknown_conversation", "early")
+    await alice.op("add", conversation=group, members=[names[2]])  # seq 2
+    (added,) = await dave.messages(1)
+    assert (added["event"], added["seq"]) == ("added", 2)
+
+    await dave.up("msg", id="early", conversation=group, body="hello?")  # the late resend
+    again = await dave.next("error")
+    assert (again["code"], again["id"]) == ("unknown_conversation", "early")
+    # A new message (a new id) from dave is stored right after the add: nothing between.
+    sent = await dave.send(group, "hello, now a member")
+    assert sent["seq"] == 3
+    for device in (alice, bob):
+        got = await device.messages(3)
+        assert [(m["seq"], m.get("event")) for m in got] == [
+            (1, "created"),
+            (2, "added"),
+            (3, None),
+        ]
