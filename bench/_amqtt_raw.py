@@ -1,8 +1,9 @@
 """``python -m bench._amqtt_raw``: the embedded broker, as the load benchmark runs it.
 
 The same ``python -m broker`` (amqtt, mqchat's sign-in gate, the subscription index),
-with one rule added to its topic ACL, for the raw baseline only: every signed-in
-user may also publish to any user's ``down/#``, as the bench's mosquitto role allows
+with rules added to its topic ACL, for the raw baselines only: every signed-in
+user may also publish to any user's ``down/#``, and publish and subscribe to
+``bench/g/#`` (``bench.groups``), as the bench's mosquitto role allows
 (``bench/_stack.py``). The rule is checked after the user's own, so chat traffic
 goes through the same checks as in production. Never run this outside the benchmark.
 """
@@ -15,12 +16,18 @@ from typing import Any
 from amqtt.contexts import Action
 from amqtt.session import Session
 
+from bench._group_gen import GROUP_TOPICS
 from broker import __main__ as broker_main
 from broker import embedded
 from protocol import acl, topics
 
-#: The one rule the raw baseline adds; the user's own rules were checked before it.
-RAW_RULES = (acl.Rule("publish", topics.ALL_DOWNLINKS),)
+#: The rules the raw baselines add; the user's own rules were checked before them.
+RAW_RULES = (
+    acl.Rule("publish", topics.ALL_DOWNLINKS),
+    # bench.groups' one-topic fan-out, on a bench-only topic outside chat/v1.
+    acl.Rule("publish", GROUP_TOPICS),
+    acl.Rule("subscribe", GROUP_TOPICS),
+)
 
 
 class RawTopicAcl(embedded.TopicAcl):
@@ -32,11 +39,10 @@ class RawTopicAcl(embedded.TopicAcl):
         action: Any = None,
     ) -> bool | None:
         allowed = await super().topic_filtering(session=session, topic=topic, action=action)
-        if allowed or action != Action.PUBLISH or topic is None:
+        if allowed or topic is None or session is None or not session.username:
             return allowed
-        if session is None or not session.username:
-            return allowed
-        return acl.allowed(RAW_RULES, session.username, "publish", topic)
+        verb: acl.Action = "publish" if action == Action.PUBLISH else "subscribe"
+        return acl.allowed(RAW_RULES, session.username, verb, topic)
 
 
 def _raw_config(settings: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import psutil
 from sqlalchemy import Engine, insert
 from sqlmodel import Session
 
+from bench._group_gen import GROUP_TOPICS
 from bridge.config import BridgeSettings
 from core import daemon
 from core.daemon import BRIDGE_READY_LOG as READY_LOG
@@ -75,7 +76,8 @@ class BenchProvisioner(DynsecProvisioner):
     """DynsecProvisioner plus the one dynsec command the raw baseline needs."""
 
     async def allow_raw_downlinks(self) -> None:
-        """Let every user publish to any user's ``down/#`` (raw baseline only).
+        """Let every user publish to any user's ``down/#`` (raw baseline only), and
+        publish and subscribe to ``bench/g/#`` (``bench.groups``' group-topic fan-out).
 
         Added to the role all users share, once, before anyone connects.
         """
@@ -89,6 +91,18 @@ class BenchProvisioner(DynsecProvisioner):
                 "allow": True,
             }
         )
+        # bench.groups' one-topic fan-out: a bench-only group topic, outside chat/v1.
+        for acltype in ("publishClientSend", "publishClientReceive", "subscribePattern"):
+            await self._run(
+                {
+                    "command": "addRoleACL",
+                    "rolename": USER_ROLE,
+                    "acltype": acltype,
+                    "topic": GROUP_TOPICS,
+                    "priority": 0,
+                    "allow": True,
+                }
+            )
 
 
 @dataclass

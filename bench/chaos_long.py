@@ -1,6 +1,7 @@
 """The long chaos run: hundreds of users, 50+ seeded faults of every kind, one verdict.
 
     python -m bench.chaos_long --minutes 10 --users 200 --seed N
+    python -m bench.chaos_long --minutes 10 --users 200 --seed N --groups
 
 Starts its own mosquitto (production config, dynsec) and PostgreSQL via
 ``tests/support/services.py``, the bridge as a subprocess and the history API. Devices reach
@@ -12,6 +13,12 @@ Meanwhile :class:`tests.support.chaos.Injector` applies every kind of
 :data:`tests.support.chaos.FAULT_KINDS` in seeded rounds. At the end
 :func:`tests.support.chaos.check` reconciles the logs and the report is written to
 ``docs/reliability.md``. Exit code 0 only for a VALID run with every fault applied.
+
+With ``--groups`` the first ``--group-size`` users are also in a group (created before
+the faults start) and one send in four of each member goes to the group; a user is
+added a third of the way in and a member removed two thirds in, under the faults. The
+checker then also holds every member device to exactly the group's stored sequence
+within its membership window (:class:`tests.support.chaos.GroupOps`).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench._report import git_commit
-from mqchat import ChatClient
+from mqchat import ChatClient, HistoryError
 from store import make_engine, migrate
 from tests.support import chaos
 from tests.support.chaos import History, Received, check
@@ -44,6 +51,19 @@ IMPATIENT_TIMEOUT = 3.0  # every fifth sender: past it the outcome is logged unk
 MAX_PER_SENDER = 20_000
 QUIET_TIMEOUT = 180.0
 TAIL = 10.0  # seconds of load after the last fault
+
+
+async def _connect(client: ChatClient, attempts: int = 60) -> None:
+    """Connect as a device would: the history API admits so many sign-ins at once and
+    answers the rest 429 "try again in 1 s" (nothing is connected yet then)."""
+    for attempt in range(attempts):
+        try:
+            await client.connect()
+            return
+        except HistoryError as exc:
+            if exc.status != 429 or attempt == attempts - 1:
+                raise
+        await asyncio.sleep(1)
 
 
 def loadavg() -> str:
@@ -73,6 +93,12 @@ class Bench:
         }
         self.impatient = {u for i, u in enumerate(self.users) if i % 5 == 1}
         self.clients: dict[str, ChatClient] = {}  # "user/device" -> client
+        self.group: str | None = None
+        size = min(args.group_size, n - 1) if args.groups else 0
+        self.group_members = self.users[:size]
+        #: Added mid-run (the first user outside the group) and removed mid-run.
+        self.joiner = self.users[size] if size else ""
+        self.leaver = self.users[2] if size else ""
         self.started = time.monotonic()
         self.load_ended = self.quiet_ended = 0.0
         self.planned = 0
@@ -122,7 +148,38 @@ class Bench:
                 self.clients[f"{user}/{device}"] = client
         pending = list(self.clients.values())
         for i in range(0, len(pending), 20):  # 20 devices connecting at a time
-            await asyncio.gather(*(client.connect() for client in pending[i : i + 20]))
+            await asyncio.gather(*(_connect(client) for client in pending[i : i + 20]))
+        self.group_ops = chaos.GroupOps(self.stack, self.history)
+        if self.group_members:
+            creator, *members = self.group_members
+            row = await self.group_ops.apply(
+                self.clients[f"{creator}/phone"],
+                creator,
+                "create",
+                name="chaos",
+                members=members,
+                timeout=60,
+            )
+            self.group = row.conversation
+
+    async def change_members(self, stop: asyncio.Event) -> None:
+        """Add ``joiner`` a third of the way in and remove ``leaver`` two thirds in."""
+        if self.group is None:
+            return
+        admin = self.group_members[0]
+        client = self.clients[f"{admin}/phone"]
+        for share, op, user in ((1 / 3, "add", self.joiner), (2 / 3, "remove", self.leaver)):
+            at = self.started + share * (self.args.minutes * 60 - TAIL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, at - time.monotonic()))
+            if stop.is_set():
+                return
+            try:
+                await self.group_ops.apply(
+                    client, admin, op, conversation=self.group, members=[user], timeout=120
+                )
+            except AssertionError as exc:  # the run fails on it, as on a failed fault
+                self.failures.append(f"{time.monotonic() - self.started:6.1f}s {exc}")
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -174,8 +231,15 @@ class Bench:
         for i in range(MAX_PER_SENDER):
             if stop.is_set():
                 return
-            to = rng.choice(self.partners[sender])
-            await self.history.send(client, sender, to, i, timeout)
+            # Members send to the group from their add on (the leaver goes on after its
+            # removal and is refused for good); before the add a refusal would not be
+            # final: a late resend of the same id could be stored once they are in.
+            in_group = self.group is not None and sender in self.group_ops.windows[self.group]
+            if in_group and rng.random() < 0.25:
+                await self.history.send(client, sender, None, i, timeout, conversation=self.group)
+            else:
+                to = rng.choice(self.partners[sender])
+                await self.history.send(client, sender, to, i, timeout)
             # Mixed load: mostly paced, one send in ten starts a burst.
             if rng.random() > 0.1:
                 await asyncio.sleep(rng.uniform(0.2, 1.8) * pace)
@@ -203,9 +267,14 @@ class Bench:
             return False
         targets = {op.key: op.target for op in self.history.ops if op.kind == "invoke"}
         shown = {(r.device, r.sender, r.id) for r in self.received}
+        windows = self.group_ops.windows
         for row in stored(self.stack):
-            to = targets[(row.sender, row.client_id)].removeprefix("to:")
-            for user in (row.sender, to):
+            if row.conversation_id in windows:
+                group = windows[row.conversation_id]
+                audience = [u for u, w in group.items() if chaos.in_window(w, row.seq)]
+            else:
+                audience = [row.sender, targets[(row.sender, row.client_id)].removeprefix("to:")]
+            for user in audience:
                 for device in self.devices[user]:
                     if (f"{user}/{device}", row.sender, row.client_id) not in shown:
                         return False
@@ -218,7 +287,12 @@ class Bench:
         print(
             f"chaos seed {self.seed}: {len(plan)} faults planned ({len(kinds)} kinds, "
             f"{min(kinds.values())}-{max(kinds.values())} each), {len(self.users)} users, "
-            f"{len(self.clients)} devices, {self.conversations} conversations",
+            f"{len(self.clients)} devices, {self.conversations} conversations"
+            + (
+                f", a group of {len(self.group_members)} (+{self.joiner}, -{self.leaver} mid-run)"
+                if self.group
+                else ""
+            ),
             flush=True,
         )
         stop = asyncio.Event()
@@ -230,7 +304,9 @@ class Bench:
         ticker = asyncio.create_task(self.progress(stop))
         try:
             await asyncio.gather(
-                self.inject(plan, stop), *(self.send_all(u, stop) for u in self.users)
+                self.inject(plan, stop),
+                self.change_members(stop),
+                *(self.send_all(u, stop) for u in self.users),
             )
             self.load_ended = time.monotonic() - self.started
             print(f"load ended at {self.load_ended:.1f}s; waiting for devices", flush=True)
@@ -248,7 +324,9 @@ class Bench:
         devices: dict[str, Sequence[str]] = {
             u: [f"{u}/{d}" for d in names] for u, names in self.devices.items()
         }
-        return check(self.history, self.received, rows, devices=devices)
+        return check(
+            self.history, self.received, rows, devices=devices, windows=self.group_ops.windows
+        )
 
     @property
     def ok(self) -> bool:
@@ -261,6 +339,7 @@ def write_report(bench: Bench, report: chaos.Report, args: argparse.Namespace, o
     command = (
         f"python -m bench.chaos_long --minutes {args.minutes:g} --users {args.users} "
         f"--seed {bench.seed} --pace {args.pace:g} --gap {args.gap:g}"
+        + (f" --groups --group-size {args.group_size}" if args.groups else "")
     )
     counts = bench.injector.counts()
     verdict = report.verdict()
@@ -303,6 +382,15 @@ def write_report(bench: Bench, report: chaos.Report, args: argparse.Namespace, o
         f"- git commit: {git_commit()}",
         f"- users: {len(bench.users)}, devices: {len(bench.clients)}, "
         f"conversations: {bench.conversations}, impatient senders: {len(bench.impatient)}",
+        *(
+            [
+                f"- group: {len(bench.group_members)} members, one send in four of each goes"
+                f" to it; {bench.joiner} added and {bench.leaver} removed mid-run; windows"
+                f" (seqs each member must see exactly): {bench.group_ops.windows[bench.group]}"
+            ]
+            if bench.group
+            else []
+        ),
         f"- faults: {len(bench.injector.applied)} applied, {len(counts)} kinds (the plan had "
         f"{bench.planned}; those that no longer fitted in the time were left out)",
         f"- load ended at {bench.load_ended:.1f}s, devices caught up at {bench.quiet_ended:.1f}s",
@@ -367,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gap", type=float, default=2.0, help="min seconds between faults")
     parser.add_argument("--progress", type=float, default=10.0, help="seconds between lines")
     parser.add_argument("--out", default=str(ROOT / "docs" / "reliability.md"))
+    parser.add_argument("--groups", action="store_true", help="also a group, changed mid-run")
+    parser.add_argument("--group-size", type=int, default=20, help="members at the start")
     args = parser.parse_args(argv)
     if not 4 <= args.users <= 1000 or not 0 < args.minutes <= 60:
         parser.error("--users must be 4..1000 and --minutes 0..60")

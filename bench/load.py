@@ -164,9 +164,12 @@ class Generator:
     pipes: list[Connection] = field(default_factory=list)
     pairs_of: list[list[tuple[str, str]]] = field(default_factory=list)
     steps_run: int = 0
+    #: The users to pair up (default: all of the stack's); ``bench.groups`` keeps its
+    #: group members out of the 1:1 pairs.
+    users: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        users = self.stack.users
+        users = self.users or self.stack.users
         pairs = [(users[i], users[i + 1]) for i in range(0, len(users) - 1, 2)]
         self.all_pairs = pairs
         self.pairs_of = [pairs[w :: self.workers] for w in range(self.workers)]

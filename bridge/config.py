@@ -8,6 +8,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES
 from store.devices import DEFAULT_MAX_DEVICES
+from store.groups import DEFAULT_MAX_MEMBERS
 
 from .faults import CRASH_AT_PATTERN
 
@@ -49,6 +50,10 @@ class BridgeSettings(BaseSettings):
     #: Device names one user may have (``store.devices``); a new one beyond it is
     #: refused with ``too_many_devices``.
     max_devices: int = Field(default=DEFAULT_MAX_DEVICES, ge=1)
+    #: Most members of a group (WhatsApp's limit); adding beyond it, or creating a
+    #: larger group, is refused with ``group_full``. Lowering it keeps existing
+    #: members; it only refuses additions.
+    group_max_members: int = Field(default=DEFAULT_MAX_MEMBERS, ge=1)
     #: A device not heard from for this long is taken offline even without its last
     #: will (the SDK announces itself every 120 s).
     presence_ttl: float = Field(default=300.0, gt=0)

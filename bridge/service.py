@@ -3,10 +3,22 @@
 ::
 
     broker ──up/msg──▶ queue ──batch──▶ decode ─┬─ bad ──▶ down/error ─────────────┐
-                                                └─ ok ──▶ persist_batch (COMMIT)   │
+          ──up/group─▶                          └─ ok ──▶ persist_batch (COMMIT)   │
+                                                     or apply_op (COMMIT)          │
                                                            ├─▶ down/msg to members │
                                                            └─▶ down/receipt sent   │
                       ack uplinks ◀── all those PUBACKs ◀──────────────────────────┘
+
+A group change (``up/group``) is stored like a message, as an event with the next seq
+of its conversation, and published the same way to every member (the one writer of
+a conversation's timeline is the bridge, so events and messages share one order).
+Messages and changes of one batch are stored in arrival order: a run of messages
+in one write, each change in a transaction of its own.
+
+Acks move cursors (``store.cursors``): in a 1:1 conversation the other member is
+told each move; in a group the moves of one batch are summed up per message sender
+and each sender gets one aggregate receipt ("read by k of n") per group and batch,
+which is what bounds a receipt storm in a 1,024-member group.
 
 Persist before deliver: nothing is published before its commit, and an uplink is
 acknowledged to the broker only after the broker has acknowledged everything
@@ -47,7 +59,8 @@ from protocol import errors, topics
 from store import conversations, make_engine, presence
 from store.cursors import AckOutcome, advance_batch
 from store.db import revisions
-from store.messages import DirectConversations, Outcome, persist_batch
+from store.groups import apply_op
+from store.messages import DirectConversations, GroupMembers, Outcome, persist_batch
 from store.types import utcnow
 
 from .config import BridgeSettings
@@ -58,15 +71,16 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two "typing" events relayed for one sender and conversation.
 TYPING_WINDOW = 3.0
-#: Seconds a conversation's members (or a sender not being one) are trusted for
-#: relaying typing; a member added or removed meanwhile is seen that much later.
-TYPING_MEMBERS_SECONDS = 10.0
-TYPING_MEMBERS_ENTRIES = 10_000
+#: Refusals remembered per instance, and for how long: far longer than any resend of
+#: the SDK's (at most 8 x resend_after apart) stays in flight.
+REFUSALS_KEPT = 100_000
+REFUSALS_SECONDS = 600.0
 #: The uplink kinds counted by ``MQCHAT_BRIDGE_UPLINK_RATE``, each on its own.
 _UPLINK_KINDS: dict[type, str] = {
     protocol.UpAck: "ack",
     protocol.UpTyping: "typing",
     protocol.UpPresence: "presence",
+    protocol.UpGroup: "group",
 }
 
 T = TypeVar("T")
@@ -94,7 +108,8 @@ class _Batch:
 
     uplinks: Sequence[Incoming]
     publishes: list[_Publish] = field(default_factory=list)
-    to_store: list[tuple[str, protocol.UpMessage]] = field(default_factory=list)
+    #: Messages and group changes, in arrival order.
+    to_store: list[tuple[str, protocol.UpMessage | protocol.UpGroup]] = field(default_factory=list)
     acks: list[tuple[str, protocol.UpAck]] = field(default_factory=list)
     presences: list[tuple[str, protocol.UpPresence]] = field(default_factory=list)
     typing: list[tuple[str, protocol.UpTyping]] = field(default_factory=list)
@@ -131,16 +146,26 @@ class Bridge(Service):
         #: (sender, conversation) -> (when, typing) of the last typing event relayed.
         self._typing_sent: dict[tuple[str, str], tuple[float, bool]] = {}
         self._crash = CrashHook(settings.crash_at)  # test only, see bridge/faults.py
-        self._persist = functools.partial(persist_batch, directs=DirectConversations())
+        self._persist = functools.partial(
+            persist_batch, directs=DirectConversations(), groups=GroupMembers()
+        )
         self._advance = functools.partial(advance_batch, max_devices=settings.max_devices)
         self._announce = functools.partial(presence.update_batch, max_devices=settings.max_devices)
         self._uplink_rates = {
             kind: MessageRate(settings.uplink_rate) for kind in _UPLINK_KINDS.values()
         }
-        #: (conversation, sender) -> its members, or None if the sender is not one: a
-        #: typing event is relayed at once, without a database lookup per keystroke.
-        self._typing_members: TTLCache[tuple[str, str], tuple[str, ...] | None] = TTLCache(
-            TYPING_MEMBERS_ENTRIES, TYPING_MEMBERS_SECONDS
+        #: Conversations' members as of their ``members_seq``, for relaying typing:
+        #: one key lookup per relayed event (at most one per window per sender and
+        #: conversation), and a removal made through any instance holds at once.
+        self._typing_members = GroupMembers(limit=100_000)
+        #: (sender, id) -> the refusal of a message or group change: a resend of the
+        #: same id gets the same answer, not a second chance. Without it a resend
+        #: already on its way when the refusal came (the SDK resends until answered)
+        #: was stored once the condition changed (the sender added to the group), after
+        #: the app had been told "refused". Per instance and in memory: every uplink of
+        #: a sender comes to the same instance, and a restart forgets.
+        self._refused: TTLCache[tuple[str, str], errors.ProtocolError] = TTLCache(
+            REFUSALS_KEPT, REFUSALS_SECONDS
         )
         #: Database turns taken (logged at shutdown; tests read it to show that
         #: refused uplinks cost none).
@@ -248,7 +273,7 @@ class Bridge(Service):
             if refusal is not None:
                 work.publishes.append(self._error(decoded.sender, refusal))
                 continue
-            if isinstance(decoded.payload, protocol.UpMessage):
+            if isinstance(decoded.payload, protocol.UpMessage | protocol.UpGroup):
                 work.to_store.append((decoded.sender, decoded.payload))
             elif isinstance(decoded.payload, protocol.UpAck):
                 work.acks.append((decoded.sender, decoded.payload))
@@ -276,17 +301,29 @@ class Bridge(Service):
         if self._uplink_rates[kind].allow(sender):
             return None
         return errors.ProtocolError(
-            errors.RATE_LIMITED, f"over {self.settings.uplink_rate} {kind} uplinks; dropped"
+            errors.RATE_LIMITED,
+            f"over {self.settings.uplink_rate} {kind} uplinks; dropped",
+            id=uplink.id if isinstance(uplink, protocol.UpGroup) else None,
         )
 
     async def _store(self, work: _Batch) -> None:
         """The batch's database turns, in order; adds what to publish for it."""
         publishes = work.publishes
-        if work.to_store:
+        fresh = []
+        for sender, uplink in work.to_store:
+            refusal = self._refused.get((sender, uplink.id))
+            if refusal is not None:
+                publishes.append(self._error(sender, refusal))
+            else:
+                fresh.append((sender, uplink))
+        if fresh:
             self._crash.reach("before_commit")
-            outcomes = await self._with_database("messages", self._persist, work.to_store)
+            outcomes = await self._store_in_order(fresh)
             self._crash.reach("after_commit")
-            for (sender, _), outcome in zip(work.to_store, outcomes, strict=True):
+            for (sender, uplink), outcome in zip(fresh, outcomes, strict=True):
+                # id_reused: the id names a stored message, which stays its answer.
+                if outcome.error is not None and outcome.error.code != errors.ID_REUSED:
+                    self._refused[(sender, uplink.id)] = outcome.error
                 publishes.extend(self._route(sender, outcome))
         if work.acks:
             # After the messages of the same batch, which an ack may refer to.
@@ -300,6 +337,32 @@ class Bridge(Service):
         for sender, event in work.typing:
             # Ephemeral: QoS 0, never stored, and nothing waits for it.
             await self._relay_typing(sender, event, publishes)
+
+    async def _store_in_order(
+        self, uplinks: Sequence[tuple[str, protocol.UpMessage | protocol.UpGroup]]
+    ) -> list[Outcome]:
+        """Messages and group changes in arrival order: a sender's "bye" before their
+        leaving is stored, and their "welcome" after adding someone reaches them."""
+        outcomes: list[Outcome] = []
+        run: list[tuple[str, protocol.UpMessage]] = []
+        for sender, uplink in uplinks:
+            if isinstance(uplink, protocol.UpMessage):
+                run.append((sender, uplink))
+                continue
+            if run:
+                outcomes += await self._with_database("messages", self._persist, run)
+                run = []
+            outcomes += await self._with_database("group changes", self._apply, [(sender, uplink)])
+        if run:
+            outcomes += await self._with_database("messages", self._persist, run)
+        return outcomes
+
+    def _apply(
+        self, engine: Engine, changes: Sequence[tuple[str, protocol.UpGroup]]
+    ) -> list[Outcome]:
+        return [
+            apply_op(engine, sender, op, self.settings.group_max_members) for sender, op in changes
+        ]
 
     def _deliver(self, stored: _Batch) -> None:
         """Publish a stored batch; acknowledge its uplinks once the broker has it all."""
@@ -382,17 +445,17 @@ class Bridge(Service):
             return
         if not event.typing and (last is None or not last[1]):
             return
-        if key in self._typing_members:
-            members = self._typing_members[key]
-        else:
-            self.database_turns += 1
-            try:
-                members = await asyncio.to_thread(
-                    conversations.members_if_member, self.engine, event.conversation, sender
-                )
-            except (OperationalError, DBAPIError):
-                return  # typing is not worth holding anything up for
-            self._typing_members[key] = None if members is None else tuple(members)
+        self.database_turns += 1
+        try:
+            members = await asyncio.to_thread(
+                conversations.current_members_if_member,
+                self.engine,
+                event.conversation,
+                sender,
+                self._typing_members,
+            )
+        except (OperationalError, DBAPIError):
+            return  # typing is not worth holding anything up for
         if members is None:
             errors_out.append(
                 self._error(
@@ -437,11 +500,24 @@ class Bridge(Service):
                     at=change.at,
                 )
             )
-            # Everyone else learns how far this member got; for "read" the member's
-            # own devices learn it too, so each clears its unread count.
+            # Everyone else learns how far this member got (in a group, nobody: its
+            # senders get the tallies below); for "read" the member's own devices
+            # learn it too, so each clears its unread count.
             for member in change.members:
                 if member != change.user or change.kind == "read":
                     out.append(_Publish(topics.down_receipt(member), payload))
+        for tally in outcome.tallies:
+            aggregate = protocol.Receipt(
+                status=tally.kind,
+                conversation=tally.conversation,
+                seq=tally.seq,
+                by=tally.by,
+                at=tally.at,
+                delivered=tally.delivered,
+                read=tally.read,
+                members=tally.members,
+            )
+            out.append(_Publish(topics.down_receipt(tally.sender), protocol.encode(aggregate)))
         return out
 
     def _presence(self, states: Sequence[presence.UserPresence]) -> list[_Publish]:

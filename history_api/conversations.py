@@ -54,15 +54,33 @@ class LastMessage(BaseModel):
 
 class ConversationPublic(BaseModel):
     id: str
+    #: ``direct`` or ``group``.
     kind: str
+    #: A group's name; null for a direct conversation.
+    name: str | None
+    #: The current members; empty when the caller is no longer one.
     members: list[str]
+    #: False for a group the caller left or was removed from: its history up to then
+    #: stays readable, nothing after.
+    member: bool
+    #: The newest message or event the caller may read.
     last_message: LastMessage | None
-    #: Messages from others after the caller's read cursor (the furthest of their devices).
+    #: Messages from others after the caller's read cursor (the furthest of their
+    #: devices), inside the caller's membership; group events are not counted.
     unread: int
 
 
+class MemberPublic(BaseModel):
+    username: str
+    #: ``admin`` or ``member``.
+    role: str
+    #: The seq the member sees the conversation from: what came before is not theirs.
+    since_seq: int
+
+
 class MessagePage(BaseModel):
-    #: Ascending seq, with the field names of the ``down/msg`` payload.
+    #: Ascending seq, with the field names of the ``down/msg`` payload (group events
+    #: with their ``event`` fields).
     messages: list[DownMessage]
     #: More messages lie beyond this page in the direction of paging: after it for
     #: ``after``, before it otherwise.
@@ -76,7 +94,9 @@ def list_conversations(session: SessionDep, me: CurrentUser) -> list[Conversatio
         ConversationPublic(
             id=summary.id,
             kind=summary.kind,
+            name=summary.name,
             members=list(summary.members),
+            member=summary.member,
             last_message=None
             if summary.last_message is None
             else LastMessage.of(summary.last_message),
@@ -84,6 +104,21 @@ def list_conversations(session: SessionDep, me: CurrentUser) -> list[Conversatio
         )
         for summary in history.conversations_of(session, me)
     ]
+
+
+@router.get(
+    "/{conversation_id}/members",
+    responses={401: UNAUTHENTICATED, 404: not_found(errors.UNKNOWN_CONVERSATION), 503: UNAVAILABLE},
+)
+def list_members(conversation_id: str, session: SessionDep, me: CurrentUser) -> list[MemberPublic]:
+    """A conversation's current members, by name, with their roles and the seq each
+    sees it from. Only for its members: a former member gets 404 like a stranger."""
+    found = history.members(session, me, conversation_id) if storable(conversation_id) else None
+    if found is None:
+        raise errors.ProtocolError(
+            errors.UNKNOWN_CONVERSATION, f"no conversation {conversation_id!r} of yours"
+        )
+    return [MemberPublic(username=m.username, role=m.role, since_seq=m.since_seq) for m in found]
 
 
 @router.get(

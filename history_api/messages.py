@@ -18,7 +18,8 @@ router = APIRouter(prefix="/v1/messages", tags=["messages"])
 
 class DeviceDelivery(BaseModel):
     user: str
-    device: str
+    #: Null for a recipient none of whose devices has acked the conversation yet.
+    device: str | None
     #: When this device's delivered cursor first reached the message; null until then.
     delivered_at: datetime | None
     #: When this device's read cursor first reached the message; null until then.
@@ -30,11 +31,16 @@ class MessageTrace(BaseModel):
     #: When the server stored the message (its ``sent_at``).
     stored_at: datetime
     devices: list[DeviceDelivery] = Field(
-        description="Every device of the other members that has a cursor in the "
-        "conversation, by user and device name, at most 256"
+        description="Every recipient (whoever was a member at the message's seq, the "
+        "sender aside, members removed since included) with each of their devices "
+        "that has a cursor in the conversation, or one entry with a null device if "
+        "none has; by user and device name, at most 256"
     )
     #: True when more devices have cursors than ``devices`` lists.
     more_devices: bool = False
+    members: int = Field(description="How many recipients the message has")
+    delivered: int = Field(description="Recipients with the message on any device")
+    read: int = Field(description="Recipients who have read it on any device")
 
 
 @router.get(
@@ -62,4 +68,7 @@ def get_message(message_id: str, session: SessionDep, me: CurrentUser) -> Messag
             for device in trace.devices
         ],
         more_devices=trace.more_devices,
+        members=trace.tally.members,
+        delivered=trace.tally.delivered,
+        read=trace.tally.read,
     )

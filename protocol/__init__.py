@@ -18,6 +18,7 @@ from .codec import Decoded, Uplink, decode, encode
 from .errors import ProtocolError
 from .models import (
     MAX_BODY_CHARS,
+    MAX_GROUP_NAME_CHARS,
     MAX_PAYLOAD_BYTES,
     DownMessage,
     DownTyping,
@@ -25,6 +26,7 @@ from .models import (
     Presence,
     Receipt,
     UpAck,
+    UpGroup,
     UpMessage,
     UpPresence,
     UpTyping,
@@ -34,6 +36,7 @@ VERSION = "v1"
 
 __all__ = [
     "MAX_BODY_CHARS",
+    "MAX_GROUP_NAME_CHARS",
     "MAX_PAYLOAD_BYTES",
     "VERSION",
     "Decoded",
@@ -44,6 +47,7 @@ __all__ = [
     "ProtocolError",
     "Receipt",
     "UpAck",
+    "UpGroup",
     "UpMessage",
     "UpPresence",
     "UpTyping",

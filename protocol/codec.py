@@ -11,16 +11,18 @@ from pydantic import BaseModel, ValidationError
 from . import errors, topics
 from .models import (
     MAX_BODY_CHARS,
+    MAX_GROUP_NAME_CHARS,
     MAX_ID_CHARS,
     MAX_PAYLOAD_BYTES,
     UPLINK_MODELS,
     UpAck,
+    UpGroup,
     UpMessage,
     UpPresence,
     UpTyping,
 )
 
-Uplink = UpMessage | UpAck | UpTyping | UpPresence
+Uplink = UpMessage | UpAck | UpTyping | UpPresence | UpGroup
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +91,33 @@ def decode(
             f"body is {len(body)} characters; the limit is {max_body_chars}",
             id=client_id,
         )
+    name = data.get("name") if model is UpGroup else None
+    if isinstance(name, str):
+        check_group_name(name, client_id)
     try:
         message = model.model_validate(data)
     except ValidationError as exc:
         raise errors.ProtocolError(errors.INVALID_PAYLOAD, _describe(exc), id=client_id) from None
-    assert isinstance(message, UpMessage | UpAck | UpTyping | UpPresence)
+    assert isinstance(message, UpMessage | UpAck | UpTyping | UpPresence | UpGroup)
     return Decoded(sender=parsed.user, payload=message)
+
+
+def check_group_name(name: str, client_id: str | None = None) -> None:
+    """Refuse a group name that is blank or too long with ``invalid_name``.
+
+    Its own code rather than ``invalid_payload``: the name is what a person typed, and
+    a client shows this refusal to them.
+    """
+    if not name.strip():
+        raise errors.ProtocolError(
+            errors.INVALID_NAME, "a group name may not be blank", id=client_id
+        )
+    if len(name) > MAX_GROUP_NAME_CHARS:
+        raise errors.ProtocolError(
+            errors.INVALID_NAME,
+            f"the group name is {len(name)} characters; the limit is {MAX_GROUP_NAME_CHARS}",
+            id=client_id,
+        )
 
 
 def encode(model: BaseModel) -> bytes:

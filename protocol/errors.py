@@ -33,6 +33,14 @@ UNAUTHORIZED: Final = "unauthorized"
 NOT_SUPPORTED: Final = "not_supported"
 RATE_LIMITED: Final = "rate_limited"
 TOO_MANY_DEVICES: Final = "too_many_devices"
+FORBIDDEN: Final = "forbidden"
+ALREADY_MEMBER: Final = "already_member"
+NOT_MEMBER: Final = "not_member"
+ALREADY_ADMIN: Final = "already_admin"
+NOT_ADMIN: Final = "not_admin"
+LAST_ADMIN: Final = "last_admin"
+GROUP_FULL: Final = "group_full"
+INVALID_NAME: Final = "invalid_name"
 INTERNAL: Final = "internal_error"
 
 #: Every code a client may see, with the HTTP status it maps to where the
@@ -59,6 +67,14 @@ HTTP_STATUS: Final[dict[str, int]] = {
     NOT_SUPPORTED: 400,
     RATE_LIMITED: 429,
     TOO_MANY_DEVICES: 409,
+    FORBIDDEN: 403,
+    ALREADY_MEMBER: 409,
+    NOT_MEMBER: 409,
+    ALREADY_ADMIN: 409,
+    NOT_ADMIN: 409,
+    LAST_ADMIN: 409,
+    GROUP_FULL: 409,
+    INVALID_NAME: 422,
     INTERNAL: 500,
 }
 
@@ -87,6 +103,14 @@ ErrorCode = Literal[
     "not_supported",
     "rate_limited",
     "too_many_devices",
+    "forbidden",
+    "already_member",
+    "not_member",
+    "already_admin",
+    "not_admin",
+    "last_admin",
+    "group_full",
+    "invalid_name",
     "internal_error",
 ]
 assert set(get_args(ErrorCode)) == ERROR_CODES

@@ -28,12 +28,21 @@ MAX_BODY_CHARS: Final = 4096
 #: The production broker drops payloads over twice this, without telling anyone.
 MAX_PAYLOAD_BYTES: Final = 32 * 1024
 MAX_ID_CHARS: Final = 64
+#: Longest group name, in characters (WhatsApp's subject limit); ``invalid_name`` above it.
+MAX_GROUP_NAME_CHARS: Final = 100
+#: Most users one group operation may name (the default group size cap).
+MAX_OP_MEMBERS: Final = 1024
 
 #: What the schemas say of every uplink text: no NUL (``_Uplink._no_nul`` enforces it
 #: with a clearer message than a pattern mismatch) and no lone surrogate (``"\ud800"``
 #: is valid JSON but no Unicode text; pydantic refuses it).
 TEXT_PATTERN: Final = r"^[^\u0000\ud800-\udfff]*$"
 _TEXT: Final = {"pattern": TEXT_PATTERN}
+#: A group name: text as above with at least one character that is not white space
+#: (``codec.check_group_name`` refuses the rest with ``invalid_name``).
+GROUP_NAME_PATTERN: Final = (
+    r"^[^\u0000\ud800-\udfff]*[^\s\u0000\ud800-\udfff][^\u0000\ud800-\udfff]*$"
+)
 
 
 def _integral(value: object) -> object:
@@ -42,6 +51,10 @@ def _integral(value: object) -> object:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _absent(value: object) -> bool:
+    return value is None
 
 
 ClientMessageId = Annotated[
@@ -158,8 +171,107 @@ class UpTyping(_Uplink):
     typing: bool = True
 
 
+GroupOp = Literal["create", "add", "remove", "leave", "promote", "demote", "rename"]
+GroupEvent = Literal["created", "added", "removed", "left", "promoted", "demoted", "renamed"]
+#: The ops that name users in ``members`` (the schema's ``OnMembers`` lists them too).
+OPS_ON_MEMBERS: Final[frozenset[str]] = frozenset({"add", "remove", "promote", "demote"})
+
+
+class UpGroup(_Uplink):
+    """A change to a group, published to ``chat/v1/u/{me}/up/group``.
+
+    ``id`` is the idempotency key, shared with ``up/msg`` ids: the change is stored as
+    an event of the conversation's timeline, under this id. ``create`` names no
+    ``conversation`` (the answer carries the new one) and needs ``name``; every other
+    op names the ``conversation``. ``add``, ``remove``, ``promote`` and ``demote`` name
+    the users in ``members``; ``rename`` needs ``name``. ``name`` is checked by the
+    bridge (``invalid_name``: empty, blank or over 100 characters).
+    """
+
+    # What each op needs, written so that schema validators see it (a null
+    # ``conversation`` counts as absent, as it does here).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "title": "Create",
+                    "required": ["name"],
+                    "properties": {
+                        "op": {"const": "create"},
+                        "name": {"type": "string"},
+                        "conversation": {"type": "null"},
+                    },
+                },
+                {
+                    "title": "OnMembers",
+                    "required": ["conversation", "members"],
+                    "properties": {
+                        "op": {"enum": ["add", "demote", "promote", "remove"]},
+                        "conversation": {"type": "string"},
+                        "members": {"type": "array", "minItems": 1},
+                    },
+                },
+                {
+                    "title": "Leave",
+                    "required": ["conversation"],
+                    "properties": {"op": {"const": "leave"}, "conversation": {"type": "string"}},
+                },
+                {
+                    "title": "Rename",
+                    "required": ["conversation", "name"],
+                    "properties": {
+                        "op": {"const": "rename"},
+                        "conversation": {"type": "string"},
+                        "name": {"type": "string"},
+                    },
+                },
+            ]
+        }
+    )
+
+    id: ClientMessageId
+    op: GroupOp
+    conversation: ConversationId | None = None
+    name: (
+        Annotated[
+            str,
+            Field(
+                max_length=MAX_GROUP_NAME_CHARS,
+                json_schema_extra={"pattern": GROUP_NAME_PATTERN},
+            ),
+        ]
+        | None
+    ) = None
+    members: Annotated[list[Username], Field(max_length=MAX_OP_MEMBERS)] | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_op(self) -> UpGroup:
+        if self.op == "create":
+            if self.conversation is not None:
+                raise ValueError("'create' names no 'conversation': the group is new")
+            if self.name is None:
+                raise ValueError("'create' needs a 'name'")
+            return self
+        if self.conversation is None:
+            raise ValueError(f"{self.op!r} needs the group's 'conversation'")
+        if self.op in OPS_ON_MEMBERS and not self.members:
+            raise ValueError(f"{self.op!r} needs 'members': the users it concerns")
+        if self.op == "rename" and self.name is None:
+            raise ValueError("'rename' needs a 'name'")
+        return self
+
+
 class DownMessage(_Downlink):
-    """A stored message, published to every member's ``chat/v1/u/{member}/down/msg``."""
+    """A stored message, published to every member's ``chat/v1/u/{member}/down/msg``.
+
+    A group's membership changes are events in the same timeline: they take a seq
+    like a message and carry ``event``, with ``from`` the member who made the change
+    and ``body`` a line a client that does not know events can show as it is
+    ("alice added carol"). ``users`` are the users the event concerns (``created``:
+    the members besides the creator; ``left``: none), ``name`` the group's name
+    (``created``, ``renamed``), ``promoted`` who became admin because the last admin
+    left.
+    """
 
     id: str
     conversation: str
@@ -167,6 +279,11 @@ class DownMessage(_Downlink):
     from_: str = Field(alias="from")
     body: str
     sent_at: datetime
+    # Left out when absent (not null), so a message reads as it did before groups.
+    event: GroupEvent | None = Field(default=None, exclude_if=_absent)
+    users: list[str] | None = Field(default=None, exclude_if=_absent)
+    name: str | None = Field(default=None, exclude_if=_absent)
+    promoted: list[str] | None = Field(default=None, exclude_if=_absent)
 
 
 class Receipt(_Downlink):
@@ -175,6 +292,12 @@ class Receipt(_Downlink):
     ``sent`` goes to the sender's devices; ``delivered`` and ``read`` to the other
     members, and ``read`` to the reader's own devices too (``by`` is the reader).
     ``seq`` is a cursor: ``delivered`` and ``read`` mean "up to and including seq".
+
+    In a group, telling every member of every move would cost 1,023 publishes per
+    cursor move; instead a message's sender gets an aggregate: ``seq`` is then that
+    one message of theirs, ``members`` how many may read it (the sender aside), and
+    ``delivered`` / ``read`` how many of those have it and have read it by now. One
+    such receipt per sender and group per bridge batch, however many members moved.
     """
 
     status: Literal["sent", "delivered", "read"]
@@ -183,6 +306,10 @@ class Receipt(_Downlink):
     id: str | None = None
     by: str
     at: datetime
+    # Left out when absent (not null): a 1:1 receipt reads as it always did.
+    delivered: int | None = Field(default=None, ge=0, exclude_if=_absent)
+    read: int | None = Field(default=None, ge=0, exclude_if=_absent)
+    members: int | None = Field(default=None, ge=0, exclude_if=_absent)
 
 
 class DownTyping(_Downlink):
@@ -220,6 +347,7 @@ UPLINK_MODELS: Final[dict[str, type[_Uplink]]] = {
     "ack": UpAck,
     "typing": UpTyping,
     "presence": UpPresence,
+    "group": UpGroup,
 }
 
 DOWNLINK_MODELS: Final[dict[str, type[_Downlink]]] = {

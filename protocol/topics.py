@@ -13,9 +13,9 @@ from typing import Final, Literal
 
 PREFIX: Final = "chat/v1"
 
-UpKind = Literal["msg", "ack", "typing", "presence"]
+UpKind = Literal["msg", "ack", "typing", "presence", "group"]
 DownKind = Literal["msg", "receipt", "typing", "error"]
-UP_KINDS: Final[tuple[UpKind, ...]] = ("msg", "ack", "typing", "presence")
+UP_KINDS: Final[tuple[UpKind, ...]] = ("msg", "ack", "typing", "presence", "group")
 DOWN_KINDS: Final[tuple[DownKind, ...]] = ("msg", "receipt", "typing", "error")
 
 #: Usernames are topic levels, so they may not contain ``/``, ``+``, ``#`` or start

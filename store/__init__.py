@@ -3,7 +3,8 @@
 ::
 
     bridge ──persist_batch──▶ messages (dedupe, seq in the commit) ──▶ COMMIT
-           ──advance_batch──▶ cursors (per device, forward only, moves logged)
+           ──advance_batch──▶ cursors (per device, forward only, moves logged;
+                              a group's moves tallied per message sender)
            ──update_batch───▶ presence (per device; expire() for silent ones)
     history API ──▶ tokens, history (pages, trace, conversations), search (FTS)
     CLI / API sign-up ──▶ accounts (argon2)

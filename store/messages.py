@@ -10,7 +10,8 @@ reaches the database is not, so each engine has its :class:`_Dialect`::
 
     persist_batch ─▶ dialect.connect     PostgreSQL: autocommit   SQLite: BEGIN IMMEDIATE
       ─▶ resends and recipients          (PostgreSQL skips it when every conversation is known)
-      ─▶ dialect.create_directs ─▶ members
+      ─▶ dialect.create_directs ─▶ members (conversations named by id: locked, then
+                                          from GroupMembers while members_seq holds)
       ─▶ _decide                         each uplink in arrival order: dedupe, refusals
       ─▶ dialect.store_new               PostgreSQL: one CTE      SQLite: UPDATE + INSERT
       ─▶ _outcomes
@@ -22,7 +23,7 @@ import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -42,17 +43,18 @@ from sqlmodel import col
 from protocol import UpMessage, errors
 
 from .history import MESSAGE_COLUMNS, HistoryMessage, to_history_message
-from .tables import Account, Conversation, Member, Message
+from .tables import Account, Conversation, Member, MemberPeriod, Message
 from .types import utcnow
 
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage(HistoryMessage):
-    """A committed message and who must receive it."""
+    """A committed message (or group event) and who must receive it."""
 
-    members: tuple[str, ...]
+    #: Who receives it: the members whose periods hold its seq.
+    members: tuple[str, ...] = field(kw_only=True)
     #: True when this uplink was already stored earlier (a resend).
-    duplicate: bool
+    duplicate: bool = field(kw_only=True)
 
 
 #: The fields a StoredMessage takes over from the HistoryMessage it is made of.
@@ -108,10 +110,40 @@ class DirectConversations:
             self._members[conversation] = tuple(members[conversation])
 
 
+class GroupMembers:
+    """What a writer has learnt of conversations' members, each as of a ``members_seq``.
+
+    A group's members change, but only with a membership event, which moves the
+    conversation's ``members_seq`` in the same transaction. A writer reads that
+    number with the conversation row locked and uses what it kept only while it is
+    unchanged, so a member removed by any writer is gone for the very next message,
+    and a busy group costs no members read per batch. Bounded: everything is dropped
+    when the members kept would pass ``limit`` names.
+    """
+
+    def __init__(self, limit: int = 1_000_000) -> None:
+        self.limit = limit
+        self._kept: dict[str, tuple[int, tuple[str, ...]]] = {}
+        self._names = 0
+
+    def members_of(self, conversation: str, members_seq: int) -> tuple[str, ...] | None:
+        kept = self._kept.get(conversation)
+        return kept[1] if kept is not None and kept[0] == members_seq else None
+
+    def learn(self, conversation: str, members_seq: int, members: tuple[str, ...]) -> None:
+        if self._names + len(members) > self.limit:
+            self._kept.clear()
+            self._names = 0
+        old = self._kept.get(conversation)
+        self._names += len(members) - (len(old[1]) if old is not None else 0)
+        self._kept[conversation] = (members_seq, members)
+
+
 def persist_batch(
     engine: Engine,
     uplinks: Sequence[tuple[str, UpMessage]],
     directs: DirectConversations | None = None,
+    groups: GroupMembers | None = None,
 ) -> list[Outcome]:
     """Store a batch of (sender, message) at once; one outcome per input.
 
@@ -122,6 +154,9 @@ def persist_batch(
     increasing seqs. With ``directs``, direct conversations it knows are not read
     again, and the ones this batch found or created are added to it once committed.
     How each engine commits the batch: :class:`_PostgreSQL`, :class:`_SQLite`.
+    A conversation named by id (a group) is locked before its members are read, so
+    a membership change committing meanwhile waits or is seen; with ``groups``, its
+    members are read only when they changed.
 
     Rejections (unknown recipient, not a member) never undo the rest of the batch.
     If the write fails on a constraint (another bridge stored the same message at the
@@ -132,9 +167,14 @@ def persist_batch(
         return []
     dialect = _dialect_of(engine)
     known = directs if directs is not None else DirectConversations()
+    kept = groups if groups is not None else GroupMembers()
+    locking = any(
+        up.conversation is not None and known.members_of(up.conversation) is None
+        for _, up in uplinks
+    )
     try:
-        with dialect.connect(engine) as conn:
-            outcomes, found, members = _persist(conn, dialect, uplinks, known)
+        with dialect.connect(engine, locking) as conn:
+            outcomes, found, members = _persist(conn, dialect, uplinks, known, kept)
     except IntegrityError:
         if len(uplinks) == 1:
             raise
@@ -144,7 +184,7 @@ def persist_batch(
         return outcomes
     results: list[Outcome] = []
     for item in uplinks:
-        results.extend(persist_batch(engine, [item], directs))
+        results.extend(persist_batch(engine, [item], directs, groups))
     return results
 
 
@@ -181,8 +221,12 @@ class _Dialect(ABC):
     checks_in_write: bool
 
     @abstractmethod
-    def connect(self, engine: Engine) -> AbstractContextManager[Connection]:
-        """The connection the batch is stored on, committed when it closes."""
+    def connect(self, engine: Engine, locking: bool) -> AbstractContextManager[Connection]:
+        """The connection the batch is stored on, committed when it closes.
+
+        ``locking``: the batch locks conversation rows (``FOR UPDATE``) that must stay
+        locked until its write, so it needs one transaction.
+        """
 
     @abstractmethod
     def create_directs(self, conn: Connection, pairs: dict[str, tuple[str, str]]) -> dict[str, str]:
@@ -217,11 +261,11 @@ WITH input AS (
     ) WITH ORDINALITY AS i(sender, client_id, conversation_id, recipient, body, arrival)
 ), checked AS (
     SELECT i.*, m.seq AS stored_seq, m.conversation_id AS stored_conversation,
-           m.body AS stored_body, m.sent_at AS stored_at,
+           m.body AS stored_body, m.sent_at AS stored_at, m.event AS stored_event,
            i.recipient IS NULL OR coalesce(r.enabled, false) AS deliverable
     FROM input i
     LEFT JOIN LATERAL (
-        SELECT m.seq, m.conversation_id, m.body, m.sent_at FROM messages m
+        SELECT m.seq, m.conversation_id, m.body, m.sent_at, m.event FROM messages m
         WHERE m.sender = i.sender AND m.client_id = i.client_id LIMIT 1
     ) m ON true
     LEFT JOIN LATERAL (
@@ -245,9 +289,10 @@ WITH input AS (
     ORDER BY f.arrival
     RETURNING client_id, sender, seq
 )
-SELECT true, client_id, NULL, seq, sender, NULL, NULL FROM stored
+SELECT true, client_id, NULL, seq, sender, NULL, NULL, NULL FROM stored
 UNION ALL
-SELECT false, client_id, stored_conversation, stored_seq, sender, stored_body, stored_at
+SELECT false, client_id, stored_conversation, stored_seq, sender, stored_body, stored_at,
+       stored_event
 FROM checked WHERE stored_seq IS NOT NULL
 """
 
@@ -260,13 +305,19 @@ class _PostgreSQL(_Dialect):
     resends and messages to a missing or disabled account by itself. The reads run
     only for a batch with a conversation to find or create; they are what a
     transaction at READ COMMITTED would see too, and a new conversation is created
-    with its members in a transaction of its own.
+    with its members in a transaction of its own. A batch that names conversations
+    by id runs in one transaction instead: it locks their rows before reading their
+    members and keeps them locked until its write commits.
     """
 
     checks_in_write = True
 
     @contextmanager
-    def connect(self, engine: Engine) -> Iterator[Connection]:
+    def connect(self, engine: Engine, locking: bool) -> Iterator[Connection]:
+        if locking:
+            with engine.begin() as conn:
+                yield conn
+            return
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             yield conn
 
@@ -292,12 +343,12 @@ class _PostgreSQL(_Dialect):
         ).all()
         seqs: dict[tuple[str, str], int] = {}
         resent: dict[tuple[str, str], HistoryMessage] = {}
-        for is_new, client_id, conversation, seq, sender, body, sent_at in rows:
+        for is_new, client_id, conversation, seq, sender, body, sent_at, event in rows:
             if is_new:
                 seqs[sender, client_id] = seq
             else:
                 resent[sender, client_id] = HistoryMessage(
-                    client_id, conversation, seq, sender, body, sent_at.astimezone(UTC)
+                    client_id, conversation, seq, sender, body, sent_at.astimezone(UTC), event
                 )
         return seqs, resent
 
@@ -312,7 +363,7 @@ class _SQLite(_Dialect):
     checks_in_write = False
 
     @contextmanager
-    def connect(self, engine: Engine) -> Iterator[Connection]:
+    def connect(self, engine: Engine, locking: bool) -> Iterator[Connection]:
         with engine.begin() as conn:
             yield conn
 
@@ -371,6 +422,7 @@ def _persist(
     dialect: _Dialect,
     uplinks: Sequence[tuple[str, UpMessage]],
     known: DirectConversations,
+    kept: GroupMembers,
 ) -> tuple[list[Outcome], dict[str, str], dict[str, Sequence[str]]]:
     """The outcomes, and the direct conversations read or created here with their members."""
     # 1. Resends (messages of this batch stored already) and the recipients that
@@ -395,10 +447,10 @@ def _persist(
     )
     direct.update(found)
 
-    # 3. Members of every conversation involved: membership checks and routing.
-    involved = set(direct.values()) | {m.conversation for m in stored_before.values()}
+    # 3. Members of every conversation written to: membership checks and routing.
+    involved = set(direct.values())
     involved |= {up.conversation for _, up in uplinks if up.conversation is not None}
-    members = _members(conn, involved, known)
+    members = _members(conn, involved, known, kept)
 
     # 4. Decide each uplink in arrival order.
     decided, new_in = _decide(uplinks, stored_before, stored_directs, recipients, direct, members)
@@ -408,10 +460,9 @@ def _persist(
     now = utcnow()
     new = [item for item in decided if isinstance(item, _New)]
     seqs, resent = dialect.store_new(conn, new, new_in, now) if new else ({}, {})
-    members.update(
-        _members(conn, {m.conversation for m in resent.values()} - members.keys(), known)
-    )
-    return _outcomes(decided, seqs, resent, members, now), found, members
+    again = {(m.conversation, m.seq) for m in (*stored_before.values(), *resent.values())}
+    readers = recipients_at(conn, again, known)
+    return _outcomes(decided, seqs, resent, members, readers, now), found, members
 
 
 def _known(sender: str, up: UpMessage, known: DirectConversations) -> bool:
@@ -445,7 +496,7 @@ def _decide(
                 same_target = stored_directs.get(before.conversation) == direct_key(sender, up.to)
             else:
                 same_target = before.conversation == up.conversation
-            same = same_target and before.body == up.body
+            same = same_target and before.body == up.body and before.event is None
             decided.append(before if same else _id_reused(up))
         elif key in first_copy:
             original = decided[first_copy[key]]
@@ -478,6 +529,7 @@ def _outcomes(
     seqs: Mapping[tuple[str, str], int],
     resent: Mapping[tuple[str, str], HistoryMessage],
     members: Mapping[str, Sequence[str]],
+    readers: Mapping[tuple[str, int], tuple[str, ...]],
     now: datetime,
 ) -> list[Outcome]:
     """One outcome per decided uplink, with what the write reported."""
@@ -507,8 +559,9 @@ def _outcomes(
                 outcomes.append(Outcome(stored=stored))
             elif key in resent:
                 before = resent[key]
-                if (before.body, before.conversation) == (item.up.body, item.conversation):
-                    outcomes.append(Outcome(stored=_found_again(before, members)))
+                same = (before.body, before.conversation) == (item.up.body, item.conversation)
+                if same and before.event is None:
+                    outcomes.append(Outcome(stored=found_again(before, readers)))
                 else:
                     outcomes.append(Outcome(error=_id_reused(item.up)))
             elif item.up.to is not None:
@@ -518,7 +571,7 @@ def _outcomes(
                 # not acknowledged, so they come back, and what was stored is found then.
                 raise RuntimeError(f"conversation {item.conversation!r} not found")
         else:
-            outcomes.append(Outcome(stored=_found_again(item, members)))
+            outcomes.append(Outcome(stored=found_again(item, readers)))
     return outcomes
 
 
@@ -538,7 +591,8 @@ def _resends_and_recipients(
         .join(Conversation, col(Conversation.id) == col(Message.conversation_id))
         .where(tuple_(col(Message.sender), col(Message.client_id)).in_(keys))
     )
-    accounts = select(null(), null(), null(), col(Account.username), null(), null(), null()).where(
+    blanks = [null()] * (len(MESSAGE_COLUMNS) - 3)
+    accounts = select(null(), null(), null(), col(Account.username), *blanks).where(
         col(Account.username).in_(wanted), ~col(Account.disabled)
     )
     read = resends.union_all(accounts) if wanted else resends
@@ -556,23 +610,89 @@ def _resends_and_recipients(
 
 
 def _members(
-    conn: Connection, conversations: set[str], known: DirectConversations
+    conn: Connection, conversations: set[str], known: DirectConversations, kept: GroupMembers
 ) -> dict[str, Sequence[str]]:
-    """Members of each conversation: from ``known``, else one read."""
+    """Members of each conversation that exists: from ``known``, else locked and checked.
+
+    A conversation ``known`` does not hold (a group, or a direct one named by id) has
+    its row locked until the batch commits and its ``members_seq`` read: its members
+    come from ``kept`` while that is unchanged, else from one read of every such
+    conversation.
+    """
     members: dict[str, Sequence[str]] = {
         cid: cached for cid in conversations if (cached := known.members_of(cid)) is not None
     }
     unknown = sorted(conversations - members.keys())
-    if unknown:
-        looked_up: dict[str, list[str]] = {conversation: [] for conversation in unknown}
+    if not unknown:
+        return members
+    versions: dict[str, int] = {
+        conversation: version
+        for conversation, version in conn.execute(
+            select(col(Conversation.id), col(Conversation.members_seq))
+            .where(col(Conversation.id).in_(unknown))
+            .order_by(col(Conversation.id))
+            .with_for_update()
+        )
+    }
+    stale = []
+    for conversation, version in versions.items():
+        cached = kept.members_of(conversation, version)
+        if cached is None:
+            stale.append(conversation)
+        else:
+            members[conversation] = cached
+    if stale:
+        looked_up: dict[str, list[str]] = {conversation: [] for conversation in stale}
         for conversation, username in conn.execute(
             select(col(Member.conversation_id), col(Member.username))
-            .where(col(Member.conversation_id).in_(unknown))
+            .where(col(Member.conversation_id).in_(stale))
             .order_by(col(Member.conversation_id), col(Member.username))
         ):
             looked_up[conversation].append(username)
-        members.update(looked_up)
+        for conversation, names in looked_up.items():
+            kept.learn(conversation, versions[conversation], tuple(names))
+            members[conversation] = tuple(names)
     return members
+
+
+def recipients_at(
+    conn: Connection, stored: set[tuple[str, int]], known: DirectConversations | None = None
+) -> dict[tuple[str, int], tuple[str, ...]]:
+    """Who receives each stored (conversation, seq): the users whose periods hold it.
+
+    For a message found again (a resend): a member added since must not receive what
+    came before them, one removed since still receives what they had. Direct
+    conversations ``known`` holds never change members and cost no read.
+    """
+    readers: dict[tuple[str, int], tuple[str, ...]] = {}
+    for conversation, seq in stored:
+        cached = known.members_of(conversation) if known is not None else None
+        if cached is not None:
+            readers[conversation, seq] = tuple(cached)
+    wanted = sorted({conversation for conversation, _ in stored} - {c for c, _ in readers})
+    if not wanted:
+        return readers
+    periods: dict[str, list[tuple[str, int, int | None]]] = {}
+    for conversation, username, first_seq, last_seq in conn.execute(
+        select(
+            col(MemberPeriod.conversation_id),
+            col(MemberPeriod.username),
+            col(MemberPeriod.first_seq),
+            col(MemberPeriod.last_seq),
+        ).where(col(MemberPeriod.conversation_id).in_(wanted))
+    ):
+        periods.setdefault(conversation, []).append((username, first_seq, last_seq))
+    for conversation, seq in stored - readers.keys():
+        readers[conversation, seq] = tuple(
+            sorted(
+                {
+                    username
+                    for username, first_seq, last_seq in periods.get(conversation, ())
+                    if first_seq <= seq and (last_seq is None or seq <= last_seq)
+                }
+            )
+        )
+    return readers
 
 
 def _id_reused(up: UpMessage) -> errors.ProtocolError:
@@ -642,13 +762,23 @@ def _create_directs(
     ]
     if member_rows:
         conn.execute(insert(Member), member_rows)
+        conn.execute(
+            insert(MemberPeriod),
+            [
+                {"conversation_id": row["conversation_id"], "username": row["username"]}
+                | {"first_seq": 1, "last_seq": None}
+                for row in member_rows
+            ],
+        )
     return found
 
 
-def _found_again(message: HistoryMessage, members: Mapping[str, Sequence[str]]) -> StoredMessage:
-    """A message stored earlier, found again for a resend."""
+def found_again(
+    message: HistoryMessage, readers: Mapping[tuple[str, int], tuple[str, ...]]
+) -> StoredMessage:
+    """A message (or event) stored earlier, found again for a resend."""
     return StoredMessage(
         **{name: getattr(message, name) for name in _HISTORY_FIELDS},
-        members=tuple(members[message.conversation]),
+        members=readers[message.conversation, message.seq],
         duplicate=True,
     )

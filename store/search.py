@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy import String, column, func, literal_column, table
 from sqlmodel import Session, col, select
 
-from .history import MESSAGE_COLUMNS, HistoryMessage, to_history_message
-from .tables import Member, Message
+from .history import MESSAGE_COLUMNS, HistoryMessage, to_history_message, visible_to
+from .tables import MemberPeriod, Message
 
 MAX_QUERY_CHARS: Final = 256
 
@@ -38,13 +38,18 @@ def fts5_query(text: str) -> str:
 
 def search(session: Session, username: str, text: str, *, limit: int = 20) -> list[HistoryMessage]:
     """Messages of the caller's conversations that contain every word of ``text``, newest
-    first; none if ``text`` has no words."""
+    first; none if ``text`` has no words. Only messages inside the caller's membership
+    periods, and no group events (their text is the server's, not anyone's words)."""
     if _WORD.search(text) is None:
         return []
-    visible = col(Message.conversation_id).in_(
-        select(Member.conversation_id).where(col(Member.username) == username)
+    mine = col(Message.conversation_id).in_(
+        select(MemberPeriod.conversation_id).where(col(MemberPeriod.username) == username)
     )
-    query = sa.select(*MESSAGE_COLUMNS).where(visible)
+    query = sa.select(*MESSAGE_COLUMNS).where(
+        mine,
+        visible_to(Message.conversation_id, Message.seq, username),
+        col(Message.event).is_(None),
+    )
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         document = func.to_tsvector(_SIMPLE, col(Message.body))

@@ -1,15 +1,21 @@
 """The schema. Alembic migrations own it; these classes describe it to the code.
 
 A 1:1 chat is a conversation of kind ``direct`` with two members (one, when a user
-writes to themself) and a ``direct_key`` that makes it unique per pair. Groups will
-use the same tables with more members.
+writes to themself) and a ``direct_key`` that makes it unique per pair. A group is a
+conversation of kind ``group`` with a ``name``, admins and members.
+
+Who sees what: ``members`` holds who is in a conversation now (with their role and
+the seq they see it from); ``member_periods`` holds every stretch of seqs each user
+was in it, closed by the seq of the event that ended it (removed, left). A user reads
+exactly the seqs inside their periods: a removed member keeps what they had, and a
+member added again sees each period but not the gap.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import Column, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from .types import BigIntKey, UTCDateTime, utcnow
@@ -37,6 +43,13 @@ class Conversation(SQLModel, table=True):
     #: transaction that stores it, so seq is gap-free and ordered by commit.
     last_seq: int = Field(default=0, nullable=False)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    #: A group's name; None for a direct conversation.
+    name: str | None = Field(default=None, sa_column=Column(String(100), nullable=True))
+    #: The seq of the last membership event (0: none): a writer that cached the members
+    #: as of this seq may use them while it is unchanged.
+    members_seq: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default="0")
+    )
 
 
 class Member(SQLModel, table=True):
@@ -51,6 +64,33 @@ class Member(SQLModel, table=True):
         sa_column=Column(String(32), ForeignKey("accounts.username"), primary_key=True, index=True)
     )
     joined_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+    #: ``admin`` or ``member`` (direct conversations: ``member``).
+    role: str = Field(
+        default="member", sa_column=Column(String(8), nullable=False, server_default="member")
+    )
+    #: The seq of the event that made this user a member (1 for a group's first
+    #: members and for direct conversations): they see the conversation from here on.
+    since_seq: int = Field(default=1, sa_column=Column(Integer, nullable=False, server_default="1"))
+
+
+class MemberPeriod(SQLModel, table=True):
+    """One stretch of seqs a user was (or is) a member of a conversation, both ends in.
+
+    Open (``last_seq`` None) while they are a member; closed by the seq of the event
+    that ended it, so a removed member sees their own removal and nothing after it.
+    """
+
+    __tablename__ = "member_periods"
+    __table_args__ = (Index("ix_member_periods_username", "username", "conversation_id"),)
+
+    conversation_id: str = Field(
+        sa_column=Column(
+            String(64), ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+        )
+    )
+    username: str = Field(sa_column=Column(String(32), primary_key=True))
+    first_seq: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    last_seq: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
 
 
 class Message(SQLModel, table=True):
@@ -70,6 +110,10 @@ class Message(SQLModel, table=True):
     client_id: str = Field(sa_column=Column(String(64), nullable=False))
     body: str = Field(sa_column=Column(Text, nullable=False))
     sent_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    #: A group event's kind (``added``, ``left``, ...); None for a message.
+    event: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
+    #: The event's details as a JSON object (``users``, ``name``, ``promoted``).
+    event_data: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
 
 
 class Cursor(SQLModel, table=True):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import nagle
+from bench import groups, nagle
 from bench._report import write_timeline
 from bench._stack import WARM_WAL_MB, start_production
-from bench.load import Settings, StepPlan, generated_load, stalls
+from bench.load import Run, Settings, StepPlan, generated_load, stalls
 from store import make_engine
 
 
@@ -102,3 +102,47 @@ def test_the_nagle_bench_runs_both_clients_through_a_whole_stack(tmp_path: Path)
     assert "| embedded | stock paho (Nagle on) | 5 |" in nagle.render([record])
     nagle.plot([record], tmp_path / "nagle.png")
     assert (tmp_path / "nagle.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.xdist_group("cpu_heavy")
+def test_the_group_bench_times_every_member_and_counts_exactly(tmp_path: Path) -> None:
+    """``bench.groups`` at toy size: every scenario runs, every delivery is counted."""
+    plan = groups.Plan(
+        sizes=[4, 8],
+        seconds=1,
+        drain=20,
+        latency=[(8, 10)],
+        mixed_size=8,
+        pairs=4,
+        pair_rate=20,
+        cost_deliveries=40,
+        cost_rate_cap=10,
+        fanout_sizes=[8],
+        workers=2,
+        scenarios="abcde",
+    )
+    run = Run("test", tmp_path / "load.jsonl")
+    groups.run_plan(run, "embedded", plan)
+
+    by_label = {r["label"]: r for r in run.records}
+    latency = by_label["group 8 at 10/s"]
+    assert latency["sent"] == 10
+    assert latency["lost"] == latency["lost_deliveries"] == 0
+    assert latency["duplicates"] == latency["out_of_order"] == 0
+    # One "last member" latency per message, and each at least any member's own.
+    assert latency["e2e"]["count"] == 10
+    assert latency["per_delivery"]["count"] == 80
+    assert latency["e2e"]["max_ms"] >= latency["per_delivery"]["p50_ms"]
+    assert by_label["1:1 beside the group"]["p99_ratio_to_alone"] > 0
+    assert by_label["group 8 at 10/s beside 1:1"]["passed"]
+    cost = by_label["cost: group 4 at 10/s"]
+    assert cost["passed"]
+    assert cost["bridge_cpu_ms_per_message"] >= 0
+    fanout = by_label["fan-out member-raw: 8 at 5/s"]
+    assert fanout["passed"]
+    assert fanout["lost_deliveries"] == 0
+    assert all(r["passed"] for r in run.records if r["scenario"] != "group-mixed")
+    assert len((tmp_path / "load.jsonl").read_text().splitlines()) == len(run.records)
+    assert "| group-latency | group 8 at 10/s | 8 |" in groups.render_markdown(run.records)
+    groups.write_plot(run.records, tmp_path / "groups.png")
+    assert (tmp_path / "groups.png").read_bytes().startswith(b"\x89PNG")

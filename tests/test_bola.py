@@ -122,6 +122,16 @@ async def list_messages(client: httpx.AsyncClient, world: World) -> None:
         assert not leaks(own, victim)
 
 
+async def list_members(client: httpx.AsyncClient, world: World) -> None:
+    for me, victim in world.pairs():
+        response = await me.api.get(f"/v1/conversations/{victim.conversation}/members")
+        assert error_of(response) == (404, "unknown_conversation"), me.name
+        assert not leaks(response, victim, asked_for_it=True)
+        assert victim.peer not in response.text
+        own = await me.api.get(f"/v1/conversations/{me.conversation}/members", user=victim.name)
+        assert [m["username"] for m in own.json()] == sorted([me.name, me.peer])
+
+
 async def get_message(client: httpx.AsyncClient, world: World) -> None:
     for me, victim in world.pairs():
         for message_id in victim.message_ids:
@@ -220,6 +230,7 @@ async def healthz(client: httpx.AsyncClient, world: World) -> None:
 CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/conversations"): list_conversations,
     ("GET", "/v1/conversations/{conversation_id}/messages"): list_messages,
+    ("GET", "/v1/conversations/{conversation_id}/members"): list_members,
     ("GET", "/v1/messages/{message_id}"): get_message,
     ("GET", "/v1/devices/{device}/cursors"): device_cursors,
     ("GET", "/v1/users/{username}/presence"): presence,

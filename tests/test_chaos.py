@@ -19,6 +19,7 @@ import contextlib
 import os
 import secrets
 import time
+from collections import Counter
 
 import pytest
 from pydantic import ValidationError
@@ -75,11 +76,7 @@ async def test_no_message_is_lost_under_every_fault(
             stack, postgres, clients=client_proxy, bridge_broker=broker_proxy, bridge_db=db_proxy
         )
         await injector.route_bridge()
-        clients: dict[str, ChatClient] = {}
-        for user in users:
-            clients[user] = await stack.client(
-                user, port=client_proxy.port, history=stack.history(user)
-            )
+        clients = await _clients(stack, client_proxy, users)
         devices = {user: [f"{user}/phone"] for user in users}
 
         history = History()
@@ -154,6 +151,155 @@ async def test_no_message_is_lost_under_every_fault(
     assert not report.unknown_absent, summary
     assert report.acknowledged > 0, summary
     assert report.stored == report.acknowledged + report.unknown, summary
+
+
+GROUP_ROUNDS = 1  # the group run: every fault kind once
+
+
+@pytest.mark.xdist_group("cpu_heavy")
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+async def test_no_group_message_is_lost_or_shown_outside_membership_under_every_fault(
+    production_stack: Stack, postgres: PostgresServer
+) -> None:
+    """A group under the same faults: every member device is shown exactly the group's
+    stored sequence within its membership window, once and in order; frank is added
+    a third of the way in, dave removed two thirds in (both under faults)."""
+    stack = production_stack
+    seed = _seed()
+    plan = chaos.schedule(
+        seed, chaos.FAULT_KINDS, rounds=GROUP_ROUNDS, first_at=(1.0, 2.0), gap=(0.5, 1.5)
+    )
+    print(f"\ngroup chaos seed {seed} (replay: MQCHAT_CHAOS_SEED={seed}), {len(plan)} faults")
+    users = [user for pair in PAIRS for user in pair]
+    await stack.add_users(*users)
+    await stack.start_api()
+    async with (
+        TcpProxy(stack.host, stack.port) as client_proxy,
+        TcpProxy(stack.host, stack.port) as broker_proxy,
+        TcpProxy(postgres.host, postgres.port) as db_proxy,
+    ):
+        injector = chaos.Injector(
+            stack, postgres, clients=client_proxy, bridge_broker=broker_proxy, bridge_db=db_proxy
+        )
+        await injector.route_bridge()
+        clients = await _clients(stack, client_proxy, users)
+        history = History()
+        group_ops = chaos.GroupOps(stack, history)
+        created = await group_ops.apply(
+            clients["alice"],
+            "alice",
+            "create",
+            name="chaos",
+            members=["bob", "carol", "dave", "erin"],
+            timeout=30,
+        )
+        group = created.conversation
+        received: list[Received] = []
+        stop = asyncio.Event()
+        frank_added = asyncio.Event()
+
+        async def send_all(sender: str, timeout: float) -> None:
+            # frank sends once he is in: a refusal before would not be final, since a
+            # late resend of the same id may be stored after the add (reported apart).
+            # dave goes on sending after his removal, and is refused for good.
+            if sender == "frank":
+                await frank_added.wait()
+            for i in range(MAX_PER_SENDER):
+                if stop.is_set():
+                    return
+                await history.send(clients[sender], sender, None, i, timeout, conversation=group)
+                await asyncio.sleep(PACE)
+
+        async def change_members() -> None:
+            last_at = plan[-1][0]
+            await asyncio.sleep(last_at / 3)
+            await group_ops.apply(
+                clients["alice"], "alice", "add", conversation=group, members=["frank"], timeout=120
+            )
+            frank_added.set()
+            await asyncio.sleep(max(0.0, 2 * last_at / 3 - (time.monotonic() - injector.started)))
+            await group_ops.apply(
+                clients["alice"],
+                "alice",
+                "remove",
+                conversation=group,
+                members=["dave"],
+                timeout=120,
+            )
+
+        async def inject() -> None:
+            try:
+                await asyncio.gather(injector.run(plan, tail=TAIL), change_members())
+            finally:
+                stop.set()
+
+        def caught_up() -> bool:
+            if any(client.pending for client in clients.values()):
+                return False
+            shown = {(r.device, r.sender, r.id) for r in received}
+            windows = group_ops.windows[group]
+            return all(
+                (f"{user}/phone", row.sender, row.client_id) in shown
+                for row in stored(stack)
+                for user, window in windows.items()
+                if chaos.in_window(window, row.seq)
+            )
+
+        receivers = [
+            asyncio.create_task(record_shown(f"{user}/phone", client, received))
+            for user, client in clients.items()
+        ]
+        injector.started = time.monotonic()
+        try:
+            await asyncio.gather(
+                inject(),
+                *(
+                    send_all(user, SHORT_TIMEOUT if i % 2 == 0 else SEND_TIMEOUT)
+                    for i, user in enumerate(users)
+                ),
+            )
+            deadline = time.monotonic() + QUIET_TIMEOUT
+            while not await asyncio.to_thread(caught_up) and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            frank_added.set()
+            await chaos.cancel(receivers)
+
+    report = check(
+        history,
+        received,
+        chaos.stored_rows(stack),
+        devices={user: [f"{user}/phone"] for user in users},
+        windows=group_ops.windows,
+    )
+    windows = group_ops.windows[group]
+    summary = (
+        f"group chaos seed {seed} (replay: MQCHAT_CHAOS_SEED={seed}); windows {windows}\n"
+        "faults applied:\n  " + "\n  ".join(map(str, injector.applied)) + "\n" + report.render()
+    )
+    print(summary)
+    assert report.ok, summary
+    assert len(injector.applied) == len(plan), summary
+    # The member changes happened mid-run, between the group's messages.
+    (frank,) = windows["frank"]
+    (dave,) = windows["dave"]
+    assert dave[1] is not None, summary
+    assert frank[0] < dave[1], summary
+    shown_to = Counter(r.user for r in received if r.conversation == group)
+    assert 0 < shown_to["frank"] < shown_to["alice"], summary
+    assert 0 < shown_to["dave"] < shown_to["alice"], summary
+    refused = Counter(op.sender for op in history.ops if op.kind == "fail")
+    assert refused["dave"] > 0, summary  # sent after his removal, and refused
+
+
+async def _clients(stack: Stack, proxy: TcpProxy, users: list[str]) -> dict[str, ChatClient]:
+    """One SDK client per user (device ``phone``) behind ``proxy``, closed by the stack."""
+    return {
+        user: await stack.client(user, port=proxy.port, history=stack.history(user))
+        for user in users
+    }
 
 
 def test_crash_at_setting_is_validated() -> None:
@@ -253,6 +399,35 @@ def test_check_counts_unknown_outcomes_that_arrived_as_recovered() -> None:
     assert report.recovered == ["('bob', 'bob-0')"]
     assert report.unknown_absent == ["('bob', 'bob-1')"]
     assert all(isinstance(op, Op) for op in history.ops)
+
+
+def test_check_holds_group_members_to_their_membership_windows() -> None:
+    """Group g: alice and bob from seq 1; carol added at 3; bob removed at 4."""
+    history = History()
+    rows = []
+    for seq in range(1, 6):
+        message_id, body = f"alice-{seq}", f"alice {seq}"
+        history.invoke("alice", message_id, "conversation:g", body)
+        history.ok("alice", message_id, "conversation:g", body, "g", seq)
+        rows.append(StoredRow(message_id, "g", seq, "alice", body, pk=seq))
+    windows: chaos.Windows = {"g": {"alice": [(1, None)], "bob": [(1, 4)], "carol": [(3, None)]}}
+    devices = {user: [f"{user}/phone"] for user in ("alice", "bob", "carol")}
+    exact = [
+        *(_shown("alice/phone", row) for row in rows),
+        *(_shown("bob/phone", row) for row in rows[:4]),
+        *(_shown("carol/phone", row) for row in rows[2:]),
+    ]
+    report = check(history, exact, rows, devices=devices, windows=windows)
+    assert report.ok, report.render()
+
+    # bob shown seq 5 after his removal; carol shown seq 2 before she was added.
+    leaked = [*exact, _shown("bob/phone", rows[4]), _shown("carol/phone", rows[1])]
+    report = check(history, leaked, rows, devices=devices, windows=windows)
+    assert sum("outside its membership window" in item for item in report.unexpected) == 2
+    # carol never shown the event that added her (seq 3): lost.
+    missing = [m for m in exact if (m.device, m.seq) != ("carol/phone", 3)]
+    report = check(history, missing, rows, devices=devices, windows=windows)
+    assert report.lost == ["('alice', 'alice-3') (g#3) not shown to carol/phone"]
 
 
 def test_schedule_is_replayable_from_its_seed() -> None:

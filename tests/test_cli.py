@@ -40,7 +40,7 @@ WAIT = 20.0
 #: For a daemon's ready line: a start imports, migrates and binds, which on a loaded
 #: 2-core machine (the suite's workers beside it) has taken over 20 s.
 START_WAIT = 60.0
-PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret-1"}
+PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret-1", "carol": "carol-secret"}
 
 
 class Lines:
@@ -319,6 +319,58 @@ def test_listen_json_and_chat_shows_the_peer(up: Up) -> None:
         "alice: from my phone",
         "alice: are you there?",
     ]
+
+
+def test_a_group_from_the_command_line(up: Up) -> None:
+    up.add_users("alice", "bob", "carol")
+
+    def mqchat(*args: str, user: str = "alice") -> tuple[int, str, str]:
+        env = up.env(user) | {"MQCHAT_API_URL": f"http://127.0.0.1:{up.api_port}"}
+        result = run_mqchat(*args, env=env)
+        return result.returncode, result.stdout, result.stderr
+
+    code, out, err = mqchat("group", "create", "climbing", "--member", "bob")
+    assert code == 0, err
+    created = re.fullmatch(r"(c_\w+)\n", out)
+    assert created is not None, out
+    group = created.group(1)
+
+    # bob's listen starts after the group's first seq: it shows from #2 on.
+    bob = up.listen("bob", "--count", "3", "--device", "bob-listen")
+    alice = up.listen("alice", "--receipts", "--device", "alice-listen")
+    assert mqchat("group", "add", group, "carol")[:2] == (0, f"added {group} #2\n")
+    assert mqchat("send", "--conversation", group, "saturday?")[:2] == (0, f"sent {group} #3\n")
+    assert mqchat("group", "rename", group, "climbing club")[:2] == (0, f"renamed {group} #4\n")
+    code, lines = bob.finish()
+    assert code == 0
+    assert lines == [
+        f"[{group} #2] * alice added carol",
+        f"[{group} #3] alice: saturday?",
+        f'[{group} #4] * alice renamed the group to "climbing club"',
+    ]
+    # bob's listen acked "delivered": alice sees one of two.
+    alice.stdout.wait_for(rf"^\[{group} #3\] delivered to 1 of 2, read by 0 of 2$")
+
+    code, out, _ = mqchat("group", "members", group)
+    assert (code, out) == (
+        0,
+        "alice admin since #1\nbob member since #1\ncarol member since #2\n",
+    )
+    code, out, _ = mqchat("group", "list", user="bob")
+    assert (code, out) == (0, f"{group} climbing club (3 members)\n")
+
+    code, _, err = mqchat("group", "add", group, "alice", user="bob")
+    assert (code, err.split(":")[0]) == (1, "error forbidden")
+    assert mqchat("group", "promote", group, "bob")[:2] == (0, f"promoted {group} #5\n")
+    assert mqchat("group", "demote", group, "alice", user="bob")[:2] == (0, f"demoted {group} #6\n")
+    assert mqchat("group", "leave", group, user="carol")[:2] == (0, f"left {group} #7\n")
+    assert mqchat("group", "remove", group, "alice", user="bob")[:2] == (0, f"removed {group} #8\n")
+    code, out, _ = mqchat("group", "list", user="carol")
+    assert (code, out) == (0, f"{group} climbing club (left)\n")
+    code, _, err = mqchat("group", "members", group, user="carol")
+    assert (code, err.split(":")[0]) == (1, "error unknown_conversation")
+    alice.process.terminate()
+    alice.finish()
 
 
 def test_listen_and_chat_as_one_user_both_work(up: Up) -> None:
@@ -790,7 +842,9 @@ class Readme:
 
     def env(self) -> dict[str, str]:
         env = base_env(
-            MQCHAT_MQTT_PORT=str(self.up.mqtt_port), MQCHAT_DATA_DIR=str(self.up.data_dir)
+            MQCHAT_MQTT_PORT=str(self.up.mqtt_port),
+            MQCHAT_API_URL=f"http://127.0.0.1:{self.up.api_port}",
+            MQCHAT_DATA_DIR=str(self.up.data_dir),
         )
         env["PATH"] = f"{MQCHAT.parent}{os.pathsep}{env['PATH']}"
         return env
@@ -898,6 +952,23 @@ def test_the_readme_runs_as_written(up: Up, tmp_path: Path) -> None:
         bob_chat.process.stdin.flush()
         alice_chat.stdout.wait_for("^bob: hi alice$")
         bob_listen.stdout.wait_for(r"\] bob: hi alice$")
+
+        # Groups, after "mqchat user add carol" as the README's sentence asks: the block
+        # in one shell, for its GROUP=$(...); the listen at its end is bob's above.
+        readme.run("mqchat user add carol", readme.env(), input="carols-secret\n" * 2)
+        [groups] = [block for block in blocks.values() if "mqchat group create" in block]
+        lines = [line for line in shell_lines(groups) if "mqchat listen" not in line]
+        printed = readme.run("set -e\n" + "\n".join(lines), readme.env())
+        assert re.search(r"^sent c_\w+ #2$", printed, re.M), printed
+        members = re.findall(r"^(\w+) (admin|member) since #(\d+)$", printed, re.M)
+        assert members == [
+            ("alice", "admin", "1"),
+            ("bob", "member", "1"),
+            ("carol", "member", "3"),
+        ]
+        assert re.search(r"^c_\w+ climbing \(3 members\)$", printed, re.M), printed
+        bob_listen.stdout.wait_for(r'^\[c_\w+ #1\] \* alice created the group "climbing"')
+        bob_listen.stdout.wait_for(r"^\[c_\w+ #2\] alice: saturday\?$")
 
         # The same with mosquitto_pub / mosquitto_sub.
         [stock] = [block for block in blocks.values() if "mosquitto_pub" in block]

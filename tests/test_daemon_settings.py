@@ -182,6 +182,7 @@ def _samples(files: Path) -> list[BaseSettings]:
             message_rate="1/second",
             uplink_rate="2/second;20/minute",
             max_devices=3,
+            group_max_members=5,
             presence_ttl=60.5,
             slow_turn=0.5,
             startup_timeout=5.0,

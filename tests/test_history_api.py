@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from alembic import command
-from sqlalchemy import Engine, delete, event
+from sqlalchemy import Engine, delete, event, insert
 from sqlmodel import Session, select
 
 from history_api import ApiSettings, deps
@@ -34,7 +34,7 @@ from protocol import DownMessage, UpMessage
 from store import accounts, make_engine, migrate, search, tokens
 from store.db import alembic_config, reading
 from store.messages import persist_batch
-from store.tables import Device
+from store.tables import Conversation, Device, Member, Message
 
 from .support.history import (
     As,
@@ -234,7 +234,8 @@ async def test_conversations_newest_first_with_last_message_and_unread(
 
     assert [c["id"] for c in listed] == [world.ab, world.ac]
     ab, ac = listed
-    assert set(ab) == {"id", "kind", "members", "last_message", "unread"}
+    assert set(ab) == {"id", "kind", "name", "members", "member", "last_message", "unread"}
+    assert (ab["name"], ab["member"]) == (None, True)
     assert ab["kind"] == "direct"
     assert ab["members"] == ["alice", "bob"]
     assert ab["unread"] == 1
@@ -384,8 +385,17 @@ async def test_message_trace_per_recipient_device(
     alice = await as_user(client, "alice")
     trace = await alice.json("/v1/messages/ab-2")
 
-    assert set(trace) == {"message", "stored_at", "devices", "more_devices"}
+    assert set(trace) == {
+        "message",
+        "stored_at",
+        "devices",
+        "more_devices",
+        "members",
+        "delivered",
+        "read",
+    }
     assert trace["more_devices"] is False
+    assert (trace["members"], trace["delivered"], trace["read"]) == (1, 1, 1)
     assert set(trace["message"]) == MESSAGE_FIELDS
     assert (trace["message"]["id"], trace["message"]["seq"]) == ("ab-2", 2)
     assert trace["stored_at"] == trace["message"]["sent_at"]
@@ -501,7 +511,23 @@ async def test_search_covers_messages_stored_before_the_migration(
         stack.callback(engine.dispose)
         command.upgrade(alembic_config(engine), "0002")
         add_users(engine, "alice", "bob")
-        send(engine, "alice", "an old lighthouse", id="old-1", to="bob")
+        # Written as the code of revision 0002 wrote it (today's code needs today's schema).
+        with engine.begin() as conn:
+            conn.execute(
+                insert(Conversation.__table__),  # type: ignore[attr-defined]
+                [{"id": "c_old", "kind": "direct", "direct_key": "alice:bob", "last_seq": 1}],
+            )
+            conn.execute(
+                insert(Member.__table__),  # type: ignore[attr-defined]
+                [{"conversation_id": "c_old", "username": user} for user in ("alice", "bob")],
+            )
+            conn.execute(
+                insert(Message.__table__),  # type: ignore[attr-defined]
+                [
+                    {"conversation_id": "c_old", "seq": 1, "sender": "alice"}
+                    | {"client_id": "old-1", "body": "an old lighthouse", "sent_at": at(0)}
+                ],
+            )
         migrate(engine)
         send(engine, "bob", "a new lighthouse", id="new-1", to="alice")
 
@@ -590,6 +616,7 @@ async def test_openapi_documents_every_endpoint_with_its_security(tmp_path: Path
     secured = {
         ("/v1/conversations", "get"): set(),
         ("/v1/conversations/{conversation_id}/messages", "get"): {"404", "422"},
+        ("/v1/conversations/{conversation_id}/members", "get"): {"404"},
         ("/v1/messages/{message_id}", "get"): {"404"},
         ("/v1/users/{username}/presence", "get"): {"404"},
         ("/v1/search", "get"): {"422"},

@@ -464,6 +464,19 @@ UPLINK_CASES: list[tuple[str, Any, bool]] = [
     ("presence", {"state": "offline"}, False),
     ("presence", {"device": "\x00", "state": "online"}, False),
     ("presence", None, False),
+    ("group", {"id": "g1", "op": "create", "name": "team", "members": ["bob"]}, True),
+    ("group", {"id": "g1", "op": "create", "name": "team", "conversation": None}, True),
+    ("group", {"id": "g1", "op": "create", "name": "team", "conversation": "c_1"}, False),
+    ("group", {"id": "g1", "op": "create"}, False),  # no name
+    ("group", {"id": "g1", "op": "create", "name": " \t"}, False),  # blank
+    ("group", {"id": "g1", "op": "create", "name": "n" * 101}, False),
+    ("group", {"id": "g1", "op": "add", "conversation": "c_1", "members": ["bob"]}, True),
+    ("group", {"id": "g1", "op": "add", "conversation": "c_1", "members": []}, False),
+    ("group", {"id": "g1", "op": "remove", "conversation": "c_1"}, False),  # no members
+    ("group", {"id": "g1", "op": "leave", "conversation": "c_1"}, True),
+    ("group", {"id": "g1", "op": "leave"}, False),  # no conversation
+    ("group", {"id": "g1", "op": "rename", "conversation": "c_1", "name": "x"}, True),
+    ("group", {"id": "g1", "op": "join", "conversation": "c_1"}, False),
 ]
 
 

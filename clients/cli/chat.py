@@ -244,6 +244,26 @@ def _wire_json(message: ChatMessage) -> str:
     return protocol.encode(message.down()).decode()
 
 
+def _line(message: ChatMessage) -> str:
+    """``<from>: <body>``, or ``* <body>`` for a group event ("* alice added dave")."""
+    return f"* {message.body}" if message.event else f"{message.sender}: {message.body}"
+
+
+def _receipt_line(receipt: protocol.Receipt) -> str:
+    where = f"[{receipt.conversation} #{receipt.seq}]"
+    if receipt.members is not None:  # a group's aggregate, for one message of yours
+        n = receipt.members
+        return f"{where} delivered to {receipt.delivered} of {n}, read by {receipt.read} of {n}"
+    if receipt.status == "sent":
+        return f"{where} sent"
+    return f"{where} {receipt.status} by {receipt.by} (up to here)"
+
+
+async def _print_receipts(client: ChatClient) -> None:
+    while True:
+        emit(_receipt_line(await client.receipts.get()))
+
+
 @grouped(_Connection, "conn", device="cli-listen")
 def listen(
     count: Annotated[
@@ -252,32 +272,48 @@ def listen(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print each message as its protocol JSON object.")
     ] = False,
+    receipts: Annotated[
+        bool,
+        typer.Option(
+            "--receipts", help="Print receipts too (a group's: delivered/read by k of n)."
+        ),
+    ] = False,
     *,
     conn: _Connection,
 ) -> None:
     """Print incoming messages, one line each, until Ctrl-C.
 
-    Lines read `[<conversation> #<seq>] <from>: <body>`; messages you sent from other
-    devices appear too. Messages queued for this device while it was offline come
-    first. `listening as ...` on stderr says the subscription is in place.
+    Lines read `[<conversation> #<seq>] <from>: <body>`, and `[...] * <what happened>`
+    for a group's events ("alice added dave"); messages you sent from other devices
+    appear too. Messages queued for this device while it was offline come first.
+    With --receipts, receipts print as `[<conversation> #<seq>] read by bob (up to
+    here)`, and a group's for your messages as `[...] delivered to 3 of 4, read by 2
+    of 4`. `listening as ...` on stderr says the subscription is in place.
     """
-    _run(_listen(conn, count, as_json))
+    _run(_listen(conn, count, as_json, receipts))
 
 
-async def _listen(conn: _Connection, count: int | None, as_json: bool) -> int:
+async def _listen(conn: _Connection, count: int | None, as_json: bool, receipts: bool) -> int:
     stop = _stop_on_signals()
     async with _connected(conn, stop=stop) as client:
         typer.echo(f"listening as {conn.user} (device {conn.device}); Ctrl-C to stop", err=True)
+        printer = asyncio.create_task(_print_receipts(client)) if receipts else None
         shown = 0
-        while count is None or shown < count:
-            message = await unless_set(stop, client.next_message())
-            if message is None:
-                break
-            if as_json:
-                emit(_wire_json(message))
-            else:
-                emit(f"[{message.conversation} #{message.seq}] {message.sender}: {message.body}")
-            shown += 1
+        try:
+            while count is None or shown < count:
+                message = await unless_set(stop, client.next_message())
+                if message is None:
+                    break
+                if as_json:
+                    emit(_wire_json(message))
+                else:
+                    emit(f"[{message.conversation} #{message.seq}] {_line(message)}")
+                shown += 1
+        finally:
+            if printer is not None:
+                printer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await printer
     return EXIT_OK
 
 
@@ -372,6 +408,6 @@ async def _print_chat(client: ChatClient, state: _ChatState) -> None:
         if state.conversation is None and message.sender == state.peer:
             state.conversation = message.conversation
         if message.conversation == state.conversation:
-            emit(f"{message.sender}: {message.body}")
+            emit(_line(message))
         else:
-            emit(f"[{message.conversation} #{message.seq}] {message.sender}: {message.body}")
+            emit(f"[{message.conversation} #{message.seq}] {_line(message)}")

@@ -22,6 +22,7 @@ Command = Callable[..., None]
 
 DEFAULT_DATA_DIR: Final = Path(".mqchat")
 DEFAULT_MQTT_PORT: Final = 1883
+DEFAULT_API_URL: Final = "http://127.0.0.1:8000"
 
 CONNECTION_PANEL: Final = "Connection"
 MOSQUITTO_PANEL: Final = "mosquitto (production broker)"
@@ -102,6 +103,15 @@ DeviceOption = Annotated[
         "user and device, and a second connection as the same device takes it over. "
         "Each command has its own default (cli-listen, cli-chat), so `listen` and "
         "`chat` run side by side; two of one command at once need a --device each.",
+        rich_help_panel=CONNECTION_PANEL,
+    ),
+]
+ApiUrlOption = Annotated[
+    str,
+    typer.Option(
+        "--api-url",
+        envvar="MQCHAT_API_URL",
+        help="The history API (`mqchat up --api-port`).",
         rich_help_panel=CONNECTION_PANEL,
     ),
 ]

@@ -40,7 +40,7 @@ from ._exceptions import (
     MqchatError,
     SendTimeout,
 )
-from ._history import ConversationState, HistoryClient
+from ._history import ConversationState, GroupMember, HistoryClient
 
 __all__ = [
     "ChatClient",
@@ -49,6 +49,7 @@ __all__ = [
     "ConnectRefused",
     "ConversationState",
     "DownTyping",
+    "GroupMember",
     "HistoryClient",
     "HistoryError",
     "MessageRefused",

@@ -13,7 +13,9 @@ after a timeout or reconnect; the bridge's dedupe makes that safe.
 Send order: within one lane (one ``to`` or ``conversation``) the next message is
 published only once the previous one is stored. A lost uplink that is resent can
 therefore never land behind a later one, whatever the broker does with in-flight
-messages when the bridge restarts.
+messages when the bridge restarts. A group change (``up/group``) rides the group's
+lane like a message and is resent the same way (its ``id`` makes it idempotent too),
+so a "bye" sent before :meth:`ChatClient.leave_group` is stored first.
 
 Errors: every failure raised here is a :class:`MqchatError` (``_exceptions.py`` draws
 the tree); paho's, httpx's and the MQTT link's own never reach the app. Only misuse
@@ -30,7 +32,7 @@ import logging
 import random
 import ssl
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -42,6 +44,7 @@ import protocol
 from core import mqtt
 from core.mqtt import Incoming, LinkConfig, MqttLink, Will
 from protocol import errors, topics
+from protocol.models import GroupEvent, GroupOp
 
 from ._exceptions import (
     CONNECTION_LOST,
@@ -53,7 +56,7 @@ from ._exceptions import (
     MqchatError,
     SendTimeout,
 )
-from ._history import HistoryClient
+from ._history import GroupMember, HistoryClient
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,13 @@ class Sent:
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """A stored message as this device shows it: in seq order, once."""
+    """A stored message as this device shows it: in seq order, once.
+
+    A group's membership changes come the same way, in the same order, with ``event``
+    set (``added``, ``left``, ...; docs/protocol.md lists them): ``sender`` made the
+    change, ``body`` says it in words, ``users`` / ``name`` / ``promoted`` carry its
+    details. ``event`` is None for a message.
+    """
 
     id: str
     conversation: str
@@ -85,10 +94,25 @@ class ChatMessage:
     sender: str
     body: str
     sent_at: datetime
+    event: GroupEvent | None = None
+    users: tuple[str, ...] | None = None
+    name: str | None = None
+    promoted: tuple[str, ...] | None = None
 
     @classmethod
     def from_down(cls, down: protocol.DownMessage) -> ChatMessage:
-        return cls(down.id, down.conversation, down.seq, down.from_, down.body, down.sent_at)
+        return cls(
+            down.id,
+            down.conversation,
+            down.seq,
+            down.from_,
+            down.body,
+            down.sent_at,
+            event=down.event,
+            users=None if down.users is None else tuple(down.users),
+            name=down.name,
+            promoted=None if down.promoted is None else tuple(down.promoted),
+        )
 
     def down(self) -> protocol.DownMessage:
         """As it came on ``down/msg`` (the CLI's ``listen --json`` prints it so)."""
@@ -99,6 +123,10 @@ class ChatMessage:
             from_=self.sender,
             body=self.body,
             sent_at=self.sent_at,
+            event=self.event,
+            users=None if self.users is None else list(self.users),
+            name=self.name,
+            promoted=None if self.promoted is None else list(self.promoted),
         )
 
 
@@ -106,6 +134,7 @@ class ChatMessage:
 class _Outgoing:
     id: str
     lane: str
+    topic: str
     payload: bytes
     done: asyncio.Future[Sent]
 
@@ -334,21 +363,163 @@ class ChatClient:
                 else errors.INVALID_PAYLOAD
             )
             raise MessageRefused(code, str(exc.errors()[0]["msg"]), message_id) from None
+        lane = f"to:{to}" if to is not None else f"conversation:{conversation}"
+        return await self._submit(up, topics.up_msg(self.username), lane, timeout)
+
+    async def create_group(
+        self,
+        name: str,
+        members: Sequence[str] = (),
+        *,
+        id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Create a group with this user as its first admin; returns its conversation id.
+
+        Raises:
+            MessageRefused: ``invalid_name``, ``unknown_user``, ``group_full``, ...
+            SendTimeout: no answer within ``timeout``; the change is still resent.
+        """
+        sent = await self._group("create", None, id, timeout, name=name, members=list(members))
+        return sent.conversation
+
+    async def add_members(
+        self,
+        conversation: str,
+        members: Sequence[str],
+        *,
+        id: str | None = None,
+        timeout: float | None = None,
+    ) -> Sent:
+        """Add users to a group (admins only); they read it from the event's seq on.
+
+        Raises:
+            MessageRefused: ``forbidden``, ``already_member``, ``group_full``, ...
+            SendTimeout: no answer within ``timeout``; the change is still resent.
+        """
+        return await self._group("add", conversation, id, timeout, members=list(members))
+
+    async def remove_members(
+        self,
+        conversation: str,
+        members: Sequence[str],
+        *,
+        id: str | None = None,
+        timeout: float | None = None,
+    ) -> Sent:
+        """Remove members from a group (admins only); they keep what they had.
+
+        Raises:
+            MessageRefused: ``forbidden``, ``not_member``, ...
+            SendTimeout: no answer within ``timeout``; the change is still resent.
+        """
+        return await self._group("remove", conversation, id, timeout, members=list(members))
+
+    async def leave_group(
+        self, conversation: str, *, id: str | None = None, timeout: float | None = None
+    ) -> Sent:
+        """Leave a group; the last admin leaving hands over to the longest member.
+
+        Raises:
+            MessageRefused: ``unknown_conversation`` if this user is not a member.
+            SendTimeout: no answer within ``timeout``; the change is still resent.
+        """
+        return await self._group("leave", conversation, id, timeout)
+
+    async def promote(
+        self,
+        conversation: str,
+        members: Sequence[str],
+        *,
+        id: str | None = None,
+        timeout: float | None = None,
+    ) -> Sent:
+        """Make members admins (admins only).
+
+        Raises:
+            MessageRefused: ``forbidden``, ``not_member``, ``already_admin``, ...
+            SendTimeout: no answer within ``timeout``; the change is still resent.
+        """
+        return await self._group("promote", conversation, id, timeout, members=list(members))
+
+    async def demote(
+        self,
+        conversation: str,
+        members: Sequence[str],
+        *,
+        id: str | None = None,
+        timeout: float | None = None,
+    ) -> Sent:
+        """Make admins plain members again (admins only; never the last admin).
+
+        Raises:
+            MessageRefused: ``forbidden``, ``not_admin``, ``last_admin``, ...
+            SendTimeout: no answer within ``timeout``; the change is still resent.
+        """
+        return await self._group("demote", conversation, id, timeout, members=list(members))
+
+    async def rename_group(
+        self, conversation: str, name: str, *, id: str | None = None, timeout: float | None = None
+    ) -> Sent:
+        """Rename a group (admins only).
+
+        Raises:
+            MessageRefused: ``forbidden``, ``invalid_name``, ...
+            SendTimeout: no answer within ``timeout``; the change is still resent.
+        """
+        return await self._group("rename", conversation, id, timeout, name=name)
+
+    async def _group(
+        self,
+        op: GroupOp,
+        conversation: str | None,
+        id: str | None,
+        timeout: float | None,
+        **fields: Any,
+    ) -> Sent:
+        op_id = id or uuid.uuid4().hex
+        try:
+            up = protocol.UpGroup(id=op_id, op=op, conversation=conversation, **fields)
+        except ValidationError as exc:
+            raise MessageRefused(
+                errors.INVALID_PAYLOAD, str(exc.errors()[0]["msg"]), op_id
+            ) from None
+        # A create has no conversation yet: a lane of its own, like a new 1:1 target.
+        lane = f"conversation:{conversation}" if conversation else f"create:{op_id}"
+        return await self._submit(up, topics.up(self.username, "group"), lane, timeout)
+
+    async def _submit(
+        self,
+        up: protocol.UpMessage | protocol.UpGroup,
+        topic: str,
+        lane: str,
+        timeout: float | None,
+    ) -> Sent:
+        """Put an uplink in the outbox and wait for its ``sent`` receipt."""
         payload = protocol.encode(up)
         if len(payload) > protocol.MAX_PAYLOAD_BYTES:
-            raise MessageRefused(errors.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes", message_id)
-        existing = self._outbox.get(message_id)
+            raise MessageRefused(errors.PAYLOAD_TOO_LARGE, f"{len(payload)} bytes", up.id)
+        existing = self._outbox.get(up.id)
         if existing is None:
-            lane = f"to:{to}" if to is not None else f"conversation:{conversation}"
-            existing = _Outgoing(
-                message_id, lane, payload, asyncio.get_running_loop().create_future()
-            )
-            self._outbox[message_id] = existing
+            future = asyncio.get_running_loop().create_future()
+            existing = _Outgoing(up.id, lane, topic, payload, future)
+            self._outbox[up.id] = existing
             self._lane(lane).put_nowait(existing)
         try:
             return await asyncio.wait_for(asyncio.shield(existing.done), timeout)
         except TimeoutError:
-            raise SendTimeout(message_id) from None
+            raise SendTimeout(up.id) from None
+
+    async def members(self, conversation: str) -> list[GroupMember]:
+        """A group's members and roles, from the history API (so this needs one).
+
+        Raises:
+            HistoryError: ``unknown_conversation`` if this user is not a member now.
+            ConnectError: the history API cannot be reached.
+        """
+        if self.history is None:
+            raise ValueError("members() reads the history API: give ChatClient a history=")
+        return await self.history.members(conversation)
 
     async def mark_read(self, conversation: str, seq: int) -> None:
         """Tell the other members (and this user's other devices) that up to ``seq`` is read.
@@ -400,7 +571,7 @@ class ChatClient:
             while not item.done.done():
                 kick.clear()
                 # QoS 1: paho keeps it across reconnects; the future is only the PUBACK.
-                self.link.publish(topics.up_msg(self.username), item.payload, qos=1)
+                self.link.publish(item.topic, item.payload, qos=1)
                 waiter: asyncio.Future[Any] = asyncio.create_task(kick.wait())
                 await asyncio.wait(
                     {item.done, waiter}, timeout=wait, return_when=asyncio.FIRST_COMPLETED

@@ -26,10 +26,28 @@ from ._exceptions import UNEXPECTED_RESPONSE, UNREACHABLE, ConnectError, History
 
 @dataclass(frozen=True, slots=True)
 class ConversationState:
-    """Where a conversation stands: catching up reads it to skip what is already here."""
+    """Where a conversation stands: catching up reads it to skip what is already here.
+
+    ``kind`` is ``direct`` or ``group``; a group has a ``name``, and ``member`` is
+    False for one the user left or was removed from (``members`` is then empty).
+    """
 
     id: str
     last_seq: int
+    kind: str = "direct"
+    name: str | None = None
+    members: tuple[str, ...] = ()
+    member: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMember:
+    """A member of a group now: ``role`` is ``admin`` or ``member``; they read the group
+    from ``since_seq`` on."""
+
+    username: str
+    role: str
+    since_seq: int
 
 
 class HistoryClient:
@@ -64,10 +82,17 @@ class HistoryClient:
         await self._http.aclose()
 
     async def conversations(self) -> list[ConversationState]:
-        """Every conversation of the user, with its last seq."""
+        """Every conversation of the user (groups left included), with its last seq."""
         data = await self._get("/v1/conversations")
         return [
-            ConversationState(c["id"], c["last_message"]["seq"] if c["last_message"] else 0)
+            ConversationState(
+                c["id"],
+                c["last_message"]["seq"] if c["last_message"] else 0,
+                kind=c["kind"],
+                name=c.get("name"),
+                members=tuple(c["members"]),
+                member=c.get("member", True),
+            )
             for c in data
         ]
 
@@ -91,6 +116,15 @@ class HistoryClient:
             if not data["has_more"] or not page:
                 return out
             after = page[-1].seq
+
+    async def members(self, conversation: str) -> list[GroupMember]:
+        """A conversation's members now, with their roles, by name.
+
+        Raises:
+            HistoryError: ``unknown_conversation`` if the user is not a member now.
+        """
+        data = await self._get(f"/v1/conversations/{quote(conversation, safe='')}/members")
+        return [GroupMember(m["username"], m["role"], int(m["since_seq"])) for m in data]
 
     async def presence(self, username: str) -> protocol.Presence | None:
         """A user's presence, as the same model as MQTT's ``chat/v1/presence/{user}``.

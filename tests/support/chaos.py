@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import random
 import signal
@@ -39,6 +40,7 @@ from typing import Literal
 from sqlalchemy.engine import make_url
 
 from mqchat import ChatClient, MessageRefused, SendTimeout
+from protocol import topics
 
 from .services import PostgresServer
 from .stack import Stack, stored
@@ -122,12 +124,25 @@ class History:
     def unknown(self, sender: str, id: str, target: str, body: str, why: str) -> None:
         self.ops.append(Op("unknown", id, sender, target, body, time.monotonic(), error=why))
 
-    async def send(self, client: ChatClient, sender: str, to: str, n: int, timeout: float) -> None:
-        """Send message ``n`` of ``sender`` to ``to`` through the SDK, logging every outcome."""
-        message_id, body, target = f"{sender}-{n:05d}", f"{sender} {n}", f"to:{to}"
+    async def send(
+        self,
+        client: ChatClient,
+        sender: str,
+        to: str | None,
+        n: int,
+        timeout: float,
+        *,
+        conversation: str | None = None,
+    ) -> None:
+        """Send message ``n`` of ``sender`` to ``to`` (or into the group ``conversation``)
+        through the SDK, logging every outcome."""
+        message_id, body = f"{sender}-{n:05d}", f"{sender} {n}"
+        target = f"to:{to}" if to is not None else f"conversation:{conversation}"
         self.invoke(sender, message_id, target, body)
         try:
-            sent = await client.send(body, to=to, id=message_id, timeout=timeout)
+            sent = await client.send(
+                body, to=to, conversation=conversation, id=message_id, timeout=timeout
+            )
         except SendTimeout:
             self.unknown(sender, message_id, target, body, "timeout")
         except MessageRefused as exc:
@@ -146,6 +161,85 @@ async def record_shown(device: str, client: ChatClient, received: list[Received]
         received.append(
             Received(device, m.id, m.conversation, m.seq, m.sender, m.body, time.monotonic())
         )
+
+
+#: conversation -> user -> the seqs ``(first, last)`` they were a member for; ``last``
+#: None while still a member. A member added at N sees N (the event) on; one removed
+#: at R sees R (the event) and nothing after.
+Windows = dict[str, dict[str, list[tuple[int, int | None]]]]
+
+
+def in_window(windows: Sequence[tuple[int, int | None]], seq: int) -> bool:
+    return any(first <= seq and (last is None or seq <= last) for first, last in windows)
+
+
+class GroupOps:
+    """Membership changes of one group under faults, with their membership windows.
+
+    An op is an ``up/group`` publish under a fixed id, published again every
+    ``resend`` seconds until its event row is in the database (the id makes a resend
+    harmless: the bridge answers it with the same receipt). The op goes to the
+    History as ``invoke`` then ``ok`` with the stored row, on a lane of its own
+    (``group:<conversation>``), so the checker holds its event to the same rules as a
+    message: stored once, shown once to every member device in the window, in order.
+    """
+
+    def __init__(self, stack: Stack, history: History, resend: float = 2.0) -> None:
+        self.stack = stack
+        self.history = history
+        self.resend = resend
+        self.windows: Windows = {}
+
+    async def apply(
+        self, client: ChatClient, actor: str, op: str, *, timeout: float, **fields: object
+    ) -> StoredRow:
+        """Apply ``op`` as ``actor``; its event row, once stored."""
+        op_id = f"{actor}-op-{op}-{len(self.history.ops)}"
+        payload = {"id": op_id, "op": op, **fields}
+        target = f"group:{fields.get('conversation', 'new')}"
+        self.history.invoke(actor, op_id, target, op)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):  # the link may be down: resent below
+                published = client.link.publish(
+                    topics.up(actor, "group"), json.dumps(payload).encode(), qos=1
+                )
+                published.add_done_callback(lambda f: f.cancelled() or f.exception())
+            waited = time.monotonic() + self.resend
+            while time.monotonic() < waited:
+                row = await asyncio.to_thread(self._stored, actor, op_id)
+                if row is not None:
+                    self.history.ok(actor, op_id, target, row.body, row.conversation, row.seq)
+                    self._move(row.conversation, actor, op, row.seq, fields)
+                    return row
+                await asyncio.sleep(0.25)
+        raise AssertionError(f"group op {op_id} was not stored within {timeout} s")
+
+    def _stored(self, actor: str, op_id: str) -> StoredRow | None:
+        try:
+            rows = stored(self.stack, actor)
+        except Exception:  # PostgreSQL down or cut off: asked again
+            return None
+        for r in rows:
+            if r.client_id == op_id:
+                return StoredRow(r.client_id, r.conversation_id, r.seq, r.sender, r.body, r.pk or 0)
+        return None
+
+    def _move(
+        self, conversation: str, actor: str, op: str, seq: int, fields: dict[str, object]
+    ) -> None:
+        windows = self.windows.setdefault(conversation, {})
+        users = [str(u) for u in fields.get("members", []) or []]  # type: ignore[union-attr]
+        if op == "create":
+            for user in (actor, *users):
+                windows.setdefault(user, []).append((seq, None))
+        elif op == "add":
+            for user in users:
+                windows.setdefault(user, []).append((seq, None))
+        elif op in ("remove", "leave"):
+            for user in users if op == "remove" else [actor]:
+                first, _ = windows[user][-1]
+                windows[user][-1] = (first, seq)
 
 
 def stored_rows(stack: Stack) -> list[StoredRow]:
@@ -243,6 +337,7 @@ def check(
     *,
     devices: dict[str, Sequence[str]] | None = None,
     members: dict[str, set[str]] | None = None,
+    windows: Windows | None = None,
 ) -> Report:
     """Reconcile what was sent, what each device was shown, and what is stored.
 
@@ -251,7 +346,11 @@ def check(
             of the user's conversations; by default the devices in ``received``.
         members: conversation -> its member users; by default inferred from the
             ``to:`` sends (the sender and the recipient).
+        windows: for groups, conversation -> user -> membership windows
+            (:class:`GroupOps`): a row must be shown to the devices of exactly the
+            users whose window holds its seq; one shown outside is unexpected.
     """
+    windows = windows or {}
     ops = list(history.ops if isinstance(history, History) else history)
     shown = list(received)
     rows = list(stored_rows)
@@ -353,7 +452,12 @@ def check(
         if not copies:
             continue
         row = copies[0]
-        for user in sorted(members.get(row.conversation, ())):
+        if row.conversation in windows:
+            group = windows[row.conversation]
+            audience = sorted(u for u, w in group.items() if in_window(w, row.seq))
+        else:
+            audience = sorted(members.get(row.conversation, ()))
+        for user in audience:
             for device in devices.get(user, ()):
                 got = seen_at.get(device, {}).get(key)
                 if not got:
@@ -375,6 +479,15 @@ def check(
                         f"{key} shown to {device} as {got[0].conversation}#{got[0].seq}, "
                         f"stored as {row.conversation}#{row.seq}"
                     )
+
+    # Visibility: nobody is shown a group's row outside their membership window.
+    for message in shown:
+        group = windows.get(message.conversation)
+        if group is not None and not in_window(group.get(message.user, []), message.seq):
+            report.unexpected.append(
+                f"{message.key} ({message.conversation}#{message.seq}) shown to"
+                f" {message.device} outside its membership window"
+            )
 
     # Order in storage: per conversation, seqs 1..n with no gap, rising with pk.
     per_conversation: dict[str, list[StoredRow]] = defaultdict(list)

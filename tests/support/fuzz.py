@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, get_args
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 from protocol import MAX_BODY_CHARS
 from protocol import topics as protocol_topics
-from protocol.models import UPLINK_MODELS
+from protocol.models import UPLINK_MODELS, GroupOp
 
 settings.register_profile(
     "ci",
@@ -101,6 +101,9 @@ FIELD_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "device": st.one_of(st.text(min_size=1, max_size=64), json_scalars),
     "typing": st.one_of(st.booleans(), json_scalars),
     "state": st.one_of(st.sampled_from(["online", "offline"]), json_scalars),
+    "op": st.one_of(st.sampled_from(list(get_args(GroupOp))), json_scalars),
+    "name": st.one_of(st.text(max_size=120), json_scalars),
+    "members": st.one_of(st.lists(st.one_of(usernames, json_scalars), max_size=3), json_scalars),
 }
 
 
