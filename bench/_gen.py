@@ -36,7 +36,7 @@ import gc
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -48,6 +48,9 @@ from tests.support import packets
 from tests.support.packets import CONNACK, DISCONNECT_BYTES, PINGREQ_BYTES
 
 from ._conn_client import Device
+
+#: A worker's answer to one command of the main process (its fields beside "ok").
+Command = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 #: Microseconds, 1 µs to 10 minutes, 3 significant digits.
 HIST_MAX_US = 600_000_000
@@ -141,6 +144,20 @@ class Worker:
         self.mode = "chat"
         #: Set once every message sent in the step (and its receipt) has arrived.
         self.step_complete = asyncio.Event()
+
+    def commands(self) -> dict[str, Command]:
+        """What the main process may ask of this worker (see :func:`serve`), by ``op``."""
+        return {"connect": self._connect, "step": self._step, "quiesce": self._quiesce}
+
+    async def _connect(self, command: dict[str, Any]) -> dict[str, Any]:
+        seconds = await self.connect_all()
+        return {"seconds": seconds, "connected": len(self.links)}
+
+    async def _step(self, command: dict[str, Any]) -> dict[str, Any]:
+        return await self.run_step(command["spec"])
+
+    async def _quiesce(self, command: dict[str, Any]) -> dict[str, Any]:
+        return await self.quiesce(command["quiet"], command["limit"])
 
     # -- connections ------------------------------------------------------------------
 
@@ -448,23 +465,19 @@ class Worker:
         return {"arrivals": self.arrivals, "seconds": time.monotonic() - started}
 
 
-async def _serve(conn: Connection, worker: Worker) -> None:
+async def serve(conn: Connection, worker: Worker) -> None:
+    """A generator process's loop: the main process's commands, one at a time, each
+    answered with ``{"ok": True, ...}`` or the error, until ``stop``."""
     loop = asyncio.get_running_loop()
+    handlers = worker.commands()
     while True:
         command: dict[str, Any] = await loop.run_in_executor(None, conn.recv)
-        op = command["op"]
         try:
-            if op == "connect":
-                seconds = await worker.connect_all()
-                conn.send({"ok": True, "seconds": seconds, "connected": len(worker.links)})
-            elif op == "step":
-                conn.send({"ok": True, **await worker.run_step(command["spec"])})
-            elif op == "quiesce":
-                conn.send({"ok": True, **await worker.quiesce(command["quiet"], command["limit"])})
-            elif op == "stop":
+            if command["op"] == "stop":
                 await worker.close_all()
                 conn.send({"ok": True})
                 return
+            conn.send({"ok": True, **await handlers[command["op"]](command)})
         except Exception as exc:  # report to the main process instead of dying silently
             conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
@@ -480,4 +493,4 @@ def worker_main(
 ) -> None:
     """Entry point of a generator process (multiprocessing, spawn)."""
     worker = Worker(index, host, port, users, password, progress)
-    asyncio.run(_serve(conn, worker))
+    asyncio.run(serve(conn, worker))

@@ -41,7 +41,7 @@ from hdrh.histogram import HdrHistogram
 
 from protocol import topics
 
-from ._gen import BODY, FAKE_CONVERSATION, HIST_MAX_US, Worker, new_histogram
+from ._gen import BODY, FAKE_CONVERSATION, HIST_MAX_US, Command, Worker, new_histogram, serve
 
 #: The bench-only topics of the ``topic-raw`` fan-out (allowed on the bench's brokers).
 GROUP_TOPICS = "bench/g/#"
@@ -92,6 +92,27 @@ class GroupWorker(Worker):
         self.group: GroupStep | None = None
         #: Ids of ``up/group`` ops in flight -> the future of their receipt.
         self.ops: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    def commands(self) -> dict[str, Command]:
+        return super().commands() | {
+            "group_op": self._group_op,
+            "subscribe_group": self._subscribe_group,
+            "group_step": self._group_step,
+            "quiesce": self._quiesce_group,
+        }
+
+    async def _group_op(self, command: dict[str, Any]) -> dict[str, Any]:
+        return {"answer": await self.group_op(command["user"], command["payload"], 60)}
+
+    async def _subscribe_group(self, command: dict[str, Any]) -> dict[str, Any]:
+        return {"subscribed": await self.subscribe_group(command["members"], command["name"])}
+
+    async def _group_step(self, command: dict[str, Any]) -> dict[str, Any]:
+        return await self.run_group_step(command["spec"])
+
+    async def _quiesce_group(self, command: dict[str, Any]) -> dict[str, Any]:
+        self.group = None
+        return await self._quiesce(command)
 
     def _on_message_for(self, user: str) -> Callable[[str, bytes], None]:
         def on_message(topic: str, raw: bytes) -> None:
@@ -250,37 +271,9 @@ class GroupWorker(Worker):
         }
 
 
-async def _serve(conn: Connection, worker: GroupWorker) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        command: dict[str, Any] = await loop.run_in_executor(None, conn.recv)
-        op = command["op"]
-        try:
-            if op == "connect":
-                seconds = await worker.connect_all()
-                conn.send({"ok": True, "seconds": seconds, "connected": len(worker.links)})
-            elif op == "group_op":
-                answer = await worker.group_op(command["user"], command["payload"], 60)
-                conn.send({"ok": True, "answer": answer})
-            elif op == "subscribe_group":
-                n = await worker.subscribe_group(command["members"], command["name"])
-                conn.send({"ok": True, "subscribed": n})
-            elif op == "group_step":
-                conn.send({"ok": True, **await worker.run_group_step(command["spec"])})
-            elif op == "quiesce":
-                worker.group = None
-                conn.send({"ok": True, **await worker.quiesce(command["quiet"], command["limit"])})
-            elif op == "stop":
-                await worker.close_all()
-                conn.send({"ok": True})
-                return
-        except Exception as exc:  # report to the main process instead of dying silently
-            conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
-
-
 def group_worker_main(
     conn: Connection, index: int, host: str, port: int, users: list[str], password: str
 ) -> None:
     """Entry point of a group generator process (multiprocessing, spawn)."""
     worker = GroupWorker(index, host, port, users, password, [0] * 4 * (index + 1))
-    asyncio.run(_serve(conn, worker))
+    asyncio.run(serve(conn, worker))

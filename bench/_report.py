@@ -63,18 +63,24 @@ def _of(records: list[dict[str, Any]], scenario: str, stack: str) -> list[dict[s
     return [r for r in records if r["scenario"] == scenario and r["stack"] == stack]
 
 
-def render_markdown(records: list[dict[str, Any]]) -> str:
-    if not records:
-        return "(no results)"
-    first = records[0]
+def run_header(first: dict[str, Any]) -> list[str]:
+    """The lines that open a run's table: the machine, the commit, the command."""
     m = first["machine"]
-    lines = [
+    return [
         f"Run {first['run']}, commit `{first['commit']}`: {m['cores']} cores ({m['cpu']}),"
         f" {m['ram_gib']} GiB RAM, Python {m['python']}; load average at start"
         f" {first['load_at_run_start']}.",
         "",
         f"Command: `{first['command']}`",
         "",
+    ]
+
+
+def render_markdown(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return "(no results)"
+    lines = [
+        *run_header(records[0]),
         "| scenario | stack | mode | offered msg/s | sent | lost | dup | p50 ms | p99 ms "
         "| p99.9 ms | max ms | `sent` p99 ms | gen lag max ms | disk flush max ms "
         "| CPU cores used | load 1m | verdict |",

@@ -46,6 +46,7 @@ import typer
 
 from bench._gen import new_histogram, percentiles
 from bench._group_gen import group_worker_main
+from bench._report import run_header
 from bench._stack import PASSWORD, CpuMeter, Stack, log, running_stack
 from bench.load import (
     RESULTS,
@@ -487,14 +488,8 @@ def _ms(stats: dict[str, Any], key: str) -> str:
 def render_markdown(records: list[dict[str, Any]]) -> str:
     if not records:
         return "(no results)"
-    first = records[0]
-    m = first["machine"]
     lines = [
-        f"Run {first['run']}, commit `{first['commit']}`: {m['cores']} cores ({m['cpu']}),"
-        f" {m['ram_gib']} GiB RAM; load average at start {first['load_at_run_start']}.",
-        "",
-        f"Command: `{first['command']}`",
-        "",
+        *run_header(records[0]),
         "| scenario | step | members | msg/s | sent | lost | dup | out of order "
         "| p50 ms | p99 ms | max ms | bridge ms CPU/msg | broker µs CPU/delivery "
         "| load 1m | verdict |",
