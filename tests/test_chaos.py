@@ -20,6 +20,7 @@ import os
 import secrets
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import pytest
 from pydantic import ValidationError
@@ -28,7 +29,7 @@ from bridge.config import BridgeSettings
 from mqchat import ChatClient
 
 from .support import chaos
-from .support.chaos import History, Op, Received, StoredRow, check, record_shown, stored_rows
+from .support.chaos import History, Op, Received, StoredRow, check, stored_rows
 from .support.services import PostgresServer
 from .support.stack import Stack, stored
 from .support.tcp_proxy import TcpProxy
@@ -67,16 +68,7 @@ async def test_no_message_is_lost_under_every_fault(
     await stack.add_users(*users)
     await stack.start_api()
     assert stack.mosquitto is not None
-    async with (
-        TcpProxy(stack.host, stack.port) as client_proxy,
-        TcpProxy(stack.host, stack.port) as broker_proxy,
-        TcpProxy(postgres.host, postgres.port) as db_proxy,
-    ):
-        injector = chaos.Injector(
-            stack, postgres, clients=client_proxy, bridge_broker=broker_proxy, bridge_db=db_proxy
-        )
-        await injector.route_bridge()
-        clients = await _clients(stack, client_proxy, users)
+    async with _behind_proxies(stack, postgres, users) as (injector, clients):
         devices = {user: [f"{user}/phone"] for user in users}
 
         history = History()
@@ -106,31 +98,15 @@ async def test_no_message_is_lost_under_every_fault(
                 for user in (row.sender, partner[row.sender])
             )
 
-        receivers = [
-            asyncio.create_task(record_shown(f"{user}/phone", client, received))
-            for user, client in clients.items()
-        ]
-        injector.started = time.monotonic()
-        try:
-            await asyncio.gather(
-                inject(),
-                *(
-                    send_all(user, SHORT_TIMEOUT if i % 2 == 0 else SEND_TIMEOUT)
-                    for i, user in enumerate(users)
-                ),
-            )
-            load_ended = time.monotonic() - injector.started
-            deadline = time.monotonic() + QUIET_TIMEOUT
-            while not await asyncio.to_thread(caught_up) and time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-            quiet_ended = time.monotonic() - injector.started
-        finally:
-            stop.set()
-            for task in receivers:
-                task.cancel()
-            for task in receivers:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        load_ended, quiet_ended = await chaos.campaign(
+            injector,
+            clients,
+            received,
+            [inject(), *(send_all(user, timeout) for user, timeout in _timeouts(users))],
+            caught_up,
+            QUIET_TIMEOUT,
+            stop.set,
+        )
 
     report = check(history, received, stored_rows(stack), devices=devices)
     counts = injector.counts()
@@ -174,16 +150,7 @@ async def test_no_group_message_is_lost_or_shown_outside_membership_under_every_
     users = [user for pair in PAIRS for user in pair]
     await stack.add_users(*users)
     await stack.start_api()
-    async with (
-        TcpProxy(stack.host, stack.port) as client_proxy,
-        TcpProxy(stack.host, stack.port) as broker_proxy,
-        TcpProxy(postgres.host, postgres.port) as db_proxy,
-    ):
-        injector = chaos.Injector(
-            stack, postgres, clients=client_proxy, bridge_broker=broker_proxy, bridge_db=db_proxy
-        )
-        await injector.route_bridge()
-        clients = await _clients(stack, client_proxy, users)
+    async with _behind_proxies(stack, postgres, users) as (injector, clients):
         history = History()
         group_ops = chaos.GroupOps(stack, history)
         created = await group_ops.apply(
@@ -246,26 +213,19 @@ async def test_no_group_message_is_lost_or_shown_outside_membership_under_every_
                 if chaos.in_window(window, row.seq)
             )
 
-        receivers = [
-            asyncio.create_task(record_shown(f"{user}/phone", client, received))
-            for user, client in clients.items()
-        ]
-        injector.started = time.monotonic()
-        try:
-            await asyncio.gather(
-                inject(),
-                *(
-                    send_all(user, SHORT_TIMEOUT if i % 2 == 0 else SEND_TIMEOUT)
-                    for i, user in enumerate(users)
-                ),
-            )
-            deadline = time.monotonic() + QUIET_TIMEOUT
-            while not await asyncio.to_thread(caught_up) and time.monotonic() < deadline:
-                await asyncio.sleep(0.5)
-        finally:
+        def ended() -> None:
             stop.set()
             frank_added.set()
-            await chaos.cancel(receivers)
+
+        await chaos.campaign(
+            injector,
+            clients,
+            received,
+            [inject(), *(send_all(user, timeout) for user, timeout in _timeouts(users))],
+            caught_up,
+            QUIET_TIMEOUT,
+            ended,
+        )
 
     report = check(
         history,
@@ -292,6 +252,30 @@ async def test_no_group_message_is_lost_or_shown_outside_membership_under_every_
     assert 0 < shown_to["dave"] < shown_to["alice"], summary
     refused = Counter(op.sender for op in history.ops if op.kind == "fail")
     assert refused["dave"] > 0, summary  # sent after his removal, and refused
+
+
+@contextlib.asynccontextmanager
+async def _behind_proxies(
+    stack: Stack, postgres: PostgresServer, users: list[str]
+) -> AsyncIterator[tuple[chaos.Injector, dict[str, ChatClient]]]:
+    """The fault injector, with a proxy it can cut or slow between every client and
+    the broker, the bridge and the broker, the bridge and PostgreSQL; one SDK client
+    per user (device ``phone``) behind the first."""
+    async with (
+        TcpProxy(stack.host, stack.port) as client_proxy,
+        TcpProxy(stack.host, stack.port) as broker_proxy,
+        TcpProxy(postgres.host, postgres.port) as db_proxy,
+    ):
+        injector = chaos.Injector(
+            stack, postgres, clients=client_proxy, bridge_broker=broker_proxy, bridge_db=db_proxy
+        )
+        await injector.route_bridge()
+        yield injector, await _clients(stack, client_proxy, users)
+
+
+def _timeouts(users: list[str]) -> list[tuple[str, float]]:
+    """Half the senders give up early (their outcomes become unknown), half wait."""
+    return [(user, SHORT_TIMEOUT if i % 2 == 0 else SEND_TIMEOUT) for i, user in enumerate(users)]
 
 
 async def _clients(stack: Stack, proxy: TcpProxy, users: list[str]) -> dict[str, ChatClient]:

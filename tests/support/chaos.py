@@ -33,7 +33,7 @@ import signal
 import subprocess
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -258,6 +258,39 @@ async def cancel(tasks: Iterable[asyncio.Task[None]]) -> None:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def campaign(
+    injector: Injector,
+    clients: dict[str, ChatClient],
+    received: list[Received],
+    load: Sequence[Awaitable[object]],
+    caught_up: Callable[[], bool],
+    quiet_timeout: float,
+    ended: Callable[[], None],
+) -> tuple[float, float]:
+    """A chaos run: every client's device recorded into ``received`` while ``load``
+    (the fault injector and the senders) runs, then up to ``quiet_timeout`` seconds
+    for ``caught_up``; ``ended`` (stop the senders) runs however it ends.
+
+    Returns:
+        the seconds from the start to the end of the load, and to the catch-up.
+    """
+    receivers = [
+        asyncio.create_task(record_shown(f"{user}/phone", client, received))
+        for user, client in clients.items()
+    ]
+    injector.started = time.monotonic()
+    try:
+        await asyncio.gather(*load)
+        load_ended = time.monotonic() - injector.started
+        deadline = time.monotonic() + quiet_timeout
+        while not await asyncio.to_thread(caught_up) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        return load_ended, time.monotonic() - injector.started
+    finally:
+        ended()
+        await cancel(receivers)
 
 
 # -- the checker --------------------------------------------------------------------
