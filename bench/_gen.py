@@ -214,28 +214,31 @@ class Worker:
         def on_message(topic: str, raw: bytes) -> None:
             now = time.monotonic_ns()
             self.arrivals += 1
-            kind = topic.rsplit("/", 1)[-1]
             try:
                 payload = json.loads(raw)
             except ValueError:
                 return
-            if kind == "msg":
-                # mqchat sends every member a copy, the sender's other devices included;
-                # only the recipient's copy is the delivery being measured.
-                if payload.get("from") == user:
-                    self.echoes += 1
-                else:
-                    self._count(payload.get("id", ""), now, receipt=False)
-            elif kind == "receipt" and payload.get("status") == "sent":
-                self._count(payload.get("id", ""), now, receipt=True)
-            elif kind == "error":
-                code = str(payload.get("code"))
-                tag, _, _ = str(payload.get("id", "")).partition(".")
-                for counts in (self.step, self.flood):
-                    if counts is not None and counts.tag == tag:
-                        counts.errors[code] = counts.errors.get(code, 0) + 1
+            self._received(user, topic.rsplit("/", 1)[-1], payload, now)
 
         return on_message
+
+    def _received(self, user: str, kind: str, payload: dict[str, Any], now: int) -> None:
+        """One downlink of ``kind`` (``msg``, ``receipt``, ...) for ``user``, decoded."""
+        if kind == "msg":
+            # mqchat sends every member a copy, the sender's other devices included;
+            # only the recipient's copy is the delivery being measured.
+            if payload.get("from") == user:
+                self.echoes += 1
+            else:
+                self._count(payload.get("id", ""), now, receipt=False)
+        elif kind == "receipt" and payload.get("status") == "sent":
+            self._count(payload.get("id", ""), now, receipt=True)
+        elif kind == "error":
+            code = str(payload.get("code"))
+            tag, _, _ = str(payload.get("id", "")).partition(".")
+            for counts in (self.step, self.flood):
+                if counts is not None and counts.tag == tag:
+                    counts.errors[code] = counts.errors.get(code, 0) + 1
 
     def _count(self, message_id: str, now: int, *, receipt: bool) -> None:
         tag, _, number = message_id.partition(".")

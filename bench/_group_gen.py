@@ -32,7 +32,6 @@ import json
 import os
 import time
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -114,27 +113,17 @@ class GroupWorker(Worker):
         self.group = None
         return await self._quiesce(command)
 
-    def _on_message_for(self, user: str) -> Callable[[str, bytes], None]:
-        def on_message(topic: str, raw: bytes) -> None:
-            now = time.monotonic_ns()
-            self.arrivals += 1
-            kind = topic.rsplit("/", 1)[-1]
-            try:
-                payload = json.loads(raw)
-            except ValueError:
-                return
-            message_id = str(payload.get("id", ""))
-            if kind == "msg":
-                self._delivered(user, message_id, int(payload.get("seq", 0)), now)
-            elif kind in ("receipt", "error") and message_id in self.ops:
-                future = self.ops.pop(message_id)
-                if not future.done():
-                    future.set_result({"kind": kind, **payload})
-            elif kind == "error" and self.group is not None:
-                code = str(payload.get("code"))
-                self.group.errors[code] = self.group.errors.get(code, 0) + 1
-
-        return on_message
+    def _received(self, user: str, kind: str, payload: dict[str, Any], now: int) -> None:
+        message_id = str(payload.get("id", ""))
+        if kind == "msg":
+            self._delivered(user, message_id, int(payload.get("seq", 0)), now)
+        elif kind in ("receipt", "error") and message_id in self.ops:
+            future = self.ops.pop(message_id)
+            if not future.done():
+                future.set_result({"kind": kind, **payload})
+        elif kind == "error" and self.group is not None:
+            code = str(payload.get("code"))
+            self.group.errors[code] = self.group.errors.get(code, 0) + 1
 
     def _delivered(self, user: str, message_id: str, seq: int, now: int) -> None:
         step = self.group
