@@ -31,7 +31,7 @@ from mqchat import ChatClient
 from .support import chaos
 from .support.chaos import History, Op, Received, StoredRow, check, stored_rows
 from .support.services import PostgresServer
-from .support.stack import Stack, stored
+from .support.stack import Stack
 from .support.tcp_proxy import TcpProxy
 
 PAIRS = (("alice", "bob"), ("carol", "dave"), ("erin", "frank"))
@@ -89,13 +89,8 @@ async def test_no_message_is_lost_under_every_fault(
                 stop.set()
 
         def caught_up() -> bool:
-            if any(client.pending for client in clients.values()):
-                return False
-            shown = {(r.device, r.sender, r.id) for r in received}
-            return all(
-                (f"{user}/phone", row.sender, row.client_id) in shown
-                for row in stored(stack)
-                for user in (row.sender, partner[row.sender])
+            return chaos.all_shown(
+                stack, clients, received, lambda row: (row.sender, partner[row.sender])
             )
 
         load_ended, quiet_ended = await chaos.campaign(
@@ -202,15 +197,14 @@ async def test_no_group_message_is_lost_or_shown_outside_membership_under_every_
                 stop.set()
 
         def caught_up() -> bool:
-            if any(client.pending for client in clients.values()):
-                return False
-            shown = {(r.device, r.sender, r.id) for r in received}
             windows = group_ops.windows[group]
-            return all(
-                (f"{user}/phone", row.sender, row.client_id) in shown
-                for row in stored(stack)
-                for user, window in windows.items()
-                if chaos.in_window(window, row.seq)
+            return chaos.all_shown(
+                stack,
+                clients,
+                received,
+                lambda row: [
+                    u for u, window in windows.items() if chaos.in_window(window, row.seq)
+                ],
             )
 
         def ended() -> None:

@@ -41,6 +41,7 @@ from sqlalchemy.engine import make_url
 
 from mqchat import ChatClient, MessageRefused, SendTimeout
 from protocol import topics
+from store.tables import Message
 
 from .services import PostgresServer
 from .stack import Stack, stored
@@ -258,6 +259,24 @@ async def cancel(tasks: Iterable[asyncio.Task[None]]) -> None:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def all_shown(
+    stack: Stack,
+    clients: dict[str, ChatClient],
+    received: list[Received],
+    recipients: Callable[[Message], Iterable[str]],
+) -> bool:
+    """Caught up: no client has a send pending, and every message the stack stored has
+    been shown on the ``phone`` of each of its ``recipients``."""
+    if any(client.pending for client in clients.values()):
+        return False
+    shown = {(r.device, r.sender, r.id) for r in received}
+    return all(
+        (f"{user}/phone", row.sender, row.client_id) in shown
+        for row in stored(stack)
+        for user in recipients(row)
+    )
 
 
 async def campaign(
