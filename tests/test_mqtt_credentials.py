@@ -10,17 +10,38 @@ made with it.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import secrets
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import httpx
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from core.accounts import set_disabled
 from core.mqtt import ConnectRefused, MqttLink
+from protocol import topics
 
 from .support.stack import Stack, password_of
 
 WAIT = 15.0
+
+
+async def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Poll, bounded: MqttLink offers no event for a lost connection."""
+    try:
+        async with asyncio.timeout(WAIT):
+            while not condition():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def bearer(api: httpx.AsyncClient, user: str) -> str:
@@ -53,12 +74,6 @@ async def refusal(stack: Stack, user: str, password: str, client_id: str) -> str
         await link.connect()
     await link.close()
     return refused.value.reason.lower()
-
-
-@pytest.fixture
-def stack(embedded: Stack) -> Stack:
-    """The embedded stack only, until mosquitto's plugin checks credentials too."""
-    return embedded
 
 
 @pytest.fixture
@@ -121,3 +136,124 @@ async def test_forged_and_hostile_credentials_are_refused(
         assert "not authori" in await refusal(stack, "alice", password, "alice:phone")
     # The genuine one still works after all that.
     assert (await connect(stack, cred)).is_connected
+
+
+async def test_a_password_change_revokes_credentials_and_drops_their_connections(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    await stack.add_users("alice")
+    token = await bearer(api, "alice")
+    cred = await credential(api, token)
+    link = await connect(stack, cred)
+
+    changed = await api.post(
+        "/v1/users/me/password",
+        json={"current_password": password_of("alice"), "new_password": "another-pw-42"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert changed.status_code == 204, changed.text
+
+    await wait_until(lambda: not link.is_connected, "the credential's connection to drop")
+    assert "not authori" in await refusal(stack, "alice", cred["password"], cred["client_id"])
+    # The token that changed the password is kept: it gets a working credential.
+    fresh = await credential(api, token)
+    assert (await connect(stack, fresh)).is_connected
+
+
+async def test_disabling_the_account_revokes_credentials_for_good(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    await stack.add_users("alice")
+    cred = await credential(api, await bearer(api, "alice"))
+    link = await connect(stack, cred)
+
+    async with stack.provisioner() as provisioner:
+        await set_disabled(stack.engine, provisioner, "alice", disabled=True)
+    await wait_until(lambda: not link.is_connected, "the credential's connection to drop")
+    assert "not authori" in await refusal(stack, "alice", cred["password"], cred["client_id"])
+
+    async with stack.provisioner() as provisioner:
+        await set_disabled(stack.engine, provisioner, "alice", disabled=False)
+    # Enabled again, the old credential stays revoked; a new sign-in gets a new one.
+    assert "not authori" in await refusal(stack, "alice", cred["password"], cred["client_id"])
+    fresh = await credential(api, await bearer(api, "alice"))
+    assert (await connect(stack, fresh)).is_connected
+
+
+async def test_a_credential_expires(stack: Stack) -> None:
+    await stack.add_users("alice")
+    url = await stack.start_api(mqtt_credential_ttl=1)
+    async with httpx.AsyncClient(base_url=url, timeout=WAIT) as api:
+        cred = await credential(api, await bearer(api, "alice"))
+    expires = datetime.fromisoformat(cred["expires_at"]).timestamp()
+    assert expires - time.time() <= 1.5
+    # The broker compares whole seconds of its clock with the expiry.
+    await wait_until(lambda: time.time() >= expires, "the credential to expire")
+    assert "not authori" in await refusal(stack, "alice", cred["password"], cred["client_id"])
+
+
+def mosquitto_client(stack: Stack, cred: dict[str, Any], *args: str) -> str:
+    """mosquitto_pub or _sub (``args[0]``) signed in with ``cred``; what it printed,
+    and its exit status."""
+    done = subprocess.run(
+        [
+            args[0],
+            *("-h", stack.host, "-p", str(stack.port), "-q", "1"),
+            *("-u", cred["username"], "-P", cred["password"], "-i", cred["client_id"]),
+            *args[1:],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    return f"{done.stdout}{done.stderr}exit {done.returncode}"
+
+
+async def test_stock_clients_chat_with_a_credential(stack: Stack, api: httpx.AsyncClient) -> None:
+    """mosquitto_pub and plain paho, which know nothing of mqchat, use the credential
+    as a password; mosquitto_sub with another client id is told it is not authorised."""
+    await stack.add_users("alice", "bob")
+    bob = await stack.client("bob")
+    cred = await credential(api, await bearer(api, "alice"), "cli")
+    body = f"from mosquitto_pub {secrets.token_hex(2)}"
+    uplink = json.dumps({"id": secrets.token_hex(4), "to": "bob", "body": body})
+    published = await asyncio.to_thread(
+        mosquitto_client, stack, cred, "mosquitto_pub", "-t", topics.up_msg("alice"), "-m", uplink
+    )
+    assert published.endswith("exit 0"), published
+    assert (await bob.next_message(timeout=WAIT)).body == body
+
+    foreign = dict(cred, client_id="alice:other")
+    subscribed = await asyncio.to_thread(
+        mosquitto_client, stack, foreign, "mosquitto_sub", "-t", topics.down_all("alice"), "-E"
+    )
+    assert "not authorised" in subscribed.lower(), subscribed
+
+    paho_cred = await credential(api, await bearer(api, "alice"), "paho")
+    assert await asyncio.to_thread(paho_connect, stack, paho_cred) == "Success"
+    wrong = dict(paho_cred, client_id="alice:cli")
+    assert await asyncio.to_thread(paho_connect, stack, wrong) == "Not authorized"
+
+
+def paho_connect(stack: Stack, cred: dict[str, Any]) -> str:
+    """Connect with plain paho (MQTT 3.1.1); the CONNACK's reason."""
+    answered = threading.Event()
+    outcome: list[str] = []
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cred["client_id"])
+    client.username_pw_set(cred["username"], cred["password"])
+
+    def on_connect(*args: object) -> None:
+        outcome.append(str(args[3]))
+        answered.set()
+
+    client.on_connect = on_connect
+    client.connect(stack.host, stack.port, keepalive=30)
+    try:
+        for _ in range(100):  # 10 s at most
+            client.loop(timeout=0.1)
+            if answered.is_set():
+                break
+    finally:
+        client.disconnect()
+    return outcome[0] if outcome else "no answer"

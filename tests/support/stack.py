@@ -190,10 +190,22 @@ class Stack:
         self._links.append(link)
         return link
 
-    async def start_api(self) -> str:
-        """Start the history API on a free port; returns its base URL."""
+    async def start_api(self, **changes: Any) -> str:
+        """Start the history API on a free port; returns its base URL. ``changes``: its
+        settings by field name (``mqtt_credential_ttl=1``)."""
+        mosquitto: dict[str, Any] = {}
+        if self.mosquitto is not None:
+            # As mqchat up --mosquitto runs it: accounts (and revocations) told to mosquitto.
+            mosquitto = {
+                "mosquitto_host": self.mosquitto.host,
+                "mosquitto_port": self.mosquitto.port,
+                "mosquitto_admin_username": self.mosquitto.admin.username,
+                "mosquitto_admin_password": self.mosquitto.admin.password,
+            }
         self.api = api_daemon(
-            self.base_dir, self.database_url, mqtt_credential_secret=self.credential_secret
+            self.base_dir,
+            self.database_url,
+            **({"mqtt_credential_secret": self.credential_secret} | mosquitto | changes),
         )
         await asyncio.to_thread(self.api.start_ready)
         self.api_url = api_url(self.api)
@@ -413,7 +425,14 @@ async def start_production_stack(
         partial(start_mosquitto, base, tls_cert=tls_cert, settings=TEST_MOSQUITTO_SETTINGS)
     )
     stack = new_stack(
-        "production", base, db_url, mosq.host, mosq.port, mosq.bridge.password, mosquitto=mosq
+        "production",
+        base,
+        db_url,
+        mosq.host,
+        mosq.port,
+        mosq.bridge.password,
+        mosquitto=mosq,
+        credential_secret=mosq.credential_secret,
     )
     await asyncio.to_thread(stack.start_bridge)
     return stack
