@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from core.accounts import set_disabled
 from core.mqtt import ConnectRefused, MqttLink
+from mqchat import ChatClient
 from protocol import topics
 
 from .support.stack import Stack, password_of
@@ -257,3 +258,33 @@ def paho_connect(stack: Stack, cred: dict[str, Any]) -> str:
     finally:
         client.disconnect()
     return outcome[0] if outcome else "no answer"
+
+
+async def test_the_sdk_signs_in_over_http_and_fetches_a_credential_per_connect(
+    stack: Stack,
+) -> None:
+    """``ChatClient.sign_in``: the account password goes to the history API only. After
+    a disable and enable (its credential and token revoked, and expired anyway), the
+    client reconnects by itself with a fresh credential."""
+    await stack.add_users("alice", "bob")
+    url = await stack.start_api(mqtt_credential_ttl=1)
+    alice = ChatClient.sign_in(
+        url, "alice", password_of("alice"), host=stack.host, port=stack.port, device="web"
+    )
+    await alice.connect()
+    try:
+        bob = await stack.client("bob")
+        await alice.send("hello over a credential", to="bob", timeout=WAIT)
+        assert (await bob.next_message(timeout=WAIT)).body == "hello over a credential"
+
+        before = alice.link.generation
+        async with stack.provisioner() as provisioner:
+            await set_disabled(stack.engine, provisioner, "alice", disabled=True)
+        await wait_until(lambda: not alice.link.is_connected, "alice to be dropped")
+        async with stack.provisioner() as provisioner:
+            await set_disabled(stack.engine, provisioner, "alice", disabled=False)
+        await asyncio.wait_for(alice.link.wait_reconnected(before), WAIT)
+        await alice.send("and again", to="bob", timeout=WAIT)
+        assert (await bob.next_message(timeout=WAIT)).body == "and again"
+    finally:
+        await alice.close()
