@@ -24,7 +24,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from core.accounts import set_disabled
-from core.mqtt import ConnectRefused, MqttLink
+from core.mqtt import ConnectRefused, LinkConfig, MqttLink
 from protocol import topics
 
 from .support.clients import paho_answer, wait_until
@@ -234,3 +234,30 @@ def paho_connect(stack: Stack, cred: dict[str, Any]) -> str:
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cred["client_id"])
     client.username_pw_set(cred["username"], cred["password"])
     return paho_answer(stack, client)
+
+
+async def test_a_credential_works_over_websockets(stack: Stack, api: httpx.AsyncClient) -> None:
+    """The browser's way in: MQTT over WebSocket, the same credential rules."""
+    await stack.add_users("alice")
+    cred = await credential(api, await bearer(api, "alice"), "web")
+    if stack.mosquitto is not None:
+        ws_port = stack.mosquitto.ws_port
+    else:
+        assert stack.embedded_broker is not None
+        ws_port = stack.embedded_broker.settings.ws_port  # type: ignore[union-attr]
+    link = MqttLink(
+        LinkConfig(
+            host=stack.host,
+            port=ws_port,
+            transport="websockets",
+            username=cred["username"],
+            password=cred["password"],
+            client_id=cred["client_id"],
+            clean_session=True,
+        )
+    )
+    try:
+        await link.connect()
+        await link.subscribe(topics.down_all("alice"), qos=1)
+    finally:
+        await link.close()
