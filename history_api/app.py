@@ -11,7 +11,7 @@ from fastapi_offline import FastAPIOffline
 
 from store import make_engine, reading, signin
 
-from . import conversations, devices, errors, health, messages, search, tokens, users
+from . import conversations, credentials, devices, errors, health, messages, search, tokens, users
 from .config import ApiSettings
 from .throttle import SignInGuard
 
@@ -51,6 +51,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
     errors.install(app)
     app.include_router(users.router)
     app.include_router(tokens.router)
+    if settings.mqtt_credential_secret is not None:
+        # Without a key there is nothing to sign with: no route (404 unknown_route).
+        app.include_router(credentials.router)
     app.include_router(conversations.router)
     app.include_router(messages.router)
     app.include_router(devices.router)
