@@ -17,7 +17,7 @@ from protocol import Presence, topics
 from store.tables import Device
 
 from .support.clients import Watcher
-from .support.stack import Stack
+from .support.stack import Stack, password_of
 from .support.stack import stored as stored_messages
 
 
@@ -213,3 +213,35 @@ async def test_the_history_api_says_what_mqtt_says(stack: Stack) -> None:
 def _plain(word: dict[str, str]) -> Presence:
     """A ``down/presence`` entry as the history API's model (no ``username``)."""
     return Presence.model_validate({k: v for k, v in word.items() if k != "username"})
+
+
+async def _mosquitto_sub(stack: Stack, user: str, topic: str, *options: str) -> tuple[int, str]:
+    """Debian's mosquitto_sub as ``user``, a persistent session, QoS 1 (at most 20 s)."""
+    process = await asyncio.create_subprocess_exec(
+        "mosquitto_sub",
+        *("-h", stack.host, "-p", str(stack.port), "-V", "mqttv311", "-W", "20"),
+        *("-u", user, "-P", password_of(user), "-i", f"{user}:sub", "-c", "-q", "1"),
+        *("-t", topic, "-F", "%t %p", *options),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_stock_mosquitto_sub_hears_contacts_only(stack: Stack) -> None:
+    """No SDK: mosquitto_sub on one's own ``down/presence``; the old topic refused."""
+    await stack.add_users("alice", "carol", "dave")
+    stack.chatted("alice", "carol")
+    _, out = await _mosquitto_sub(stack, "dave", topics.ALL_PRESENCE, "-E")
+    assert "All subscription requests were denied." in out  # a stranger: SUBACK 0x80
+    await _mosquitto_sub(stack, "carol", topics.down_presence("carol"), "-E")  # the session
+    await stack.client("alice", "phone")
+    code, out = await _mosquitto_sub(stack, "carol", topics.down_presence("carol"), "-C", "1")
+    assert code == 0, out
+    topic, payload = out.strip().split(" ", 1)
+    assert topic == topics.down_presence("carol")
+    assert [(w["username"], w["state"]) for w in json.loads(payload)["users"]] == [
+        ("alice", "online")
+    ]
