@@ -267,11 +267,8 @@ async def _handshake(
     connack_s = time.perf_counter() - started
     if body[1] != 0:
         raise HandshakeError(f"connack_rc_{body[1]}")
-    # The device's own downlink (QoS 1, as the SDK) and the presence of a few
-    # contacts (QoS 0: a presence lost is replaced by the next).
+    # The device's own downlink (QoS 1, as the SDK), its contacts' presence included.
     filters = [(topics.down_all(user), 1)]
-    for k in range(1, state.contacts + 1):
-        filters.append((topics.presence(username((index + k) % total)), 0))
     granted = (await device.subscribe(filters))[2:]
     if any(code == 0x80 for code in granted):
         raise HandshakeError("subscribe_refused")

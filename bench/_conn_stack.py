@@ -10,7 +10,8 @@ quadratically; instead the accounts are written before the broker starts:
   client with that role and ``mqchat-user``, its password hashed by
   :func:`core.dynsec.hash_password` (PBKDF2-SHA512, 101 iterations, dynsec's
   own count, with a salt of its own per account).
-* the database: one ``accounts`` row per user, inserted in one statement. Every bench
+* the database: one ``accounts`` row per user, inserted in one statement, and the
+  1:1 conversations that make users contacts (presence goes to contacts only). Every bench
   user has the same password (random per run), so one argon2 hash, computed once
   with the real parameters, serves every row; the embedded broker pays the real
   argon2 verification on every CONNECT.
@@ -41,7 +42,8 @@ from core.dynsec import (
     user_role,
 )
 from store import accounts, make_engine, migrate
-from store.tables import Account
+from store.messages import direct_key, new_conversation_id
+from store.tables import Account, Conversation, Member
 from store.types import utcnow
 from tests.support.services import (
     LOOPBACK,
@@ -251,14 +253,60 @@ class _Broker:
     sys_reader: Credentials | None = None
 
 
+def _insert_contacts(engine: Engine, names: list[str], monitor: str, contacts: int) -> None:
+    """1:1 conversations (no messages) that make users contacts, who are told each
+    other's presence: each user with the ``contacts`` next ones in a ring, and the
+    monitor with everyone (its ``down/presence`` then hears every user)."""
+    now = utcnow()
+    pairs = {(monitor, name) for name in names}
+    for i, name in enumerate(names):
+        for k in range(1, min(contacts, len(names) - 1) + 1):
+            other = names[(i + k) % len(names)]
+            pairs.add((min(name, other), max(name, other)))
+    conversations, members = [], []
+    for a, b in sorted(pairs):
+        conversation = new_conversation_id()
+        conversations.append(
+            {
+                "id": conversation,
+                "kind": "direct",
+                "direct_key": direct_key(a, b),
+                "last_seq": 0,
+                "created_at": now,
+                "members_seq": 0,
+            }
+        )
+        for user in (a, b):
+            members.append(
+                {
+                    "conversation_id": conversation,
+                    "username": user,
+                    "joined_at": now,
+                    "role": "member",
+                    "since_seq": 1,
+                }
+            )
+    with engine.begin() as conn:
+        for rows, table in ((conversations, Conversation), (members, Member)):
+            for start in range(0, len(rows), 10_000):
+                conn.execute(insert(table), rows[start : start + 10_000])
+
+
 def _start(
-    name: str, start_broker: Callable[[_Setup], _Broker], base: Path, names: list[str], monitor: str
+    name: str,
+    start_broker: Callable[[_Setup], _Broker],
+    base: Path,
+    names: list[str],
+    monitor: str,
+    contacts: int,
 ) -> BenchStack:
     """``start_broker`` (a database with every account, and a broker), then the bridge;
     on a failure whatever was started is stopped again."""
     setup = _Setup(base, [*names, monitor], secrets.token_urlsafe(18))
     try:
         broker = start_broker(setup)
+        with setup.timed("db_contacts"):
+            _insert_contacts(broker.engine, names, monitor, contacts)
         settings = bridge_settings(
             broker.database_url, broker.host, broker.port, broker.bridge_password, keepalive=15
         )
@@ -335,11 +383,11 @@ def _embedded_broker(setup: _Setup) -> _Broker:
     return _Broker(url, engine, LOOPBACK, port, bridge_password, broker.pid, broker.log_path)
 
 
-def production(base: Path, names: list[str], monitor: str) -> BenchStack:
+def production(base: Path, names: list[str], monitor: str, contacts: int = 0) -> BenchStack:
     """mosquitto (production config, dynsec) + bridge + PostgreSQL (fsync on)."""
-    return _start("production", _production_broker, base, names, monitor)
+    return _start("production", _production_broker, base, names, monitor, contacts)
 
 
-def embedded(base: Path, names: list[str], monitor: str) -> BenchStack:
+def embedded(base: Path, names: list[str], monitor: str, contacts: int = 0) -> BenchStack:
     """amqtt (``python -m broker``) + bridge + SQLite, as ``mqchat up`` runs them."""
-    return _start("embedded", _embedded_broker, base, names, monitor)
+    return _start("embedded", _embedded_broker, base, names, monitor, contacts)

@@ -9,8 +9,9 @@ Makes ``--users`` real accounts (dynsec + database rows, in bulk: see
 50k by default, up to ``--users``). At each step the new devices connect all at once
 (a storm, ``--concurrency`` handshakes in flight per worker process), each one the way
 the SDK's persistent device does: CONNECT with username, password and a last will
-``offline`` on ``up/presence``; SUBSCRIBE to its ``down/#`` (QoS 1) and to the presence
-of ``--contacts`` other users (QoS 0); PUBLISH ``online`` to ``up/presence`` (QoS 1).
+``offline`` on ``up/presence``; SUBSCRIBE to its ``down/#`` (QoS 1), which brings the
+presence of its ``--contacts`` (1:1 conversations made in bulk with the next users);
+PUBLISH ``online`` to ``up/presence`` (QoS 1), which brings it a snapshot.
 Then they stay idle: a PINGREQ within each keepalive, ``online`` again every
 ``--announce-every`` seconds (the SDK's 120 s). Each device binds its own loopback
 source address (127.1.0.1, ...; 250 devices per address), so one address's
@@ -19,9 +20,10 @@ ephemeral port range is never the limit.
 Per step it records: devices held, failures by kind, the storm's connect rate
 (devices through CONNACK, SUBACK and PUBACK per second) and CONNACK latency, how long
 until the bridge has recorded every device online in the database and until a
-monitor subscribed to ``chat/v1/presence/+`` has seen each user's retained
-``online``, and, after ``--hold`` idle seconds, the RSS (from /proc) of the broker, the
-bridge and the generator. It stops at the first step that fails and says why.
+monitor that is every user's contact has seen each user's ``online`` on its
+``down/presence`` (``retained_s``, the name it had when presence was retained),
+and, after ``--hold`` idle seconds, the RSS (from /proc) of the broker, the bridge
+and the generator. It stops at the first step that fails and says why.
 
 Bounded: ``--max-seconds`` in all, ``--step-timeout`` per storm, ``--handshake-timeout``
 per device. Everything listens and connects on loopback and is stopped at the end.
@@ -160,7 +162,7 @@ class Worker:
 
 
 class PresenceMonitor:
-    """One more device, subscribed to everyone's retained presence."""
+    """One more device, every user's contact, following their presence."""
 
     def __init__(self, stack: _conn_stack.BenchStack) -> None:
         self.online: set[str] = set()
@@ -179,18 +181,18 @@ class PresenceMonitor:
 
     async def start(self) -> None:
         await self.link.connect()
-        await self.link.subscribe(topics.ALL_PRESENCE, qos=0)
+        await self.link.subscribe(topics.down_presence(self.link.config.username), qos=0)
 
     def _on_presence(self, message: Incoming) -> None:
-        user = message.topic.rsplit("/", 1)[-1]
         try:
-            state = json.loads(message.payload).get("state")
-        except ValueError:
+            words = json.loads(message.payload)["users"]
+        except (ValueError, KeyError):
             return
-        if state == "online":
-            self.online.add(user)
-        else:
-            self.online.discard(user)
+        for word in words:
+            if word.get("state") == "online":
+                self.online.add(word.get("username"))
+            else:
+                self.online.discard(word.get("username"))
 
 
 class HeapMonitor:
@@ -292,7 +294,8 @@ def say(text: str) -> None:
 async def wait_presence(
     stack: _conn_stack.BenchStack, monitor: PresenceMonitor, expected: int, timeout: float
 ) -> tuple[float | None, float | None]:
-    """Seconds until the database, then the retained presence, show ``expected`` online."""
+    """Seconds until the database, then the monitor's ``down/presence``, show ``expected``
+    online."""
     t0 = time.monotonic()
     db_s: float | None = None
     retained_s: float | None = None
@@ -310,7 +313,7 @@ async def wait_presence(
         if time.monotonic() - last_report > 5:
             last_report = time.monotonic()
             db_now = count if db_s is None else expected
-            say(f"  presence: {db_now}/{expected} in the database, {seen} retained online seen")
+            say(f"  presence: {db_now}/{expected} in the database, {seen} online seen")
         if not stack.bridge_alive():
             say("  the bridge exited")
             break
@@ -322,7 +325,7 @@ async def run_steps(args: argparse.Namespace, run: Run, base: Path) -> None:
     names = [username(i) for i in range(args.users)]
     say(f"setting up {args.stack}: {args.users} accounts")
     start = _conn_stack.production if args.stack == "production" else _conn_stack.embedded
-    stack = await asyncio.to_thread(start, base, names, MONITOR)
+    stack = await asyncio.to_thread(start, base, names, MONITOR, args.contacts)
     workers: list[Worker] = []
     monitor = PresenceMonitor(stack)
     heap = HeapMonitor(stack)

@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from protocol import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES
 from store.devices import DEFAULT_MAX_DEVICES
 from store.groups import DEFAULT_MAX_MEMBERS
+from store.presence import DEFAULT_GROUP_LIMIT, DEFAULT_MAX_CONTACTS
 
 from .faults import CRASH_AT_PATTERN
 
@@ -57,6 +58,13 @@ class BridgeSettings(BaseSettings):
     #: A device not heard from for this long is taken offline even without its last
     #: will (the SDK announces itself every 120 s).
     presence_ttl: float = Field(default=300.0, gt=0)
+    #: Groups up to this many members make their members each other's contacts, who
+    #: are told each other's presence; larger groups do not (0: no group does, as in
+    #: WhatsApp). 1:1 partners always are. Give the history API the same number.
+    presence_group_limit: int = Field(default=DEFAULT_GROUP_LIMIT, ge=0)
+    #: Most contacts one user's presence change goes to (1:1 partners first), and
+    #: most states in one snapshot: the bound on a change's fan-out.
+    presence_max_contacts: int = Field(default=DEFAULT_MAX_CONTACTS, ge=1)
     #: Seconds; a database turn (one batch's write, waiting for the worker thread
     #: included) that takes longer is logged as a warning: every message of the
     #: batch is late by that much.

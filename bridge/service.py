@@ -36,9 +36,9 @@ import functools
 import logging
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from cachetools import TTLCache
@@ -75,6 +75,12 @@ TYPING_WINDOW = 3.0
 #: the SDK's (at most 8 x resend_after apart) stays in flight.
 REFUSALS_KEPT = 100_000
 REFUSALS_SECONDS = 600.0
+#: Devices remembered as sent a presence snapshot, and for how long.
+SNAPSHOTS_KEPT = 1_000_000
+SNAPSHOT_SECONDS = 3600.0
+#: Contacts' states in one ``down/presence`` (about 80 bytes each): far below every
+#: broker's packet limit however many contacts a user has.
+PRESENCE_CHUNK = 100
 #: The uplink kinds counted by ``MQCHAT_BRIDGE_UPLINK_RATE``, each on its own.
 _UPLINK_KINDS: dict[type, str] = {
     protocol.UpAck: "ack",
@@ -138,9 +144,13 @@ class Bridge(Service):
             on_connect=self._on_connect,
         )
         self.handled = 0
-        #: Users whose presence was published on this connection. A broker that lost
-        #: its retained messages (amqtt restarted) gets them again on the next word.
-        self._announced: set[str] = set()
+        #: (user, device) sent a snapshot of its contacts' presence lately. A device
+        #: gets one when it comes online, and again on its next word after an hour or
+        #: after this bridge reconnected (a restarted broker may have lost what it
+        #: queued), so a device whose offline was never recorded is not left stale.
+        self._snapshots: TTLCache[tuple[str, str], bool] = TTLCache(
+            SNAPSHOTS_KEPT, SNAPSHOT_SECONDS
+        )
         self._sweeper: asyncio.Task[None] | None = None
         self._rate = MessageRate(settings.message_rate)
         #: (sender, conversation) -> (when, typing) of the last typing event relayed.
@@ -333,7 +343,15 @@ class Bridge(Service):
         if work.presences:
             states = await self._with_database("presence updates", self._announce, work.presences)
             publishes.extend(self._error(s.user, s.error) for s in states if s.error is not None)
-            publishes.extend(self._presence([s for s in states if s.error is None]))
+            snapshot_for = set()
+            for state, (_, word) in zip(states, work.presences, strict=True):
+                if state.error is not None or word.state != "online":
+                    continue
+                if state.came_online or (state.user, word.device) not in self._snapshots:
+                    self._snapshots[(state.user, word.device)] = True
+                    snapshot_for.add(state.user)
+            ok = [s for s in states if s.error is None]
+            publishes.extend(await self._presence(ok, snapshot_for))
         for sender, event in work.typing:
             # Ephemeral: QoS 0, never stored, and nothing waits for it.
             await self._relay_typing(sender, event, publishes)
@@ -520,15 +538,46 @@ class Bridge(Service):
             out.append(_Publish(topics.down_receipt(tally.sender), protocol.encode(aggregate)))
         return out
 
-    def _presence(self, states: Sequence[presence.UserPresence]) -> list[_Publish]:
+    async def _presence(
+        self, states: Sequence[presence.UserPresence], snapshot_for: Collection[str] = ()
+    ) -> list[_Publish]:
+        """Each change to the changed user's contacts' ``down/presence``; each user in
+        ``snapshot_for`` their contacts' current states. One message per recipient
+        (and chunk), however many of their contacts changed in the batch."""
         latest = {state.user: state for state in states}  # the last word per user wins
+        changed = [state for state in latest.values() if state.changed]
+        if not changed and not snapshot_for:
+            return []
+        found = (
+            await self._with_database(
+                "presence fan-out",
+                lambda engine, _: [
+                    presence.audience(
+                        engine,
+                        [state.user for state in changed],
+                        snapshot_for,
+                        self.settings.presence_group_limit,
+                        self.settings.presence_max_contacts,
+                    )
+                ],
+                [None],
+            )
+        )[0]
+        told: dict[str, list[protocol.ContactPresence]] = {}
+        for state in changed:
+            word = _contact(state.user, state.online, state.at)
+            for contact in found.contacts[state.user]:
+                told.setdefault(contact, []).append(word)
         out = []
-        for user, state in latest.items():
-            if not (state.changed or user not in self._announced):
-                continue
-            self._announced.add(user)
-            payload = protocol.Presence(state="online" if state.online else "offline", at=state.at)
-            out.append(_Publish(topics.presence(user), protocol.encode(payload), retain=True))
+        for user, words in told.items():
+            out += _presence_publish(user, words, snapshot=False)
+        for user in sorted(snapshot_for):
+            words = [
+                _contact(contact, *found.states[contact])
+                for contact in found.contacts[user]
+                if contact in found.states
+            ]
+            out += _presence_publish(user, words, snapshot=True)
         return out
 
     async def _sweep_presence(self) -> None:
@@ -544,11 +593,11 @@ class Bridge(Service):
             except (OperationalError, DBAPIError) as exc:
                 log.warning("presence sweep skipped: %s", str(exc).splitlines()[0])
                 continue
-            for p in self._presence(gone):
-                self.link.publish(p.topic, p.payload, qos=1, retain=True)
+            for p in await self._presence(gone):
+                self.link.publish(p.topic, p.payload, qos=1)
 
     def _on_connect(self, session_present: bool) -> None:
-        self._announced.clear()
+        self._snapshots.clear()
 
     def _refusal(self, topic: str, exc: errors.ProtocolError) -> list[_Publish]:
         sender = topics.uplink_sender(topic)
@@ -577,3 +626,22 @@ class Bridge(Service):
                 f"database is at revision {current}, this bridge needs {head}: "
                 "run `mqchat db upgrade` first"
             )
+
+
+def _contact(user: str, online: bool, at: datetime) -> protocol.ContactPresence:
+    return protocol.ContactPresence(username=user, state="online" if online else "offline", at=at)
+
+
+def _presence_publish(
+    user: str, words: Sequence[protocol.ContactPresence], snapshot: bool
+) -> list[_Publish]:
+    """``words`` for ``user``'s ``down/presence``, in chunks of :data:`PRESENCE_CHUNK`."""
+    return [
+        _Publish(
+            topics.down_presence(user),
+            protocol.encode(
+                protocol.DownPresence(users=list(words[i : i + PRESENCE_CHUNK]), snapshot=snapshot)
+            ),
+        )
+        for i in range(0, len(words), PRESENCE_CHUNK)
+    ]

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core import daemon
+from store.presence import DEFAULT_GROUP_LIMIT
 from store.signin import SIGN_IN_BURST, SIGN_INS_PER_SECOND
 
 
@@ -69,6 +70,10 @@ class ApiSettings(BaseSettings):
     #: 429 with ``Retry-After``. Cache hits count too.
     sign_ins_per_second: float = Field(default=SIGN_INS_PER_SECOND, gt=0)
     sign_in_burst: int = Field(default=SIGN_IN_BURST, ge=1)
+    #: Groups up to this many members make their members each other's contacts, whose
+    #: presence ``GET /v1/users/{name}/presence`` tells: the bridge's
+    #: ``MQCHAT_BRIDGE_PRESENCE_GROUP_LIMIT``, which it should equal.
+    presence_group_limit: int = Field(default=DEFAULT_GROUP_LIMIT, ge=0)
 
     @model_validator(mode="after")
     def _rates_parse(self) -> ApiSettings:

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from core.accounts import change_password, register
 from protocol import errors
-from store import accounts, history
+from store import accounts, history, presence
 from store.accounts import MAX_PASSWORD_CHARS, MIN_PASSWORD_CHARS
 
 from .deps import (
@@ -23,6 +23,7 @@ from .deps import (
     EngineDep,
     ProvisionerDep,
     SessionDep,
+    SettingsDep,
     SignInGuardDep,
 )
 from .errors import (
@@ -158,9 +159,9 @@ async def change_my_password(
 
 
 class PresencePublic(BaseModel):
-    """A user's presence in the words of MQTT's ``chat/v1/presence/{user}``: ``state``
-    and ``at``. ``online`` and ``last_seen`` were this answer's first words; they stay,
-    deprecated, because v1 changes the meaning of nothing it listed."""
+    """A contact's presence in the words of MQTT's ``down/presence``: ``username``,
+    ``state`` and ``at``. ``online`` and ``last_seen`` were this answer's first words;
+    they stay, deprecated, because v1 changes the meaning of nothing it listed."""
 
     username: str
     #: ``online`` while any of the user's devices is, as on MQTT.
@@ -187,10 +188,16 @@ class PresencePublic(BaseModel):
     "/{username}/presence",
     responses={401: UNAUTHENTICATED, 404: not_found(errors.UNKNOWN_USER), 503: UNAVAILABLE},
 )
-def get_presence(username: str, session: SessionDep, me: CurrentUser) -> PresencePublic:
-    """Whether a user is online, for any signed-in user (as ``chat/v1/presence/+`` is)."""
+def get_presence(
+    username: str, session: SessionDep, me: CurrentUser, settings: SettingsDep
+) -> PresencePublic:
+    """Whether a user is online, for the users who share a conversation with them (and
+    themself), as MQTT's ``down/presence`` tells them. Anyone else gets the answer of a
+    name with no account, so nobody can follow or probe a stranger."""
     found = history.presence(session, username) if storable(username) else None
-    if found is None:
+    if found is None or not presence.is_contact(
+        session, me, username, settings.presence_group_limit
+    ):
         raise errors.ProtocolError(errors.UNKNOWN_USER, f"no user {username!r}")
     return PresencePublic(
         username=found.username,

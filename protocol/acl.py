@@ -24,20 +24,19 @@ class Rule:
         return self.pattern.replace("{user}", user)
 
 
-#: What an ordinary account may do. Presence is published by the bridge alone (from
-#: each device's ``up/presence`` and last will), so nobody can fake another state.
+#: What an ordinary account may do: its own tree and nothing else. Presence is the
+#: bridge's word (from each device's ``up/presence`` and last will), sent to each
+#: contact's ``down/presence``, so nobody can fake another's state or follow a user
+#: they share no conversation with.
 USER_RULES: Final[tuple[Rule, ...]] = (
     Rule("publish", topics.up_all("{user}")),
     Rule("subscribe", topics.down_all("{user}")),
-    Rule("subscribe", topics.ALL_PRESENCE),
 )
 
-#: What the bridge's service account may do: read every uplink, write every downlink
-#: and everyone's presence.
+#: What the bridge's service account may do: read every uplink, write every downlink.
 BRIDGE_RULES: Final[tuple[Rule, ...]] = (
     Rule("subscribe", topics.ALL_UPLINKS),
     Rule("publish", topics.ALL_DOWNLINKS),
-    Rule("publish", topics.ALL_PRESENCE),
 )
 
 
@@ -59,9 +58,10 @@ def retain_allowed(service: bool) -> bool:
     """Whether an account's publishes may be retained (stored and shown to every later
     subscriber), where its rules let it publish; ``service``: the bridge's account.
 
-    Users retain nothing: their rules give them no presence topic (presence is the
-    bridge's word alone), and a retained uplink would be replayed to the bridge every
-    time it subscribes again. Both brokers enforce this for publishes and last wills
+    Users retain nothing: a retained uplink would be replayed to the bridge every
+    time it subscribes again. (The bridge retains nothing since presence left the
+    retained ``chat/v1/presence/{user}``; its right stays so a retained publish of its
+    own is no silent drop.) Both brokers enforce this for publishes and last wills
     (mosquitto through ``broker/mosquitto_clientid``).
     """
     return service

@@ -324,7 +324,7 @@ class DownTyping(_Downlink):
 
 
 class Presence(_Downlink):
-    """A user's presence, retained on ``chat/v1/presence/{user}`` by the bridge.
+    """A user's presence, as the history API's ``GET /v1/users/{name}/presence`` says it.
 
     ``online`` while any of the user's devices is; ``at`` is since when (for
     ``offline``: when the user was last seen).
@@ -332,6 +332,28 @@ class Presence(_Downlink):
 
     state: Literal["online", "offline"]
     at: datetime
+
+
+class ContactPresence(_Downlink):
+    """One contact's presence inside a ``down/presence``: :class:`Presence` and whose."""
+
+    username: str
+    state: Literal["online", "offline"]
+    at: datetime
+
+
+class DownPresence(_Downlink):
+    """Contacts' presence, on ``chat/v1/u/{me}/down/presence``.
+
+    Sent only to the users who share a conversation with the user it names (a 1:1,
+    or a group small enough to show presence), so nobody can follow a stranger; and
+    it is an ordinary queued downlink, not a retained message, so it works the same
+    on every broker. ``snapshot``: this is every contact's state as of now (sent
+    after a device says ``online``), not only the ones that changed.
+    """
+
+    users: list[ContactPresence]
+    snapshot: bool = False
 
 
 class ErrorPayload(_Downlink):
@@ -355,4 +377,5 @@ DOWNLINK_MODELS: Final[dict[str, type[_Downlink]]] = {
     "receipt": Receipt,
     "typing": DownTyping,
     "error": ErrorPayload,
+    "presence": DownPresence,
 }

@@ -14,9 +14,9 @@ from typing import Final, Literal
 PREFIX: Final = "chat/v1"
 
 UpKind = Literal["msg", "ack", "typing", "presence", "group"]
-DownKind = Literal["msg", "receipt", "typing", "error"]
+DownKind = Literal["msg", "receipt", "typing", "error", "presence"]
 UP_KINDS: Final[tuple[UpKind, ...]] = ("msg", "ack", "typing", "presence", "group")
-DOWN_KINDS: Final[tuple[DownKind, ...]] = ("msg", "receipt", "typing", "error")
+DOWN_KINDS: Final[tuple[DownKind, ...]] = ("msg", "receipt", "typing", "error", "presence")
 
 #: Usernames are topic levels, so they may not contain ``/``, ``+``, ``#`` or start
 #: with ``$``. Lower-case ASCII keeps look-alikes from colliding. ``-`` is kept for
@@ -27,7 +27,9 @@ USERNAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_.]{1,31}$")
 ALL_UPLINKS: Final = f"{PREFIX}/u/+/up/#"
 #: What the bridge publishes to: every user's downlink.
 ALL_DOWNLINKS: Final = f"{PREFIX}/u/+/down/#"
-#: Presence of everyone, for any signed-in user.
+#: The retired presence topics (retained, one per user, readable by every signed-in
+#: user until v1.1): nobody may subscribe or publish here any more. Presence now goes
+#: to each contact's ``down/presence``.
 ALL_PRESENCE: Final = f"{PREFIX}/presence/+"
 
 
@@ -69,7 +71,12 @@ def up_all(user: str) -> str:
 
 
 def presence(user: str) -> str:
+    """The retired retained topic of ``user``'s presence (see :data:`ALL_PRESENCE`)."""
     return f"{PREFIX}/presence/{user}"
+
+
+def down_presence(user: str) -> str:
+    return down(user, "presence")
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,23 +4,35 @@ A user is online while any of their devices is. Devices say ``online`` when they
 connect and then every few minutes; their last will says ``offline``. A device whose
 will was lost (a broker that crashed, say) is taken offline when its announcements
 stop for longer than a TTL, by :func:`expire`.
+
+Who hears of it: a user's **contacts**, the users they share a conversation with (a
+1:1, or a group of at most ``group_limit`` members: a large group's members are not
+told each other's presence, as WhatsApp shows none in groups). At most
+``max_contacts`` of them, 1:1 partners first, so one change costs a bounded fan-out
+however many conversations a user has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, func, update
+from sqlalchemy import Engine, case, func, true, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from protocol import UpPresence, errors
 
 from . import devices as devices_cap
-from .tables import Device
+from .tables import Conversation, Device, Member
 from .types import utcnow
+
+#: Groups up to this size make their members each other's contacts (0: groups never do).
+DEFAULT_GROUP_LIMIT = 32
+#: Most contacts one user's presence goes to, and most states in their snapshot.
+DEFAULT_MAX_CONTACTS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +42,9 @@ class UserPresence:
     #: since when: for an offline user, when they were last seen.
     at: datetime
     changed: bool
+    #: This announcement brought a device online that was not (its contacts' states
+    #: are due to the user: a snapshot).
+    came_online: bool = False
     #: Why this announcement was refused (``too_many_devices``); nothing was stored.
     error: errors.ProtocolError | None = None
 
@@ -69,10 +84,13 @@ def update_batch(
                 continue
             names[user].add(item.device)
             online = item.state == "online"
+            came_online = online and not devices[user].get(item.device, False)
             devices[user][item.device] = online
             last_word[(user, item.device)] = online
             after = any(devices[user].values())
-            out.append(UserPresence(user, after, now, changed=after != before))
+            out.append(
+                UserPresence(user, after, now, changed=after != before, came_online=came_online)
+            )
         if not last_word:
             session.rollback()
             return out
@@ -131,3 +149,103 @@ def _online(session: Session, user: str) -> bool:
         ).first()
         is not None
     )
+
+
+def contacts(
+    session: Session,
+    users: Collection[str],
+    group_limit: int = DEFAULT_GROUP_LIMIT,
+    max_contacts: int = DEFAULT_MAX_CONTACTS,
+    among: Collection[str] | None = None,
+) -> dict[str, list[str]]:
+    """Each user's contacts, 1:1 partners first, then by name; at most ``max_contacts``.
+
+    ``among``: only these candidates (the HTTP API's "is this one of mine?").
+
+    One statement for all of ``users``. A group counts while it has at most
+    ``group_limit`` members (counted through the members' primary key). Rows read are
+    bounded by a user's conversations times ``group_limit``.
+    """
+    out: dict[str, list[str]] = {user: [] for user in users}
+    if not users:
+        return out
+    me, other, sized = aliased(Member), aliased(Member), aliased(Member)
+    size = (
+        select(func.count())
+        .select_from(sized)
+        .where(col(sized.conversation_id) == col(me.conversation_id))
+        .scalar_subquery()
+    )
+    is_group = case((col(Conversation.kind) == "direct", 0), else_=1)
+    rows = session.execute(
+        select(col(me.username), col(other.username), func.min(is_group).label("g"))
+        .join(other, col(other.conversation_id) == col(me.conversation_id))
+        .join(Conversation, col(Conversation.id) == col(me.conversation_id))
+        .where(
+            col(me.username).in_(sorted(users)),
+            col(other.username) != col(me.username),
+            (col(Conversation.kind) == "direct") | (size <= group_limit),
+            true() if among is None else col(other.username).in_(sorted(among)),
+        )
+        .group_by(col(me.username), col(other.username))
+        .order_by(col(me.username), "g", col(other.username))
+    )
+    for user, contact, _ in rows:
+        if len(out[user]) < max_contacts:
+            out[user].append(contact)
+    return out
+
+
+def is_contact(session: Session, user: str, other: str, group_limit: int) -> bool:
+    """Whether ``other``'s presence is ``user``'s to see (themself included).
+
+    The cap on contacts bounds fan-out, not this answer: the HTTP API tells a user
+    the state of anyone they share a conversation with.
+    """
+    if user == other:
+        return True
+    return bool(contacts(session, [user], group_limit, max_contacts=1, among=[other])[user])
+
+
+def states(session: Session, users: Collection[str]) -> dict[str, tuple[bool, datetime]]:
+    """Online and the latest time seen of each of ``users`` ever seen (one statement).
+
+    The same words as ``GET /v1/users/{name}/presence``: ``at`` is the latest time one
+    of the user's devices was seen.
+    """
+    if not users:
+        return {}
+    rows = session.execute(
+        select(
+            col(Device.username),
+            func.max(case((col(Device.online), 1), else_=0)),
+            func.max(Device.last_seen),
+        )
+        .where(col(Device.username).in_(sorted(users)))
+        .group_by(col(Device.username))
+    )
+    return {user: (bool(online), at) for user, online, at in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class Audience:
+    """Who hears of a batch's presence changes, and what a snapshot tells whom."""
+
+    #: Contacts of every user asked about (changed or snapshotted).
+    contacts: dict[str, list[str]]
+    #: The state of every contact of a snapshotted user who was ever seen.
+    states: dict[str, tuple[bool, datetime]]
+
+
+def audience(
+    engine: Engine,
+    changed: Collection[str],
+    snapshot_for: Collection[str],
+    group_limit: int = DEFAULT_GROUP_LIMIT,
+    max_contacts: int = DEFAULT_MAX_CONTACTS,
+) -> Audience:
+    """Two statements per batch, whatever its size: contacts, then their states."""
+    with Session(engine) as session:
+        found = contacts(session, {*changed, *snapshot_for}, group_limit, max_contacts)
+        wanted = {contact for user in snapshot_for for contact in found[user]}
+        return Audience(found, states(session, wanted))

@@ -6,7 +6,7 @@ service account, exactly the combinations the topic table allows succeed:
 
 * publish: a probe with a unique payload on every observable topic; observers that
   are entitled to read the topic (the bridge account on ``up/#``, each user on their
-  own ``down/#``, any user on ``presence/+``) show which probes got through;
+  own ``down/#``) show which probes got through;
 * subscribe: SUBACK granted or 0x80 refused for every filter; then traffic on every
   topic, and each prober must receive exactly what its granted filters match.
 
@@ -46,16 +46,16 @@ LONG_NAME = "d.o_t" + "9" * 27  # 32 characters, the longest a username may be
 USERS = ("alice", "bob", "bobby", LONG_NAME)
 ACTORS = (*USERS, BRIDGE)
 UP_KINDS = ("msg", "ack", "typing", "presence")
-DOWN_KINDS = ("msg", "receipt", "typing", "error")
+DOWN_KINDS = ("msg", "receipt", "typing", "error", "presence")
 
 # The topic table of DESIGN.md, restated ("{me}" is the connected user).
 ALLOWED: dict[str, dict[str, tuple[str, ...]]] = {
     "user": {
         "publish": ("chat/v1/u/{me}/up/#",),
-        "subscribe": ("chat/v1/u/{me}/down/#", "chat/v1/presence/+"),
+        "subscribe": ("chat/v1/u/{me}/down/#",),
     },
     "bridge": {
-        "publish": ("chat/v1/u/+/down/#", "chat/v1/presence/+"),
+        "publish": ("chat/v1/u/+/down/#",),
         "subscribe": ("chat/v1/u/+/up/#",),
     },
 }
@@ -94,7 +94,7 @@ def test_the_oracle_reads_the_table_as_intended() -> None:
     assert not may("bob", "publish", "chat/v1/u/bobby/up/msg")
     assert not may("bob", "publish", "chat/v1/presence/bob")
     assert may("bob", "subscribe", "chat/v1/u/bob/down/+")
-    assert may("bob", "subscribe", "chat/v1/presence/alice")
+    assert not may("bob", "subscribe", "chat/v1/presence/alice")  # retired: contacts only
     assert not may("bob", "subscribe", "chat/v1/u/bob/#")
     assert not may("bob", "subscribe", "chat/v1/presence/#")
     assert not may("bob", "subscribe", "#")
@@ -115,7 +115,6 @@ def observable_topics() -> list[str]:
     for user in USERS:
         out += [f"chat/v1/u/{user}/up/{kind}" for kind in UP_KINDS]
         out += [f"chat/v1/u/{user}/down/{kind}" for kind in DOWN_KINDS]
-        out.append(f"chat/v1/presence/{user}")
     return out
 
 
@@ -183,18 +182,6 @@ def _mismatches(
 async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
     await stack.add_users(*USERS)
 
-    # A real retained presence for alice, published by the bridge from her device.
-    watcher = await connect_actor(stack, "alice", "presence-watch")
-    await watcher.link.subscribe("chat/v1/presence/+", qos=1)
-    await stack.client("alice", "phone")
-    async with asyncio.timeout(20):
-        while not any(m.topic == "chat/v1/presence/alice" for m in watcher.seen.messages):
-            watcher.seen._changed.clear()
-            await watcher.seen._changed.wait()
-    alice_presence = next(
-        m.payload for m in watcher.seen.messages if m.topic == "chat/v1/presence/alice"
-    )
-
     # Observers, each subscribed only to what it is entitled to.
     up_observer = await connect_actor(stack, BRIDGE, "observer")
     await up_observer.link.subscribe("chat/v1/u/+/up/#", qos=1)
@@ -203,8 +190,6 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
         await observer.link.subscribe(f"chat/v1/u/{user}/down/#", qos=1)
 
     def observers_of(topic: str) -> list[Recorder]:
-        if topic.startswith("chat/v1/presence/"):
-            return [watcher.seen]
         user, direction = topic.split("/")[3:5]
         return [up_observer.seen if direction == "up" else down_observers[user].seen]
 
@@ -215,10 +200,6 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
     for name in actors:
         for topic in observable_topics():
             probes[(name, topic)] = probe(f"{name} -> {topic}")
-    forged_presence = {
-        user: json.dumps({"state": "offline", "at": "2020-01-01T00:00:00+00:00"}).encode()
-        for user in ("alice", "bob")
-    }
     # Asking mosquitto's admin API for the bridge's rights, and for a new account.
     # From a connection of its own: amqtt stops serving a session that publishes to a
     # '$' topic (it neither closes it nor answers it again), which would end bob's
@@ -238,11 +219,6 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
                 (actors[name].link, topic, payload, False)
                 for (name, topic), payload in probes.items()
             ),
-            # bob rewrites presence: retained, on alice's and on his own topic.
-            *(
-                (actors["bob"].link, f"chat/v1/presence/{user}", payload, True)
-                for user, payload in forged_presence.items()
-            ),
             (escalator.link, "$CONTROL/dynamic-security/v1", escalation, False),
         ]
     )
@@ -257,9 +233,6 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
     token = probe("sentinel up")
     publishes.append((actors["alice"].link, "chat/v1/u/alice/up/typing", token, False))
     sentinels.append((up_observer.seen, token))
-    token = probe("sentinel presence")
-    publishes.append((actors[BRIDGE].link, "chat/v1/presence/zz.sentinel", token, False))
-    sentinels.append((watcher.seen, token))
     await _publish_all(publishes)
     for recorder, token in sentinels:
         await recorder.wait_for(token)
@@ -270,19 +243,7 @@ async def test_exactly_the_allowed_combinations_succeed(stack: Stack) -> None:
     }
     wrong = _mismatches(published, lambda who, topic: may(who, "publish", topic))
     assert not wrong, "publish outcomes differ from the topic table:\n" + _table(wrong)
-    assert sum(published.values()) == len(USERS) * len(UP_KINDS) + len(USERS) * (
-        len(DOWN_KINDS) + 1
-    )
-    assert not set(forged_presence.values()) & watcher.seen.payloads()
-
-    # -- retained presence: what a newcomer sees is the bridge's word only -------------
-    newcomer = await connect_actor(stack, "bobby", "newcomer")
-    await newcomer.link.subscribe("chat/v1/presence/+", qos=1)
-    token = probe("sentinel retained")
-    await actors[BRIDGE].link.publish("chat/v1/presence/zz.sentinel", token, qos=1)
-    await newcomer.seen.wait_for(token)
-    retained = {m.topic: m.payload for m in newcomer.seen.messages if m.retain}
-    assert retained == {"chat/v1/presence/alice": alice_presence}
+    assert sum(published.values()) == len(USERS) * (len(UP_KINDS) + len(DOWN_KINDS))
 
     # -- subscribe ------------------------------------------------------------------
     granted: dict[tuple[str, str], bool] = {}

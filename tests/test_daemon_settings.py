@@ -185,6 +185,8 @@ def _samples(files: Path) -> list[BaseSettings]:
             max_devices=3,
             group_max_members=5,
             presence_ttl=60.5,
+            presence_group_limit=0,
+            presence_max_contacts=7,
             slow_turn=0.5,
             startup_timeout=5.0,
             shutdown_timeout=2.0,
@@ -209,6 +211,7 @@ def _samples(files: Path) -> list[BaseSettings]:
             sign_ins_per_user="3/minute",
             sign_ins_per_second=1.5,
             sign_in_burst=2,
+            presence_group_limit=5,
             cors_origins=["https://app.example", "http://localhost:5173"],
         ),
     ]

@@ -47,7 +47,7 @@ async def test_live_delivery_survives_subscription_churn(embedded: Stack) -> Non
         while not all_in.is_set() and rounds < 400:
             link = await embedded.raw("carol", client_id=f"carol:churn-{worker}-{rounds}")
             await link.subscribe(topics.down_all("carol"), qos=1)
-            await link.subscribe(topics.presence("+"), qos=0)
+            await link.subscribe(topics.down_presence("carol"), qos=0)
             await link.close()
             rounds += 1
         return rounds

@@ -106,7 +106,7 @@ def oracle(topic: str, payload: bytes, bodies: dict[str, str]) -> Expected | Non
         return ("silence", None)  # "stopped typing" with nothing relayed before: dropped
     if isinstance(up, UpTyping) or hasattr(up, "delivered"):
         return ("error", ("unknown_conversation", None))  # no conversation of mallory's
-    return ("silence", None)  # presence: stored as device state, retained, no answer
+    return ("silence", None)  # presence: stored as device state, told to contacts, no answer
 
 
 class Mallory:

@@ -30,7 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ASYNCAPI = ROOT / "protocol" / "asyncapi.yaml"
 
 #: The names the document's titles give the types a client switches on.
-NAMED = {"ReceiptStatus", "ErrorCode", "PresenceState", "DeviceState", "ToUser", "ToConversation"}
+NAMED = {
+    "ReceiptStatus",
+    "ErrorCode",
+    "PresenceState",
+    "ContactState",
+    "DeviceState",
+    "ToUser",
+    "ToConversation",
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +90,6 @@ async def capture(stack: Stack) -> dict[str, list[bytes]]:
     seen: asyncio.Queue[Incoming] = asyncio.Queue()
     alice = await stack.raw("alice", on_message=seen.put_nowait)
     await alice.subscribe(topics.down_all("alice"), qos=1)
-    await alice.subscribe(topics.presence("bob"), qos=1)
     bob = await stack.raw("bob")
 
     got: dict[str, list[bytes]] = {}
@@ -90,7 +97,7 @@ async def capture(stack: Stack) -> dict[str, list[bytes]]:
     async def until(kind: str, count: int = 1) -> None:
         while len(got.get(kind, [])) < count:
             m = await asyncio.wait_for(seen.get(), 15)
-            kind_of = "presence" if m.topic == topics.presence("bob") else m.topic.split("/")[-1]
+            kind_of = m.topic.split("/")[-1]
             got.setdefault(kind_of, []).append(m.payload)
 
     await alice.publish(topics.up_msg("alice"), b'{"id": "g1", "to": "bob", "body": "hi"}', qos=1)
@@ -120,7 +127,7 @@ async def test_generated_models_parse_real_downlinks(stack: Stack, generated: Mo
         "msg": generated.DownMessage,
         "receipt": generated.Receipt,
         "typing": generated.DownTyping,
-        "presence": generated.Presence,
+        "presence": generated.DownPresence,
         "error": generated.ErrorPayload,
     }
     parsed = {kind: [parse[kind].model_validate_json(raw) for raw in got[kind]] for kind in parse}
@@ -131,7 +138,9 @@ async def test_generated_models_parse_real_downlinks(stack: Stack, generated: Mo
     statuses = [receipt.status for receipt in parsed["receipt"]]
     assert sorted(statuses) == sorted(generated.ReceiptStatus)  # sent, delivered, read
     assert (parsed["typing"][0].from_, parsed["typing"][0].typing) == ("bob", True)
-    assert parsed["presence"][-1].state == generated.PresenceState.online
+    # alice and bob share a conversation now, so alice hears that bob came online.
+    (bob_online,) = parsed["presence"][-1].users
+    assert (bob_online.username, bob_online.state) == ("bob", generated.ContactState.online)
     (error,) = parsed["error"]
     assert (error.code, error.id) == (generated.ErrorCode.invalid_payload, "g2")
     # What a generated client sends parses as the document's uplink too.

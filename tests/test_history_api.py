@@ -444,10 +444,12 @@ async def test_presence_from_devices(
     bob = await alice.json("/v1/users/bob/presence")
     assert set(bob) == {"username", "state", "at", "online", "last_seen"}
     assert (bob["username"], bob["state"], when(bob["at"])) == ("bob", "online", at(2))
-    dave = await alice.json("/v1/users/dave/presence")  # no conversation with alice: still fine
-    assert (dave["state"], when(dave["at"])) == ("offline", at(7))
     carol = await alice.json("/v1/users/carol/presence")
     assert (carol["state"], carol["at"]) == ("offline", None)
+    # dave shares no conversation with alice: to her he is no account at all.
+    assert error_of(await alice.get("/v1/users/dave/presence")) == (404, "unknown_user")
+    dave = await (await as_user(client, "carol")).json("/v1/users/dave/presence")
+    assert (dave["state"], when(dave["at"])) == ("offline", at(7))
     # The first words, kept as deprecated aliases: same values.
     for answer in (bob, dave, carol):
         assert answer["online"] == (answer["state"] == "online")

@@ -170,10 +170,11 @@ async def test_queued_and_retained_messages_never_acknowledged_cost_no_traceback
     away.close()
     for i in range(QUEUED):
         await bridge.link.publish("chat/v1/u/mallory/down/msg", probe(f"queued {i}"), qos=1)
-        await bridge.link.publish(f"chat/v1/presence/user{i}", probe("state"), 1, retain=True)
+        topic = f"chat/v1/u/mallory/down/presence/{i}"
+        await bridge.link.publish(topic, probe("state"), 1, retain=True)
     back = await dial(embedded, held)  # takes the queue, acknowledges nothing
     await back.send(persistent)
-    await back.send(subscribe([b"chat/v1/presence/+"], qos=1))  # the retained ones
+    await back.send(subscribe([b"chat/v1/u/mallory/down/presence/+"], qos=1))  # retained
     needle = "Timeout waiting for PUBACK"
     await asyncio.to_thread(
         wait_until, lambda: needle in broker.log_text(), timeout=30, what=needle

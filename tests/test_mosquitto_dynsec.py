@@ -228,12 +228,12 @@ def test_bootstrap_derives_roles_from_protocol_acl() -> None:
     assert [(a["acltype"], a["topic"]) for a in roles[BRIDGE_ROLE]] == [
         (kind[rule.action], rule.pattern) for rule in acl.BRIDGE_RULES
     ]
-    assert [(a["acltype"], a["topic"]) for a in roles[USER_ROLE]] == [
-        ("subscribePattern", topics.ALL_PRESENCE)
-    ]
+    # Every user rule names the user now (presence left the shared topic); the shared
+    # role stays, empty, for the accounts made before.
+    assert roles[USER_ROLE] == []
     own = [(a["acltype"], a["topic"]) for a in user_acls("carol")]
     shared = [(kind[rule.action], rule.for_user("carol")) for rule in acl.USER_RULES]
-    assert sorted([*own, ("subscribePattern", topics.ALL_PRESENCE)]) == sorted(shared)
+    assert sorted(own) == sorted(shared)
 
 
 def test_bootstrap_hashes_passwords_as_dynsec_does() -> None:
@@ -370,6 +370,8 @@ async def test_user_cannot_publish_as_someone_else(
         lambda me, other: topics.ALL_UPLINKS,
         lambda me, other: topics.up_all(me),
         lambda me, other: f"{topics.PREFIX}/presence/#",
+        lambda me, other: topics.ALL_PRESENCE,
+        lambda me, other: topics.presence(other),
         lambda me, other: "$SYS/#",
         lambda me, other: "$CONTROL/#",
     ],
@@ -380,6 +382,8 @@ async def test_user_cannot_publish_as_someone_else(
         "all-uplinks",
         "own-uplinks",
         "presence-subtree",
+        "retired-presence",
+        "retired-presence-of-one",
         "sys",
         "control",
     ],
@@ -396,14 +400,13 @@ async def test_user_cannot_subscribe_outside_own_tree(
 
 
 async def test_user_may_subscribe_own_downlinks_and_presence(
-    mosquitto: MosquittoServer, alice: Credentials, bob: Credentials
+    mosquitto: MosquittoServer, alice: Credentials
 ) -> None:
     async with connected(mosquitto, alice) as device:
         for allowed in (
             topics.down_all(alice.username),
             topics.down_msg(alice.username),
-            topics.ALL_PRESENCE,
-            topics.presence(bob.username),
+            topics.down_presence(alice.username),
         ):
             assert await device.link.subscribe(allowed) == 1
 
@@ -411,21 +414,16 @@ async def test_user_may_subscribe_own_downlinks_and_presence(
 async def test_presence_is_published_by_the_bridge_alone(
     mosquitto: MosquittoServer, alice: Credentials, bob: Credentials
 ) -> None:
-    async with connected(mosquitto, alice) as device:
-        await device.publish(topics.presence(bob.username), b"forged offline", retain=True)
-        await device.publish(topics.presence(alice.username), b"forged online", retain=True)
-    async with connected(mosquitto, mosquitto.bridge) as bridge:
-        await bridge.publish(topics.presence(alice.username), b"online", retain=True)
     async with connected(mosquitto, bob) as watcher:
-        # Retained messages follow each SUBACK, so a forged one would come first.
-        await watcher.link.subscribe(topics.presence(bob.username))
-        await watcher.link.subscribe(topics.presence(alice.username))
+        await watcher.link.subscribe(topics.down_presence(bob.username))
+        async with connected(mosquitto, alice) as device:
+            await device.publish(topics.down_presence(bob.username), b"forged offline")
+            await device.publish(topics.presence(alice.username), b"forged", retain=True)
+        async with connected(mosquitto, mosquitto.bridge) as bridge:
+            await bridge.publish(topics.down_presence(bob.username), b"online")
+        # Published after the forgeries: a forged one that got through would come first.
         got = await watcher.next()
-    assert (got.topic, got.payload, got.retain) == (
-        topics.presence(alice.username),
-        b"online",
-        True,
-    )
+    assert (got.topic, got.payload) == (topics.down_presence(bob.username), b"online")
 
 
 async def test_payload_size_limit(

@@ -1,4 +1,5 @@
-"""Presence: retained, per user, online while any device is; on both stacks."""
+"""Presence: per user, online while any device is, told to the user's contacts alone
+on their ``down/presence`` (no retained messages); on both stacks."""
 
 from __future__ import annotations
 
@@ -6,18 +7,23 @@ import asyncio
 import json
 from datetime import datetime
 
+import pytest
 from sqlmodel import Session, select
 
+import protocol
+from core.mqtt import SubscribeRefused
+from mqchat import ChatClient
 from protocol import Presence, topics
 from store.tables import Device
 
 from .support.clients import Watcher
-from .support.stack import Stack
+from .support.stack import Stack, password_of
 from .support.stack import stored as stored_messages
 
 
 async def test_online_while_any_device_is(stack: Stack) -> None:
     await stack.add_users("alice", "carol")
+    stack.chatted("alice", "carol")
     watcher = Watcher()
     await watcher.start(stack)
 
@@ -43,6 +49,7 @@ async def test_online_while_any_device_is(stack: Stack) -> None:
 
 async def test_killed_connection_goes_offline_by_last_will(stack: Stack) -> None:
     await stack.add_users("alice", "carol")
+    stack.chatted("alice", "carol")
     watcher = Watcher()
     await watcher.start(stack)
     phone = await stack.client("alice", "phone", keepalive=2)
@@ -52,33 +59,66 @@ async def test_killed_connection_goes_offline_by_last_will(stack: Stack) -> None
     await watcher.state_of("alice", "offline", timeout=15)
 
 
-async def test_presence_is_retained_for_late_subscribers(stack: Stack) -> None:
-    await stack.add_users("alice", "carol")
+async def test_a_device_coming_online_gets_its_contacts_states(stack: Stack) -> None:
+    """The snapshot: a stock client says ``online`` and hears where its contacts are."""
+    await stack.add_users("alice", "bob", "carol", "dave")
+    stack.chatted("carol", "alice", "bob", "dave")
     await stack.client("alice", "phone")
-    first = Watcher()
-    await first.start(stack, "carol")
-    await first.state_of("alice", "online")
-
+    bob = await stack.client("bob", "phone")
+    await bob.close()
     late = Watcher()
-    await late.start(stack, "carol")  # subscribes after the fact: the retained state
-    await late.state_of("alice", "online", timeout=10)
+    await late.start(stack, "carol")
+    assert late.link is not None
+    online = protocol.encode(protocol.UpPresence(device="raw", state="online"))
+    await late.link.publish(topics.up("carol", "presence"), online, qos=1)
+    # bob's "offline" reached the broker before carol's "online": the bridge stores
+    # it first, so the snapshot has it (whether or not the change came first too).
+    snapshot = await late.snapshot()
+    assert {name: word["state"] for name, word in snapshot.items()} == {
+        "alice": "online",
+        "bob": "offline",
+    }  # dave was never seen: nothing to tell
+
+
+async def test_strangers_hear_nothing(stack: Stack) -> None:
+    """Only users who share a conversation hear of each other, on both brokers; the
+    retired retained topic is closed to everyone."""
+    await stack.add_users("alice", "bob", "carol", "dave")
+    stack.chatted("alice", "carol")
+    stack.chatted("bob", "dave")
+    friend, stranger = Watcher(), Watcher()
+    await friend.start(stack, "carol")
+    await stranger.start(stack, "dave")
+    assert stranger.link is not None
+    with pytest.raises(SubscribeRefused):
+        await stranger.link.subscribe(topics.ALL_PRESENCE, qos=1)
+    await stack.client("alice", "phone")
+    await friend.state_of("alice", "online")
+    await stack.client("bob", "phone")  # after alice's word, on dave's topic too
+    await stranger.state_of("bob", "online")
+    assert set(stranger.latest) == {"bob"}
+    assert set(friend.latest) == {"alice"}
 
 
 async def test_users_cannot_publish_presence_themselves(stack: Stack) -> None:
     await stack.add_users("alice", "bob", "carol")
-    await stack.client("bob", "phone")
+    stack.chatted("carol", "alice", "bob")
     watcher = Watcher()
     await watcher.start(stack)
+    await stack.client("bob", "phone")
     await watcher.state_of("bob", "online")
 
     alice = await stack.raw("alice")
-    forged = json.dumps({"state": "offline", "at": "2020-01-01T00:00:00Z"}).encode()
-    await alice.publish(topics.presence("bob"), forged, qos=1, retain=True)
-    await alice.publish(topics.presence("alice"), forged, qos=1, retain=True)
-    # The bridge's own word after those: bob's laptop joins, bob is still online.
+    at = "2020-01-01T00:00:00Z"
+    forged = {"users": [{"username": "bob", "state": "offline", "at": at}], "snapshot": False}
+    await alice.publish(topics.down_presence("carol"), json.dumps(forged).encode(), qos=1)
+    old = json.dumps({"state": "offline", "at": at}).encode()
+    await alice.publish(topics.presence("bob"), old, qos=1, retain=True)
+    # The bridge's own word after those: alice comes online.
     await stack.client("alice", "phone")
     await watcher.state_of("alice", "online")
-    assert all(payload["at"] != "2020-01-01T00:00:00Z" for _, payload in _drain(watcher))
+    assert all(payload["at"] != at for _, payload in _drain(watcher))
+    assert watcher.latest["bob"]["state"] == "online"
 
 
 def _drain(watcher: Watcher) -> list[tuple[str, dict[str, str]]]:
@@ -91,6 +131,7 @@ def _drain(watcher: Watcher) -> list[tuple[str, dict[str, str]]]:
 async def test_presence_after_bridge_restart(stack: Stack) -> None:
     """Presence words that arrive while the bridge is down are applied when it is back."""
     await stack.add_users("alice", "carol")
+    stack.chatted("alice", "carol")
     watcher = Watcher()
     await watcher.start(stack)
     phone = await stack.client("alice", "phone")
@@ -104,17 +145,19 @@ async def test_presence_after_bridge_restart(stack: Stack) -> None:
 
 async def test_presence_after_broker_restart(stack: Stack) -> None:
     """A device that vanished while the broker was down (no will ever fires) times out;
-    one that came back is online again, even on a broker that lost its retained state."""
+    one that came back is online again."""
     stack.bridge.stop()
     stack.bridge.env["MQCHAT_BRIDGE_PRESENCE_TTL"] = "3"
     await asyncio.to_thread(stack.start_bridge)
     await stack.add_users("alice", "bob", "carol")
+    stack.chatted("carol", "alice", "bob")
     await stack.client("alice", "phone", presence_interval=1)
     bob = await stack.client("bob", "phone", presence_interval=1)
-    watcher = Watcher()
-    await watcher.start(stack)
-    await watcher.state_of("alice", "online")
-    await watcher.state_of("bob", "online")
+    # An app, not a stock watcher: it says "online" again when it reconnects and gets
+    # a snapshot, which is how it learns what it missed while the broker was away.
+    carol = await stack.client("carol", "phone", presence_interval=1)
+    await _sdk_state_of(carol, "alice", "online")
+    await _sdk_state_of(carol, "bob", "online")
 
     if stack.mosquitto is not None:
         await asyncio.to_thread(stack.mosquitto.kill)
@@ -127,13 +170,21 @@ async def test_presence_after_broker_restart(stack: Stack) -> None:
     else:
         await asyncio.to_thread(stack.restart_broker)
 
-    await watcher.state_of("bob", "offline", timeout=30)
-    await watcher.state_of("alice", "online", timeout=30)
+    await _sdk_state_of(carol, "bob", "offline", timeout=30)
+    await _sdk_state_of(carol, "alice", "online", timeout=30)
+
+
+async def _sdk_state_of(client: ChatClient, user: str, state: str, timeout: float = 20) -> None:
+    async with asyncio.timeout(timeout):
+        while (word := client.contacts.get(user)) is None or word.state != state:
+            await client.presence_events.get()
 
 
 async def test_the_history_api_says_what_mqtt_says(stack: Stack) -> None:
-    """One vocabulary: HTTP's ``state`` and ``at`` are MQTT's, through the SDK's model."""
+    """One vocabulary: HTTP's ``state`` and ``at`` are MQTT's, through the SDK's model;
+    and the SDK keeps its contacts' latest words."""
     await stack.add_users("alice", "carol")
+    stack.chatted("alice", "carol")
     await stack.start_api()
     watcher = Watcher()
     await watcher.start(stack)
@@ -141,13 +192,56 @@ async def test_the_history_api_says_what_mqtt_says(stack: Stack) -> None:
     try:
         assert await history.presence("alice") is None  # never seen
 
+        carols = await stack.client("carol", "phone")
         phone = await stack.client("alice", "phone")
-        online = Presence.model_validate(await watcher.state_of("alice", "online"))
+        online = _plain(await watcher.state_of("alice", "online"))
         # No re-announcement yet, so even online's ``at`` is the same instant.
         assert await history.presence("alice") == online
+        word = await asyncio.wait_for(carols.presence_events.get(), 20)
+        assert (word.username, word.state, word.at) == ("alice", "online", online.at)
 
         await phone.close()
-        offline = Presence.model_validate(await watcher.state_of("alice", "offline"))
+        offline = _plain(await watcher.state_of("alice", "offline"))
         assert await history.presence("alice") == offline
+        word = await asyncio.wait_for(carols.presence_events.get(), 20)
+        assert carols.contacts["alice"] == word
+        assert (word.state, word.at) == ("offline", offline.at)
     finally:
         await history.close()
+
+
+def _plain(word: dict[str, str]) -> Presence:
+    """A ``down/presence`` entry as the history API's model (no ``username``)."""
+    return Presence.model_validate({k: v for k, v in word.items() if k != "username"})
+
+
+async def _mosquitto_sub(stack: Stack, user: str, topic: str, *options: str) -> tuple[int, str]:
+    """Debian's mosquitto_sub as ``user``, a persistent session, QoS 1 (at most 20 s)."""
+    process = await asyncio.create_subprocess_exec(
+        "mosquitto_sub",
+        *("-h", stack.host, "-p", str(stack.port), "-V", "mqttv311", "-W", "20"),
+        *("-u", user, "-P", password_of(user), "-i", f"{user}:sub", "-c", "-q", "1"),
+        *("-t", topic, "-F", "%t %p", *options),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_stock_mosquitto_sub_hears_contacts_only(stack: Stack) -> None:
+    """No SDK: mosquitto_sub on one's own ``down/presence``; the old topic refused."""
+    await stack.add_users("alice", "carol", "dave")
+    stack.chatted("alice", "carol")
+    _, out = await _mosquitto_sub(stack, "dave", topics.ALL_PRESENCE, "-E")
+    assert "All subscription requests were denied." in out  # a stranger: SUBACK 0x80
+    await _mosquitto_sub(stack, "carol", topics.down_presence("carol"), "-E")  # the session
+    await stack.client("alice", "phone")
+    code, out = await _mosquitto_sub(stack, "carol", topics.down_presence("carol"), "-C", "1")
+    assert code == 0, out
+    topic, payload = out.strip().split(" ", 1)
+    assert topic == topics.down_presence("carol")
+    assert [(w["username"], w["state"]) for w in json.loads(payload)["users"]] == [
+        ("alice", "online")
+    ]

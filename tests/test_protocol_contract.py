@@ -178,7 +178,6 @@ def _code_addresses() -> dict[str, str]:
     placeholder = "{user}"
     addresses = {topics.up(placeholder, kind): "up" for kind in topics.UP_KINDS}
     addresses |= {topics.down(placeholder, kind): "down" for kind in topics.DOWN_KINDS}
-    addresses[topics.presence(placeholder)] = "presence"
     return addresses
 
 
@@ -244,7 +243,8 @@ def test_error_code_enum_is_every_error_code(doc: dict[str, Any]) -> None:
 
 
 def test_presence_schema_matches_the_model(doc: dict[str, Any]) -> None:
-    """Presence is not under down/ (it is retained on its own topic) but is a model all the same."""
+    """Presence is no MQTT payload any more (it was retained on its own topic until
+    issue 19; the history API still answers in its words) but is a model all the same."""
     assert _document_schema(doc, "Presence") == _pydantic_schema(models.Presence)
 
 
@@ -288,7 +288,7 @@ def test_operations_follow_the_acl(doc: dict[str, Any]) -> None:
         assert acl.allowed(acl.USER_RULES, USER, verb, topic), f"{key}: ACL forbids {verb} {topic}"
         actions.setdefault(channel["address"], set()).add(operation["action"])
     for address, direction in _code_addresses().items():
-        expected = {"up": {"send"}, "down": {"receive"}, "presence": {"receive"}}
+        expected = {"up": {"send"}, "down": {"receive"}}
         assert actions.get(address) == expected[direction], address
 
 

@@ -36,18 +36,18 @@ async def test_a_newcomer_gets_retained_messages_only_for_its_own_subscriptions(
     users = [f"user{i}" for i in range(OTHERS)]
     await stack.add_users("alice", "bob", "carol", *users)
     bridge = await connect_actor(stack, BRIDGE, "retainer")
-    # Retained state a newcomer must not be sent unasked: the presence of many users,
-    # and something retained on alice's downlink.
+    # Retained state a newcomer must not be sent unasked: something on many users'
+    # downlinks, and on alice's.
     for user in users:
         state = json.dumps({"state": "online", "at": "2026-01-01T00:00:00+00:00"}).encode()
-        await bridge.link.publish(f"chat/v1/presence/{user}", state, qos=1, retain=True)
+        await bridge.link.publish(f"chat/v1/u/{user}/down/presence", state, qos=1, retain=True)
     alice_secret = probe("retained for alice only")
     await bridge.link.publish("chat/v1/u/alice/down/msg", alice_secret, qos=1, retain=True)
     # Filters held by others, which amqtt walked for every newcomer.
     alice = await connect_actor(stack, "alice", "holder")
     await alice.link.subscribe("chat/v1/u/alice/down/#", qos=1)
     carol = await connect_actor(stack, "carol", "holder")
-    await carol.link.subscribe("chat/v1/presence/+", qos=1)
+    await carol.link.subscribe("chat/v1/u/carol/down/#", qos=1)
     await alice.seen.wait_for(alice_secret)  # retained on alice's own subscription
 
     # bob connects with no subscription, then subscribes to his own downlink only.
@@ -88,7 +88,6 @@ async def test_queued_messages_arrive_without_the_retain_flag(stack: Stack) -> N
 
     away = await persistent()
     await away.subscribe("chat/v1/u/bob/down/#", qos=1)
-    await away.subscribe("chat/v1/presence/+", qos=1)
     await away.close()
 
     bridge = await connect_actor(stack, BRIDGE, "sender")
@@ -98,7 +97,7 @@ async def test_queued_messages_arrive_without_the_retain_flag(stack: Stack) -> N
     # Even a message that was published retained arrives queued with retain 0
     # (MQTT-3.3.1-9), as mosquitto sends it.
     presence = probe("presence, retained")
-    await bridge.link.publish("chat/v1/presence/zz.someone", presence, qos=1, retain=True)
+    await bridge.link.publish("chat/v1/u/bob/down/presence", presence, qos=1, retain=True)
 
     seen = Recorder()
     await persistent(seen)

@@ -38,7 +38,7 @@ docs/sdk.md has the guide and the error codes.
 """
 
 from core.mqtt import tls_context
-from protocol import DownTyping, Presence, Receipt
+from protocol import ContactPresence, DownTyping, Presence, Receipt
 
 from ._client import ChatClient, ChatMessage, Sent
 from ._exceptions import (
@@ -56,6 +56,7 @@ __all__ = [
     "ChatMessage",
     "ConnectError",
     "ConnectRefused",
+    "ContactPresence",
     "ConversationState",
     "DownTyping",
     "GroupMember",

@@ -266,6 +266,13 @@ class ChatClient:
         self.errors: asyncio.Queue[MessageRefused] = asyncio.Queue()
         self.receipts: asyncio.Queue[protocol.Receipt] = asyncio.Queue()
         self.typing_events: asyncio.Queue[protocol.DownTyping] = asyncio.Queue()
+        #: Each contact's latest presence (the users this user shares a conversation
+        #: with), as the bridge tells it on ``down/presence``: a snapshot after this
+        #: device comes online, then every change. Contacts never seen are absent.
+        self.contacts: dict[str, protocol.ContactPresence] = {}
+        #: Every presence word as it arrives (snapshot entries included), for an app
+        #: that redraws a contact list on changes.
+        self.presence_events: asyncio.Queue[protocol.ContactPresence] = asyncio.Queue()
 
     @classmethod
     def sign_in(
@@ -702,8 +709,18 @@ class ChatClient:
                 )
             elif parsed.kind == "error":
                 self._on_error(protocol.ErrorPayload.model_validate_json(incoming.payload))
+            elif parsed.kind == "presence":
+                self._on_presence(protocol.DownPresence.model_validate_json(incoming.payload))
         except ValidationError:
             log.warning("ignoring malformed %s payload", parsed.kind)
+
+    def _on_presence(self, down: protocol.DownPresence) -> None:
+        for word in down.users:
+            known = self.contacts.get(word.username)
+            # A snapshot taken before a change can arrive after it: the later word wins.
+            if known is None or word.at >= known.at or not down.snapshot:
+                self.contacts[word.username] = word
+            self.presence_events.put_nowait(word)
 
     def _on_receipt(self, receipt: protocol.Receipt) -> None:
         if receipt.status == "sent" and receipt.id is not None:

@@ -140,12 +140,13 @@ class HistoryClient:
         return [GroupMember(m["username"], m["role"], int(m["since_seq"])) for m in data]
 
     async def presence(self, username: str) -> protocol.Presence | None:
-        """A user's presence, as the same model as MQTT's ``chat/v1/presence/{user}``.
+        """A contact's presence, in the words of MQTT's ``down/presence``.
 
         None if no device of theirs was ever seen.
 
         Raises:
-            HistoryError: ``unknown_user`` for a name with no (enabled) account.
+            HistoryError: ``unknown_user`` for a name with no (enabled) account, or
+                one this user shares no conversation with.
         """
         data = await self._get(f"/v1/users/{quote(username, safe='')}/presence")
         if data["at"] is None:

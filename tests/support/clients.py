@@ -112,24 +112,37 @@ def probe(label: str) -> bytes:
 
 
 class Watcher:
-    """Another signed-in user following presence, as an app's contact list would."""
+    """A signed-in user following their contacts' presence on their own
+    ``down/presence``, as an app's contact list would (a stock client: no SDK)."""
 
     def __init__(self) -> None:
         self.seen: asyncio.Queue[tuple[str, dict[str, str]]] = asyncio.Queue()
         self.latest: dict[str, dict[str, str]] = {}
+        #: Every snapshot received, as {username: entry}.
+        self.snapshots: list[dict[str, dict[str, str]]] = []
         self.changed = asyncio.Event()
         self.link: MqttLink | None = None
 
     def on_message(self, m: Incoming) -> None:
-        user = m.topic.rsplit("/", 1)[-1]
         payload = json.loads(m.payload)
-        self.seen.put_nowait((user, payload))
-        self.latest[user] = payload
+        if payload["snapshot"]:
+            self.snapshots.append({entry["username"]: entry for entry in payload["users"]})
+        for entry in payload["users"]:
+            self.seen.put_nowait((entry["username"], entry))
+            self.latest[entry["username"]] = entry
         self.changed.set()
 
     async def start(self, stack: Stack, name: str = "carol") -> None:
         self.link = await stack.raw(name, on_message=self.on_message)
-        await self.link.subscribe(topics.ALL_PRESENCE, qos=1)
+        await self.link.subscribe(topics.down_presence(name), qos=1)
+
+    async def snapshot(self, timeout: float = 20) -> dict[str, dict[str, str]]:
+        """Wait for the first snapshot (one message: fewer than 100 contacts)."""
+        async with asyncio.timeout(timeout):
+            while not self.snapshots:
+                self.changed.clear()
+                await self.changed.wait()
+            return self.snapshots[0]
 
     async def state_of(self, user: str, state: str, timeout: float = 20) -> dict[str, str]:
         """Wait until the user's latest published presence is ``state``."""

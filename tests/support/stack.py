@@ -38,7 +38,9 @@ from core.dynsec import DynsecProvisioner
 from core.mqtt import Incoming, LinkConfig, MqttLink, Will
 from history_api.config import ApiSettings
 from mqchat import ChatClient, HistoryClient
+from protocol import UpMessage
 from store import accounts, make_engine, migrate
+from store.messages import DirectConversations, GroupMembers, persist_batch
 from store.tables import Message
 
 from .services import (
@@ -156,6 +158,16 @@ class Stack:
         await alice.send(body, to="bob", timeout=20)
         assert (await bob.next_message(timeout=20)).body == body
         return alice, bob
+
+    def chatted(self, user: str, *others: str) -> None:
+        """Make ``user`` and each of ``others`` contacts: a 1:1 conversation each,
+        stored directly (no broker round trip), so presence flows between them."""
+        for other in others:
+            up = UpMessage(id=f"hello-{user}-{other}", to=other, body="hello")
+            outcome = persist_batch(
+                self.engine, [(user, up)], directs=DirectConversations(), groups=GroupMembers()
+            )
+            assert outcome[0].error is None, outcome[0].error
 
     async def raw(
         self,
