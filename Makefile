@@ -40,7 +40,7 @@ mosquitto-plugin: $(CLIENTID_PLUGIN)
 # checking them is no reason to rebuild.
 $(CLIENTID_PLUGIN): broker/mosquitto_clientid/clientid_bind.c | system-deps
 	@mkdir -p $(dir $@)
-	$(CC) -shared -fPIC -O2 -Wall -Werror -o $@ $<
+	$(CC) -shared -fPIC -O2 -Wall -Werror -o $@ $< -lcrypto
 
 # Tests mostly wait on brokers, daemons and databases, so more workers than cores
 # (pytest-xdist), but not so many that starting daemons starves the tests' timeouts;

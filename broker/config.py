@@ -24,6 +24,9 @@ class BrokerSettings(BaseSettings):
     bridge_username: str = "mqchat-bridge"
     #: No default: a service password that ships in the code is everyone's password.
     bridge_password: SecretStr
+    #: The key MQTT credentials are checked with (``core.credentials``): the history
+    #: API's ``MQCHAT_API_MQTT_CREDENTIAL_SECRET``. Unset: only passwords sign in.
+    mqtt_credential_secret: SecretStr | None = None
     #: Seconds amqtt gets to close every session on SIGTERM; then what is left is
     #: abandoned (and logged), and the broker exits.
     shutdown_timeout: float = Field(default=10.0, gt=0)

@@ -6,8 +6,9 @@ amqtt speaks MQTT 3.1.1 only and keeps sessions in memory. mqchat adds::
                         connect rate per source ──(over)──▶ CONNACK 3, close
                         read the CONNECT (bounded in time and size, broker.wire)
                             └─(other MQTT version)──▶ CONNACK 1; (malformed) close
-                        Gate.admit: throttles, password (argon2), client id rule,
-                                    last will against the publish ACL
+                        Gate.admit: throttles, password (argon2) or MQTT credential
+                                    (an HMAC and the account's token generation),
+                                    client id rule, last will against the publish ACL
                             └─(refused)──▶ CONNACK 5 (or 3 while throttled), close;
                                            amqtt never sees it: no session is touched
                         amqtt's own handling, replaying the CONNECT
@@ -19,7 +20,8 @@ amqtt speaks MQTT 3.1.1 only and keeps sessions in memory. mqchat adds::
                         MqchatBroker overrides amqtt where it skips TopicAcl: wills,
                         retained messages (users retain nothing; sent on SUBSCRIBE
                         only), queued messages (retain 0)
-    every account_poll s: accounts disabled, deleted or with a new password
+    every account_poll s: accounts disabled, deleted, with a new password or
+                        with their tokens revoked (sessions signed in by credential)
                         ──▶ their sessions deleted, connections dropped
 
 Why the gate runs before amqtt: amqtt 0.12.1 deletes (clean session) or takes over
@@ -40,6 +42,7 @@ import contextlib
 import contextvars
 import hmac
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -56,9 +59,10 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
 
+from core import credentials
 from core.throttle import Throttle
 from protocol import acl
-from store import accounts, make_engine, reading, signin
+from store import accounts, make_engine, reading, signin, tokens
 
 from . import quota
 from .config import BrokerSettings
@@ -78,15 +82,23 @@ NOT_AUTHORIZED: Final = 0x05  # wrong credentials, or another user's client id
 #: The publishes the per-user quota counts: new messages (``chat/v1/u/{user}/up/msg``).
 QUOTA_SUFFIX: Final = "/up/msg"
 
-#: Where the password hash an account signed in with is kept on its amqtt session.
+#: Where what an account signed in with is kept on its amqtt session (``Admitted``).
 HASH_ATTRIBUTE: Final = "mqchat_password_hash"
+
+
+def generation_key(generation: int) -> str:
+    """What a session signed in by MQTT credential keeps instead of a password hash
+    (no argon2 hash starts with ``generation:``)."""
+    return f"generation:{generation}"
 
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
     username: str
-    #: The account's password hash at sign-in; None for service accounts.
-    password_hash: str | None
+    #: What the account signed in with, checked again by the account watch: its
+    #: password hash, or :func:`generation_key` of the credential's token generation.
+    #: None for service accounts.
+    signed_in_with: str | None
 
 
 #: True while amqtt handles a SUBSCRIBE in this task: the one time retained messages go out.
@@ -109,6 +121,8 @@ class Gate:
         # does not queue the bridge's commits (store.db.reading).
         self._engine = reading(engine)
         self.services = {settings.bridge_username: settings.bridge_password.get_secret_value()}
+        secret = settings.mqtt_credential_secret
+        self._credential_secret = secret.get_secret_value().encode() if secret else None
         self._connects = Throttle(settings.connect_rate)
         self._user_failures = Throttle(settings.auth_failures_per_user)
         self._source_failures = Throttle(settings.auth_failures_per_source)
@@ -136,16 +150,19 @@ class Gate:
         if throttled:
             client_log.warning("sign-in of %r from %s refused: too many attempts", username, source)
             return SERVER_UNAVAILABLE
-        password_hash: str | None = None
+        signed_in_with: str | None = None
         if service:
             ok = hmac.compare_digest(self.services[username].encode(), password.encode())
+        elif credentials.is_credential(password):
+            signed_in_with = await self._check_credential(username, client_id, password)
+            ok = signed_in_with is not None
         else:
             try:
-                password_hash = await asyncio.to_thread(self._authenticate, username, password)
+                signed_in_with = await asyncio.to_thread(self._authenticate, username, password)
             except signin.Busy:
                 log.warning("sign-in of %r from %s refused: too many at once", username, source)
                 return SERVER_UNAVAILABLE
-            ok = password_hash is not None
+            ok = signed_in_with is not None
         if ok and not service and not acl.client_id_allowed(username, client_id):
             client_log.warning(
                 "refused client id %r for %r: it must be %r or start with %r",
@@ -163,7 +180,7 @@ class Gate:
             return NOT_AUTHORIZED
         if not service:
             self._user_sign_ins.hit("user", username)
-        return Admitted(username, password_hash)
+        return Admitted(username, signed_in_with)
 
     def publish_allowed(self, username: str, topic: str, *, retain: bool) -> bool:
         """The publish ACL, retain flag included: for publishes and last wills alike."""
@@ -175,17 +192,45 @@ class Gate:
             return False
         return not retain or acl.retain_allowed(service)
 
+    async def _check_credential(self, username: str, client_id: str, password: str) -> str | None:
+        """The generation key of a credential valid for exactly this user and client id,
+        issued under the account's current token generation; None otherwise.
+
+        The HMAC comes first and costs microseconds: a forged, expired, malformed or
+        oversized one never reaches the database.
+        """
+        if self._credential_secret is None:
+            return None
+        verified = credentials.verify(
+            self._credential_secret, username, client_id, password, now=time.time()
+        )
+        if verified is None:
+            return None
+        current = await asyncio.to_thread(self._generation, username)
+        if current != verified.generation:
+            return None
+        return generation_key(current)
+
+    def _generation(self, username: str) -> int | None:
+        with DbSession(self._engine) as db:
+            return tokens.generation(db, username)
+
     def _authenticate(self, username: str, password: str) -> str | None:
         with DbSession(self._engine) as db:
             return accounts.authenticate(db, username, password)
 
-    def current_hashes(self, usernames: list[str]) -> dict[str, str]:
-        """Password hash of each enabled account among ``usernames``. Blocking."""
-        found: dict[str, str] = {}
+    def current_sign_ins(self, usernames: list[str]) -> dict[str, set[str]]:
+        """What a session of each enabled account among ``usernames`` may still be
+        signed in with: its password hash and its current :func:`generation_key`.
+        Blocking."""
+        found: dict[str, set[str]] = {}
         with DbSession(self._engine) as db:
             # In chunks: SQLite and PostgreSQL bound the parameters of one statement.
             for start in range(0, len(usernames), 500):
-                found.update(accounts.credentials_state(db, usernames[start : start + 500]))
+                state = accounts.credentials_state(db, usernames[start : start + 500])
+                found.update(
+                    {name: {hash_, generation_key(gen)} for name, (hash_, gen) in state.items()}
+                )
         return found
 
 
@@ -311,7 +356,7 @@ class MqchatBroker(Broker):  # type: ignore[misc]
             )
             await _refuse(writer, NOT_AUTHORIZED)
             return
-        if verdict.password_hash is not None and not await self._make_room(
+        if verdict.signed_in_with is not None and not await self._make_room(
             verdict.username, connect.client_id or ""
         ):
             await _refuse(writer, SERVER_UNAVAILABLE)
@@ -552,12 +597,12 @@ class MqchatBroker(Broker):  # type: ignore[misc]
             if not signed_in:
                 continue
             try:
-                current = await asyncio.to_thread(self.gate.current_hashes, sorted(signed_in))
+                current = await asyncio.to_thread(self.gate.current_sign_ins, sorted(signed_in))
             except SQLAlchemyError as exc:
                 log.error("cannot check accounts: %s", exc)
                 continue
-            for username, hashes in signed_in.items():
-                if hashes != {current.get(username)}:
+            for username, keys in signed_in.items():
+                if not keys <= current.get(username, set()):
                     await self.drop_user(username)
 
 
@@ -625,7 +670,7 @@ class AccountAuth(BaseAuthPlugin):  # type: ignore[misc]
         admitted = _admitted.get()
         if admitted is None or admitted.username != session.username:
             return False
-        session.attributes[HASH_ATTRIBUTE] = admitted.password_hash
+        session.attributes[HASH_ATTRIBUTE] = admitted.signed_in_with
         return True
 
 

@@ -44,7 +44,8 @@ def render_config(
     """Move the production config to another place, changing nothing else.
 
     The MQTT listener goes to ``host:port``, the websockets listener to
-    ``host:ws_port``, persistence and the dynsec file into ``data_dir``, and the log
+    ``host:ws_port``, persistence, the dynsec file and the credential key into
+    ``data_dir``, and the log
     to stderr. ``plugins`` maps a plugin's file name to the path to load it from
     instead (dynsec on machines of another architecture, the client-id plugin from
     the build directory); other plugin lines stay. With ``tls``, the commented-out
@@ -81,8 +82,8 @@ def render_config(
             out.append(f"{key} {getattr(tls, key).as_posix()}")
         elif key == "persistence_location":
             out.append(f"persistence_location {data_dir.as_posix().rstrip('/')}/")
-        elif key == "plugin_opt_config_file":
-            out.append(f"plugin_opt_config_file {(data_dir / Path(value).name).as_posix()}")
+        elif key in ("plugin_opt_config_file", "plugin_opt_credential_key_file"):
+            out.append(f"{key} {(data_dir / Path(value).name).as_posix()}")
         elif key == "plugin" and plugins and Path(value).name in plugins:
             out.append(f"plugin {plugins[Path(value).name].as_posix()}")
         elif key == "log_dest":

@@ -7,13 +7,17 @@ connections. So it needs nothing more. mosquitto keeps its own client list (dyna
 security), so every change is also made there, over ``$CONTROL/dynamic-security/v1``,
 before the database transaction commits: if the broker refuses, the database is
 left as it was. dynsec drops the live connections of a client it disables, deletes
-or gives a new password.
+or gives a new password. Revoking the tokens also revokes the account's MQTT
+credentials (``core.credentials``): the embedded broker sees the new token generation
+in the database; mosquitto's plugin is told it (``revoke_credentials``).
 
 ::
 
     register / change_password / disable / enable / delete
-        ├─▶ store.accounts (+ store.tokens revoked)   flushed, not yet committed
-        ├─▶ provisioner (dynsec command; nothing for the embedded broker)
+        ├─▶ store.accounts (+ store.tokens revoked: a new token generation)
+        │                                              flushed, not yet committed
+        ├─▶ provisioner (dynsec command, and the generation to mosquitto's plugin;
+        │                nothing for the embedded broker)
         └─▶ COMMIT
 """
 
@@ -21,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from store import accounts, tokens
+
+_T = TypeVar("_T")
 
 
 class Provisioner(Protocol):
@@ -35,6 +41,7 @@ class Provisioner(Protocol):
     async def disable_user(self, username: str) -> None: ...
     async def enable_user(self, username: str) -> None: ...
     async def delete_user(self, username: str) -> None: ...
+    async def revoke_credentials(self, username: str, generation: int) -> None: ...
 
 
 class EmbeddedProvisioner:
@@ -55,15 +62,19 @@ class EmbeddedProvisioner:
     async def delete_user(self, username: str) -> None:
         return None
 
+    async def revoke_credentials(self, username: str, generation: int) -> None:
+        return None
+
 
 async def _in_transaction(
-    engine: Engine, change: Callable[[Session], object], broker: Callable[[], Awaitable[None]]
+    engine: Engine, change: Callable[[Session], _T], broker: Callable[[_T], Awaitable[None]]
 ) -> None:
-    """Make ``change`` in the database, then on the broker, then commit."""
+    """Make ``change`` in the database, then on the broker (given what ``change``
+    returned), then commit."""
     session = Session(engine)
     try:
-        await asyncio.to_thread(change, session)
-        await broker()
+        done = await asyncio.to_thread(change, session)
+        await broker(done)
         await asyncio.to_thread(session.commit)
     finally:
         await asyncio.to_thread(session.close)
@@ -79,7 +90,7 @@ async def register(engine: Engine, provisioner: Provisioner, username: str, pass
     await _in_transaction(
         engine,
         lambda session: accounts.create(session, username, password),
-        lambda: provisioner.create_user(username, password),
+        lambda _: provisioner.create_user(username, password),
     )
 
 
@@ -102,11 +113,15 @@ async def change_password(
         ProvisioningError: the broker refused (nothing changed).
     """
 
-    def change(session: Session) -> None:
+    def change(session: Session) -> int:
         accounts.set_password(session, username, password)
-        tokens.revoke_all(session, username, keep=keep_token)
+        return tokens.revoke_all(session, username, keep=keep_token)
 
-    await _in_transaction(engine, change, lambda: provisioner.set_password(username, password))
+    async def broker(generation: int) -> None:
+        await provisioner.set_password(username, password)
+        await provisioner.revoke_credentials(username, generation)
+
+    await _in_transaction(engine, change, broker)
 
 
 async def set_disabled(
@@ -119,13 +134,18 @@ async def set_disabled(
         ProvisioningError: the broker refused (nothing changed).
     """
 
-    def change(session: Session) -> None:
+    def change(session: Session) -> int | None:
         accounts.set_disabled(session, username, disabled)
-        if disabled:
-            tokens.revoke_all(session, username)
+        return tokens.revoke_all(session, username) if disabled else None
 
-    broker = provisioner.disable_user if disabled else provisioner.enable_user
-    await _in_transaction(engine, change, lambda: broker(username))
+    async def broker(generation: int | None) -> None:
+        if generation is None:
+            await provisioner.enable_user(username)
+            return
+        await provisioner.disable_user(username)
+        await provisioner.revoke_credentials(username, generation)
+
+    await _in_transaction(engine, change, broker)
 
 
 async def delete(engine: Engine, provisioner: Provisioner, username: str) -> None:
@@ -136,8 +156,12 @@ async def delete(engine: Engine, provisioner: Provisioner, username: str) -> Non
         ProvisioningError: the broker refused (nothing changed).
     """
 
-    def change(session: Session) -> None:
+    def change(session: Session) -> int:
         accounts.delete(session, username)
-        tokens.revoke_all(session, username)
+        return tokens.revoke_all(session, username)
 
-    await _in_transaction(engine, change, lambda: provisioner.delete_user(username))
+    async def broker(generation: int) -> None:
+        await provisioner.delete_user(username)
+        await provisioner.revoke_credentials(username, generation)
+
+    await _in_transaction(engine, change, broker)

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 #: mosquitto's own admin API, not part of the chat protocol.
 CONTROL_TOPIC: Final = "$CONTROL/dynamic-security/v1"
 RESPONSE_TOPIC: Final = f"{CONTROL_TOPIC}/response"
+#: Our plugin's (broker/mosquitto_clientid): revocations of MQTT credentials.
+MQCHAT_CONTROL_TOPIC: Final = "$CONTROL/mqchat/v1"
+MQCHAT_RESPONSE_TOPIC: Final = f"{MQCHAT_CONTROL_TOPIC}/response"
 
 ADMIN_ROLE: Final = "mqchat-admin"
 BRIDGE_ROLE: Final = "mqchat-bridge"
@@ -217,6 +220,7 @@ class DynsecProvisioner:
         self.timeout = timeout
         self._link = MqttLink(config, on_message=self._on_response)
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._plugin_subscribed = False
 
     async def __aenter__(self) -> Self:
         await self._link.connect()
@@ -285,6 +289,39 @@ class DynsecProvisioner:
         _check_username(username)
         await self._run({"command": "enableClient", "username": username})
 
+    async def revoke_credentials(self, username: str, generation: int) -> None:
+        """Tell our plugin that the user's MQTT credentials below ``generation`` are
+        revoked; it drops the user's connections. Returns once the plugin answered.
+
+        Raises:
+            ProvisioningError: no answer (the plugin is not loaded, or is too old).
+        """
+        _check_username(username)
+        if not self._plugin_subscribed:
+            try:
+                await self._link.subscribe(MQCHAT_RESPONSE_TOPIC, qos=1)
+            except MqttError as exc:
+                raise ProvisioningError("revoke", f"{MQCHAT_RESPONSE_TOPIC}: {exc}") from exc
+            self._plugin_subscribed = True
+        correlation = uuid.uuid4().hex
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation] = answer
+        command = f"revoke {username} {generation} {correlation}"
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._link.publish(MQCHAT_CONTROL_TOPIC, command.encode(), qos=1)
+                await answer
+        except TimeoutError:
+            raise ProvisioningError(
+                "revoke",
+                f"no answer within {self.timeout} s on {MQCHAT_RESPONSE_TOPIC}: is "
+                "mqchat_clientid_bind (this version) loaded?",
+            ) from None
+        except MqttError as exc:
+            raise ProvisioningError("revoke", str(exc)) from exc
+        finally:
+            self._waiting.pop(correlation, None)
+
     async def _run(self, command: dict[str, Any]) -> dict[str, Any]:
         name = str(command["command"])
         correlation = uuid.uuid4().hex
@@ -306,6 +343,13 @@ class DynsecProvisioner:
         return response
 
     def _on_response(self, message: Incoming) -> None:
+        if message.topic == MQCHAT_RESPONSE_TOPIC:
+            # "revoked <username> <generation> <correlation>"
+            words = message.payload.decode("utf-8", "replace").split()
+            revoked = self._waiting.get(words[-1]) if len(words) == 4 else None
+            if revoked is not None and not revoked.done():
+                revoked.set_result({})
+            return
         if message.topic != RESPONSE_TOPIC:
             return
         try:

@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -111,6 +111,10 @@ class LinkConfig:
     max_inflight: int = 0
     max_backoff: float = 5.0
     connect_timeout: float = 10.0
+    #: Asked for the password before every connect and reconnect, instead of
+    #: ``password``: a short-lived MQTT credential is fetched anew each time
+    #: (``core.credentials``), since the one of the last connect may have expired.
+    password_provider: Callable[[], Awaitable[str]] | None = None
 
     def __post_init__(self) -> None:
         if self.tls is not None and not self.tls.check_hostname:
@@ -201,7 +205,7 @@ class MqttLink:
         self._loop = asyncio.get_running_loop()
         cfg = self.config
         self._client.connect_async(cfg.host, cfg.port, cfg.keepalive)
-        await self._connect_once()
+        await self._connect_once(first=True)
         self._maintain_task = asyncio.create_task(self._maintain(), name="mqtt-reconnect")
 
     async def close(self) -> None:
@@ -317,8 +321,19 @@ class MqttLink:
         client.on_socket_unregister_write = self._unregister_write
         return client
 
-    async def _connect_once(self) -> None:
+    async def _connect_once(self, *, first: bool = False) -> None:
+        """One CONNECT. The password provider's errors reach the caller of the first
+        connect as they are; later, they are retried like a broker's refusal."""
         loop = self._require_loop()
+        provider = self.config.password_provider
+        if provider is not None:
+            try:
+                password = await provider()
+            except Exception as exc:
+                if first:
+                    raise
+                raise MqttError(f"no password for the connection: {exc}") from exc
+            self._client.username_pw_set(self.config.username, password)
         self._connack = loop.create_future()
         rc = self._client.reconnect()  # blocking TCP connect; OSError if nobody listens
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:

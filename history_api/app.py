@@ -11,7 +11,18 @@ from fastapi_offline import FastAPIOffline
 
 from store import make_engine, reading, signin
 
-from . import conversations, devices, errors, health, messages, search, tokens, users, web
+from . import (
+    conversations,
+    credentials,
+    devices,
+    errors,
+    health,
+    messages,
+    search,
+    tokens,
+    users,
+    web,
+)
 from .config import ApiSettings
 from .throttle import SignInGuard
 
@@ -51,6 +62,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     errors.install(app)
     app.include_router(users.router)
     app.include_router(tokens.router)
+    app.include_router(credentials.router)
     app.include_router(conversations.router)
     app.include_router(messages.router)
     app.include_router(devices.router)

@@ -34,6 +34,13 @@ class ApiSettings(BaseSettings):
     #: How long a bearer token from ``POST /v1/tokens`` stays valid: seconds
     #: (``86400``) or ISO 8601 (``PT24H``).
     token_ttl: timedelta = Field(default=timedelta(hours=24), gt=timedelta(0))
+    #: The key MQTT credentials (``POST /v1/mqtt-credentials``) are signed with; the
+    #: broker checks them with the same one (``MQCHAT_BROKER_MQTT_CREDENTIAL_SECRET``,
+    #: mosquitto's ``plugin_opt_credential_key_file``). Unset: no credentials issued.
+    mqtt_credential_secret: SecretStr | None = None
+    #: How long an MQTT credential lets a device connect: seconds or ISO 8601. A device
+    #: fetches a new one whenever it (re)connects, so minutes are enough.
+    mqtt_credential_ttl: timedelta = Field(default=timedelta(minutes=15), ge=timedelta(seconds=1))
 
     #: HTTPS: the server certificate (PEM, intermediates after it) and its key. Both
     #: or neither; uvicorn reads them at startup, so restart after renewing.

@@ -34,6 +34,9 @@ from .tables import Account
 MIN_PASSWORD_CHARS: Final = 8
 #: Bounds the work one request can cause: argon2 hashes the whole input.
 MAX_PASSWORD_CHARS: Final = 1024
+#: What MQTT credentials start with (``core.credentials``): no account password may,
+#: so a broker checks such a password as a credential only, never with argon2.
+CREDENTIAL_PREFIX: Final = "mqc1."
 #: Stored instead of a hash for a deleted account: no password verifies against it.
 DELETED_HASH: Final = "!deleted"
 
@@ -126,6 +129,8 @@ def check_password(password: str, *, username: str | None = None) -> None:
         reason = f"a password has {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters"
     elif not password.strip():
         reason = "a password cannot be only spaces"
+    elif password.startswith(CREDENTIAL_PREFIX):
+        reason = f"a password cannot start with {CREDENTIAL_PREFIX!r} (MQTT credentials do)"
     elif username is not None and password.casefold() == username.casefold():
         reason = "a password cannot be the username"
     elif password.casefold() in COMMON_PASSWORDS:
@@ -256,17 +261,19 @@ def delete(session: Session, username: str) -> None:
     session.flush()
 
 
-def credentials_state(session: Session, usernames: list[str]) -> dict[str, str]:
-    """For each enabled account among ``usernames``, its password hash.
+def credentials_state(session: Session, usernames: list[str]) -> dict[str, tuple[str, int]]:
+    """For each enabled account among ``usernames``, its password hash and its token
+    generation.
 
     The embedded broker compares these with what it saw at sign-in: a name missing
-    here (disabled, deleted) or with another hash (password changed) must be dropped.
+    here (disabled, deleted), with another hash (password changed) or, for a session
+    signed in by MQTT credential, another generation (tokens revoked) must be dropped.
     """
     if not usernames:
         return {}
     rows = session.exec(
-        select(Account.username, Account.password_hash).where(
+        select(Account.username, Account.password_hash, Account.token_generation).where(
             col(Account.username).in_(usernames), ~col(Account.disabled)
         )
     ).all()
-    return {name: password_hash for name, password_hash in rows}
+    return {name: (password_hash, generation) for name, password_hash, generation in rows}

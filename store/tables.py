@@ -29,6 +29,12 @@ class Account(SQLModel, table=True):
     password_hash: str = Field(sa_column=Column(String(255), nullable=False))
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     disabled: bool = Field(default=False, nullable=False)
+    #: Raised whenever the account's tokens are revoked (``store.tokens.revoke_all``):
+    #: MQTT credentials carry the value they were issued under (``core.credentials``),
+    #: so raising it revokes every one at once without a table of them.
+    token_generation: int = Field(
+        default=0, sa_column=Column(Integer, nullable=False, server_default="0")
+    )
 
 
 class Conversation(SQLModel, table=True):

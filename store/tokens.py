@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Column, ForeignKey, String, delete
+from sqlalchemy import Column, ForeignKey, String, delete, update
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from .tables import Account
@@ -89,14 +89,35 @@ def resolve(session: Session, token: str, *, now: datetime | None = None) -> str
 
 
 def revoke_all(session: Session, username: str, *, keep: str | None = None) -> int:
-    """Delete every token of ``username`` but ``keep`` (flushed, not committed).
+    """Delete every token of ``username`` but ``keep``, and revoke every MQTT credential
+    of the account by raising its ``token_generation`` (flushed, not committed).
+
+    ``keep`` (the token of the request changing the password) survives, but the
+    credentials of all devices end: each fetches a new one with its token.
 
     Returns:
-        How many were deleted.
+        The account's new token generation (what mosquitto is told, ``core.accounts``).
     """
     query = delete(Token).where(col(Token.username) == username)
     if keep is not None:
         query = query.where(col(Token.token_hash) != hash_token(keep))
-    result = session.execute(query)
+    session.execute(query)
+    session.execute(
+        update(Account)
+        .where(col(Account.username) == username)
+        .values(token_generation=col(Account.token_generation) + 1)
+    )
     session.flush()
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    new = session.exec(
+        select(Account.token_generation).where(col(Account.username) == username)
+    ).first()
+    return new or 0
+
+
+def generation(session: Session, username: str) -> int | None:
+    """The token generation of an enabled account; None if it is disabled or missing."""
+    return session.exec(
+        select(Account.token_generation).where(
+            col(Account.username) == username, ~col(Account.disabled)
+        )
+    ).first()

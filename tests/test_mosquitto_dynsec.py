@@ -179,7 +179,13 @@ def test_render_config_moves_listeners_files_and_log(tmp_path: Path) -> None:
 def test_render_config_changes_nothing_else(tmp_path: Path) -> None:
     template = PRODUCTION_CONFIG.read_text()
     rendered = render_config(template, host="127.0.0.1", port=1, ws_port=2, data_dir=tmp_path)
-    moved = ("listener", "persistence_location", "plugin_opt_config_file", "log_dest")
+    moved = (
+        "listener",
+        "persistence_location",
+        "plugin_opt_config_file",
+        "plugin_opt_credential_key_file",
+        "log_dest",
+    )
     kept = [line for line in template.splitlines() if not line.startswith(moved)]
     assert kept == [line for line in rendered.splitlines() if not line.startswith(moved)]
 

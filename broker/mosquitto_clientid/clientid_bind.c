@@ -40,8 +40,32 @@
  * is still reading its packet. Buckets belong to the username, so reconnecting
  * refills nothing. Exempt users have no quota. A publish within quota is deferred
  * (MOSQ_ERR_PLUGIN_DEFER): dynsec still decides whether it is allowed at all.
+ *
+ * MQTT credentials (the credential_* functions; core/credentials.py is the other
+ * half): a password that starts with "mqc1." is a short-lived credential from the
+ * history API's POST /v1/mqtt-credentials, never an account password (the password
+ * policy refuses that prefix), so it is decided here and never reaches dynsec's
+ * password hashing:
+ *     mqc1.<expires>.<issued>.<generation>.<hex HMAC-SHA256>
+ * over "mqc1\n<username>\n<client id>\n<expires>\n<issued>\n<generation>", keyed
+ * with the contents of plugin_opt_credential_key_file (the API's
+ * MQCHAT_API_MQTT_CREDENTIAL_SECRET). It is accepted (MOSQ_ERR_SUCCESS: dynsec is not
+ * asked; its ACLs still apply to the username) when the HMAC matches (OpenSSL's HMAC,
+ * compared in constant time), it has not expired, it was issued since this broker
+ * started, and its generation is not below the one the API last announced for the
+ * user; anything else with the prefix (forged, expired, malformed, over 128 bytes,
+ * no key configured) gets MOSQ_ERR_AUTH at the cost of one HMAC at most.
+ * Revocation: when an account's tokens are revoked (password change, disable,
+ * delete) the history API publishes "revoke <username> <generation> <correlation>"
+ * to $CONTROL/mqchat/v1 (exempt users only: the ACL check below allows exactly
+ * them to write it and to read the answer); the plugin remembers the generation,
+ * drops the user's connections and answers "revoked <username> <generation>
+ * <correlation>" on $CONTROL/mqchat/v1/response. What it was told is kept in memory
+ * only: a restarted broker refuses every credential issued before it started
+ * instead, and devices fetch new ones.
  */
 
+#include <ctype.h>
 #include <search.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +75,9 @@
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
 #include <mosquitto_plugin.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 
 #define PLUGIN_NAME "mqchat_clientid_bind"
 
@@ -83,6 +110,247 @@ static int client_id_is_bound(const char *client_id, const char *username)
 	return client_id[len] == '\0' || client_id[len] == ':';
 }
 
+/* -- MQTT credentials ----------------------------------------------------------------- */
+
+#define CREDENTIAL_PREFIX "mqc1."
+#define CREDENTIAL_MAX_CHARS 128
+#define CREDENTIAL_KEY_MAX 4096
+#define CONTROL_TOPIC "$CONTROL/mqchat/v1"
+#define CONTROL_RESPONSE_TOPIC "$CONTROL/mqchat/v1/response"
+
+struct revocation {
+	char *username;
+	unsigned long long min_generation;
+};
+
+static unsigned char credential_key[CREDENTIAL_KEY_MAX];
+static size_t credential_key_len;  /* 0: no key, every credential is refused */
+static time_t started_at;
+static void *revocations;  /* a tsearch(3) tree of struct revocation, by username */
+
+static int revocation_compare(const void *a, const void *b)
+{
+	return strcmp(((const struct revocation *)a)->username, ((const struct revocation *)b)->username);
+}
+
+static unsigned long long min_generation_of(const char *username)
+{
+	struct revocation key = {.username = (char *)username};
+	struct revocation **found = tfind(&key, &revocations, revocation_compare);
+
+	return found != NULL ? (*found)->min_generation : 0;
+}
+
+static int revoke(const char *username, unsigned long long generation)
+{
+	struct revocation key = {.username = (char *)username};
+	struct revocation **found = tfind(&key, &revocations, revocation_compare);
+	struct revocation *entry;
+
+	if(found != NULL){
+		if((*found)->min_generation < generation){
+			(*found)->min_generation = generation;
+		}
+		return MOSQ_ERR_SUCCESS;
+	}
+	entry = calloc(1, sizeof(*entry));
+	if(entry == NULL || (entry->username = strdup(username)) == NULL){
+		free(entry);
+		return MOSQ_ERR_NOMEM;
+	}
+	entry->min_generation = generation;
+	if(tsearch(entry, &revocations, revocation_compare) == NULL){
+		free(entry->username);
+		free(entry);
+		return MOSQ_ERR_NOMEM;
+	}
+	return MOSQ_ERR_SUCCESS;
+}
+
+/* Reads 1 to max_digits ASCII digits at *p into *value; advances *p past them. */
+static int read_number(const char **p, int max_digits, unsigned long long *value)
+{
+	int n = 0;
+
+	*value = 0;
+	while(**p >= '0' && **p <= '9'){
+		if(++n > max_digits){
+			return 0;
+		}
+		*value = *value * 10 + (unsigned long long)(**p - '0');
+		(*p)++;
+	}
+	return n > 0;
+}
+
+/* Whether password is a credential for exactly this username and client id. */
+static int credential_valid(const char *username, const char *client_id, const char *password)
+{
+	static const char hex[] = "0123456789abcdef";
+	size_t len = strnlen(password, CREDENTIAL_MAX_CHARS + 1);
+	const char *p = password + strlen(CREDENTIAL_PREFIX);
+	const char *numbers;
+	size_t numbers_len;
+	unsigned long long expires, issued, generation;
+	unsigned char mac[EVP_MAX_MD_SIZE];
+	unsigned int mac_len = 0;
+	char mac_hex[2 * EVP_MAX_MD_SIZE + 1];
+	char *statement;
+	size_t statement_len;
+	int ok;
+
+	if(credential_key_len == 0 || len > CREDENTIAL_MAX_CHARS || client_id == NULL){
+		return 0;
+	}
+	numbers = p;
+	if(!read_number(&p, 12, &expires) || *p++ != '.'
+			|| !read_number(&p, 12, &issued) || *p++ != '.'
+			|| !read_number(&p, 10, &generation) || *p != '.'){
+		return 0;
+	}
+	numbers_len = (size_t)(p - numbers);  /* "<expires>.<issued>.<generation>" */
+	p++;
+	if(strlen(p) != 64){
+		return 0;
+	}
+	for(int i = 0; i < 64; i++){
+		if(!isdigit((unsigned char)p[i]) && !(p[i] >= 'a' && p[i] <= 'f')){
+			return 0;
+		}
+	}
+	/* "mqc1\n" username "\n" client_id "\n" the numbers with '\n' for '.' */
+	statement_len = 5 + strlen(username) + 1 + strlen(client_id) + 1 + numbers_len;
+	statement = malloc(statement_len + 1);
+	if(statement == NULL){
+		return 0;
+	}
+	snprintf(statement, statement_len + 1, "mqc1\n%s\n%s\n%.*s",
+			username, client_id, (int)numbers_len, numbers);
+	for(size_t i = statement_len - numbers_len; i < statement_len; i++){
+		if(statement[i] == '.'){
+			statement[i] = '\n';
+		}
+	}
+	ok = HMAC(EVP_sha256(), credential_key, (int)credential_key_len,
+			(const unsigned char *)statement, statement_len, mac, &mac_len) != NULL;
+	free(statement);
+	if(!ok || mac_len != 32){
+		return 0;
+	}
+	for(unsigned int i = 0; i < mac_len; i++){
+		mac_hex[2 * i] = hex[mac[i] >> 4];
+		mac_hex[2 * i + 1] = hex[mac[i] & 0x0f];
+	}
+	if(CRYPTO_memcmp(mac_hex, p, 64) != 0){
+		return 0;
+	}
+	if((time_t)expires <= time(NULL) || (time_t)issued < started_at){
+		return 0;
+	}
+	return generation >= min_generation_of(username);
+}
+
+static int is_username(const char *text, size_t len)
+{
+	if(len < 2 || len > 32){
+		return 0;
+	}
+	for(size_t i = 0; i < len; i++){
+		char c = text[i];
+		if(!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_' || c == '.')){
+			return 0;
+		}
+	}
+	return 1;
+}
+
+/* "revoke <username> <generation> <correlation>" from an exempt account (the API's admin). */
+static int on_control(int event, void *event_data, void *userdata)
+{
+	struct mosquitto_evt_control *control = event_data;
+	const char *sender = mosquitto_client_username(control->client);
+	char payload[160];
+	char username[33];
+	char correlation[65];
+	char answer[200];
+	unsigned long long generation;
+	int fields;
+
+	(void)event;
+	(void)userdata;
+	if(sender == NULL || !is_exempt(sender) || control->payloadlen >= sizeof(payload)){
+		return MOSQ_ERR_SUCCESS;
+	}
+	memcpy(payload, control->payload, control->payloadlen);
+	payload[control->payloadlen] = '\0';
+	fields = sscanf(payload, "revoke %32s %llu %64[0-9a-f]", username, &generation, correlation);
+	if(fields != 3 || !is_username(username, strlen(username))){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, PLUGIN_NAME ": unreadable command on " CONTROL_TOPIC);
+		return MOSQ_ERR_SUCCESS;
+	}
+	if(revoke(username, generation) != MOSQ_ERR_SUCCESS){
+		return MOSQ_ERR_NOMEM;
+	}
+	mosquitto_kick_client_by_username(username, false);
+	mosquitto_log_printf(MOSQ_LOG_NOTICE,
+			PLUGIN_NAME ": credentials of '%s' below generation %llu revoked", username, generation);
+	snprintf(answer, sizeof(answer), "revoked %s %llu %s", username, generation, correlation);
+	return mosquitto_broker_publish_copy(NULL, CONTROL_RESPONSE_TOPIC, (int)strlen(answer), answer,
+			1, false, NULL);
+}
+
+/* Exempt accounts only may write the control topic and read its answers. */
+static int control_acl(const struct mosquitto_evt_acl_check *check)
+{
+	const char *username = mosquitto_client_username(check->client);
+	int exempt_user = username != NULL && is_exempt(username);
+
+	if(strcmp(check->topic, CONTROL_TOPIC) == 0){
+		return exempt_user && check->access == MOSQ_ACL_WRITE ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
+	}
+	if(strcmp(check->topic, CONTROL_RESPONSE_TOPIC) == 0){
+		return exempt_user && check->access != MOSQ_ACL_WRITE ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
+	}
+	return MOSQ_ERR_PLUGIN_DEFER;
+}
+
+static int read_credential_key(const char *path)
+{
+	FILE *file = fopen(path, "rb");
+	size_t len;
+
+	if(file == NULL){
+		mosquitto_log_printf(MOSQ_LOG_ERR, PLUGIN_NAME ": cannot open plugin_opt_credential_key_file '%s'", path);
+		return MOSQ_ERR_INVAL;
+	}
+	len = fread(credential_key, 1, sizeof(credential_key), file);
+	fclose(file);
+	while(len > 0 && isspace(credential_key[len - 1])){
+		len--;
+	}
+	if(len == 0 || len == sizeof(credential_key)){
+		mosquitto_log_printf(MOSQ_LOG_ERR,
+				PLUGIN_NAME ": plugin_opt_credential_key_file '%s' must hold 1 to %d bytes",
+				path, CREDENTIAL_KEY_MAX - 1);
+		return MOSQ_ERR_INVAL;
+	}
+	credential_key_len = len;
+	return MOSQ_ERR_SUCCESS;
+}
+
+static void credential_cleanup(void)
+{
+	OPENSSL_cleanse(credential_key, sizeof(credential_key));
+	credential_key_len = 0;
+	while(revocations != NULL){
+		struct revocation *entry = *(struct revocation **)revocations;
+
+		tdelete(entry, &revocations, revocation_compare);
+		free(entry->username);
+		free(entry);
+	}
+}
+
 static int on_basic_auth(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_basic_auth *auth = event_data;
@@ -96,7 +364,17 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 		return MOSQ_ERR_PLUGIN_DEFER;
 	}
 	if(client_id != NULL && client_id_is_bound(client_id, auth->username)){
-		return MOSQ_ERR_PLUGIN_DEFER;
+		if(auth->password == NULL
+				|| strncmp(auth->password, CREDENTIAL_PREFIX, strlen(CREDENTIAL_PREFIX)) != 0){
+			return MOSQ_ERR_PLUGIN_DEFER;  /* an account password: dynsec checks it */
+		}
+		if(credential_valid(auth->username, client_id, auth->password)){
+			return MOSQ_ERR_SUCCESS;
+		}
+		mosquitto_log_printf(MOSQ_LOG_NOTICE,
+				PLUGIN_NAME ": refused a credential of user '%s' for client id '%s': "
+				"forged, expired, revoked or for another client id", auth->username, client_id);
+		return MOSQ_ERR_AUTH;
 	}
 	mosquitto_log_printf(MOSQ_LOG_NOTICE,
 			PLUGIN_NAME ": refused client id '%s' for user '%s': "
@@ -318,6 +596,9 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 
 	(void)event;
 	(void)userdata;
+	if(check->topic != NULL && strncmp(check->topic, "$CONTROL/mqchat/", 16) == 0){
+		return control_acl(check);
+	}
 	if(retain_denied(check)){
 		return MOSQ_ERR_ACL_DENIED;
 	}
@@ -380,10 +661,23 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 				return rc;
 			}
 		}
+		if(strcmp(options[i].key, "credential_key_file") == 0){
+			rc = read_credential_key(options[i].value);
+			if(rc != MOSQ_ERR_SUCCESS){
+				return rc;
+			}
+		}
 		rc = quota_parse_option(options[i].key, options[i].value);
 		if(rc != MOSQ_ERR_SUCCESS){
 			return rc;
 		}
+	}
+	started_at = time(NULL);
+	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": MQTT credentials %s",
+			credential_key_len > 0 ? "accepted" : "refused (no plugin_opt_credential_key_file)");
+	rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_CONTROL, on_control, CONTROL_TOPIC, NULL);
+	if(rc != MOSQ_ERR_SUCCESS){
+		return rc;
 	}
 	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": %d exempt user(s)", exempt.count);
 	rc = mosquitto_callback_register(plugin_id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL, NULL);
@@ -404,7 +698,9 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	(void)option_count;
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_BASIC_AUTH, on_basic_auth, NULL);
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
+	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_CONTROL, on_control, CONTROL_TOPIC);
 	quota_cleanup();
+	credential_cleanup();
 	free_exempt_users();
 	return MOSQ_ERR_SUCCESS;
 }

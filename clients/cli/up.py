@@ -51,18 +51,31 @@ def _bridge_password(data_dir: Path) -> str:
     Kept so that a restart of ``mqchat up`` (or a single child) finds the broker
     and the bridge agreeing; never in the code, where it would be everyone's.
     """
+    return _secret(data_dir, "bridge_password")
+
+
+def _secret(data_dir: Path, name: str) -> str:
+    """The secret ``name`` of ``<data-dir>/secrets.json``: made on first use, then kept.
+
+    A file from a version that had fewer secrets gets the missing one added.
+    """
     path = data_dir / SECRETS_FILE
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         try:
-            return str(json.loads(path.read_text())["bridge_password"])
+            kept = json.loads(path.read_text())
+            if name in kept:
+                return str(kept[name])
+            kept[name] = secrets.token_urlsafe(32)
+            path.write_text(json.dumps(kept) + "\n")
+            return str(kept[name])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             fail(EXIT_CONFIG, f"cannot read {path} ({exc!r}); delete it to make new secrets")
-    password = secrets.token_urlsafe(24)
+    made = {name: secrets.token_urlsafe(24 if name == "bridge_password" else 32)}
     with os.fdopen(fd, "w") as f:
-        f.write(json.dumps({"bridge_password": password}) + "\n")
-    return password
+        f.write(json.dumps(made) + "\n")
+    return made[name]
 
 
 def _parse_host_port(value: str) -> tuple[str, int]:
@@ -161,8 +174,9 @@ def up(
     """Run mqchat here, in one command: broker, bridge and HTTP API, until Ctrl-C.
 
     Needs nothing else: the embedded broker (amqtt) and a SQLite database in
-    --data-dir, migrated on start. The bridge's broker password is generated on the
-    first start and kept in `<data-dir>/secrets.json` (mode 0600).
+    --data-dir, migrated on start. The bridge's broker password and the key of MQTT
+    credentials are generated on the first start and kept in
+    `<data-dir>/secrets.json` (mode 0600).
 
     Each service is a child process whose output goes to `<data-dir>/logs/<name>.log`
     (appended; this terminal shows only where each service listens and what happens
@@ -221,6 +235,8 @@ def up(
     near = _client_host(host)
     if external is None:
         password = _bridge_password(data_dir)
+        # Signs the API's MQTT credentials and checks them at the broker.
+        credential_secret = _secret(data_dir, "mqtt_credential_secret")
         broker_settings = _settings(
             BrokerSettings,
             "broker",
@@ -230,6 +246,7 @@ def up(
             ws_port=ws_port,
             bridge_username=BRIDGE_USERNAME,
             bridge_password=password,
+            mqtt_credential_secret=credential_secret,
         )
         ws = f"  ws://{near}:{ws_port}/mqtt" if ws_port else ""
         broker = _child(
@@ -251,7 +268,10 @@ def up(
         }
         # The embedded broker keeps no accounts of its own: the API must not try
         # mosquitto's, whatever the environment says.
-        api_mosquitto: dict[str, Any] = {"mosquitto_admin_password": None}
+        api_mosquitto: dict[str, Any] = {
+            "mosquitto_admin_password": None,
+            "mqtt_credential_secret": credential_secret,
+        }
         hint = "" if data_dir == DEFAULT_DATA_DIR else f" --data-dir {data_dir}"
     else:
         bridge_link = {

@@ -23,6 +23,15 @@
 
     asyncio.run(main())
 
+A device that should not hand the account password to the broker (a shared machine,
+anything that stores it) signs in over HTTP instead, and connects with short-lived MQTT
+credentials fetched on every (re)connect::
+
+    me = mqchat.ChatClient.sign_in(
+        "http://127.0.0.1:8000", "alice", "alices-password",
+        host="127.0.0.1", port=1883, device="laptop",
+    )
+
 The names below are the whole public API (``tests/test_sdk_api.py`` pins them to the
 snapshot ``tests/data/sdk_public_api.txt``); the ``_``-modules behind them may change.
 docs/sdk.md has the guide and the error codes.
@@ -40,7 +49,7 @@ from ._exceptions import (
     MqchatError,
     SendTimeout,
 )
-from ._history import ConversationState, GroupMember, HistoryClient
+from ._history import ConversationState, GroupMember, HistoryClient, MqttCredential
 
 __all__ = [
     "ChatClient",
@@ -54,6 +63,7 @@ __all__ = [
     "HistoryError",
     "MessageRefused",
     "MqchatError",
+    "MqttCredential",
     "Presence",
     "Receipt",
     "SendTimeout",

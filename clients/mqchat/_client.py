@@ -35,6 +35,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -149,6 +150,10 @@ class _Held:
     gap_timer: asyncio.TimerHandle | None = None
 
 
+async def _credential_password(history: HistoryClient, device: str) -> str:
+    return (await history.mqtt_credential(device)).password
+
+
 class ChatClient:
     """A chat device: connect, :meth:`send`, and iterate :meth:`messages`.
 
@@ -171,6 +176,9 @@ class ChatClient:
             itself). A device whose session another connection with the same
             ``{username}:{device}`` took over sees only a loss: show it, or the user
             waits on a silent stall.
+        mqtt_credentials: connect with a short-lived MQTT credential that ``history``
+            fetches for this device before every connect (``password`` is then not
+            sent to the broker); :meth:`sign_in` sets it.
     """
 
     def __init__(
@@ -192,6 +200,7 @@ class ChatClient:
         presence_interval: float | None = 120.0,
         history: HistoryClient | None = None,
         on_connection: Callable[[bool, str], None] | None = None,
+        mqtt_credentials: bool = False,
     ) -> None:
         self.username = username
         self._on_connection = on_connection
@@ -219,6 +228,13 @@ class ChatClient:
 
         self.resend_after = resend_after
         self.hold_back = hold_back
+        password_provider = None
+        if mqtt_credentials:
+            if history is None:
+                raise ValueError("mqtt_credentials needs a history client to fetch them")
+            password_provider = partial(
+                _credential_password, history, client_id.removeprefix(f"{username}:")
+            )
         self.link = MqttLink(
             LinkConfig(
                 host=host,
@@ -231,6 +247,7 @@ class ChatClient:
                 transport=transport,
                 tls=tls,
                 will=will,
+                password_provider=password_provider,
             ),
             on_message=self._on_incoming,
             on_connect=self._on_reconnect,
@@ -249,6 +266,38 @@ class ChatClient:
         self.errors: asyncio.Queue[MessageRefused] = asyncio.Queue()
         self.receipts: asyncio.Queue[protocol.Receipt] = asyncio.Queue()
         self.typing_events: asyncio.Queue[protocol.DownTyping] = asyncio.Queue()
+
+    @classmethod
+    def sign_in(
+        cls,
+        api_url: str,
+        username: str,
+        password: str,
+        *,
+        host: str,
+        port: int,
+        device: str = "default",
+        verify: ssl.SSLContext | bool = True,
+        **options: Any,
+    ) -> ChatClient:
+        """A device that signs in over the history API and never sends ``password``
+        to the broker: each (re)connect fetches a short-lived MQTT credential for
+        ``{username}:{device}`` (``POST /v1/mqtt-credentials``) and uses it instead.
+
+        Not connected yet: ``await client.connect()`` or ``async with``. ``options``
+        are the constructor's (``transport``, ``tls``, ``resend_after``...).
+        """
+        history = HistoryClient(api_url, username, password, verify=verify)
+        return cls(
+            host=host,
+            port=port,
+            username=username,
+            password="",
+            device=device,
+            history=history,
+            mqtt_credentials=True,
+            **options,
+        )
 
     async def __aenter__(self) -> ChatClient:
         await self.connect()

@@ -1,5 +1,5 @@
 """The history API as the SDK uses it: a token, the caller's conversations, pages of
-messages, someone's presence.
+messages, someone's presence, MQTT credentials.
 
 The broker's queue is a cache. A device that was away longer than its session lived,
 or for more messages than the broker queues, gets the rest from here, by
@@ -14,6 +14,7 @@ from __future__ import annotations
 import ssl
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -38,6 +39,18 @@ class ConversationState:
     name: str | None = None
     members: tuple[str, ...] = ()
     member: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MqttCredential:
+    """What ``POST /v1/mqtt-credentials`` answers: connect to MQTT with exactly these
+    (``password`` is the short-lived credential, not the account's); it is accepted
+    for new connections until ``expires_at``."""
+
+    username: str
+    client_id: str
+    password: str
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,13 +152,31 @@ class HistoryClient:
             return None
         return protocol.Presence(state=data["state"], at=data["at"])
 
+    async def mqtt_credential(self, device: str) -> MqttCredential:
+        """A short-lived password for MQTT, for client id ``{username}:{device}`` only.
+
+        Raises:
+            HistoryError: ``not_supported`` if the server issues none (connect with the
+                account password), ``unauthorized``, ...
+        """
+        data = await self._call("POST", "/v1/mqtt-credentials", json={"device": device})
+        return MqttCredential(
+            username=str(data["username"]),
+            client_id=str(data["client_id"]),
+            password=str(data["password"]),
+            expires_at=datetime.fromisoformat(data["expires_at"]),
+        )
+
     async def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        return await self._call("GET", path, params=params)
+
+    async def _call(self, method: str, path: str, **options: Any) -> Any:
         headers = {"Authorization": f"Bearer {await self._bearer()}"}
-        response = await self._request("GET", path, params=params, headers=headers)
+        response = await self._request(method, path, headers=headers, **options)
         if response.status_code == 401:  # expired meanwhile: once more with a new one
             self._token = None
             headers = {"Authorization": f"Bearer {await self._bearer()}"}
-            response = await self._request("GET", path, params=params, headers=headers)
+            response = await self._request(method, path, headers=headers, **options)
         return self._json(response)
 
     async def _request(self, method: str, path: str, **options: Any) -> httpx.Response:

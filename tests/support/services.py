@@ -156,6 +156,8 @@ DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
 #: The client-id plugin mosquitto.conf loads, as ``make mosquitto-plugin`` builds it.
 CLIENTID_PLUGIN = "mqchat_clientid_bind.so"
 CLIENTID_PLUGIN_BUILT = ROOT / "build" / CLIENTID_PLUGIN
+#: The plugin's key of MQTT credentials, as mosquitto.conf names it.
+CREDENTIAL_KEY_FILE = "mqchat-credential.key"
 
 
 def production_plugins(template: str, workdir: Path) -> dict[str, Path]:
@@ -237,6 +239,7 @@ class MosquittoServer(_Server):
     Attributes:
         admin: the dynsec admin account (for :class:`core.dynsec.DynsecProvisioner`).
         bridge: the bridge's service account.
+        credential_secret: the key of MQTT credentials (the plugin's key file).
         data_dir: persistence and dynamic-security.json.
         child: its process, ready once every listener accepts connections.
     """
@@ -250,6 +253,7 @@ class MosquittoServer(_Server):
     admin: Credentials
     bridge: Credentials
     tls: TlsListeners | None = None
+    credential_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     child: Child = field(init=False)
 
     def __post_init__(self) -> None:
@@ -401,6 +405,7 @@ def prepare_mosquitto(base_dir: Path, **options: Unpack[MosquittoOptions]) -> Mo
     write_dynsec_bootstrap(
         server.data_dir / "dynamic-security.json", admin=server.admin, bridge=server.bridge
     )
+    (server.data_dir / CREDENTIAL_KEY_FILE).write_text(server.credential_secret + "\n")
     server.own_files()
     return server
 

@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
@@ -90,6 +91,8 @@ class Stack:
     embedded_broker: Daemon | None = None
     api: Daemon | None = None
     api_url: str | None = None
+    #: The key the broker checks MQTT credentials with; the API signs with it too.
+    credential_secret: str | None = None
     _clients: list[ChatClient] = field(default_factory=list)
     _links: list[MqttLink] = field(default_factory=list)
 
@@ -187,9 +190,23 @@ class Stack:
         self._links.append(link)
         return link
 
-    async def start_api(self) -> str:
-        """Start the history API on a free port; returns its base URL."""
-        self.api = api_daemon(self.base_dir, self.database_url)
+    async def start_api(self, **changes: Any) -> str:
+        """Start the history API on a free port; returns its base URL. ``changes``: its
+        settings by field name (``mqtt_credential_ttl=1``)."""
+        mosquitto: dict[str, Any] = {}
+        if self.mosquitto is not None:
+            # As mqchat up --mosquitto runs it: accounts (and revocations) told to mosquitto.
+            mosquitto = {
+                "mosquitto_host": self.mosquitto.host,
+                "mosquitto_port": self.mosquitto.port,
+                "mosquitto_admin_username": self.mosquitto.admin.username,
+                "mosquitto_admin_password": self.mosquitto.admin.password,
+            }
+        self.api = api_daemon(
+            self.base_dir,
+            self.database_url,
+            **({"mqtt_credential_secret": self.credential_secret} | mosquitto | changes),
+        )
         await asyncio.to_thread(self.api.start_ready)
         self.api_url = api_url(self.api)
         return self.api_url
@@ -292,10 +309,12 @@ def bridge_daemon(base: Path, settings: BridgeSettings, name: str = "bridge") ->
     return Daemon(name, "bridge", {}, base, settings=settings, ready_line=BRIDGE_READY)
 
 
-def api_daemon(base: Path, database_url: str) -> Daemon:
-    """``python -m history_api`` on a free loopback port, ready once it accepts."""
+def api_daemon(base: Path, database_url: str, **changes: Any) -> Daemon:
+    """``python -m history_api`` on a free loopback port, ready once it accepts;
+    ``changes``: its settings by field name."""
     port = free_port()
-    settings = daemon.build(ApiSettings, database_url=database_url, host=LOOPBACK, port=port)
+    values = {"database_url": database_url, "host": LOOPBACK, "port": port}
+    settings = daemon.build(ApiSettings, **(values | changes))
     return Daemon("api", "history_api", {}, base, settings=settings, ports=[(LOOPBACK, port)])
 
 
@@ -341,6 +360,7 @@ def start_embedded_broker(
         "port": port,
         "ws_port": free_port(),
         "bridge_password": bridge_password,
+        "mqtt_credential_secret": secrets.token_urlsafe(32),
         # Test and benchmark clients all come from loopback, many at once; the
         # per-source connection limit (tests/test_broker_throttle.py sets its own)
         # is not what they are about.
@@ -380,8 +400,17 @@ async def start_embedded_stack(base: Path, broker_env: dict[str, str] | None = N
     broker, port, bridge_password = await asyncio.to_thread(
         partial(start_embedded_broker, base, db_url, **settings)
     )
+    secret = broker.settings.mqtt_credential_secret
+    assert isinstance(secret, SecretStr)
     stack = new_stack(
-        "embedded", base, db_url, LOOPBACK, port, bridge_password, embedded_broker=broker
+        "embedded",
+        base,
+        db_url,
+        LOOPBACK,
+        port,
+        bridge_password,
+        embedded_broker=broker,
+        credential_secret=secret.get_secret_value(),
     )
     await asyncio.to_thread(stack.start_bridge)
     return stack
@@ -396,7 +425,14 @@ async def start_production_stack(
         partial(start_mosquitto, base, tls_cert=tls_cert, settings=TEST_MOSQUITTO_SETTINGS)
     )
     stack = new_stack(
-        "production", base, db_url, mosq.host, mosq.port, mosq.bridge.password, mosquitto=mosq
+        "production",
+        base,
+        db_url,
+        mosq.host,
+        mosq.port,
+        mosq.bridge.password,
+        mosquitto=mosq,
+        credential_secret=mosq.credential_secret,
     )
     await asyncio.to_thread(stack.start_bridge)
     return stack

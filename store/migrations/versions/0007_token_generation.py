@@ -1,0 +1,29 @@
+"""``accounts.token_generation``: what revoking an account's tokens raises.
+
+MQTT credentials (``POST /v1/mqtt-credentials``) are signed, not stored; each names
+the generation it was issued under, and one from an older generation is refused.
+
+Revision ID: 0007
+Revises: 0004
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0007"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.add_column(
+        "accounts",
+        sa.Column("token_generation", sa.Integer(), nullable=False, server_default="0"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_column("accounts", "token_generation")
