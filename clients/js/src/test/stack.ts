@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 
-import { ChatClient, HistoryApi, passwordCredential, type ChatOptions } from "../sdk/index.js";
+import { ChatClient, HistoryApi, type ChatOptions } from "../sdk/index.js";
 
 export const REPO = fileURLToPath(new URL("../../../../", import.meta.url));
 const MQCHAT = process.env.MQCHAT_BIN ?? join(REPO, ".venv", "bin", "mqchat");
@@ -57,7 +57,6 @@ export class Stack {
     await api.signIn(user.username, user.password);
     const client = new ChatClient({
       api, mqttUrl: this.mqttUrl, device, resendAfter: 1000, holdBack: 500,
-      credential: passwordCredential(user.username, user.password, device), // TEMP until cred lands
       ...options,
     });
     if (connect) await client.connect();
@@ -104,7 +103,6 @@ export async function until(predicate: () => boolean, what: string, ms = 15_000)
   const deadline = Date.now() + ms;
   while (!predicate()) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    if (process.env.DEBUG_UNTIL) console.error("waiting for", what);
     await new Promise((r) => setTimeout(r, 20));
   }
 }
