@@ -95,7 +95,7 @@ class ApiSettings(BaseSettings):
                     )
         return value
 
-    #: The built web app (``clients/js/dist/web``, ``make web``), served at ``/``
+    #: The built web app (``clients/js/dist/site``, ``make web``), served at ``/``
     #: same-origin with the API; None serves none. ``mqchat up`` sets it.
     web_dir: Path | None = None
     #: Where the web app connects to MQTT over WebSocket; ``{host}`` becomes the host

@@ -293,8 +293,8 @@ def up(
             " --mosquitto-admin-password ..."
         )
     bridge_settings = _settings(BridgeSettings, "bridge", database_url=url, **bridge_link)
-    # The web app, where `make web` built it in this checkout (clients/js/dist/web).
-    web_dir = Path(__file__).resolve().parents[2] / "clients" / "js" / "dist" / "web"
+    # The web app, where `make web` built it in this checkout (clients/js/dist/site).
+    web_dir = Path(__file__).resolve().parents[2] / "clients" / "js" / "dist" / "site"
     web: dict[str, Any] = {}
     if (web_dir / "index.html").is_file():
         web["web_dir"] = web_dir
