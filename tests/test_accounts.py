@@ -18,7 +18,6 @@ import asyncio
 import json
 import secrets
 import subprocess
-from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -30,20 +29,11 @@ from protocol import errors, topics
 from protocol.errors import ProtocolError
 from store import tokens
 
+from .support.clients import wait_until
 from .support.services import CLIENTID_PLUGIN, PRODUCTION_CONFIG
 from .support.stack import Stack, password_of
 
 WAIT = 15.0
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Poll, bounded: MqttLink offers no event for a lost connection."""
-    try:
-        async with asyncio.timeout(WAIT):
-            while not condition():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def refused(

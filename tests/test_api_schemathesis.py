@@ -32,6 +32,8 @@ from store import make_engine, tokens
 
 from .support.history import add_users, send, serve
 
+#: The MQTT credential key, so that POST /v1/mqtt-credentials exists and is fuzzed too.
+CREDENTIAL_KEY = "schemathesis credential key"
 EXAMPLES = int(os.environ.get("MQCHAT_SCHEMATHESIS_EXAMPLES", "10"))
 
 #: Operations whose business rules refuse some requests the schema allows: a name
@@ -76,7 +78,7 @@ def _examples(
 
 def test_the_api_conforms_to_its_openapi_document(database_url: str) -> None:
     token = signed_in_world(database_url)
-    app = create_app(ApiSettings(database_url=database_url))
+    app = create_app(ApiSettings(database_url=database_url, mqtt_credential_secret=CREDENTIAL_KEY))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 9
@@ -110,7 +112,9 @@ async def test_nul_in_a_request_is_not_a_server_error(
 ) -> None:
     """Found by fuzzing: PostgreSQL cannot hold NUL, and these were 500s there."""
     token = signed_in_world(database_url)
-    async with serve(ApiSettings(database_url=database_url)) as client:
+    async with serve(
+        ApiSettings(database_url=database_url, mqtt_credential_secret=CREDENTIAL_KEY)
+    ) as client:
         response = await client.request(
             method,
             path,

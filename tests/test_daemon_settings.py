@@ -165,6 +165,7 @@ def _samples(files: Path) -> list[BaseSettings]:
             client_log_interval=0,
             publish_rate=12.5,
             publish_burst=6,
+            mqtt_credential_secret=SecretStr("credential key, with = and ;"),
         ),
         BridgeSettings(
             database_url="postgresql+psycopg://u:p@db/mqchat",
@@ -199,6 +200,8 @@ def _samples(files: Path) -> list[BaseSettings]:
             mosquitto_admin_password=SecretStr("admin's secret"),
             shutdown_timeout=4,
             token_ttl=timedelta(minutes=90, seconds=5),
+            mqtt_credential_secret=SecretStr("credential key, with = and ;"),
+            mqtt_credential_ttl=timedelta(seconds=42),
             tls_certfile=cert,
             tls_keyfile=key,
             login_failures_per_user="1/minute",

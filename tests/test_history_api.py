@@ -34,7 +34,7 @@ from protocol import DownMessage, UpMessage
 from store import accounts, make_engine, migrate, search, tokens
 from store.db import alembic_config, reading
 from store.messages import persist_batch
-from store.tables import Conversation, Device, Member, Message
+from store.tables import Account, Conversation, Device, Member, Message
 
 from .support.history import (
     As,
@@ -510,9 +510,15 @@ async def test_search_covers_messages_stored_before_the_migration(
         engine = make_engine(url)
         stack.callback(engine.dispose)
         command.upgrade(alembic_config(engine), "0002")
-        add_users(engine, "alice", "bob")
         # Written as the code of revision 0002 wrote it (today's code needs today's schema).
         with engine.begin() as conn:
+            conn.execute(
+                insert(Account.__table__).values(created_at=at(0), disabled=False),  # type: ignore[attr-defined]
+                [
+                    {"username": user, "password_hash": accounts.hash_password(password_of(user))}
+                    for user in ("alice", "bob")
+                ],
+            )
             conn.execute(
                 insert(Conversation.__table__),  # type: ignore[attr-defined]
                 [{"id": "c_old", "kind": "direct", "direct_key": "alice:bob", "last_seq": 1}],

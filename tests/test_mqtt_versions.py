@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import struct
-import threading
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from .support.clients import paho_answer
 from .support.packets import packet, string, varint
 from .support.raw import Raw, dial
 from .support.stack import Stack, password_of
@@ -99,32 +99,11 @@ async def test_other_versions_and_bad_connects_are_refused_cleanly(stack: Stack)
 
 def _paho_v5_connect(stack: Stack) -> str:
     """Connect with paho as MQTT 5; the reason it was answered with (or why not)."""
-    answered = threading.Event()
-    outcome: list[str] = []
     client = paho.Client(
         CallbackAPIVersion.VERSION2, client_id="mallory:paho5", protocol=paho.MQTTv5
     )
     client.username_pw_set("mallory", password_of("mallory"))
-
-    def on_connect(*args: object) -> None:
-        outcome.append(str(args[3]))
-        answered.set()
-
-    def on_disconnect(*args: object) -> None:
-        outcome.append(f"disconnected: {args[3]}")
-        answered.set()
-
-    client.on_connect = on_connect
-    client.on_disconnect = on_disconnect
-    client.connect(stack.host, stack.port, keepalive=30)
-    try:
-        for _ in range(100):  # 10 s at most
-            client.loop(timeout=0.1)
-            if answered.is_set():
-                break
-    finally:
-        client.disconnect()
-    return outcome[0] if outcome else "no answer"
+    return paho_answer(stack, client)
 
 
 async def test_paho_mqtt5(stack: Stack) -> None:

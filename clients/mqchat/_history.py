@@ -156,8 +156,8 @@ class HistoryClient:
         """A short-lived password for MQTT, for client id ``{username}:{device}`` only.
 
         Raises:
-            HistoryError: ``not_supported`` if the server issues none (connect with the
-                account password), ``unauthorized``, ...
+            HistoryError: ``unknown_route`` if the server issues none (connect with the
+                account password there), ``unauthorized``, ...
         """
         data = await self._call("POST", "/v1/mqtt-credentials", json={"device": device})
         return MqttCredential(

@@ -9,7 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import paho.mqtt.client as paho
 
 from core.mqtt import Incoming, MqttLink
 from protocol import topics
@@ -18,6 +22,43 @@ from .stack import Stack, password_of
 
 #: The bridge's service account on both stacks.
 BRIDGE = "mqchat-bridge"
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Poll, bounded: MqttLink offers no event for a lost connection."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def paho_answer(stack: Stack, client: paho.Client) -> str:
+    """Connect plain paho (nothing of mqchat between it and the broker); the reason the
+    broker answered with, or why there was none. Blocking, 10 s at most."""
+    answered = threading.Event()
+    outcome: list[str] = []
+
+    def on_connect(*args: object) -> None:
+        outcome.append(str(args[3]))
+        answered.set()
+
+    def on_disconnect(*args: object) -> None:
+        outcome.append(f"disconnected: {args[3]}")
+        answered.set()
+
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    client.connect(stack.host, stack.port, keepalive=30)
+    try:
+        for _ in range(100):
+            client.loop(timeout=0.1)
+            if answered.is_set():
+                break
+    finally:
+        client.disconnect()
+    return outcome[0] if outcome else "no answer"
 
 
 @dataclass
