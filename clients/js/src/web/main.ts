@@ -348,8 +348,8 @@ function renderHeader(): void {
 }
 
 function tick(m: Shown, c: Conversation | undefined): { text: string; label: string; read: boolean } {
-  if (m.failed) return { text: "!", label: `not sent: ${m.failed}`, read: false };
-  if (m.pending || m.seq === undefined) return { text: "🕓", label: "sending…", read: false };
+  if (m.failed) return { text: "not sent", label: `not sent: ${m.failed}`, read: false };
+  if (m.pending || m.seq === undefined) return { text: "sending…", label: "sending…", read: false };
   if (c?.kind === "group") {
     const g = m.group;
     if (g && g.members > 0 && g.read >= g.members) return { text: "✓✓", label: "read", read: true };

@@ -41,7 +41,7 @@ async function signUp(prefix: string): Promise<{ name: string; context: BrowserC
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT);
   await page.goto(`${stack.apiUrl}/`);
-  const name = `${prefix}${Math.random().toString(36).slice(2, 7)}`;
+  const name = prefix; // a fresh stack per run: fixed names keep the screenshots stable
   await page.getByLabel("Username", { exact: true }).fill(name);
   await page.getByLabel("Password", { exact: true }).fill(`password-${name}`);
   if (people.length === 0) await page.screenshot({ path: join(IMG, "web-sign-in.png") });
