@@ -210,6 +210,8 @@ def _samples(files: Path) -> list[BaseSettings]:
             sign_ins_per_second=1.5,
             sign_in_burst=2,
             cors_origins=["https://app.example", "http://localhost:5173"],
+            web_dir=files / "site",
+            web_mqtt_url="wss://{host}:8443/mqtt",
         ),
     ]
 
