@@ -247,7 +247,20 @@ export class ChatClient {
   }
 
   private async connectOnce(): Promise<void> {
-    if (this.closed) return;
+    // One attempt at a time: two connections with one client id take the session
+    // from each other.
+    if (this.closed || this.connecting) return;
+    this.connecting = true;
+    try {
+      await this.attemptConnection();
+    } finally {
+      this.connecting = false;
+    }
+  }
+
+  private connecting = false;
+
+  private async attemptConnection(): Promise<void> {
     let client: MqttClient | undefined;
     try {
       const credential = await this.freshCredential();
@@ -288,7 +301,9 @@ export class ChatClient {
       this.scheduleReconnect(error.detail);
       return;
     }
-    if (this.closed) {
+    if (this.closed || this.paused) {
+      // Paused while this attempt was under way: stay away until resume().
+      if (this.mqtt === client) this.mqtt = undefined;
       client.end(true);
       return;
     }

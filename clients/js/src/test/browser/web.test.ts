@@ -60,7 +60,7 @@ async function bodies(page: Page): Promise<string[]> {
   return page.locator("#messages li:not(.event) .body").allTextContents();
 }
 
-test("two people chat; ticks go sent, delivered, read", async () => {
+test("two people chat; ticks go sent, delivered, read; typing shows", async () => {
   const alice = await signUp("alice");
   const bob = await signUp("bob");
   await alice.page.getByLabel("Start a chat with (username)", { exact: true }).fill(bob.name);
@@ -76,6 +76,8 @@ test("two people chat; ticks go sent, delivered, read", async () => {
   await bob.page.getByRole("link", { name: new RegExp(alice.name) }).click();
   await bob.page.locator("#messages li", { hasText: "hello bob" }).waitFor();
   await tickOf(alice.page, "hello bob").and(alice.page.locator('[data-state="read"]')).waitFor();
+  await bob.page.getByLabel("Message", { exact: true }).pressSequentially("hi");
+  await alice.page.locator("#subtitle", { hasText: "typing…" }).waitFor();
   await bob.page.getByLabel("Message", { exact: true }).fill("hi alice");
   await bob.page.getByRole("button", { name: "Send" }).click();
   await alice.page.locator("#messages li", { hasText: "hi alice" }).waitFor();
