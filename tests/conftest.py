@@ -174,6 +174,7 @@ def engine(database_url: str) -> Iterator[Engine]:
 @pytest.fixture
 async def client(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
     """The history API with its default settings, served in-process over the test's
-    database."""
-    async with serve(ApiSettings(database_url=database_url)) as api:
+    database; with a key for MQTT credentials, so that every route is served."""
+    settings = ApiSettings(database_url=database_url, mqtt_credential_secret="test key")
+    async with serve(settings) as api:
         yield api

@@ -221,6 +221,21 @@ async def change_password(client: httpx.AsyncClient, world: World) -> None:
     await each_signs_in_with_their_own(client, world)
 
 
+async def mqtt_credential(client: httpx.AsyncClient, world: World) -> None:
+    # The body names a device only; the victim's device name is the caller's device of
+    # that name, and the credential is the caller's.
+    for me, victim in world.pairs():
+        response = await client.post(
+            "/v1/mqtt-credentials",
+            headers=me.api.headers,
+            json={"device": victim.own_device, "username": victim.name},
+        )
+        assert response.status_code == 201
+        body = response.json()
+        assert (body["username"], body["client_id"]) == (me.name, f"{me.name}:{victim.own_device}")
+        assert not leaks(response, victim)
+
+
 async def healthz(client: httpx.AsyncClient, world: World) -> None:
     for me, _ in world.pairs():
         response = await me.api.get("/healthz")
@@ -238,6 +253,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/v1/tokens"): create_token,
     ("POST", "/v1/users"): create_user,
     ("POST", "/v1/users/me/password"): change_password,
+    ("POST", "/v1/mqtt-credentials"): mqtt_credential,
     ("GET", "/healthz"): healthz,
 }
 
@@ -246,7 +262,7 @@ def routes_of_the_app(tmp_path: Path) -> set[tuple[str, str]]:
     """Every operation the app serves, from its OpenAPI document (FastAPI 0.165 nests
     included routers, so ``app.routes`` no longer lists the endpoints themselves)."""
     with sqlite_database(tmp_path) as url:
-        app = create_app(ApiSettings(database_url=url))
+        app = create_app(ApiSettings(database_url=url, mqtt_credential_secret="test key"))
     # The documentation pages (served locally by fastapi-offline, so APIRoutes of the
     # app) hold no user's data.
     docs = {"/docs", "/docs/oauth2-redirect", "/redoc"}

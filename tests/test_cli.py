@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import queue
 import re
@@ -371,6 +372,37 @@ def test_a_group_from_the_command_line(up: Up) -> None:
     assert (code, err.split(":")[0]) == (1, "error unknown_conversation")
     alice.process.terminate()
     alice.finish()
+
+
+def test_a_stock_client_chats_with_an_mqtt_credential(up: Up) -> None:
+    """`mqchat up` issues MQTT credentials (its key made once, in secrets.json), and
+    `mqchat mqtt-credential` hands one to mosquitto_pub, which never sees the password."""
+    up.add_users("alice", "bob")
+    bob = up.listen("bob", "--count", "1")
+    env = up.env("alice") | {"MQCHAT_API_URL": f"http://127.0.0.1:{up.api_port}"}
+    made = run_mqchat("mqtt-credential", "--device", "pub", env=env)
+    assert made.returncode == 0, made.stderr
+    credential = json.loads(made.stdout)
+    assert credential["client_id"] == "alice:pub"
+    assert "mqtt_credential_secret" in json.loads((up.data_dir / "secrets.json").read_text())
+
+    uplink = json.dumps({"id": "pub-1", "to": "bob", "body": "from mosquitto_pub"})
+    published = subprocess.run(
+        [
+            "mosquitto_pub",
+            *("-h", "127.0.0.1", "-p", str(up.mqtt_port), "-q", "1"),
+            *("-u", "alice", "-i", credential["client_id"], "-P", credential["password"]),
+            *("-t", "chat/v1/u/alice/up/msg", "-m", uplink),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=False,
+    )
+    assert published.returncode == 0, published.stderr
+    code, lines = bob.finish()
+    assert code == 0
+    assert lines[0].endswith("alice: from mosquitto_pub"), lines
 
 
 def test_listen_and_chat_as_one_user_both_work(up: Up) -> None:

@@ -11,6 +11,7 @@ made with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from core.accounts import set_disabled
-from core.mqtt import ConnectRefused, MqttLink
+from core.mqtt import ConnectRefused, LinkConfig, MqttError, MqttLink
 from protocol import topics
 
 from .support.clients import paho_answer, wait_until
@@ -234,3 +235,45 @@ def paho_connect(stack: Stack, cred: dict[str, Any]) -> str:
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=cred["client_id"])
     client.username_pw_set(cred["username"], cred["password"])
     return paho_answer(stack, client)
+
+
+async def test_a_credential_works_over_websockets(stack: Stack, api: httpx.AsyncClient) -> None:
+    """The browser's way in: MQTT over WebSocket, the same credential rules."""
+    await stack.add_users("alice")
+    cred = await credential(api, await bearer(api, "alice"), "web")
+    if stack.mosquitto is not None:
+        ws_port = stack.mosquitto.ws_port
+    else:
+        assert stack.embedded_broker is not None
+        ws_port = stack.embedded_broker.settings.ws_port  # type: ignore[union-attr]
+    link = MqttLink(
+        LinkConfig(
+            host=stack.host,
+            port=ws_port,
+            transport="websockets",
+            username=cred["username"],
+            password=cred["password"],
+            client_id=cred["client_id"],
+            clean_session=True,
+        )
+    )
+    try:
+        await link.connect()
+        await link.subscribe(topics.down_all("alice"), qos=1)
+    finally:
+        await link.close()
+
+
+async def test_a_user_cannot_revoke_anothers_credentials(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    """``$CONTROL/mqchat/v1`` is the API's (an exempt account's) alone: a user who
+    publishes a revocation there changes nothing."""
+    await stack.add_users("alice", "bob")
+    cred = await credential(api, await bearer(api, "bob"))
+    mallory = await stack.raw("alice")
+    with contextlib.suppress(MqttError):  # dropped or refused: either way, no effect
+        await asyncio.wait_for(
+            mallory.publish("$CONTROL/mqchat/v1", b"revoke bob 999999 abcd", qos=1), WAIT
+        )
+    assert (await connect(stack, cred)).is_connected
