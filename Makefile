@@ -16,7 +16,7 @@ endif
 # installed by operators (docs/operations.md); tests load it from build/.
 CLIENTID_PLUGIN := build/mqchat_clientid_bind.so
 
-.PHONY: run test check system-deps mosquitto-plugin lock clean
+.PHONY: run test check system-deps mosquitto-plugin lock clean web
 
 # The first install takes a minute or more: pip shows each package as it comes
 # (no --quiet), so a newcomer sees progress instead of a silent terminal.
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 	@echo "$(VENV) is ready"
 
-run: $(STAMP)
+run: $(STAMP) web
 	$(VENV)/bin/mqchat up $(ARGS)
 
 system-deps:
@@ -48,7 +48,7 @@ $(CLIENTID_PLUGIN): broker/mosquitto_clientid/clientid_bind.c | system-deps
 # free ports and its own temp dir. WORKERS=1 runs in one process. One test alone:
 # .venv/bin/pytest tests/test_chat.py -k round_trip
 WORKERS ?= 3
-test: $(STAMP) system-deps $(CLIENTID_PLUGIN)
+test: $(STAMP) system-deps $(CLIENTID_PLUGIN) web
 	$(VENV)/bin/pytest $(if $(filter 1,$(WORKERS)),,-n $(WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 check: $(STAMP)
@@ -62,5 +62,20 @@ lock: $(STAMP)
 	$(VENV)/bin/pip-compile --quiet --no-emit-index-url --no-emit-find-links \
 		--extra test --extra bench --extra dev --strip-extras -o requirements.lock pyproject.toml
 
+# The JavaScript SDK and the web app (clients/js): npm ci from package-lock.json, then
+# tsc and esbuild. `make run` serves the result at http://127.0.0.1:8000/; the tests
+# (tests/test_js.py) run the SDK's and the browser's tests against it.
+JS := clients/js
+web: $(JS)/dist/.built
+
+$(JS)/node_modules/.installed: $(JS)/package.json $(JS)/package-lock.json
+	command -v npm >/dev/null 2>&1 || scripts/ensure-system-deps
+	cd $(JS) && npm ci --no-audit --no-fund
+	touch $@
+
+$(JS)/dist/.built: $(JS)/node_modules/.installed $(JS)/tsconfig.json $(JS)/build-web.mjs $(shell find $(JS)/src -type f 2>/dev/null)
+	cd $(JS) && npm run --silent build
+	touch $@
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(CLIENTID_PLUGIN)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(CLIENTID_PLUGIN) $(JS)/node_modules $(JS)/dist

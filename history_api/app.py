@@ -11,7 +11,18 @@ from fastapi_offline import FastAPIOffline
 
 from store import make_engine, reading, signin
 
-from . import conversations, credentials, devices, errors, health, messages, search, tokens, users
+from . import (
+    conversations,
+    credentials,
+    devices,
+    errors,
+    health,
+    messages,
+    search,
+    tokens,
+    users,
+    web,
+)
 from .config import ApiSettings
 from .throttle import SignInGuard
 
@@ -59,4 +70,6 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(search.router)
     app.include_router(health.router)
+    if settings.web_dir is not None:
+        web.install(app, settings, settings.web_dir)
     return app

@@ -100,6 +100,13 @@ class ApiSettings(BaseSettings):
                     )
         return value
 
+    #: The built web app (``clients/js/dist/site``, ``make web``), served at ``/``
+    #: same-origin with the API; None serves none. ``mqchat up`` sets it.
+    web_dir: Path | None = None
+    #: Where the web app connects to MQTT over WebSocket; ``{host}`` becomes the host
+    #: the page was loaded from, so a browser on another machine finds the broker too.
+    web_mqtt_url: str = "ws://{host}:8083/mqtt"
+
     @property
     def provisions_mosquitto(self) -> bool:
         return self.mosquitto_admin_password is not None

@@ -213,6 +213,8 @@ def _samples(files: Path) -> list[BaseSettings]:
             sign_in_burst=2,
             presence_group_limit=5,
             cors_origins=["https://app.example", "http://localhost:5173"],
+            web_dir=files / "site",
+            web_mqtt_url="wss://{host}:8443/mqtt",
         ),
     ]
 

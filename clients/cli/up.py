@@ -293,8 +293,21 @@ def up(
             " --mosquitto-admin-password ..."
         )
     bridge_settings = _settings(BridgeSettings, "bridge", database_url=url, **bridge_link)
+    # The web app, where `make web` built it in this checkout (clients/js/dist/site).
+    web_dir = Path(__file__).resolve().parents[2] / "clients" / "js" / "dist" / "site"
+    web: dict[str, Any] = {}
+    if (web_dir / "index.html").is_file():
+        web["web_dir"] = web_dir
+        if external is None and ws_port:
+            web["web_mqtt_url"] = f"ws://{{host}}:{ws_port}/mqtt"
     api_settings = _settings(
-        ApiSettings, "history_api", database_url=url, host=host, port=api_port, **api_mosquitto
+        ApiSettings,
+        "history_api",
+        database_url=url,
+        host=host,
+        port=api_port,
+        **api_mosquitto,
+        **web,
     )
     bridge = _child(
         bridge_settings,
@@ -312,6 +325,7 @@ def up(
         ports=[(near, api_port)],
         describe=lambda pid: f"{'api':<7} http://{near}:{api_port}/docs  (pid {pid})",
     )
+
     stages = [[broker], [bridge, api]] if external is None else [[bridge, api]]
     if database_url:
         hint = f" --database-url {shown(url)}{hint if external else ''}"
@@ -325,6 +339,8 @@ def up(
             "  (more users: mqchat user add NAME)"
         )
     footer = [f"{'logs':<7} {logs}/", next_step]
+    if web:
+        footer.insert(0, f"{'web':<7} http://{near}:{api_port}/  (chat in the browser)")
 
     supervisor = Supervisor(
         stages,

@@ -1,0 +1,108 @@
+/**
+ * A real `mqchat up` (embedded broker, bridge, history API on SQLite) on free
+ * loopback ports in a temp dir, for one test file: the SDK and the web app are tested
+ * against the server a person runs, never against mocks.
+ */
+
+import { spawn, type ChildProcess } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+import { ChatClient, HistoryApi, type ChatOptions } from "../sdk/index.js";
+
+export const REPO = fileURLToPath(new URL("../../../../", import.meta.url));
+const MQCHAT = process.env.MQCHAT_BIN ?? join(REPO, ".venv", "bin", "mqchat");
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const address = server.address();
+      server.close(() => resolve(typeof address === "object" && address ? address.port : 0));
+    });
+  });
+}
+
+export class Stack {
+  private counter = 0;
+  constructor(
+    readonly apiUrl: string,
+    readonly mqttUrl: string,
+    private readonly child: ChildProcess,
+    private readonly dir: string,
+    readonly output: () => string,
+  ) {}
+
+  /** A new account with a name unique to this run; its password is `password-<name>`. */
+  async newUser(prefix = "u"): Promise<{ username: string; password: string }> {
+    this.counter += 1;
+    const username = `${prefix}${this.counter}_${Math.random().toString(36).slice(2, 7)}`;
+    const password = `password-${username}`;
+    await new HistoryApi(this.apiUrl).signUp(username, password);
+    return { username, password };
+  }
+
+  /** A signed-in, connected client for `user` on `device`. */
+  async client(
+    user: { username: string; password: string },
+    device = "node",
+    options: Partial<ChatOptions> = {},
+    connect = true,
+  ): Promise<ChatClient> {
+    const api = new HistoryApi(this.apiUrl);
+    await api.signIn(user.username, user.password);
+    const client = new ChatClient({
+      api, mqttUrl: this.mqttUrl, device, resendAfter: 1000, holdBack: 500,
+      ...options,
+    });
+    if (connect) await client.connect();
+    return client;
+  }
+
+  async close(): Promise<void> {
+    if (this.child.exitCode === null) {
+      const exited = new Promise((resolve) => this.child.once("exit", resolve));
+      this.child.kill("SIGTERM");
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 20_000))]);
+      if (this.child.exitCode === null) this.child.kill("SIGKILL");
+    }
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** Start `mqchat up` and wait until it says where everything listens (at most 90 s). */
+export async function startStack(): Promise<Stack> {
+  const dir = mkdtempSync(join(tmpdir(), "mqchat-js-"));
+  const [mqtt, ws, api] = [await freePort(), await freePort(), await freePort()];
+  const child = spawn(
+    MQCHAT,
+    ["up", "--data-dir", join(dir, "data"), "--mqtt-port", String(mqtt), "--ws-port", String(ws), "--api-port", String(api)],
+    { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, NO_COLOR: "1" } },
+  );
+  let out = "";
+  child.stdout.on("data", (chunk: Buffer) => (out += chunk.toString()));
+  child.stderr.on("data", (chunk: Buffer) => (out += chunk.toString()));
+  const stack = new Stack(`http://127.0.0.1:${api}`, `ws://127.0.0.1:${ws}/mqtt`, child, dir, () => out);
+  const deadline = Date.now() + 90_000;
+  while (!/^logs\s/m.test(out)) {
+    if (child.exitCode !== null || Date.now() > deadline) {
+      await stack.close();
+      throw new Error(`mqchat up did not start:\n${out}`);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return stack;
+}
+
+/** Resolve when `predicate` holds, polling; fail after `ms` with `what`. */
+export async function until(predicate: () => boolean, what: string, ms = 15_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
