@@ -11,7 +11,7 @@ from fastapi_offline import FastAPIOffline
 
 from store import make_engine, reading, signin
 
-from . import conversations, devices, errors, health, messages, search, tokens, users
+from . import conversations, devices, errors, health, messages, push, search, tokens, users
 from .config import ApiSettings
 from .throttle import SignInGuard
 
@@ -41,7 +41,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=["Retry-After", "WWW-Authenticate"],
             max_age=600,
@@ -54,6 +54,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(conversations.router)
     app.include_router(messages.router)
     app.include_router(devices.router)
+    app.include_router(push.router)
     app.include_router(search.router)
     app.include_router(health.router)
     return app

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core import daemon
+from core.endpoints import Allowlist
 from store.signin import SIGN_IN_BURST, SIGN_INS_PER_SECOND
 
 
@@ -87,6 +88,22 @@ class ApiSettings(BaseSettings):
                         f"{origin!r} is not an origin: scheme://host[:port], no path or '/'"
                     )
         return value
+
+    #: Hosts and networks (``push.internal,10.1.0.0/16``) that push endpoints may
+    #: resolve into although they are not public; the push daemon's
+    #: ``MQCHAT_PUSH_ALLOW_HOSTS`` must name them too. Empty by default.
+    push_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("push_allow_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def push_allowlist(self) -> Allowlist:
+        return Allowlist.parse(self.push_allow_hosts)
 
     @property
     def provisions_mosquitto(self) -> bool:
