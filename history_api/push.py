@@ -17,7 +17,7 @@ import base64
 from typing import Annotated, Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from fastapi import APIRouter, HTTPException, Path, Response, status
+from fastapi import APIRouter, Path, Response, status
 from pydantic import BaseModel, Field
 from sqlmodel import Session, col, func, select
 from starlette.concurrency import run_in_threadpool
@@ -63,8 +63,9 @@ class PushSubscriptionPublic(BaseModel):
 
 
 class PushKey(BaseModel):
-    #: base64url of the uncompressed P-256 point: ``applicationServerKey``.
-    vapid_public_key: str
+    #: base64url of the uncompressed P-256 point: ``applicationServerKey``; null when
+    #: no push daemon has run yet.
+    vapid_public_key: str | None
 
 
 class PushSettingsBody(BaseModel):
@@ -93,12 +94,9 @@ TOO_MANY = {
 @router.get("/v1/push/key", responses={401: UNAUTHENTICATED, 503: UNAVAILABLE})
 def push_key(session: SessionDep, me: CurrentUser) -> PushKey:
     """The key push services check our requests against: a browser subscribes with it
-    (``pushManager.subscribe({applicationServerKey})``). 503 until a push daemon has
-    started once (it makes the key)."""
-    key = store_push.vapid_key(session)
-    if key is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no push daemon has started yet")
-    return PushKey(vapid_public_key=key)
+    (``pushManager.subscribe({applicationServerKey})``). Null until a push daemon has
+    started once (it makes the key): this server sends no pushes yet."""
+    return PushKey(vapid_public_key=store_push.vapid_key(session))
 
 
 def _store(

@@ -39,9 +39,9 @@ from tenacity import (
 )
 
 from core.daemon import PUSH_READY_LOG, Service
-from store import make_engine
+from store import make_engine, reading
 from store import push as outbox
-from store.db import revisions
+from store.db import relaxed, revisions
 
 from .config import PushSettings
 from .senders import (
@@ -70,7 +70,12 @@ class PushDaemon(Service):
     ) -> None:
         super().__init__()
         self.settings = settings
-        self.engine = engine or make_engine(settings.database_url)
+        # Relaxed commits (SQLite: no fsync of its own; the bridge's next commit flushes
+        # them): a power cut loses the newest decisions and outcomes together, in
+        # order, so the scan reads those messages again and a push whose "sent" was
+        # lost is sent again. Never a message lost; at worst a push twice.
+        self.engine = relaxed(engine or make_engine(settings.database_url))
+        self._reading = reading(self.engine)
         self._senders: dict[str, Sender] = {}
         for sender in senders or []:
             self._add(sender)
@@ -79,6 +84,8 @@ class PushDaemon(Service):
         #: in time), logged at shutdown.
         self.counts: Counter[str] = Counter()
         self._decision_rounds = 0
+        #: Pushes sent (or given up) whose outcome is not stored yet.
+        self._finished: list[tuple[outbox.Claimed, outbox.Outcome, str]] = []
 
     def _add(self, sender: Sender) -> None:
         for channel in sender.channels:
@@ -121,6 +128,10 @@ class PushDaemon(Service):
             _, pending = await asyncio.wait(self._in_flight, timeout=self.settings.shutdown_timeout)
             for task in pending:
                 task.cancel()
+        try:
+            await self._store_outcomes()
+        except (OperationalError, DBAPIError) as exc:
+            log.warning("shutdown: outcomes not stored: %s", str(exc).splitlines()[0])
             if pending:
                 log.warning(
                     "shutdown: %d pushes in flight abandoned; their lease ends and "
@@ -135,16 +146,21 @@ class PushDaemon(Service):
     async def _round(self) -> bool:
         """One scan, one decision and one claim; True if any of them found work."""
         s = self.settings
-        scanned = await asyncio.to_thread(
-            outbox.scan,
-            self.engine,
-            grace=timedelta(seconds=s.grace),
-            collapse=timedelta(seconds=s.collapse),
-            limit=s.batch,
-            gap_timeout=timedelta(seconds=s.gap_timeout),
-        )
-        pushed, skipped = await asyncio.to_thread(outbox.decide, self.engine, limit=s.batch)
-        self.counts["acked in time"] += skipped
+        stored = await self._store_outcomes()
+        todo = await asyncio.to_thread(outbox.work, self._reading)
+        scanned = pushed = skipped = 0
+        if todo.scan:
+            scanned = await asyncio.to_thread(
+                outbox.scan,
+                self.engine,
+                grace=timedelta(seconds=s.grace),
+                collapse=timedelta(seconds=s.collapse),
+                limit=s.batch,
+                gap_timeout=timedelta(seconds=s.gap_timeout),
+            )
+        if todo.scan or todo.decide:
+            pushed, skipped = await asyncio.to_thread(outbox.decide, self.engine, limit=s.batch)
+            self.counts["acked in time"] += skipped
         if pushed and s.crash_after_decisions is not None:
             self._decision_rounds += 1
             if self._decision_rounds >= s.crash_after_decisions:
@@ -152,7 +168,7 @@ class PushDaemon(Service):
                 os.kill(os.getpid(), signal.SIGKILL)
         room = s.concurrency - len(self._in_flight)
         claimed = []
-        if room > 0:
+        if room > 0 and (todo.claim or pushed):
             claimed = await asyncio.to_thread(
                 outbox.claim,
                 self.engine,
@@ -163,7 +179,7 @@ class PushDaemon(Service):
             task = asyncio.create_task(self._deliver(push), name=f"push-{push.pk}")
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
-        return bool(scanned or pushed or skipped or claimed)
+        return bool(stored or scanned or pushed or skipped or claimed)
 
     async def _deliver(self, push: outbox.Claimed) -> None:
         """Send one push, retrying what may pass; its outcome stored, counted and
@@ -189,14 +205,8 @@ class PushDaemon(Service):
                         delivery = await sender.send(push, notification)
             except TryAgain as exc:
                 delivery = Delivery("failed", f"gave up after {tries} tries: {exc}")
-        try:
-            await asyncio.to_thread(
-                outbox.finish, self.engine, push, delivery.outcome, delivery.detail
-            )
-        except (OperationalError, DBAPIError) as exc:
-            # Not stored: the lease ends and the push is sent again (at least once).
-            log.warning("push %d: outcome not stored: %s", push.pk, str(exc).splitlines()[0])
-            return
+        # Stored with the next round's others: one transaction for many outcomes.
+        self._finished.append((push, delivery.outcome, delivery.detail))
         self.counts[delivery.outcome] += 1
         level = logging.INFO if delivery.outcome == "sent" else logging.WARNING
         log.log(
@@ -211,6 +221,17 @@ class PushDaemon(Service):
             delivery.detail,
             tries,
         )
+
+    async def _store_outcomes(self) -> bool:
+        done, self._finished = self._finished, []
+        try:
+            await asyncio.to_thread(outbox.finish, self.engine, done)
+        except (OperationalError, DBAPIError):
+            # Kept for the next round; if this daemon dies first, the lease ends and
+            # the pushes are sent again (at least once).
+            self._finished = done + self._finished
+            raise
+        return bool(done)
 
     def _wait(self, state: RetryCallState) -> float:
         """The service's ``Retry-After`` when it gave one (capped), else jittered

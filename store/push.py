@@ -15,7 +15,9 @@ path (benchmarked) pays nothing. Each step is one short transaction whose rows a
 taken with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (several push daemons take
 different rows, none waits) and under SQLite's one writer (``BEGIN IMMEDIATE``)
 otherwise: every message is scanned once, every burst decided once, every outbox row
-claimed by one daemon at a time. Nothing is held open across an HTTP request.
+claimed by one daemon at a time. Nothing is held open across an HTTP request, and
+a step takes its write transaction only when a lock-free read (:func:`work`) saw
+something for it to do: on SQLite the write lock is the bridge's too.
 
 A push carries no message text unless its user opted into previews.
 """
@@ -162,6 +164,46 @@ def publish_key(engine: Engine, public_key: str) -> None:
 def vapid_key(session: Session) -> str | None:
     row = session.get(PushScan, _SCAN_ROW)
     return row.vapid_public_key if row else None
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """Which steps have something to do, as a read without locks saw it."""
+
+    scan: bool
+    decide: bool
+    claim: bool
+
+    def __bool__(self) -> bool:
+        return self.scan or self.decide or self.claim
+
+
+def work(engine: Engine) -> Work:
+    """Look before writing: on SQLite each step's transaction takes the database's one
+    write lock, which the bridge needs for every batch; an idle push daemon polling
+    with writes would take it several times a second for nothing. Pass a
+    :func:`store.db.reading` engine."""
+    now = utcnow()
+    with Session(engine) as session:
+        state = session.get(PushScan, _SCAN_ROW)
+        if state is None:
+            return Work(False, False, False)
+        newer = session.exec(
+            select(Message.pk).where(col(Message.pk) > state.message_pk).limit(1)
+        ).first()
+        due = session.exec(
+            select(PushState.username).where(col(PushState.due_at) <= now).limit(1)
+        ).first()
+        claimable = session.exec(
+            select(PushOutbox.pk)
+            .where(PushOutbox.state == "due", col(PushOutbox.due_at) <= now)
+            .limit(1)
+        ).first()
+        return Work(
+            scan=newer is not None or state.gaps != "[]",
+            decide=due is not None,
+            claim=claimable is not None,
+        )
 
 
 def scan(
@@ -414,19 +456,24 @@ def claim(engine: Engine, *, lease: timedelta, limit: int) -> list[Claimed]:
     return out
 
 
-def finish(engine: Engine, push: Claimed, outcome: Outcome, detail: str) -> None:
-    """Close a claimed push; ``gone`` also removes the subscription it was sent to
-    (unless the device has registered another endpoint since)."""
+def finish(engine: Engine, outcomes: Sequence[tuple[Claimed, Outcome, str]]) -> None:
+    """Close claimed pushes, in one transaction; ``gone`` also removes the
+    subscription it was sent to (unless the device has registered another endpoint
+    since)."""
+    if not outcomes:
+        return
+    now = utcnow()
     with Session(engine) as session:
-        row = session.get(PushOutbox, push.pk)
-        if row is None or row.state != "due":
-            return
-        row.state, row.outcome, row.done_at = outcome, detail[:200], utcnow()
-        session.add(row)
-        if outcome == "gone":
-            sub = session.get(PushSubscription, (push.user, push.device))
-            if sub is not None and sub.endpoint == push.endpoint:
-                session.delete(sub)
+        for push, outcome, detail in outcomes:
+            row = session.get(PushOutbox, push.pk)
+            if row is None or row.state != "due":
+                continue
+            row.state, row.outcome, row.done_at = outcome, detail[:200], now
+            session.add(row)
+            if outcome == "gone":
+                sub = session.get(PushSubscription, (push.user, push.device))
+                if sub is not None and sub.endpoint == push.endpoint:
+                    session.delete(sub)
         session.commit()
 
 

@@ -179,6 +179,9 @@ class PushReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive, as a push service: the daemon reuses its connections.
+            protocol_version = "HTTP/1.1"
+
             def do_POST(self) -> None:
                 receiver._handle(self)
 
@@ -194,9 +197,11 @@ class PushReceiver:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
-    def endpoint(self, name: str, *script: tuple[int, dict[str, str]]) -> tuple[str, DeviceKeys]:
+    def endpoint(
+        self, name: str, *script: tuple[int, dict[str, str]], keys: DeviceKeys | None = None
+    ) -> tuple[str, DeviceKeys]:
         """A new subscription's URL and the device's keys; ``script``: answers first."""
-        keys = DeviceKeys.new()
+        keys = keys or DeviceKeys.new()
         with self._changed:
             self._endpoints[f"/{name}"] = _Endpoint(keys, list(script))
         return f"{self.origin}/{name}", keys
