@@ -20,15 +20,28 @@ import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
 import httpcore
+from pydantic import BeforeValidator
+from pydantic_settings import NoDecode
 
 MAX_ENDPOINT_CHARS: Final = 2048
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _split_hosts(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+#: A setting naming allowed hosts and networks, comma-separated in its variable
+#: (``MQCHAT_PUSH_ALLOW_HOSTS=push.internal,10.1.0.0/16``).
+AllowHosts = Annotated[list[str], NoDecode, BeforeValidator(_split_hosts)]
 
 
 class EndpointRefused(ValueError):

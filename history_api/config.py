@@ -12,7 +12,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core import daemon
-from core.endpoints import Allowlist
+from core.endpoints import AllowHosts, Allowlist
 from store.signin import SIGN_IN_BURST, SIGN_INS_PER_SECOND
 
 
@@ -92,14 +92,7 @@ class ApiSettings(BaseSettings):
     #: Hosts and networks (``push.internal,10.1.0.0/16``) that push endpoints may
     #: resolve into although they are not public; the push daemon's
     #: ``MQCHAT_PUSH_ALLOW_HOSTS`` must name them too. Empty by default.
-    push_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
-
-    @field_validator("push_allow_hosts", mode="before")
-    @classmethod
-    def _split_hosts(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    push_allow_hosts: AllowHosts = Field(default_factory=list)
 
     @property
     def push_allowlist(self) -> Allowlist:

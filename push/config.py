@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from core.endpoints import Allowlist
+from core.endpoints import AllowHosts, Allowlist
 
 
 class PushSettings(BaseSettings):
@@ -56,7 +56,7 @@ class PushSettings(BaseSettings):
     max_retry_after: float = Field(default=60.0, ge=0)
     #: Hosts and networks (comma-separated: ``push.internal,10.1.0.0/16``) that push
     #: endpoints may resolve into although they are not public. Empty by default.
-    allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allow_hosts: AllowHosts = Field(default_factory=list)
     #: More CA certificates (PEM) trusted for push services, besides the system's.
     ca_file: Path | None = None
     #: Seconds to finish pushes in flight on SIGTERM.
@@ -64,13 +64,6 @@ class PushSettings(BaseSettings):
     #: Test only: the daemon kills itself (SIGKILL) right after committing its n-th
     #: round of push decisions, before sending any of them. Never set it in production.
     crash_after_decisions: int | None = Field(default=None, ge=1)
-
-    @field_validator("allow_hosts", mode="before")
-    @classmethod
-    def _split_hosts(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        return value
 
     @property
     def allowlist(self) -> Allowlist:
