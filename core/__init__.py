@@ -11,13 +11,15 @@ before, the daemons reached into ``clients/`` for their MQTT transport and into
 * ``collector``: how a long-running daemon keeps garbage collections short;
 * ``daemon``: a daemon's exit code and message for a bad setting, its ready log line,
   its settings as the environment that starts it;
-* ``supervisor``: our daemons as child processes, for ``mqchat up``, tests, benchmarks.
+* ``supervisor``: our daemons as child processes, for ``mqchat up``, tests, benchmarks;
+* ``endpoints``: which push endpoint URLs the server may POST to (the API stores them,
+  the push daemon sends to them).
 
 Imports run one way, downward (``tests/test_layout.py`` holds every package to it)::
 
     clients (CLI, mqchat up)
         ▼
-    broker │ bridge │ history_api │ mqchat     daemons and the SDK; none imports another
+    broker │ bridge │ history_api │ push │ mqchat   daemons and the SDK; none imports another
         ▼
     core                                this package
         ▼

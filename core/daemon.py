@@ -56,6 +56,9 @@ BROKER_READY_LOG: Final = "embedded broker listening on"
 #: (a bare "consuming" would also match psycopg's "consuming input failed").
 BRIDGE_READY_LOG: Final = f"consuming {topics.ALL_UPLINKS}"
 
+#: In the push daemon's log once it watches the database for undelivered messages.
+PUSH_READY_LOG: Final = "push daemon watching for undelivered messages"
+
 
 class Service(abc.ABC):
     """A daemon's work in the shape of uvicorn's server, as every daemon of ours has it.

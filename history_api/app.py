@@ -18,6 +18,7 @@ from . import (
     errors,
     health,
     messages,
+    push,
     search,
     tokens,
     users,
@@ -52,7 +53,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=["Retry-After", "WWW-Authenticate"],
             max_age=600,
@@ -68,6 +69,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(conversations.router)
     app.include_router(messages.router)
     app.include_router(devices.router)
+    app.include_router(push.router)
     app.include_router(search.router)
     app.include_router(health.router)
     if settings.web_dir is not None:

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core import daemon
 from store.presence import DEFAULT_GROUP_LIMIT
+from core.endpoints import AllowHosts, Allowlist
 from store.signin import SIGN_IN_BURST, SIGN_INS_PER_SECOND
 
 
@@ -106,6 +107,14 @@ class ApiSettings(BaseSettings):
     #: Where the web app connects to MQTT over WebSocket; ``{host}`` becomes the host
     #: the page was loaded from, so a browser on another machine finds the broker too.
     web_mqtt_url: str = "ws://{host}:8083/mqtt"
+    #: Hosts and networks (``push.internal,10.1.0.0/16``) that push endpoints may
+    #: resolve into although they are not public; the push daemon's
+    #: ``MQCHAT_PUSH_ALLOW_HOSTS`` must name them too. Empty by default.
+    push_allow_hosts: AllowHosts = Field(default_factory=list)
+
+    @property
+    def push_allowlist(self) -> Allowlist:
+        return Allowlist.parse(self.push_allow_hosts)
 
     @property
     def provisions_mosquitto(self) -> bool:

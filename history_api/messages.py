@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from protocol import DownMessage, errors
 from store import history
+from store import push as store_push
 
 from .deps import CurrentUser, SessionDep
 from .errors import UNAUTHENTICATED, UNAVAILABLE, not_found, storable
@@ -26,6 +27,19 @@ class DeviceDelivery(BaseModel):
     read_at: datetime | None
 
 
+class PushDelivery(BaseModel):
+    user: str
+    device: str
+    #: ``webpush`` or ``unifiedpush``; null if the device has unsubscribed since.
+    channel: str | None
+    #: The push that covered this message: ``due``, ``sent``, ``gone`` (the push
+    #: service said the subscription is gone), ``failed``; null if none did (a device
+    #: acknowledged it in time, or it was muted).
+    state: str | None
+    decided_at: datetime | None
+    done_at: datetime | None
+
+
 class MessageTrace(BaseModel):
     message: DownMessage
     #: When the server stored the message (its ``sent_at``).
@@ -38,6 +52,11 @@ class MessageTrace(BaseModel):
     )
     #: True when more devices have cursors than ``devices`` lists.
     more_devices: bool = False
+    push: list[PushDelivery] = Field(
+        default_factory=list,
+        description="Every recipient device with a push subscription, and the push "
+        "that covered this message if one did; by user and device name, at most 256",
+    )
     members: int = Field(description="How many recipients the message has")
     delivered: int = Field(description="Recipients with the message on any device")
     read: int = Field(description="Recipients who have read it on any device")
@@ -68,6 +87,23 @@ def get_message(message_id: str, session: SessionDep, me: CurrentUser) -> Messag
             for device in trace.devices
         ],
         more_devices=trace.more_devices,
+        push=[
+            PushDelivery(
+                user=p.user,
+                device=p.device,
+                channel=p.channel,
+                state=p.state,
+                decided_at=p.decided_at,
+                done_at=p.done_at,
+            )
+            for p in store_push.trace(
+                session,
+                trace.message.conversation,
+                trace.message.seq,
+                {device.user for device in trace.devices},
+                history.MAX_TRACE_DEVICES,
+            )
+        ],
         members=trace.tally.members,
         delivered=trace.tally.delivered,
         read=trace.tally.read,

@@ -180,3 +180,124 @@ class Device(SQLModel, table=True):
     device: str = Field(sa_column=Column(String(64), primary_key=True))
     online: bool = Field(default=False, nullable=False)
     last_seen: datetime = Field(sa_type=UTCDateTime, nullable=False)
+
+
+class PushSubscription(SQLModel, table=True):
+    """Where to wake one device of a user up: a Web Push / UnifiedPush endpoint.
+
+    One per device. The endpoint is the device's push service's URL and is untrusted
+    (``push/endpoints.py`` checks it before every request, not only when stored).
+    """
+
+    __tablename__ = "push_subscriptions"
+
+    username: str = Field(
+        sa_column=Column(
+            String(32), ForeignKey("accounts.username", ondelete="CASCADE"), primary_key=True
+        )
+    )
+    device: str = Field(sa_column=Column(String(64), primary_key=True))
+    channel: str = Field(sa_column=Column(String(16), nullable=False))  # webpush | unifiedpush
+    endpoint: str = Field(sa_column=Column(Text, nullable=False))
+    #: The device's P-256 public key and auth secret (RFC 8291), base64url.
+    p256dh: str = Field(sa_column=Column(String(128), nullable=False))
+    auth: str = Field(sa_column=Column(String(64), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
+
+
+class PushPrefs(SQLModel, table=True):
+    """A user's push settings; no row means the defaults (pushed, no preview)."""
+
+    __tablename__ = "push_prefs"
+
+    username: str = Field(
+        sa_column=Column(
+            String(32), ForeignKey("accounts.username", ondelete="CASCADE"), primary_key=True
+        )
+    )
+    muted: bool = Field(default=False, nullable=False)
+    #: Opt-in: the notification carries the message text through the push service.
+    preview: bool = Field(default=False, nullable=False)
+
+
+class PushMute(SQLModel, table=True):
+    __tablename__ = "push_mutes"
+
+    username: str = Field(sa_column=Column(String(32), primary_key=True))
+    conversation_id: str = Field(
+        sa_column=Column(
+            String(64), ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+        )
+    )
+
+
+class PushScan(SQLModel, table=True):
+    """The push daemons' one shared row: how far they have read ``messages``.
+
+    Whoever holds its row lock scans; the others skip (``SKIP LOCKED``). ``gaps`` are
+    message keys below ``message_pk`` not seen yet (a transaction of another bridge
+    still open when the scan passed them), as JSON ``[[pk, first_seen_epoch], ...]``.
+    """
+
+    __tablename__ = "push_scan"
+
+    id: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    message_pk: int = Field(sa_column=Column(BigIntKey, nullable=False))
+    gaps: str = Field(sa_column=Column(Text, nullable=False, server_default="[]"))
+    #: The VAPID public key the push daemons sign with (base64url, uncompressed point):
+    #: the ``applicationServerKey`` a browser subscribes with, served by the API.
+    vapid_public_key: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class PushState(SQLModel, table=True):
+    """Per recipient and conversation: what waits for a push decision, and what was decided.
+
+    ``pending_seq`` (0: nothing) is decided at ``due_at``: pushed if no device of the
+    user has acknowledged it as delivered by then. ``decided_seq`` only grows, so a
+    message scanned twice is decided once.
+    """
+
+    __tablename__ = "push_state"
+    __table_args__ = (Index("ix_push_state_due", "due_at"),)
+
+    username: str = Field(sa_column=Column(String(32), primary_key=True))
+    conversation_id: str = Field(
+        sa_column=Column(
+            String(64), ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+        )
+    )
+    pending_seq: int = Field(default=0, nullable=False)
+    due_at: datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+    decided_seq: int = Field(default=0, nullable=False)
+    pushed_at: datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)
+
+
+class PushOutbox(SQLModel, table=True):
+    """One decided push to one device: sent by whichever push daemon claims it first.
+
+    ``state`` is ``due`` until an outcome: ``sent``, ``gone`` (404/410: the
+    subscription was removed), ``failed`` (retries spent, or refused endpoint).
+    A claim moves ``due_at`` a lease ahead: a daemon that dies holding it leaves it
+    to the next one when the lease ends.
+    """
+
+    __tablename__ = "push_outbox"
+    __table_args__ = (Index("ix_push_outbox_due", "state", "due_at"),)
+
+    pk: int | None = Field(default=None, sa_column=Column(BigIntKey, primary_key=True))
+    username: str = Field(sa_column=Column(String(32), nullable=False))
+    device: str = Field(sa_column=Column(String(64), nullable=False))
+    conversation_id: str = Field(sa_column=Column(String(64), nullable=False))
+    #: The push covers the messages ``from_seq .. seq`` (what no device had then).
+    from_seq: int = Field(nullable=False)
+    seq: int = Field(nullable=False)
+    count: int = Field(nullable=False)
+    sender: str = Field(sa_column=Column(String(32), nullable=False))
+    #: The newest message's text, only for users who opted into previews.
+    preview: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    decided_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    due_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
+    attempts: int = Field(default=0, nullable=False)
+    state: str = Field(default="due", sa_column=Column(String(8), nullable=False))
+    outcome: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
+    done_at: datetime | None = Field(default=None, sa_type=UTCDateTime, nullable=True)

@@ -18,6 +18,7 @@ without a case here fails :func:`test_every_endpoint_has_a_bola_case`.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from .support.history import (
     set_device,
     sqlite_database,
 )
+from .support.push import DeviceKeys
 
 
 @dataclass
@@ -240,6 +242,86 @@ async def healthz(client: httpx.AsyncClient, world: World) -> None:
         assert response.json() == {"status": "ok"}
 
 
+def _subscription(side: str) -> dict[str, object]:
+    """A subscription to a public address (never contacted here), told apart by side."""
+    return {
+        "endpoint": f"https://93.184.216.34/push/{side}",
+        "keys": DeviceKeys.new().subscription_keys(),
+    }
+
+
+async def register_push(client: httpx.AsyncClient, world: World) -> None:
+    for method in ("POST", "PUT"):
+        for me, victim in world.pairs():
+            device = secrets.token_hex(4)  # new each call: the world is shared
+            # The victim's device name is, in my path, a device of mine: created
+            # (201), not the victim's replaced (200), and the victim's stays theirs.
+            theirs = await victim.api.client.request(
+                method,
+                f"/v1/devices/{me.name}-{device}/push",
+                json=_subscription(victim.name),
+                headers=victim.api.headers,
+            )
+            mine = await me.api.client.request(
+                method,
+                f"/v1/devices/{me.name}-{device}/push",
+                json=_subscription(me.name),
+                headers=me.api.headers,
+            )
+            assert (theirs.status_code, mine.status_code) == (201, 201), method
+            assert f"/push/{victim.name}" not in mine.text
+
+
+async def replace_push(client: httpx.AsyncClient, world: World) -> None:
+    await register_push(client, world)
+
+
+async def delete_push(client: httpx.AsyncClient, world: World) -> None:
+    for me, victim in world.pairs():
+        url = f"/v1/devices/{victim.own_device}/push"
+        await victim.api.client.put(
+            url, json=_subscription(victim.name), headers=victim.api.headers
+        )
+        response = await me.api.client.delete(url, headers=me.api.headers)
+        assert response.status_code == 204
+        # Still there: replacing it is a 200, not a 201.
+        again = await victim.api.client.put(
+            url, json=_subscription(victim.name), headers=victim.api.headers
+        )
+        assert again.status_code == 200
+
+
+async def push_key(client: httpx.AsyncClient, world: World) -> None:
+    for me, victim in world.pairs():
+        response = await me.api.get("/v1/push/key", user=victim.name)
+        assert response.json() == {"vapid_public_key": None}  # no push daemon here
+
+
+async def push_settings(client: httpx.AsyncClient, world: World) -> None:
+    for me, victim in world.pairs():
+        response = await me.api.client.put(
+            "/v1/push/settings", json={"muted": True, "preview": True}, headers=me.api.headers
+        )
+        assert response.json()["muted"] is True
+        theirs = await victim.api.json("/v1/push/settings")
+        assert theirs["muted"] is False, "one user's settings changed another's"
+        await me.api.client.put(
+            "/v1/push/settings", json={"muted": False, "preview": False}, headers=me.api.headers
+        )
+
+
+async def mute_conversation(client: httpx.AsyncClient, world: World) -> None:
+    for method in ("PUT", "DELETE"):
+        for me, victim in world.pairs():
+            url = f"/v1/push/mutes/{victim.conversation}"
+            response = await me.api.client.request(method, url, headers=me.api.headers)
+            assert error_of(response) == (404, "unknown_conversation"), (method, me.name)
+            assert not leaks(response, victim, asked_for_it=True)
+            own = f"/v1/push/mutes/{me.conversation}"
+            response = await me.api.client.request(method, own, headers=me.api.headers)
+            assert response.status_code == 204
+
+
 CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/conversations"): list_conversations,
     ("GET", "/v1/conversations/{conversation_id}/messages"): list_messages,
@@ -253,6 +335,14 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/v1/users/me/password"): change_password,
     ("POST", "/v1/mqtt-credentials"): mqtt_credential,
     ("GET", "/healthz"): healthz,
+    ("GET", "/v1/push/key"): push_key,
+    ("POST", "/v1/devices/{device}/push"): register_push,
+    ("PUT", "/v1/devices/{device}/push"): replace_push,
+    ("DELETE", "/v1/devices/{device}/push"): delete_push,
+    ("GET", "/v1/push/settings"): push_settings,
+    ("PUT", "/v1/push/settings"): push_settings,
+    ("PUT", "/v1/push/mutes/{conversation}"): mute_conversation,
+    ("DELETE", "/v1/push/mutes/{conversation}"): mute_conversation,
 }
 
 

@@ -193,8 +193,8 @@ class Up:
         return listener
 
     def wait_started(self) -> None:
-        line = r"^(broker|bridge|api) .*\(pid (\d+)\)$"
-        while "api" not in self.pids or "bridge" not in self.pids:
+        line = r"^(broker|bridge|api|push) .*\(pid (\d+)\)$"
+        while not {"api", "bridge", "push"} <= set(self.pids):
             match = self.run.stdout.wait_for(line, START_WAIT)
             self.pids[match.group(1)] = int(match.group(2))
         self.run.stdout.wait_for(r"^(create a user|chat): mqchat ")
@@ -495,7 +495,7 @@ def test_old_setting_names_still_work_with_a_warning(up: Up, tmp_path: Path) -> 
 
 def test_ctrl_c_stops_every_child(up: Up) -> None:
     pids = dict(up.pids)
-    assert set(pids) == {"broker", "bridge", "api"}
+    assert set(pids) == {"broker", "bridge", "api", "push"}
     assert all(alive(pid) for pid in pids.values())
 
     up.run.process.send_signal(signal.SIGINT)
@@ -536,11 +536,11 @@ def test_ctrl_c_stops_every_child_when_nobody_reads_the_output(tmp_path: Path) -
     pids: dict[str, int] = {}
     try:
         for line in process.stdout:
-            if match := re.search(r"^(broker|bridge|api) .*\(pid (\d+)\)$", line):
+            if match := re.search(r"^(broker|bridge|api|push) .*\(pid (\d+)\)$", line):
                 pids[match.group(1)] = int(match.group(2))
             if line.startswith("logs "):
                 break
-        assert set(pids) == {"broker", "bridge", "api"}
+        assert set(pids) == {"broker", "bridge", "api", "push"}
         # Both readers gone, as with `tee` killed (and `|&`): every line now meets EPIPE.
         process.stdout.close()
         process.stderr.close()

@@ -21,6 +21,7 @@ from bridge.config import BridgeSettings
 from broker.config import BrokerSettings
 from core import daemon
 from history_api.config import ApiSettings
+from push.config import PushSettings
 
 WAIT = 30.0
 
@@ -66,6 +67,7 @@ def run_daemon(module: str, **env: str) -> subprocess.CompletedProcess[str]:
             "MQCHAT_BROKER_PORT: Input should be less than or equal to 65535",
         ),
         ("history_api", {}, "MQCHAT_API_DATABASE_URL: missing"),
+        ("push", {"MQCHAT_PUSH_DATABASE_URL": "sqlite://"}, "MQCHAT_PUSH_VAPID_KEY_FILE: missing"),
         (
             "history_api",
             {"MQCHAT_API_DATABASE_URL": "sqlite://", "MQCHAT_API_PORT": "eighty"},
@@ -215,11 +217,34 @@ def _samples(files: Path) -> list[BaseSettings]:
             cors_origins=["https://app.example", "http://localhost:5173"],
             web_dir=files / "site",
             web_mqtt_url="wss://{host}:8443/mqtt",
+            push_allow_hosts=["push.internal", "10.1.0.0/16"],
+        ),
+        PushSettings(
+            database_url="sqlite:///push.db",
+            vapid_key_file=files / "vapid.pem",
+            vapid_subject="https://ops.example/contact",
+            grace=1.5,
+            collapse=4.0,
+            poll=0.5,
+            batch=7,
+            concurrency=3,
+            lease=30.0,
+            gap_timeout=9.0,
+            ttl=60,
+            urgency="normal",
+            request_timeout=2.5,
+            max_response_bytes=100,
+            max_attempts=2,
+            max_retry_after=3.0,
+            allow_hosts=["127.0.0.1", "push.internal"],
+            ca_file=cert,
+            shutdown_timeout=1.0,
+            crash_after_decisions=2,
         ),
     ]
 
 
-@pytest.mark.parametrize("index", range(3), ids=["broker", "bridge", "history_api"])
+@pytest.mark.parametrize("index", range(4), ids=["broker", "bridge", "history_api", "push"])
 def test_settings_survive_the_environment(
     index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

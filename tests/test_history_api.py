@@ -390,10 +390,12 @@ async def test_message_trace_per_recipient_device(
         "stored_at",
         "devices",
         "more_devices",
+        "push",
         "members",
         "delivered",
         "read",
     }
+    assert trace["push"] == []  # nobody has a push subscription here
     assert trace["more_devices"] is False
     assert (trace["members"], trace["delivered"], trace["read"]) == (1, 1, 1)
     assert set(trace["message"]) == MESSAGE_FIELDS

@@ -2,7 +2,7 @@
 
 It checks its ports, migrates the database, then hands the daemons to
 ``core.supervisor.Supervisor``: the broker first (unless ``--mosquitto`` names one
-already running), then the bridge and the API once the broker is ready.
+already running), then the bridge, the API and the push daemon once the broker is ready.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Annotated, Any, Final, TypeVar
 import typer
 from pydantic_settings import BaseSettings
 
-from core.daemon import BRIDGE_READY_LOG, BROKER_READY_LOG, load
+from core.daemon import BRIDGE_READY_LOG, BROKER_READY_LOG, PUSH_READY_LOG, load
 from core.supervisor import Child, Supervisor, accepts
 
 from .database import migrate_for_up, shown, url_for
@@ -34,6 +34,8 @@ from .options import (
 from .output import EXIT_CONFIG, fail
 
 SECRETS_FILE: Final = "secrets.json"
+#: The push daemon's VAPID private key, made by it on its first start (mode 0600).
+VAPID_KEY_FILE: Final = "vapid_private.pem"
 BRIDGE_USERNAME: Final = "mqchat-bridge"
 
 _S = TypeVar("_S", bound=BaseSettings)
@@ -171,12 +173,13 @@ def up(
         ),
     ] = 10.0,
 ) -> None:
-    """Run mqchat here, in one command: broker, bridge and HTTP API, until Ctrl-C.
+    """Run mqchat here, in one command: broker, bridge, HTTP API and push, until Ctrl-C.
 
     Needs nothing else: the embedded broker (amqtt) and a SQLite database in
     --data-dir, migrated on start. The bridge's broker password and the key of MQTT
     credentials are generated on the first start and kept in
-    `<data-dir>/secrets.json` (mode 0600).
+    `<data-dir>/secrets.json` (mode 0600); the push daemon's VAPID key likewise in
+    `<data-dir>/vapid_private.pem`.
 
     Each service is a child process whose output goes to `<data-dir>/logs/<name>.log`
     (appended; this terminal shows only where each service listens and what happens
@@ -231,6 +234,7 @@ def up(
     from bridge.config import BridgeSettings
     from broker.config import BrokerSettings
     from history_api.config import ApiSettings
+    from push.config import PushSettings
 
     near = _client_host(host)
     if external is None:
@@ -309,6 +313,13 @@ def up(
         **api_mosquitto,
         **web,
     )
+    push_settings = _settings(
+        PushSettings,
+        "push",
+        database_url=url,
+        vapid_key_file=data_dir.resolve() / VAPID_KEY_FILE,
+    )
+    push = _child(push_settings, "push", "push", logs, ready_line=PUSH_READY_LOG)
     bridge = _child(
         bridge_settings,
         "bridge",
@@ -326,7 +337,7 @@ def up(
         describe=lambda pid: f"{'api':<7} http://{near}:{api_port}/docs  (pid {pid})",
     )
 
-    stages = [[broker], [bridge, api]] if external is None else [[bridge, api]]
+    stages = [[broker], [bridge, api, push]] if external is None else [[bridge, api, push]]
     if database_url:
         hint = f" --database-url {shown(url)}{hint if external else ''}"
     next_step = f"create a user: mqchat user add alice{hint}"

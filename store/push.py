@@ -1,0 +1,530 @@
+"""Push when away: who gets woken up for what, decided once, in the database.
+
+::
+
+    bridge ── COMMIT messages ─────────────────────────────── (nothing push-specific)
+    push daemon(s):
+      scan    messages after push_scan.message_pk ──▶ push_state (user, conversation):
+              pending_seq, due_at = now (no device online) or sent_at + grace
+      decide  push_state due ──▶ delivered by a device? nothing : push_outbox row per
+              subscribed device (count, sender), decided_seq = pending_seq
+      claim   push_outbox due ──▶ leased to this daemon ──▶ sent / gone / failed
+
+The bridge writes nothing for pushes: the scan reads what it committed, so its hot
+path (benchmarked) pays nothing. Each step is one short transaction whose rows are
+taken with ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (several push daemons take
+different rows, none waits) and under SQLite's one writer (``BEGIN IMMEDIATE``)
+otherwise: every message is scanned once, every burst decided once, every outbox row
+claimed by one daemon at a time. Nothing is held open across an HTTP request, and
+a step takes its write transaction only when a lock-free read (:func:`work`) saw
+something for it to do: on SQLite the write lock is the bridge's too.
+
+A push carries no message text unless its user opted into previews.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Final, Literal
+
+from sqlalchemy import Engine, func
+from sqlmodel import Session, col, select
+
+from .tables import (
+    Cursor,
+    Device,
+    Member,
+    Message,
+    PushMute,
+    PushOutbox,
+    PushPrefs,
+    PushScan,
+    PushState,
+    PushSubscription,
+)
+from .types import utcnow
+
+Channel = Literal["webpush", "unifiedpush"]
+CHANNELS: Final = ("webpush", "unifiedpush")
+Outcome = Literal["sent", "gone", "failed"]
+_SCAN_ROW: Final = 1
+#: Most gaps remembered: a storm of rolled-back transactions cannot grow the row.
+_MAX_GAPS: Final = 10_000
+
+
+# -- subscriptions and settings (history API) ----------------------------------------
+
+
+def subscribe(
+    session: Session,
+    user: str,
+    device: str,
+    channel: Channel,
+    endpoint: str,
+    p256dh: str,
+    auth: str,
+) -> bool:
+    """Store ``device``'s subscription, replacing any it had; True if it is new."""
+    row = session.get(PushSubscription, (user, device))
+    fresh = row is None
+    if row is None:
+        row = PushSubscription(
+            username=user,
+            device=device,
+            channel=channel,
+            endpoint=endpoint,
+            p256dh=p256dh,
+            auth=auth,
+        )
+    else:
+        row.channel, row.endpoint, row.p256dh, row.auth = channel, endpoint, p256dh, auth
+        row.created_at = utcnow()
+    session.add(row)
+    return fresh
+
+
+def subscription(session: Session, user: str, device: str) -> PushSubscription | None:
+    return session.get(PushSubscription, (user, device))
+
+
+def unsubscribe(session: Session, user: str, device: str) -> bool:
+    row = session.get(PushSubscription, (user, device))
+    if row is None:
+        return False
+    session.delete(row)
+    return True
+
+
+def subscribed_devices(session: Session, users: Iterable[str]) -> dict[str, set[str]]:
+    """Which of ``users``' devices have a subscription (for the delivery trace)."""
+    wanted = sorted(set(users))
+    found: dict[str, set[str]] = {user: set() for user in wanted}
+    if wanted:
+        rows = session.exec(
+            select(PushSubscription.username, PushSubscription.device).where(
+                col(PushSubscription.username).in_(wanted)
+            )
+        )
+        for user, device in rows:
+            found[user].add(device)
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Prefs:
+    muted: bool
+    preview: bool
+    muted_conversations: tuple[str, ...]
+
+
+def prefs(session: Session, user: str) -> Prefs:
+    row = session.get(PushPrefs, user)
+    mutes = session.exec(
+        select(PushMute.conversation_id)
+        .where(PushMute.username == user)
+        .order_by(col(PushMute.conversation_id))
+    ).all()
+    return Prefs(
+        muted=row.muted if row else False,
+        preview=row.preview if row else False,
+        muted_conversations=tuple(mutes),
+    )
+
+
+def set_prefs(session: Session, user: str, *, muted: bool, preview: bool) -> None:
+    row = session.get(PushPrefs, user) or PushPrefs(username=user)
+    row.muted, row.preview = muted, preview
+    session.add(row)
+
+
+def mute(session: Session, user: str, conversation: str, muted: bool) -> None:
+    row = session.get(PushMute, (user, conversation))
+    if muted and row is None:
+        session.add(PushMute(username=user, conversation_id=conversation))
+    elif not muted and row is not None:
+        session.delete(row)
+
+
+# -- the push daemons ----------------------------------------------------------------
+
+
+def publish_key(engine: Engine, public_key: str) -> None:
+    """Record the VAPID public key the daemons sign with, for the API to serve."""
+    with Session(engine) as session:
+        row = session.get(PushScan, _SCAN_ROW)
+        if row is not None and row.vapid_public_key != public_key:
+            row.vapid_public_key = public_key
+            session.add(row)
+            session.commit()
+
+
+def vapid_key(session: Session) -> str | None:
+    row = session.get(PushScan, _SCAN_ROW)
+    return row.vapid_public_key if row else None
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """Which steps have something to do, as a read without locks saw it."""
+
+    scan: bool
+    decide: bool
+    claim: bool
+
+    def __bool__(self) -> bool:
+        return self.scan or self.decide or self.claim
+
+
+def work(engine: Engine) -> Work:
+    """Look before writing: on SQLite each step's transaction takes the database's one
+    write lock, which the bridge needs for every batch; an idle push daemon polling
+    with writes would take it several times a second for nothing. Pass a
+    :func:`store.db.reading` engine."""
+    now = utcnow()
+    with Session(engine) as session:
+        state = session.get(PushScan, _SCAN_ROW)
+        if state is None:
+            return Work(False, False, False)
+        newer = session.exec(
+            select(Message.pk).where(col(Message.pk) > state.message_pk).limit(1)
+        ).first()
+        due = session.exec(
+            select(PushState.username).where(col(PushState.due_at) <= now).limit(1)
+        ).first()
+        claimable = session.exec(
+            select(PushOutbox.pk)
+            .where(PushOutbox.state == "due", col(PushOutbox.due_at) <= now)
+            .limit(1)
+        ).first()
+        return Work(
+            scan=newer is not None or state.gaps != "[]",
+            decide=due is not None,
+            claim=claimable is not None,
+        )
+
+
+def scan(
+    engine: Engine,
+    *,
+    grace: timedelta,
+    collapse: timedelta,
+    limit: int,
+    gap_timeout: timedelta,
+) -> int:
+    """Read the messages committed since the last scan into ``push_state``.
+
+    Returns how many messages it read (0: nothing new, or another daemon is
+    scanning). A message key below the newest seen but not seen itself is a gap: a
+    transaction (another bridge's) that took its key and had not committed when the
+    scan passed. Gaps are looked for again on each scan until ``gap_timeout`` (a
+    rolled-back transaction leaves one forever).
+    """
+    now = utcnow()
+    with Session(engine) as session:
+        state = session.exec(
+            select(PushScan).where(PushScan.id == _SCAN_ROW).with_for_update(skip_locked=True)
+        ).first()
+        if state is None:
+            return 0
+        gaps: dict[int, float] = {int(pk): float(at) for pk, at in json.loads(state.gaps)}
+        after = state.message_pk
+        query = select(Message).where(col(Message.pk) > after)
+        newer = list(session.exec(query.order_by(col(Message.pk)).limit(limit)).all())
+        found = (
+            list(session.exec(select(Message).where(col(Message.pk).in_(sorted(gaps)))).all())
+            if gaps
+            else []
+        )
+        for message in found:
+            gaps.pop(message.pk or 0, None)
+        if newer:
+            top = newer[-1].pk or after
+            seen = {m.pk for m in newer}
+            epoch = now.timestamp()
+            gaps.update({pk: epoch for pk in range(after + 1, top) if pk not in seen})
+            state.message_pk = top
+        cutoff = (now - gap_timeout).timestamp()
+        kept = sorted((pk, at) for pk, at in gaps.items() if at > cutoff)[-_MAX_GAPS:]
+        state.gaps = json.dumps(kept)
+        session.add(state)
+        _note_pending(session, found + newer, now, grace, collapse)
+        session.commit()
+        return len(newer) + len(found)
+
+
+def _note_pending(
+    session: Session,
+    messages: Sequence[Message],
+    now: datetime,
+    grace: timedelta,
+    collapse: timedelta,
+) -> None:
+    chat = [m for m in messages if m.event is None]  # group events wake nobody
+    if not chat:
+        return
+    conversations = sorted({m.conversation_id for m in chat})
+    members: dict[str, list[str]] = {}
+    for conversation, user in session.exec(
+        select(Member.conversation_id, Member.username)
+        .join(PushSubscription, col(PushSubscription.username) == col(Member.username))
+        .where(col(Member.conversation_id).in_(conversations))
+        .distinct()
+    ):
+        members.setdefault(conversation, []).append(user)
+    users = sorted({u for us in members.values() for u in us})
+    if not users:
+        return
+    online = set(
+        session.exec(
+            select(Device.username).where(col(Device.username).in_(users), col(Device.online))
+        ).all()
+    )
+    # (user, conversation) -> (newest seq, when its grace ends)
+    due: dict[tuple[str, str], tuple[int, datetime]] = {}
+    for message in chat:
+        for user in members.get(message.conversation_id, ()):
+            key = (user, message.conversation_id)
+            if user == message.sender:
+                continue
+            at = now if user not in online else message.sent_at + grace
+            seq, first = due.get(key, (0, at))
+            due[key] = (max(seq, message.seq), min(first, at))
+    states = {
+        (row.username, row.conversation_id): row
+        for row in session.exec(
+            select(PushState)
+            .where(
+                col(PushState.username).in_(sorted({u for u, _ in due})),
+                col(PushState.conversation_id).in_(conversations),
+            )
+            .with_for_update()
+        )
+    }
+    for (user, conversation), (seq, at) in sorted(due.items()):
+        row = states.get((user, conversation)) or PushState(
+            username=user, conversation_id=conversation
+        )
+        if seq <= max(row.decided_seq, row.pending_seq):
+            continue  # scanned before (a gap found late, a second scan)
+        row.pending_seq = seq
+        if row.due_at is None:
+            # One push per burst: the next one waits for the last one's window.
+            if row.pushed_at is not None:
+                at = max(at, row.pushed_at + collapse)
+            row.due_at = at
+        session.add(row)
+
+
+def decide(engine: Engine, *, limit: int) -> tuple[int, int]:
+    """Decide the bursts whose grace has ended: (pushes decided, skipped as delivered).
+
+    A burst is pushed to every subscribed device of its user when no device of theirs
+    has acknowledged its newest message as delivered (a ``read`` counts: it implies
+    delivered). The count is what no device has acknowledged yet.
+    """
+    now = utcnow()
+    pushed = skipped = 0
+    with Session(engine) as session:
+        due = session.exec(
+            select(PushState)
+            .where(col(PushState.due_at) <= now)
+            .order_by(col(PushState.due_at))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for state in due:
+            user, conversation, seq = state.username, state.conversation_id, state.pending_seq
+            delivered = session.exec(
+                select(func.max(Cursor.delivered_seq)).where(
+                    Cursor.conversation_id == conversation, Cursor.username == user
+                )
+            ).one()
+            state.decided_seq, state.pending_seq, state.due_at = seq, 0, None
+            session.add(state)
+            if (delivered or 0) >= seq or _muted(session, user, conversation):
+                skipped += 1
+                continue
+            waiting = session.exec(
+                select(Message.seq, Message.sender, Message.body)
+                .where(
+                    Message.conversation_id == conversation,
+                    col(Message.seq) > (delivered or 0),
+                    col(Message.seq) <= seq,
+                    col(Message.event).is_(None),
+                    Message.sender != user,
+                )
+                .order_by(col(Message.seq))
+            ).all()
+            devices = session.exec(
+                select(PushSubscription.device).where(PushSubscription.username == user)
+            ).all()
+            if not waiting or not devices:
+                skipped += 1
+                continue
+            _, sender, body = waiting[-1]
+            row = session.get(PushPrefs, user)
+            state.pushed_at = now
+            for device in devices:
+                session.add(
+                    PushOutbox(
+                        username=user,
+                        device=device,
+                        conversation_id=conversation,
+                        from_seq=waiting[0][0],
+                        seq=seq,
+                        count=len(waiting),
+                        sender=sender,
+                        preview=body if row is not None and row.preview else None,
+                        decided_at=now,
+                        due_at=now,
+                    )
+                )
+                pushed += 1
+        session.commit()
+    return pushed, skipped
+
+
+def _muted(session: Session, user: str, conversation: str) -> bool:
+    row = session.get(PushPrefs, user)
+    return (row is not None and row.muted) or session.get(
+        PushMute, (user, conversation)
+    ) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """An outbox row leased to one daemon, with where to send it."""
+
+    pk: int
+    user: str
+    device: str
+    conversation: str
+    seq: int
+    count: int
+    sender: str
+    preview: str | None
+    attempts: int
+    channel: str
+    endpoint: str
+    p256dh: str
+    auth: str
+
+
+def claim(engine: Engine, *, lease: timedelta, limit: int) -> list[Claimed]:
+    """Lease up to ``limit`` due pushes to the caller until ``lease`` from now.
+
+    A row whose device has no subscription any more is closed as ``gone`` here.
+    """
+    now = utcnow()
+    out = []
+    with Session(engine) as session:
+        rows = session.exec(
+            select(PushOutbox)
+            .where(PushOutbox.state == "due", col(PushOutbox.due_at) <= now)
+            .order_by(col(PushOutbox.due_at))
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for row in rows:
+            sub = session.get(PushSubscription, (row.username, row.device))
+            if sub is None:
+                row.state, row.outcome, row.done_at = "gone", "unsubscribed", now
+            else:
+                row.due_at, row.attempts = now + lease, row.attempts + 1
+                out.append(
+                    Claimed(
+                        pk=row.pk or 0,
+                        user=row.username,
+                        device=row.device,
+                        conversation=row.conversation_id,
+                        seq=row.seq,
+                        count=row.count,
+                        sender=row.sender,
+                        preview=row.preview,
+                        attempts=row.attempts,
+                        channel=sub.channel,
+                        endpoint=sub.endpoint,
+                        p256dh=sub.p256dh,
+                        auth=sub.auth,
+                    )
+                )
+            session.add(row)
+        session.commit()
+    return out
+
+
+def finish(engine: Engine, outcomes: Sequence[tuple[Claimed, Outcome, str]]) -> None:
+    """Close claimed pushes, in one transaction; ``gone`` also removes the
+    subscription it was sent to (unless the device has registered another endpoint
+    since)."""
+    if not outcomes:
+        return
+    now = utcnow()
+    with Session(engine) as session:
+        for push, outcome, detail in outcomes:
+            row = session.get(PushOutbox, push.pk)
+            if row is None or row.state != "due":
+                continue
+            row.state, row.outcome, row.done_at = outcome, detail[:200], now
+            session.add(row)
+            if outcome == "gone":
+                sub = session.get(PushSubscription, (push.user, push.device))
+                if sub is not None and sub.endpoint == push.endpoint:
+                    session.delete(sub)
+        session.commit()
+
+
+@dataclass(frozen=True, slots=True)
+class PushTrace:
+    """A recipient device's push subscription, and the push that covered a message."""
+
+    user: str
+    device: str
+    channel: str | None
+    #: ``due``, ``sent``, ``gone``, ``failed``; None: no push covered the message.
+    state: str | None = None
+    decided_at: datetime | None = None
+    done_at: datetime | None = None
+
+
+def trace(
+    session: Session, conversation: str, seq: int, users: Iterable[str], limit: int
+) -> list[PushTrace]:
+    """For the delivery trace of message ``seq``: every subscribed device of ``users``
+    and the push that covered the message, if one did (also for a device that has
+    unsubscribed since)."""
+    wanted = sorted(set(users))
+    if not wanted:
+        return []
+    found: dict[tuple[str, str], PushTrace] = {}
+    for sub in session.exec(
+        select(PushSubscription)
+        .where(col(PushSubscription.username).in_(wanted))
+        .order_by(col(PushSubscription.username), col(PushSubscription.device))
+        .limit(limit)
+    ):
+        found[(sub.username, sub.device)] = PushTrace(sub.username, sub.device, sub.channel)
+    for row in session.exec(
+        select(PushOutbox)
+        .where(
+            PushOutbox.conversation_id == conversation,
+            col(PushOutbox.username).in_(wanted),
+            col(PushOutbox.from_seq) <= seq,
+            col(PushOutbox.seq) >= seq,
+        )
+        .order_by(col(PushOutbox.pk).desc())
+        .limit(limit)
+    ):
+        before = found.get((row.username, row.device))
+        found[(row.username, row.device)] = PushTrace(
+            row.username,
+            row.device,
+            before.channel if before else None,
+            row.state,
+            row.decided_at,
+            row.done_at,
+        )
+    return [found[key] for key in sorted(found)][:limit]
