@@ -12,8 +12,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core import daemon
-from store.presence import DEFAULT_GROUP_LIMIT
 from core.endpoints import AllowHosts, Allowlist
+from store.presence import DEFAULT_GROUP_LIMIT
 from store.signin import SIGN_IN_BURST, SIGN_INS_PER_SECOND
 
 
