@@ -54,6 +54,7 @@ from tenacity import (
 
 import protocol
 from core.daemon import BRIDGE_READY_LOG, Service
+from core.metrics import MetricsServer, broker_check, database_check, new_registry
 from core.mqtt import Incoming, LinkConfig, MqttLink
 from protocol import errors, topics
 from store import conversations, make_engine, presence
@@ -65,6 +66,7 @@ from store.types import utcnow
 
 from .config import BridgeSettings
 from .faults import CrashHook
+from .metrics import BridgeMetrics
 from .ratelimit import MessageRate
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,12 @@ _UPLINK_KINDS: dict[type, str] = {
     protocol.UpPresence: "presence",
     protocol.UpGroup: "group",
 }
+#: Uplink kinds as ``mqchat_bridge_uplinks_total`` counts them.
+_COUNTED_KINDS: dict[type, str] = _UPLINK_KINDS | {protocol.UpMessage: "msg"}
+#: Messages committed, remembered to time their first delivered ack: at 1,000 msg/s
+#: ten minutes' worth, far longer than an online device takes to ack.
+COMMITS_KEPT = 600_000
+COMMITS_SECONDS = 600.0
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -110,6 +118,8 @@ class _Batch:
     publishes: list[_Publish] = field(default_factory=list)
     #: Messages and group changes, in arrival order.
     to_store: list[tuple[str, protocol.UpMessage | protocol.UpGroup]] = field(default_factory=list)
+    #: When each of ``to_store`` arrived (``Incoming.arrived``).
+    arrivals: list[float] = field(default_factory=list)
     acks: list[tuple[str, protocol.UpAck]] = field(default_factory=list)
     presences: list[tuple[str, protocol.UpPresence]] = field(default_factory=list)
     typing: list[tuple[str, protocol.UpTyping]] = field(default_factory=list)
@@ -170,9 +180,31 @@ class Bridge(Service):
         #: Database turns taken (logged at shutdown; tests read it to show that
         #: refused uplinks cost none).
         self.database_turns = 0
+        self.registry = new_registry()
+        self.metrics = BridgeMetrics(
+            self.registry,
+            queue_depth=self._queue.qsize,
+            broker_connected=lambda: self.link.is_connected,
+            partitions=settings.partitions,
+        )
+        self.metrics_server = MetricsServer(
+            settings.metrics_addr,
+            self.registry,
+            {
+                "broker": broker_check(lambda: self.link.is_connected),
+                "database": database_check(self.engine),
+            },
+        )
+        #: (conversation, seq) -> (monotonic time of its commit, its sender), for the
+        #: commit to first-delivered time (``mqchat_commit_to_delivered_seconds``).
+        self._commits: TTLCache[tuple[str, int], tuple[float, str]] = TTLCache(
+            COMMITS_KEPT, COMMITS_SECONDS
+        )
 
     async def startup(self) -> None:
         await asyncio.to_thread(self._check_schema)
+        # Before the broker: a supervisor sees "alive, not ready" while it connects.
+        await self.metrics_server.start()
         # The broker may still be starting (``mqchat up`` starts both at once).
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(OSError),
@@ -242,6 +274,7 @@ class Bridge(Service):
         if left:
             log.info("shutdown: %d uplinks left unacknowledged for redelivery", left)
         await self.link.close()
+        await self.metrics_server.stop()
         self.engine.dispose()
         log.info(
             "bridge %s stopped after handling %d uplinks in %d database turns",
@@ -255,6 +288,9 @@ class Bridge(Service):
     def _decode(self, batch: Sequence[Incoming]) -> _Batch:
         """Sort a batch's uplinks by kind; refusals become ``down/error`` publishes."""
         work = _Batch(batch)
+        self.metrics.batch_size.observe(len(batch))
+        kinds: dict[type, int] = {}
+        invalid = 0
         for incoming in batch:
             if not self._mine(incoming.topic):
                 continue  # another instance's sender: acknowledged with the batch
@@ -267,20 +303,29 @@ class Bridge(Service):
                     max_body_chars=self.settings.max_body_chars,
                 )
             except errors.ProtocolError as exc:
+                invalid += 1
                 work.publishes.extend(self._refusal(incoming.topic, exc))
                 continue
+            kind = type(decoded.payload)
+            kinds[kind] = kinds.get(kind, 0) + 1
             refusal = self._over_rate(decoded.sender, decoded.payload)
             if refusal is not None:
                 work.publishes.append(self._error(decoded.sender, refusal))
                 continue
             if isinstance(decoded.payload, protocol.UpMessage | protocol.UpGroup):
                 work.to_store.append((decoded.sender, decoded.payload))
+                work.arrivals.append(incoming.arrived)
             elif isinstance(decoded.payload, protocol.UpAck):
                 work.acks.append((decoded.sender, decoded.payload))
             elif isinstance(decoded.payload, protocol.UpPresence):
                 work.presences.append((decoded.sender, decoded.payload))
             elif isinstance(decoded.payload, protocol.UpTyping):
                 work.typing.append((decoded.sender, decoded.payload))
+        # Once per batch and kind, not per uplink: the counters take a lock each.
+        for kind, count in kinds.items():
+            self.metrics.uplink_kinds[_COUNTED_KINDS[kind]].inc(count)
+        if invalid:
+            self.metrics.uplink_kinds["invalid"].inc(invalid)
         return work
 
     def _over_rate(self, sender: str, uplink: protocol.Uplink) -> errors.ProtocolError | None:
@@ -310,16 +355,19 @@ class Bridge(Service):
         """The batch's database turns, in order; adds what to publish for it."""
         publishes = work.publishes
         fresh = []
-        for sender, uplink in work.to_store:
+        arrivals = []
+        for (sender, uplink), arrived in zip(work.to_store, work.arrivals, strict=True):
             refusal = self._refused.get((sender, uplink.id))
             if refusal is not None:
                 publishes.append(self._error(sender, refusal))
             else:
                 fresh.append((sender, uplink))
+                arrivals.append(arrived)
         if fresh:
             self._crash.reach("before_commit")
             outcomes = await self._store_in_order(fresh)
             self._crash.reach("after_commit")
+            self._count_stored(outcomes, arrivals)
             for (sender, uplink), outcome in zip(fresh, outcomes, strict=True):
                 # id_reused: the id names a stored message, which stays its answer.
                 if outcome.error is not None and outcome.error.code != errors.ID_REUSED:
@@ -328,6 +376,7 @@ class Bridge(Service):
         if work.acks:
             # After the messages of the same batch, which an ack may refer to.
             ack_outcomes = await self._with_database("receipts", self._advance, work.acks)
+            self._time_deliveries(ack_outcomes)
             for (sender, _), ack_outcome in zip(work.acks, ack_outcomes, strict=True):
                 publishes.extend(self._receipts(sender, ack_outcome))
         if work.presences:
@@ -356,6 +405,46 @@ class Bridge(Service):
         if run:
             outcomes += await self._with_database("messages", self._persist, run)
         return outcomes
+
+    def _count_stored(self, outcomes: Sequence[Outcome], arrivals: Sequence[float]) -> None:
+        """Count what a commit stored, and time each from its arrival."""
+        committed = time.monotonic()
+        stored = redelivered = 0
+        observe = self.metrics.commit.observe
+        for outcome, arrived in zip(outcomes, arrivals, strict=True):
+            message = outcome.stored
+            if message is None:
+                continue
+            if message.duplicate:
+                redelivered += 1
+                continue
+            stored += 1
+            observe(committed - arrived)
+            self._commits[(message.conversation, message.seq)] = (committed, message.sender)
+        if stored:
+            self.metrics.stored.inc(stored)
+        if redelivered:
+            self.metrics.redeliveries.inc(redelivered)
+
+    def _time_deliveries(self, outcomes: Sequence[AckOutcome]) -> None:
+        """Time commit to first delivery for the messages a delivered cursor passed.
+
+        A member's delivered cursor moves on the first ack of any of its devices, so
+        each move is a first delivery of ``before + 1 .. seq`` to that member (the
+        sender's own devices, which get their messages too, are not recipients).
+        Only messages this instance committed (``_commits``) are timed; a cursor
+        jumping over many (a device back after a day) times at most the newest 100.
+        """
+        now = time.monotonic()
+        for outcome in outcomes:
+            for change in outcome.changes:
+                if change.kind != "delivered":
+                    continue
+                histogram = self.metrics.delivered_kinds["group" if change.group else "direct"]
+                for seq in range(max(change.before + 1, change.seq - 99), change.seq + 1):
+                    commit = self._commits.get((change.conversation, seq))
+                    if commit is not None and commit[1] != change.user:
+                        histogram.observe(now - commit[0])
 
     def _apply(
         self, engine: Engine, changes: Sequence[tuple[str, protocol.UpGroup]]
@@ -403,6 +492,7 @@ class Bridge(Service):
                 started = time.monotonic()
                 result = await asyncio.to_thread(write, self.engine, items)
                 took = time.monotonic() - started
+                self.metrics.db_turn.labels(what).observe(took)
                 if took > self.settings.slow_turn:
                     log.warning(
                         "slow database turn: %d %s took %.0f ms",
@@ -554,10 +644,12 @@ class Bridge(Service):
         sender = topics.uplink_sender(topic)
         if sender is None or not topics.is_valid_username(sender):
             log.warning("dropping uplink on %r: %s", topic, exc)
+            self.metrics.refusals.labels(exc.code).inc()
             return []
         return [self._error(sender, exc)]
 
     def _error(self, user: str, exc: errors.ProtocolError) -> _Publish:
+        self.metrics.refusals.labels(exc.code).inc()
         error = protocol.ErrorPayload(id=exc.id, code=exc.code, detail=exc.detail)
         return _Publish(topics.down_error(user), protocol.encode(error))
 
@@ -567,8 +659,11 @@ class Bridge(Service):
         if futures:
             await asyncio.gather(*futures)
             self._crash.reach("after_publish")
+        now = time.monotonic()
+        observe = self.metrics.puback.observe
         for incoming in batch:
             self.link.ack(incoming)
+            observe(now - incoming.arrived)
 
     def _check_schema(self) -> None:
         current, head = revisions(self.engine)

@@ -135,6 +135,18 @@ async def serve(service: Service, failures: Sequence[Failure] = ()) -> int:
     return EXIT_OK
 
 
+def parse_addr(value: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9101`` for IPv6) as a pair.
+
+    Raises:
+        ValueError: not ``host:port`` with a port from 0 to 65535.
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
 def describe(exc: ValidationError, settings: type[BaseSettings]) -> str:
     """One line per bad setting: ``  MQCHAT_BRIDGE_PASSWORD: missing``."""
     prefix = str(settings.model_config.get("env_prefix", ""))

@@ -188,6 +188,7 @@ def _samples(files: Path) -> list[BaseSettings]:
             startup_timeout=5.0,
             shutdown_timeout=2.0,
             crash_at="after_commit:3",
+            metrics_addr="127.0.0.1:9101",
         ),
         ApiSettings(
             database_url="sqlite:///api.db",

@@ -94,6 +94,13 @@ class Stack:
     _links: list[MqttLink] = field(default_factory=list)
 
     @property
+    def bridge_metrics_url(self) -> str:
+        """The bridge's ``/metrics``, ``/livez`` and ``/readyz`` are under this."""
+        addr = self.bridge_settings.metrics_addr
+        assert addr is not None
+        return f"http://{addr}"
+
+    @property
     def bridge_settings(self) -> BridgeSettings:
         """What the bridge runs with (after any ``reconfigure``)."""
         settings = self.bridge.settings
@@ -283,6 +290,8 @@ def bridge_settings(
         # Throughput tests send hundreds a second; the rate-limit tests set their own.
         "message_rate": "10000/second",
         "uplink_rate": "10000/second",
+        # On in every test, as `mqchat up` runs it: tests/test_metrics.py reads it.
+        "metrics_addr": f"{LOOPBACK}:{free_port()}",
     }
     return daemon.build(BridgeSettings, **(values | changes))
 
