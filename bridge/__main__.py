@@ -13,6 +13,7 @@ import sys
 
 from core import daemon
 from core.collector import freeze_what_exists
+from core.metrics import CannotListen
 from core.mqtt import ConnectRefused
 
 from .config import BridgeSettings
@@ -48,6 +49,7 @@ def main() -> int:
                     "%s (check MQCHAT_BRIDGE_USERNAME / MQCHAT_BRIDGE_PASSWORD)",
                 ),
                 (SchemaNotReady, EXIT_CONFIG, "%s"),
+                (CannotListen, daemon.EXIT_CANNOT_LISTEN, "%s (check MQCHAT_BRIDGE_METRICS_ADDR)"),
                 (OSError, EXIT_UNAVAILABLE, "cannot reach the broker: %s"),
             ],
         )

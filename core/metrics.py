@@ -61,6 +61,11 @@ METRICS_PATH: Final = "/metrics"
 LIVE_PATH: Final = "/livez"
 READY_PATH: Final = "/readyz"
 
+
+class CannotListen(Exception):
+    """The metrics address is in use, or not ours to bind (``EXIT_CANNOT_LISTEN``)."""
+
+
 #: One readiness check: None when it passes, else why not (one line).
 Check = Callable[[], Awaitable[str | None]]
 
@@ -186,7 +191,7 @@ class MetricsServer:
         return int(sockets[0].getsockname()[1]) if sockets else None
 
     async def start(self) -> None:
-        """Listen, or raise ``OSError`` if the address cannot be bound."""
+        """Listen, or raise :class:`CannotListen`."""
         if self.addr is None:
             return
         host, port = self.addr
@@ -197,9 +202,9 @@ class MetricsServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise CannotListen(f"cannot listen for metrics on {host}:{port}: {exc}") from exc
         config = uvicorn.Config(
             self._app, log_config=None, access_log=False, lifespan="off", log_level="warning"
         )
@@ -210,7 +215,7 @@ class MetricsServer:
         while not self._server.started:
             if self._task.done():
                 self._task.result()  # raises what stopped it
-                raise OSError(f"cannot listen on {host}:{port}")
+                raise CannotListen(f"metrics listener on {host}:{port} stopped at start")
             await asyncio.sleep(0.01)
         log.info("metrics and health on http://%s:%s%s", host, self.port, METRICS_PATH)
 

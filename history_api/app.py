@@ -9,9 +9,10 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
+from core.metrics import new_registry
 from store import make_engine, reading, signin
 
-from . import conversations, devices, errors, health, messages, search, tokens, users
+from . import conversations, devices, errors, health, messages, observe, search, tokens, users
 from .config import ApiSettings
 from .throttle import SignInGuard
 
@@ -46,7 +47,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
             expose_headers=["Retry-After", "WWW-Authenticate"],
             max_age=600,
         )
-    app.state.sign_in_guard = SignInGuard(settings)
+    app.state.metrics = observe.ApiMetrics(new_registry())
+    app.add_middleware(observe.MetricsMiddleware, metrics=app.state.metrics)
+    app.state.sign_in_guard = SignInGuard(settings, app.state.metrics)
     signin.configure(rate=settings.sign_ins_per_second, burst=settings.sign_in_burst)
     errors.install(app)
     app.include_router(users.router)
@@ -56,4 +59,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(search.router)
     app.include_router(health.router)
+    app.include_router(observe.router)
     return app

@@ -227,6 +227,17 @@ async def healthz(client: httpx.AsyncClient, world: World) -> None:
         assert response.json() == {"status": "ok"}
 
 
+async def operations(client: httpx.AsyncClient, world: World) -> None:
+    # Counts by route template, never by user: nothing of either side is in them.
+    for me, _ in world.pairs():
+        for path in ("/metrics", "/livez", "/readyz"):
+            response = await me.api.get(path)
+            assert response.status_code == 200, path
+            for side in (world.alice, world.bob):
+                assert side.conversation not in response.text
+                assert side.secret not in response.text
+
+
 CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/conversations"): list_conversations,
     ("GET", "/v1/conversations/{conversation_id}/messages"): list_messages,
@@ -239,6 +250,9 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", "/v1/users"): create_user,
     ("POST", "/v1/users/me/password"): change_password,
     ("GET", "/healthz"): healthz,
+    ("GET", "/metrics"): operations,
+    ("GET", "/livez"): operations,
+    ("GET", "/readyz"): operations,
 }
 
 

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
+from sqlalchemy import Engine
 
+from core.mqtt import ConnectRefused
+from history_api import ApiSettings
 from mqchat import MessageRefused
-from tests.support.metrics import Scrape, scrape
+from tests.support.history import add_users, as_user, serve, sign_in
+from tests.support.metrics import Scrape, parse, scrape
 from tests.support.services import PostgresServer
-from tests.support.stack import Stack
+from tests.support.stack import Stack, password_of
 
 WAIT = 30.0
 
 
-async def scrape_until(url: str, done: callable, what: str) -> Scrape:  # type: ignore[valid-type]
+async def scrape_until(url: str, done: Callable[[Scrape], bool], what: str) -> Scrape:
     """Scrape until ``done(scrape)``; the one wait here is for acks still on their way."""
     deadline = time.monotonic() + WAIT
     while True:
@@ -113,3 +118,80 @@ async def test_bridge_readiness_follows_the_database(
     finally:
         await asyncio.to_thread(postgres.start)
     assert (await health(f"{url}/readyz"))[0] == 200
+
+
+async def test_embedded_broker_counts_connections_refusals_and_relays(embedded: Stack) -> None:
+    url = embedded.broker_metrics_url
+    await embedded.add_users("alice", "bob")
+    before = await scrape(url)
+    alice = await embedded.client("alice")
+    bob = await embedded.client("bob")
+    with pytest.raises(ConnectRefused):
+        await embedded.raw("alice", "not her password")
+    await alice.send("hi", to="bob", timeout=WAIT)
+    assert (await bob.next_message(timeout=WAIT)).body == "hi"
+    delta = await scrape(url) - before
+    assert delta.value("mqchat_broker_signin_refusals_total", reason="bad_credentials") == 1
+    assert delta.value("mqchat_broker_signins_total") == 2
+    # The bridge, alice and bob.
+    assert (await scrape(url)).value("mqchat_broker_connections") == 3
+    # At least: alice's uplink, bob's copy, alice's copy and her sent receipt.
+    assert delta.value("mqchat_broker_relayed_messages_total") >= 4
+    status, body = await health(f"{url}/readyz")
+    assert (status, body["status"]) == (200, "ready")
+
+
+async def api_scrape(client: httpx.AsyncClient) -> Scrape:
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    return parse(response.text)
+
+
+async def test_api_counts_requests_by_route_sign_ins_and_tokens(
+    client: httpx.AsyncClient, engine: Engine
+) -> None:
+    add_users(engine, "alice", "bob")
+    before = await api_scrape(client)
+    alice = await as_user(client, "alice")
+    await sign_in(client, "bob")
+    wrong = await client.post("/v1/tokens", data={"username": "bob", "password": "wrong-pw-1"})
+    assert wrong.status_code == 401
+    for conversation in ("c_0123456789", "c_9876543210"):
+        response = await alice.get(f"/v1/conversations/{conversation}/messages")
+        assert response.status_code == 404
+    assert (await client.get("/no/such/route")).status_code == 404
+    delta = await api_scrape(client) - before
+
+    assert delta.value("mqchat_api_tokens_issued_total") == 2
+    assert delta.value("mqchat_api_signin_failures_total") == 1
+    requests = "mqchat_api_requests_total"
+    assert delta.value(requests, method="POST", route="/v1/tokens", status="200") == 2
+    assert delta.value(requests, method="POST", route="/v1/tokens", status="401") == 1
+    # Two conversations, one route: the label is the template, never the path.
+    route = "/v1/conversations/{conversation_id}/messages"
+    assert delta.value(requests, method="GET", route=route, status="404") == 2
+    assert delta.value(requests, method="GET", route="unmatched", status="404") == 1
+    assert delta.value("mqchat_api_request_seconds_count", method="GET", route=route) == 2
+
+
+async def test_api_sign_in_throttles_are_counted(database_url: str, engine: Engine) -> None:
+    add_users(engine, "alice")
+    async with serve(ApiSettings(database_url=database_url, sign_ins_per_user="1/minute")) as api:
+        await sign_in(api, "alice")
+        refused = await api.post(
+            "/v1/tokens", data={"username": "alice", "password": password_of("alice")}
+        )
+        assert refused.status_code == 429
+        scraped = await api_scrape(api)
+    assert scraped.value("mqchat_api_signin_throttles_total", reason="sign_ins") == 1
+    assert scraped.value("mqchat_api_tokens_issued_total") == 1
+
+
+async def test_api_readiness_and_liveness(client: httpx.AsyncClient) -> None:
+    live = await client.get("/livez")
+    assert (live.status_code, live.json()) == (200, {"status": "alive"})
+    ready = await client.get("/readyz")
+    assert (ready.status_code, ready.json()) == (
+        200,
+        {"status": "ready", "checks": {"database": "ok"}},
+    )

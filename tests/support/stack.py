@@ -101,6 +101,16 @@ class Stack:
         return f"http://{addr}"
 
     @property
+    def broker_metrics_url(self) -> str:
+        """The embedded broker's ``/metrics``, ``/livez`` and ``/readyz`` (mosquitto has
+        its ``$SYS`` topics instead: docs/operations.md)."""
+        assert self.embedded_broker is not None, "the embedded stack's"
+        settings = self.embedded_broker.settings
+        assert isinstance(settings, BrokerSettings)
+        assert settings.metrics_addr is not None
+        return f"http://{settings.metrics_addr}"
+
+    @property
     def bridge_settings(self) -> BridgeSettings:
         """What the bridge runs with (after any ``reconfigure``)."""
         settings = self.bridge.settings
@@ -354,6 +364,7 @@ def start_embedded_broker(
         # per-source connection limit (tests/test_broker_throttle.py sets its own)
         # is not what they are about.
         "connect_rate": "100000/second",
+        "metrics_addr": f"{LOOPBACK}:{free_port()}",
     }
     settings = daemon.build(BrokerSettings, **(values | changes))
     broker = Daemon("broker", module, {}, base, settings=settings, ports=[(LOOPBACK, port)])
