@@ -69,6 +69,9 @@ class BridgeSettings(BaseSettings):
     #: run on one machine (one per partition) and each needs a port of its own;
     #: ``mqchat up`` turns it on.
     metrics_addr: str | None = None
+    #: Seconds between two counts of the undelivered backlog
+    #: (``mqchat_undelivered_messages``, ``store.backlog``; partition 0 counts).
+    backlog_interval: float = Field(default=15.0, gt=0)
 
     @field_validator("metrics_addr")
     @classmethod

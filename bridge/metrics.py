@@ -5,8 +5,9 @@ kinds, conversation kinds): nothing grows with users or conversations.
 
 Kept off the hot path's budget: counters of one batch are summed in plain ints and
 added once per batch; the queue depth and the connection state are read only when
-Prometheus scrapes. A histogram observation per message (arrival to commit, arrival
-to PUBACK) is the one per-message cost, about a microsecond each.
+Prometheus scrapes. Two histogram observations per message (arrival to commit,
+arrival to PUBACK, about a microsecond each) and a dict write are the per-message
+cost; the undelivered backlog is one bounded query every few seconds.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 #: The kinds of ``mqchat_bridge_uplinks_total``: the uplink topics, and ``invalid`` for
 #: one that did not decode.
 UPLINK_KINDS: Final = ("msg", "group", "ack", "typing", "presence", "invalid")
-#: Age buckets of ``mqchat_undelivered_messages``: each counts messages older than it
-#: (and younger than the next), in seconds.
-BACKLOG_AGES: Final = (("1m", 60), ("5m", 300), ("1h", 3600), ("1d", 86400))
+#: The ``older_than`` buckets of ``mqchat_undelivered_messages``, in seconds; each
+#: counts every undelivered message at least that old (cumulative, like ``le``).
+BACKLOG_AGES: Final = (("0s", 0), ("1m", 60), ("5m", 300), ("1h", 3600))
 
 
 class BridgeMetrics:
@@ -91,15 +92,16 @@ class BridgeMetrics:
         )
         self.puback = Histogram(
             "mqchat_bridge_arrival_to_puback_seconds",
-            "From an uplink's arrival to the broker's PUBACK of everything published "
-            "for it (then the uplink itself is acknowledged).",
+            "From an uplink message's arrival to the broker's PUBACK of everything "
+            "published for its batch (then the uplinks are acknowledged).",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.delivered = Histogram(
             "mqchat_commit_to_delivered_seconds",
             "From a message's commit to the first delivered ack of a recipient's "
-            "devices, by conversation kind (measured where this bridge committed it).",
+            "devices, by conversation kind (sampled: each conversation's newest "
+            "message, where this bridge committed it).",
             ["kind"],
             buckets=DELIVERY_BUCKETS,
             registry=registry,
@@ -107,9 +109,9 @@ class BridgeMetrics:
         self.delivered_kinds = {kind: self.delivered.labels(kind) for kind in ("direct", "group")}
         self.undelivered = Gauge(
             "mqchat_undelivered_messages",
-            "Messages of the last day stored but not yet delivered to any device of "
-            "some recipient, by age (older than the bucket, younger than the next).",
-            ["age"],
+            "Messages of the last day stored and not yet delivered to any device of "
+            "some recipient, at least older_than old (cumulative).",
+            ["older_than"],
             registry=registry,
         )
         self.backlog_checked = Gauge(

@@ -165,6 +165,7 @@ def _samples(files: Path) -> list[BaseSettings]:
             client_log_interval=0,
             publish_rate=12.5,
             publish_burst=6,
+            metrics_addr="127.0.0.1:9102",
         ),
         BridgeSettings(
             database_url="postgresql+psycopg://u:p@db/mqchat",
@@ -189,6 +190,7 @@ def _samples(files: Path) -> list[BaseSettings]:
             shutdown_timeout=2.0,
             crash_at="after_commit:3",
             metrics_addr="127.0.0.1:9101",
+            backlog_interval=5.0,
         ),
         ApiSettings(
             database_url="sqlite:///api.db",

@@ -55,7 +55,7 @@ async def test_bridge_counts_stored_refused_and_delivered(stack: Stack) -> None:
     delivered = "mqchat_commit_to_delivered_seconds_count"
     after = await scrape_until(
         url,
-        lambda s: s.value(delivered, kind="direct") - before.value(delivered, kind="direct") >= 3,
+        lambda s: s.value(delivered, kind="direct") - before.value(delivered, kind="direct") >= 1,
         "bob's delivered acks",
     )
     delta = after - before
@@ -64,8 +64,8 @@ async def test_bridge_counts_stored_refused_and_delivered(stack: Stack) -> None:
     assert delta.value("mqchat_bridge_uplinks_total", kind="msg") == 4
     assert delta.value("mqchat_bridge_arrival_to_commit_seconds_count") == 3
     assert delta.value("mqchat_bridge_redeliveries_total") == 0
-    # Each message's first delivery to bob, timed once.
-    assert delta.value(delivered, kind="direct") == 3
+    # A sample: the newest message each of bob's cursor moves passed, at most each once.
+    assert 1 <= delta.value(delivered, kind="direct") <= 3
     assert delta.value(delivered, kind="group") == 0
     assert delta.value("mqchat_bridge_uplinks_total", kind="ack") >= 1
     # Every uplink acknowledged after its PUBACKs: at least the four messages.
@@ -195,3 +195,28 @@ async def test_api_readiness_and_liveness(client: httpx.AsyncClient) -> None:
         200,
         {"status": "ready", "checks": {"database": "ok"}},
     )
+
+
+async def test_undelivered_backlog_counts_a_recipient_away(stack: Stack) -> None:
+    stack.bridge.stop()
+    stack.bridge.reconfigure(backlog_interval=0.2)
+    await asyncio.to_thread(stack.start_bridge)
+    url = stack.bridge_metrics_url
+    await stack.add_users("alice", "bob")
+    alice = await stack.client("alice")
+    bob = await stack.client("bob")  # his persistent session, then away
+    await bob.close()
+
+    def undelivered(scraped: Scrape) -> float:
+        return scraped.value("mqchat_undelivered_messages", older_than="0s")
+
+    for i in range(2):
+        await alice.send(f"while away {i}", to="bob", timeout=WAIT)
+    waiting = await scrape_until(url, lambda s: undelivered(s) == 2, "a backlog of 2")
+    assert waiting.value("mqchat_undelivered_messages", older_than="1h") == 0
+    bob = await stack.client("bob")
+    assert [(await bob.next_message(timeout=WAIT)).body for _ in range(2)] == [
+        "while away 0",
+        "while away 1",
+    ]
+    await scrape_until(url, lambda s: undelivered(s) == 0, "the backlog delivered")
