@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import queue
 import re
@@ -282,6 +283,16 @@ def test_send_listen_chat_and_refusals(up: Up) -> None:
     broker_log = (up.data_dir / "logs" / "broker.log").read_text()
     assert " ERROR " not in broker_log, broker_log[-3000:]
     assert "Traceback" not in broker_log, broker_log[-3000:]
+
+
+def test_up_tells_where_each_daemon_answers_for_its_health(up: Up) -> None:
+    endpoints = json.loads((up.data_dir / "endpoints.json").read_text())
+    assert set(endpoints) == {"broker", "bridge", "api"}
+    assert endpoints["api"] == f"http://127.0.0.1:{up.api_port}"
+    for name, url in endpoints.items():
+        ready = httpx.get(f"{url}/readyz", timeout=WAIT)
+        assert (ready.status_code, ready.json()["status"]) == (200, "ready"), name
+        assert "# TYPE process_cpu_seconds_total counter" in httpx.get(f"{url}/metrics").text
 
 
 def test_listen_json_and_chat_shows_the_peer(up: Up) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import secrets
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
@@ -22,6 +23,7 @@ from core.daemon import BRIDGE_READY_LOG, BROKER_READY_LOG, load
 from core.supervisor import Child, Supervisor, accepts
 
 from .database import migrate_for_up, shown, url_for
+from .health import watch, write_endpoints
 from .options import (
     DEFAULT_DATA_DIR,
     DEFAULT_MQTT_PORT,
@@ -63,6 +65,13 @@ def _bridge_password(data_dir: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps({"bridge_password": password}) + "\n")
     return password
+
+
+def free_port(host: str) -> int:
+    """A port free on ``host`` now, for a child to bind in a moment."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
 
 
 def _parse_host_port(value: str) -> tuple[str, int]:
@@ -157,6 +166,17 @@ def up(
             help="Seconds each service gets to stop before it is killed.",
         ),
     ] = 10.0,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65534,
+            help="/metrics, /livez and /readyz of the bridge on this port and of the "
+            "embedded broker on the next; 0 picks free ones (mqchat status finds them "
+            "in the data dir). The API serves its own on --api-port.",
+        ),
+    ] = 0,
 ) -> None:
     """Run mqchat here, in one command: broker, bridge and HTTP API, until Ctrl-C.
 
@@ -191,6 +211,10 @@ def up(
     binds = [("--api-port", api_port)]
     if external is None:
         binds += [("--mqtt-port", mqtt_port), ("--ws-port", ws_port)]
+    if metrics_port:
+        binds.append(("--metrics-port", metrics_port))
+        if external is None:
+            binds.append(("--metrics-port (+1, the broker's)", metrics_port + 1))
     ports = [port for _, port in binds if port]
     if len(set(ports)) != len(ports):
         raise typer.BadParameter("each service needs a port of its own", param_hint="ports")
@@ -219,6 +243,14 @@ def up(
     from history_api.config import ApiSettings
 
     near = _client_host(host)
+    # Free ones by default: two `mqchat up` on one machine (two data dirs) must not
+    # collide on a port nobody asked for; status finds them in the data dir.
+    bridge_metrics = metrics_port or free_port(near)
+    broker_metrics = metrics_port + 1 if metrics_port else free_port(near)
+    endpoints = {
+        "bridge": f"http://{near}:{bridge_metrics}",
+        "api": f"http://{near}:{api_port}",
+    }
     if external is None:
         password = _bridge_password(data_dir)
         broker_settings = _settings(
@@ -230,7 +262,9 @@ def up(
             ws_port=ws_port,
             bridge_username=BRIDGE_USERNAME,
             bridge_password=password,
+            metrics_addr=f"{host}:{broker_metrics}",
         )
+        endpoints["broker"] = f"http://{near}:{broker_metrics}"
         ws = f"  ws://{near}:{ws_port}/mqtt" if ws_port else ""
         broker = _child(
             broker_settings,
@@ -272,7 +306,13 @@ def up(
             f" --mosquitto-host {external[0]} --mosquitto-port {external[1]}"
             " --mosquitto-admin-password ..."
         )
-    bridge_settings = _settings(BridgeSettings, "bridge", database_url=url, **bridge_link)
+    bridge_settings = _settings(
+        BridgeSettings,
+        "bridge",
+        database_url=url,
+        metrics_addr=f"{host}:{bridge_metrics}",
+        **bridge_link,
+    )
     api_settings = _settings(
         ApiSettings, "history_api", database_url=url, host=host, port=api_port, **api_mosquitto
     )
@@ -281,8 +321,9 @@ def up(
         "bridge",
         "bridge",
         logs,
-        # What `python -m bridge` logs once it is subscribed; it has no port to probe.
+        # What `python -m bridge` logs once it is subscribed.
         ready_line=BRIDGE_READY_LOG,
+        describe=lambda pid: f"{'bridge':<7} {endpoints['bridge']}/metrics  (pid {pid})",
     )
     api = _child(
         api_settings,
@@ -306,6 +347,7 @@ def up(
         )
     footer = [f"{'logs':<7} {logs}/", next_step]
 
+    write_endpoints(data_dir, endpoints)
     supervisor = Supervisor(
         stages,
         name="mqchat up",
@@ -314,8 +356,16 @@ def up(
         header=header,
         footer=footer,
     )
+
+    async def supervise() -> int:
+        watching = asyncio.create_task(watch(endpoints))
+        try:
+            return await supervisor.run()
+        finally:
+            watching.cancel()
+
     try:
-        code = asyncio.run(supervisor.run())
+        code = asyncio.run(supervise())
     finally:
         supervisor.kill_all()
     raise typer.Exit(code)
