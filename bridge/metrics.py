@@ -114,6 +114,22 @@ class BridgeMetrics:
             ["older_than"],
             registry=registry,
         )
+        self.online_users = Gauge(
+            "mqchat_online_users",
+            "Users with a device online, as presence has them (counted with the backlog).",
+            registry=registry,
+        )
+        self.online_devices = Gauge(
+            "mqchat_online_devices",
+            "Devices online, as presence has them (counted with the backlog).",
+            registry=registry,
+        )
+        self.published = Counter(
+            "mqchat_bridge_published",
+            "Downlinks published (messages to every member's devices, receipts, "
+            "errors, presence), acknowledged by the broker or not yet.",
+            registry=registry,
+        )
         self.backlog_checked = Gauge(
             "mqchat_undelivered_checked_timestamp_seconds",
             "When mqchat_undelivered_messages was last computed (Unix time).",

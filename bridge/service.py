@@ -462,6 +462,8 @@ class Bridge(Service):
         futures = [
             self.link.publish(p.topic, p.payload, qos=1, retain=p.retain) for p in stored.publishes
         ]
+        if futures:
+            self.metrics.published.inc(len(futures))
         task = asyncio.create_task(
             self._ack_when_published(futures, stored.uplinks, stored.arrivals)
         )
@@ -652,11 +654,14 @@ class Bridge(Service):
         while True:
             try:
                 counts = await asyncio.to_thread(backlog.undelivered, self.engine, utcnow(), ages)
+                users, devices = await asyncio.to_thread(backlog.online, self.engine)
             except (OperationalError, DBAPIError) as exc:
                 log.warning("backlog count skipped: %s", str(exc).splitlines()[0])
             else:
                 for (label, _), count in zip(BACKLOG_AGES, counts, strict=True):
                     self.metrics.undelivered.labels(label).set(count)
+                self.metrics.online_users.set(users)
+                self.metrics.online_devices.set(devices)
                 self.metrics.backlog_checked.set_to_current_time()
             await asyncio.sleep(self.settings.backlog_interval)
 

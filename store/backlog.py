@@ -19,7 +19,7 @@ from typing import Final
 from sqlalchemy import Engine, and_, case, func, select
 from sqlmodel import Session, col
 
-from .tables import Cursor, Member, Message
+from .tables import Cursor, Device, Member, Message
 
 #: Messages (newest first, by primary key) one count looks at.
 NEWEST: Final = 100_000
@@ -68,3 +68,14 @@ def undelivered(engine: Engine, now: datetime, ages: Sequence[timedelta]) -> lis
     with Session(engine) as session:
         row = session.execute(select(*counts)).one()
     return [int(value) for value in row]
+
+
+def online(engine: Engine) -> tuple[int, int]:
+    """(users online, devices online), as presence has them (``store.presence``)."""
+    with Session(engine) as session:
+        row = session.execute(
+            select(func.count(func.distinct(Device.username)), func.count()).where(
+                col(Device.online)
+            )
+        ).one()
+    return int(row[0]), int(row[1])

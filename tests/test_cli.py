@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import queue
 import re
@@ -293,6 +294,34 @@ def test_up_tells_where_each_daemon_answers_for_its_health(up: Up) -> None:
         ready = httpx.get(f"{url}/readyz", timeout=WAIT)
         assert (ready.status_code, ready.json()["status"]) == (200, "ready"), name
         assert "# TYPE process_cpu_seconds_total counter" in httpx.get(f"{url}/metrics").text
+
+
+def test_status_once_json_reads_the_daemons(up: Up) -> None:
+    up.add_users("alice", "bob")
+    bob = up.listen("bob", "--count", "1")
+    assert up.mqchat("send", "--to", "bob", "hi", user="alice").returncode == 0
+    assert bob.finish()[0] == 0
+    result = up.mqchat("status", "--once", "--json", "--sample", "0.5")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert {name: h["state"] for name, h in shown["health"].items()} == {
+        "broker": "ready",
+        "bridge": "ready",
+        "api": "ready",
+    }
+    assert shown["connected_devices"] >= 1  # the bridge, at least
+    assert shown["undelivered"] is not None
+    assert shown["window_seconds"] > 0
+
+
+def test_status_quantile_is_prometheus_histogram_quantile() -> None:
+    from clients.cli.status import quantile
+
+    before = {0.1: 0.0, 1.0: 0.0, math.inf: 0.0}
+    after = {0.1: 50.0, 1.0: 100.0, math.inf: 100.0}
+    assert quantile(0.5, before, after) == pytest.approx(0.1)
+    assert quantile(0.75, before, after) == pytest.approx(0.55)
+    assert quantile(0.5, after, after) is None
 
 
 def test_listen_json_and_chat_shows_the_peer(up: Up) -> None:

@@ -219,4 +219,9 @@ async def test_undelivered_backlog_counts_a_recipient_away(stack: Stack) -> None
         "while away 0",
         "while away 1",
     ]
-    await scrape_until(url, lambda s: undelivered(s) == 0, "the backlog delivered")
+    after = await scrape_until(
+        url,
+        lambda s: undelivered(s) == 0 and s.value("mqchat_online_users") == 2,
+        "the backlog delivered, alice and bob online",
+    )
+    assert after.value("mqchat_online_devices") == 2
