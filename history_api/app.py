@@ -12,7 +12,18 @@ from fastapi_offline import FastAPIOffline
 from core.metrics import new_registry
 from store import make_engine, reading, signin
 
-from . import conversations, devices, errors, health, messages, observe, search, tokens, users
+from . import (
+    admin,
+    conversations,
+    devices,
+    errors,
+    health,
+    messages,
+    observe,
+    search,
+    tokens,
+    users,
+)
 from .config import ApiSettings
 from .throttle import SignInGuard
 
@@ -60,4 +71,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(search.router)
     app.include_router(health.router)
     app.include_router(observe.router)
+    app.include_router(admin.router)
     return app

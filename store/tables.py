@@ -29,6 +29,8 @@ class Account(SQLModel, table=True):
     password_hash: str = Field(sa_column=Column(String(255), nullable=False))
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     disabled: bool = Field(default=False, nullable=False)
+    #: May use the history API's /v1/admin routes; set by ``mqchat user admin`` only.
+    is_admin: bool = Field(default=False, nullable=False)
 
 
 class Conversation(SQLModel, table=True):

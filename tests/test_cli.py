@@ -34,6 +34,7 @@ import pytest
 from sqlmodel import Session
 
 from store import accounts, make_engine
+from store import admin as store_admin
 
 from .support.services import MosquittoServer, PostgresServer, free_port, start_mosquitto
 
@@ -701,6 +702,20 @@ def test_user_passwd_disable_enable_delete(tmp_path: Path) -> None:
     assert signs_in("alice-new-secret")
     assert not signs_in("alice-secret")
 
+    def is_admin() -> bool:
+        engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'mqchat.db'}")
+        try:
+            with Session(engine) as session:
+                return store_admin.is_admin(session, "alice")
+        finally:
+            engine.dispose()
+
+    assert not is_admin()
+    assert ok("user", "admin", "Alice") == "admin alice\n"
+    assert is_admin()
+    assert ok("user", "admin", "alice", "--revoke") == "not admin alice\n"
+    assert not is_admin()
+
     assert ok("user", "disable", "alice") == "disabled alice\n"
     assert not signs_in("alice-new-secret")
     assert ok("user", "enable", "alice") == "enabled alice\n"
@@ -712,7 +727,7 @@ def test_user_passwd_disable_enable_delete(tmp_path: Path) -> None:
     assert not signs_in("alice-new-secret")
     refused("unknown_user", "user", "enable", "alice")
     refused("username_taken", "user", "add", "alice", "--password-stdin", input="another-one\n")
-    for command in (["disable"], ["enable"], ["delete", "--yes"]):
+    for command in (["disable"], ["enable"], ["delete", "--yes"], ["admin"]):
         refused("unknown_user", "user", *command, "nobody")
     refused("invalid_username", "user", "disable", "al/ice")
 
