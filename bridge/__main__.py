@@ -8,7 +8,6 @@ redelivered by the broker to the next bridge, so even a forced exit loses nothin
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 
 from core import daemon
@@ -27,7 +26,7 @@ EXIT_CONFIG = daemon.EXIT_CONFIG
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s bridge %(levelname)s %(message)s")
+    daemon.configure_logging("bridge")
     settings = daemon.load(BridgeSettings, "bridge")
     if settings is None:
         return EXIT_CONFIG

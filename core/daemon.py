@@ -35,6 +35,7 @@ from typing import Any, Final, TypeVar, cast
 from pydantic import AliasChoices, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode
+from pythonjsonlogger.json import JsonFormatter
 
 from protocol import topics
 
@@ -87,6 +88,39 @@ class Service(abc.ABC):
 
     @abc.abstractmethod
     async def shutdown(self) -> None: ...
+
+
+#: ``MQCHAT_LOG_FORMAT``: ``text`` (the default, one line each) or ``json`` (one object
+#: per line with the same fields, for log shippers).
+LOG_FORMAT_VARIABLE: Final = "MQCHAT_LOG_FORMAT"
+
+
+def configure_logging(daemon: str) -> None:
+    """The daemon's log lines on stderr: ``time daemon LEVEL message``, or as JSON.
+
+    Exits with EXIT_CONFIG naming the variable if ``MQCHAT_LOG_FORMAT`` is neither.
+    """
+    kind = os.environ.get(LOG_FORMAT_VARIABLE, "text").strip().lower()
+    if kind == "text":
+        logging.basicConfig(
+            level=logging.INFO, format=f"%(asctime)s {daemon} %(levelname)s %(message)s"
+        )
+        return
+    if kind != "json":
+        print(
+            f"{daemon}: bad configuration:\n  {LOG_FORMAT_VARIABLE}: expected text or json",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_CONFIG)
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter(
+            "%(asctime)s %(levelname)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level"},
+            static_fields={"daemon": daemon},
+        )
+    )
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def stop_on_signals(request_stop: Callable[[], None]) -> None:

@@ -455,7 +455,12 @@ async def start_two_bridges(stack: Stack) -> Daemon:
     stack.bridge.stop()
     stack.bridge.reconfigure(partitions=2, partition=0)
     await asyncio.to_thread(stack.start_bridge)
-    settings = daemon.replace(stack.bridge_settings, partition=1, client_id="mqchat-bridge-2")
+    settings = daemon.replace(
+        stack.bridge_settings,
+        partition=1,
+        client_id="mqchat-bridge-2",
+        metrics_addr=f"{LOOPBACK}:{free_port()}",
+    )
     second = bridge_daemon(stack.base_dir, settings, "bridge-2")
     await asyncio.to_thread(second.start_ready)
     return second
