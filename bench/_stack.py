@@ -120,12 +120,22 @@ class Stack:
     users: list[str] = field(default_factory=list)
     bridge_generation: int = 1
 
-    def start_bridges(self, count: int, message_rate: str, *, fresh_session: bool = False) -> None:
+    def start_bridges(
+        self,
+        count: int,
+        message_rate: str,
+        *,
+        fresh_session: bool = False,
+        tree: Path | None = BRIDGE_TREE,
+        metrics_addr: str | None = None,
+    ) -> None:
         """(Re)start ``count`` bridges.
 
         ``fresh_session``: connect under new client ids, so whatever backlog of uplinks
         the broker holds for the old ones is abandoned there (used only after a failed
         step that was already counted, to keep its backlog out of the next step).
+        ``tree``: the checkout the bridges run from; ``metrics_addr``: the first
+        bridge's metrics listener (``bench.load metrics-cost``).
         """
         self.stop_bridges()
         if fresh_session:
@@ -147,10 +157,12 @@ class Stack:
             settings = daemon.replace(
                 shared, partition=index, client_id=f"mqchat-{name}-{self.bridge_generation}"
             )
+            if metrics_addr is not None and index == 0:
+                settings = daemon.replace(settings, metrics_addr=metrics_addr)
             # Only what is set here: a bridge of BRIDGE_TREE keeps its own defaults.
             env = daemon.environment(settings, defaults=False)
             self.bridges.append(
-                Daemon(name, "bridge", env, self.base, tree=BRIDGE_TREE, ready_line=READY_LOG)
+                Daemon(name, "bridge", env, self.base, tree=tree, ready_line=READY_LOG)
             )
         for bridge in self.bridges:
             bridge.start()

@@ -774,6 +774,91 @@ _steps_command(
 )
 
 
+@app.command("metrics-cost")
+@grouped(LoadOptions, "options")
+def metrics_cost(
+    baseline: Annotated[
+        Path, typer.Option(help="a checkout of the bridge without metrics, with its own .venv")
+    ],
+    rate: float = 1000,
+    seconds: float = 10,
+    rounds: int = 2,
+    *,
+    options: LoadOptions,
+) -> None:
+    """What the bridge's metrics cost: the same fixed rate, alternating a bridge without
+    metrics (``--baseline``) and this one with /metrics scraped every second."""
+    with _one_run(options, "production", 1, seconds) as (run, gen, s):
+        for round_ in range(rounds):
+            for variant in ("without", "with"):
+                scenario_metrics_cost(run, gen, s, rate, seconds, variant, baseline, round_)
+    _metrics_cost_summary(run.records)
+
+
+def scenario_metrics_cost(
+    run: Run,
+    gen: Generator,
+    s: Settings,
+    rate: float,
+    seconds: float,
+    variant: str,
+    baseline: Path,
+    round_: int,
+) -> None:
+    import threading
+
+    import httpx
+
+    from tests.support.services import LOOPBACK, free_port
+
+    addr = f"{LOOPBACK}:{free_port()}" if variant == "with" else None
+    tree = None if variant == "with" else baseline.resolve()
+    gen.stack.start_bridges(1, UNLIMITED_MESSAGE_RATE, tree=tree, metrics_addr=addr)
+    stop = threading.Event()
+    scrapes = 0
+
+    def scrape_every_second() -> None:
+        nonlocal scrapes
+        while not stop.wait(1.0):
+            httpx.get(f"http://{addr}/metrics", timeout=5).raise_for_status()
+            scrapes += 1
+
+    scraper = threading.Thread(target=scrape_every_second, daemon=True)
+    if addr is not None:
+        scraper.start()
+    label = f"metrics {variant} {rate:,.0f}/s r{round_ + 1}"
+    log(f"metrics cost: {label}")
+    try:
+        result = gen.run(StepPlan(label, "chat", rate, seconds, s.drain))
+    finally:
+        stop.set()
+        if addr is not None:
+            scraper.join(10)
+    result["metrics_scrapes"] = scrapes
+    run.record(f"metrics-cost-{variant}", gen.stack, 1, result)
+    gen.settle(1, UNLIMITED_MESSAGE_RATE, result["passed"])
+
+
+def _metrics_cost_summary(records: list[dict[str, Any]]) -> None:
+    """Bridge CPU per delivered message, with and without, and the cost in percent."""
+    per_message: dict[str, list[float]] = {"with": [], "without": []}
+    for record in records:
+        variant = record["scenario"].removeprefix("metrics-cost-")
+        if variant in per_message and record["delivered_per_s"]:
+            per_message[variant].append(
+                record["cpu_cores"]["bridge"] / record["delivered_per_s"] * 1e6
+            )
+    if not all(per_message.values()):
+        return
+    without = sum(per_message["without"]) / len(per_message["without"])
+    with_ = sum(per_message["with"]) / len(per_message["with"])
+    log(
+        f"bridge CPU per message: without metrics {without:.0f} µs, with {with_:.0f} µs"
+        f" ({100 * (with_ - without) / without:+.1f}%); runs"
+        f" {[round(v) for v in per_message['without']]} / {[round(v) for v in per_message['with']]}"
+    )
+
+
 @app.command()
 @grouped(LoadOptions, "options")
 def raw(

@@ -8,11 +8,11 @@ redelivered by the broker to the next bridge, so even a forced exit loses nothin
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 
 from core import daemon
 from core.collector import freeze_what_exists
+from core.metrics import CannotListen
 from core.mqtt import ConnectRefused
 
 from .config import BridgeSettings
@@ -26,7 +26,7 @@ EXIT_CONFIG = daemon.EXIT_CONFIG
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s bridge %(levelname)s %(message)s")
+    daemon.configure_logging("bridge")
     settings = daemon.load(BridgeSettings, "bridge")
     if settings is None:
         return EXIT_CONFIG
@@ -48,6 +48,7 @@ def main() -> int:
                     "%s (check MQCHAT_BRIDGE_USERNAME / MQCHAT_BRIDGE_PASSWORD)",
                 ),
                 (SchemaNotReady, EXIT_CONFIG, "%s"),
+                (CannotListen, daemon.EXIT_CANNOT_LISTEN, "%s (check MQCHAT_BRIDGE_METRICS_ADDR)"),
                 (OSError, EXIT_UNAVAILABLE, "cannot reach the broker: %s"),
             ],
         )

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from limits import parse_many
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.daemon import parse_addr
 from protocol import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES
 from store.devices import DEFAULT_MAX_DEVICES
 from store.groups import DEFAULT_MAX_MEMBERS
@@ -71,6 +72,21 @@ class BridgeSettings(BaseSettings):
     slow_turn: float = Field(default=0.25, gt=0)
     #: Seconds to keep trying to reach the broker at startup.
     startup_timeout: float = 30.0
+    #: ``host:port`` of the listener for ``/metrics``, ``/livez`` and ``/readyz``
+    #: (``core.metrics``); unset: none. Off by default because several bridges may
+    #: run on one machine (one per partition) and each needs a port of its own;
+    #: ``mqchat up`` turns it on.
+    metrics_addr: str | None = None
+    #: Seconds between two counts of the undelivered backlog
+    #: (``mqchat_undelivered_messages``, ``store.backlog``; partition 0 counts).
+    backlog_interval: float = Field(default=15.0, gt=0)
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _addr_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_addr(value)  # ValueError names what is wrong
+        return value
 
     @model_validator(mode="after")
     def _rate_parses(self) -> BridgeSettings:

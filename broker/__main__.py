@@ -24,7 +24,7 @@ EXIT_FORCED = daemon.EXIT_FORCED
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s broker %(levelname)s %(message)s")
+    daemon.configure_logging("broker")
     logging.getLogger("amqtt").setLevel(logging.WARNING)
     logging.getLogger("transitions").setLevel(logging.WARNING)
     settings = daemon.load(BrokerSettings, "broker")

@@ -44,6 +44,17 @@ class BrokerSettings(BaseSettings):
     #: MQTT over WebSocket over TLS (``wss://``); 0 turns it off.
     wss_port: int = Field(default=8084, ge=0, le=65535)
 
+    #: ``host:port`` of the listener for ``/metrics``, ``/livez`` and ``/readyz``
+    #: (``core.metrics``); unset: none, like the bridge's. ``mqchat up`` turns it on.
+    metrics_addr: str | None = None
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _addr_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            daemon.parse_addr(value)  # ValueError names what is wrong
+        return value
+
     @field_validator("bridge_password")
     @classmethod
     def _password_given(cls, value: SecretStr) -> SecretStr:

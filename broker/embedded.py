@@ -43,7 +43,7 @@ import contextvars
 import hmac
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -60,6 +60,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
 
 from core import credentials
+from core.metrics import Check, database_check, new_registry
 from core.throttle import Throttle
 from protocol import acl
 from store import accounts, make_engine, reading, signin, tokens
@@ -67,6 +68,7 @@ from store import accounts, make_engine, reading, signin, tokens
 from . import quota
 from .config import BrokerSettings
 from .lognoise import CLIENT_LOG
+from .metrics import BrokerMetrics
 from .topic_index import TopicIndex
 from .wire import PacketGuard, PacketRefused, read_connect
 
@@ -116,7 +118,14 @@ _admitted: contextvars.ContextVar[Admitted | None] = contextvars.ContextVar(
 class Gate:
     """Who may connect, decided from the CONNECT alone, before amqtt acts on it."""
 
-    def __init__(self, settings: BrokerSettings, engine: Engine) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        engine: Engine,
+        refused: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        #: Counts a refusal by its reason (``broker.metrics.REFUSAL_REASONS``).
+        self.refused = refused
         # Sign-in lookups only read: no SQLite write lock, so a burst of CONNECTs
         # does not queue the bridge's commits (store.db.reading).
         self._engine = reading(engine)
@@ -138,6 +147,7 @@ class Gate:
     ) -> Admitted | int:
         """Check a CONNECT: what was admitted, or the CONNACK return code to refuse with."""
         if not username or password is None:
+            self.refused("no_credentials")
             return NOT_AUTHORIZED
         service = username in self.services
         throttled = not self._source_failures.allowed("source", source) or (
@@ -149,6 +159,7 @@ class Gate:
         )
         if throttled:
             client_log.warning("sign-in of %r from %s refused: too many attempts", username, source)
+            self.refused("throttled")
             return SERVER_UNAVAILABLE
         signed_in_with: str | None = None
         if service:
@@ -161,9 +172,12 @@ class Gate:
                 signed_in_with = await asyncio.to_thread(self._authenticate, username, password)
             except signin.Busy:
                 log.warning("sign-in of %r from %s refused: too many at once", username, source)
+                self.refused("busy")
                 return SERVER_UNAVAILABLE
             ok = signed_in_with is not None
+        reason = "bad_credentials"
         if ok and not service and not acl.client_id_allowed(username, client_id):
+            reason = "client_id"
             client_log.warning(
                 "refused client id %r for %r: it must be %r or start with %r",
                 client_id,
@@ -174,6 +188,7 @@ class Gate:
             ok = False
         if not ok:
             client_log.info("authentication failed for %r from %s", username, source)
+            self.refused(reason)
             self._source_failures.hit("source", source)
             if not service:
                 self._user_failures.hit("user", username)
@@ -272,17 +287,40 @@ class MqchatBroker(Broker):  # type: ignore[misc]
     def __init__(self, settings: BrokerSettings) -> None:
         self.settings = settings
         self._engine = make_engine(settings.database_url)
-        self.gate = Gate(settings, self._engine)
+        self.registry = new_registry()
+        self.metrics = BrokerMetrics(
+            self.registry,
+            connections=self._connected_count,
+            sessions=lambda: len(self._sessions),
+            retained=lambda: len(self._retained_messages),
+            queued=self._queued_count,
+        )
+        self.gate = Gate(settings, self._engine, self.metrics.refused)
         super().__init__(broker_config(settings))
         # getattr: amqtt is untyped and mypy cannot infer the attribute before it is set.
         table = _SubscriptionTable(getattr(self, "_subscriptions"))  # noqa: B009
         self._subscriptions = table
-        self._broadcast_queue = _BroadcastQueue(table)
+        self._broadcast_queue = _BroadcastQueue(table, self.metrics.relayed.inc)
         self._watch_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await super().start()
         self._watch_task = asyncio.create_task(self._watch_accounts())
+
+    def _connected_count(self) -> int:
+        return sum(1 for s, _ in list(self._sessions.values()) if s.transitions.is_connected())
+
+    def _queued_count(self) -> int:
+        # amqtt keeps what waits for a disconnected session in ``retained_messages``.
+        return sum(s.retained_messages.qsize() for s, _ in list(self._sessions.values()))
+
+    def readiness_checks(self) -> dict[str, Check]:
+        """The database the accounts are read from, and amqtt's listeners."""
+
+        async def listening() -> str | None:
+            return None if self.transitions.is_started() else "listeners not started"
+
+        return {"listeners": listening, "database": database_check(self._engine)}
 
     def unfinished(self) -> str:
         """What a shutdown cut short would abandon: sessions not yet closed, messages
@@ -318,10 +356,12 @@ class MqchatBroker(Broker):  # type: ignore[misc]
             )
         except TimeoutError:
             client_log.info("no CONNECT from %s within %s s", source, self.settings.connect_timeout)
+            self.metrics.refused("no_connect")
             await _close(writer)
             return
         except PacketRefused as refused:
             client_log.info("CONNECT from %s refused: %s", source, refused)
+            self.metrics.refused("malformed")
             if refused.return_code is None:
                 await _close(writer)
             else:
@@ -329,11 +369,13 @@ class MqchatBroker(Broker):  # type: ignore[misc]
             return
         if not allowed:
             client_log.warning("connection from %s refused: over the connection rate", source)
+            self.metrics.refused("connect_rate")
             await _refuse(writer, SERVER_UNAVAILABLE)
             return
         # amqtt stands a random id in for an empty one (client_id_is_random).
         if connect.payload.client_id_is_random and not connect.clean_session_flag:
             # MQTT 3.1.1 section 3.1.3.1, and what mosquitto answers, before any password.
+            self.metrics.refused("identifier_rejected")
             await _refuse(writer, IDENTIFIER_REJECTED)
             return
         verdict = await self.gate.admit(
@@ -354,13 +396,16 @@ class MqchatBroker(Broker):  # type: ignore[misc]
                 connect.will_topic,
                 " (retained)" if connect.will_retain_flag else "",
             )
+            self.metrics.refused("will")
             await _refuse(writer, NOT_AUTHORIZED)
             return
         if verdict.signed_in_with is not None and not await self._make_room(
             verdict.username, connect.client_id or ""
         ):
+            self.metrics.refused("sessions")
             await _refuse(writer, SERVER_UNAVAILABLE)
             return
+        self.metrics.signins.inc()
         guard.keepalive = connect.keep_alive  # amqtt never enforces it (broker.wire)
         rewindable.rewind()
         _admitted.set(verdict)
@@ -800,12 +845,14 @@ class _SubscriptionTable(dict[str, list[tuple[Any, int]]]):
 class _BroadcastQueue(asyncio.Queue[dict[str, Any]]):
     """amqtt's queue of messages to relay; tells the table which topic comes next."""
 
-    def __init__(self, table: _SubscriptionTable) -> None:
+    def __init__(self, table: _SubscriptionTable, relayed: Callable[[], None]) -> None:
         super().__init__()
         self._table = table
+        self._relayed = relayed
 
     async def get(self) -> dict[str, Any]:
         broadcast = await super().get()
+        self._relayed()
         # amqtt reads the table right after this, before it awaits anything.
         self._table.relaying = broadcast.get("topic")
         return broadcast

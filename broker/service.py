@@ -15,7 +15,9 @@ import logging
 
 from amqtt.errors import BrokerError
 
+from core import metrics
 from core.daemon import BROKER_READY_LOG, Service
+from core.metrics import MetricsServer
 
 from .config import BrokerSettings
 from .embedded import MqchatBroker
@@ -41,6 +43,9 @@ class BrokerService(Service):
         super().__init__()
         self.settings = settings
         self.broker = MqchatBroker(settings)
+        self.metrics_server = MetricsServer(
+            settings.metrics_addr, self.broker.registry, self.broker.readiness_checks()
+        )
 
     async def startup(self) -> None:
         amqtt_log = logging.getLogger("amqtt.broker")
@@ -56,6 +61,11 @@ class BrokerService(Service):
             raise
         finally:
             amqtt_log.removeFilter(quiet)
+        try:
+            await self.metrics_server.start()
+        except metrics.CannotListen as exc:
+            await self.broker.shutdown()
+            raise CannotListen(str(exc)) from exc
         settings = self.settings
         log.info(
             "%s %s:%s (ws %s)",
@@ -76,6 +86,7 @@ class BrokerService(Service):
         await self._stop.wait()
 
     async def shutdown(self) -> None:
+        await self.metrics_server.stop()
         timeout = self.settings.shutdown_timeout
         try:
             await asyncio.wait_for(self.broker.shutdown(), timeout)

@@ -35,6 +35,7 @@ from typing import Any, Final, TypeVar, cast
 from pydantic import AliasChoices, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode
+from pythonjsonlogger.json import JsonFormatter
 
 from protocol import topics
 
@@ -92,6 +93,39 @@ class Service(abc.ABC):
     async def shutdown(self) -> None: ...
 
 
+#: ``MQCHAT_LOG_FORMAT``: ``text`` (the default, one line each) or ``json`` (one object
+#: per line with the same fields, for log shippers).
+LOG_FORMAT_VARIABLE: Final = "MQCHAT_LOG_FORMAT"
+
+
+def configure_logging(daemon: str) -> None:
+    """The daemon's log lines on stderr: ``time daemon LEVEL message``, or as JSON.
+
+    Exits with EXIT_CONFIG naming the variable if ``MQCHAT_LOG_FORMAT`` is neither.
+    """
+    kind = os.environ.get(LOG_FORMAT_VARIABLE, "text").strip().lower()
+    if kind == "text":
+        logging.basicConfig(
+            level=logging.INFO, format=f"%(asctime)s {daemon} %(levelname)s %(message)s"
+        )
+        return
+    if kind != "json":
+        print(
+            f"{daemon}: bad configuration:\n  {LOG_FORMAT_VARIABLE}: expected text or json",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_CONFIG)
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter(
+            "%(asctime)s %(levelname)s %(message)s",
+            rename_fields={"asctime": "time", "levelname": "level"},
+            static_fields={"daemon": daemon},
+        )
+    )
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 def stop_on_signals(request_stop: Callable[[], None]) -> None:
     """SIGTERM or Ctrl-C calls ``request_stop`` (a flag; the daemon drains and exits);
     a second one exits at once with EXIT_FORCED.
@@ -136,6 +170,18 @@ async def serve(service: Service, failures: Sequence[Failure] = ()) -> int:
                 return code
         raise
     return EXIT_OK
+
+
+def parse_addr(value: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9101`` for IPv6) as a pair.
+
+    Raises:
+        ValueError: not ``host:port`` with a port from 0 to 65535.
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
 
 
 def describe(exc: ValidationError, settings: type[BaseSettings]) -> str:

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -129,6 +130,9 @@ class Incoming:
     retain: bool
     mid: int
     generation: int
+    #: ``time.monotonic()`` when it reached this process: the start of the bridge's
+    #: arrival-to-commit and arrival-to-PUBACK times.
+    arrived: float = 0.0
 
 
 @dataclass
@@ -429,6 +433,7 @@ class MqttLink:
             retain=bool(msg.retain),
             mid=msg.mid,
             generation=self.generation,
+            arrived=time.monotonic(),
         )
         self._safely(self._on_message, incoming)
 

@@ -8,7 +8,6 @@ exits at once. A port it cannot bind, or a startup that fails, exits 3 (uvicorn'
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import uvicorn
@@ -26,7 +25,7 @@ EXIT_STARTUP_FAILED = 3
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s api %(levelname)s %(message)s")
+    daemon.configure_logging("api")
     settings = daemon.load(ApiSettings, "history_api")
     if settings is None:
         return EXIT_CONFIG

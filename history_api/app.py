@@ -9,15 +9,18 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 
+from core.metrics import new_registry
 from store import make_engine, reading, signin
 
 from . import (
+    admin,
     conversations,
     credentials,
     devices,
     errors,
     health,
     messages,
+    observe,
     push,
     search,
     tokens,
@@ -58,7 +61,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
             expose_headers=["Retry-After", "WWW-Authenticate"],
             max_age=600,
         )
-    app.state.sign_in_guard = SignInGuard(settings)
+    app.state.metrics = observe.ApiMetrics(new_registry())
+    app.add_middleware(observe.MetricsMiddleware, metrics=app.state.metrics)
+    app.state.sign_in_guard = SignInGuard(settings, app.state.metrics)
     signin.configure(rate=settings.sign_ins_per_second, burst=settings.sign_in_burst)
     errors.install(app)
     app.include_router(users.router)
@@ -72,6 +77,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(push.router)
     app.include_router(search.router)
     app.include_router(health.router)
+    app.include_router(observe.router)
+    app.include_router(admin.router)
     if settings.web_dir is not None:
         web.install(app, settings, settings.web_dir)
     return app

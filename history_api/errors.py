@@ -125,6 +125,7 @@ async def _protocol_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _busy(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, signin.Busy)
+    request.app.state.metrics.signin_throttles.labels("busy").inc()
     return error_response(
         errors.RATE_LIMITED, str(exc), status=429, headers={"Retry-After": str(exc.retry_after)}
     )

@@ -14,10 +14,12 @@ from core.throttle import Throttle
 
 from .config import ApiSettings
 from .errors import Throttled
+from .observe import ApiMetrics
 
 
 class SignInGuard:
-    def __init__(self, settings: ApiSettings) -> None:
+    def __init__(self, settings: ApiSettings, metrics: ApiMetrics | None = None) -> None:
+        self._metrics = metrics
         self._users = Throttle(settings.login_failures_per_user)
         self._sources = Throttle(settings.login_failures_per_source)
         self._sign_ins = Throttle(settings.sign_ins_per_user)
@@ -35,15 +37,26 @@ class SignInGuard:
             waits.append(self._users.retry_after("user", username))
         if waits:
             wait = max(waits)
+            self._throttled("failures")
             raise Throttled(f"too many failed sign-ins; try again in {wait} s", wait)
         if username is not None and not self._sign_ins.allowed("user", username):
             wait = self._sign_ins.retry_after("user", username)
+            self._throttled("sign_ins")
             raise Throttled(f"too many sign-ins for this account; try again in {wait} s", wait)
 
     def succeeded(self, username: str) -> None:
+        """A token was issued to ``username``."""
         self._sign_ins.hit("user", username)
+        if self._metrics is not None:
+            self._metrics.tokens_issued.inc()
+
+    def _throttled(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.signin_throttles.labels(reason).inc()
 
     def failed(self, username: str | None, source: str) -> None:
+        if self._metrics is not None:
+            self._metrics.signin_failures.inc()
         self._sources.hit("source", source)
         if username is not None:
             self._users.hit("user", username)

@@ -213,6 +213,15 @@ def _password_matches(stored_hash: str, password: str) -> bool:
         return False
 
 
+def existing(session: Session, username: str) -> Account:
+    """The account named ``username``.
+
+    Raises:
+        ProtocolError: ``unknown_user`` (also for a deleted account).
+    """
+    return _existing(session, username)
+
+
 def _existing(session: Session, username: str) -> Account:
     account = get(session, username)
     if account is None or account.password_hash == DELETED_HASH:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Final
 
@@ -9,7 +10,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 
@@ -117,6 +118,22 @@ def alembic_config(engine: Engine | None = None) -> Config:
     if engine is not None:
         cfg.attributes["engine"] = engine
     return cfg
+
+
+@functools.cache
+def head_revision() -> str:
+    """The newest schema revision this code knows (read once: the scripts do not
+    change under a running process)."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError("store/migrations has no head revision")
+    return head
+
+
+def current_revision(conn: Connection) -> str | None:
+    """The schema revision of the database behind ``conn`` (None: not migrated)."""
+    current: str | None = MigrationContext.configure(conn).get_current_revision()
+    return current
 
 
 def revisions(engine: Engine) -> tuple[str | None, str]:

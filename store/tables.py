@@ -35,6 +35,8 @@ class Account(SQLModel, table=True):
     token_generation: int = Field(
         default=0, sa_column=Column(Integer, nullable=False, server_default="0")
     )
+    #: May use the history API's /v1/admin routes; set by ``mqchat user admin`` only.
+    is_admin: bool = Field(default=False, nullable=False)
 
 
 class Conversation(SQLModel, table=True):

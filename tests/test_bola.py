@@ -322,6 +322,40 @@ async def mute_conversation(client: httpx.AsyncClient, world: World) -> None:
             assert response.status_code == 204
 
 
+async def operations(client: httpx.AsyncClient, world: World) -> None:
+    # Counts by route template, never by user: nothing of either side is in them.
+    for me, _ in world.pairs():
+        for path in ("/metrics", "/livez", "/readyz"):
+            response = await me.api.get(path)
+            assert response.status_code == 200, path
+            for side in (world.alice, world.bob):
+                assert side.conversation not in response.text
+                assert side.secret not in response.text
+
+
+async def admin_only(client: httpx.AsyncClient, world: World) -> None:
+    # Neither alice nor bob is an admin: 403 on every admin route, whoever it names
+    # (their own name included), and nothing about anyone in the answer.
+    for me, victim in world.pairs():
+        for username in (victim.name, me.name, "nobody"):
+            for method, path in ADMIN_ROUTES:
+                response = await client.request(
+                    method, path.format(username=username), headers=me.api.headers
+                )
+                assert error_of(response) == (403, "forbidden"), (method, path)
+                assert victim.secret not in response.text
+
+
+ADMIN_ROUTES = [
+    ("GET", "/v1/admin/users"),
+    ("GET", "/v1/admin/users/{username}/devices"),
+    ("POST", "/v1/admin/users/{username}/disable"),
+    ("POST", "/v1/admin/users/{username}/enable"),
+    ("POST", "/v1/admin/users/{username}/revoke"),
+    ("GET", "/v1/admin/stats"),
+]
+
+
 CASES: dict[tuple[str, str], Case] = {
     ("GET", "/v1/conversations"): list_conversations,
     ("GET", "/v1/conversations/{conversation_id}/messages"): list_messages,
@@ -343,6 +377,10 @@ CASES: dict[tuple[str, str], Case] = {
     ("PUT", "/v1/push/settings"): push_settings,
     ("PUT", "/v1/push/mutes/{conversation}"): mute_conversation,
     ("DELETE", "/v1/push/mutes/{conversation}"): mute_conversation,
+    ("GET", "/metrics"): operations,
+    ("GET", "/livez"): operations,
+    ("GET", "/readyz"): operations,
+    **{(method, path): admin_only for method, path in ADMIN_ROUTES},
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import queue
 import re
@@ -33,6 +34,7 @@ import pytest
 from sqlmodel import Session
 
 from store import accounts, make_engine
+from store import admin as store_admin
 
 from .support.services import MosquittoServer, PostgresServer, free_port, start_mosquitto
 
@@ -283,6 +285,44 @@ def test_send_listen_chat_and_refusals(up: Up) -> None:
     broker_log = (up.data_dir / "logs" / "broker.log").read_text()
     assert " ERROR " not in broker_log, broker_log[-3000:]
     assert "Traceback" not in broker_log, broker_log[-3000:]
+
+
+def test_up_tells_where_each_daemon_answers_for_its_health(up: Up) -> None:
+    endpoints = json.loads((up.data_dir / "endpoints.json").read_text())
+    assert set(endpoints) == {"broker", "bridge", "api"}
+    assert endpoints["api"] == f"http://127.0.0.1:{up.api_port}"
+    for name, url in endpoints.items():
+        ready = httpx.get(f"{url}/readyz", timeout=WAIT)
+        assert (ready.status_code, ready.json()["status"]) == (200, "ready"), name
+        assert "# TYPE process_cpu_seconds_total counter" in httpx.get(f"{url}/metrics").text
+
+
+def test_status_once_json_reads_the_daemons(up: Up) -> None:
+    up.add_users("alice", "bob")
+    bob = up.listen("bob", "--count", "1")
+    assert up.mqchat("send", "--to", "bob", "hi", user="alice").returncode == 0
+    assert bob.finish()[0] == 0
+    result = up.mqchat("status", "--once", "--json", "--sample", "0.5")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert {name: h["state"] for name, h in shown["health"].items()} == {
+        "broker": "ready",
+        "bridge": "ready",
+        "api": "ready",
+    }
+    assert shown["connected_devices"] >= 1  # the bridge, at least
+    assert shown["undelivered"] is not None
+    assert shown["window_seconds"] > 0
+
+
+def test_status_quantile_is_prometheus_histogram_quantile() -> None:
+    from clients.cli.status import quantile
+
+    before = {0.1: 0.0, 1.0: 0.0, math.inf: 0.0}
+    after = {0.1: 50.0, 1.0: 100.0, math.inf: 100.0}
+    assert quantile(0.5, before, after) == pytest.approx(0.1)
+    assert quantile(0.75, before, after) == pytest.approx(0.55)
+    assert quantile(0.5, after, after) is None
 
 
 def test_listen_json_and_chat_shows_the_peer(up: Up) -> None:
@@ -693,6 +733,20 @@ def test_user_passwd_disable_enable_delete(tmp_path: Path) -> None:
     assert signs_in("alice-new-secret")
     assert not signs_in("alice-secret")
 
+    def is_admin() -> bool:
+        engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'mqchat.db'}")
+        try:
+            with Session(engine) as session:
+                return store_admin.is_admin(session, "alice")
+        finally:
+            engine.dispose()
+
+    assert not is_admin()
+    assert ok("user", "admin", "Alice") == "admin alice\n"
+    assert is_admin()
+    assert ok("user", "admin", "alice", "--revoke") == "not admin alice\n"
+    assert not is_admin()
+
     assert ok("user", "disable", "alice") == "disabled alice\n"
     assert not signs_in("alice-new-secret")
     assert ok("user", "enable", "alice") == "enabled alice\n"
@@ -704,7 +758,7 @@ def test_user_passwd_disable_enable_delete(tmp_path: Path) -> None:
     assert not signs_in("alice-new-secret")
     refused("unknown_user", "user", "enable", "alice")
     refused("username_taken", "user", "add", "alice", "--password-stdin", input="another-one\n")
-    for command in (["disable"], ["enable"], ["delete", "--yes"]):
+    for command in (["disable"], ["enable"], ["delete", "--yes"], ["admin"]):
         refused("unknown_user", "user", *command, "nobody")
     refused("invalid_username", "user", "disable", "al/ice")
 

@@ -168,6 +168,7 @@ def _samples(files: Path) -> list[BaseSettings]:
             publish_rate=12.5,
             publish_burst=6,
             mqtt_credential_secret=SecretStr("credential key, with = and ;"),
+            metrics_addr="127.0.0.1:9102",
         ),
         BridgeSettings(
             database_url="postgresql+psycopg://u:p@db/mqchat",
@@ -193,6 +194,8 @@ def _samples(files: Path) -> list[BaseSettings]:
             startup_timeout=5.0,
             shutdown_timeout=2.0,
             crash_at="after_commit:3",
+            metrics_addr="127.0.0.1:9101",
+            backlog_interval=5.0,
         ),
         ApiSettings(
             database_url="sqlite:///api.db",

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from alembic import command
-from sqlalchemy import Engine, delete, event, insert
+from sqlalchemy import Engine, column, delete, event, insert, table
 from sqlmodel import Session, select
 
 from history_api import ApiSettings, deps
@@ -516,6 +516,19 @@ async def test_search_covers_messages_stored_before_the_migration(
         command.upgrade(alembic_config(engine), "0002")
         # Written as the code of revision 0002 wrote it (today's code needs today's schema).
         with engine.begin() as conn:
+            # The accounts table as revision 0002 has it (no is_admin yet).
+            old_accounts = table(
+                "accounts",
+                *(column(c) for c in ("username", "password_hash", "created_at", "disabled")),
+            )
+            conn.execute(
+                insert(old_accounts),
+                [
+                    {"username": u, "password_hash": accounts.hash_password(password_of(u))}
+                    | {"created_at": at(0), "disabled": False}
+                    for u in ("alice", "bob")
+                ],
+            )
             conn.execute(
                 insert(Account.__table__).values(created_at=at(0), disabled=False),  # type: ignore[attr-defined]
                 [

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 from sqlalchemy import Engine
+from sqlmodel import Session
 
 from core.accounts import (
     EmbeddedProvisioner,
@@ -32,6 +33,7 @@ from core.mqtt import ConnectRefused, LinkConfig
 from protocol import errors
 from protocol.errors import ProtocolError
 from store import accounts
+from store import admin as store_admin
 
 from .database import open_migrated, url_for
 from .options import (
@@ -243,3 +245,31 @@ def delete(
         typer.confirm(f"Delete {name} for good?", abort=True)
     store.change(lambda engine, provisioner: delete_account(engine, provisioner, name))
     emit(f"deleted {name}")
+
+
+@app.command("admin")
+@takes_account_store
+def admin(
+    name: UsernameArgument,
+    revoke: Annotated[bool, typer.Option("--revoke", help="Take the role back.")] = False,
+    *,
+    store: AccountStore,
+) -> None:
+    """Grant the admin role (the history API's /v1/admin routes): prints `admin NAME`.
+
+    Only here, by someone with the database in hand: no API route grants it, so no
+    account can promote itself. `--revoke` takes it back (prints `not admin NAME`).
+    Exits 1 with `error unknown_user: ...`.
+    """
+    name = _normal_name(name)
+
+    async def change(engine: Engine, provisioner: Provisioner) -> None:
+        def grant() -> None:
+            with Session(engine) as session:
+                store_admin.set_admin(session, name, not revoke)
+                session.commit()
+
+        await asyncio.to_thread(grant)
+
+    store.change(change)
+    emit(f"{'not admin' if revoke else 'admin'} {name}")

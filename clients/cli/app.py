@@ -7,7 +7,7 @@ from typing import Final
 
 import typer
 
-from . import accounts, chat, credential, database, groups, mosquitto, up
+from . import accounts, chat, credential, database, groups, mosquitto, status, up
 from .output import say
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app.command()(chat.listen)
 app.command()(chat.chat)
 app.command()(up.up)
 app.command(name="mqtt-credential")(credential.mqtt_credential)
+app.command()(status.status)
 app.add_typer(groups.app, name="group")
 app.add_typer(accounts.app, name="user")
 app.add_typer(database.app, name="db")

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import secrets
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
@@ -22,6 +23,7 @@ from core.daemon import BRIDGE_READY_LOG, BROKER_READY_LOG, PUSH_READY_LOG, load
 from core.supervisor import Child, Supervisor, accepts
 
 from .database import migrate_for_up, shown, url_for
+from .health import watch, write_endpoints
 from .options import (
     DEFAULT_DATA_DIR,
     DEFAULT_MQTT_PORT,
@@ -78,6 +80,13 @@ def _secret(data_dir: Path, name: str) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(made) + "\n")
     return made[name]
+
+
+def free_port(host: str) -> int:
+    """A port free on ``host`` now, for a child to bind in a moment."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
 
 
 def _parse_host_port(value: str) -> tuple[str, int]:
@@ -172,6 +181,17 @@ def up(
             help="Seconds each service gets to stop before it is killed.",
         ),
     ] = 10.0,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65534,
+            help="/metrics, /livez and /readyz of the bridge on this port and of the "
+            "embedded broker on the next; 0 picks free ones (mqchat status finds them "
+            "in the data dir). The API serves its own on --api-port.",
+        ),
+    ] = 0,
 ) -> None:
     """Run mqchat here, in one command: broker, bridge, HTTP API and push, until Ctrl-C.
 
@@ -208,6 +228,10 @@ def up(
     binds = [("--api-port", api_port)]
     if external is None:
         binds += [("--mqtt-port", mqtt_port), ("--ws-port", ws_port)]
+    if metrics_port:
+        binds.append(("--metrics-port", metrics_port))
+        if external is None:
+            binds.append(("--metrics-port (+1, the broker's)", metrics_port + 1))
     ports = [port for _, port in binds if port]
     if len(set(ports)) != len(ports):
         raise typer.BadParameter("each service needs a port of its own", param_hint="ports")
@@ -237,6 +261,14 @@ def up(
     from push.config import PushSettings
 
     near = _client_host(host)
+    # Free ones by default: two `mqchat up` on one machine (two data dirs) must not
+    # collide on a port nobody asked for; status finds them in the data dir.
+    bridge_metrics = metrics_port or free_port(near)
+    broker_metrics = metrics_port + 1 if metrics_port else free_port(near)
+    endpoints = {
+        "bridge": f"http://{near}:{bridge_metrics}",
+        "api": f"http://{near}:{api_port}",
+    }
     if external is None:
         password = _bridge_password(data_dir)
         # Signs the API's MQTT credentials and checks them at the broker.
@@ -251,7 +283,9 @@ def up(
             bridge_username=BRIDGE_USERNAME,
             bridge_password=password,
             mqtt_credential_secret=credential_secret,
+            metrics_addr=f"{host}:{broker_metrics}",
         )
+        endpoints["broker"] = f"http://{near}:{broker_metrics}"
         ws = f"  ws://{near}:{ws_port}/mqtt" if ws_port else ""
         broker = _child(
             broker_settings,
@@ -296,7 +330,13 @@ def up(
             f" --mosquitto-host {external[0]} --mosquitto-port {external[1]}"
             " --mosquitto-admin-password ..."
         )
-    bridge_settings = _settings(BridgeSettings, "bridge", database_url=url, **bridge_link)
+    bridge_settings = _settings(
+        BridgeSettings,
+        "bridge",
+        database_url=url,
+        metrics_addr=f"{host}:{bridge_metrics}",
+        **bridge_link,
+    )
     # The web app, where `make web` built it in this checkout (clients/js/dist/site).
     web_dir = Path(__file__).resolve().parents[2] / "clients" / "js" / "dist" / "site"
     web: dict[str, Any] = {}
@@ -325,8 +365,9 @@ def up(
         "bridge",
         "bridge",
         logs,
-        # What `python -m bridge` logs once it is subscribed; it has no port to probe.
+        # What `python -m bridge` logs once it is subscribed.
         ready_line=BRIDGE_READY_LOG,
+        describe=lambda pid: f"{'bridge':<7} {endpoints['bridge']}/metrics  (pid {pid})",
     )
     api = _child(
         api_settings,
@@ -353,6 +394,7 @@ def up(
     if web:
         footer.insert(0, f"{'web':<7} http://{near}:{api_port}/  (chat in the browser)")
 
+    write_endpoints(data_dir, endpoints)
     supervisor = Supervisor(
         stages,
         name="mqchat up",
@@ -361,8 +403,16 @@ def up(
         header=header,
         footer=footer,
     )
+
+    async def supervise() -> int:
+        watching = asyncio.create_task(watch(endpoints))
+        try:
+            return await supervisor.run()
+        finally:
+            watching.cancel()
+
     try:
-        code = asyncio.run(supervisor.run())
+        code = asyncio.run(supervise())
     finally:
         supervisor.kill_all()
     raise typer.Exit(code)

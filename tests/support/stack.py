@@ -99,6 +99,23 @@ class Stack:
     _links: list[MqttLink] = field(default_factory=list)
 
     @property
+    def bridge_metrics_url(self) -> str:
+        """The bridge's ``/metrics``, ``/livez`` and ``/readyz`` are under this."""
+        addr = self.bridge_settings.metrics_addr
+        assert addr is not None
+        return f"http://{addr}"
+
+    @property
+    def broker_metrics_url(self) -> str:
+        """The embedded broker's ``/metrics``, ``/livez`` and ``/readyz`` (mosquitto has
+        its ``$SYS`` topics instead: docs/operations.md)."""
+        assert self.embedded_broker is not None, "the embedded stack's"
+        settings = self.embedded_broker.settings
+        assert isinstance(settings, BrokerSettings)
+        assert settings.metrics_addr is not None
+        return f"http://{settings.metrics_addr}"
+
+    @property
     def bridge_settings(self) -> BridgeSettings:
         """What the bridge runs with (after any ``reconfigure``)."""
         settings = self.bridge.settings
@@ -312,6 +329,8 @@ def bridge_settings(
         # Throughput tests send hundreds a second; the rate-limit tests set their own.
         "message_rate": "10000/second",
         "uplink_rate": "10000/second",
+        # On in every test, as `mqchat up` runs it: tests/test_metrics.py reads it.
+        "metrics_addr": f"{LOOPBACK}:{free_port()}",
     }
     return daemon.build(BridgeSettings, **(values | changes))
 
@@ -377,6 +396,7 @@ def start_embedded_broker(
         # per-source connection limit (tests/test_broker_throttle.py sets its own)
         # is not what they are about.
         "connect_rate": "100000/second",
+        "metrics_addr": f"{LOOPBACK}:{free_port()}",
     }
     settings = daemon.build(BrokerSettings, **(values | changes))
     broker = Daemon("broker", module, {}, base, settings=settings, ports=[(LOOPBACK, port)])
@@ -483,7 +503,12 @@ async def start_two_bridges(stack: Stack) -> Daemon:
     stack.bridge.stop()
     stack.bridge.reconfigure(partitions=2, partition=0)
     await asyncio.to_thread(stack.start_bridge)
-    settings = daemon.replace(stack.bridge_settings, partition=1, client_id="mqchat-bridge-2")
+    settings = daemon.replace(
+        stack.bridge_settings,
+        partition=1,
+        client_id="mqchat-bridge-2",
+        metrics_addr=f"{LOOPBACK}:{free_port()}",
+    )
     second = bridge_daemon(stack.base_dir, settings, "bridge-2")
     await asyncio.to_thread(second.start_ready)
     return second
