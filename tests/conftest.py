@@ -20,6 +20,7 @@ from history_api import ApiSettings
 from store import accounts, make_engine, migrate
 
 from .support.history import postgres_database, serve, sqlite_database
+from .support.rabbitmq import RabbitCluster, start_rabbitmq_cluster
 from .support.services import MosquittoServer, PostgresServer, start_mosquitto, start_postgres
 from .support.stack import (
     TEMPLATE_DATABASE,
@@ -43,6 +44,17 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
+    """A 3-node RabbitMQ cluster (``tests/support/rabbitmq.py``), once per session: its
+    boot is the slowest thing the suite starts (20-30 s here)."""
+    cluster = start_rabbitmq_cluster(tmp_path_factory.mktemp("rabbitmq"))
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture(params=["embedded", "production"])
