@@ -11,7 +11,7 @@ from fastapi_offline import FastAPIOffline
 
 from store import make_engine, reading, signin
 
-from . import conversations, devices, errors, health, messages, search, tokens, users
+from . import broker_auth, conversations, devices, errors, health, messages, search, tokens, users
 from .config import ApiSettings
 from .throttle import SignInGuard
 
@@ -56,4 +56,5 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(search.router)
     app.include_router(health.router)
+    app.include_router(broker_auth.router)
     return app

@@ -12,6 +12,7 @@ import secrets
 from core.mqtt import Incoming, LinkConfig, MqttLink
 
 from .support.rabbitmq import RabbitCluster
+from .support.stack import Stack
 
 
 def test_three_nodes_form_one_cluster(rabbitmq_cluster: RabbitCluster) -> None:
@@ -22,7 +23,7 @@ def test_three_nodes_form_one_cluster(rabbitmq_cluster: RabbitCluster) -> None:
 
 
 async def test_qos1_crosses_nodes_into_a_quorum_session(rabbitmq_cluster: RabbitCluster) -> None:
-    account = rabbitmq_cluster.bridge
+    account = rabbitmq_cluster.admin
     got: asyncio.Queue[Incoming] = asyncio.Queue()
     topic = f"chat/v1/u/probe{secrets.token_hex(3)}/down/msg"
     first, last = rabbitmq_cluster.nodes[0], rabbitmq_cluster.nodes[-1]
@@ -61,3 +62,26 @@ async def test_qos1_crosses_nodes_into_a_quorum_session(rabbitmq_cluster: Rabbit
     finally:
         await publisher.close()
         await subscriber.close()
+
+
+async def test_devices_on_different_nodes_chat(rabbitmq_stack: Stack) -> None:
+    """alice on the second node, bob on the third, the bridge on the first; then bob
+    offline, and his queued message waiting for him on yet another node (his session
+    is a quorum queue, not a node's)."""
+    cluster = rabbitmq_stack.rabbitmq
+    assert cluster is not None
+    alice_name, bob_name = await rabbitmq_stack.new_users("alice", "bob")
+    second, third = cluster.nodes[1].mqtt_port, cluster.nodes[2].mqtt_port
+    alice = await rabbitmq_stack.client(alice_name, port=second)
+    bob = await rabbitmq_stack.client(bob_name, port=third)
+    await alice.send("hello across nodes", to=bob_name, timeout=20)
+    assert (await bob.next_message(timeout=20)).body == "hello across nodes"
+    await bob.send("hi back", to=alice_name, timeout=20)
+    mine = await alice.next_message(timeout=20)  # her own, as her other devices see it
+    assert (mine.sender, mine.body) == (alice_name, "hello across nodes")
+    assert (await alice.next_message(timeout=20)).body == "hi back"
+
+    await bob.close()
+    await alice.send("while you were away", to=bob_name, timeout=20)
+    bob = await rabbitmq_stack.client(bob_name, port=cluster.nodes[0].mqtt_port)
+    assert (await bob.next_message(timeout=20)).body == "while you were away"

@@ -7,7 +7,7 @@ not see each other. The nodes share one Erlang cookie and find each other throug
 ``classic_config`` peer discovery: all of them boot at once and form the cluster
 without any ``rabbitmqctl join_cluster`` round.
 
-What the nodes run is :func:`node_config`, the settings ``docs/operations.md``
+What the nodes run is ``broker.rabbitmq.render_config``, the settings ``docs/operations.md``
 documents for production: ``rabbitmq_mqtt`` with persistent sessions in quorum
 queues (``mqtt.durable_queue_type = quorum``, 3.10+), anonymous MQTT off, and the
 service accounts (bridge, operator) loaded from a definitions file at boot, so no
@@ -20,8 +20,6 @@ long it took.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import pwd
@@ -30,10 +28,10 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.rabbitmq import PLUGINS, NodePorts, definitions, render_config
 from core.dynsec import Credentials
 from core.supervisor import Child
 
@@ -42,41 +40,6 @@ from .services import LOOPBACK, _run_as, _service_account, _workdir, chown_tree,
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 EPMD = "epmd"
-#: The plugins every node runs.
-PLUGINS = (
-    "rabbitmq_mqtt",
-    "rabbitmq_consistent_hash_exchange",
-    "rabbitmq_auth_backend_cache",
-    "rabbitmq_auth_backend_http",
-)
-
-
-def password_hash(password: str) -> str:
-    """``password`` as RabbitMQ's definitions file takes it
-    (``rabbit_password_hashing_sha256``: base64 of a 4-byte salt and
-    SHA-256(salt + password))."""
-    salt = secrets.token_bytes(4)
-    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
-
-
-def definitions(*accounts: Credentials) -> dict[str, object]:
-    """The vhost and the service accounts, full rights on ``/`` (they are ours)."""
-    return {
-        "vhosts": [{"name": "/"}],
-        "users": [
-            {
-                "name": account.username,
-                "password_hash": password_hash(account.password),
-                "hashing_algorithm": "rabbit_password_hashing_sha256",
-                "tags": ["administrator"],
-            }
-            for account in accounts
-        ],
-        "permissions": [
-            {"user": a.username, "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"}
-            for a in accounts
-        ],
-    }
 
 
 @dataclass
@@ -179,45 +142,6 @@ class RabbitCluster:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def node_config(
-    node: RabbitNode, peers: Sequence[str], definitions_file: Path, auth_http_url: str | None
-) -> str:
-    """The rabbitmq.conf of one node (the production settings, ports of this node)."""
-    lines = [
-        f"listeners.tcp.default = {LOOPBACK}:{node.amqp_port}",
-        f"mqtt.listeners.tcp.default = {LOOPBACK}:{node.mqtt_port}",
-        "mqtt.allow_anonymous = false",
-        "mqtt.vhost = /",
-        "mqtt.exchange = amq.topic",
-        # Persistent sessions as Raft-replicated quorum queues: they survive the
-        # SIGKILL of the node their device was connected to.
-        "mqtt.durable_queue_type = quorum",
-        f"load_definitions = {definitions_file}",
-        "cluster_formation.peer_discovery_backend = classic_config",
-        *(f"cluster_formation.classic_config.nodes.{i} = {p}" for i, p in enumerate(peers, 1)),
-        # A 3-node cluster keeps going with one node down, and a node cut off from the
-        # majority stops serving rather than diverging.
-        "cluster_partition_handling = pause_minority",
-        "log.file.level = info",
-        "log.console = false",
-    ]
-    if auth_http_url is None:
-        lines.append("auth_backends.1 = internal")
-    else:
-        lines += [
-            "auth_backends.1 = internal",
-            "auth_backends.2 = cache",
-            "auth_cache.cached_backend = http",
-            "auth_cache.cache_ttl = 15000",
-            "auth_http.http_method = post",
-            f"auth_http.user_path = {auth_http_url}/user",
-            f"auth_http.vhost_path = {auth_http_url}/vhost",
-            f"auth_http.resource_path = {auth_http_url}/resource",
-            f"auth_http.topic_path = {auth_http_url}/topic",
-        ]
-    return "\n".join(lines) + "\n"
-
-
 def start_rabbitmq_cluster(
     base_dir: Path, size: int = 3, *, auth_http_url: str | None = None, timeout: float = 120.0
 ) -> RabbitCluster:
@@ -294,7 +218,10 @@ def start_rabbitmq_cluster(
         )
     peers = [node.name for node in nodes]
     for node in nodes:
-        (node.workdir / "rabbitmq.conf").write_text(node_config(node, peers, defs, auth_http_url))
+        ports = NodePorts(LOOPBACK, node.amqp_port, node.mqtt_port)
+        (node.workdir / "rabbitmq.conf").write_text(
+            render_config(ports, peers, defs, auth_http_url)
+        )
         (node.workdir / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
         (node.workdir / "rabbitmq-env.conf").write_text("")
     chown_tree(workdir, account)

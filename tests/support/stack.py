@@ -40,6 +40,7 @@ from mqchat import ChatClient, HistoryClient
 from store import accounts, make_engine, migrate
 from store.tables import Message
 
+from .rabbitmq import RabbitCluster, start_rabbitmq_cluster
 from .services import (
     LOOPBACK,
     Daemon,
@@ -88,6 +89,7 @@ class Stack:
     base_dir: Path
     mosquitto: MosquittoServer | None = None
     embedded_broker: Daemon | None = None
+    rabbitmq: RabbitCluster | None = None
     api: Daemon | None = None
     api_url: str | None = None
     _clients: list[ChatClient] = field(default_factory=list)
@@ -165,14 +167,16 @@ class Stack:
         on_message: Callable[[Incoming], None] | None = None,
         on_connect: Callable[[bool], None] | None = None,
         connect: bool = True,
+        port: int | None = None,
     ) -> MqttLink:
         """A stock MQTT client (no SDK): what mosquitto_pub or an IoT device would be.
         Closed with the test's other clients; ``connect=False`` for a test that
-        connects it itself (to see a refusal, or to reconnect a persistent session)."""
+        connects it itself (to see a refusal, or to reconnect a persistent session);
+        ``port``: another of the stack's (a cluster's other node)."""
         link = MqttLink(
             LinkConfig(
                 host=self.host,
-                port=self.port,
+                port=self.port if port is None else port,
                 username=user,
                 password=password if password is not None else password_of(user),
                 client_id=client_id or f"{user}:raw-{secrets.token_hex(3)}",
@@ -255,6 +259,8 @@ class Stack:
                 child.stop()
         if self.mosquitto is not None:
             self.mosquitto.close()
+        if self.rabbitmq is not None:
+            self.rabbitmq.close()
         self.engine.dispose()
 
 
@@ -292,10 +298,13 @@ def bridge_daemon(base: Path, settings: BridgeSettings, name: str = "bridge") ->
     return Daemon(name, "bridge", {}, base, settings=settings, ready_line=BRIDGE_READY)
 
 
-def api_daemon(base: Path, database_url: str) -> Daemon:
-    """``python -m history_api`` on a free loopback port, ready once it accepts."""
+def api_daemon(base: Path, database_url: str, **changes: Any) -> Daemon:
+    """``python -m history_api`` on a free loopback port, ready once it accepts;
+    ``changes``: more of its settings by field name."""
     port = free_port()
-    settings = daemon.build(ApiSettings, database_url=database_url, host=LOOPBACK, port=port)
+    settings = daemon.build(
+        ApiSettings, database_url=database_url, host=LOOPBACK, port=port, **changes
+    )
     return Daemon("api", "history_api", {}, base, settings=settings, ports=[(LOOPBACK, port)])
 
 
@@ -399,6 +408,49 @@ async def start_production_stack(
         "production", base, db_url, mosq.host, mosq.port, mosq.bridge.password, mosquitto=mosq
     )
     await asyncio.to_thread(stack.start_bridge)
+    return stack
+
+
+async def start_rabbitmq_stack(base: Path, postgres: PostgresServer) -> Stack:
+    """A 3-node RabbitMQ cluster whose accounts are the history API's
+    (``history_api/broker_auth.py``), with PostgreSQL and a bridge on the first node.
+
+    The API starts first: the nodes' config names its URL.
+    """
+    db_url = template_copy(postgres)
+    secret = secrets.token_urlsafe(24)
+    # Every MQTT connect is a request here (RabbitMQ's cache is keyed by the client id
+    # too); the isolation tests open hundreds in seconds, which the default sign-in
+    # rate (a backstop against storms, docs/operations.md) is not about.
+    api = api_daemon(
+        base, db_url, broker_auth_secret=secret, sign_ins_per_second=100000, sign_in_burst=100000
+    )
+    await asyncio.to_thread(api.start_ready)
+    try:
+        url = api_url(api)
+        cluster = await asyncio.to_thread(
+            partial(start_rabbitmq_cluster, base, auth_http_url=f"{url}/broker-auth/{secret}")
+        )
+    except BaseException:
+        api.stop()
+        raise
+    first = cluster.nodes[0]
+    stack = new_stack(
+        "rabbitmq",
+        base,
+        db_url,
+        cluster.host,
+        first.mqtt_port,
+        cluster.bridge.password,
+        rabbitmq=cluster,
+        api=api,
+        api_url=url,
+    )
+    try:
+        await asyncio.to_thread(stack.start_bridge)
+    except BaseException:
+        await stack.close()
+        raise
     return stack
 
 
