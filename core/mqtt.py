@@ -50,6 +50,13 @@ class ConnectRefused(MqttError):
         super().__init__(f"connection refused: {reason}")
         self.reason = reason
 
+    @property
+    def unavailable(self) -> bool:
+        """CONNACK 3, "server unavailable": transient by the protocol (a RabbitMQ
+        node answers it while its cluster's client-id registry is not ready), so
+        worth trying again, unlike a refusal of the credentials."""
+        return self.reason == "Server unavailable"
+
 
 class SubscribeRefused(MqttError):
     def __init__(self, topic_filter: str) -> None:

@@ -7,12 +7,19 @@ and a QoS 1 publish on one node reaches a subscriber on another.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 
+import protocol
+from bridge.config import BridgeSettings
+from core import daemon
 from core.mqtt import Incoming, LinkConfig, MqttLink
+from protocol import topics
 
+from .support.clients import Recorder
 from .support.rabbitmq import RabbitCluster
-from .support.stack import Stack
+from .support.services import Daemon
+from .support.stack import Stack, stored
 
 
 def test_three_nodes_form_one_cluster(rabbitmq_cluster: RabbitCluster) -> None:
@@ -85,3 +92,76 @@ async def test_devices_on_different_nodes_chat(rabbitmq_stack: Stack) -> None:
     await alice.send("while you were away", to=bob_name, timeout=20)
     bob = await rabbitmq_stack.client(bob_name, port=cluster.nodes[0].mqtt_port)
     assert (await bob.next_message(timeout=20)).body == "while you were away"
+
+
+def _handled(bridge: Daemon) -> int:
+    """What a stopped bridge says it handled since its latest start."""
+    found = re.search(r"stopped after handling (\d+) uplinks", bridge.latest_log())
+    assert found is not None, bridge.log_tail()
+    return int(found[1])
+
+
+async def test_each_bridge_receives_only_its_partitions(rabbitmq_stack: Stack) -> None:
+    """The broker splits the uplinks (bridge/amqp_source.py): over both bridges every
+    uplink is handled exactly once, both take a share, and each sender's messages are
+    stored in the order sent."""
+    cluster = rabbitmq_stack.rabbitmq
+    assert cluster is not None
+    bridges = [rabbitmq_stack.bridge, *rabbitmq_stack.more_bridges]
+    senders = await rabbitmq_stack.new_users(*(f"s{i}" for i in range(12)))
+    (receiver,) = await rabbitmq_stack.new_users("r")
+    links = [
+        await rabbitmq_stack.raw(sender, port=cluster.nodes[index % len(cluster.nodes)].mqtt_port)
+        for index, sender in enumerate(senders)
+    ]
+    per_sender = 5
+    inbox = Recorder()  # the receiver's: all delivered means all stored first
+    listener = await rabbitmq_stack.raw(receiver, on_message=inbox)
+    await listener.subscribe(topics.down(receiver, "msg"), qos=1)
+
+    def restart_all() -> None:
+        for bridge in bridges:
+            bridge.stop()
+        for bridge in bridges:
+            bridge.start_ready()
+
+    await asyncio.to_thread(restart_all)  # counting from zero
+    try:
+        for n in range(per_sender):
+            await asyncio.gather(
+                *(
+                    link.publish(
+                        topics.up(sender, "msg"),
+                        protocol.encode(protocol.UpMessage(id=f"m{n}", to=receiver, body=str(n))),
+                        qos=1,
+                    )
+                    for sender, link in zip(senders, links, strict=True)
+                )
+            )
+        async with asyncio.timeout(30):
+            while len(inbox.messages) < len(senders) * per_sender:
+                inbox._changed.clear()
+                await inbox._changed.wait()
+    finally:
+        for bridge in bridges:
+            await asyncio.to_thread(bridge.stop)
+        counts = [_handled(bridge) for bridge in bridges]
+        for bridge in bridges:
+            await asyncio.to_thread(bridge.start_ready)
+    print(f"uplinks handled per bridge: {counts}")
+    assert sum(counts) == len(senders) * per_sender
+    assert all(counts)
+    for sender in senders:
+        assert [row.body for row in stored(rabbitmq_stack, sender)] == [
+            str(n) for n in range(per_sender)
+        ]
+
+
+def test_amqp_addresses_read_as_nodes() -> None:
+    settings = daemon.build(
+        BridgeSettings,
+        database_url="sqlite:///x.db",
+        password="pw-of-the-bridge",
+        amqp_addresses=" rabbit-1:5673, rabbit-2 ,",
+    )
+    assert settings.amqp_nodes == [("rabbit-1", 5673), ("rabbit-2", 5672)]

@@ -90,6 +90,8 @@ class Stack:
     mosquitto: MosquittoServer | None = None
     embedded_broker: Daemon | None = None
     rabbitmq: RabbitCluster | None = None
+    #: More bridge instances than ``bridge`` (the RabbitMQ stack's partitions).
+    more_bridges: list[Daemon] = field(default_factory=list)
     api: Daemon | None = None
     api_url: str | None = None
     _clients: list[ChatClient] = field(default_factory=list)
@@ -254,7 +256,7 @@ class Stack:
 
     async def close(self) -> None:
         await self.close_clients()
-        for child in (self.bridge, self.api, self.embedded_broker):
+        for child in (self.bridge, *self.more_bridges, self.api, self.embedded_broker):
             if child is not None:
                 child.stop()
         if self.mosquitto is not None:
@@ -263,6 +265,9 @@ class Stack:
             self.rabbitmq.close()
         self.engine.dispose()
 
+
+#: Bridge instances on the RabbitMQ stack.
+RABBITMQ_BRIDGES = 2
 
 #: The migrated database every PostgreSQL test database is copied from (the
 #: ``postgres`` fixture creates it once per session).
@@ -446,8 +451,22 @@ async def start_rabbitmq_stack(base: Path, postgres: PostgresServer) -> Stack:
         api=api,
         api_url=url,
     )
+    # Two bridges, partitions of the uplink queues (bridge/amqp_source.py), each
+    # publishing through a node of its own.
+    amqp = ",".join(f"{cluster.host}:{node.amqp_port}" for node in cluster.nodes)
+    stack.bridge.reconfigure(amqp_addresses=amqp, partitions=RABBITMQ_BRIDGES, partition=0)
+    for index in range(1, RABBITMQ_BRIDGES):
+        node = cluster.nodes[index % len(cluster.nodes)]
+        settings = daemon.replace(
+            stack.bridge_settings,
+            partition=index,
+            client_id=f"mqchat-bridge-{index + 1}",
+            mqtt_port=node.mqtt_port,
+        )
+        stack.more_bridges.append(bridge_daemon(base, settings, f"bridge-{index + 1}"))
     try:
-        await asyncio.to_thread(stack.start_bridge)
+        for bridge in (stack.bridge, *stack.more_bridges):
+            await asyncio.to_thread(bridge.start_ready)
     except BaseException:
         await stack.close()
         raise
