@@ -118,6 +118,10 @@ class LinkConfig:
     max_inflight: int = 0
     max_backoff: float = 5.0
     connect_timeout: float = 10.0
+    #: Other nodes of the same broker cluster (``(host, port)``), tried in turn after
+    #: ``host:port`` when connecting and whenever the connection is lost: the session
+    #: lives on the cluster, so any node resumes it.
+    other_addresses: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.tls is not None and not self.tls.check_hostname:
@@ -180,6 +184,9 @@ class MqttLink:
         self._ready_waiters: list[asyncio.Future[None]] = []
         self._maintain_task: asyncio.Task[None] | None = None
         self.generation = 0
+        #: The broker's nodes, ``config.host`` first; ``_address`` is the one in use.
+        self._addresses = [(config.host, config.port), *config.other_addresses]
+        self._address = 0
         self._client = self._make_client()
 
     # -- public API ---------------------------------------------------------------
@@ -206,9 +213,14 @@ class MqttLink:
             OSError / TimeoutError: the broker cannot be reached.
         """
         self._loop = asyncio.get_running_loop()
-        cfg = self.config
-        self._client.connect_async(cfg.host, cfg.port, cfg.keepalive)
-        await self._connect_once()
+        for attempt in range(len(self._addresses)):
+            self._use_address(attempt)
+            try:
+                await self._connect_once()
+                break
+            except (OSError, TimeoutError):
+                if attempt == len(self._addresses) - 1:
+                    raise
         self._maintain_task = asyncio.create_task(self._maintain(), name="mqtt-reconnect")
 
     async def close(self) -> None:
@@ -351,17 +363,21 @@ class MqttLink:
                     reraise=True,
                 ):
                     with attempt:
-                        log.info(
-                            "reconnecting %s to %s:%s",
-                            self.config.client_id,
-                            self.config.host,
-                            self.config.port,
-                        )
+                        if len(self._addresses) > 1:  # the next node: this one may be gone
+                            self._use_address(self._address + 1)
+                        host, port = self._addresses[self._address]
+                        log.info("reconnecting %s to %s:%s", self.config.client_id, host, port)
                         await self._connect_once()
             except (OSError, TimeoutError, MqttError):
                 if self._closing:
                     return
                 raise
+
+    def _use_address(self, index: int) -> None:
+        """Connect to node ``index`` (modulo their number) from now on."""
+        self._address = index % len(self._addresses)
+        host, port = self._addresses[self._address]
+        self._client.connect_async(host, port, self.config.keepalive)
 
     def _require_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

@@ -171,6 +171,9 @@ class ChatClient:
             itself). A device whose session another connection with the same
             ``{username}:{device}`` took over sees only a loss: show it, or the user
             waits on a silent stall.
+        other_brokers: more nodes of a broker cluster (RabbitMQ), ``(host, port)``
+            each, tried in turn after ``host:port``: when a node is lost the client
+            reconnects to the next, where its session and queued messages are.
     """
 
     def __init__(
@@ -192,6 +195,7 @@ class ChatClient:
         presence_interval: float | None = 120.0,
         history: HistoryClient | None = None,
         on_connection: Callable[[bool, str], None] | None = None,
+        other_brokers: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.username = username
         self._on_connection = on_connection
@@ -231,6 +235,7 @@ class ChatClient:
                 transport=transport,
                 tls=tls,
                 will=will,
+                other_addresses=tuple(other_brokers),
             ),
             on_message=self._on_incoming,
             on_connect=self._on_reconnect,

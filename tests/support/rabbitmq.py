@@ -134,6 +134,18 @@ class RabbitCluster:
                 raise TimeoutError(f"cluster not formed: {self.running_nodes()} != {want}")
             time.sleep(0.5)
 
+    def restart_node(self, index: int, timeout: float = 120.0) -> None:
+        """Start a stopped or killed node again (its data kept) and wait until it is
+        back in the cluster."""
+        node = self.nodes[index]
+        node.start()
+        node.child.wait_ready(timeout)
+        deadline = time.monotonic() + timeout
+        while node.name not in self.running_nodes():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{node.name} did not rejoin the cluster")
+            time.sleep(0.5)
+
     def close(self) -> None:
         for node in self.nodes:
             node.stop()
