@@ -416,7 +416,7 @@ async def start_production_stack(
     return stack
 
 
-async def start_rabbitmq_stack(base: Path, postgres: PostgresServer) -> Stack:
+async def start_rabbitmq_stack(base: Path, postgres: PostgresServer, nodes: int = 3) -> Stack:
     """A 3-node RabbitMQ cluster whose accounts are the history API's
     (``history_api/broker_auth.py``), with PostgreSQL and a bridge on the first node.
 
@@ -434,7 +434,9 @@ async def start_rabbitmq_stack(base: Path, postgres: PostgresServer) -> Stack:
     try:
         url = api_url(api)
         cluster = await asyncio.to_thread(
-            partial(start_rabbitmq_cluster, base, auth_http_url=f"{url}/broker-auth/{secret}")
+            partial(
+                start_rabbitmq_cluster, base, nodes, auth_http_url=f"{url}/broker-auth/{secret}"
+            )
         )
     except BaseException:
         api.stop()
