@@ -1,7 +1,8 @@
-"""The 3-node RabbitMQ cluster the cluster tests run on (``tests/support/rabbitmq.py``).
-
-It is formed, runs the settings ``docs/operations.md`` gives (quorum-queue sessions),
-and a QoS 1 publish on one node reaches a subscriber on another.
+"""mqchat on a 3-node RabbitMQ cluster (``tests/support/rabbitmq.py``, fixture
+``shared_rabbitmq``): the cluster forms with the settings ``docs/operations.md`` gives
+(quorum-queue sessions) and relays across nodes; devices on different nodes chat
+through two bridges; and the broker splits the uplinks between the bridges
+(``bridge/amqp_source.py``), counted.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+
+import pytest
 
 import protocol
 from bridge.config import BridgeSettings
@@ -20,6 +23,9 @@ from .support.clients import Recorder
 from .support.rabbitmq import RabbitCluster
 from .support.services import Daemon
 from .support.stack import Stack, stored
+
+#: One worker boots the session's cluster (20-60 s, three Erlang VMs) and runs them all.
+pytestmark = pytest.mark.xdist_group("rabbitmq")
 
 
 def test_three_nodes_form_one_cluster(rabbitmq_cluster: RabbitCluster) -> None:

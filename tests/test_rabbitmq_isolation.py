@@ -32,6 +32,9 @@ from .support.clients import BRIDGE, Recorder, password_for, probe
 from .support.rabbitmq import RabbitCluster
 from .support.stack import Stack, password_of
 
+#: One worker boots the session's cluster (20-60 s, three Erlang VMs) and runs them all.
+pytestmark = pytest.mark.xdist_group("rabbitmq")
+
 UP_KINDS = ("msg", "ack", "typing", "presence")
 DOWN_KINDS = ("msg", "receipt", "typing", "error")
 ALLOWED: dict[str, dict[str, tuple[str, ...]]] = {

@@ -25,6 +25,9 @@ from .support.chaos import History, Received, StoredRow, cancel, check, record_s
 from .support.rabbitmq import RabbitCluster
 from .support.stack import Stack, stored
 
+#: One worker boots the session's cluster (20-60 s, three Erlang VMs) and runs them all.
+pytestmark = pytest.mark.xdist_group("rabbitmq")
+
 PER_SENDER = 40
 PACE = 0.05
 SEND_TIMEOUT = 60.0
