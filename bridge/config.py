@@ -33,6 +33,16 @@ class BridgeSettings(BaseSettings):
     #: uplinks go through one instance, in order.
     partitions: int = Field(default=1, ge=1)
     partition: int = Field(default=0, ge=0)
+    #: RabbitMQ: the nodes' AMQP listeners, ``host:port`` comma-separated. Set, the
+    #: bridge takes uplinks from the cluster's uplink queues instead of an MQTT
+    #: subscription (``bridge/amqp_source.py``): the broker gives each instance its
+    #: partitions (``partitions`` instances, this one ``partition``), so no instance
+    #: receives another's uplinks. Downlinks still go out over MQTT.
+    amqp_addresses: str | None = None
+    #: RabbitMQ: how many uplink queues the consistent-hash exchange spreads senders
+    #: over; the same on every instance, and fixed once traffic flows (a change moves
+    #: senders between queues while their older uplinks may still wait in the old one).
+    amqp_queues: int = Field(default=16, ge=1)
     keepalive: int = Field(default=15, ge=5)
     #: Most uplinks stored by one write (group commit).
     max_batch: int = Field(default=256, ge=1)
@@ -93,6 +103,18 @@ class BridgeSettings(BaseSettings):
         parse_many(self.message_rate)  # ValueError names what is wrong
         parse_many(self.uplink_rate)
         return self
+
+    @property
+    def amqp_nodes(self) -> list[tuple[str, int]]:
+        """``amqp_addresses`` as (host, port) pairs (5672 where no port is given)."""
+        nodes = []
+        for item in (self.amqp_addresses or "").split(","):
+            host, sep, port = item.strip().rpartition(":")
+            if not sep:
+                host, port = item.strip(), "5672"
+            if host:
+                nodes.append((host, int(port)))
+        return nodes
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> BridgeSettings:

@@ -47,6 +47,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
+    retry_if_exception,
     retry_if_exception_type,
     stop_after_delay,
     wait_random_exponential,
@@ -55,7 +56,7 @@ from tenacity import (
 import protocol
 from core.daemon import BRIDGE_READY_LOG, Service
 from core.metrics import MetricsServer, broker_check, database_check, new_registry
-from core.mqtt import Incoming, LinkConfig, MqttLink
+from core.mqtt import ConnectRefused, Incoming, LinkConfig, MqttLink
 from protocol import errors, topics
 from store import backlog, conversations, make_engine, presence
 from store.cursors import AckOutcome, advance_batch
@@ -64,6 +65,7 @@ from store.groups import apply_op
 from store.messages import DirectConversations, GroupMembers, Outcome, persist_batch
 from store.types import utcnow
 
+from .amqp_source import AmqpSource
 from .config import BridgeSettings
 from .faults import CrashHook
 from .metrics import BACKLOG_AGES, BridgeMetrics
@@ -97,6 +99,10 @@ COMMITS_KEPT = 100_000
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def _unavailable(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectRefused) and exc.unavailable
 
 
 class SchemaNotReady(RuntimeError):
@@ -151,6 +157,19 @@ class Bridge(Service):
             on_message=self._queue.put_nowait,
             on_connect=self._on_connect,
         )
+        #: RabbitMQ: the uplinks come from this instance's queues, not the MQTT link.
+        self.source: AmqpSource | None = None
+        if settings.amqp_addresses:
+            self.source = AmqpSource(
+                settings.amqp_nodes,
+                settings.username,
+                settings.password.get_secret_value(),
+                queues=settings.amqp_queues,
+                partitions=settings.partitions,
+                partition=settings.partition,
+                prefetch=2 * settings.max_batch,
+                deliver=self._queue.put_nowait,
+            )
         self.handled = 0
         #: (user, device) sent a snapshot of its contacts' presence lately. A device
         #: gets one when it comes online, and again on its next word after an hour or
@@ -215,14 +234,17 @@ class Bridge(Service):
         await self.metrics_server.start()
         # The broker may still be starting (``mqchat up`` starts both at once).
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(OSError),
+            retry=retry_if_exception_type(OSError) | retry_if_exception(_unavailable),
             wait=wait_random_exponential(multiplier=0.05, max=2),
             stop=stop_after_delay(self.settings.startup_timeout),
             reraise=True,
         ):
             with attempt:
                 await self.link.connect()
-        await self.link.subscribe(topics.ALL_UPLINKS, qos=1)
+        if self.source is not None:
+            await self.source.start(self.settings.startup_timeout)
+        else:
+            await self.link.subscribe(topics.ALL_UPLINKS, qos=1)
         self._sweeper = asyncio.create_task(self._sweep_presence(), name="presence-sweeper")
         self._backlog = asyncio.create_task(self._count_backlog(), name="backlog-counter")
         log.info(
@@ -283,6 +305,8 @@ class Bridge(Service):
         left = self._queue.qsize()
         if left:
             log.info("shutdown: %d uplinks left unacknowledged for redelivery", left)
+        if self.source is not None:
+            await self.source.close()
         await self.link.close()
         await self.metrics_server.stop()
         self.engine.dispose()
@@ -595,7 +619,7 @@ class Bridge(Service):
 
     def _mine(self, topic: str) -> bool:
         partitions = self.settings.partitions
-        if partitions == 1:
+        if partitions == 1 or self.source is not None:  # the broker partitioned them
             return True
         sender = topics.uplink_sender(topic)
         if sender is None:
@@ -744,7 +768,10 @@ class Bridge(Service):
         for arrived in arrivals:
             observe(now - arrived)
         for incoming in batch:
-            self.link.ack(incoming)
+            if self.source is not None:
+                await self.source.ack(incoming)
+            else:
+                self.link.ack(incoming)
 
     def _check_schema(self) -> None:
         current, head = revisions(self.engine)

@@ -51,6 +51,13 @@ class ConnectRefused(MqttError):
         super().__init__(f"connection refused: {reason}")
         self.reason = reason
 
+    @property
+    def unavailable(self) -> bool:
+        """CONNACK 3, "server unavailable": transient by the protocol (a RabbitMQ
+        node answers it while its cluster's client-id registry is not ready), so
+        worth trying again, unlike a refusal of the credentials."""
+        return self.reason == "Server unavailable"
+
 
 class SubscribeRefused(MqttError):
     def __init__(self, topic_filter: str) -> None:
@@ -116,6 +123,10 @@ class LinkConfig:
     #: ``password``: a short-lived MQTT credential is fetched anew each time
     #: (``core.credentials``), since the one of the last connect may have expired.
     password_provider: Callable[[], Awaitable[str]] | None = None
+    #: Other nodes of the same broker cluster (``(host, port)``), tried in turn after
+    #: ``host:port`` when connecting and whenever the connection is lost: the session
+    #: lives on the cluster, so any node resumes it.
+    other_addresses: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.tls is not None and not self.tls.check_hostname:
@@ -181,6 +192,9 @@ class MqttLink:
         self._ready_waiters: list[asyncio.Future[None]] = []
         self._maintain_task: asyncio.Task[None] | None = None
         self.generation = 0
+        #: The broker's nodes, ``config.host`` first; ``_address`` is the one in use.
+        self._addresses = [(config.host, config.port), *config.other_addresses]
+        self._address = 0
         self._client = self._make_client()
 
     # -- public API ---------------------------------------------------------------
@@ -207,9 +221,14 @@ class MqttLink:
             OSError / TimeoutError: the broker cannot be reached.
         """
         self._loop = asyncio.get_running_loop()
-        cfg = self.config
-        self._client.connect_async(cfg.host, cfg.port, cfg.keepalive)
-        await self._connect_once(first=True)
+        for attempt in range(len(self._addresses)):
+            self._use_address(attempt)
+            try:
+                await self._connect_once(first=True)
+                break
+            except (OSError, TimeoutError):
+                if attempt == len(self._addresses) - 1:
+                    raise
         self._maintain_task = asyncio.create_task(self._maintain(), name="mqtt-reconnect")
 
     async def close(self) -> None:
@@ -363,17 +382,21 @@ class MqttLink:
                     reraise=True,
                 ):
                     with attempt:
-                        log.info(
-                            "reconnecting %s to %s:%s",
-                            self.config.client_id,
-                            self.config.host,
-                            self.config.port,
-                        )
+                        if len(self._addresses) > 1:  # the next node: this one may be gone
+                            self._use_address(self._address + 1)
+                        host, port = self._addresses[self._address]
+                        log.info("reconnecting %s to %s:%s", self.config.client_id, host, port)
                         await self._connect_once()
             except (OSError, TimeoutError, MqttError):
                 if self._closing:
                     return
                 raise
+
+    def _use_address(self, index: int) -> None:
+        """Connect to node ``index`` (modulo their number) from now on."""
+        self._address = index % len(self._addresses)
+        host, port = self._addresses[self._address]
+        self._client.connect_async(host, port, self.config.keepalive)
 
     def _require_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

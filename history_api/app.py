@@ -14,6 +14,7 @@ from store import make_engine, reading, signin
 
 from . import (
     admin,
+    broker_auth,
     conversations,
     credentials,
     devices,
@@ -79,6 +80,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(observe.router)
     app.include_router(admin.router)
+    app.include_router(broker_auth.router)
     if settings.web_dir is not None:
         web.install(app, settings, settings.web_dir)
     return app

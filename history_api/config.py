@@ -30,6 +30,10 @@ class ApiSettings(BaseSettings):
     mosquitto_port: int = Field(default=1883, ge=1, le=65535)
     mosquitto_admin_username: str = "mqchat-admin"
     mosquitto_admin_password: SecretStr | None = None
+    #: Turns on the answers to a RabbitMQ cluster's HTTP auth backend
+    #: (``history_api/broker_auth.py``), under ``/broker-auth/<this secret>/``; also
+    #: refuses usernames with ``.`` at sign-up (a topic level separator there).
+    broker_auth_secret: SecretStr | None = None
     #: Seconds requests in flight get to finish on SIGTERM; then uvicorn cancels them
     #: (and logs how many) and the API exits.
     shutdown_timeout: int = Field(default=10, ge=1)

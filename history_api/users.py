@@ -92,7 +92,7 @@ class PasswordChange(BaseModel):
     },
 )
 async def create_user(
-    body: UserCreate, engine: EngineDep, open_provisioner: ProvisionerDep
+    body: UserCreate, engine: EngineDep, open_provisioner: ProvisionerDep, settings: SettingsDep
 ) -> UserPublic:
     """Create an account that can sign in to the MQTT broker as soon as this answers.
 
@@ -104,6 +104,11 @@ async def create_user(
     # Refuse bad input before opening a connection to the broker for nothing;
     # register() checks again, inside its transaction.
     username = accounts.normalize_username(body.username)
+    if settings.broker_auth_secret is not None and "." in username:
+        # On RabbitMQ a "." splits a topic level: see history_api/broker_auth.py.
+        raise errors.ProtocolError(
+            errors.INVALID_USERNAME, "usernames cannot contain '.' on this server"
+        )
     accounts.check_password(password, username=username)
     async with open_provisioner() as provisioner:
         await register(engine, provisioner, username, password)

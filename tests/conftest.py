@@ -20,6 +20,7 @@ from history_api import ApiSettings
 from store import accounts, make_engine, migrate
 
 from .support.history import postgres_database, serve, sqlite_database
+from .support.rabbitmq import RabbitCluster
 from .support.services import MosquittoServer, PostgresServer, start_mosquitto, start_postgres
 from .support.stack import (
     TEMPLATE_DATABASE,
@@ -28,6 +29,7 @@ from .support.stack import (
     running,
     start_embedded_stack,
     start_production_stack,
+    start_rabbitmq_stack,
     template_copy,
 )
 
@@ -43,6 +45,37 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def shared_rabbitmq(
+    tmp_path_factory: pytest.TempPathFactory, postgres: PostgresServer
+) -> Iterator[Stack]:
+    """mqchat on a 3-node RabbitMQ cluster (``tests/support/rabbitmq.py``), its accounts
+    checked by the history API; once per session: the cluster's boot is the slowest
+    thing the suite starts (20-30 s here). Tests add users of their own
+    (``Stack.new_users``) and leave the daemons alone."""
+    s = asyncio.run(start_rabbitmq_stack(tmp_path_factory.mktemp("rabbitmq"), postgres))
+    try:
+        yield s
+    finally:
+        asyncio.run(s.close())
+
+
+@pytest.fixture
+async def rabbitmq_stack(shared_rabbitmq: Stack) -> AsyncIterator[Stack]:
+    """:func:`shared_rabbitmq` for one test: its clients closed after it."""
+    s = shared_rabbitmq.view()
+    try:
+        yield s
+    finally:
+        await s.close_clients()
+
+
+@pytest.fixture
+def rabbitmq_cluster(shared_rabbitmq: Stack) -> RabbitCluster:
+    assert shared_rabbitmq.rabbitmq is not None
+    return shared_rabbitmq.rabbitmq
 
 
 @pytest.fixture(params=["embedded", "production"])

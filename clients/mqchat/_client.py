@@ -179,6 +179,9 @@ class ChatClient:
         mqtt_credentials: connect with a short-lived MQTT credential that ``history``
             fetches for this device before every connect (``password`` is then not
             sent to the broker); :meth:`sign_in` sets it.
+        other_brokers: more nodes of a broker cluster (RabbitMQ), ``(host, port)``
+            each, tried in turn after ``host:port``: when a node is lost the client
+            reconnects to the next, where its session and queued messages are.
     """
 
     def __init__(
@@ -201,6 +204,7 @@ class ChatClient:
         history: HistoryClient | None = None,
         on_connection: Callable[[bool, str], None] | None = None,
         mqtt_credentials: bool = False,
+        other_brokers: Sequence[tuple[str, int]] = (),
     ) -> None:
         self.username = username
         self._on_connection = on_connection
@@ -248,6 +252,7 @@ class ChatClient:
                 tls=tls,
                 will=will,
                 password_provider=password_provider,
+                other_addresses=tuple(other_brokers),
             ),
             on_message=self._on_incoming,
             on_connect=self._on_reconnect,

@@ -43,6 +43,7 @@ from store import accounts, make_engine, migrate
 from store.messages import DirectConversations, GroupMembers, persist_batch
 from store.tables import Message
 
+from .rabbitmq import RabbitCluster, start_rabbitmq_cluster
 from .services import (
     LOOPBACK,
     Daemon,
@@ -91,6 +92,9 @@ class Stack:
     base_dir: Path
     mosquitto: MosquittoServer | None = None
     embedded_broker: Daemon | None = None
+    rabbitmq: RabbitCluster | None = None
+    #: More bridge instances than ``bridge`` (the RabbitMQ stack's partitions).
+    more_bridges: list[Daemon] = field(default_factory=list)
     api: Daemon | None = None
     api_url: str | None = None
     #: The key the broker checks MQTT credentials with; the API signs with it too.
@@ -197,14 +201,16 @@ class Stack:
         on_message: Callable[[Incoming], None] | None = None,
         on_connect: Callable[[bool], None] | None = None,
         connect: bool = True,
+        port: int | None = None,
     ) -> MqttLink:
         """A stock MQTT client (no SDK): what mosquitto_pub or an IoT device would be.
         Closed with the test's other clients; ``connect=False`` for a test that
-        connects it itself (to see a refusal, or to reconnect a persistent session)."""
+        connects it itself (to see a refusal, or to reconnect a persistent session);
+        ``port``: another of the stack's (a cluster's other node)."""
         link = MqttLink(
             LinkConfig(
                 host=self.host,
-                port=self.port,
+                port=self.port if port is None else port,
                 username=user,
                 password=password if password is not None else password_of(user),
                 client_id=client_id or f"{user}:raw-{secrets.token_hex(3)}",
@@ -296,13 +302,18 @@ class Stack:
 
     async def close(self) -> None:
         await self.close_clients()
-        for child in (self.bridge, self.api, self.embedded_broker):
+        for child in (self.bridge, *self.more_bridges, self.api, self.embedded_broker):
             if child is not None:
                 child.stop()
         if self.mosquitto is not None:
             self.mosquitto.close()
+        if self.rabbitmq is not None:
+            self.rabbitmq.close()
         self.engine.dispose()
 
+
+#: Bridge instances on the RabbitMQ stack.
+RABBITMQ_BRIDGES = 2
 
 #: The migrated database every PostgreSQL test database is copied from (the
 #: ``postgres`` fixture creates it once per session).
@@ -467,6 +478,65 @@ async def start_production_stack(
         credential_secret=mosq.credential_secret,
     )
     await asyncio.to_thread(stack.start_bridge)
+    return stack
+
+
+async def start_rabbitmq_stack(base: Path, postgres: PostgresServer, nodes: int = 3) -> Stack:
+    """A 3-node RabbitMQ cluster whose accounts are the history API's
+    (``history_api/broker_auth.py``), with PostgreSQL and a bridge on the first node.
+
+    The API starts first: the nodes' config names its URL.
+    """
+    db_url = template_copy(postgres)
+    secret = secrets.token_urlsafe(24)
+    # Every MQTT connect is a request here (RabbitMQ's cache is keyed by the client id
+    # too); the isolation tests open hundreds in seconds, which the default sign-in
+    # rate (a backstop against storms, docs/operations.md) is not about.
+    api = api_daemon(
+        base, db_url, broker_auth_secret=secret, sign_ins_per_second=100000, sign_in_burst=100000
+    )
+    await asyncio.to_thread(api.start_ready)
+    try:
+        url = api_url(api)
+        cluster = await asyncio.to_thread(
+            partial(
+                start_rabbitmq_cluster, base, nodes, auth_http_url=f"{url}/broker-auth/{secret}"
+            )
+        )
+    except BaseException:
+        api.stop()
+        raise
+    first = cluster.nodes[0]
+    stack = new_stack(
+        "rabbitmq",
+        base,
+        db_url,
+        cluster.host,
+        first.mqtt_port,
+        cluster.bridge.password,
+        rabbitmq=cluster,
+        api=api,
+        api_url=url,
+    )
+    # Two bridges, partitions of the uplink queues (bridge/amqp_source.py), each
+    # publishing through a node of its own.
+    amqp = ",".join(f"{cluster.host}:{node.amqp_port}" for node in cluster.nodes)
+    stack.bridge.reconfigure(amqp_addresses=amqp, partitions=RABBITMQ_BRIDGES, partition=0)
+    for index in range(1, RABBITMQ_BRIDGES):
+        node = cluster.nodes[index % len(cluster.nodes)]
+        settings = daemon.replace(
+            stack.bridge_settings,
+            partition=index,
+            client_id=f"mqchat-bridge-{index + 1}",
+            mqtt_port=node.mqtt_port,
+        )
+        stack.more_bridges.append(bridge_daemon(base, settings, f"bridge-{index + 1}"))
+    try:
+        for bridge in (stack.bridge, *stack.more_bridges):
+            await asyncio.to_thread(bridge.start_ready)
+    except BaseException:
+        await stack.close()
+        raise
     return stack
 
 

@@ -1,0 +1,261 @@
+"""A RabbitMQ cluster started from Debian's ``rabbitmq-server``, on loopback.
+
+Each node is its own Erlang VM (``name@localhost``) with ports of its own (AMQP, MQTT,
+distribution), its own data and log directories, and a private ``epmd`` on a free port
+(``ERL_EPMD_PORT``, bound to 127.0.0.1) so that clusters of parallel test sessions do
+not see each other. The nodes share one Erlang cookie and find each other through
+``classic_config`` peer discovery: all of them boot at once and form the cluster
+without any ``rabbitmqctl join_cluster`` round.
+
+What the nodes run is ``broker.rabbitmq.render_config``, the settings ``docs/operations.md``
+documents for production: ``rabbitmq_mqtt`` with persistent sessions in quorum
+queues (``mqtt.durable_queue_type = quorum``, 3.10+), anonymous MQTT off, and the
+service accounts (bridge, operator) loaded from a definitions file at boot, so no
+``rabbitmqctl`` call (2-3 s each: it boots a VM) is on the startup path.
+
+Booting three VMs on two shared cores takes 20-30 s, so the tests start one cluster
+per session (``tests/conftest.py``); :attr:`RabbitCluster.startup_seconds` says how
+long it took.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.rabbitmq import PLUGINS, NodePorts, definitions, render_config
+from core.dynsec import Credentials
+from core.supervisor import Child
+
+from .services import LOOPBACK, _run_as, _service_account, _workdir, chown_tree, free_port
+
+SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
+EPMD = "epmd"
+
+
+@dataclass
+class RabbitNode:
+    """One node of the cluster: its name, ports and process."""
+
+    name: str
+    amqp_port: int
+    mqtt_port: int
+    dist_port: int
+    workdir: Path
+    child: Child
+
+    @property
+    def ports(self) -> list[tuple[str, int]]:
+        return [(LOOPBACK, self.amqp_port), (LOOPBACK, self.mqtt_port)]
+
+    def start(self) -> None:
+        self.child.ports = self.ports
+        self.child.start()
+
+    def kill(self) -> None:
+        """SIGKILL the node's whole process group (the VM and its helpers), as a crash
+        or a power cut would."""
+        process = self.child.process
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        process = self.child.process
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+@dataclass
+class RabbitCluster:
+    """A running cluster; ``nodes[i].mqtt_port`` is where devices connect."""
+
+    workdir: Path
+    account: pwd.struct_passwd | None
+    private_workdir: bool
+    epmd_port: int
+    epmd: Child
+    nodes: list[RabbitNode]
+    bridge: Credentials
+    admin: Credentials
+    startup_seconds: float = 0.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def host(self) -> str:
+        return LOOPBACK
+
+    @property
+    def mqtt_addresses(self) -> list[tuple[str, int]]:
+        return [(LOOPBACK, node.mqtt_port) for node in self.nodes]
+
+    def ctl(self, *args: str, node: int = 0, timeout: float = 60.0) -> str:
+        """``rabbitmqctl -n <node> args`` (a VM of its own: seconds per call)."""
+        result = subprocess.run(
+            [CTL, "-n", self.nodes[node].name, *args],
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            **_run_as(self.account),
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stderr or result.stdout}")
+        return str(result.stdout)
+
+    def running_nodes(self, node: int = 0) -> list[str]:
+        status = json.loads(self.ctl("cluster_status", "--formatter", "json", node=node))
+        return sorted(status["running_nodes"])
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Every node accepts AMQP and MQTT and the first sees all of them running."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            node.child.wait_ready(max(1.0, deadline - time.monotonic()))
+        want = sorted(node.name for node in self.nodes)
+        while self.running_nodes() != want:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cluster not formed: {self.running_nodes()} != {want}")
+            time.sleep(0.5)
+
+    def restart_node(self, index: int, timeout: float = 120.0) -> None:
+        """Start a stopped or killed node again (its data kept) and wait until it is
+        back in the cluster."""
+        node = self.nodes[index]
+        node.start()
+        node.child.wait_ready(timeout)
+        deadline = time.monotonic() + timeout
+        while node.name not in self.running_nodes():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{node.name} did not rejoin the cluster")
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.epmd.stop(5)
+        if self.private_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_rabbitmq_cluster(
+    base_dir: Path, size: int = 3, *, auth_http_url: str | None = None, timeout: float = 120.0
+) -> RabbitCluster:
+    """Start ``size`` nodes at once and return when they form one cluster.
+
+    Args:
+        auth_http_url: where RabbitMQ's HTTP auth backend asks about users that are not
+            service accounts (the history API's ``/broker-auth``); None: service
+            accounts only.
+    """
+    started = time.monotonic()
+    account = _service_account("rabbitmq")
+    workdir, private = _workdir(base_dir, "rabbitmq", account)
+    cookie = workdir / ".erlang.cookie"
+    cookie.write_text(secrets.token_hex(16))
+    cookie.chmod(0o400)
+    bridge = Credentials("mqchat-bridge", secrets.token_urlsafe(24))
+    admin = Credentials("mqchat-admin", secrets.token_urlsafe(24))
+    defs = workdir / "definitions.json"
+    defs.write_text(json.dumps(definitions(bridge, admin)))
+    epmd_port = free_port()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(workdir),
+        "LANG": "C.UTF-8",
+        "ERL_EPMD_ADDRESS": LOOPBACK,
+        "ERL_EPMD_PORT": str(epmd_port),
+    }
+    popen = {"umask": 0o077, **_run_as(account)}
+    epmd = Child(
+        "epmd",
+        [EPMD, "-port", str(epmd_port), "-address", LOOPBACK],
+        env,
+        workdir / "epmd.log",
+        cwd=workdir,
+        popen=popen,
+    )
+    tag = secrets.token_hex(3)
+    nodes: list[RabbitNode] = []
+    for index in range(1, size + 1):
+        node_dir = workdir / f"node{index}"
+        node_dir.mkdir()
+        name = f"mqchat{index}-{tag}@localhost"
+        node_env = env | {
+            "RABBITMQ_NODENAME": name,
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_CONFIG_FILE": str(node_dir / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(node_dir / "advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": str(node_dir / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(node_dir / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(node_dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(node_dir / "log"),
+            "RABBITMQ_PLUGINS_EXPAND_DIR": str(node_dir / "plugins-expand"),
+            "RABBITMQ_PID_FILE": str(node_dir / "rabbitmq.pid"),
+        }
+        child = Child(
+            name,
+            [SERVER],
+            node_env,
+            node_dir / "server.log",
+            cwd=node_dir,
+            own_session=True,  # its VM and helpers in one group: kill() takes them all
+            popen=popen,
+        )
+        nodes.append(
+            RabbitNode(
+                name=name,
+                amqp_port=free_port(),
+                mqtt_port=free_port(),
+                dist_port=int(node_env["RABBITMQ_DIST_PORT"]),
+                workdir=node_dir,
+                child=child,
+            )
+        )
+    peers = [node.name for node in nodes]
+    for node in nodes:
+        ports = NodePorts(LOOPBACK, node.amqp_port, node.mqtt_port)
+        (node.workdir / "rabbitmq.conf").write_text(
+            render_config(ports, peers, defs, auth_http_url)
+        )
+        (node.workdir / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
+        (node.workdir / "rabbitmq-env.conf").write_text("")
+    chown_tree(workdir, account)
+    cluster = RabbitCluster(
+        workdir=workdir,
+        account=account,
+        private_workdir=private,
+        epmd_port=epmd_port,
+        epmd=epmd,
+        nodes=nodes,
+        bridge=bridge,
+        admin=admin,
+        env=env,
+    )
+    try:
+        epmd.ports = [(LOOPBACK, epmd_port)]
+        epmd.start_ready(10)
+        for node in nodes:
+            node.start()
+        cluster.wait_ready(timeout)
+    except BaseException:
+        cluster.close()
+        raise
+    cluster.startup_seconds = time.monotonic() - started
+    return cluster
