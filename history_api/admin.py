@@ -12,6 +12,7 @@ import logging
 from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
@@ -20,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from core.accounts import set_disabled
 from protocol import errors
-from store import accounts, tokens
+from store import accounts, push, tokens
 from store import admin as store_admin
 
 from .deps import CurrentUser, EngineDep, ProvisionerDep, SessionDep
@@ -67,11 +68,19 @@ class AdminDevice(BaseModel):
     last_seen: datetime
 
 
+class AdminPushRegistration(BaseModel):
+    device: str
+    channel: str
+    #: The push service's host only: the endpoint's full URL is a capability to wake
+    #: the device up, which an admin has no use for.
+    push_service: str
+    created_at: datetime
+
+
 class UserDevices(BaseModel):
     username: str
     devices: list[AdminDevice]
-    #: Push registrations, once the push notifier keeps them (issue 17).
-    push_registrations: list[str]
+    push_registrations: list[AdminPushRegistration]
 
 
 class Revoked(BaseModel):
@@ -110,7 +119,15 @@ def user_devices(username: str, admin: Admin, session: SessionDep) -> UserDevice
         devices=[
             AdminDevice(device=d.device, online=d.online, last_seen=d.last_seen) for d in devices
         ],
-        push_registrations=[],
+        push_registrations=[
+            AdminPushRegistration(
+                device=s.device,
+                channel=s.channel,
+                push_service=urlsplit(s.endpoint).hostname or "",
+                created_at=s.created_at,
+            )
+            for s in push.subscriptions(session, username)
+        ],
     )
 
 

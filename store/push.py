@@ -98,6 +98,12 @@ def unsubscribe(session: Session, user: str, device: str) -> bool:
     return True
 
 
+def subscriptions(session: Session, user: str) -> list[PushSubscription]:
+    """``user``'s push subscriptions, by device name (for the admin routes)."""
+    query = select(PushSubscription).where(PushSubscription.username == user)
+    return list(session.exec(query.order_by(col(PushSubscription.device))))
+
+
 def subscribed_devices(session: Session, users: Iterable[str]) -> dict[str, set[str]]:
     """Which of ``users``' devices have a subscription (for the delivery trace)."""
     wanted = sorted(set(users))

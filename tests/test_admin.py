@@ -15,8 +15,10 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from store import admin as store_admin
+from store import push
 
 from .support.history import add_users, as_user, at, error_of, set_device, sign_in
+from .support.push import DeviceKeys
 from .support.stack import password_of
 
 
@@ -48,6 +50,23 @@ async def test_an_admin_lists_disables_revokes_and_sees_devices(
     devices = await root.json("/v1/admin/users/alice/devices")
     assert [(d["device"], d["online"]) for d in devices["devices"]] == [("phone", True)]
     assert devices["push_registrations"] == []
+    keys = DeviceKeys.new().subscription_keys()
+    with Session(engine) as session, session.begin():
+        push.subscribe(
+            session,
+            "alice",
+            "phone",
+            "webpush",
+            "https://push.example.net/w/secret-path",
+            keys["p256dh"],
+            keys["auth"],
+        )
+    devices = await root.json("/v1/admin/users/alice/devices")
+    registered = [
+        (r["device"], r["channel"], r["push_service"]) for r in devices["push_registrations"]
+    ]
+    assert registered == [("phone", "webpush", "push.example.net")]
+    assert "secret-path" not in str(devices), "the endpoint is a capability: host only"
 
     stats = await root.json("/v1/admin/stats")
     assert (stats["users"], stats["admins"], stats["devices_online"]) == (4, 1, 1)
