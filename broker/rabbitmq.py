@@ -45,10 +45,11 @@ def password_hash(password: str) -> str:
 
 
 #: The bridge's topics on ``amq.topic`` (routing keys: MQTT's ``/`` is ``.``, ``+`` is
-#: ``*``; usernames hold no ``.`` on RabbitMQ): it publishes downlinks and presence and
-#: subscribes to uplinks, as ``protocol.acl.BRIDGE_RULES`` says for the other brokers.
+#: ``*``; usernames hold no ``.`` on RabbitMQ): it publishes downlinks (presence among
+#: them, on each contact's ``down/presence``) and subscribes to uplinks, as
+#: ``protocol.acl.BRIDGE_RULES`` says for the other brokers.
 BRIDGE_TOPICS = {
-    "write": r"^chat\.v1\.u\.[^.*#]+\.down(\..+)?$|^chat\.v1\.presence\.[^.*#]+$",
+    "write": r"^chat\.v1\.u\.[^.*#]+\.down(\..+)?$",
     "read": r"^chat\.v1\.u\.[^.#]+\.up(\..*)?$",
 }
 

@@ -38,6 +38,8 @@ from protocol import topics
 from protocol.errors import ProtocolError
 from store.tables import Account
 
+from .support import acl_table
+from .support.acl_table import DOWN_KINDS, UP_KINDS, may
 from .support.clients import BRIDGE, Recorder, connect_actor, probe
 from .support.services import ROOT
 from .support.stack import Stack, password_of, stored
@@ -45,47 +47,6 @@ from .support.stack import Stack, password_of, stored
 LONG_NAME = "d.o_t" + "9" * 27  # 32 characters, the longest a username may be
 USERS = ("alice", "bob", "bobby", LONG_NAME)
 ACTORS = (*USERS, BRIDGE)
-UP_KINDS = ("msg", "ack", "typing", "presence")
-DOWN_KINDS = ("msg", "receipt", "typing", "error", "presence")
-
-# The topic table of DESIGN.md, restated ("{me}" is the connected user).
-ALLOWED: dict[str, dict[str, tuple[str, ...]]] = {
-    "user": {
-        "publish": ("chat/v1/u/{me}/up/#",),
-        "subscribe": ("chat/v1/u/{me}/down/#",),
-    },
-    "bridge": {
-        "publish": ("chat/v1/u/+/down/#",),
-        "subscribe": ("chat/v1/u/+/up/#",),
-    },
-}
-
-
-# -- the oracle --------------------------------------------------------------------
-
-
-def _samples(topic_filter: str) -> list[str]:
-    """Topics that stand for everything ``topic_filter`` can match.
-
-    A wildcard level becomes a value no literal level equals (NUL), so only a
-    wildcard in the allowing pattern can match it; ``#`` stands for zero, one and
-    two levels.
-    """
-    wild = "\x00"
-    levels = ["\x00" if level == "+" else level for level in topic_filter.split("/")]
-    if levels[-1] != "#":
-        return ["/".join(levels)]
-    parent = levels[:-1]
-    return ["/".join(parent), "/".join([*parent, wild]), "/".join([*parent, wild, wild])]
-
-
-def may(actor: str, action: str, topic: str) -> bool:
-    kind = "bridge" if actor == BRIDGE else "user"
-    patterns = [p.replace("{me}", actor) for p in ALLOWED[kind][action]]
-    if action == "publish":
-        return any(topics.matches(topic, p) for p in patterns)
-    # A subscription is granted only if it cannot reach past what is allowed.
-    return all(any(topics.matches(s, p) for p in patterns) for s in _samples(topic))
 
 
 def test_the_oracle_reads_the_table_as_intended() -> None:
@@ -109,45 +70,21 @@ def test_the_oracle_reads_the_table_as_intended() -> None:
 # -- what is probed ----------------------------------------------------------------
 
 
-def observable_topics() -> list[str]:
-    """Every topic some entitled observer can watch: the publish probes' targets."""
-    out = []
-    for user in USERS:
-        out += [f"chat/v1/u/{user}/up/{kind}" for kind in UP_KINDS]
-        out += [f"chat/v1/u/{user}/down/{kind}" for kind in DOWN_KINDS]
-    return out
-
-
 def subscribe_filters() -> list[str]:
-    filters = []
-    for user in USERS:
-        base = f"chat/v1/u/{user}"
-        filters += [f"{base}/up/{kind}" for kind in UP_KINDS]
-        filters += [f"{base}/down/{kind}" for kind in DOWN_KINDS]
-        filters += [f"{base}/up/#", f"{base}/up/+", f"{base}/down/#", f"{base}/down/+"]
-        filters += [f"{base}/down", f"{base}/down/msg/deeper", f"{base}/#", f"{base}/+/msg"]
-        filters.append(f"chat/v1/presence/{user}")
-    filters += [
-        "#",
-        "+/#",
-        "+/+/+/+/+/+",
-        "+/v1/u/+/down/#",
-        "chat/#",
-        "chat/v1/#",
-        "chat/v1/u/#",
-        "chat/v1/u/+/up/#",
-        "chat/v1/u/+/down/#",
-        "chat/v1/u/+/+/+",
-        "chat/v1/u/+/down/msg",
-        "chat/v1/presence/+",
-        "chat/v1/presence/#",
-        "chat/+/presence/+",
-        "$SYS/#",
-        "$SYS/broker/uptime",
-        "$CONTROL/#",
-        "$CONTROL/dynamic-security/v1/response",
-    ]
-    return filters
+    return acl_table.subscribe_filters(
+        USERS,
+        extra=(
+            "chat/v1/u/+/down/msg",
+            "chat/+/presence/+",
+            "$SYS/broker/uptime",
+            "$CONTROL/#",
+            "$CONTROL/dynamic-security/v1/response",
+        ),
+    )
+
+
+def observable_topics() -> list[str]:
+    return acl_table.observable_topics(USERS)
 
 
 def traffic_topics() -> list[str]:

@@ -25,9 +25,9 @@ import httpx
 import pytest
 
 from core.mqtt import ConnectRefused
-from protocol import topics
 
-from .support import packets
+from .support import acl_table, packets
+from .support.acl_table import DOWN_KINDS, may
 from .support.clients import BRIDGE, Recorder, password_for, probe
 from .support.rabbitmq import RabbitCluster
 from .support.stack import Stack, password_of
@@ -35,18 +35,6 @@ from .support.stack import Stack, password_of
 #: One worker boots the session's cluster (20-60 s, three Erlang VMs) and runs them all.
 pytestmark = pytest.mark.xdist_group("rabbitmq")
 
-UP_KINDS = ("msg", "ack", "typing", "presence")
-DOWN_KINDS = ("msg", "receipt", "typing", "error")
-ALLOWED: dict[str, dict[str, tuple[str, ...]]] = {
-    "user": {
-        "publish": ("chat/v1/u/{me}/up/#",),
-        "subscribe": ("chat/v1/u/{me}/down/#", "chat/v1/presence/+"),
-    },
-    "bridge": {
-        "publish": ("chat/v1/u/+/down/#", "chat/v1/presence/+"),
-        "subscribe": ("chat/v1/u/+/up/#",),
-    },
-}
 #: How long one answer may take under a loaded machine; never what decides.
 ANSWER = 20.0
 
@@ -59,56 +47,12 @@ def _users() -> tuple[str, ...]:
     return (f"alice{tag}", f"bob{tag}", f"bob{tag}by", f"l{tag}_" + "9" * 26)
 
 
-def _samples(topic_filter: str) -> list[str]:
-    levels = ["\x00" if level == "+" else level for level in topic_filter.split("/")]
-    if levels[-1] != "#":
-        return ["/".join(levels)]
-    parent = levels[:-1]
-    return ["/".join(parent), "/".join([*parent, "\x00"]), "/".join([*parent, "\x00", "\x00"])]
-
-
-def may(actor: str, action: str, topic: str) -> bool:
-    kind = "bridge" if actor == BRIDGE else "user"
-    patterns = [p.replace("{me}", actor) for p in ALLOWED[kind][action]]
-    if action == "publish":
-        return any(topics.matches(topic, p) for p in patterns)
-    return all(any(topics.matches(s, p) for p in patterns) for s in _samples(topic))
-
-
 def observable_topics(users: tuple[str, ...]) -> list[str]:
-    out = []
-    for user in users:
-        out += [f"chat/v1/u/{user}/up/{kind}" for kind in UP_KINDS]
-        out += [f"chat/v1/u/{user}/down/{kind}" for kind in DOWN_KINDS]
-        out.append(f"chat/v1/presence/{user}")
-    return out
+    return acl_table.observable_topics(users)
 
 
 def subscribe_filters(users: tuple[str, ...]) -> list[str]:
-    filters = []
-    for user in users:
-        base = f"chat/v1/u/{user}"
-        filters += [f"{base}/up/{kind}" for kind in UP_KINDS]
-        filters += [f"{base}/down/{kind}" for kind in DOWN_KINDS]
-        filters += [f"{base}/up/#", f"{base}/up/+", f"{base}/down/#", f"{base}/down/+"]
-        filters += [f"{base}/down", f"{base}/down/msg/deeper", f"{base}/#", f"{base}/+/msg"]
-        filters.append(f"chat/v1/presence/{user}")
-    return [
-        *filters,
-        "#",
-        "+/#",
-        "+/+/+/+/+/+",
-        "+/v1/u/+/down/#",
-        "chat/#",
-        "chat/v1/#",
-        "chat/v1/u/#",
-        "chat/v1/u/+/up/#",
-        "chat/v1/u/+/down/#",
-        "chat/v1/u/+/+/+",
-        "chat/v1/presence/+",
-        "chat/v1/presence/#",
-        "$SYS/#",
-    ]
+    return acl_table.subscribe_filters(users)
 
 
 class _Conn:
