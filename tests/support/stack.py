@@ -529,6 +529,7 @@ async def start_rabbitmq_stack(base: Path, postgres: PostgresServer, nodes: int 
             partition=index,
             client_id=f"mqchat-bridge-{index + 1}",
             mqtt_port=node.mqtt_port,
+            metrics_addr=f"{LOOPBACK}:{free_port()}",
         )
         stack.more_bridges.append(bridge_daemon(base, settings, f"bridge-{index + 1}"))
     try:
