@@ -518,8 +518,9 @@ def claim(engine: Engine, *, lease: timedelta, limit: int) -> list[Claimed]:
             .limit(limit)
             .with_for_update(skip_locked=True)
         ).all()
+        subs = _subscriptions(session, {(row.username, row.device) for row in rows})
         for row in rows:
-            sub = session.get(PushSubscription, (row.username, row.device))
+            sub = subs.get((row.username, row.device))
             if sub is None:
                 row.state, row.outcome, row.done_at = "gone", "unsubscribed", now
             else:
@@ -554,17 +555,43 @@ def finish(engine: Engine, outcomes: Sequence[tuple[Claimed, Outcome, str]]) -> 
         return
     now = utcnow()
     with Session(engine) as session:
+        rows = {
+            row.pk: row
+            for row in session.exec(
+                select(PushOutbox).where(col(PushOutbox.pk).in_([p.pk for p, _, _ in outcomes]))
+            )
+        }
+        gone = [(p.user, p.device) for p, outcome, _ in outcomes if outcome == "gone"]
+        subs = _subscriptions(session, set(gone))
         for push, outcome, detail in outcomes:
-            row = session.get(PushOutbox, push.pk)
+            row = rows.get(push.pk)
             if row is None or row.state != "due":
                 continue
             row.state, row.outcome, row.done_at = outcome, detail[:200], now
             session.add(row)
             if outcome == "gone":
-                sub = session.get(PushSubscription, (push.user, push.device))
+                sub = subs.pop((push.user, push.device), None)
                 if sub is not None and sub.endpoint == push.endpoint:
                     session.delete(sub)
         session.commit()
+
+
+def _subscriptions(
+    session: Session, keys: set[tuple[str, str]]
+) -> dict[tuple[str, str], PushSubscription]:
+    """The subscriptions of these (user, device) keys, in one query."""
+    if not keys:
+        return {}
+    return {
+        (sub.username, sub.device): sub
+        for sub in session.exec(
+            select(PushSubscription).where(
+                tuple_(col(PushSubscription.username), col(PushSubscription.device)).in_(
+                    sorted(keys)
+                )
+            )
+        )
+    }
 
 
 @dataclass(frozen=True, slots=True)
