@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import func
 from sqlmodel import Session, select
 
 from core import daemon
@@ -27,7 +28,8 @@ from history_api.config import ApiSettings
 from protocol import UpPresence, encode, topics
 from push.config import PushSettings
 from store import push as store_push
-from store.tables import Device, PushOutbox, PushState, PushSubscription
+from store.tables import Cursor, Device, PushOutbox, PushState, PushSubscription
+from store.types import utcnow
 
 from .support.push import DeviceKeys, PushReceiver
 from .support.services import LOOPBACK, Daemon, free_port, wait_until
@@ -107,6 +109,34 @@ class PushStack:
         with Session(self.stack.engine) as session:
             state = session.get(PushState, (user, conversation))
             return state is not None and state.decided_seq >= seq
+
+    def pending(self, user: str, conversation: str) -> int:
+        """The newest message scanned and waiting for its decision (0: none)."""
+        with Session(self.stack.engine) as session:
+            state = session.get(PushState, (user, conversation))
+            return state.pending_seq if state is not None else 0
+
+    def read_by(self, user: str, conversation: str) -> int:
+        with Session(self.stack.engine) as session:
+            return (
+                session.exec(
+                    select(func.max(Cursor.read_seq)).where(
+                        Cursor.conversation_id == conversation, Cursor.username == user
+                    )
+                ).one()
+                or 0
+            )
+
+    def end_collapse(self, user: str, conversation: str) -> None:
+        """Make a waiting burst due now: the collapse window's end, without waiting
+        it out."""
+        with Session(self.stack.engine) as session:
+            state = session.get(PushState, (user, conversation))
+            assert state is not None
+            assert state.due_at is not None
+            state.due_at = utcnow()
+            session.add(state)
+            session.commit()
 
     def outbox(self, user: str) -> list[PushOutbox]:
         with Session(self.stack.engine) as session:
@@ -261,6 +291,61 @@ async def test_a_burst_is_one_notification_with_a_count(push: PushStack) -> None
     assert received[-1].payload["seq"] == sent.seq
     # The sender's own devices are never pushed for what they sent.
     assert push.receiver.to(mine) == []
+
+
+async def test_a_read_on_another_device_stops_further_pushes_for_what_was_read(
+    push: PushStack,
+) -> None:
+    """A read withdraws nothing already sent, but what it covers is not pushed again,
+    and the next push counts only what came after it."""
+    alice, bob = await push.stack.new_users("alice", "bob")
+    name = await push.subscribe(bob)
+    # A collapse window no test outlasts: the second message waits in it until the
+    # test ends the window itself (below), after the read is stored.
+    push.start(collapse=3600.0)
+    sender = await push.stack.client(alice)
+    first = await sender.send("one", to=bob, timeout=20)
+    await wait_received(push, name)
+    conversation = first.conversation
+
+    second = await sender.send("two", to=bob, timeout=20)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: push.pending(bob, conversation) == second.seq,
+        timeout=WAIT,
+        what="the second message waiting in the collapse window",
+    )
+    laptop = await push.stack.client(bob, "laptop", ack_delivered=False)
+    await laptop.mark_read(conversation, second.seq)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: push.read_by(bob, conversation) >= second.seq,
+        timeout=WAIT,
+        what="the laptop's read stored",
+    )
+    push.end_collapse(bob, conversation)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: push.decided(bob, conversation, second.seq),
+        timeout=WAIT,
+        what="the read message decided",
+    )
+    # Decided in the transaction that would have added its push: none was.
+    assert [r.state for r in push.outbox(bob)] == ["sent"]  # the first push stands
+    assert len(push.receiver.to(name)) == 1
+
+    third = await sender.send("three", to=bob, timeout=20)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: push.pending(bob, conversation) == third.seq,
+        timeout=WAIT,
+        what="the third message waiting in the collapse window",
+    )
+    push.end_collapse(bob, conversation)
+    await wait_received(push, name, 2)
+    last = push.receiver.to(name)[-1].payload
+    # Only what nobody has read yet: "three", not "two" again.
+    assert (last["seq"], last["count"]) == (third.seq, 1)
 
 
 async def test_mutes_stop_pushes(push: PushStack) -> None:
