@@ -652,7 +652,7 @@ def test_a_killed_bridge_is_restarted_and_loses_nothing(up: Up) -> None:
     assert code == 0
     assert line.endswith("] alice: after the crash")
     up.run.stdout.wait_for(r"^bridge +was killed by SIGKILL; restarting")
-    new = int(up.run.stdout.wait_for(r"^bridge +running \(pid (\d+)\)").group(1))
+    new = int(up.run.stdout.wait_for(r"^bridge +\S+/metrics  \(pid (\d+)\)").group(1))
     assert new != old
     assert alive(new)
     up.pids["bridge"] = new
@@ -662,7 +662,7 @@ def test_a_bridge_that_keeps_dying_stops_everything(up: Up) -> None:
     pid = up.pids["bridge"]
     for _ in range(6):
         os.kill(pid, signal.SIGKILL)
-        line = up.run.stdout.wait_for(r"^bridge +running \(pid (\d+)\)|^stopping ")
+        line = up.run.stdout.wait_for(r"^bridge +\S+/metrics  \(pid (\d+)\)|^stopping ")
         if line.group(0).startswith("stopping"):
             break
         pid = up.pids["bridge"] = int(line.group(1))

@@ -34,7 +34,7 @@ from protocol import DownMessage, UpMessage
 from store import accounts, make_engine, migrate, search, tokens
 from store.db import alembic_config, reading
 from store.messages import persist_batch
-from store.tables import Account, Conversation, Device, Member, Message
+from store.tables import Conversation, Device, Member, Message
 
 from .support.history import (
     As,
@@ -527,13 +527,6 @@ async def test_search_covers_messages_stored_before_the_migration(
                     {"username": u, "password_hash": accounts.hash_password(password_of(u))}
                     | {"created_at": at(0), "disabled": False}
                     for u in ("alice", "bob")
-                ],
-            )
-            conn.execute(
-                insert(Account.__table__).values(created_at=at(0), disabled=False),  # type: ignore[attr-defined]
-                [
-                    {"username": user, "password_hash": accounts.hash_password(password_of(user))}
-                    for user in ("alice", "bob")
                 ],
             )
             conn.execute(
