@@ -37,7 +37,10 @@ class CredentialRequest(BaseModel):
         DeviceName,
         # The NUL rule in the schema too, for generated clients and fuzzers (schemathesis
         # drops TEXT_PATTERN's surrogate range and then generated NULs).
-        Field(description="1-64 characters, no NUL", json_schema_extra={"pattern": "^[^\\u0000]*$"}),
+        Field(
+            description="1-64 characters, no NUL",
+            json_schema_extra={"pattern": "^[^\\u0000]*$"},
+        ),
     ]
 
     @field_validator("device")
