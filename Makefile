@@ -77,5 +77,11 @@ $(JS)/dist/.built: $(JS)/node_modules/.installed $(JS)/tsconfig.json $(JS)/build
 	cd $(JS) && npm run --silent build
 	touch $@
 
+# The browser tests save their screenshots to build/screenshots/ (a test run leaves the
+# tree clean); this reruns them into docs/img/, for a commit that means to change them.
+.PHONY: screenshots
+screenshots: $(STAMP) system-deps $(CLIENTID_PLUGIN) web
+	MQCHAT_SCREENSHOTS_DIR=$(CURDIR)/docs/img $(VENV)/bin/pytest -q tests/test_js.py -k web_app
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(CLIENTID_PLUGIN) $(JS)/node_modules $(JS)/dist

@@ -20,11 +20,13 @@ import type { MqttClient } from "mqtt";
 
 import { MqchatError } from "./errors.js";
 import type { HistoryApi, MqttCredential } from "./history.js";
+import type { OutboxStore, StoredOutgoing } from "./outbox.js";
 import {
   MAX_BODY_CHARS,
   MAX_PAYLOAD_BYTES,
   topics,
   type DownMessage,
+  type DownPresence,
   type DownTyping,
   type ErrorPayload,
   type GroupOp,
@@ -65,6 +67,11 @@ export interface ChatOptions {
   ackDelivered?: boolean;
   /** Longest wait between two connection attempts, in milliseconds. */
   maxReconnectDelay?: number;
+  /**
+   * Keeps the outbox across restarts (e.g. `storageOutbox(localStorage, key)`): what
+   * was not yet `sent` is resent by the next `connect()`, same id, same order.
+   */
+  outbox?: OutboxStore;
 }
 
 export interface ConnectionState {
@@ -81,6 +88,7 @@ export interface ChatEvents {
   /** Receipts: `sent` (also for messages this device awaits), `delivered`, `read`, group aggregates. */
   receipt: Receipt;
   typing: DownTyping;
+  /** A contact's presence (someone this user shares a conversation with), from `down/presence`. */
   presence: Presence & { user: string };
   /** A refusal nobody awaits (an ack's, typing's, or of a send whose caller left). */
   error: MqchatError;
@@ -120,7 +128,10 @@ export class ChatClient {
   readonly api: HistoryApi;
   readonly device: string;
   username = "";
-  private readonly opts: Required<Omit<ChatOptions, "api" | "device" | "credential" | "mqttUrl">>;
+  private readonly opts: Required<Omit<ChatOptions, "api" | "device" | "credential" | "mqttUrl" | "outbox">>;
+  private readonly store: OutboxStore | undefined;
+  private restored = false;
+  private saving: Promise<void> = Promise.resolve();
   private readonly mqttUrl: string;
   private readonly credentialSource: () => Promise<MqttCredential>;
   private credential: MqttCredential | undefined;
@@ -136,7 +147,8 @@ export class ChatClient {
   private readonly lanes = new Map<string, Outgoing[]>();
   private readonly kicks = new Map<string, () => void>();
   private readonly held = new Map<string, Held>();
-  private readonly watched = new Set<string>();
+  /** Each contact's latest presence, as `down/presence` told it. */
+  readonly contacts = new Map<string, Presence>();
   private toAck = new Map<string, number>();
   private catchingUp: Promise<void> | undefined;
 
@@ -145,6 +157,7 @@ export class ChatClient {
     this.device = options.device;
     this.mqttUrl = options.mqttUrl;
     this.credentialSource = options.credential ?? (() => this.api.mqttCredential(this.device));
+    this.store = options.outbox;
     this.opts = {
       resendAfter: options.resendAfter ?? 5000,
       holdBack: options.holdBack ?? 2000,
@@ -176,9 +189,15 @@ export class ChatClient {
     return this.connected;
   }
 
-  /** Ids still in the outbox (not yet stored), with their bodies: the app shows them as "sending…". */
-  get pending(): { id: string; body?: string }[] {
-    return [...this.outbox.values()].map((o) => ({ id: o.id, body: o.body }));
+  /**
+   * What is still in the outbox (not yet stored), oldest first, with its body and
+   * target: the app shows these as "sending…", also those restored by `connect()`.
+   */
+  get pending(): { id: string; body?: string; conversation?: string; to?: string }[] {
+    return [...this.outbox.values()].map((o) => {
+      const up = JSON.parse(o.payload) as { conversation?: string; to?: string };
+      return { id: o.id, body: o.body, conversation: up.conversation, to: up.to };
+    });
   }
 
   /**
@@ -187,6 +206,7 @@ export class ChatClient {
    * fails (wrong credential, broker unreachable): the app decides whether to retry.
    */
   async connect(): Promise<void> {
+    await this.restoreOutbox();
     for (const cursor of await this.api.cursors(this.device)) {
       const held = this.heldFor(cursor.conversation);
       held.delivered = Math.max(held.delivered ?? 0, cursor.delivered);
@@ -204,6 +224,7 @@ export class ChatClient {
     const client = this.mqtt;
     this.mqtt = undefined;
     this.connected = false;
+    await this.saving;
     if (client !== undefined) {
       if (client.connected) {
         await client.publishAsync(topics.up(this.username, "presence"), this.presencePayload("offline"), { qos: 1 }).catch(() => {});
@@ -291,7 +312,6 @@ export class ChatClient {
       client.on("error", () => {}); // a refusal or a broken socket: "close" follows
       client.on("close", () => this.onLost(client!, "connection lost"));
       await client.subscribeAsync(topics.downAll(credential.username), { qos: 1 });
-      for (const user of this.watched) await client.subscribeAsync(topics.presence(user), { qos: 1 });
     } catch (exc) {
       client?.end(true);
       if (this.mqtt === client) this.mqtt = undefined;
@@ -428,19 +448,60 @@ export class ChatClient {
       return Promise.reject(new MqchatError("payload_too_large", `${payload.length} bytes`, up.id));
     }
     return new Promise<Sent>((resolve, reject) => {
-      const item: Outgoing = {
-        id: up.id, lane, topic: kind, payload, body, resolve, reject, done: false,
-      };
-      this.outbox.set(up.id, item);
-      let queue = this.lanes.get(lane);
-      if (queue === undefined) {
-        this.lanes.set(lane, (queue = []));
-        queue.push(item);
-        void this.runLane(lane, queue);
-      } else {
-        queue.push(item);
+      this.enqueue({ id: up.id, lane, topic: kind, payload, body, resolve, reject, done: false });
+      this.persist();
+    });
+  }
+
+  /**
+   * Put back what an earlier run left unsent (once; `connect()` does it too), so an app
+   * can show it before the broker answers. Nobody awaits these: a refusal is an `error` event.
+   */
+  async restoreOutbox(): Promise<void> {
+    if (this.store === undefined || this.restored) return;
+    this.restored = true;
+    let items: StoredOutgoing[];
+    try {
+      items = await this.store.load();
+    } catch (exc) {
+      console.error("mqchat: the saved outbox could not be read", exc);
+      return;
+    }
+    for (const stored of items) {
+      if (this.outbox.has(stored.id)) continue;
+      this.enqueue({
+        id: stored.id, lane: stored.lane, topic: stored.kind, payload: stored.payload, body: stored.body,
+        resolve: () => {}, reject: (error) => this.emit("error", error), done: false,
+      });
+    }
+  }
+
+  /** Hand the store the whole outbox, in order, one write after another. */
+  private persist(): void {
+    const store = this.store;
+    if (store === undefined) return;
+    const items: StoredOutgoing[] = [...this.outbox.values()].map((o) => ({
+      id: o.id, lane: o.lane, kind: o.topic as "msg" | "group", payload: o.payload, body: o.body,
+    }));
+    this.saving = this.saving.then(async () => {
+      try {
+        await store.save(items);
+      } catch (exc) {
+        console.error("mqchat: the outbox could not be saved", exc);
       }
     });
+  }
+
+  private enqueue(item: Outgoing): void {
+    this.outbox.set(item.id, item);
+    const queue = this.lanes.get(item.lane);
+    if (queue === undefined) {
+      const fresh = [item];
+      this.lanes.set(item.lane, fresh);
+      void this.runLane(item.lane, fresh);
+    } else {
+      queue.push(item);
+    }
   }
 
   private async runLane(lane: string, queue: Outgoing[]): Promise<void> {
@@ -475,7 +536,10 @@ export class ChatClient {
   private settle(item: Outgoing, outcome: { sent: Sent } | { error: MqchatError }): void {
     if (item.done) return;
     item.done = true;
-    if (this.outbox.get(item.id) === item) this.outbox.delete(item.id);
+    if (this.outbox.get(item.id) === item) {
+      this.outbox.delete(item.id);
+      this.persist();
+    }
     if ("sent" in outcome) item.resolve(outcome.sent);
     else item.reject(outcome.error);
     (item as Outgoing & { wake?: () => void }).wake?.();
@@ -495,12 +559,12 @@ export class ChatClient {
     this.publish("typing", JSON.stringify(event), 0);
   }
 
-  /** Follow a user's presence (`presence` events); the retained state comes at once. */
-  watchPresence(user: string): void {
-    if (this.watched.has(user)) return;
-    this.watched.add(user);
-    if (this.connected) this.mqtt?.subscribe(topics.presence(user), { qos: 1 });
-  }
+  /**
+   * Kept for apps written before issue 19: presence now comes by itself on
+   * `down/presence`, for contacts alone (the bridge closed `chat/v1/presence/{user}`,
+   * and refuses subscriptions to it), so there is nothing to follow.
+   */
+  watchPresence(_user: string): void {}
 
   // -- receiving --------------------------------------------------------------------
 
@@ -512,11 +576,17 @@ export class ChatClient {
       return;
     }
     if (typeof payload !== "object" || payload === null) return;
-    if (topic.startsWith("chat/v1/presence/")) {
-      this.emit("presence", { ...(payload as Presence), user: topic.slice("chat/v1/presence/".length) });
+    const kind = topic.split("/").at(-1);
+    if (kind === "presence") {
+      for (const word of (payload as DownPresence).users ?? []) {
+        const known = this.contacts.get(word.username);
+        // A snapshot taken before a change can arrive after it: the later word wins.
+        if (known !== undefined && (payload as DownPresence).snapshot && word.at < known.at) continue;
+        this.contacts.set(word.username, { state: word.state, at: word.at });
+        this.emit("presence", { state: word.state, at: word.at, user: word.username });
+      }
       return;
     }
-    const kind = topic.split("/").at(-1);
     if (kind === "msg") this.onMessage(payload as DownMessage);
     else if (kind === "receipt") this.onReceipt(payload as Receipt);
     else if (kind === "typing") this.emit("typing", payload as DownTyping);

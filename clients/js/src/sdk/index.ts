@@ -4,3 +4,5 @@ export { MqchatError } from "./errors.js";
 export { HistoryApi } from "./history.js";
 export type { Conversation, DeviceCursor, LastMessage, Member, MqttCredential, Page, Token, Trace, UserPresence } from "./history.js";
 export * from "./wire.js";
+export { storageOutbox } from "./outbox.js";
+export type { KeyValueStorage, OutboxStore, StoredOutgoing } from "./outbox.js";

@@ -92,10 +92,21 @@ export interface ErrorPayload {
   detail: string;
 }
 
-/** The retained `chat/v1/presence/{user}`. */
+/** A user's presence as `GET /v1/users/{user}/presence` says it. */
 export interface Presence {
   state: PresenceState;
   at: string;
+}
+
+/** One contact's presence, on `down/presence`. */
+export interface ContactPresence extends Presence {
+  username: string;
+}
+
+/** `down/presence`: contacts' changes, or a snapshot of them all after coming online. */
+export interface DownPresence {
+  users: ContactPresence[];
+  snapshot?: boolean;
 }
 
 // Every property of T, listed once: a missing or unknown name fails to compile.
@@ -121,6 +132,7 @@ export const WIRE_FIELDS = {
   DownTyping: fields<DownTyping>()(["conversation", "from", "typing"]),
   ErrorPayload: fields<ErrorPayload>()(["id", "code", "detail"]),
   Presence: fields<Presence>()(["state", "at"]),
+  DownPresence: fields<DownPresence>()(["users", "snapshot"]),
 } as const;
 
 /** The enums, for the same check. */
@@ -152,5 +164,4 @@ export const MAX_PAYLOAD_BYTES = 32768;
 export const topics = {
   up: (user: string, kind: "msg" | "ack" | "typing" | "presence" | "group") => `chat/v1/u/${user}/up/${kind}`,
   downAll: (user: string) => `chat/v1/u/${user}/down/#`,
-  presence: (user: string) => `chat/v1/presence/${user}`,
 };

@@ -12,6 +12,7 @@ import {
   type Conversation,
   type DownMessage,
   type Receipt,
+  storageOutbox,
 } from "../sdk/index.js";
 
 const $ = <T extends HTMLElement = HTMLElement>(id: string) => document.getElementById(id) as T;
@@ -88,6 +89,10 @@ function device(): string {
   return name;
 }
 
+function outboxKey(): string {
+  return `mqchat.outbox.${device()}`;
+}
+
 async function mqttUrl(): Promise<string> {
   const config = (await (await fetch("/app/config.json")).json()) as { mqtt_url: string };
   return config.mqtt_url.replace("{host}", location.hostname);
@@ -115,7 +120,9 @@ async function authenticate(signUp: boolean): Promise<void> {
 async function start(api: HistoryApi): Promise<void> {
   state.api = api;
   api.onUnauthorized = () => void signOut("Your session ended: sign in again.");
-  const chat = new ChatClient({ api, mqttUrl: await mqttUrl(), device: device() });
+  // What is still "sending…" when the page closes waits in localStorage for the next start.
+  const outbox = storageOutbox(localStorage, outboxKey());
+  const chat = new ChatClient({ api, mqttUrl: await mqttUrl(), device: device(), outbox });
   state.chat = chat;
   chat.on("message", onMessage);
   chat.on("receipt", onReceipt);
@@ -137,7 +144,15 @@ async function start(api: HistoryApi): Promise<void> {
     else status(`Connection lost, retrying${c.retryIn ? ` in ${Math.ceil(c.retryIn / 1000)} s` : ""}…`);
     if (c.connected) flushPendingView();
   });
-  chat.on("error", (e) => ($("list-error").textContent = say(e)));
+  chat.on("error", (e) => {
+    const shown = e.id ? findShown(e.id) : undefined;
+    if (shown) {
+      // A message restored from an earlier run, refused now: nobody awaits its send().
+      shown.failed = say(e);
+      if (state.open) renderMessages(false);
+    }
+    $("list-error").textContent = say(e);
+  });
   state.me = localStorage.getItem("mqchat.user") ?? "";
   const connect = async (): Promise<void> => {
     try {
@@ -152,9 +167,16 @@ async function start(api: HistoryApi): Promise<void> {
       setTimeout(() => void connect(), 3000);
     }
   };
-  await connect();
+  // What an earlier run left unsent shows at once, as "sending…", before the broker answers.
+  await chat.restoreOutbox();
+  showRestored(chat);
+  // The screens need only the history API: they do not wait for the broker (which may
+  // be out of reach for a while, with messages still "sending…").
+  const connecting = connect();
   $("me").textContent = state.me;
   route();
+  await connecting;
+  $("me").textContent = state.me;
 }
 
 async function signOut(message = ""): Promise<void> {
@@ -164,6 +186,8 @@ async function signOut(message = ""): Promise<void> {
   state.chat = null;
   state.api = null;
   await chat?.close();
+  // Unsent messages are this person's: they do not wait for the next one to sign in.
+  localStorage.removeItem(outboxKey());
   state.conversations.clear();
   state.messages.clear();
   location.hash = "";
@@ -239,13 +263,10 @@ async function startChat(username: string): Promise<void> {
     location.hash = `#/c/${encodeURIComponent(existing.id)}`;
     return;
   }
-  try {
-    await state.api!.presence(name); // unknown_user if there is nobody by that name
-    state.chat?.watchPresence(name);
-    location.hash = `#/to/${encodeURIComponent(name)}`;
-  } catch (error) {
-    $("list-error").textContent = say(error);
-  }
+  // No probe first: the API tells presence to contacts only, and a stranger is not one
+  // yet. A name with nobody behind it is refused at the first message (unknown_recipient).
+  state.chat?.watchPresence(name);
+  location.hash = `#/to/${encodeURIComponent(name)}`;
 }
 
 // -- a conversation ---------------------------------------------------------------
@@ -461,6 +482,23 @@ function send(text: string): void {
     });
 }
 
+/** The outbox an earlier run of the page left behind, shown as "sending…" where it belongs. */
+function showRestored(chat: ChatClient): void {
+  for (const p of chat.pending) {
+    if (p.body === undefined || findShown(p.id)) continue;
+    const key = p.conversation ?? `to:${p.to}`;
+    bucket(key).set(p.id, { conversation: p.conversation ?? "", id: p.id, from: state.me, body: p.body, pending: true });
+  }
+}
+
+function findShown(id: string): Shown | undefined {
+  for (const map of state.messages.values()) {
+    const shown = map.get(id);
+    if (shown) return shown;
+  }
+  return undefined;
+}
+
 function flushPendingView(): void {
   if (state.open) renderMessages(false);
 }
@@ -493,7 +531,23 @@ function onMessage(m: DownMessage): void {
 }
 
 function onReceipt(r: Receipt): void {
-  if (r.status === "sent") return; // the send() promise says it
+  if (r.status === "sent") {
+    // Usually the send() promise says it; a message restored from an earlier run has none.
+    const shown = r.id ? findShown(r.id) : undefined;
+    if (shown?.pending) {
+      shown.pending = false;
+      shown.seq = r.seq;
+      if (!shown.conversation) {
+        for (const map of state.messages.values()) map.delete(shown.id);
+        shown.conversation = r.conversation;
+        void refreshList();
+      }
+      bucket(r.conversation).set(shown.id, shown);
+      shown.sent_at ??= new Date().toISOString();
+      if (state.open) renderMessages(false);
+    }
+    return;
+  }
   if (r.by === state.me) {
     // This user read it on another device: the unread count goes.
     const c = state.conversations.get(r.conversation);
@@ -524,6 +578,9 @@ async function renderMembers(): Promise<void> {
     const members = await state.api!.members(conversation);
     const amAdmin = members.some((m) => m.username === state.me && m.role === "admin");
     $("add-member").hidden = !amAdmin;
+    $("rename-group").hidden = !amAdmin;
+    const box = $<HTMLInputElement>("rename-group-name");
+    if (document.activeElement !== box) box.value = state.conversations.get(conversation)?.name ?? "";
     $("members").replaceChildren(
       ...members.map((m) => {
         const li = document.createElement("li");
@@ -535,7 +592,16 @@ async function renderMembers(): Promise<void> {
           remove.textContent = "Remove";
           remove.setAttribute("aria-label", `Remove ${m.username}`);
           remove.onclick = () => void groupOp(() => state.chat!.removeMembers(conversation, [m.username]));
-          li.append(remove);
+          // Admins make and unmake admins (the bridge refuses removing the last one).
+          const role = document.createElement("button");
+          role.type = "button";
+          role.className = "secondary";
+          const promote = m.role !== "admin";
+          role.textContent = promote ? "Make admin" : "Dismiss as admin";
+          role.setAttribute("aria-label", `${promote ? "Make admin" : "Dismiss as admin"}: ${m.username}`);
+          role.onclick = () =>
+            void groupOp(() => (promote ? state.chat!.promote : state.chat!.demote).call(state.chat!, conversation, [m.username]));
+          li.append(role, remove);
         }
         return li;
       }),
@@ -620,6 +686,12 @@ function wire(): void {
     const user = $<HTMLInputElement>("add-member-user");
     const conversation = state.open!.conversation!;
     void groupOp(() => state.chat!.addMembers(conversation, [user.value.trim().toLowerCase()])).then(() => (user.value = ""));
+  });
+  $("rename-group").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const conversation = state.open!.conversation!;
+    const name = $<HTMLInputElement>("rename-group-name").value.trim();
+    void groupOp(() => state.chat!.rename(conversation, name)).then(renderHeader);
   });
   $("leave").addEventListener("click", () => {
     const conversation = state.open!.conversation!;

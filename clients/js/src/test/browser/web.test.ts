@@ -1,7 +1,10 @@
 // The web app in Debian's chromium (playwright-core, executablePath; never a browser
 // download), served by a real `mqchat up`: two people chat, ticks move, one goes
 // offline and comes back, a reload keeps the history, a third person is kept out.
-// Screenshots go to docs/img/; the round-trip times are printed (docs/benchmarks.md).
+// Screenshots go to build/screenshots/, or to MQCHAT_SCREENSHOTS_DIR (`make screenshots`
+// points it at docs/img/): message times come from the server, so every run's pictures
+// differ and a plain test run must not touch the tree. Round-trip times are printed
+// (docs/benchmarks.md).
 import assert from "node:assert/strict";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
@@ -9,13 +12,13 @@ import { after, before, test } from "node:test";
 
 import { chromium, type Browser, type BrowserContext, type Page } from "playwright-core";
 
-import { REPO, startStack, type Stack } from "../stack.js";
+import { REPO, startStack, until, type Stack } from "../stack.js";
 
 const FLAGS = [
   "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
   "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ];
-const IMG = join(REPO, "docs", "img");
+const IMG = process.env.MQCHAT_SCREENSHOTS_DIR || join(REPO, "build", "screenshots");
 const PHONE = { width: 390, height: 760 };
 const WAIT = 20_000;
 
@@ -37,7 +40,8 @@ after(async () => {
 });
 
 async function signUp(prefix: string): Promise<{ name: string; context: BrowserContext; page: Page }> {
-  const context = await browser.newContext({ viewport: PHONE });
+  // One clock face and language everywhere: the pictures differ only in the server's times.
+  const context = await browser.newContext({ viewport: PHONE, timezoneId: "UTC", locale: "en-GB" });
   const page = await context.newPage();
   page.setDefaultTimeout(WAIT);
   await page.goto(`${stack.apiUrl}/`);
@@ -156,6 +160,43 @@ test("offline: bob misses messages and gets them all, in order; alice's wait as 
   await bob.page.locator("#messages li", { hasText: "typed offline" }).waitFor();
 });
 
+test("the outbox outlives the page: typed while cut off, reloaded, sent once on return, in order", async () => {
+  const [alice, bob] = [people[0]!, people[1]!];
+  // The broker's WebSocket goes through a switch: a new connection is closed at once
+  // while it is off (the history API stays reachable, so the page itself reloads).
+  let brokerReachable = true;
+  const open: { close(): Promise<void> }[] = [];
+  await alice.context.routeWebSocket(/\/mqtt$/, (ws) => {
+    if (!brokerReachable) return void ws.close();
+    ws.connectToServer();
+    open.push(ws);
+  });
+  await alice.page.reload(); // the page's connection now goes through the switch
+  await alice.page.locator("#messages li", { hasText: "typed offline" }).waitFor();
+  await until(() => open.length > 0, "alice's connection, routed");
+  brokerReachable = false;
+  await Promise.all(open.splice(0).map((ws) => ws.close()));
+  await alice.page.locator("#status", { hasText: "retrying" }).waitFor();
+  for (const body of ["kept 1", "kept 2"]) {
+    await alice.page.getByLabel("Message", { exact: true }).fill(body);
+    await alice.page.getByRole("button", { name: "Send" }).click();
+    await tickOf(alice.page, body).and(alice.page.locator('[data-state="sending"]')).waitFor();
+  }
+  await alice.page.reload();
+  for (const body of ["kept 1", "kept 2"]) {
+    await tickOf(alice.page, body).and(alice.page.locator('[data-state="sending"]')).waitFor();
+  }
+  brokerReachable = true; // the app's next attempt gets through
+  for (const body of ["kept 1", "kept 2"]) {
+    await tickOf(alice.page, body).and(alice.page.locator('[data-state="sent"], [data-state="delivered"], [data-state="read"]')).waitFor();
+  }
+  await bob.page.locator("#messages li", { hasText: "kept 2" }).waitFor();
+  const seen = await bodies(bob.page);
+  assert.deepEqual(seen.filter((b) => b.startsWith("kept ")), ["kept 1", "kept 2"], "once each, in order");
+  assert.deepEqual(seen.slice(-2), ["kept 1", "kept 2"]);
+  assert.deepEqual(await alice.page.evaluate(() => Object.keys(localStorage).filter((k) => k.startsWith("mqchat.outbox."))), [], "nothing left to send");
+});
+
 test("a reload restores the conversation from the history, in order", async () => {
   const bob = people[1]!;
   const before = await bodies(bob.page);
@@ -194,4 +235,23 @@ test("a group: create it, see the members, add one", async () => {
   await carol.page.getByRole("link", { name: /climbing/ }).click();
   await carol.page.locator("#messages li", { hasText: "ropes at 8?" }).waitFor();
   await alice.page.screenshot({ path: join(IMG, "web-group.png") });
+});
+
+test("a group's admins promote, demote and rename; the others see it and get no such buttons", async () => {
+  const [alice, bob, carol] = [people[0]!, people[1]!, people[2]!];
+  // Alice is on the group's screen with its members shown (the test before).
+  await alice.page.getByRole("button", { name: `Make admin: ${bob.name}` }).click();
+  await alice.page.locator("#members li", { hasText: `${bob.name} (admin)` }).waitFor();
+  await alice.page.getByLabel("New group name", { exact: true }).fill("bouldering");
+  await alice.page.getByRole("button", { name: "Rename", exact: true }).click();
+  await alice.page.locator("#title", { hasText: "bouldering" }).waitFor();
+  await carol.page.locator("#messages li.event", { hasText: "bouldering" }).waitFor();
+  await carol.page.getByRole("button", { name: "Members" }).click();
+  await carol.page.locator("#members li", { hasText: `${bob.name} (admin)` }).waitFor();
+  assert.equal(await carol.page.locator("#rename-group").isVisible(), false);
+  assert.equal(await carol.page.getByRole("button", { name: /^(Make admin|Dismiss as admin|Remove)/ }).count(), 0);
+  await alice.page.getByRole("button", { name: `Dismiss as admin: ${bob.name}` }).click();
+  await alice.page.getByRole("button", { name: `Make admin: ${bob.name}` }).waitFor();
+  await carol.page.getByRole("button", { name: "Back to chats" }).click();
+  await carol.page.getByRole("link", { name: /bouldering/ }).waitFor();
 });

@@ -2,7 +2,9 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
-import { ChatClient, MqchatError, type DownMessage, type Receipt } from "../../sdk/index.js";
+import type { MqttClient } from "mqtt";
+
+import { ChatClient, MqchatError, storageOutbox, topics, type DownMessage, type Receipt } from "../../sdk/index.js";
 import { startStack, until, type Stack } from "../stack.js";
 
 let stack: Stack;
@@ -84,6 +86,61 @@ test("the outbox keeps what is sent offline and sends it on reconnect, in order"
   assert.equal(a.pending.length, 0);
   await until(() => got.length === 2, "both messages");
   assert.deepEqual(got.map((m) => m.body), ["one", "two"]);
+});
+
+test("the outbox outlives the client: a stored outbox is resent by the next one, same ids, once, in order", async () => {
+  const [alice, bob] = [await stack.newUser("a"), await stack.newUser("b")];
+  const b = await connect(bob);
+  const got = collect<DownMessage>((l) => b.on("message", l));
+  const saved = new Map<string, string>();
+  const storage = {
+    getItem: (k: string) => saved.get(k) ?? null,
+    setItem: (k: string, v: string) => void saved.set(k, v),
+    removeItem: (k: string) => void saved.delete(k),
+  };
+  const first = await stack.client(alice, "laptop", { outbox: storageOutbox(storage, "outbox") });
+  first.pause();
+  void first.send("one", { to: bob.username }).catch(() => {});
+  void first.send("two", { to: bob.username }).catch(() => {});
+  await first.close(); // the app quits with both still "sending…"
+  const ids = first.pending.map((p) => p.id);
+  assert.equal(ids.length, 2);
+
+  const second = await stack.client(alice, "laptop", { outbox: storageOutbox(storage, "outbox") }, false);
+  clients.push(second);
+  const sent = collect<Receipt>((l) => second.on("receipt", l));
+  await second.connect();
+  assert.deepEqual(second.pending.map((p) => [p.id, p.body, p.to]), [[ids[0], "one", bob.username], [ids[1], "two", bob.username]]);
+  await until(() => got.length === 2, "both messages at bob's");
+  assert.deepEqual(got.map((m) => [m.id, m.body, m.seq]), [[ids[0], "one", 1], [ids[1], "two", 2]]);
+  await until(() => second.pending.length === 0 && !saved.has("outbox"), "an empty outbox, saved");
+  assert.deepEqual(sent.filter((r) => r.status === "sent").map((r) => r.id), ids);
+});
+
+test("a gap in the live stream is filled from the history API, in seq order", async () => {
+  const [alice, bob] = [await stack.newUser("a"), await stack.newUser("b")];
+  const a = await connect(alice);
+  const b = await connect(bob);
+  const got = collect<DownMessage>((l) => b.on("message", l));
+  const first = await a.send("one", { to: bob.username });
+  await until(() => got.length === 1, "the first message");
+  // Bob's connection stops listening (the broker keeps nothing for a topic nobody
+  // subscribes to), so seq 2 never reaches him over MQTT; seq 3 does, live.
+  const mqttClient = (b as unknown as { mqtt: MqttClient }).mqtt;
+  const down = topics.downAll(bob.username);
+  await mqttClient.unsubscribeAsync(down);
+  await a.send("two", { conversation: first.conversation });
+  await mqttClient.subscribeAsync(down, { qos: 1 });
+  const asked: [string, number, number | undefined][] = [];
+  const between = b.api.messagesBetween.bind(b.api);
+  b.api.messagesBetween = (conversation, after, before) => {
+    asked.push([conversation, after, before]);
+    return between(conversation, after, before);
+  };
+  await a.send("three", { conversation: first.conversation });
+  await until(() => got.length === 3, "the gap filled");
+  assert.deepEqual(got.map((m) => [m.seq, m.body]), [[1, "one"], [2, "two"], [3, "three"]]);
+  assert.deepEqual(asked, [[first.conversation, 1, 3]], "asked the history for exactly the gap");
 });
 
 test("a new device catches up from the history API", async () => {
