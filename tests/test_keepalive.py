@@ -31,6 +31,7 @@ def _with_keepalive(connect: bytes, keepalive: int) -> bytes:
 
 async def test_a_half_open_connection_goes_offline_by_its_last_will(stack: Stack) -> None:
     await stack.add_users("alice", "carol")
+    stack.chatted("alice", "carol")  # contacts: carol is told alice's presence
     watcher = Watcher()
     await watcher.start(stack)
     async with TcpProxy(stack.host, stack.port) as proxy:
