@@ -1,7 +1,8 @@
 """Fixtures: the services and stacks of ``tests/support/``, set up and torn down.
 
-Only fixtures live here; what they are built from (the stacks, the servers, the packet
-encoder) is in ``tests/support/``, which the benchmarks import too. No module imports
+Only fixtures live here, and one hook that checks the workers' grouping; what they are
+built from (the stacks, the servers, the packet encoder) is in ``tests/support/``, which
+the benchmarks import too. No module imports
 this one or a ``test_*`` module (``tests/test_layout.py`` checks).
 """
 
@@ -32,6 +33,23 @@ from .support.stack import (
     start_rabbitmq_stack,
     template_copy,
 )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under ``--dist loadgroup`` (``make test``), a test marked ``xdist_group`` must
+    carry its group in its node id, which is how pytest-xdist sends a group to one
+    worker. pytest 9.2 broke that silently (pyproject.toml); without this check the
+    RabbitMQ cluster is booted once per worker and the CPU-heavy tests overlap."""
+    if (
+        getattr(item.config.option, "loadgroup", False)
+        and item.get_closest_marker("xdist_group") is not None
+        and "@" not in item.nodeid
+    ):
+        pytest.fail(
+            "pytest-xdist did not apply this test's xdist_group: check the pytest and "
+            "pytest-xdist versions (pyproject.toml)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session")
