@@ -13,7 +13,7 @@ in the database; mosquitto's plugin is told it (``revoke_credentials``).
 
 ::
 
-    register / change_password / disable / enable / delete
+    register / change_password / revoke_tokens / disable / enable / delete
         ├─▶ store.accounts (+ store.tokens revoked: a new token generation)
         │                                              flushed, not yet committed
         ├─▶ provisioner (dynsec command, and the generation to mosquitto's plugin;
@@ -122,6 +122,34 @@ async def change_password(
         await provisioner.revoke_credentials(username, generation)
 
     await _in_transaction(engine, change, broker)
+
+
+async def revoke_tokens(engine: Engine, provisioner: Provisioner, username: str) -> int:
+    """Revoke every bearer token and MQTT credential of an account (an admin's
+    "sign out everywhere"); the password keeps working. Connections made with a
+    credential are dropped: at once by mosquitto's plugin (it drops all of the
+    user's connections; those made with the password sign in again), within the poll
+    interval by the embedded broker.
+
+    Returns:
+        How many bearer tokens were revoked.
+
+    Raises:
+        ProtocolError: ``unknown_user``.
+        ProvisioningError: the broker did not answer (nothing changed).
+    """
+    revoked = 0
+
+    def change(session: Session) -> int:
+        nonlocal revoked
+        accounts.existing(session, username)
+        revoked = tokens.count_live(session, username)
+        return tokens.revoke_all(session, username)
+
+    await _in_transaction(
+        engine, change, lambda generation: provisioner.revoke_credentials(username, generation)
+    )
+    return revoked
 
 
 async def set_disabled(

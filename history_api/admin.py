@@ -19,10 +19,11 @@ from pydantic import BaseModel
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from core.accounts import revoke_tokens as revoke_everywhere
 from core.accounts import set_disabled
 from protocol import errors
-from store import accounts, push, tokens
 from store import admin as store_admin
+from store import push
 
 from .deps import CurrentUser, EngineDep, ProvisionerDep, SessionDep
 from .errors import UNAUTHENTICATED, UNAVAILABLE, ErrorResponse, not_found
@@ -148,15 +149,13 @@ async def enable_user(
 
 
 @router.post("/users/{username}/revoke", responses=UNKNOWN_USER)
-def revoke_tokens(username: str, admin: Admin, engine: EngineDep) -> Revoked:
-    """Revoke every bearer token of a user (its API sessions); it signs in anew.
-
-    MQTT connections are not tokens: to drop those, disable the account.
-    """
-    with Session(engine) as session:
-        accounts.existing(session, username)
-        revoked = tokens.revoke_all(session, username)
-        session.commit()
+async def revoke_tokens(
+    username: str, admin: Admin, engine: EngineDep, open_provisioner: ProvisionerDep
+) -> Revoked:
+    """Sign a user out everywhere: every bearer token and MQTT credential revoked, and
+    the connections made with a credential dropped. The password keeps working."""
+    async with open_provisioner() as provisioner:
+        revoked = await revoke_everywhere(engine, provisioner, username)
     log.info("admin %s revoked %d tokens of %s", admin, revoked, username)
     return Revoked(username=username, tokens_revoked=revoked)
 

@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Column, ForeignKey, String, delete, update
+from sqlalchemy import Column, ForeignKey, String, delete, func, update
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from .tables import Account
@@ -86,6 +86,15 @@ def resolve(session: Session, token: str, *, now: datetime | None = None) -> str
             ~col(Account.disabled),
         )
     ).first()
+
+
+def count_live(session: Session, username: str) -> int:
+    """How many unexpired bearer tokens ``username`` holds (its signed-in sessions)."""
+    return session.exec(
+        select(func.count())
+        .select_from(Token)
+        .where(col(Token.username) == username, col(Token.expires_at) > utcnow())
+    ).one()
 
 
 def revoke_all(session: Session, username: str, *, keep: str | None = None) -> int:

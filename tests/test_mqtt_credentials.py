@@ -23,10 +23,12 @@ import httpx
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlmodel import Session
 
 from core.accounts import set_disabled
 from core.mqtt import ConnectRefused, LinkConfig, MqttError, MqttLink
 from protocol import topics
+from store import admin as store_admin
 
 from .support.clients import paho_answer, wait_until
 from .support.stack import Stack, password_of
@@ -172,6 +174,37 @@ async def test_disabling_the_account_revokes_credentials_for_good(
     assert "not authori" in await refusal(stack, "alice", cred["password"], cred["client_id"])
     fresh = await credential(api, await bearer(api, "alice"))
     assert (await connect(stack, fresh)).is_connected
+
+
+async def test_an_admin_revoke_ends_credentials_and_their_connections(
+    stack: Stack, api: httpx.AsyncClient
+) -> None:
+    """``POST /v1/admin/users/{u}/revoke`` signs a user out everywhere: the bearer
+    tokens and MQTT credentials stop working and the credential's connection drops,
+    on mosquitto too (its plugin is told); the password still signs in."""
+    await stack.add_users("root", "alice")
+    with Session(stack.engine) as session:
+        store_admin.set_admin(session, "root", True)
+        session.commit()
+    token = await bearer(api, "alice")
+    cred = await credential(api, token)
+    link = await connect(stack, cred)
+
+    revoked = await api.post(
+        "/v1/admin/users/alice/revoke",
+        headers={"Authorization": f"Bearer {await bearer(api, 'root')}"},
+    )
+    assert revoked.json() == {"username": "alice", "tokens_revoked": 1}, revoked.text
+
+    await wait_until(lambda: not link.is_connected, "the credential's connection to drop")
+    assert "not authori" in await refusal(stack, "alice", cred["password"], cred["client_id"])
+    stale = await api.post(
+        "/v1/mqtt-credentials",
+        json={"device": "phone"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert stale.status_code == 401, stale.text
+    assert (await stack.raw("alice")).is_connected
 
 
 async def test_a_credential_expires(stack: Stack) -> None:
