@@ -220,6 +220,10 @@ def start_up(data_dir: Path, *extra: str, mqtt_port: int | None = None) -> Up:
     up = Up(spawn(*args, env=base_env()), data_dir, mqtt_port, api_port)
     try:
         up.wait_started()
+    except (TimeoutError, EOFError) as exc:
+        # mqchat up says on stderr which child did not come up, and its log's tail.
+        stop_up(up)
+        raise AssertionError(f"{exc}\nstderr: {up.run.stderr.rest()}") from None
     except BaseException:
         stop_up(up)
         raise
