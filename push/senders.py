@@ -47,6 +47,9 @@ class Notification:
     seq: int
     count: int
     preview: str | None = None
+    #: ``created`` / ``added``: the newest news is that ``sender`` made the user a
+    #: member of the group ``conversation``.
+    event: str | None = None
 
     def payload(self) -> bytes:
         body: dict[str, object] = {
@@ -56,6 +59,8 @@ class Notification:
             "seq": self.seq,
             "count": self.count,
         }
+        if self.event is not None:
+            body["event"] = self.event
         if self.preview is not None:
             body["body"] = self.preview
         return json.dumps(body, separators=(",", ":")).encode()

@@ -186,7 +186,7 @@ class PushDaemon(Service):
         logged once."""
         s = self.settings
         notification = Notification(
-            push.conversation, push.sender, push.seq, push.count, push.preview
+            push.conversation, push.sender, push.seq, push.count, push.preview, push.event
         )
         sender = self._senders.get(push.channel)
         tries = 0

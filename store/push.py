@@ -19,7 +19,9 @@ claimed by one daemon at a time. Nothing is held open across an HTTP request, an
 a step takes its write transaction only when a lock-free read (:func:`work`) saw
 something for it to do: on SQLite the write lock is the bridge's too.
 
-A push carries no message text unless its user opted into previews.
+A push carries no message text unless its user opted into previews. Group events
+wake only the users an event made members (``created``, ``added``): being added to a
+group is news, the rest (renames, others joining or leaving) can wait for the app.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from datetime import datetime, timedelta
 from typing import Final, Literal
 
 from sqlalchemy import Engine, and_, func, or_, tuple_
+from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from .tables import (
@@ -55,6 +58,19 @@ _SCAN_ROW: Final = 1
 _MAX_GAPS: Final = 10_000
 #: Conversations whose messages one query reads (SQLite's expression depth bounds it).
 _RANGES: Final = 200
+#: The group events that push, to the users they name: those made members.
+PUSHED_EVENTS: Final = ("created", "added")
+
+
+def _woken(message: Message) -> frozenset[str] | None:
+    """Who a group event pushes to (the users it made members); None for a message,
+    which pushes to every member but its sender."""
+    if message.event is None:
+        return None
+    if message.event not in PUSHED_EVENTS:
+        return frozenset()
+    users = json.loads(message.event_data or "{}").get("users", [])
+    return frozenset(str(user) for user in users)
 
 
 # -- subscriptions and settings (history API) ----------------------------------------
@@ -270,7 +286,8 @@ def _note_pending(
     grace: timedelta,
     collapse: timedelta,
 ) -> None:
-    chat = [m for m in messages if m.event is None]  # group events wake nobody
+    woken = {id(m): _woken(m) for m in messages}
+    chat = [m for m in messages if woken[id(m)] is None or woken[id(m)]]
     if not chat:
         return
     conversations = sorted({m.conversation_id for m in chat})
@@ -293,9 +310,10 @@ def _note_pending(
     # (user, conversation) -> (newest seq, when its grace ends)
     due: dict[tuple[str, str], tuple[int, datetime]] = {}
     for message in chat:
+        named = woken[id(message)]
         for user in members.get(message.conversation_id, ()):
             key = (user, message.conversation_id)
-            if user == message.sender:
+            if user == message.sender or (named is not None and user not in named):
                 continue
             at = now if user not in online else message.sent_at + grace
             seq, first = due.get(key, (0, at))
@@ -376,6 +394,7 @@ def decide(engine: Engine, *, limit: int) -> tuple[int, int]:
                         count=len(waiting),
                         sender=waiting[-1].sender,
                         preview=preview,
+                        event=waiting[-1].event,
                         decided_at=now,
                         due_at=now,
                     )
@@ -389,20 +408,25 @@ def decide(engine: Engine, *, limit: int) -> tuple[int, int]:
 class _Waiting:
     seq: int
     sender: str
+    #: For a group event that pushes: its kind, and the users it made members.
+    event: str | None = None
+    named: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
 class _Facts:
     """What deciding a set of bursts needs to know, read in one query per kind."""
 
-    #: (user, conversation) -> the furthest any of the user's devices acknowledged.
+    #: (user, conversation) -> the furthest any of the user's devices acknowledged,
+    #: or the seq before the user became a member if that is further: what came
+    #: before they joined is not theirs to be told about.
     delivered: dict[tuple[str, str], int]
     muted_users: set[str]
     preview_users: set[str]
     muted_pairs: set[tuple[str, str]]
     #: user -> subscribed devices, in key order.
     devices: dict[str, list[str]]
-    #: conversation -> chat messages (no group events) that may wait, in seq order.
+    #: conversation -> messages and pushing group events that may wait, in seq order.
     messages: dict[str, list[_Waiting]]
 
     @classmethod
@@ -423,6 +447,15 @@ class _Facts:
                 .group_by(col(Cursor.conversation_id), col(Cursor.username))
             )
         }
+        for conversation, user, since in session.exec(
+            select(Member.conversation_id, Member.username, Member.since_seq).where(
+                tuple_(col(Member.conversation_id), col(Member.username)).in_(
+                    [(conversation, user) for user, conversation in pairs]
+                )
+            )
+        ):
+            key = (user, conversation)
+            delivered[key] = max(delivered.get(key, 0), since - 1)
         prefs = session.exec(select(PushPrefs).where(col(PushPrefs.username).in_(users))).all()
         muted_pairs = set(
             session.exec(
@@ -455,12 +488,25 @@ class _Facts:
             for conversation, (low, high) in sorted(spans.items())
         ]
         for chunk in (ranges[i : i + _RANGES] for i in range(0, len(ranges), _RANGES)):
-            for conversation, seq, sender in session.exec(
-                select(Message.conversation_id, Message.seq, Message.sender)
-                .where(or_(*chunk), col(Message.event).is_(None))
+            # Five columns: more than sqlmodel's select() is typed for.
+            for conversation, seq, sender, event, data in session.execute(
+                sa_select(
+                    col(Message.conversation_id),
+                    col(Message.seq),
+                    col(Message.sender),
+                    col(Message.event),
+                    col(Message.event_data),
+                )
+                .where(
+                    or_(*chunk),
+                    or_(col(Message.event).is_(None), col(Message.event).in_(PUSHED_EVENTS)),
+                )
                 .order_by(col(Message.conversation_id), col(Message.seq))
             ):
-                messages.setdefault(conversation, []).append(_Waiting(seq, sender))
+                named = frozenset(json.loads(data).get("users", ())) if event and data else None
+                messages.setdefault(conversation, []).append(
+                    _Waiting(seq, sender, event, named or frozenset())
+                )
         return cls(
             delivered=delivered,
             muted_users={row.username for row in prefs if row.muted},
@@ -474,11 +520,14 @@ class _Facts:
         return user in self.muted_users or (user, conversation) in self.muted_pairs
 
     def waiting(self, user: str, conversation: str, delivered: int, seq: int) -> list[_Waiting]:
-        """The user's unacknowledged messages up to ``seq``, not their own."""
+        """The user's unacknowledged messages up to ``seq``, not their own, and the
+        events that made them a member."""
         return [
             m
             for m in self.messages.get(conversation, ())
-            if delivered < m.seq <= seq and m.sender != user
+            if delivered < m.seq <= seq
+            and m.sender != user
+            and (m.event is None or user in m.named)
         ]
 
     def preview_of(self, session: Session, user: str, conversation: str, seq: int) -> str | None:
@@ -502,6 +551,7 @@ class Claimed:
     count: int
     sender: str
     preview: str | None
+    event: str | None
     attempts: int
     channel: str
     endpoint: str
@@ -541,6 +591,7 @@ def claim(engine: Engine, *, lease: timedelta, limit: int) -> list[Claimed]:
                         count=row.count,
                         sender=row.sender,
                         preview=row.preview,
+                        event=row.event,
                         attempts=row.attempts,
                         channel=sub.channel,
                         endpoint=sub.endpoint,

@@ -297,6 +297,9 @@ class PushOutbox(SQLModel, table=True):
     sender: str = Field(sa_column=Column(String(32), nullable=False))
     #: The newest message's text, only for users who opted into previews.
     preview: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    #: ``created`` / ``added`` when the newest thing covered is the group event that
+    #: made this user a member; None for messages.
+    event: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
     decided_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
     due_at: datetime = Field(sa_type=UTCDateTime, nullable=False)
     attempts: int = Field(default=0, nullable=False)

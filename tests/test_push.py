@@ -293,6 +293,60 @@ async def test_a_burst_is_one_notification_with_a_count(push: PushStack) -> None
     assert push.receiver.to(mine) == []
 
 
+async def test_groups_push_every_member_and_tell_the_added_they_were_added(
+    push: PushStack,
+) -> None:
+    """A group message pushes every member but its sender. Of the group's events only
+    the one that made a user a member pushes, to that user, saying so (``event``);
+    what came before a user joined is not counted for them."""
+    alice, bob, carol = await push.stack.new_users("alice", "bob", "carol")
+    names = {user: await push.subscribe(user) for user in (alice, bob, carol)}
+    push.start(collapse=0.5)
+    admin = await push.stack.client(alice)
+
+    group = await admin.create_group("trip", [bob], timeout=20)
+    await wait_received(push, names[bob])
+    (made,) = push.receiver.to(names[bob])
+    assert made.payload == {
+        "v": 1,
+        "conversation": group,
+        "from": alice,
+        "seq": 1,
+        "count": 1,
+        "event": "created",
+    }
+    before = await admin.send("before carol", conversation=group, timeout=20)
+    await wait_received(push, names[bob], 2)
+
+    added = await admin.add_members(group, [carol], timeout=20)
+    await wait_received(push, names[carol])
+    assert push.receiver.to(names[carol])[0].payload == {
+        "v": 1,
+        "conversation": group,
+        "from": alice,
+        "seq": added.seq,
+        "count": 1,
+        "event": "added",
+    }
+    assert added.seq == before.seq + 1
+
+    sent = await admin.send("who drives?", conversation=group, timeout=20)
+    for user in (bob, carol):
+        await asyncio.to_thread(
+            push.receiver.wait_for,
+            lambda r, name=names[user]: any(x.payload["seq"] == sent.seq for x in r.to(name)),
+            WAIT,
+            f"{user} pushed for the message",
+        )
+    # bob never acknowledged anything: created, "before carol", the message (carol's
+    # add is not news to him, and was never pushed to him on its own).
+    assert [r.payload["count"] for r in push.receiver.to(names[bob])] == [1, 2, 3]
+    # carol: her add and the message; "before carol" is from before she joined.
+    last = push.receiver.to(names[carol])[-1].payload
+    assert (last["count"], last["from"], "event" in last) == (2, alice, False)
+    assert push.receiver.to(names[alice]) == []
+
+
 async def test_a_read_on_another_device_stops_further_pushes_for_what_was_read(
     push: PushStack,
 ) -> None:

@@ -4,7 +4,7 @@ MQTT credentials (``POST /v1/mqtt-credentials``) are signed, not stored; each na
 the generation it was issued under, and one from an older generation is refused.
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0006
 """
 
 from collections.abc import Sequence
