@@ -10,13 +10,17 @@ from core.daemon import parse_addr
 from protocol import MAX_BODY_CHARS, MAX_PAYLOAD_BYTES
 from store.devices import DEFAULT_MAX_DEVICES
 from store.groups import DEFAULT_MAX_MEMBERS
-from store.presence import DEFAULT_GROUP_LIMIT, DEFAULT_MAX_CONTACTS
+from store.presence import DEFAULT_GROUP_LIMIT, DEFAULT_MAX_CONTACTS, GROUP_LIMIT_VARIABLE
 
 from .faults import CRASH_AT_PATTERN
 
 
 class BridgeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MQCHAT_BRIDGE_", extra="ignore")
+    # validate_by_name: fields set by another daemon's variable too (an alias) are
+    # still given by name in code (``core.daemon.build``).
+    model_config = SettingsConfigDict(
+        env_prefix="MQCHAT_BRIDGE_", extra="ignore", validate_by_name=True
+    )
 
     database_url: str
     mqtt_host: str = "127.0.0.1"
@@ -71,8 +75,11 @@ class BridgeSettings(BaseSettings):
     presence_ttl: float = Field(default=300.0, gt=0)
     #: Groups up to this many members make their members each other's contacts, who
     #: are told each other's presence; larger groups do not (0: no group does, as in
-    #: WhatsApp). 1:1 partners always are. Give the history API the same number.
-    presence_group_limit: int = Field(default=DEFAULT_GROUP_LIMIT, ge=0)
+    #: WhatsApp). 1:1 partners always are. ``MQCHAT_PRESENCE_GROUP_LIMIT``, read by
+    #: the history API too.
+    presence_group_limit: int = Field(
+        default=DEFAULT_GROUP_LIMIT, ge=0, validation_alias=GROUP_LIMIT_VARIABLE
+    )
     #: Most contacts one user's presence change goes to (1:1 partners first), and
     #: most states in one snapshot: the bound on a change's fan-out.
     presence_max_contacts: int = Field(default=DEFAULT_MAX_CONTACTS, ge=1)

@@ -13,12 +13,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core import daemon
 from core.endpoints import AllowHosts, Allowlist
-from store.presence import DEFAULT_GROUP_LIMIT
+from store.presence import DEFAULT_GROUP_LIMIT, GROUP_LIMIT_VARIABLE
 from store.signin import SIGN_IN_BURST, SIGN_INS_PER_SECOND
 
 
 class ApiSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MQCHAT_API_", extra="ignore")
+    # validate_by_name: see BridgeSettings.
+    model_config = SettingsConfigDict(
+        env_prefix="MQCHAT_API_", extra="ignore", validate_by_name=True
+    )
 
     #: The same database the bridge writes and the broker reads accounts from.
     database_url: str
@@ -76,9 +79,11 @@ class ApiSettings(BaseSettings):
     sign_ins_per_second: float = Field(default=SIGN_INS_PER_SECOND, gt=0)
     sign_in_burst: int = Field(default=SIGN_IN_BURST, ge=1)
     #: Groups up to this many members make their members each other's contacts, whose
-    #: presence ``GET /v1/users/{name}/presence`` tells: the bridge's
-    #: ``MQCHAT_BRIDGE_PRESENCE_GROUP_LIMIT``, which it should equal.
-    presence_group_limit: int = Field(default=DEFAULT_GROUP_LIMIT, ge=0)
+    #: presence ``GET /v1/users/{name}/presence`` tells: ``MQCHAT_PRESENCE_GROUP_LIMIT``,
+    #: the bridge's too.
+    presence_group_limit: int = Field(
+        default=DEFAULT_GROUP_LIMIT, ge=0, validation_alias=GROUP_LIMIT_VARIABLE
+    )
 
     @model_validator(mode="after")
     def _rates_parse(self) -> ApiSettings:

@@ -31,6 +31,9 @@ from .types import utcnow
 
 #: Groups up to this size make their members each other's contacts (0: groups never do).
 DEFAULT_GROUP_LIMIT = 32
+#: The one variable that sets it, for the bridge (who is told whose presence) and the
+#: history API (whose presence a user may ask for) alike: they must agree.
+GROUP_LIMIT_VARIABLE = "MQCHAT_PRESENCE_GROUP_LIMIT"
 #: Most contacts one user's presence goes to, and most states in their snapshot.
 DEFAULT_MAX_CONTACTS = 500
 

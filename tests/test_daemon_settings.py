@@ -300,3 +300,26 @@ def test_a_supervisor_names_settings_by_field_and_a_wrong_name_raises(
         "MQCHAT_BRIDGE_MQTT_PORT",
         "MQCHAT_BRIDGE_CRASH_AT",
     }
+
+
+def test_one_variable_sets_the_presence_group_limit_of_bridge_and_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Who is whose contact must read the same on MQTT (the bridge) and over HTTP (the
+    API): one variable sets both. The names each had before are still read, below it."""
+    for name in list(os.environ):
+        if name.startswith("MQCHAT_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MQCHAT_BRIDGE_PRESENCE_GROUP_LIMIT", "3")
+    monkeypatch.setenv("MQCHAT_API_PRESENCE_GROUP_LIMIT", "4")
+    bridge = BridgeSettings(database_url="sqlite://", password="pw")
+    api = ApiSettings(database_url="sqlite://")
+    assert (bridge.presence_group_limit, api.presence_group_limit) == (3, 4)
+
+    monkeypatch.setenv("MQCHAT_PRESENCE_GROUP_LIMIT", "7")
+    bridge = BridgeSettings(database_url="sqlite://", password="pw")
+    api = ApiSettings(database_url="sqlite://")
+    assert (bridge.presence_group_limit, api.presence_group_limit) == (7, 7)
+    assert {
+        daemon.variable(cls, "presence_group_limit") for cls in (BridgeSettings, ApiSettings)
+    } == {"MQCHAT_PRESENCE_GROUP_LIMIT"}
