@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import platform
 import shlex
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -58,6 +59,7 @@ from clients.cli.options import grouped
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "load.jsonl"
+METRICS_COST_PLOT = ROOT / "docs" / "img" / "metrics-cost.png"
 DOCS = ROOT / "docs" / "benchmarks.md"
 PLOT = ROOT / "docs" / "img" / "chat-load-latency.png"
 TIMELINE_PLOT = ROOT / "docs" / "img" / "chat-load-timeline.png"
@@ -850,13 +852,29 @@ def _metrics_cost_summary(records: list[dict[str, Any]]) -> None:
             )
     if not all(per_message.values()):
         return
-    without = sum(per_message["without"]) / len(per_message["without"])
-    with_ = sum(per_message["with"]) / len(per_message["with"])
+    without = statistics.median(per_message["without"])
+    with_ = statistics.median(per_message["with"])
     log(
-        f"bridge CPU per message: without metrics {without:.0f} µs, with {with_:.0f} µs"
+        f"bridge CPU per message, median: without metrics {without:.0f} µs, with {with_:.0f} µs"
         f" ({100 * (with_ - without) / without:+.1f}%); runs"
         f" {[round(v) for v in per_message['without']]} / {[round(v) for v in per_message['with']]}"
     )
+    _plot_metrics_cost(per_message, records[0].get("commit", "?"), METRICS_COST_PLOT)
+
+
+def _plot_metrics_cost(per_message: dict[str, list[float]], commit: str, path: Path) -> None:
+    from bench._report import _figure, _save
+
+    fig, ax = _figure((6, 3.5))
+    rounds = range(1, len(per_message["without"]) + 1)
+    width = 0.38
+    for offset, variant, color in ((-width / 2, "without", "C7"), (width / 2, "with", "C0")):
+        ax.bar([r + offset for r in rounds], per_message[variant], width, color=color,
+               label=f"{variant} metrics")  # fmt: skip
+    ax.set_xticks(list(rounds), [f"round {r}" for r in rounds])
+    ax.set_ylabel("bridge CPU per message (µs)")
+    ax.set_title(f"what the bridge's metrics cost at a fixed rate, commit {commit}", fontsize=9)
+    _save(fig, ax, path)
 
 
 @app.command()

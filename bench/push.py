@@ -18,6 +18,10 @@ is online), and how many recipients got more than one push (must be 0).
 
 Bounded: at most ``--seconds`` (60) of sending and ``--wait`` (240) of waiting; every
 server listens on loopback only and is stopped at the end.
+
+Each result is appended to ``bench/results/push.jsonl``; ``--plot`` draws the runs of
+this commit there (pushes per second and p99 by number of push daemons) to
+``docs/img/push-daemons.png``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import psutil
 from sqlalchemy import Engine, insert
 from sqlmodel import Session
 
+from bench._report import _figure, _save, git_commit
 from core import daemon
 from core.daemon import PUSH_READY_LOG
 from protocol import UpMessage
@@ -119,6 +124,41 @@ async def send(engine: Engine, users: list[str], rate: int, seconds: float) -> d
     return committed
 
 
+RESULTS = Path(__file__).parent / "results" / "push.jsonl"
+PLOT = Path(__file__).parent.parent / "docs" / "img" / "push-daemons.png"
+
+
+def plot(results: Path, out: Path) -> None:
+    """Pushes per second and p99 of each run of the newest commit, by daemons."""
+    records = [json.loads(line) for line in results.read_text().splitlines() if line]
+    commit = records[-1]["commit"]
+    runs = sorted((r for r in records if r["commit"] == commit), key=lambda r: r["daemons"])
+    fig, ax = _figure((7, 4))
+    labels = [
+        f"{r['daemons']} daemon{'s' if r['daemons'] > 1 else ''} ({n})"
+        for n, r in enumerate(runs, 1)
+    ]
+    ax.bar(labels, [r["pushes_per_second"] for r in runs], color="C0", label="pushes/s")
+    ax.set_ylabel("pushes per second at the push service")
+    twin = ax.twinx()
+    twin.plot(
+        labels, [r["latency_ms"]["p99"] / 1000 for r in runs], "o", color="C3", label="p99 (s)"
+    )
+    twin.set_ylabel("p99 from commit to receipt (s)")
+    twin.set_ylim(bottom=0)
+    ax.set_title(
+        f"push: offline recipients, a message each, 10 s at up to 1,000/s; commit {commit}",
+        fontsize=9,
+    )
+    twin.legend(loc="upper right", fontsize=7)
+    _save(fig, ax, out)
+
+
+def _cpu(processes: list[psutil.Process]) -> float:
+    """CPU seconds (user + system) the processes have used so far."""
+    return float(sum(t.user + t.system for t in (p.cpu_times() for p in processes)))
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database", choices=["postgresql", "sqlite"], default="postgresql")
@@ -127,7 +167,14 @@ async def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="of sending, at most 60")
     parser.add_argument("--wait", type=float, default=60.0, help="for the last push, at most 240")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--daemons", type=int, default=1, choices=range(1, 5), help="push daemons sharing the work"
+    )
+    parser.add_argument("--plot", action="store_true", help="draw this commit's runs and exit")
     args = parser.parse_args()
+    if args.plot:
+        plot(RESULTS, PLOT)
+        return 0
     seconds, wait = min(args.seconds, 60.0), min(args.wait, 240.0)
     users_wanted = min(args.recipients, int(args.rate * seconds))
 
@@ -147,11 +194,14 @@ async def main() -> int:
                 concurrency=args.concurrency,
                 poll=0.05,
             )
-            push = Daemon("push", "push", {}, base, settings=settings, ready_line=PUSH_READY_LOG)
-            push.start_ready()
-            assert push.process is not None
-            daemon_process = psutil.Process(push.process.pid)
-            cpu_before = (daemon_process.cpu_times(), resource.getrusage(resource.RUSAGE_SELF))
+            pushers = [
+                Daemon(f"push-{n}", "push", {}, base, settings=settings, ready_line=PUSH_READY_LOG)
+                for n in range(1, args.daemons + 1)
+            ]
+            for push in pushers:
+                push.start_ready()
+            processes = [psutil.Process(push.process.pid) for push in pushers if push.process]
+            cpu_before = (_cpu(processes), resource.getrusage(resource.RUSAGE_SELF))
             try:
                 committed = await send(engine, users, args.rate, seconds)
                 with contextlib.suppress(TimeoutError):  # reported as pushed < messages
@@ -161,13 +211,11 @@ async def main() -> int:
                         wait,
                         "every push",
                     )
-                # Where the two cores went: the daemon, and this process (the push
+                # Where the two cores went: the daemons, and this process (the push
                 # service's TLS, VAPID checks and decryption, and the sending).
-                times, usage = daemon_process.cpu_times(), resource.getrusage(resource.RUSAGE_SELF)
+                usage = resource.getrusage(resource.RUSAGE_SELF)
                 cpu = {
-                    "push_daemon_s": round(
-                        times.user + times.system - cpu_before[0].user - cpu_before[0].system, 1
-                    ),
+                    "push_daemons_s": round(_cpu(processes) - cpu_before[0], 1),
                     "bench_and_receiver_s": round(
                         usage.ru_utime
                         + usage.ru_stime
@@ -177,7 +225,8 @@ async def main() -> int:
                     ),
                 }
             finally:
-                push.stop()
+                for push in pushers:
+                    push.stop()
                 engine.dispose()
                 receiver.close()
     arrivals: dict[str, list[float]] = {}
@@ -187,6 +236,8 @@ async def main() -> int:
     first = min(min(a) for a in arrivals.values())
     last = max(max(a) for a in arrivals.values())
     result = {
+        "commit": git_commit(),
+        "daemons": args.daemons,
         "database": args.database,
         "command": " ".join(sys.argv[1:]),
         "messages": len(committed),
@@ -202,6 +253,9 @@ async def main() -> int:
         },
     }
     print(json.dumps(result, indent=2))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as out:
+        out.write(json.dumps(result) + "\n")
     return 0 if result["pushed_twice"] == 0 and result["pushed"] == len(committed) else 1
 
 
