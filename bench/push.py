@@ -132,10 +132,14 @@ def plot(results: Path, out: Path) -> None:
     """Pushes per second and p99 of each run of the newest commit, by daemons."""
     records = [json.loads(line) for line in results.read_text().splitlines() if line]
     commit = records[-1]["commit"]
-    runs = sorted((r for r in records if r["commit"] == commit), key=lambda r: r["daemons"])
+    runs = sorted(
+        (r for r in records if r["commit"] == commit),
+        key=lambda r: (r["daemons"], r.get("variant", "")),
+    )
     fig, ax = _figure((7, 4))
     labels = [
         f"{r['daemons']} daemon{'s' if r['daemons'] > 1 else ''} ({n})"
+        + (f"\n{r['variant']}" if "variant" in r else "")
         for n, r in enumerate(runs, 1)
     ]
     ax.bar(labels, [r["pushes_per_second"] for r in runs], color="C0", label="pushes/s")
@@ -150,7 +154,7 @@ def plot(results: Path, out: Path) -> None:
         f"push: offline recipients, a message each, 10 s at up to 1,000/s; commit {commit}",
         fontsize=9,
     )
-    twin.legend(loc="upper right", fontsize=7)
+    twin.legend(loc="upper center", fontsize=7)
     _save(fig, ax, out)
 
 

@@ -14,15 +14,17 @@ retrying, the counting and the logging, the same for every sender.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import http_ece
@@ -34,6 +36,9 @@ from py_vapid import Vapid02
 from core.endpoints import Allowlist, EndpointRefused, VettedBackend, check_url
 from store.push import Claimed, Outcome
 
+#: Connections of one pool (``WebPushSender``): the sender's concurrency is split
+#: into pools of at most this many.
+_POOL_SIZE: Final = 8
 #: VAPID tokens are made for this long; RFC 8292 allows up to 24 h.
 _VAPID_SECONDS: Final = 12 * 3600
 
@@ -156,13 +161,22 @@ class WebPushSender:
         if ca_file is not None:
             context.load_verify_locations(cafile=str(ca_file))
         # httpcore, not httpx: it takes a network backend (the vetted one) and never
-        # follows a redirect.
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=context,
-            max_connections=connections,
-            network_backend=VettedBackend(allow),
-            retries=0,
-        )
+        # follows a redirect. Several small pools taken in turn rather than one: a pool
+        # checks every one of its connections (``has_expired``, ``is_idle``) each time
+        # it places a request, so one pool of 32 spent a quarter of the daemon's CPU
+        # choosing connections (docs/benchmarks.md, "Push when away").
+        backend = VettedBackend(allow)
+        sizes = [_POOL_SIZE] * (connections // _POOL_SIZE)
+        if connections % _POOL_SIZE:
+            sizes.append(connections % _POOL_SIZE)
+        self._pools = [
+            httpcore.AsyncConnectionPool(
+                ssl_context=context, max_connections=size, network_backend=backend, retries=0
+            )
+            for size in sizes
+        ]
+        #: Requests under way in each pool: the next goes to the least busy.
+        self._busy = [0] * len(self._pools)
 
     async def send(self, push: Claimed, notification: Notification) -> Delivery:
         try:
@@ -181,7 +195,7 @@ class WebPushSender:
         timeouts = {name: self._timeout for name in ("connect", "read", "write", "pool")}
         started = time.monotonic()
         try:
-            async with self._pool.stream(
+            async with self._stream(
                 "POST",
                 push.endpoint,
                 headers=list(headers.items()),
@@ -202,6 +216,16 @@ class WebPushSender:
         if status == 429 or status >= 500:
             raise TryAgain(str(status), retry_after)
         return Delivery("failed", str(status))
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[httpcore.Response]:
+        index = min(range(len(self._pools)), key=self._busy.__getitem__)
+        self._busy[index] += 1
+        try:
+            async with self._pools[index].stream(*args, **kwargs) as response:
+                yield response
+        finally:
+            self._busy[index] -= 1
 
     async def _read_bounded(self, response: httpcore.Response, started: float) -> None:
         """Read at most ``max_response_bytes`` of the answer, within the request's time."""
@@ -239,7 +263,8 @@ class WebPushSender:
         return header
 
     async def close(self) -> None:
-        await self._pool.aclose()
+        for pool in self._pools:
+            await pool.aclose()
 
 
 def _retry_after(headers: list[tuple[bytes, bytes]]) -> float | None:
