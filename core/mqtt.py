@@ -8,6 +8,7 @@ and failures become exceptions::
 
     MqttError
     ├── ConnectRefused     the broker answered CONNACK with an error (.reason)
+    ├── ClosedBeforeConnack  closed with no CONNACK (also a ConnectionError: retry)
     ├── SubscribeRefused   the broker refused a subscription (.topic_filter)
     └── NotConnected       a QoS 0 publish while the link is down
 
@@ -57,6 +58,21 @@ class ConnectRefused(MqttError):
         node answers it while its cluster's client-id registry is not ready), so
         worth trying again, unlike a refusal of the credentials."""
         return self.reason == "Server unavailable"
+
+
+class ClosedBeforeConnack(MqttError, ConnectionError):
+    """The broker closed the connection before answering the CONNECT.
+
+    Not a refusal: a broker refuses with a CONNACK (mosquitto, amqtt's gate and
+    RabbitMQ all do). A close without one is a broker still booting or overloaded, or
+    something in between giving up, so it is an ``OSError`` like an unreachable
+    broker: callers that try again, or try the next address, do so (a RabbitMQ node
+    of a freshly formed cluster did this for minutes, docs/operations.md).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"connection closed before CONNACK: {reason}")
+        self.reason = reason
 
 
 class SubscribeRefused(MqttError):
@@ -218,6 +234,7 @@ class MqttLink:
 
         Raises:
             ConnectRefused: wrong credentials or not authorised.
+            ClosedBeforeConnack: closed without an answer (an OSError).
             OSError / TimeoutError: the broker cannot be reached.
         """
         self._loop = asyncio.get_running_loop()
@@ -438,7 +455,7 @@ class MqttLink:
         was_connected = self._connected.is_set()
         self._connected.clear()
         if self._connack is not None and not self._connack.done():
-            self._connack.set_exception(ConnectRefused(f"disconnected: {reason}"))
+            self._connack.set_exception(ClosedBeforeConnack(str(reason)))
         if was_connected and not self._closing:
             log.warning("connection of %s lost: %s", self.config.client_id, reason)
             if self._on_disconnect_hook is not None:

@@ -10,7 +10,9 @@ import pytest
 from core.mqtt import Incoming
 from protocol import topics
 
+from .support.services import wait_until
 from .support.stack import Stack, stored
+from .support.tcp_proxy import TcpProxy
 
 
 async def test_round_trip_with_sent_receipt(shared_stack: Stack) -> None:
@@ -137,6 +139,29 @@ async def test_offline_recipient_gets_its_messages_on_reconnect(shared_stack: St
     got = [await bob.next_message(timeout=10) for _ in range(20)]
     assert [m.body for m in got] == [f"while you were away {i}" for i in range(20)]
     assert [m.seq for m in got] == list(range(1, 21))
+
+
+async def test_the_bridge_waits_out_a_broker_that_closes_before_connack(stack: Stack) -> None:
+    """A broker that closes the connection before its CONNACK (booting, overloaded, or
+    a proxy in between giving up) has not refused the bridge's account: the bridge
+    tries again and comes up. It used to exit 77, "check MQCHAT_BRIDGE_PASSWORD"."""
+    await stack.add_users("alice", "bob")
+    async with TcpProxy(stack.host, stack.port) as proxy:
+        await asyncio.to_thread(stack.bridge.stop)
+        stack.bridge.reconfigure(mqtt_port=proxy.port)
+        proxy.cut()  # every connection accepted, then closed at once
+        stack.bridge.start()
+        await asyncio.to_thread(
+            wait_until, lambda: proxy.refused >= 3, timeout=30, what="the bridge trying"
+        )
+        assert stack.bridge.process is not None
+        assert stack.bridge.process.poll() is None, stack.bridge.log_tail()
+        proxy.heal()
+        await asyncio.to_thread(stack.bridge.wait_ready, 60)
+
+        alice, bob = await stack.client("alice"), await stack.client("bob")
+        sent = await alice.send("through", to="bob", timeout=30)
+        assert (await bob.next_message(timeout=20)).id == sent.id
 
 
 async def test_bridge_survives_broker_restart(stack: Stack) -> None:

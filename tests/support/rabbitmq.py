@@ -160,7 +160,7 @@ class RabbitCluster:
         """Until the node answers an MQTT CONNECT of the bridge's account with CONNACK
         0 (None), or why not by ``deadline``. Listening is not enough: a node closed the
         bridge's first connection before any CONNACK right after the cluster formed (in
-        CI), which the bridge takes for a refusal of its account (exit 77)."""
+        CI); a bridge started on it tries until its startup timeout, then exits 69."""
         last = "no answer"
         hello = packets.connect(
             f"probe-{secrets.token_hex(4)}", self.bridge.username, self.bridge.password
