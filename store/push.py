@@ -62,14 +62,14 @@ _RANGES: Final = 200
 PUSHED_EVENTS: Final = ("created", "added")
 
 
-def _woken(message: Message) -> frozenset[str] | None:
-    """Who a group event pushes to (the users it made members); None for a message,
-    which pushes to every member but its sender."""
-    if message.event is None:
+def _woken(event: str | None, event_data: str | None) -> frozenset[str] | None:
+    """Who a group event pushes to (the users it made members, none for the other
+    events); None for a message, which pushes to every member but its sender."""
+    if event is None:
         return None
-    if message.event not in PUSHED_EVENTS:
+    if event not in PUSHED_EVENTS:
         return frozenset()
-    users = json.loads(message.event_data or "{}").get("users", [])
+    users = json.loads(event_data or "{}").get("users", [])
     return frozenset(str(user) for user in users)
 
 
@@ -286,7 +286,7 @@ def _note_pending(
     grace: timedelta,
     collapse: timedelta,
 ) -> None:
-    woken = {id(m): _woken(m) for m in messages}
+    woken = {id(m): _woken(m.event, m.event_data) for m in messages}
     chat = [m for m in messages if woken[id(m)] is None or woken[id(m)]]
     if not chat:
         return
@@ -503,9 +503,8 @@ class _Facts:
                 )
                 .order_by(col(Message.conversation_id), col(Message.seq))
             ):
-                named = frozenset(json.loads(data).get("users", ())) if event and data else None
                 messages.setdefault(conversation, []).append(
-                    _Waiting(seq, sender, event, named or frozenset())
+                    _Waiting(seq, sender, event, _woken(event, data) or frozenset())
                 )
         return cls(
             delivered=delivered,
