@@ -74,8 +74,23 @@ export class Stack {
   }
 }
 
-/** Start `mqchat up` and wait until it says where everything listens (at most 90 s). */
+/**
+ * Start `mqchat up` and wait until it says where everything listens (at most 90 s).
+ * A port found free can be taken before the broker binds it (another test's server, or
+ * an outgoing connection's ephemeral port: CI once lost one so), so a start that fails
+ * on a busy port is tried again on fresh ports, up to three times.
+ */
 export async function startStack(): Promise<Stack> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startStackOnce();
+    } catch (error) {
+      if (attempt >= 3 || !/address already in use|in use/.test(String(error))) throw error;
+    }
+  }
+}
+
+async function startStackOnce(): Promise<Stack> {
   const dir = mkdtempSync(join(tmpdir(), "mqchat-js-"));
   const [mqtt, ws, api] = [await freePort(), await freePort(), await freePort()];
   const child = spawn(
