@@ -163,7 +163,7 @@ class WebPushSender:
         # httpcore, not httpx: it takes a network backend (the vetted one) and never
         # follows a redirect. Several small pools taken in turn rather than one: a pool
         # checks every one of its connections (``has_expired``, ``is_idle``) each time
-        # it places a request, so one pool of 32 spent a quarter of the daemon's CPU
+        # it places a request, so one pool of 32 spent about half the daemon's CPU
         # choosing connections (docs/benchmarks.md, "Push when away").
         backend = VettedBackend(allow)
         sizes = [_POOL_SIZE] * (connections // _POOL_SIZE)
