@@ -267,19 +267,18 @@ export class ChatClient {
     return this.credential;
   }
 
-  private async connectOnce(): Promise<void> {
+  private connectOnce(): Promise<void> {
     // One attempt at a time: two connections with one client id take the session
-    // from each other.
-    if (this.closed || this.connecting) return;
-    this.connecting = true;
-    try {
-      await this.attemptConnection();
-    } finally {
-      this.connecting = false;
-    }
+    // from each other. A second caller shares the attempt under way and learns how it
+    // ended, rather than being told "connected" while it is still open.
+    if (this.closed) return Promise.resolve();
+    this.connecting ??= this.attemptConnection().finally(() => {
+      this.connecting = undefined;
+    });
+    return this.connecting;
   }
 
-  private connecting = false;
+  private connecting: Promise<void> | undefined;
 
   private async attemptConnection(): Promise<void> {
     let client: MqttClient | undefined;

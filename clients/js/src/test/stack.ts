@@ -6,7 +6,7 @@
 
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
-import { createServer } from "node:net";
+import { connect, createServer, type Server, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -119,5 +119,61 @@ export async function until(predicate: () => boolean, what: string, ms = 15_000)
   while (!predicate()) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/**
+ * A TCP relay in front of a listener (the broker's WebSocket port): `cut()` closes every
+ * connection through it and closes each new one as soon as it arrives, as a network
+ * that drops a device's traffic does, until `heal()`. A real socket closes: the browser
+ * sees what it sees on a real network, not a mocked WebSocket.
+ */
+export class Relay {
+  private reachable = true;
+  private readonly sockets = new Set<Socket>();
+  /** Connections let through to the target since the relay started. */
+  passed = 0;
+
+  private constructor(private readonly server: Server, readonly port: number) {}
+
+  static async start(target: { host: string; port: number }): Promise<Relay> {
+    const server = createServer();
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(0, "127.0.0.1", () => resolve());
+    });
+    const address = server.address();
+    const relay = new Relay(server, typeof address === "object" && address ? address.port : 0);
+    server.on("connection", (inbound) => relay.accept(inbound, target));
+    return relay;
+  }
+
+  private accept(inbound: Socket, target: { host: string; port: number }): void {
+    if (!this.reachable) return void inbound.destroy();
+    this.passed += 1;
+    const outbound = connect(target.port, target.host);
+    for (const [from, to] of [[inbound, outbound], [outbound, inbound]] as const) {
+      this.sockets.add(from);
+      from.pipe(to);
+      from.on("error", () => to.destroy());
+      from.on("close", () => {
+        this.sockets.delete(from);
+        to.destroy();
+      });
+    }
+  }
+
+  cut(): void {
+    this.reachable = false;
+    for (const socket of this.sockets) socket.destroy();
+  }
+
+  heal(): void {
+    this.reachable = true;
+  }
+
+  async close(): Promise<void> {
+    this.cut();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }
 }

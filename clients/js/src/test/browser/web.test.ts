@@ -12,7 +12,7 @@ import { after, before, test } from "node:test";
 
 import { chromium, type Browser, type BrowserContext, type Page } from "playwright-core";
 
-import { REPO, startStack, until, type Stack } from "../stack.js";
+import { REPO, Relay, startStack, until, type Stack } from "../stack.js";
 
 const FLAGS = [
   "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -173,47 +173,46 @@ test("offline: bob misses messages and gets them all, in order; alice's wait as 
 
 test("the outbox outlives the page: typed while cut off, reloaded, sent once on return, in order", async () => {
   const [alice, bob] = [people[0]!, people[1]!];
-  // The broker's WebSocket goes through a switch: a new connection is closed at once
-  // while it is off (the history API stays reachable, so the page itself reloads).
-  let brokerReachable = true;
-  let answers = 0; // the broker's packets forwarded to the page: the first is its CONNACK
-  const open: { close(): Promise<void> }[] = [];
-  await alice.context.routeWebSocket(/\/mqtt$/, (ws) => {
-    if (!brokerReachable) return void ws.close();
-    const server = ws.connectToServer();
-    ws.onMessage((message) => server.send(message));
-    server.onMessage((message) => {
-      ws.send(message);
-      answers += 1;
-    });
-    open.push(ws);
+  // Alice's page reaches the broker through a relay that the test cuts: her broker
+  // connection drops as on a real network, while the history API stays reachable,
+  // so the page itself still reloads.
+  const broker = new URL(stack.mqttUrl);
+  const relay = await Relay.start({ host: broker.hostname, port: Number(broker.port) });
+  await alice.context.route("**/app/config.json", async (route) => {
+    const config = (await (await route.fetch()).json()) as Record<string, unknown>;
+    await route.fulfill({ json: { ...config, mqtt_url: `ws://{host}:${relay.port}${broker.pathname}` } });
   });
-  await alice.page.reload(); // the page's connection now goes through the switch
-  await alice.page.locator("#messages li", { hasText: "typed offline" }).waitFor();
-  // Cut only a connection the page has seen answered: one closed while the page's end
-  // was still opening was once let through, and the page stayed connected.
-  await until(() => answers > 0, "alice's connection, routed and answered");
-  brokerReachable = false;
-  await Promise.all(open.splice(0).map((ws) => ws.close()));
-  await statusShows(alice.page, "retrying");
-  for (const body of ["kept 1", "kept 2"]) {
-    await alice.page.getByLabel("Message", { exact: true }).fill(body);
-    await alice.page.getByRole("button", { name: "Send" }).click();
-    await tickOf(alice.page, body).and(alice.page.locator('[data-state="sending"]')).waitFor();
+  try {
+    await alice.page.reload(); // the page's connection now goes through the relay
+    await alice.page.locator("#messages li", { hasText: "typed offline" }).waitFor();
+    await until(() => relay.passed > 0, "alice's connection, through the relay");
+    relay.cut();
+    await statusShows(alice.page, "retrying");
+    for (const body of ["kept 1", "kept 2"]) {
+      await alice.page.getByLabel("Message", { exact: true }).fill(body);
+      await alice.page.getByRole("button", { name: "Send" }).click();
+      await tickOf(alice.page, body).and(alice.page.locator('[data-state="sending"]')).waitFor();
+    }
+    await alice.page.reload();
+    for (const body of ["kept 1", "kept 2"]) {
+      await tickOf(alice.page, body).and(alice.page.locator('[data-state="sending"]')).waitFor();
+    }
+    relay.heal(); // the app's next attempt gets through
+    for (const body of ["kept 1", "kept 2"]) {
+      await tickOf(alice.page, body).and(alice.page.locator('[data-state="sent"], [data-state="delivered"], [data-state="read"]')).waitFor();
+    }
+    await bob.page.locator("#messages li", { hasText: "kept 2" }).waitFor();
+    const seen = await bodies(bob.page);
+    assert.deepEqual(seen.filter((b) => b.startsWith("kept ")), ["kept 1", "kept 2"], "once each, in order");
+    assert.deepEqual(seen.slice(-2), ["kept 1", "kept 2"]);
+    assert.deepEqual(await alice.page.evaluate(() => Object.keys(localStorage).filter((k) => k.startsWith("mqchat.outbox."))), [], "nothing left to send");
+  } finally {
+    // The later tests use alice's page: give it back its direct connection.
+    relay.heal();
+    await alice.context.unroute("**/app/config.json");
+    await alice.page.reload();
+    await relay.close();
   }
-  await alice.page.reload();
-  for (const body of ["kept 1", "kept 2"]) {
-    await tickOf(alice.page, body).and(alice.page.locator('[data-state="sending"]')).waitFor();
-  }
-  brokerReachable = true; // the app's next attempt gets through
-  for (const body of ["kept 1", "kept 2"]) {
-    await tickOf(alice.page, body).and(alice.page.locator('[data-state="sent"], [data-state="delivered"], [data-state="read"]')).waitFor();
-  }
-  await bob.page.locator("#messages li", { hasText: "kept 2" }).waitFor();
-  const seen = await bodies(bob.page);
-  assert.deepEqual(seen.filter((b) => b.startsWith("kept ")), ["kept 1", "kept 2"], "once each, in order");
-  assert.deepEqual(seen.slice(-2), ["kept 1", "kept 2"]);
-  assert.deepEqual(await alice.page.evaluate(() => Object.keys(localStorage).filter((k) => k.startsWith("mqchat.outbox."))), [], "nothing left to send");
 });
 
 test("a reload restores the conversation from the history, in order", async () => {

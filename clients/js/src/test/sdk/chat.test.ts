@@ -117,6 +117,18 @@ test("the outbox outlives the client: a stored outbox is resent by the next one,
   assert.deepEqual(sent.filter((r) => r.status === "sent").map((r) => r.id), ids);
 });
 
+test("a second connect() while one is under way shares it: it resolves connected, with one connection", async () => {
+  const alice = await stack.newUser("a");
+  const a = await stack.client(alice, "node", {}, false);
+  clients.push(a);
+  const connections = collect<{ connected: boolean }>((l) => a.on("connection", l));
+  const first = a.connect();
+  await a.connect(); // an app's own retry, say, while the SDK's attempt is open
+  assert.deepEqual(connections.map((c) => c.connected), [true], "connected before it resolved, once");
+  await first;
+  assert.deepEqual(connections.map((c) => c.connected), [true]);
+});
+
 test("a gap in the live stream is filled from the history API, in seq order", async () => {
   const [alice, bob] = [await stack.newUser("a"), await stack.newUser("b")];
   const a = await connect(alice);
