@@ -1,7 +1,18 @@
 # The images compose.yaml builds (docs/operations.md, "With compose"). Two targets:
-#   app        the daemons (bridge, history API) and the mqchat command, on Python 3.11
+#   app        the daemons (bridge, history API, push) and the mqchat command, on Python
+#              3.11, with the web app the history API serves
 #   mosquitto  Debian's mosquitto 2 with mqchat's client-id plugin and mosquitto.conf
-# tests/test_compose.py runs every service's command from compose.yaml on loopback.
+# tests/test_compose.py runs every service's command from compose.yaml on loopback, and
+# checks that every package pyproject.toml installs is copied in here.
+
+# The web app (clients/js): its locked dependencies, then the bundle in dist/site.
+FROM node:20-bookworm-slim AS web
+WORKDIR /js
+COPY clients/js/package.json clients/js/package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY clients/js/tsconfig.json clients/js/build-web.mjs ./
+COPY clients/js/src src
+RUN npm run build
 
 FROM python:3.11-slim-bookworm AS app
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
@@ -16,10 +27,15 @@ COPY clients clients
 COPY core core
 COPY history_api history_api
 COPY protocol protocol
+COPY push push
 COPY store store
 COPY scripts/container-entrypoint scripts/container-entrypoint
+COPY --from=web /js/dist/site web
+# The push daemon's VAPID key lives in a volume mounted here: a new volume takes this
+# directory's owner, so the daemon (not root) can write the key on its first start.
 RUN pip install --no-cache-dir --no-deps . \
-    && useradd --system --uid 10001 --home-dir /app mqchat
+    && useradd --system --uid 10001 --home-dir /app mqchat \
+    && mkdir -p /var/lib/mqchat-push && chown mqchat: /var/lib/mqchat-push
 USER mqchat
 ENTRYPOINT ["scripts/container-entrypoint"]
 CMD ["mqchat", "--help"]

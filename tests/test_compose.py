@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import subprocess
 import sys
+import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,11 @@ import psycopg
 import yaml
 from psycopg import sql
 
-from core.daemon import BRIDGE_READY_LOG
+from core.daemon import BRIDGE_READY_LOG, PUSH_READY_LOG
 from core.supervisor import Child
 from mqchat import ChatClient, HistoryClient
 
+from .support.push import PushReceiver
 from .support.services import LOOPBACK, ROOT, free_port, prepare_mosquitto, start_postgres
 
 COMPOSE = ROOT / "compose.yaml"
@@ -64,6 +67,21 @@ def test_compose_file_names_no_secret() -> None:
                 assert key.endswith("_FILE"), (name, key)
                 assert str(value).startswith(SECRETS_MOUNT), (name, key)
     assert all("file" in secret for secret in doc["secrets"].values())
+
+
+def test_the_app_image_copies_every_package_it_installs() -> None:
+    """The Dockerfile's ``pip install .`` installs pyproject.toml's packages: each top
+    folder must be copied into the image first (``push`` once was not, so the image
+    could not build)."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {
+        tool.get("package-dir", {}).get(name, name).split("/")[0]
+        for name in tool["packages"]
+        if "." not in name
+    }
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\S+) \1$", dockerfile, re.MULTILINE))
+    assert folders - copied == set()
 
 
 class Localised:
@@ -113,9 +131,14 @@ class Localised:
         return [self.text(part) for part in [*service["entrypoint"], *service["command"]]]
 
 
-def _base_environment(home: Path) -> dict[str, str]:
-    """What a container has besides its ``environment``: a PATH with mqchat on it."""
-    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(home)}
+def _base_environment(home: Path, secret_dir: Path) -> dict[str, str]:
+    """What a container has besides its ``environment``: a PATH with mqchat on it, and
+    the secrets where this test keeps them rather than under /run/secrets."""
+    return {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        "HOME": str(home),
+        "MQCHAT_SECRETS_DIR": str(secret_dir),
+    }
 
 
 async def test_the_services_run_from_the_file_and_chat(tmp_path: Path) -> None:
@@ -128,7 +151,28 @@ async def test_the_services_run_from_the_file_and_chat(tmp_path: Path) -> None:
 
     mosquitto = prepare_mosquitto(tmp_path)
     (mosquitto.data_dir / "dynamic-security.json").unlink()  # mosquitto-init writes it
-    local = Localised(doc, {SECRETS_MOUNT: secret_dir, "/var/lib/mosquitto": mosquitto.data_dir})
+    push_data = tmp_path / "push-data"
+    push_data.mkdir()
+    local = Localised(
+        doc,
+        {
+            SECRETS_MOUNT: secret_dir,
+            "/var/lib/mosquitto": mosquitto.data_dir,
+            "/var/lib/mqchat-push": push_data,
+            # The image's web app (Dockerfile: /app/web), as `make web` builds it here.
+            "/app/web": ROOT / "clients" / "js" / "dist" / "site",
+        },
+    )
+    # The push service the devices subscribe at: on loopback here, which the daemons
+    # refuse unless told (docs/security.md); the only settings not from the file.
+    receiver = PushReceiver(tmp_path)
+    test_only = {
+        "push": {
+            "MQCHAT_PUSH_ALLOW_HOSTS": LOOPBACK,
+            "MQCHAT_PUSH_CA_FILE": str(receiver.cert_file),
+        },
+        "api": {"MQCHAT_API_PUSH_ALLOW_HOSTS": LOOPBACK},
+    }
     postgres = start_postgres(tmp_path)
     children: list[Child] = []
     try:
@@ -151,7 +195,8 @@ async def test_the_services_run_from_the_file_and_chat(tmp_path: Path) -> None:
             service = services[name]
             done = subprocess.run(
                 local.argv(service),
-                env=_base_environment(tmp_path) | local.environment(name, service["environment"]),
+                env=_base_environment(tmp_path, secret_dir)
+                | local.environment(name, service["environment"]),
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
@@ -175,15 +220,17 @@ async def test_the_services_run_from_the_file_and_chat(tmp_path: Path) -> None:
             child = Child(
                 name,
                 local.argv(service),
-                _base_environment(tmp_path) | env,
+                _base_environment(tmp_path, secret_dir) | env | test_only.get(name, {}),
                 tmp_path / f"{name}.log",
-                ready_line=None if api else BRIDGE_READY_LOG,
+                ready_line=None if api else PUSH_READY_LOG if name == "push" else BRIDGE_READY_LOG,
                 ports=[(LOOPBACK, int(env["MQCHAT_API_PORT"]))] if api else (),
                 cwd=ROOT,
             )
             children.append(child)
             await asyncio.to_thread(child.start_ready, 60)
-        assert sorted(c.name for c in children) == ["api", "bridge-1", "bridge-2"]
+        assert sorted(c.name for c in children) == ["api", "bridge-1", "bridge-2", "push"]
+        # The push daemon made its VAPID key in its volume, for the next start too.
+        assert (push_data / "vapid.pem").is_file()
 
         # The health checks of the services that listen, run against them here.
         for name in ("mosquitto", "api"):
@@ -196,11 +243,14 @@ async def test_the_services_run_from_the_file_and_chat(tmp_path: Path) -> None:
         # Chat through them: accounts made by the API (in the database and mosquitto).
         api_url = f"http://{LOOPBACK}:{local.ports[('api', '8000')]}"
         await chat(api_url, mosquitto.port)
+        await pushed_when_away(api_url, mosquitto.port, receiver)
+        await web_app_served(api_url)
         for child in children:
             assert child.alive, child.log_text()[-2000:]
     finally:
         for child in children:
             child.stop(15)
+        receiver.close()
         mosquitto.close()
         postgres.close()
 
@@ -232,3 +282,55 @@ async def chat(api_url: str, mqtt_port: int) -> None:
         await alice.close()
         await bob.close()
         await history.close()
+
+
+async def pushed_when_away(api_url: str, mqtt_port: int, receiver: PushReceiver) -> None:
+    """bob's phone registers for Web Push and goes away; alice writes; the push daemon
+    of the file pushes him, signed with the key the API hands out."""
+    endpoint, keys = receiver.endpoint("bob-phone")
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        token = await http.post(
+            "/v1/tokens", data={"username": "bob", "password": "bob-long-password"}
+        )
+        token.raise_for_status()
+        http.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
+        registered = await http.post(
+            "/v1/devices/phone/push",
+            json={"channel": "webpush", "endpoint": endpoint, "keys": keys.subscription_keys()},
+        )
+        assert registered.status_code == 201, registered.text
+        key = (await http.get("/v1/push/key")).json()["vapid_public_key"]
+    alice = ChatClient(
+        username="alice",
+        password="alice-long-password",
+        device="phone",
+        host=LOOPBACK,
+        port=mqtt_port,
+        resend_after=2.0,
+    )
+    try:
+        await alice.connect()
+        sent = await alice.send("are you there?", to="bob", timeout=30)
+    finally:
+        await alice.close()
+    await asyncio.to_thread(
+        receiver.wait_for, lambda r: len(r.to("bob-phone")) >= 1, 60, "a push to bob's phone"
+    )
+    (push,) = receiver.to("bob-phone")
+    assert (push.payload["from"], push.payload["seq"]) == ("alice", sent.seq)
+    assert push.claims["k"] == key
+    assert not receiver.failures
+
+
+async def web_app_served(api_url: str) -> None:
+    """The API serves the web app, which is told mosquitto's WebSocket listener."""
+    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        page = await http.get("/")
+        assert page.status_code == 200
+        assert "/app/app.js" in page.text, page.text[:500]
+        assert (await http.get("/app/app.js")).status_code == 200
+        url = (await http.get("/app/config.json")).json()["mqtt_url"]
+    port = int(url.split("{host}:", 1)[1].split("/", 1)[0])
+    conf = (ROOT / "mosquitto.conf").read_text().splitlines()
+    listener = conf.index(f"listener {port}")
+    assert conf[listener + 1] == "protocol websockets", (url, conf[listener : listener + 2])
