@@ -48,7 +48,48 @@ PRODUCTION_CONFIG = ROOT / "mosquitto.conf"
 LOOPBACK = "127.0.0.1"
 
 
+#: The lowest port :func:`free_port` hands out.
+_FIRST_PORT = 10000
+#: pytest-xdist workers (``gw0``...) that get a block of ports of their own.
+_PORT_BLOCKS = 8
+
+
+def _port_block() -> list[int]:
+    """This process's ports: below the kernel's ephemeral range, where outgoing
+    connections (and ``bind(0)``) take theirs, and one block per xdist worker. A port
+    found free by ``bind(0)`` was once taken by another process's connection before the
+    server it was meant for bound it (the JavaScript tests' stack, in CI)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        ephemeral = int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) % _PORT_BLOCKS if worker.isdigit() else 0
+    size = (ephemeral - _FIRST_PORT) // _PORT_BLOCKS
+    if size < 100:
+        return []
+    first = _FIRST_PORT + index * size
+    start = secrets.randbelow(size)  # a rerun does not walk the same ports first
+    return [first + (start + i) % size for i in range(size)]
+
+
+_ports = _port_block()
+_next_port = 0
+
+
 def free_port() -> int:
+    """A loopback TCP port nothing listens on, for a server this process starts next."""
+    global _next_port
+    for _ in range(len(_ports)):
+        port = _ports[_next_port % len(_ports)]
+        _next_port += 1
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue  # in use (or lingering): the next one
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
