@@ -25,6 +25,11 @@ class BridgeSettings(BaseSettings):
     database_url: str
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 1883
+    #: More nodes of a clustered broker, ``host:port`` comma-separated (1883 where no
+    #: port is given): the MQTT link (the downlinks, and the uplinks where they come
+    #: over MQTT) moves to the next one when its node cannot be reached or is lost,
+    #: as the SDK's ``other_brokers`` do.
+    mqtt_other_addresses: str | None = None
     username: str = "mqchat-bridge"
     #: No default: the service account's password comes from configuration only.
     password: SecretStr
@@ -111,17 +116,20 @@ class BridgeSettings(BaseSettings):
         parse_many(self.uplink_rate)
         return self
 
+    @model_validator(mode="after")
+    def _addresses_parse(self) -> BridgeSettings:
+        _ = self.amqp_nodes, self.mqtt_other_nodes  # a bad port raises ValueError
+        return self
+
     @property
     def amqp_nodes(self) -> list[tuple[str, int]]:
         """``amqp_addresses`` as (host, port) pairs (5672 where no port is given)."""
-        nodes = []
-        for item in (self.amqp_addresses or "").split(","):
-            host, sep, port = item.strip().rpartition(":")
-            if not sep:
-                host, port = item.strip(), "5672"
-            if host:
-                nodes.append((host, int(port)))
-        return nodes
+        return _nodes(self.amqp_addresses, 5672)
+
+    @property
+    def mqtt_other_nodes(self) -> list[tuple[str, int]]:
+        """``mqtt_other_addresses`` as (host, port) pairs (1883 where no port is given)."""
+        return _nodes(self.mqtt_other_addresses, 1883)
 
     @model_validator(mode="after")
     def _partition_in_range(self) -> BridgeSettings:
@@ -136,3 +144,18 @@ class BridgeSettings(BaseSettings):
     #: Test only: ``<point>:<n>`` kills the bridge at the n-th arrival at a point of
     #: its pipeline (see ``bridge/faults.py``). Never set it in production.
     crash_at: str | None = Field(default=None, pattern=CRASH_AT_PATTERN)
+
+
+def _nodes(addresses: str | None, default_port: int) -> list[tuple[str, int]]:
+    """``host:port,host`` as (host, port) pairs, ``default_port`` where none is given."""
+    nodes = []
+    for item in (addresses or "").split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep:
+            host, port = item.strip(), str(default_port)
+        if not host:
+            continue
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{item.strip()!r} is not host or host:port")
+        nodes.append((host, int(port)))
+    return nodes

@@ -147,6 +147,7 @@ class Bridge(Service):
             LinkConfig(
                 host=settings.mqtt_host,
                 port=settings.mqtt_port,
+                other_addresses=tuple(settings.mqtt_other_nodes),
                 username=settings.username,
                 password=settings.password.get_secret_value(),
                 client_id=settings.client_id,

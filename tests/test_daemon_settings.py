@@ -174,6 +174,7 @@ def _samples(files: Path) -> list[BaseSettings]:
             database_url="postgresql+psycopg://u:p@db/mqchat",
             mqtt_host="broker.internal",
             mqtt_port=1885,
+            mqtt_other_addresses="broker-2.internal:1886,broker-3.internal",
             username="bridge-2",
             password=SecretStr("bridge's secret, with = and ;"),
             client_id="mqchat-bridge-2",

@@ -8,10 +8,10 @@ through two bridges; and the broker splits the uplinks between the bridges
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 
 import pytest
+from pydantic import ValidationError
 
 import protocol
 from bridge.config import BridgeSettings
@@ -21,8 +21,7 @@ from protocol import topics
 
 from .support.clients import Recorder
 from .support.rabbitmq import RabbitCluster
-from .support.services import Daemon
-from .support.stack import Stack, stored
+from .support.stack import Stack, handled_uplinks, stored
 
 #: One worker boots the session's cluster (20-60 s, three Erlang VMs) and runs them all.
 pytestmark = pytest.mark.xdist_group("rabbitmq")
@@ -100,13 +99,6 @@ async def test_devices_on_different_nodes_chat(rabbitmq_stack: Stack) -> None:
     assert (await bob.next_message(timeout=20)).body == "while you were away"
 
 
-def _handled(bridge: Daemon) -> int:
-    """What a stopped bridge says it handled since its latest start."""
-    found = re.search(r"stopped after handling (\d+) uplinks", bridge.latest_log())
-    assert found is not None, bridge.log_tail()
-    return int(found[1])
-
-
 async def test_each_bridge_receives_only_its_partitions(rabbitmq_stack: Stack) -> None:
     """The broker splits the uplinks (bridge/amqp_source.py): over both bridges every
     uplink is handled exactly once, both take a share, and each sender's messages are
@@ -151,7 +143,7 @@ async def test_each_bridge_receives_only_its_partitions(rabbitmq_stack: Stack) -
     finally:
         for bridge in bridges:
             await asyncio.to_thread(bridge.stop)
-        counts = [_handled(bridge) for bridge in bridges]
+        counts = [handled_uplinks(bridge) for bridge in bridges]
         for bridge in bridges:
             await asyncio.to_thread(bridge.start_ready)
     print(f"uplinks handled per bridge: {counts}")
@@ -163,11 +155,21 @@ async def test_each_bridge_receives_only_its_partitions(rabbitmq_stack: Stack) -
         ]
 
 
-def test_amqp_addresses_read_as_nodes() -> None:
+def test_node_addresses_read_as_nodes() -> None:
     settings = daemon.build(
         BridgeSettings,
         database_url="sqlite:///x.db",
         password="pw-of-the-bridge",
         amqp_addresses=" rabbit-1:5673, rabbit-2 ,",
+        mqtt_other_addresses="rabbit-2:1884,rabbit-3",
     )
     assert settings.amqp_nodes == [("rabbit-1", 5673), ("rabbit-2", 5672)]
+    assert settings.mqtt_other_nodes == [("rabbit-2", 1884), ("rabbit-3", 1883)]
+    # A port that is not a number is refused when the settings are read, not later.
+    with pytest.raises(ValidationError, match="rabbit-2:x"):
+        daemon.build(
+            BridgeSettings,
+            database_url="sqlite:///x.db",
+            password="pw-of-the-bridge",
+            mqtt_other_addresses="rabbit-2:x",
+        )

@@ -10,6 +10,9 @@ Six devices in three pairs chat, two on each node, each told the other nodes
   (quorum queues) are; it is started again only after the run.
 * ``bridge``: the second bridge is killed; its queues keep their uplinks (the senders'
   SDKs resend meanwhile) until it is started again, and it goes on in order.
+* ``standby``: a second instance of the second bridge's partition stands by (each
+  queue has one active consumer); the active one is killed and not restarted, and the
+  standby takes its queues over, from the uplinks it had not acknowledged on.
 
 ``tests/support/chaos.py``'s ``check`` must find nothing lost, duplicated or reordered.
 """
@@ -18,12 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
+from bridge.config import BridgeSettings
+from core import daemon
+
 from .support.chaos import History, Received, StoredRow, cancel, check, record_shown
 from .support.rabbitmq import RabbitCluster
-from .support.stack import Stack, stored
+from .support.services import LOOPBACK, free_port
+from .support.stack import Stack, bridge_daemon, handled_uplinks, stored
 
 #: One worker boots the session's cluster (20-60 s, three Erlang VMs) and runs them all.
 pytestmark = pytest.mark.xdist_group("rabbitmq")
@@ -36,9 +44,9 @@ QUIET_TIMEOUT = 60.0
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("fault", ["node", "bridge"])
+@pytest.mark.parametrize("fault", ["node", "bridge", "standby"])
 async def test_killed_under_load_nothing_is_lost(
-    rabbitmq_stack: Stack, rabbitmq_cluster: RabbitCluster, fault: str
+    rabbitmq_stack: Stack, rabbitmq_cluster: RabbitCluster, fault: str, tmp_path: Path
 ) -> None:
     users = await rabbitmq_stack.new_users("a1", "b1", "a2", "b2", "a3", "b3")
     partner = {}
@@ -61,6 +69,16 @@ async def test_killed_under_load_nothing_is_lost(
             on_connection=lambda up, _, events=events: events.append(up),
         )
     bridge = rabbitmq_stack.more_bridges[0]
+    assert isinstance(bridge.settings, BridgeSettings)
+    standby = None
+    if fault == "standby":
+        settings = daemon.replace(
+            bridge.settings,
+            client_id="mqchat-bridge-2-standby",
+            metrics_addr=f"{LOOPBACK}:{free_port()}",
+        )
+        standby = bridge_daemon(tmp_path, settings, "bridge-2-standby")
+        await asyncio.to_thread(standby.start_ready)
 
     history = History()
     received: list[Received] = []
@@ -80,6 +98,8 @@ async def test_killed_under_load_nothing_is_lost(
             await asyncio.sleep(0.05)
         if fault == "node":
             rabbitmq_cluster.nodes[victim].kill()
+        elif fault == "standby":
+            bridge.kill()  # for good: the standby goes on
         else:
             bridge.kill()
             await asyncio.sleep(2.0)  # a while without it: its queues fill
@@ -102,6 +122,10 @@ async def test_killed_under_load_nothing_is_lost(
             await asyncio.sleep(0.5)
     finally:
         await cancel(receivers)
+        taken_over = None
+        if standby is not None:
+            await asyncio.to_thread(standby.stop)
+            taken_over = handled_uplinks(standby)
         if fault == "node":
             await asyncio.to_thread(rabbitmq_cluster.restart_node, victim)
         elif not bridge.alive:
@@ -119,3 +143,11 @@ async def test_killed_under_load_nothing_is_lost(
     if fault == "node":
         # Lost and back, while the node was still dead: on another node.
         assert all(events[:2] == [False, True] for events in seen.values()), seen
+        # The second bridge published through the killed node: its MQTT link moved on
+        # (MQCHAT_BRIDGE_MQTT_OTHER_ADDRESSES) and the downlinks went on from there.
+        assert bridge.settings.mqtt_port == nodes[victim][1]
+        moved = f"reconnecting {bridge.settings.client_id} to {nodes[0][0]}:{nodes[0][1]}"
+        assert moved in bridge.latest_log(), bridge.log_tail()
+    if fault == "standby":
+        # The killed bridge's queues were the standby's from then on.
+        assert taken_over, "the standby handled no uplink"

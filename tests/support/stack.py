@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -351,6 +352,13 @@ def bridge_daemon(base: Path, settings: BridgeSettings, name: str = "bridge") ->
     return Daemon(name, "bridge", {}, base, settings=settings, ready_line=BRIDGE_READY)
 
 
+def handled_uplinks(bridge: Daemon) -> int:
+    """What a stopped bridge says it handled since its latest start."""
+    found = re.search(r"stopped after handling (\d+) uplinks", bridge.latest_log())
+    assert found is not None, bridge.log_tail()
+    return int(found[1])
+
+
 def api_daemon(base: Path, database_url: str, **changes: Any) -> Daemon:
     """``python -m history_api`` on a free loopback port, ready once it accepts;
     ``changes``: its settings by field name."""
@@ -519,16 +527,29 @@ async def start_rabbitmq_stack(base: Path, postgres: PostgresServer, nodes: int 
         api_url=url,
     )
     # Two bridges, partitions of the uplink queues (bridge/amqp_source.py), each
-    # publishing through a node of its own.
+    # publishing through a node of its own: the first through the first node, the
+    # others from the last node back (tests/test_rabbitmq_node_loss.py kills the last),
+    # each told the other nodes to move to.
     amqp = ",".join(f"{cluster.host}:{node.amqp_port}" for node in cluster.nodes)
-    stack.bridge.reconfigure(amqp_addresses=amqp, partitions=RABBITMQ_BRIDGES, partition=0)
+
+    def others(index: int) -> str:
+        rest = cluster.nodes[index + 1 :] + cluster.nodes[:index]
+        return ",".join(f"{cluster.host}:{node.mqtt_port}" for node in rest)
+
+    stack.bridge.reconfigure(
+        amqp_addresses=amqp,
+        partitions=RABBITMQ_BRIDGES,
+        partition=0,
+        mqtt_other_addresses=others(0),
+    )
     for index in range(1, RABBITMQ_BRIDGES):
-        node = cluster.nodes[index % len(cluster.nodes)]
+        node_index = -index % len(cluster.nodes)
         settings = daemon.replace(
             stack.bridge_settings,
             partition=index,
             client_id=f"mqchat-bridge-{index + 1}",
-            mqtt_port=node.mqtt_port,
+            mqtt_port=cluster.nodes[node_index].mqtt_port,
+            mqtt_other_addresses=others(node_index),
             metrics_addr=f"{LOOPBACK}:{free_port()}",
         )
         stack.more_bridges.append(bridge_daemon(base, settings, f"bridge-{index + 1}"))
