@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import ssl
 import time
@@ -149,6 +150,11 @@ class LinkConfig:
             raise ValueError("the TLS context must check the broker's host name")
 
 
+#: Seconds a connection must last after its CONNACK to count as established: one lost
+#: sooner is a flap, and the next reconnect waits (``MqttLink._hold_off_after_a_flap``).
+STABLE_AFTER = 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class Incoming:
     topic: str
@@ -211,6 +217,10 @@ class MqttLink:
         #: The broker's nodes, ``config.host`` first; ``_address`` is the one in use.
         self._addresses = [(config.host, config.port), *config.other_addresses]
         self._address = 0
+        #: When the latest CONNACK came, and how many connections in a row were lost
+        #: sooner than STABLE_AFTER after theirs.
+        self._connected_at = 0.0
+        self._flaps = 0
         self._client = self._make_client()
 
     # -- public API ---------------------------------------------------------------
@@ -389,6 +399,9 @@ class MqttLink:
             await self._lost.wait()
             if self._closing:
                 return
+            await self._hold_off_after_a_flap()
+            if self._closing:
+                return
             try:
                 async for attempt in AsyncRetrying(
                     wait=wait_random_exponential(multiplier=0.05, max=self.config.max_backoff),
@@ -408,6 +421,23 @@ class MqttLink:
                 if self._closing:
                     return
                 raise
+
+    async def _hold_off_after_a_flap(self) -> None:
+        """Wait before reconnecting if the connection just lost lasted under
+        :data:`STABLE_AFTER`: longer after each such loss in a row (doubling from
+        0.1 s up to ``max_backoff``, full jitter), nothing after a lasting one.
+
+        Two connections with one client id take the session from each other on every
+        CONNECT (a second bridge given the same client id, one device twice): without
+        this, each reconnected at once and the pair looped hot, 880 reconnects a
+        second on mosquitto (tests/test_session_takeover.py).
+        """
+        if time.monotonic() - self._connected_at >= STABLE_AFTER:
+            self._flaps = 0
+            return
+        self._flaps += 1
+        ceiling = min(self.config.max_backoff, 0.05 * 2**self._flaps)
+        await asyncio.sleep(random.uniform(0, ceiling))
 
     def _use_address(self, index: int) -> None:
         """Connect to node ``index`` (modulo their number) from now on."""
@@ -430,6 +460,7 @@ class MqttLink:
                 self._connack.set_exception(ConnectRefused(str(reason)))
             return
         self.generation += 1
+        self._connected_at = time.monotonic()
         if self.generation > 1:
             log.info(
                 "%s reconnected (session present: %s)",
