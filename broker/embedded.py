@@ -302,6 +302,9 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         self._subscriptions = table
         self._broadcast_queue = _BroadcastQueue(table, self.metrics.relayed.inc)
         self._watch_task: asyncio.Task[None] | None = None
+        #: Handlers of connections whose persistent session a newer CONNECT with the
+        #: same client id is taking over (see ``_handle_disconnect``).
+        self._replaced: set[BrokerProtocolHandler] = set()
 
     async def start(self) -> None:
         await super().start()
@@ -409,7 +412,16 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         guard.keepalive = connect.keep_alive  # amqtt never enforces it (broker.wire)
         rewindable.rewind()
         _admitted.set(verdict)
-        await super()._client_connected(listener_name, rewindable, writer)
+        replaced = None
+        if not connect.clean_session_flag:
+            held = self._sessions.get(connect.client_id)
+            if held is not None and held[0].transitions.is_connected():
+                replaced = held[1]  # amqtt takes this session over from it, below
+                self._replaced.add(replaced)
+        try:
+            await super()._client_connected(listener_name, rewindable, writer)
+        finally:
+            self._replaced.discard(replaced)
 
     async def _make_room(self, username: str, client_id: str) -> bool:
         """Whether ``username`` may hold one more session, after ending its oldest idle one.
@@ -467,6 +479,16 @@ class MqchatBroker(Broker):  # type: ignore[misc]
         is the second look when the will fires (a persistent session keeps the will of the
         CONNECT that last resumed it).
         """
+        if handler in self._replaced:
+            # A newer CONNECT with this client id took the session over: it is that
+            # connection's now, and only this connection ends. amqtt would fire the
+            # session's will (the newer CONNECT's) and mark the session disconnected
+            # under its new owner, and the next take-over then left the connection it
+            # replaced open, with no session and no word (MQTT 3.1.1 section 3.1.4
+            # says the server disconnects it).
+            self._replaced.discard(handler)
+            await self._stop_handler(handler)
+            return
         if client_session.will_flag and not self.gate.publish_allowed(
             client_session.username or "",
             client_session.will_topic or "",
