@@ -16,6 +16,7 @@ from mqchat import ChatClient
 from protocol import Presence, topics
 from store.tables import Device
 
+from .support import packets
 from .support.clients import Watcher
 from .support.stack import Stack, password_of
 from .support.stack import stored as stored_messages
@@ -57,6 +58,52 @@ async def test_killed_connection_goes_offline_by_last_will(stack: Stack) -> None
 
     phone.link.abort()  # no DISCONNECT: the broker fires the will after 1.5 keepalives
     await watcher.state_of("alice", "offline", timeout=15)
+
+
+async def test_a_device_that_connects_again_over_its_open_connection_stays_online(
+    stack: Stack,
+) -> None:
+    """A phone whose network changed connects again while the broker still holds its
+    old connection: the new one takes the session over and the broker closes the old
+    one (MQTT 3.1.1 section 3.1.4). That is no disconnect of the device: its contacts
+    must not see it go offline and back, so a take-over fires no last will."""
+    await stack.add_users("alice", "carol")
+    stack.chatted("alice", "carol")
+    watcher = Watcher()
+    await watcher.start(stack)
+    # The old connection: the SDK's CONNECT (its client id, a persistent session, its
+    # will) over a plain socket that says online once and then goes quiet.
+    offline = protocol.encode(protocol.UpPresence(device="phone", state="offline"))
+    online = protocol.encode(protocol.UpPresence(device="phone", state="online"))
+    reader, writer = await asyncio.open_connection(stack.host, stack.port)
+    writer.write(
+        packets.connect(
+            "alice:phone",
+            "alice",
+            password_of("alice"),
+            clean=False,
+            keepalive=60,
+            will_topic=topics.up("alice", "presence"),
+            will=offline,
+        )
+    )
+    writer.write(packets.publish(topics.up("alice", "presence"), online))
+    await writer.drain()
+    connack = await asyncio.wait_for(reader.readexactly(4), 10)
+    assert connack[3] == 0, connack
+    await watcher.state_of("alice", "online")
+
+    phone = await stack.client("alice", "phone")  # the same device, connected again
+    try:
+        # The broker closed the old connection.
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        await phone.send("back", to="carol", timeout=20)
+    finally:
+        writer.close()
+    await phone.close()  # a clean close: the one "offline"
+    await watcher.state_of("alice", "offline")
+    alice_states = [p["state"] for who, p in _drain(watcher) if who == "alice"]
+    assert alice_states == ["online", "offline"]
 
 
 async def test_a_device_coming_online_gets_its_contacts_states(stack: Stack) -> None:
