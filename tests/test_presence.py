@@ -251,6 +251,12 @@ async def test_the_history_api_says_what_mqtt_says(stack: Stack) -> None:
         offline = _plain(await watcher.state_of("alice", "offline"))
         assert await history.presence("alice") == offline
         word = await asyncio.wait_for(carols.presence_events.get(), 20)
+        if word.state == "online":
+            # The snapshot carol's phone got for coming online may have been taken just
+            # after alice's online was stored, and arrive after the change itself: the
+            # same word again (CI saw it once on mosquitto). Nothing else may come.
+            assert (word.username, word.at) == ("alice", online.at)
+            word = await asyncio.wait_for(carols.presence_events.get(), 20)
         assert carols.contacts["alice"] == word
         assert (word.state, word.at) == ("offline", offline.at)
     finally:
