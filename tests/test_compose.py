@@ -34,7 +34,8 @@ from core.daemon import BRIDGE_READY_LOG, PUSH_READY_LOG
 from core.supervisor import Child
 from mqchat import ChatClient, HistoryClient
 
-from .support.push import PushReceiver
+from .support.history import sign_in
+from .support.push import PushReceiver, register
 from .support.services import LOOPBACK, ROOT, free_port, prepare_mosquitto, start_postgres
 
 COMPOSE = ROOT / "compose.yaml"
@@ -287,18 +288,10 @@ async def chat(api_url: str, mqtt_port: int) -> None:
 async def pushed_when_away(api_url: str, mqtt_port: int, receiver: PushReceiver) -> None:
     """bob's phone registers for Web Push and goes away; alice writes; the push daemon
     of the file pushes him, signed with the key the API hands out."""
-    endpoint, keys = receiver.endpoint("bob-phone")
     async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
-        token = await http.post(
-            "/v1/tokens", data={"username": "bob", "password": "bob-long-password"}
-        )
-        token.raise_for_status()
-        http.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
-        registered = await http.post(
-            "/v1/devices/phone/push",
-            json={"channel": "webpush", "endpoint": endpoint, "keys": keys.subscription_keys()},
-        )
-        assert registered.status_code == 201, registered.text
+        token = await sign_in(http, "bob", "bob-long-password")
+        http.headers["Authorization"] = f"Bearer {token}"
+        await register(http, receiver, "phone", "bob-phone")
         key = (await http.get("/v1/push/key")).json()["vapid_public_key"]
     alice = ChatClient(
         username="alice",

@@ -31,9 +31,10 @@ from store import push as store_push
 from store.tables import Cursor, Device, PushOutbox, PushState, PushSubscription
 from store.types import utcnow
 
-from .support.push import DeviceKeys, PushReceiver
+from .support.history import sign_in
+from .support.push import DeviceKeys, PushReceiver, register
 from .support.services import LOOPBACK, Daemon, free_port, wait_until
-from .support.stack import Stack, password_of
+from .support.stack import Stack
 
 #: A shorter grace than the default (3 s) keeps the suite quick; the margin is what a
 #: loaded two-core machine may add between the grace's end and the receipt.
@@ -85,23 +86,14 @@ class PushStack:
     async def api(self, user: str) -> AsyncIterator[httpx.AsyncClient]:
         """The history API as ``user``, signed in."""
         async with httpx.AsyncClient(base_url=self.api_url, timeout=10) as client:
-            response = await client.post(
-                "/v1/tokens", data={"username": user, "password": password_of(user)}
-            )
-            response.raise_for_status()
-            client.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
+            client.headers["Authorization"] = f"Bearer {await sign_in(client, user)}"
             yield client
 
     async def subscribe(self, user: str, device: str = "phone", *script: Any) -> str:
         """Register a subscription of ``user``'s device at the receiver; its path name."""
         name = f"{user}-{device}"
-        endpoint, keys = self.receiver.endpoint(name, *script)
         async with self.api(user) as api:
-            response = await api.post(
-                f"/v1/devices/{device}/push",
-                json={"channel": "webpush", "endpoint": endpoint, "keys": keys.subscription_keys()},
-            )
-        assert response.status_code == 201, response.text
+            await register(api, self.receiver, device, name, *script)
         return name
 
     def decided(self, user: str, conversation: str, seq: int) -> bool:

@@ -30,6 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -271,3 +272,17 @@ class PushReceiver:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+async def register(
+    api: httpx.AsyncClient, receiver: PushReceiver, device: str, name: str, *script: Any
+) -> DeviceKeys:
+    """Register ``device`` of the user ``api`` is signed in as for Web Push, at the
+    receiver's endpoint ``name`` (``script``: its first answers); the device's keys."""
+    endpoint, keys = receiver.endpoint(name, *script)
+    response = await api.post(
+        f"/v1/devices/{device}/push",
+        json={"channel": "webpush", "endpoint": endpoint, "keys": keys.subscription_keys()},
+    )
+    assert response.status_code == 201, response.text
+    return keys
