@@ -1,21 +1,12 @@
-"""Initial schema: accounts, conversations, members, messages.
-
-Revision ID: 0001
-Revises:
-Create Date: 2026-11-28 00:28:13.545353
-"""
-
-from collections.abc import Sequence
+"""Initial schema: accounts, conversations, members, messages."""
 
 import sqlalchemy as sa
 from alembic import op
 
 import store.types
 
-revision: str = "0001"
-down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0001"
+down_revision = None
 
 
 def upgrade() -> None:

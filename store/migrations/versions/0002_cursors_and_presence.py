@@ -1,21 +1,12 @@
-"""cursors and presence
-
-Revision ID: 0002
-Revises: 0001
-Create Date: 2026-11-28 01:16:33.552600
-"""
-
-from collections.abc import Sequence
+"""cursors and presence"""
 
 import sqlalchemy as sa
 from alembic import op
 
 import store.types
 
-revision: str = "0002"
-down_revision: str | None = "0001"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0002"
+down_revision = "0001"
 
 
 def upgrade() -> None:

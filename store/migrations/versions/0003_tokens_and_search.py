@@ -17,22 +17,15 @@
 
 The search objects and that index are invisible to ``SQLModel.metadata``;
 ``migrations/env.py`` keeps autogenerate from proposing to drop them.
-
-Revision ID: 0003
-Revises: 0002
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 import store.types
 
-revision: str = "0003"
-down_revision: str | None = "0002"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0003"
+down_revision = "0002"
 
 SQLITE_SEARCH_UP = [
     "CREATE VIRTUAL TABLE messages_fts USING fts5("

@@ -12,20 +12,13 @@
 Columns are added with plain ``ALTER TABLE ... ADD COLUMN`` on both dialects (no
 batch copy on SQLite): recreating ``messages`` would drop the full-text triggers of
 revision 0003.
-
-Revision ID: 0004
-Revises: 0003
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0004"
-down_revision: str | None = "0003"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0004"
+down_revision = "0003"
 
 
 def upgrade() -> None:

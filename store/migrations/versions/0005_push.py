@@ -6,20 +6,13 @@
   at the newest message now: nothing sent before the upgrade is pushed);
 * ``push_state``: per recipient and conversation, what waits for a decision;
 * ``push_outbox``: decided pushes, one per device, until sent or given up.
-
-Revision ID: 0005
-Revises: 0004
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
-down_revision: str | None = "0004"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0005"
+down_revision = "0004"
 
 _BIGINT = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 _TS = sa.DateTime(timezone=True)

@@ -2,20 +2,13 @@
 
 No API route sets it: an admin is made by someone with the database in hand, never
 by an account promoting itself.
-
-Revision ID: 0006
-Revises: 0004
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006"
-down_revision: str | None = "0005"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0006"
+down_revision = "0005"
 
 
 def upgrade() -> None:

@@ -2,20 +2,13 @@
 
 MQTT credentials (``POST /v1/mqtt-credentials``) are signed, not stored; each names
 the generation it was issued under, and one from an older generation is refused.
-
-Revision ID: 0007
-Revises: 0006
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007"
-down_revision: str | None = "0006"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0007"
+down_revision = "0006"
 
 
 def upgrade() -> None:

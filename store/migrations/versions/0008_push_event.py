@@ -3,20 +3,13 @@
 A push covers what its user has not acknowledged; when the newest of that is the
 group event that made them a member (``created`` or ``added``), the event's kind
 rides in the payload so an app can say so before it fetches anything.
-
-Revision ID: 0008
-Revises: 0007
 """
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0008"
+down_revision = "0007"
 
 
 def upgrade() -> None:
