@@ -124,16 +124,8 @@ def matches(topic: str, topic_filter: str) -> bool:
     """
     if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
         return False
-    t = topic.split("/")
-    f = topic_filter.split("/")
-    for i, level in enumerate(f):
-        if level == "#":
-            return True
-        if i >= len(t):
-            return False
-        if level != "+" and level != t[i]:
-            return False
-    return len(t) == len(f)
+    # A topic is a filter without wildcards: the filter matches it if it covers it.
+    return covers(topic, topic_filter)
 
 
 def covers(topic_filter: str, allowed: str) -> bool:
