@@ -27,145 +27,109 @@ DEFAULT_API_URL: Final = "http://127.0.0.1:8000"
 CONNECTION_PANEL: Final = "Connection"
 MOSQUITTO_PANEL: Final = "mosquitto (production broker)"
 
-HostOption = Annotated[
-    str,
-    typer.Option(
-        "--host", envvar="MQCHAT_HOST", help="Broker host.", rich_help_panel=CONNECTION_PANEL
-    ),
-]
+
+def _option(name: str, *aliases: str, panel: str | None = CONNECTION_PANEL, **kwargs: Any) -> Any:
+    """``typer.Option`` for ``--name`` (and deprecated ``aliases``), read from the variable
+    ``MQCHAT_`` + its name (``--tls-ca``: ``MQCHAT_TLS_CA``), the aliases' after it."""
+    flags = (name, *aliases)
+    envvars = [f"MQCHAT_{flag.removeprefix('--').replace('-', '_').upper()}" for flag in flags]
+    return typer.Option(*flags, envvar=envvars, rich_help_panel=panel, **kwargs)
+
+
+HostOption = Annotated[str, _option("--host", help="Broker host.")]
+# The same name as `up --mqtt-port`: one setting starts the broker on a port and points
+# every command at it. --port / MQCHAT_PORT are deprecated aliases.
 PortOption = Annotated[
-    int,
-    typer.Option(
-        "--mqtt-port",
-        "--port",
-        # The same name as `up --mqtt-port`: one setting starts the broker on a port
-        # and points every command at it. --port / MQCHAT_PORT are deprecated aliases.
-        envvar=["MQCHAT_MQTT_PORT", "MQCHAT_PORT"],
-        help="Broker MQTT port (--port is a deprecated alias).",
-        rich_help_panel=CONNECTION_PANEL,
-    ),
+    int, _option("--mqtt-port", "--port", help="Broker MQTT port (--port is a deprecated alias).")
 ]
-UserOption = Annotated[
-    str,
-    typer.Option(
-        "--user", envvar="MQCHAT_USER", help="Your username.", rich_help_panel=CONNECTION_PANEL
-    ),
-]
+UserOption = Annotated[str, _option("--user", help="Your username.")]
 PasswordOption = Annotated[
     str,
-    typer.Option(
+    _option(
         "--password",
-        envvar="MQCHAT_PASSWORD",
         prompt=True,
         hide_input=True,
         show_default=False,
         help="Your password; asked for (hidden) when not given.",
-        rich_help_panel=CONNECTION_PANEL,
     ),
 ]
 TlsOption = Annotated[
     bool,
-    typer.Option(
+    _option(
         "--tls",
-        envvar="MQCHAT_TLS",
         help="Connect over TLS, trusting the system's CAs; --mqtt-port is then a TLS "
         "listener's (8883, or the wss one with --websockets).",
-        rich_help_panel=CONNECTION_PANEL,
     ),
 ]
 TlsCaOption = Annotated[
     Path | None,
-    typer.Option(
+    _option(
         "--tls-ca",
-        envvar="MQCHAT_TLS_CA",
         dir_okay=False,
         show_default=False,
         help="Connect over TLS, trusting the CA certificate(s) in this PEM file "
         "(a private CA). Implies --tls.",
-        rich_help_panel=CONNECTION_PANEL,
     ),
 ]
 WebsocketsOption = Annotated[
     bool,
-    typer.Option(
+    _option(
         "--websockets",
-        envvar="MQCHAT_WEBSOCKETS",
         help="MQTT over WebSocket (path /mqtt); --mqtt-port is then the WebSocket listener's.",
-        rich_help_panel=CONNECTION_PANEL,
     ),
 ]
 DeviceOption = Annotated[
     str,
-    typer.Option(
+    _option(
         "--device",
-        envvar="MQCHAT_DEVICE",
         help="Names this device. The broker keeps one session (and offline queue) per "
         "user and device, and a second connection as the same device takes it over. "
         "Each command has its own default (cli-listen, cli-chat), so `listen` and "
         "`chat` run side by side; two of one command at once need a --device each.",
-        rich_help_panel=CONNECTION_PANEL,
     ),
 ]
 ApiUrlOption = Annotated[
-    str,
-    typer.Option(
-        "--api-url",
-        envvar="MQCHAT_API_URL",
-        help="The history API (`mqchat up --api-port`).",
-        rich_help_panel=CONNECTION_PANEL,
-    ),
+    str, _option("--api-url", help="The history API (`mqchat up --api-port`).")
 ]
 DataDirOption = Annotated[
     Path,
-    typer.Option(
+    _option(
         "--data-dir",
-        envvar="MQCHAT_DATA_DIR",
+        panel=None,
         file_okay=False,
         help="Where `mqchat up` keeps the SQLite database, secrets and logs.",
     ),
 ]
 DatabaseUrlOption = Annotated[
     str | None,
-    typer.Option(
+    _option(
         "--database-url",
-        envvar="MQCHAT_DATABASE_URL",
+        panel=None,
         show_default=False,
         help="sqlite:///PATH or postgresql://... [default: the SQLite file in --data-dir]",
     ),
 ]
-MosquittoHostOption = Annotated[
-    str,
-    typer.Option(
-        "--mosquitto-host", envvar="MQCHAT_MOSQUITTO_HOST", rich_help_panel=MOSQUITTO_PANEL
-    ),
-]
-MosquittoPortOption = Annotated[
-    int,
-    typer.Option(
-        "--mosquitto-port", envvar="MQCHAT_MOSQUITTO_PORT", rich_help_panel=MOSQUITTO_PANEL
-    ),
-]
+MosquittoHostOption = Annotated[str, _option("--mosquitto-host", panel=MOSQUITTO_PANEL)]
+MosquittoPortOption = Annotated[int, _option("--mosquitto-port", panel=MOSQUITTO_PANEL)]
+# USERNAME as in the API's MQCHAT_API_MOSQUITTO_ADMIN_USERNAME and the bridge's
+# MQCHAT_BRIDGE_USERNAME; the ..._USER spellings are deprecated aliases.
 MosquittoAdminUserOption = Annotated[
     str,
-    typer.Option(
+    _option(
         "--mosquitto-admin-username",
         "--mosquitto-admin-user",
-        # USERNAME as in the API's MQCHAT_API_MOSQUITTO_ADMIN_USERNAME and the bridge's
-        # MQCHAT_BRIDGE_USERNAME; the ..._USER spellings are deprecated aliases.
-        envvar=["MQCHAT_MOSQUITTO_ADMIN_USERNAME", "MQCHAT_MOSQUITTO_ADMIN_USER"],
+        panel=MOSQUITTO_PANEL,
         help="mosquitto's dynamic-security admin account (--mosquitto-admin-user is a "
         "deprecated alias).",
-        rich_help_panel=MOSQUITTO_PANEL,
     ),
 ]
 MosquittoAdminPasswordOption = Annotated[
     str | None,
-    typer.Option(
+    _option(
         "--mosquitto-admin-password",
-        envvar="MQCHAT_MOSQUITTO_ADMIN_PASSWORD",
+        panel=MOSQUITTO_PANEL,
         show_default=False,
         help="When given, accounts are also created in mosquitto (which keeps its own).",
-        rich_help_panel=MOSQUITTO_PANEL,
     ),
 ]
 
