@@ -46,9 +46,9 @@ from .output import (
     EXIT_REFUSED,
     EXIT_TEMPFAIL,
     EXIT_UNAVAILABLE,
+    answered,
     emit,
     fail,
-    refused,
     say,
 )
 
@@ -222,20 +222,17 @@ async def _send(
     message_id: str | None,
     timeout: float,
 ) -> int:
+    def no_answer(exc: mqchat.SendTimeout) -> str:
+        return (
+            f"no 'sent' receipt within {timeout:g} s, so it may not be stored; send again "
+            f"with --id {exc.id} (the same id is stored at most once)"
+        )
+
     async with _connected(conn, ephemeral=True) as client:
-        try:
+        with answered(no_answer):
             sent = await client.send(
                 body, to=to, conversation=conversation, id=message_id, timeout=timeout
             )
-        except mqchat.SendTimeout as exc:
-            typer.echo(
-                f"error {exc.code}: no 'sent' receipt within {timeout:g} s, so it may not be "
-                f"stored; send again with --id {exc.id} (the same id is stored at most once)",
-                err=True,
-            )
-            return EXIT_TEMPFAIL
-        except mqchat.MessageRefused as exc:
-            refused(exc.code, exc.detail)
     emit(f"sent {sent.conversation} #{sent.seq}")
     return EXIT_OK
 

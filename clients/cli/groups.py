@@ -18,7 +18,7 @@ from mqchat import ChatClient, HistoryClient, Sent
 
 from .chat import _connected, _Connection, _run
 from .options import DEFAULT_API_URL, ApiUrlOption, grouped
-from .output import EXIT_OK, EXIT_TEMPFAIL, EXIT_UNAVAILABLE, emit, fail, refused
+from .output import EXIT_OK, EXIT_UNAVAILABLE, answered, emit, fail, refused
 
 app = typer.Typer(
     help="Groups: create, add and remove members, leave, list (`mqchat group --help`).",
@@ -39,20 +39,18 @@ Change = Callable[[ChatClient], Awaitable[Sent | str]]
 MembersOp = Callable[..., Awaitable[Sent]]
 
 
+def _no_answer(exc: mqchat.SendTimeout) -> str:
+    return (
+        f"no answer within {TIMEOUT:g} s; run it again "
+        "(the same change is harmless: it is refused or stored once)"
+    )
+
+
 def _change(conn: _Connection, what: str, change: Change) -> None:
     async def go() -> int:
         async with _connected(conn, ephemeral=True) as client:
-            try:
+            with answered(_no_answer):
                 done = await change(client)
-            except mqchat.SendTimeout as exc:
-                typer.echo(
-                    f"error {exc.code}: no answer within {TIMEOUT:g} s; run it again "
-                    f"(the same change is harmless: it is refused or stored once)",
-                    err=True,
-                )
-                return EXIT_TEMPFAIL
-            except mqchat.MessageRefused as exc:
-                refused(exc.code, exc.detail)
         if isinstance(done, str):
             emit(done)
         else:

@@ -6,12 +6,15 @@ reader that goes away ends the command quietly instead of with a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Callable, Iterator
 from typing import Final, NoReturn
 
 import typer
 
+import mqchat
 from core.supervisor import EXIT_FORCED as EXIT_FORCED
 from core.supervisor import say as say
 
@@ -32,6 +35,19 @@ def fail(code: int, message: str) -> NoReturn:
 def refused(code: str, detail: str) -> NoReturn:
     typer.echo(f"error {code}: {detail}", err=True)
     raise typer.Exit(EXIT_REFUSED)
+
+
+@contextlib.contextmanager
+def answered(no_answer: Callable[[mqchat.SendTimeout], str]) -> Iterator[None]:
+    """The CLI's ends for a change the server did not take: refused, it exits 1 with the
+    server's code; unanswered in time, 75 with ``no_answer(exc)``, what to do next."""
+    try:
+        yield
+    except mqchat.SendTimeout as exc:
+        typer.echo(f"error {exc.code}: {no_answer(exc)}", err=True)
+        raise typer.Exit(EXIT_TEMPFAIL) from None
+    except mqchat.MessageRefused as exc:
+        refused(exc.code, exc.detail)
 
 
 def emit(line: str) -> None:
