@@ -78,24 +78,11 @@ def get_message(message_id: str, session: SessionDep, me: CurrentUser) -> Messag
         message=trace.message.down(),
         stored_at=trace.message.sent_at,
         devices=[
-            DeviceDelivery(
-                user=device.user,
-                device=device.device,
-                delivered_at=device.delivered_at,
-                read_at=device.read_at,
-            )
-            for device in trace.devices
+            DeviceDelivery.model_validate(device, from_attributes=True) for device in trace.devices
         ],
         more_devices=trace.more_devices,
         push=[
-            PushDelivery(
-                user=p.user,
-                device=p.device,
-                channel=p.channel,
-                state=p.state,
-                decided_at=p.decided_at,
-                done_at=p.done_at,
-            )
+            PushDelivery.model_validate(p, from_attributes=True)
             for p in store_push.trace(
                 session,
                 trace.message.conversation,

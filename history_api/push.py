@@ -14,7 +14,7 @@ and again by the daemon at every connection.
 from __future__ import annotations
 
 import base64
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import APIRouter, Path, Response, status
@@ -249,29 +249,25 @@ def _mute(engine: EngineDep, me: str, conversation: str, muted: bool) -> None:
         session.commit()
 
 
-_MUTE_RESPONSES: dict[int | str, dict[str, object]] = {
-    401: UNAUTHENTICATED,
-    404: {"model": ErrorResponse, "description": "`unknown_conversation`"},
-    503: UNAVAILABLE,
+_MUTE_PATH = "/v1/push/mutes/{conversation}"
+#: What PUT and DELETE of a mute share: no body back, and the same refusals.
+_MUTE_ROUTE: dict[str, Any] = {
+    "status_code": status.HTTP_204_NO_CONTENT,
+    "response_class": Response,
+    "responses": {
+        401: UNAUTHENTICATED,
+        404: {"model": ErrorResponse, "description": "`unknown_conversation`"},
+        503: UNAVAILABLE,
+    },
 }
 
 
-@router.put(
-    "/v1/push/mutes/{conversation}",
-    status_code=status.HTTP_204_NO_CONTENT,
-    response_class=Response,
-    responses=_MUTE_RESPONSES,
-)
+@router.put(_MUTE_PATH, **_MUTE_ROUTE)
 def mute_conversation(conversation: str, engine: EngineDep, me: CurrentUser) -> None:
     """No pushes for this conversation (its messages still arrive over MQTT)."""
     _mute(engine, me, conversation, True)
 
 
-@router.delete(
-    "/v1/push/mutes/{conversation}",
-    status_code=status.HTTP_204_NO_CONTENT,
-    response_class=Response,
-    responses=_MUTE_RESPONSES,
-)
+@router.delete(_MUTE_PATH, **_MUTE_ROUTE)
 def unmute_conversation(conversation: str, engine: EngineDep, me: CurrentUser) -> None:
     _mute(engine, me, conversation, False)
