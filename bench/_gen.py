@@ -34,11 +34,13 @@ import asyncio
 import contextlib
 import gc
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import KW_ONLY, dataclass, field
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
@@ -513,15 +515,29 @@ async def serve(conn: Connection, worker: Worker) -> None:
             conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
 
-def worker_main(
-    conn: Connection,
-    index: int,
-    host: str,
-    port: int,
-    users: list[str],
-    password: str,
-    progress: Any,
-) -> None:
-    """Entry point of a generator process (multiprocessing, spawn)."""
-    worker = Worker(index, host, port, users, password, progress)
-    asyncio.run(serve(conn, worker))
+def worker_main(conn: Connection, make_worker: Callable[[], Worker]) -> None:
+    """Entry point of a generator process: the worker is built here, in the process
+    whose event loop its connections will belong to."""
+    asyncio.run(serve(conn, make_worker()))
+
+
+def spawn(name: str, make_worker: Callable[[], Worker]) -> tuple[BaseProcess, Connection]:
+    """Start a generator process serving ``make_worker()`` (a ``functools.partial`` of
+    a Worker class: it is pickled to the fresh interpreter); the main process's end of
+    its pipe."""
+    context = multiprocessing.get_context("spawn")
+    mine, theirs = context.Pipe()
+    process = context.Process(
+        target=worker_main, args=(theirs, make_worker), name=name, daemon=True
+    )
+    process.start()
+    return process, mine
+
+
+def join_or_kill(processes: list[BaseProcess]) -> None:
+    """Wait for generator processes told to stop; kill any still running after 10 s."""
+    for process in processes:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+            process.join()

@@ -33,7 +33,6 @@ import os
 import time
 from array import array
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
@@ -49,7 +48,6 @@ from ._gen import (
     new_histogram,
     raw_downlink,
     send_on_schedule,
-    serve,
 )
 
 #: The bench-only topics of the ``topic-raw`` fan-out (allowed on the bench's brokers).
@@ -238,11 +236,3 @@ class GroupWorker(Worker):
             "cpu_seconds": (cpu_after.user - cpu_before.user)
             + (cpu_after.system - cpu_before.system),
         }
-
-
-def group_worker_main(
-    conn: Connection, index: int, host: str, port: int, users: list[str], password: str
-) -> None:
-    """Entry point of a group generator process (multiprocessing, spawn)."""
-    worker = GroupWorker(index, host, port, users, password, [0] * 4 * (index + 1))
-    asyncio.run(serve(conn, worker))

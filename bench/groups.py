@@ -31,21 +31,21 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 import shlex
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from bench._gen import new_histogram, percentiles
-from bench._group_gen import group_worker_main
+from bench._gen import SLOTS, join_or_kill, new_histogram, percentiles, spawn
+from bench._group_gen import GroupWorker
 from bench._report import run_header
 from bench._stack import PASSWORD, CpuMeter, Stack, log, running_stack
 from bench.load import (
@@ -86,25 +86,16 @@ class GroupGenerator:
         self.owner = {u: w for w, users in enumerate(self.users_of) for u in users}
 
     def start(self) -> None:
-        context = multiprocessing.get_context("spawn")
+        host, port = self.stack.host, self.stack.port
         for index in range(self.workers):
-            mine, theirs = context.Pipe()
-            process = context.Process(
-                target=group_worker_main,
-                args=(
-                    theirs,
-                    index,
-                    self.stack.host,
-                    self.stack.port,
-                    self.users_of[index],
-                    PASSWORD,
-                ),
-                name=f"bench-group-gen-{index}",
-                daemon=True,
-            )
-            process.start()
+            # A group step reports only at its end: a private list stands in for the
+            # progress slots the 1:1 generators share with the main process.
+            progress = [0] * len(SLOTS) * (index + 1)
+            users = self.users_of[index]
+            worker = partial(GroupWorker, index, host, port, users, PASSWORD, progress)
+            process, pipe = spawn(f"bench-group-gen-{index}", worker)
             self.processes.append(process)
-            self.pipes.append(mine)
+            self.pipes.append(pipe)
         started = time.perf_counter()
         connected = sum(a["connected"] for a in self._all({"op": "connect"}, 600))
         log(
@@ -115,11 +106,7 @@ class GroupGenerator:
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self._all({"op": "stop"}, 30)
-        for process in self.processes:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-                process.join()
+        join_or_kill(self.processes)
 
     def _ask(self, index: int, command: dict[str, Any], timeout: float) -> dict[str, Any]:
         self.pipes[index].send(command)
