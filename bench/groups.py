@@ -254,20 +254,31 @@ class Bench:
         }
         return result, cpu, wall
 
-    def group_step(
-        self, scenario: str, label: str, size: int, rate: float, mode: str = "chat"
-    ) -> dict[str, Any]:
+    def spec(self, label: str, size: int, rate: float, mode: str = "chat") -> dict[str, Any]:
+        """A step of the first ``size`` members, the first of them sending ``rate`` msg/s.
+
+        ``chat`` goes to the group created for ``size`` (``group_bench`` creates one
+        for every size a chat step uses); ``topic-raw`` to the group topic ``size``.
+        """
+        members = self.members(size)
         spec = {
             "label": label,
             "mode": mode,
-            "members": self.members(size),
-            "sender": self.members(size)[0],
-            "conversation": self.conversations.get(size, ""),
+            "members": members,
+            "sender": members[0],
             "topic": str(size),
             "rate": rate,
             "duration": self.plan.seconds,
             "drain": self.plan.drain,
         }
+        if mode == "chat":
+            spec["conversation"] = self.conversations[size]
+        return spec
+
+    def group_step(
+        self, scenario: str, label: str, size: int, rate: float, mode: str = "chat"
+    ) -> dict[str, Any]:
+        spec = self.spec(label, size, rate, mode)
         result, _, _ = self.metered(lambda: self.groups.run(spec))
         self.record(scenario, result)
         self.groups.quiesce()
@@ -305,17 +316,7 @@ class Bench:
         alone = pairs.run(plan)
         self.run.record("group-mixed", self.stack, 1, alone)
         pairs.quiesce()
-        spec = {
-            "label": f"group {size} at {rate:g}/s beside 1:1",
-            "mode": "chat",
-            "members": self.members(size),
-            "sender": self.members(size)[0],
-            "conversation": self.conversations[size],
-            "rate": rate,
-            "duration": seconds,
-            "drain": self.plan.drain,
-        }
-        self.groups.begin(spec)
+        self.groups.begin(self.spec(f"group {size} at {rate:g}/s beside 1:1", size, rate))
         beside = pairs.run(StepPlan("1:1 beside the group", "chat", plan.rate, seconds, plan.drain))
         group = self.groups.finish()
         group["load_at_start"] = beside["load_at_start"]
@@ -344,16 +345,7 @@ class Bench:
         log(f"(d) bridge CPU per group message by size; idle bridge {idle_bridge:.3f} cores")
         for size in self.plan.sizes:
             rate = self.rate_for(size)
-            spec = {
-                "label": f"cost: group {size} at {rate:g}/s",
-                "mode": "chat",
-                "members": self.members(size),
-                "sender": self.members(size)[0],
-                "conversation": self.conversations[size],
-                "rate": rate,
-                "duration": self.plan.seconds,
-                "drain": self.plan.drain,
-            }
+            spec = self.spec(f"cost: group {size} at {rate:g}/s", size, rate)
             result, cpu, wall = self.metered(lambda spec=spec: self.groups.run(spec))
             sent = max(1, result["sent"])
             bridge = max(0.0, cpu.get("bridge", 0.0) - idle_bridge * wall)
@@ -383,16 +375,7 @@ class Bench:
             # is measured on mosquitto alone.
             modes = ("member-raw", "topic-raw") if self.stack.mosquitto else ("member-raw",)
             for mode in modes:
-                spec = {
-                    "label": f"fan-out {mode}: {size} at {rate:g}/s",
-                    "mode": mode,
-                    "members": members,
-                    "sender": members[0],
-                    "topic": str(size),
-                    "rate": rate,
-                    "duration": self.plan.seconds,
-                    "drain": self.plan.drain,
-                }
+                spec = self.spec(f"fan-out {mode}: {size} at {rate:g}/s", size, rate, mode)
                 result, cpu, _wall = self.metered(lambda spec=spec: self.groups.run(spec))
                 deliveries = max(1, result["sent"] * size)
                 broker = cpu.get("broker", 0.0)
