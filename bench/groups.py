@@ -46,7 +46,7 @@ import typer
 
 from bench._gen import SLOTS, join_or_kill, new_histogram, percentiles, spawn
 from bench._group_gen import GroupWorker
-from bench._report import run_header
+from bench._report import _ms, run_table
 from bench._stack import PASSWORD, CpuMeter, Stack, log, running_stack
 from bench.load import (
     RESULTS,
@@ -450,32 +450,30 @@ def run_plan(run: Run, kind: str, plan: Plan) -> None:
 # -- reporting -------------------------------------------------------------------------
 
 
-def _ms(stats: dict[str, Any], key: str) -> str:
-    value = stats.get(key)
-    return "-" if value is None else f"{value:,.1f}"
+def _row(r: dict[str, Any]) -> str:
+    """A group step, or a 1:1 step of the mixed scenario (``users_chatting``, no order)."""
+    e2e = r["e2e"]
+    return (
+        f"| {r['scenario']} | {r['label']} | {r.get('members', r.get('users_chatting', '-'))}"
+        f" | {r['offered_rate']:,.0f} | {r['sent']:,} | {r['lost']:,} | {r['duplicates']}"
+        f" | {r.get('out_of_order', '-')} | {_ms(e2e, 'p50_ms')} | {_ms(e2e, 'p99_ms')}"
+        f" | {_ms(e2e, 'max_ms')} | {r.get('bridge_cpu_ms_per_message', '-')}"
+        f" | {r.get('broker_cpu_us_per_delivery', '-')} | {r['load_at_start'][0]:.2f}"
+        f" | {'pass' if r['passed'] else '**fail**'} |"
+    )
 
 
 def render_markdown(records: list[dict[str, Any]]) -> str:
     if not records:
         return "(no results)"
-    lines = [
-        *run_header(records[0]),
+    lines = run_table(
+        records,
         "| scenario | step | members | msg/s | sent | lost | dup | out of order "
         "| p50 ms | p99 ms | max ms | bridge ms CPU/msg | broker µs CPU/delivery "
         "| load 1m | verdict |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in records:
-        e2e = r["e2e"]
-        lines.append(
-            f"| {r['scenario']} | {r['label']} | {r.get('members', r.get('users_chatting', '-'))}"
-            f" | {r['offered_rate']:,.0f} | {r['sent']:,} | {r['lost']:,} | {r['duplicates']}"
-            f" | {r.get('out_of_order', '-')} | {_ms(e2e, 'p50_ms')} | {_ms(e2e, 'p99_ms')}"
-            f" | {_ms(e2e, 'max_ms')} | {r.get('bridge_cpu_ms_per_message', '-')}"
-            f" | {r.get('broker_cpu_us_per_delivery', '-')} | {r['load_at_start'][0]:.2f}"
-            f" | {'pass' if r['passed'] else '**fail**'} |"
-        )
-    lines.append("")
+        _row,
+    )
     for r in records:
         if "p99_ratio_to_alone" in r:
             lines.append(
