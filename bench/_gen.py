@@ -34,11 +34,13 @@ import asyncio
 import contextlib
 import gc
 import json
+import multiprocessing
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
@@ -66,6 +68,21 @@ KEEPALIVE = 60
 WINDOW_NS = 100_000_000
 
 
+def raw_downlink(message_id: str, sender: str, seq: int) -> bytes:
+    """The shape and size of the downlink the bridge would publish: what the raw modes
+    (no bridge) send, so the broker alone relays the same bytes as with mqchat."""
+    return json.dumps(
+        {
+            "id": message_id,
+            "conversation": FAKE_CONVERSATION,
+            "seq": seq,
+            "from": sender,
+            "body": BODY,
+            "sent_at": "2026-01-01T00:00:00.000000Z",
+        }
+    ).encode()
+
+
 def new_histogram() -> HdrHistogram:
     return HdrHistogram(1, HIST_MAX_US, 3)
 
@@ -84,21 +101,32 @@ def percentiles(histogram: HdrHistogram) -> dict[str, float | int]:
 
 
 @dataclass
-class StepCounts:
-    """What one worker saw of one step."""
+class Tally:
+    """What either generator (1:1 here, groups in ``bench._group_gen``) counts of the
+    ``total`` messages of the step ``tag``, beside what each counts its own way."""
 
     tag: str
     total: int
+    _: KW_ONLY
     sent: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    max_send_lag_us: int = 0
+
+    def count_error(self, code: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+
+
+@dataclass
+class StepCounts(Tally):
+    """What one worker saw of one step."""
+
     received: bytearray = field(default_factory=bytearray)
     receipted: bytearray = field(default_factory=bytearray)
     received_count: int = 0
     receipt_count: int = 0
-    duplicates: int = 0
     receipt_duplicates: int = 0
-    stale: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    max_send_lag_us: int = 0
     e2e: HdrHistogram = field(default_factory=new_histogram)
     sent_receipt: HdrHistogram = field(default_factory=new_histogram)
     puback: HdrHistogram = field(default_factory=new_histogram)
@@ -109,6 +137,27 @@ class StepCounts:
     def __post_init__(self) -> None:
         self.received = bytearray(self.total)
         self.receipted = bytearray(self.total)
+
+
+async def send_on_schedule(
+    tally: Tally, t0: int, interval_ns: int, publish: Callable[[int, int], None]
+) -> None:
+    """Publish message k at t0 + k * interval, catching up (never skipping) when late.
+
+    ``publish(k, intended)`` sends message ``k``, due at ``intended`` (monotonic ns).
+    """
+    k = 0
+    while k < tally.total:
+        due = min(tally.total, (time.monotonic_ns() - t0) // interval_ns + 1)
+        while k < due:
+            intended = t0 + k * interval_ns
+            lag = (time.monotonic_ns() - intended) // 1000
+            tally.max_send_lag_us = max(tally.max_send_lag_us, lag)
+            publish(k, intended)
+            tally.sent += 1
+            k += 1
+        if k < tally.total:
+            await asyncio.sleep(max(0.0, (t0 + k * interval_ns - time.monotonic_ns()) / 1e9))
 
 
 class Worker:
@@ -238,7 +287,7 @@ class Worker:
             tag, _, _ = str(payload.get("id", "")).partition(".")
             for counts in (self.step, self.flood):
                 if counts is not None and counts.tag == tag:
-                    counts.errors[code] = counts.errors.get(code, 0) + 1
+                    counts.count_error(code)
 
     def _count(self, message_id: str, now: int, *, receipt: bool) -> None:
         tag, _, number = message_id.partition(".")
@@ -282,17 +331,7 @@ class Worker:
     def _payload(self, mode: str, message_id: str, sender: str, recipient: str, k: int) -> bytes:
         if mode == "chat":
             return json.dumps({"id": message_id, "to": recipient, "body": BODY}).encode()
-        # The shape and size of the downlink the bridge would publish.
-        return json.dumps(
-            {
-                "id": message_id,
-                "conversation": FAKE_CONVERSATION,
-                "seq": k + 1,
-                "from": sender,
-                "body": BODY,
-                "sent_at": "2026-01-01T00:00:00.000000Z",
-            }
-        ).encode()
+        return raw_downlink(message_id, sender, k + 1)
 
     def _topic(self, mode: str, sender: str, recipient: str) -> str:
         return topics.up_msg(sender) if mode == "chat" else topics.down_msg(recipient)
@@ -307,32 +346,23 @@ class Worker:
         *,
         alternate: bool = True,
     ) -> None:
-        """Publish message k at t0 + k * interval, catching up (never skipping) when late.
+        """The step's messages over ``pairs`` on the open-loop schedule.
 
         ``alternate``: the two users of a pair take turns sending; False: the first
         sends everything (the flooder).
         """
-        k = 0
-        while k < counts.total:
-            now = time.monotonic_ns()
-            due = min(counts.total, (now - t0) // interval_ns + 1)
-            while k < due:
-                sender, recipient = pairs[k % len(pairs)]
-                if alternate and (k // len(pairs)) % 2:
-                    sender, recipient = recipient, sender
-                message_id = f"{counts.tag}.{k}"
-                intended = t0 + k * interval_ns
-                lag = (time.monotonic_ns() - intended) // 1000
-                counts.max_send_lag_us = max(counts.max_send_lag_us, lag)
-                future = self.links[sender].publish(
-                    self._topic(mode, sender, recipient),
-                    self._payload(mode, message_id, sender, recipient, k),
-                )
-                future.add_done_callback(self._puback_recorder(counts, intended))
-                counts.sent += 1
-                k += 1
-            if k < counts.total:
-                await asyncio.sleep(max(0.0, (t0 + k * interval_ns - time.monotonic_ns()) / 1e9))
+
+        def publish(k: int, intended: int) -> None:
+            sender, recipient = pairs[k % len(pairs)]
+            if alternate and (k // len(pairs)) % 2:
+                sender, recipient = recipient, sender
+            future = self.links[sender].publish(
+                self._topic(mode, sender, recipient),
+                self._payload(mode, f"{counts.tag}.{k}", sender, recipient, k),
+            )
+            future.add_done_callback(self._puback_recorder(counts, intended))
+
+        await send_on_schedule(counts, t0, interval_ns, publish)
 
     @staticmethod
     def _puback_recorder(counts: StepCounts, intended: int) -> Callable[[Any], None]:
@@ -485,15 +515,29 @@ async def serve(conn: Connection, worker: Worker) -> None:
             conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
 
 
-def worker_main(
-    conn: Connection,
-    index: int,
-    host: str,
-    port: int,
-    users: list[str],
-    password: str,
-    progress: Any,
-) -> None:
-    """Entry point of a generator process (multiprocessing, spawn)."""
-    worker = Worker(index, host, port, users, password, progress)
-    asyncio.run(serve(conn, worker))
+def worker_main(conn: Connection, make_worker: Callable[[], Worker]) -> None:
+    """Entry point of a generator process: the worker is built here, in the process
+    whose event loop its connections will belong to."""
+    asyncio.run(serve(conn, make_worker()))
+
+
+def spawn(name: str, make_worker: Callable[[], Worker]) -> tuple[BaseProcess, Connection]:
+    """Start a generator process serving ``make_worker()`` (a ``functools.partial`` of
+    a Worker class: it is pickled to the fresh interpreter); the main process's end of
+    its pipe."""
+    context = multiprocessing.get_context("spawn")
+    mine, theirs = context.Pipe()
+    process = context.Process(
+        target=worker_main, args=(theirs, make_worker), name=name, daemon=True
+    )
+    process.start()
+    return process, mine
+
+
+def join_or_kill(processes: list[BaseProcess]) -> None:
+    """Wait for generator processes told to stop; kill any still running after 10 s."""
+    for process in processes:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+            process.join()

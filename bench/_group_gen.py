@@ -33,14 +33,22 @@ import os
 import time
 from array import array
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
 from protocol import topics
 
-from ._gen import BODY, FAKE_CONVERSATION, HIST_MAX_US, Command, Worker, new_histogram, serve
+from ._gen import (
+    BODY,
+    HIST_MAX_US,
+    Command,
+    Tally,
+    Worker,
+    new_histogram,
+    raw_downlink,
+    send_on_schedule,
+)
 
 #: The bench-only topics of the ``topic-raw`` fan-out (allowed on the bench's brokers).
 GROUP_TOPICS = "bench/g/#"
@@ -52,11 +60,9 @@ def group_topic(name: str) -> str:
 
 
 @dataclass
-class GroupStep:
+class GroupStep(Tally):
     """What one process saw of one group step."""
 
-    tag: str
-    total: int
     members: list[str]
     index: dict[str, int] = field(default_factory=dict)
     got: bytearray = field(default_factory=bytearray)
@@ -64,13 +70,8 @@ class GroupStep:
     worst_us: array[int] = field(default_factory=lambda: array("q"))
     last_seq: dict[str, int] = field(default_factory=dict)
     deliveries: HdrHistogram = field(default_factory=new_histogram)
-    sent: int = 0
     received: int = 0
-    duplicates: int = 0
     out_of_order: int = 0
-    stale: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    max_send_lag_us: int = 0
 
     def __post_init__(self) -> None:
         self.index = {user: i for i, user in enumerate(self.members)}
@@ -122,8 +123,7 @@ class GroupWorker(Worker):
             if not future.done():
                 future.set_result({"kind": kind, **payload})
         elif kind == "error" and self.group is not None:
-            code = str(payload.get("code"))
-            self.group.errors[code] = self.group.errors.get(code, 0) + 1
+            self.group.count_error(str(payload.get("code")))
 
     def _delivered(self, user: str, message_id: str, seq: int, now: int) -> None:
         step = self.group
@@ -182,37 +182,12 @@ class GroupWorker(Worker):
             body = {"id": message_id, "conversation": spec["conversation"], "body": BODY}
             link.publish(topics.up_msg(sender), json.dumps(body).encode())
             return
-        downlink = json.dumps(
-            {
-                "id": message_id,
-                "conversation": FAKE_CONVERSATION,
-                "seq": k + 1,
-                "from": sender,
-                "body": BODY,
-                "sent_at": "2026-01-01T00:00:00.000000Z",
-            }
-        ).encode()
+        downlink = raw_downlink(message_id, sender, k + 1)
         if mode == "topic-raw":
             link.publish(group_topic(spec["topic"]), downlink)
         else:
             for member in spec["members"]:
                 link.publish(topics.down_msg(member), downlink)
-
-    async def _send_group(
-        self, step: GroupStep, spec: dict[str, Any], t0: int, interval: int
-    ) -> None:
-        k = 0
-        while k < step.total:
-            due = min(step.total, (time.monotonic_ns() - t0) // interval + 1)
-            while k < due:
-                intended = t0 + k * interval
-                lag = (time.monotonic_ns() - intended) // 1000
-                step.max_send_lag_us = max(step.max_send_lag_us, lag)
-                self._group_publish(spec, k, intended)
-                step.sent += 1
-                k += 1
-            if k < step.total:
-                await asyncio.sleep(max(0.0, (t0 + k * interval - time.monotonic_ns()) / 1e9))
 
     async def run_group_step(self, spec: dict[str, Any]) -> dict[str, Any]:
         gc.collect()
@@ -234,7 +209,10 @@ class GroupWorker(Worker):
         cpu_before, wall_before = os.times(), time.monotonic()
         t0 = time.monotonic_ns()
         if spec["sender"] in self.links:
-            await self._send_group(step, spec, t0, max(1, int(1e9 / spec["rate"])))
+            interval = max(1, int(1e9 / spec["rate"]))
+            await send_on_schedule(
+                step, t0, interval, lambda k, intended: self._group_publish(spec, k, intended)
+            )
         # Every process, the sender's or not, waits out the schedule and then the drain.
         ends = t0 + int(spec["duration"] * 1e9)
         wait = max(0.0, (ends - time.monotonic_ns()) / 1e9) + spec["drain"]
@@ -258,11 +236,3 @@ class GroupWorker(Worker):
             "cpu_seconds": (cpu_after.user - cpu_before.user)
             + (cpu_after.system - cpu_before.system),
         }
-
-
-def group_worker_main(
-    conn: Connection, index: int, host: str, port: int, users: list[str], password: str
-) -> None:
-    """Entry point of a group generator process (multiprocessing, spawn)."""
-    worker = GroupWorker(index, host, port, users, password, [0] * 4 * (index + 1))
-    asyncio.run(serve(conn, worker))

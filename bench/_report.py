@@ -4,6 +4,7 @@ commit every benchmark's record names."""
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,13 @@ def _of(records: list[dict[str, Any]], scenario: str, stack: str) -> list[dict[s
     return [r for r in records if r["scenario"] == scenario and r["stack"] == stack]
 
 
-def run_header(first: dict[str, Any]) -> list[str]:
-    """The lines that open a run's table: the machine, the commit, the command."""
+def run_table(
+    records: list[dict[str, Any]], columns: str, align: str, row: Callable[[dict[str, Any]], str]
+) -> list[str]:
+    """The lines that open a run's report (``bench.load``'s, ``bench.groups``'): the
+    machine, the commit and the command of the first record, then the markdown table
+    of every record, ``row`` rendering one, and a blank line."""
+    first = records[0]
     m = first["machine"]
     return [
         f"Run {first['run']}, commit `{first['commit']}`: {m['cores']} cores ({m['cpu']}),"
@@ -73,21 +79,24 @@ def run_header(first: dict[str, Any]) -> list[str]:
         "",
         f"Command: `{first['command']}`",
         "",
+        columns,
+        align,
+        *(row(r) for r in records),
+        "",
     ]
 
 
 def render_markdown(records: list[dict[str, Any]]) -> str:
     if not records:
         return "(no results)"
-    lines = [
-        *run_header(records[0]),
+    lines = run_table(
+        records,
         "| scenario | stack | mode | offered msg/s | sent | lost | dup | p50 ms | p99 ms "
         "| p99.9 ms | max ms | `sent` p99 ms | gen lag max ms | disk flush max ms "
         "| CPU cores used | load 1m | verdict |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
-    ]
-    lines += [_row(r) for r in records]
-    lines.append("")
+        _row,
+    )
 
     def rates(scenario: str, stack: str, passed: bool | None = None) -> list[float]:
         """Offered rates of the steps of ``scenario`` on ``stack`` (that passed, or not)."""

@@ -43,11 +43,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from core.dynsec import Credentials
 from core.mqtt import Incoming, LinkConfig, MqttLink
 from protocol import topics
 
@@ -161,23 +163,33 @@ class Worker:
 # -- the presence monitor -------------------------------------------------------------
 
 
+def _listener(
+    stack: _conn_stack.BenchStack,
+    who: Credentials,
+    client_id: str,
+    on_message: Callable[[Incoming], None],
+) -> MqttLink:
+    """A connection of the bench's own, beside the measured devices, that only
+    listens: the broker keeps no session for it."""
+    config = LinkConfig(
+        host=stack.host,
+        port=stack.port,
+        username=who.username,
+        password=who.password,
+        client_id=client_id,
+        clean_session=True,
+        keepalive=30,
+    )
+    return MqttLink(config, on_message=on_message)
+
+
 class PresenceMonitor:
     """One more device, every user's contact, following their presence."""
 
     def __init__(self, stack: _conn_stack.BenchStack) -> None:
         self.online: set[str] = set()
-        self.link = MqttLink(
-            LinkConfig(
-                host=stack.host,
-                port=stack.port,
-                username=stack.monitor,
-                password=stack.password,
-                client_id=f"{stack.monitor}:monitor",
-                clean_session=True,
-                keepalive=30,
-            ),
-            on_message=self._on_presence,
-        )
+        monitor = Credentials(stack.monitor, stack.password)
+        self.link = _listener(stack, monitor, f"{stack.monitor}:monitor", self._on_presence)
 
     async def start(self) -> None:
         await self.link.connect()
@@ -203,18 +215,7 @@ class HeapMonitor:
         self._published = asyncio.Event()
         self.link: MqttLink | None = None
         if stack.sys_reader is not None:
-            self.link = MqttLink(
-                LinkConfig(
-                    host=stack.host,
-                    port=stack.port,
-                    username=stack.sys_reader.username,
-                    password=stack.sys_reader.password,
-                    client_id="bench-sys:heap",
-                    clean_session=True,
-                    keepalive=30,
-                ),
-                on_message=self._on_heap,
-            )
+            self.link = _listener(stack, stack.sys_reader, "bench-sys:heap", self._on_heap)
 
     async def start(self) -> None:
         if self.link is not None:

@@ -31,22 +31,22 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 import shlex
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from bench._gen import new_histogram, percentiles
-from bench._group_gen import group_worker_main
-from bench._report import run_header
+from bench._gen import SLOTS, join_or_kill, new_histogram, percentiles, spawn
+from bench._group_gen import GroupWorker
+from bench._report import _ms, run_table
 from bench._stack import PASSWORD, CpuMeter, Stack, log, running_stack
 from bench.load import (
     RESULTS,
@@ -86,25 +86,16 @@ class GroupGenerator:
         self.owner = {u: w for w, users in enumerate(self.users_of) for u in users}
 
     def start(self) -> None:
-        context = multiprocessing.get_context("spawn")
+        host, port = self.stack.host, self.stack.port
         for index in range(self.workers):
-            mine, theirs = context.Pipe()
-            process = context.Process(
-                target=group_worker_main,
-                args=(
-                    theirs,
-                    index,
-                    self.stack.host,
-                    self.stack.port,
-                    self.users_of[index],
-                    PASSWORD,
-                ),
-                name=f"bench-group-gen-{index}",
-                daemon=True,
-            )
-            process.start()
+            # A group step reports only at its end: a private list stands in for the
+            # progress slots the 1:1 generators share with the main process.
+            progress = [0] * len(SLOTS) * (index + 1)
+            users = self.users_of[index]
+            worker = partial(GroupWorker, index, host, port, users, PASSWORD, progress)
+            process, pipe = spawn(f"bench-group-gen-{index}", worker)
             self.processes.append(process)
-            self.pipes.append(mine)
+            self.pipes.append(pipe)
         started = time.perf_counter()
         connected = sum(a["connected"] for a in self._all({"op": "connect"}, 600))
         log(
@@ -115,11 +106,7 @@ class GroupGenerator:
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self._all({"op": "stop"}, 30)
-        for process in self.processes:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-                process.join()
+        join_or_kill(self.processes)
 
     def _ask(self, index: int, command: dict[str, Any], timeout: float) -> dict[str, Any]:
         self.pipes[index].send(command)
@@ -267,20 +254,31 @@ class Bench:
         }
         return result, cpu, wall
 
-    def group_step(
-        self, scenario: str, label: str, size: int, rate: float, mode: str = "chat"
-    ) -> dict[str, Any]:
+    def spec(self, label: str, size: int, rate: float, mode: str = "chat") -> dict[str, Any]:
+        """A step of the first ``size`` members, the first of them sending ``rate`` msg/s.
+
+        ``chat`` goes to the group created for ``size`` (``group_bench`` creates one
+        for every size a chat step uses); ``topic-raw`` to the group topic ``size``.
+        """
+        members = self.members(size)
         spec = {
             "label": label,
             "mode": mode,
-            "members": self.members(size),
-            "sender": self.members(size)[0],
-            "conversation": self.conversations.get(size, ""),
+            "members": members,
+            "sender": members[0],
             "topic": str(size),
             "rate": rate,
             "duration": self.plan.seconds,
             "drain": self.plan.drain,
         }
+        if mode == "chat":
+            spec["conversation"] = self.conversations[size]
+        return spec
+
+    def group_step(
+        self, scenario: str, label: str, size: int, rate: float, mode: str = "chat"
+    ) -> dict[str, Any]:
+        spec = self.spec(label, size, rate, mode)
         result, _, _ = self.metered(lambda: self.groups.run(spec))
         self.record(scenario, result)
         self.groups.quiesce()
@@ -318,17 +316,7 @@ class Bench:
         alone = pairs.run(plan)
         self.run.record("group-mixed", self.stack, 1, alone)
         pairs.quiesce()
-        spec = {
-            "label": f"group {size} at {rate:g}/s beside 1:1",
-            "mode": "chat",
-            "members": self.members(size),
-            "sender": self.members(size)[0],
-            "conversation": self.conversations[size],
-            "rate": rate,
-            "duration": seconds,
-            "drain": self.plan.drain,
-        }
-        self.groups.begin(spec)
+        self.groups.begin(self.spec(f"group {size} at {rate:g}/s beside 1:1", size, rate))
         beside = pairs.run(StepPlan("1:1 beside the group", "chat", plan.rate, seconds, plan.drain))
         group = self.groups.finish()
         group["load_at_start"] = beside["load_at_start"]
@@ -357,16 +345,7 @@ class Bench:
         log(f"(d) bridge CPU per group message by size; idle bridge {idle_bridge:.3f} cores")
         for size in self.plan.sizes:
             rate = self.rate_for(size)
-            spec = {
-                "label": f"cost: group {size} at {rate:g}/s",
-                "mode": "chat",
-                "members": self.members(size),
-                "sender": self.members(size)[0],
-                "conversation": self.conversations[size],
-                "rate": rate,
-                "duration": self.plan.seconds,
-                "drain": self.plan.drain,
-            }
+            spec = self.spec(f"cost: group {size} at {rate:g}/s", size, rate)
             result, cpu, wall = self.metered(lambda spec=spec: self.groups.run(spec))
             sent = max(1, result["sent"])
             bridge = max(0.0, cpu.get("bridge", 0.0) - idle_bridge * wall)
@@ -396,16 +375,7 @@ class Bench:
             # is measured on mosquitto alone.
             modes = ("member-raw", "topic-raw") if self.stack.mosquitto else ("member-raw",)
             for mode in modes:
-                spec = {
-                    "label": f"fan-out {mode}: {size} at {rate:g}/s",
-                    "mode": mode,
-                    "members": members,
-                    "sender": members[0],
-                    "topic": str(size),
-                    "rate": rate,
-                    "duration": self.plan.seconds,
-                    "drain": self.plan.drain,
-                }
+                spec = self.spec(f"fan-out {mode}: {size} at {rate:g}/s", size, rate, mode)
                 result, cpu, _wall = self.metered(lambda spec=spec: self.groups.run(spec))
                 deliveries = max(1, result["sent"] * size)
                 broker = cpu.get("broker", 0.0)
@@ -480,32 +450,30 @@ def run_plan(run: Run, kind: str, plan: Plan) -> None:
 # -- reporting -------------------------------------------------------------------------
 
 
-def _ms(stats: dict[str, Any], key: str) -> str:
-    value = stats.get(key)
-    return "-" if value is None else f"{value:,.1f}"
+def _row(r: dict[str, Any]) -> str:
+    """A group step, or a 1:1 step of the mixed scenario (``users_chatting``, no order)."""
+    e2e = r["e2e"]
+    return (
+        f"| {r['scenario']} | {r['label']} | {r.get('members', r.get('users_chatting', '-'))}"
+        f" | {r['offered_rate']:,.0f} | {r['sent']:,} | {r['lost']:,} | {r['duplicates']}"
+        f" | {r.get('out_of_order', '-')} | {_ms(e2e, 'p50_ms')} | {_ms(e2e, 'p99_ms')}"
+        f" | {_ms(e2e, 'max_ms')} | {r.get('bridge_cpu_ms_per_message', '-')}"
+        f" | {r.get('broker_cpu_us_per_delivery', '-')} | {r['load_at_start'][0]:.2f}"
+        f" | {'pass' if r['passed'] else '**fail**'} |"
+    )
 
 
 def render_markdown(records: list[dict[str, Any]]) -> str:
     if not records:
         return "(no results)"
-    lines = [
-        *run_header(records[0]),
+    lines = run_table(
+        records,
         "| scenario | step | members | msg/s | sent | lost | dup | out of order "
         "| p50 ms | p99 ms | max ms | bridge ms CPU/msg | broker µs CPU/delivery "
         "| load 1m | verdict |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in records:
-        e2e = r["e2e"]
-        lines.append(
-            f"| {r['scenario']} | {r['label']} | {r.get('members', r.get('users_chatting', '-'))}"
-            f" | {r['offered_rate']:,.0f} | {r['sent']:,} | {r['lost']:,} | {r['duplicates']}"
-            f" | {r.get('out_of_order', '-')} | {_ms(e2e, 'p50_ms')} | {_ms(e2e, 'p99_ms')}"
-            f" | {_ms(e2e, 'max_ms')} | {r.get('bridge_cpu_ms_per_message', '-')}"
-            f" | {r.get('broker_cpu_us_per_delivery', '-')} | {r['load_at_start'][0]:.2f}"
-            f" | {'pass' if r['passed'] else '**fail**'} |"
-        )
-    lines.append("")
+        _row,
+    )
     for r in records:
         if "p99_ratio_to_alone" in r:
             lines.append(

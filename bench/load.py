@@ -44,6 +44,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,7 +53,15 @@ import typer
 from hdrh.histogram import HdrHistogram
 
 from bench._disk import DiskProbe
-from bench._gen import SLOTS, WINDOW_NS, new_histogram, percentiles, worker_main
+from bench._gen import (
+    SLOTS,
+    WINDOW_NS,
+    Worker,
+    join_or_kill,
+    new_histogram,
+    percentiles,
+    spawn,
+)
 from bench._report import git_commit
 from bench._stack import PASSWORD, Stack, log, running_stack
 from clients.cli.options import grouped
@@ -180,27 +189,13 @@ class Generator:
         )
 
     def start(self) -> None:
-        context = multiprocessing.get_context("spawn")
+        host, port = self.stack.host, self.stack.port
         for index in range(self.workers):
-            mine, theirs = context.Pipe()
             users = [u for pair in self.pairs_of[index] for u in pair]
-            process = context.Process(
-                target=worker_main,
-                args=(
-                    theirs,
-                    index,
-                    self.stack.host,
-                    self.stack.port,
-                    users,
-                    PASSWORD,
-                    self.progress,
-                ),
-                name=f"bench-gen-{index}",
-                daemon=True,
-            )
-            process.start()
+            worker = partial(Worker, index, host, port, users, PASSWORD, self.progress)
+            process, pipe = spawn(f"bench-gen-{index}", worker)
             self.processes.append(process)
-            self.pipes.append(mine)
+            self.pipes.append(pipe)
         started = time.perf_counter()
         answers = self._all({"op": "connect"}, timeout=600, label="connecting")
         connected = sum(a["connected"] for a in answers)
@@ -212,11 +207,7 @@ class Generator:
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self._all({"op": "stop"}, timeout=30, label="closing")
-        for process in self.processes:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-                process.join()
+        join_or_kill(self.processes)
         self.processes, self.pipes = [], []
 
     def _all(self, command: dict[str, Any], *, timeout: float, label: str) -> list[dict[str, Any]]:
