@@ -36,7 +36,9 @@ class DeviceRow:
 
 
 @dataclass(frozen=True, slots=True)
-class Stats:
+class ServerStats:
+    """Counts over the whole server, as GET /v1/admin/stats returns them."""
+
     users: int
     disabled_users: int
     admins: int
@@ -99,11 +101,11 @@ def devices(session: Session, username: str) -> list[DeviceRow]:
     return [DeviceRow(d.device, d.online, d.last_seen) for d in rows]
 
 
-def stats(session: Session) -> Stats:
+def stats(session: Session) -> ServerStats:
     def count(query: object) -> int:
         return int(session.exec(query).one())  # type: ignore[call-overload]
 
-    return Stats(
+    return ServerStats(
         users=count(select(func.count()).select_from(Account)),
         disabled_users=count(select(func.count()).where(col(Account.disabled))),
         admins=count(select(func.count()).where(col(Account.is_admin))),
