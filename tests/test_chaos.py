@@ -20,7 +20,8 @@ import os
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import pytest
 from pydantic import ValidationError
@@ -43,30 +44,39 @@ SEND_TIMEOUT = 90.0  # the other half
 TAIL = 2.0  # seconds of load after the last fault
 QUIET_TIMEOUT = 60.0  # seconds for every device to catch up before checking
 
+Test = TypeVar("Test", bound=Callable[..., Any])
 
-def _seed() -> int:
+
+def _plan(rounds: int) -> tuple[int, list[tuple[float, chaos.Fault]]]:
+    """A seed (``MQCHAT_CHAOS_SEED`` to replay a run, else a new one) and its schedule
+    of every fault kind ``rounds`` times."""
     value = os.environ.get("MQCHAT_CHAOS_SEED")
-    return int(value) if value else secrets.randbelow(1_000_000)
+    seed = int(value) if value else secrets.randbelow(1_000_000)
+    plan = chaos.schedule(
+        seed, chaos.FAULT_KINDS, rounds=rounds, first_at=(1.0, 2.0), gap=(0.5, 1.5)
+    )
+    return seed, plan
 
 
-@pytest.mark.xdist_group("cpu_heavy")
-@pytest.mark.slow
-@pytest.mark.timeout(420)
+def _chaos_run(test: Test) -> Test:
+    """A chaos run: minutes of a stack under faults, on the one worker of the
+    CPU-heavy tests."""
+    for mark in (pytest.mark.xdist_group("cpu_heavy"), pytest.mark.slow, pytest.mark.timeout(420)):
+        test = mark(test)
+    return test
+
+
+@_chaos_run
 async def test_no_message_is_lost_under_every_fault(
     production_stack: Stack, postgres: PostgresServer
 ) -> None:
     stack = production_stack
-    seed = _seed()
-    plan = chaos.schedule(
-        seed, chaos.FAULT_KINDS, rounds=ROUNDS, first_at=(1.0, 2.0), gap=(0.5, 1.5)
-    )
+    seed, plan = _plan(ROUNDS)
     print(f"\nchaos seed {seed} (replay: MQCHAT_CHAOS_SEED={seed}), {len(plan)} faults")
     print("plan: " + ", ".join(f"{at:.1f}s {fault}" for at, fault in plan))
 
     users = [user for pair in PAIRS for user in pair]
     partner = {a: b for a, b in PAIRS} | {b: a for a, b in PAIRS}
-    await stack.add_users(*users)
-    await stack.start_api()
     assert stack.mosquitto is not None
     async with _behind_proxies(stack, postgres, users) as (injector, clients):
         devices = {user: [f"{user}/phone"] for user in users}
@@ -127,9 +137,7 @@ async def test_no_message_is_lost_under_every_fault(
 GROUP_ROUNDS = 1  # the group run: every fault kind once
 
 
-@pytest.mark.xdist_group("cpu_heavy")
-@pytest.mark.slow
-@pytest.mark.timeout(420)
+@_chaos_run
 async def test_no_group_message_is_lost_or_shown_outside_membership_under_every_fault(
     production_stack: Stack, postgres: PostgresServer
 ) -> None:
@@ -137,14 +145,9 @@ async def test_no_group_message_is_lost_or_shown_outside_membership_under_every_
     stored sequence within its membership window, once and in order; frank is added
     a third of the way in, dave removed two thirds in (both under faults)."""
     stack = production_stack
-    seed = _seed()
-    plan = chaos.schedule(
-        seed, chaos.FAULT_KINDS, rounds=GROUP_ROUNDS, first_at=(1.0, 2.0), gap=(0.5, 1.5)
-    )
+    seed, plan = _plan(GROUP_ROUNDS)
     print(f"\ngroup chaos seed {seed} (replay: MQCHAT_CHAOS_SEED={seed}), {len(plan)} faults")
     users = [user for pair in PAIRS for user in pair]
-    await stack.add_users(*users)
-    await stack.start_api()
     async with _behind_proxies(stack, postgres, users) as (injector, clients):
         history = History()
         group_ops = chaos.GroupOps(stack, history)
@@ -253,8 +256,11 @@ async def _behind_proxies(
     stack: Stack, postgres: PostgresServer, users: list[str]
 ) -> AsyncIterator[tuple[chaos.Injector, dict[str, ChatClient]]]:
     """The fault injector, with a proxy it can cut or slow between every client and
-    the broker, the bridge and the broker, the bridge and PostgreSQL; one SDK client
-    per user (device ``phone``) behind the first."""
+    the broker, the bridge and the broker, the bridge and PostgreSQL; ``users`` made,
+    the history API started, and one SDK client per user (device ``phone``) behind the
+    first proxy."""
+    await stack.add_users(*users)
+    await stack.start_api()
     async with (
         TcpProxy(stack.host, stack.port) as client_proxy,
         TcpProxy(stack.host, stack.port) as broker_proxy,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .support.clients import Watcher
+from .support.clients import watching
 from .support.packets import packet, publish, string, varint
 from .support.raw import Raw, dial, login
 from .support.stack import Stack
@@ -30,10 +30,7 @@ def _with_keepalive(connect: bytes, keepalive: int) -> bytes:
 
 
 async def test_a_half_open_connection_goes_offline_by_its_last_will(stack: Stack) -> None:
-    await stack.add_users("alice", "carol")
-    stack.chatted("alice", "carol")  # contacts: carol is told alice's presence
-    watcher = Watcher()
-    await watcher.start(stack)
+    watcher = await watching(stack, "alice")
     async with TcpProxy(stack.host, stack.port) as proxy:
         await stack.client("alice", port=proxy.port, keepalive=KEEPALIVE)
         await watcher.state_of("alice", "online")

@@ -19,7 +19,7 @@ import hashlib
 import json
 import secrets
 import stat
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -443,13 +443,21 @@ async def test_payload_size_limit(
 # -- changing accounts -------------------------------------------------------------------
 
 
+async def kicked_and_refused(
+    mosquitto: MosquittoServer, credentials: Credentials, change: Callable[[], Awaitable[object]]
+) -> None:
+    """``change``, made to the account of a live connection, drops that connection,
+    and the credentials that connected it are refused after."""
+    async with connected(mosquitto, credentials) as device:
+        await change()
+        await wait_until(lambda: not device.link.is_connected)
+    await refusal(mosquitto, credentials)
+
+
 async def test_disable_user_kicks_and_refuses(
     mosquitto: MosquittoServer, provisioner: DynsecProvisioner, alice: Credentials
 ) -> None:
-    async with connected(mosquitto, alice) as device:
-        await provisioner.disable_user(alice.username)
-        await wait_until(lambda: not device.link.is_connected)
-    await refusal(mosquitto, alice)
+    await kicked_and_refused(mosquitto, alice, lambda: provisioner.disable_user(alice.username))
     await provisioner.enable_user(alice.username)
     async with connected(mosquitto, alice):
         pass
@@ -459,11 +467,10 @@ async def test_set_password_replaces_the_old_one(
     mosquitto: MosquittoServer, provisioner: DynsecProvisioner, alice: Credentials
 ) -> None:
     renewed = Credentials(alice.username, "a fresh password")
-    async with connected(mosquitto, alice) as device:
-        await provisioner.set_password(alice.username, renewed.password)
-        # dynsec 2.0.11 also drops the live connections of the account.
-        await wait_until(lambda: not device.link.is_connected)
-    await refusal(mosquitto, alice)
+    # dynsec 2.0.11 also drops the live connections of the account.
+    await kicked_and_refused(
+        mosquitto, alice, lambda: provisioner.set_password(alice.username, renewed.password)
+    )
     async with connected(mosquitto, renewed) as device:
         assert device.link.is_connected
 
@@ -471,10 +478,7 @@ async def test_set_password_replaces_the_old_one(
 async def test_delete_user_kicks_refuses_and_frees_the_name(
     mosquitto: MosquittoServer, provisioner: DynsecProvisioner, alice: Credentials
 ) -> None:
-    async with connected(mosquitto, alice) as device:
-        await provisioner.delete_user(alice.username)
-        await wait_until(lambda: not device.link.is_connected)
-    await refusal(mosquitto, alice)
+    await kicked_and_refused(mosquitto, alice, lambda: provisioner.delete_user(alice.username))
     await provisioner.create_user(alice.username, "second life")
     async with connected(mosquitto, Credentials(alice.username, "second life")):
         pass

@@ -17,16 +17,13 @@ from protocol import Presence, topics
 from store.tables import Device
 
 from .support import packets
-from .support.clients import Watcher
+from .support.clients import Watcher, watching
 from .support.stack import Stack, password_of
 from .support.stack import stored as stored_messages
 
 
 async def test_online_while_any_device_is(stack: Stack) -> None:
-    await stack.add_users("alice", "carol")
-    stack.chatted("alice", "carol")
-    watcher = Watcher()
-    await watcher.start(stack)
+    watcher = await watching(stack, "alice")
 
     phone = await stack.client("alice", "phone")
     online = await watcher.state_of("alice", "online")
@@ -49,10 +46,7 @@ async def test_online_while_any_device_is(stack: Stack) -> None:
 
 
 async def test_killed_connection_goes_offline_by_last_will(stack: Stack) -> None:
-    await stack.add_users("alice", "carol")
-    stack.chatted("alice", "carol")
-    watcher = Watcher()
-    await watcher.start(stack)
+    watcher = await watching(stack, "alice")
     phone = await stack.client("alice", "phone", keepalive=2)
     await watcher.state_of("alice", "online")
 
@@ -67,10 +61,7 @@ async def test_a_device_that_connects_again_over_its_open_connection_stays_onlin
     old connection: the new one takes the session over and the broker closes the old
     one (MQTT 3.1.1 section 3.1.4). That is no disconnect of the device: its contacts
     must not see it go offline and back, so a take-over fires no last will."""
-    await stack.add_users("alice", "carol")
-    stack.chatted("alice", "carol")
-    watcher = Watcher()
-    await watcher.start(stack)
+    watcher = await watching(stack, "alice")
     # The old connection: the SDK's CONNECT (its client id, a persistent session, its
     # will) over a plain socket that says online once and then goes quiet.
     offline = protocol.encode(protocol.UpPresence(device="phone", state="offline"))
@@ -177,10 +168,7 @@ def _drain(watcher: Watcher) -> list[tuple[str, dict[str, str]]]:
 
 async def test_presence_after_bridge_restart(stack: Stack) -> None:
     """Presence words that arrive while the bridge is down are applied when it is back."""
-    await stack.add_users("alice", "carol")
-    stack.chatted("alice", "carol")
-    watcher = Watcher()
-    await watcher.start(stack)
+    watcher = await watching(stack, "alice")
     phone = await stack.client("alice", "phone")
     await watcher.state_of("alice", "online")
 
@@ -230,11 +218,8 @@ async def _sdk_state_of(client: ChatClient, user: str, state: str, timeout: floa
 async def test_the_history_api_says_what_mqtt_says(stack: Stack) -> None:
     """One vocabulary: HTTP's ``state`` and ``at`` are MQTT's, through the SDK's model;
     and the SDK keeps its contacts' latest words."""
-    await stack.add_users("alice", "carol")
-    stack.chatted("alice", "carol")
+    watcher = await watching(stack, "alice")
     await stack.start_api()
-    watcher = Watcher()
-    await watcher.start(stack)
     history = stack.history("carol")
     try:
         assert await history.presence("alice") is None  # never seen

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,8 @@ WAIT = 30.0
 @pytest.fixture
 def receiver(tmp_path: Path) -> Iterator[PushReceiver]:
     r = PushReceiver(tmp_path)
-    try:
-        yield r
-    finally:
-        r.close()
+    yield r
+    r.close()
 
 
 class PushStack:
@@ -164,6 +162,11 @@ async def push(
     assert receiver.failures == []
 
 
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Wait, off the event loop, until ``condition`` holds: at most WAIT seconds."""
+    await asyncio.to_thread(wait_until, condition, timeout=WAIT, what=what)
+
+
 async def wait_received(push: PushStack, name: str, count: int = 1) -> None:
     await asyncio.to_thread(
         push.receiver.wait_for,
@@ -197,11 +200,8 @@ async def test_an_offline_recipient_is_pushed_at_once(push: PushStack) -> None:
         key = (await api.get("/v1/push/key")).json()["vapid_public_key"]
     assert received.claims["k"] == key
     # The trace lists bob's subscription and the push that covered the message.
-    await asyncio.to_thread(
-        wait_until,
-        lambda: [r.state for r in push.outbox(bob)] == ["sent"],
-        timeout=WAIT,
-        what="the push recorded as sent",
+    await eventually(
+        lambda: [r.state for r in push.outbox(bob)] == ["sent"], "the push recorded as sent"
     )
     async with push.api(alice) as api:
         trace = (await api.get(f"/v1/messages/{sent.id}")).json()
@@ -228,7 +228,7 @@ async def test_a_device_online_that_does_not_ack_is_pushed_after_the_grace(
             device = session.get(Device, (bob, "phone"))
             return device is not None and device.online
 
-    await asyncio.to_thread(wait_until, online, timeout=WAIT, what="bob online")
+    await eventually(online, "bob online")
     sender = await push.stack.client(alice)
 
     started = time.monotonic()
@@ -250,11 +250,8 @@ async def test_a_connected_recipient_who_acks_in_time_is_not_pushed(push: PushSt
     sent = await sender.send("hi", to=bob, timeout=20)
     assert (await phone.next_message(timeout=20)).body == "hi"
 
-    await asyncio.to_thread(
-        wait_until,
-        lambda: push.decided(bob, sent.conversation, sent.seq),
-        timeout=WAIT,
-        what="the decision on bob's message",
+    await eventually(
+        lambda: push.decided(bob, sent.conversation, sent.seq), "the decision on bob's message"
     )
     assert push.receiver.to(name) == []
     assert push.outbox(bob) == []
@@ -355,37 +352,27 @@ async def test_a_read_on_another_device_stops_further_pushes_for_what_was_read(
     conversation = first.conversation
 
     second = await sender.send("two", to=bob, timeout=20)
-    await asyncio.to_thread(
-        wait_until,
+    await eventually(
         lambda: push.pending(bob, conversation) == second.seq,
-        timeout=WAIT,
-        what="the second message waiting in the collapse window",
+        "the second message waiting in the collapse window",
     )
     laptop = await push.stack.client(bob, "laptop", ack_delivered=False)
     await laptop.mark_read(conversation, second.seq)
-    await asyncio.to_thread(
-        wait_until,
-        lambda: push.read_by(bob, conversation) >= second.seq,
-        timeout=WAIT,
-        what="the laptop's read stored",
+    await eventually(
+        lambda: push.read_by(bob, conversation) >= second.seq, "the laptop's read stored"
     )
     push.end_collapse(bob, conversation)
-    await asyncio.to_thread(
-        wait_until,
-        lambda: push.decided(bob, conversation, second.seq),
-        timeout=WAIT,
-        what="the read message decided",
+    await eventually(
+        lambda: push.decided(bob, conversation, second.seq), "the read message decided"
     )
     # Decided in the transaction that would have added its push: none was.
     assert [r.state for r in push.outbox(bob)] == ["sent"]  # the first push stands
     assert len(push.receiver.to(name)) == 1
 
     third = await sender.send("three", to=bob, timeout=20)
-    await asyncio.to_thread(
-        wait_until,
+    await eventually(
         lambda: push.pending(bob, conversation) == third.seq,
-        timeout=WAIT,
-        what="the third message waiting in the collapse window",
+        "the third message waiting in the collapse window",
     )
     push.end_collapse(bob, conversation)
     await wait_received(push, name, 2)
@@ -408,11 +395,8 @@ async def test_mutes_stop_pushes(push: PushStack) -> None:
         settings = (await api.get("/v1/push/settings")).json()
         assert settings == {"muted": False, "preview": False, "muted_conversations": [conversation]}
     second = await sender.send("two", to=bob, timeout=20)
-    await asyncio.to_thread(
-        wait_until,
-        lambda: push.decided(bob, conversation, second.seq),
-        timeout=WAIT,
-        what="the muted message decided",
+    await eventually(
+        lambda: push.decided(bob, conversation, second.seq), "the muted message decided"
     )
     assert len(push.receiver.to(name)) == 1
 
@@ -421,11 +405,8 @@ async def test_mutes_stop_pushes(push: PushStack) -> None:
         response = await api.put("/v1/push/settings", json={"muted": True, "preview": False})
         assert response.json()["muted"] is True
     third = await sender.send("three", to=bob, timeout=20)
-    await asyncio.to_thread(
-        wait_until,
-        lambda: push.decided(bob, conversation, third.seq),
-        timeout=WAIT,
-        what="the message of a muted user decided",
+    await eventually(
+        lambda: push.decided(bob, conversation, third.seq), "the message of a muted user decided"
     )
     assert len(push.receiver.to(name)) == 1
 
@@ -450,7 +431,7 @@ async def test_a_gone_subscription_is_removed(push: PushStack) -> None:
         with Session(push.stack.engine) as session:
             return session.get(PushSubscription, (bob, "phone")) is None
 
-    await asyncio.to_thread(wait_until, removed, timeout=WAIT, what="the subscription removed")
+    await eventually(removed, "the subscription removed")
     assert push.receiver.answers.count((f"/{name}", 410)) == 1
     assert [(r.state, r.outcome) for r in push.outbox(bob)] == [("gone", "410")]
 
@@ -468,11 +449,9 @@ async def test_throttling_and_errors_are_retried_honouring_retry_after(push: Pus
         503,
         201,
     ]
-    await asyncio.to_thread(
-        wait_until,
+    await eventually(
         lambda: [(r.state, r.attempts) for r in push.outbox(bob)] == [("sent", 1)],
-        timeout=WAIT,
-        what="one claim, sent",
+        "one claim, sent",
     )
 
 
@@ -495,11 +474,8 @@ async def test_a_push_daemon_killed_after_deciding_pushes_once_after_restart(
     push.start("push-a")
     push.start("push-b")
     await wait_received(push, name)
-    await asyncio.to_thread(
-        wait_until,
-        lambda: [r.state for r in push.outbox(bob)] == ["sent"],
-        timeout=WAIT,
-        what="the push recorded as sent",
+    await eventually(
+        lambda: [r.state for r in push.outbox(bob)] == ["sent"], "the push recorded as sent"
     )
     assert len(push.receiver.to(name)) == 1
 
@@ -540,12 +516,7 @@ async def test_the_daemon_checks_the_address_again_when_it_sends(push: PushStack
     push.start()
     sender = await push.stack.client(alice)
     await sender.send("hello", to=bob, timeout=20)
-    await asyncio.to_thread(
-        wait_until,
-        lambda: [r.state for r in push.outbox(bob)] == ["failed"],
-        timeout=WAIT,
-        what="the push refused",
-    )
+    await eventually(lambda: [r.state for r in push.outbox(bob)] == ["failed"], "the push refused")
     (row,) = push.outbox(bob)
     assert "10.1.2.3" in (row.outcome or "")
 

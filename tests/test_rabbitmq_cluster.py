@@ -20,7 +20,7 @@ from core.mqtt import Incoming, LinkConfig, MqttLink
 from protocol import topics
 
 from .support.clients import Recorder
-from .support.rabbitmq import RabbitCluster
+from .support.rabbitmq import RabbitCluster, RabbitNode
 from .support.stack import Stack, handled_uplinks, stored
 
 #: One worker boots the session's cluster (20-60 s, three Erlang VMs) and runs them all.
@@ -39,27 +39,20 @@ async def test_qos1_crosses_nodes_into_a_quorum_session(rabbitmq_cluster: Rabbit
     got: asyncio.Queue[Incoming] = asyncio.Queue()
     topic = f"chat/v1/u/probe{secrets.token_hex(3)}/down/msg"
     first, last = rabbitmq_cluster.nodes[0], rabbitmq_cluster.nodes[-1]
-    subscriber = MqttLink(
-        LinkConfig(
+
+    def on(node: RabbitNode, role: str, *, clean_session: bool) -> LinkConfig:
+        """The admin account on ``node``'s MQTT port, under a fresh client id."""
+        return LinkConfig(
             host=rabbitmq_cluster.host,
-            port=last.mqtt_port,
+            port=node.mqtt_port,
             username=account.username,
             password=account.password,
-            client_id=f"sub-{secrets.token_hex(3)}",
-            clean_session=False,
-        ),
-        on_message=got.put_nowait,
-    )
-    publisher = MqttLink(
-        LinkConfig(
-            host=rabbitmq_cluster.host,
-            port=first.mqtt_port,
-            username=account.username,
-            password=account.password,
-            client_id=f"pub-{secrets.token_hex(3)}",
-            clean_session=True,
+            client_id=f"{role}-{secrets.token_hex(3)}",
+            clean_session=clean_session,
         )
-    )
+
+    subscriber = MqttLink(on(last, "sub", clean_session=False), on_message=got.put_nowait)
+    publisher = MqttLink(on(first, "pub", clean_session=True))
     await subscriber.connect()
     await publisher.connect()
     try:

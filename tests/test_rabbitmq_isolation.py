@@ -148,24 +148,18 @@ async def test_exactly_the_allowed_combinations_succeed_on_every_node(
     await rabbitmq_stack.add_users(*users)
     actors = (*users, BRIDGE)
     checks = _Checks(rabbitmq_stack, rabbitmq_cluster)
-
-    publish_cases = [(a, t) for a in actors for t in observable_topics(users)]
-    published = await asyncio.gather(*(checks.publish(a, t) for a, t in publish_cases))
-    wrong = [
-        (a, t, got)
-        for (a, t), got in zip(publish_cases, published, strict=True)
-        if got != may(a, "publish", t)
-    ]
-    assert not wrong, f"publish outcomes differ from the topic table: {wrong}"
-
-    subscribe_cases = [(a, f) for a in actors for f in subscribe_filters(users)]
-    granted = await asyncio.gather(*(checks.subscribe(a, f) for a, f in subscribe_cases))
-    wrong = [
-        (a, f, got)
-        for (a, f), got in zip(subscribe_cases, granted, strict=True)
-        if got != may(a, "subscribe", f)
-    ]
-    assert not wrong, f"subscribe outcomes differ from the topic table: {wrong}"
+    for action, attempt, targets in (
+        ("publish", checks.publish, observable_topics(users)),
+        ("subscribe", checks.subscribe, subscribe_filters(users)),
+    ):
+        cases = [(a, t) for a in actors for t in targets]
+        outcomes = await asyncio.gather(*(attempt(a, t) for a, t in cases))
+        wrong = [
+            (a, t, got)
+            for (a, t), got in zip(cases, outcomes, strict=True)
+            if got != may(a, action, t)
+        ]
+        assert not wrong, f"{action} outcomes differ from the topic table: {wrong}"
 
 
 async def test_what_arrives_is_what_was_granted(

@@ -151,3 +151,13 @@ class Watcher:
                 self.changed.clear()
                 await self.changed.wait()
             return self.latest[user]
+
+
+async def watching(stack: Stack, user: str, watcher: str = "carol") -> Watcher:
+    """``watcher`` following ``user``'s presence: both accounts made, the two of them
+    contacts (``user`` wrote to ``watcher``), the :class:`Watcher` started."""
+    await stack.add_users(user, watcher)
+    stack.chatted(user, watcher)
+    following = Watcher()
+    await following.start(stack, watcher)
+    return following

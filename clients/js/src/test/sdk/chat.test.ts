@@ -31,11 +31,17 @@ function collect<T>(subscribe: (listener: (event: T) => void) => void): T[] {
   return seen;
 }
 
-test("a message is stored, delivered once, and acked delivered then read", async () => {
+// Two new users, each connected (device "node"), and the messages bob is shown.
+async function aliceAndBob() {
   const [alice, bob] = [await stack.newUser("a"), await stack.newUser("b")];
   const a = await connect(alice);
   const b = await connect(bob);
   const got = collect<DownMessage>((l) => b.on("message", l));
+  return { alice, bob, a, b, got };
+}
+
+test("a message is stored, delivered once, and acked delivered then read", async () => {
+  const { alice, bob, a, b, got } = await aliceAndBob();
   const receipts = collect<Receipt>((l) => a.on("receipt", l));
 
   const sent = await a.send("hello", { to: bob.username });
@@ -56,10 +62,7 @@ test("a message is stored, delivered once, and acked delivered then read", async
 });
 
 test("messages sent while the other is away arrive in order, once, on their return", async () => {
-  const [alice, bob] = [await stack.newUser("a"), await stack.newUser("b")];
-  const a = await connect(alice);
-  const b = await connect(bob);
-  const got = collect<DownMessage>((l) => b.on("message", l));
+  const { bob, a, b, got } = await aliceAndBob();
   const first = await a.send("before", { to: bob.username });
   await until(() => got.length === 1, "first message");
 
@@ -73,10 +76,7 @@ test("messages sent while the other is away arrive in order, once, on their retu
 });
 
 test("the outbox keeps what is sent offline and sends it on reconnect, in order", async () => {
-  const [alice, bob] = [await stack.newUser("a"), await stack.newUser("b")];
-  const a = await connect(alice);
-  const b = await connect(bob);
-  const got = collect<DownMessage>((l) => b.on("message", l));
+  const { bob, a, got } = await aliceAndBob();
   a.pause();
   const sends = [a.send("one", { to: bob.username }), a.send("two", { to: bob.username })];
   assert.equal(a.pending.length, 2);
@@ -130,10 +130,7 @@ test("a second connect() while one is under way shares it: it resolves connected
 });
 
 test("a gap in the live stream is filled from the history API, in seq order", async () => {
-  const [alice, bob] = [await stack.newUser("a"), await stack.newUser("b")];
-  const a = await connect(alice);
-  const b = await connect(bob);
-  const got = collect<DownMessage>((l) => b.on("message", l));
+  const { bob, a, b, got } = await aliceAndBob();
   const first = await a.send("one", { to: bob.username });
   await until(() => got.length === 1, "the first message");
   // Bob's connection stops listening (the broker keeps nothing for a topic nobody
