@@ -107,6 +107,8 @@ class BenchProvisioner(DynsecProvisioner):
 
 @dataclass
 class Stack:
+    """What one benchmark run started, and the users it made in bulk."""
+
     kind: str  # "production" | "embedded"
     host: str
     port: int

@@ -157,11 +157,16 @@ STABLE_AFTER = 1.0
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
+    """One PUBLISH as the link hands it to its owner, who calls :meth:`MqttLink.ack` once
+    it is handled (``manual_ack``)."""
+
     topic: str
     payload: bytes
     qos: int
     retain: bool
     mid: int
+    #: The connection it came on: an ack for an older connection's message is not sent
+    #: (the broker redelivers it on the new one).
     generation: int
     #: ``time.monotonic()`` when it reached this process: the start of the bridge's
     #: arrival-to-commit and arrival-to-PUBACK times.

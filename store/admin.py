@@ -21,8 +21,11 @@ PAGE_LIMIT = 200
 
 @dataclass(frozen=True, slots=True)
 class UserRow:
+    """One account as the admin listing shows it."""
+
     username: str
     disabled: bool
+    #: Deleted accounts keep their row (and name) with an unusable password hash.
     deleted: bool
     admin: bool
     created_at: datetime
@@ -30,6 +33,8 @@ class UserRow:
 
 @dataclass(frozen=True, slots=True)
 class DeviceRow:
+    """One of a user's devices: online now, or when it was last seen."""
+
     device: str
     online: bool
     last_seen: datetime

@@ -46,6 +46,7 @@ class HistoryMessage:
     as the JSON object ``store.groups`` wrote.
     """
 
+    #: The id its sender gave it (``id`` on the wire): a resend with it is stored once.
     client_id: str
     conversation: str
     seq: int
@@ -111,6 +112,8 @@ class ConversationSummary:
 
 @dataclass(frozen=True, slots=True)
 class MemberInfo:
+    """A group member as the members listing shows it."""
+
     username: str
     role: str
     #: The seq the member sees the conversation from.

@@ -40,10 +40,13 @@ DEFAULT_MAX_CONTACTS = 500
 
 @dataclass(frozen=True, slots=True)
 class UserPresence:
+    """A user's presence after an announcement of one of their devices, or as it stands."""
+
     user: str
     online: bool
     #: since when: for an offline user, when they were last seen.
     at: datetime
+    #: The announcement changed the user's state: their contacts are told.
     changed: bool
     #: This announcement brought a device online that was not (its contacts' states
     #: are due to the user: a snapshot).
