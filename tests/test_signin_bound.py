@@ -21,12 +21,12 @@ import pytest
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from core.mqtt import ConnectRefused, MqttLink
+from core.mqtt import ClosedBeforeConnack, ConnectRefused, MqttLink
 from store import accounts, make_engine, reading, signin, tokens
 from store.db import relaxed
 
 from .support.services import Daemon
-from .support.stack import Stack, migrated_sqlite, password_of, start_embedded_stack
+from .support.stack import Stack, migrated_sqlite, password_of
 
 T = TypeVar("T")
 
@@ -243,21 +243,28 @@ async def test_an_account_signing_in_over_and_over_is_refused_for_a_while(
         assert (await token("bob")).status_code == 200
 
 
-async def test_a_user_connecting_over_and_over_is_refused_for_a_while(tmp_path: Path) -> None:
-    stack = await start_embedded_stack(tmp_path, {"MQCHAT_BROKER_SIGN_INS_PER_USER": "5/minute"})
-    try:
-        await stack.add_users("looper", "bob")
-        for _ in range(5):
-            link = await stack.raw("looper")
-            await link.close()
-        link = await stack.raw("looper", connect=False)
-        with pytest.raises(ConnectRefused, match="unavailable"):
-            await link.connect()
-        await stack.raw("bob")  # others are not affected
-        assert stack.embedded_broker is not None
-        assert "Traceback" not in stack.embedded_broker.log_text()
-    finally:
-        await stack.close()
+async def test_a_user_connecting_over_and_over_is_refused_for_a_while(stack: Stack) -> None:
+    """After its allowance a user's CONNECTs are refused before the password is looked
+    at, right or wrong; other users sign in as before. The embedded broker answers
+    CONNACK 3; mosquitto's plugin can only close the connection before its CONNACK
+    (both mean "try later" to the SDK)."""
+    stack.set_sign_ins_per_user(5)
+    await stack.add_users("looper", "bob")
+    for _ in range(5):
+        link = await stack.raw("looper")
+        await link.close()
+    for password in (password_of("looper"), "a-wrong-password"):
+        link = await stack.raw("looper", password=password, connect=False)
+        if stack.embedded_broker is not None:
+            with pytest.raises(ConnectRefused, match="unavailable"):
+                await link.connect()
+        else:
+            with pytest.raises(ClosedBeforeConnack):
+                await link.connect()
+    await stack.raw("bob")  # others are not affected
+    log = stack.broker_log()
+    assert "Traceback" not in log
+    assert log.count("refusing sign-ins of user 'looper'") <= 1
 
 
 def test_a_sign_in_lookup_does_not_hold_sqlites_write_lock(tmp_path: Path) -> None:

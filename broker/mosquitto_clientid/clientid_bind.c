@@ -63,9 +63,27 @@
  * <correlation>" on $CONTROL/mqchat/v1/response. What it was told is kept in memory
  * only: a restarted broker refuses every credential issued before it started
  * instead, and devices fetch new ones.
+ *
+ * The sign-in throttle (the signin_* functions; the embedded broker's twin is
+ * MQCHAT_BROKER_SIGN_INS_PER_USER in broker/config.py): every CONNECT that names a
+ * username (exempt accounts aside) takes a token from two buckets of that username, one
+ * of plugin_opt_sign_ins_per_minute tokens (default 30) refilled over a minute and one
+ * of plugin_opt_sign_ins_per_hour (default 300) refilled over an hour; 0 turns the
+ * throttle off. Without a token the CONNECT is refused before any password is checked,
+ * right or wrong, so a guesser learns nothing and a client signing in over and over in
+ * a loop costs the broker one table lookup per attempt. The plugin cannot make
+ * mosquitto 2.0 answer CONNACK 3 ("server unavailable", the embedded broker's answer),
+ * only "not authorised" (which the SDK and most clients take as wrong credentials, and
+ * stop) or an error that closes the connection before any CONNACK: it uses the error,
+ * and clients retry with their backoff as after any dropped connection. The buckets
+ * live in a fixed table (SIGNIN_SLOTS entries, about 4 MiB of address space, touched as
+ * used), hashed with a random key per start; a username that finds no slot takes the
+ * least recently used of its probe window, whose debt is then forgotten (as the
+ * embedded broker's throttle forgets its least recently used keys).
  */
 
 #include <ctype.h>
+#include <stdint.h>
 #include <search.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -78,6 +96,7 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/rand.h>
 
 #define PLUGIN_NAME "mqchat_clientid_bind"
 
@@ -351,6 +370,175 @@ static void credential_cleanup(void)
 	}
 }
 
+/* -- the sign-in throttle ---------------------------------------------------------- */
+
+#define SIGNIN_DEFAULT_PER_MINUTE 30.0
+#define SIGNIN_DEFAULT_PER_HOUR 300.0
+#define SIGNIN_SLOTS 65536  /* a power of two */
+#define SIGNIN_PROBES 8
+
+struct signin_slot {
+	char username[33];  /* "": free */
+	unsigned char refused;  /* refusing since the last admission (logged once) */
+	double minute;  /* tokens left in the per-minute bucket */
+	double hour;
+	double updated;  /* seconds, CLOCK_MONOTONIC */
+};
+
+static double signin_per_minute = SIGNIN_DEFAULT_PER_MINUTE;
+static double signin_per_hour = SIGNIN_DEFAULT_PER_HOUR;
+static struct signin_slot *signin_slots;
+static uint64_t signin_key;
+
+static double signin_now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* FNV-1a over the username, from a random start per broker start: no one can choose
+ * names that share a probe window without knowing it. */
+static size_t signin_hash(const char *username)
+{
+	uint64_t h = 14695981039346656037ULL ^ signin_key;
+
+	for(const char *c = username; *c; c++){
+		h = (h ^ (unsigned char)*c) * 1099511628211ULL;
+	}
+	return (size_t)(h ^ (h >> 32));
+}
+
+static void signin_refill(struct signin_slot *slot, double now)
+{
+	double elapsed = now - slot->updated;
+
+	slot->minute += elapsed * signin_per_minute / 60.0;
+	if(slot->minute > signin_per_minute){
+		slot->minute = signin_per_minute;
+	}
+	slot->hour += elapsed * signin_per_hour / 3600.0;
+	if(slot->hour > signin_per_hour){
+		slot->hour = signin_per_hour;
+	}
+	slot->updated = now;
+}
+
+/* Whether the slot's buckets are full by now: it remembers nothing a fresh one would not. */
+static int signin_idle(const struct signin_slot *slot, double now)
+{
+	double elapsed = now - slot->updated;
+
+	return slot->minute + elapsed * signin_per_minute / 60.0 >= signin_per_minute
+			&& slot->hour + elapsed * signin_per_hour / 3600.0 >= signin_per_hour;
+}
+
+/* The username's slot: its own, else a free one, else an idle one, else the least
+ * recently used of the probe window. */
+static struct signin_slot *signin_slot_of(const char *username, double now)
+{
+	size_t start = signin_hash(username);
+	struct signin_slot *spare = NULL;
+	int spare_rank = 3;
+
+	for(size_t i = 0; i < SIGNIN_PROBES; i++){
+		struct signin_slot *slot = &signin_slots[(start + i) & (SIGNIN_SLOTS - 1)];
+		int rank;
+
+		if(slot->username[0] == '\0'){
+			rank = 0;
+		}else if(strcmp(slot->username, username) == 0){
+			return slot;
+		}else{
+			rank = signin_idle(slot, now) ? 1 : 2;
+		}
+		if(rank < spare_rank || (rank == 2 && spare_rank == 2 && slot->updated < spare->updated)){
+			spare = slot;
+			spare_rank = rank;
+		}
+	}
+	snprintf(spare->username, sizeof(spare->username), "%s", username);
+	spare->refused = 0;
+	spare->minute = signin_per_minute;
+	spare->hour = signin_per_hour;
+	spare->updated = now;
+	return spare;
+}
+
+/* Whether this username may try to sign in now; takes its token if so. */
+static int signin_allowed(const char *username)
+{
+	double now;
+	struct signin_slot *slot;
+
+	if(signin_slots == NULL || strlen(username) >= sizeof(slot->username)){
+		return signin_slots == NULL;  /* off; a longer name is no mqchat username */
+	}
+	now = signin_now();
+	slot = signin_slot_of(username, now);
+	signin_refill(slot, now);
+	if(slot->minute >= 1.0 && slot->hour >= 1.0){
+		slot->minute -= 1.0;
+		slot->hour -= 1.0;
+		slot->refused = 0;
+		return 1;
+	}
+	if(!slot->refused){
+		slot->refused = 1;
+		mosquitto_log_printf(MOSQ_LOG_NOTICE,
+				PLUGIN_NAME ": refusing sign-ins of user '%s' for a while: over %.0f a minute "
+				"or %.0f an hour", username, signin_per_minute, signin_per_hour);
+	}
+	return 0;
+}
+
+static int signin_parse_option(const char *key, const char *value)
+{
+	char *end;
+	double number;
+
+	if(strcmp(key, "sign_ins_per_minute") != 0 && strcmp(key, "sign_ins_per_hour") != 0){
+		return MOSQ_ERR_SUCCESS;
+	}
+	number = strtod(value, &end);
+	if(end == value || *end != '\0' || number < 0){
+		mosquitto_log_printf(MOSQ_LOG_ERR, PLUGIN_NAME ": plugin_opt_%s: not a number >= 0: '%s'",
+				key, value);
+		return MOSQ_ERR_INVAL;
+	}
+	if(strcmp(key, "sign_ins_per_minute") == 0){
+		signin_per_minute = number;
+	}else{
+		signin_per_hour = number;
+	}
+	return MOSQ_ERR_SUCCESS;
+}
+
+static int signin_start(void)
+{
+	if(signin_per_minute <= 0 || signin_per_hour <= 0){
+		mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": sign-in throttle off");
+		return MOSQ_ERR_SUCCESS;
+	}
+	if(RAND_bytes((unsigned char *)&signin_key, sizeof(signin_key)) != 1){
+		return MOSQ_ERR_UNKNOWN;
+	}
+	signin_slots = calloc(SIGNIN_SLOTS, sizeof(*signin_slots));
+	if(signin_slots == NULL){
+		return MOSQ_ERR_NOMEM;
+	}
+	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": sign-ins per user %.0f a minute, %.0f an hour",
+			signin_per_minute, signin_per_hour);
+	return MOSQ_ERR_SUCCESS;
+}
+
+static void signin_cleanup(void)
+{
+	free(signin_slots);
+	signin_slots = NULL;
+}
+
 static int on_basic_auth(int event, void *event_data, void *userdata)
 {
 	struct mosquitto_evt_basic_auth *auth = event_data;
@@ -362,6 +550,11 @@ static int on_basic_auth(int event, void *event_data, void *userdata)
 	/* No username: nothing to bind to; dynsec (allow_anonymous false) refuses it. */
 	if(auth->username == NULL || is_exempt(auth->username)){
 		return MOSQ_ERR_PLUGIN_DEFER;
+	}
+	if(!signin_allowed(auth->username)){
+		/* Not MOSQ_ERR_AUTH: that is CONNACK 5, "wrong credentials". Any other error
+		 * closes the connection before CONNACK: "try later". */
+		return MOSQ_ERR_UNKNOWN;
 	}
 	if(client_id != NULL && client_id_is_bound(client_id, auth->username)){
 		if(auth->password == NULL
@@ -668,9 +861,16 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 			}
 		}
 		rc = quota_parse_option(options[i].key, options[i].value);
+		if(rc == MOSQ_ERR_SUCCESS){
+			rc = signin_parse_option(options[i].key, options[i].value);
+		}
 		if(rc != MOSQ_ERR_SUCCESS){
 			return rc;
 		}
+	}
+	rc = signin_start();
+	if(rc != MOSQ_ERR_SUCCESS){
+		return rc;
 	}
 	started_at = time(NULL);
 	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": MQTT credentials %s",
@@ -700,6 +900,7 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_CONTROL, on_control, CONTROL_TOPIC);
 	quota_cleanup();
+	signin_cleanup();
 	credential_cleanup();
 	free_exempt_users();
 	return MOSQ_ERR_SUCCESS;

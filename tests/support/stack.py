@@ -57,7 +57,12 @@ from .services import (
 
 PASSWORD_SUFFIX = "-secret-pw"
 #: What the test stacks' mosquitto changes in the production config.
-TEST_MOSQUITTO_SETTINGS = {"plugin_opt_publish_rate": "0"}
+TEST_MOSQUITTO_SETTINGS = {
+    "plugin_opt_publish_rate": "0",
+    # Churn tests connect one user hundreds of times a minute on purpose (as on the
+    # embedded stack below); tests/test_signin_bound.py turns it on where it is the subject.
+    "plugin_opt_sign_ins_per_minute": "0",
+}
 BRIDGE_READY = READY_LOG
 
 _S = TypeVar("_S", bound=BaseSettings)
@@ -260,19 +265,39 @@ class Stack:
         conf.write_text(with_settings(conf.read_text(), {"max_queued_messages": str(messages)}))
         self.mosquitto.restart()
 
+    def broker_log(self) -> str:
+        """All the broker wrote to its log so far."""
+        if self.mosquitto is not None:
+            return self.mosquitto.log_path.read_text(errors="replace")
+        assert self.embedded_broker is not None
+        return self.embedded_broker.log_text()
+
     def set_publish_quota(self, rate: float, burst: int) -> None:
         """Restart the broker with another per-user publish quota (broker/quota.py,
         and the plugin's ``plugin_opt_publish_*`` lines on mosquitto)."""
+        self._reconfigure_broker(
+            {"plugin_opt_publish_rate": f"{rate:g}", "plugin_opt_publish_burst": str(burst)},
+            publish_rate=rate,
+            publish_burst=burst,
+        )
+
+    def set_sign_ins_per_user(self, per_minute: int) -> None:
+        """Restart the broker with another per-user sign-in throttle (the embedded
+        broker's ``sign_ins_per_user``, the plugin's ``plugin_opt_sign_ins_per_minute``)."""
+        self._reconfigure_broker(
+            {"plugin_opt_sign_ins_per_minute": str(per_minute)},
+            sign_ins_per_user=f"{per_minute}/minute",
+        )
+
+    def _reconfigure_broker(self, mosquitto: dict[str, str], **embedded: Any) -> None:
+        """Restart the broker with ``mosquitto``'s config lines or the ``embedded``
+        broker's settings changed, and the bridge after it."""
         if self.mosquitto is not None:
             conf = self.mosquitto.conf_path
-            settings = {
-                "plugin_opt_publish_rate": f"{rate:g}",
-                "plugin_opt_publish_burst": str(burst),
-            }
-            conf.write_text(with_settings(conf.read_text(), settings))
+            conf.write_text(with_settings(conf.read_text(), mosquitto))
         else:
             assert self.embedded_broker is not None
-            self.embedded_broker.reconfigure(publish_rate=rate, publish_burst=burst)
+            self.embedded_broker.reconfigure(**embedded)
         self.bridge.stop()
         self.restart_broker()
         # Subscribed again before this returns: amqtt forgets every session.
