@@ -90,8 +90,14 @@ class AmqpSource:
         partition: int,
         prefetch: int,
         deliver: Callable[[Incoming], None],
+        heartbeat: int = 15,
     ) -> None:
         self.addresses = list(addresses)
+        #: AMQP heartbeat seconds: a node that stops answering (partitioned away, its
+        #: host gone) is given up after about three of them (aiormq's grace), and its
+        #: queues consumed through another. RabbitMQ's default of 60 would leave this
+        #: partition's uplinks waiting for three minutes.
+        self.heartbeat = heartbeat
         self.username, self.password = username, password
         self.queues, self.partitions, self.partition = queues, partitions, partition
         self.prefetch = prefetch
@@ -139,6 +145,7 @@ class AmqpSource:
                     login=self.username,
                     password=self.password,
                     timeout=10,
+                    heartbeat=self.heartbeat,
                 )
                 break
             except (TimeoutError, AMQPError, OSError) as exc:

@@ -52,6 +52,7 @@ class BridgeSettings(BaseSettings):
     #: over; the same on every instance, and fixed once traffic flows (a change moves
     #: senders between queues while their older uplinks may still wait in the old one).
     amqp_queues: int = Field(default=16, ge=1)
+    #: Seconds: the MQTT keepalive of its link, and on RabbitMQ its AMQP heartbeat.
     keepalive: int = Field(default=15, ge=5)
     #: Most uplinks stored by one write (group commit).
     max_batch: int = Field(default=256, ge=1)

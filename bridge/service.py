@@ -170,6 +170,7 @@ class Bridge(Service):
                 partition=settings.partition,
                 prefetch=2 * settings.max_batch,
                 deliver=self._queue.put_nowait,
+                heartbeat=settings.keepalive,
             )
         self.handled = 0
         #: (user, device) sent a snapshot of its contacts' presence lately. A device
