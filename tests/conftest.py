@@ -21,6 +21,7 @@ from history_api import ApiSettings
 from store import accounts, make_engine, migrate
 
 from .support.history import postgres_database, serve, sqlite_database
+from .support.netns import switched_hosts
 from .support.rabbitmq import RabbitCluster
 from .support.services import MosquittoServer, PostgresServer, start_mosquitto, start_postgres
 from .support.stack import (
@@ -33,6 +34,9 @@ from .support.stack import (
     start_rabbitmq_stack,
     template_copy,
 )
+
+#: The session's RabbitMQ cluster: three nodes, so that one can be lost or cut off.
+RABBITMQ_NODES = 3
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -71,13 +75,17 @@ def shared_rabbitmq(
 ) -> Iterator[Stack]:
     """mqchat on a 3-node RabbitMQ cluster (``tests/support/rabbitmq.py``), its accounts
     checked by the history API; once per session: the cluster's boot is the slowest
-    thing the suite starts (20-30 s here). Tests add users of their own
-    (``Stack.new_users``) and leave the daemons alone."""
-    s = asyncio.run(start_rabbitmq_stack(tmp_path_factory.mktemp("rabbitmq"), postgres))
-    try:
-        yield s
-    finally:
-        asyncio.run(s.close())
+    thing the suite starts (20-30 s here). Each node is a host of its own, in a network
+    namespace behind a switch (``tests/support/netns.py``), so a test can cut one off.
+    Tests add users of their own (``Stack.new_users``) and leave the daemons alone."""
+    hosts = [*(f"rabbit{i}" for i in range(RABBITMQ_NODES)), "rabbitctl"]
+    with switched_hosts(hosts) as switch:
+        base = tmp_path_factory.mktemp("rabbitmq")
+        s = asyncio.run(start_rabbitmq_stack(base, postgres, RABBITMQ_NODES, switch))
+        try:
+            yield s
+        finally:
+            asyncio.run(s.close())
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ through two bridges; and the broker splits the uplinks between the bridges
 from __future__ import annotations
 
 import asyncio
+import itertools
 import secrets
 
 import pytest
@@ -43,7 +44,7 @@ async def test_qos1_crosses_nodes_into_a_quorum_session(rabbitmq_cluster: Rabbit
     def on(node: RabbitNode, role: str, *, clean_session: bool) -> LinkConfig:
         """The admin account on ``node``'s MQTT port, under a fresh client id."""
         return LinkConfig(
-            host=rabbitmq_cluster.host,
+            host=node.host,
             port=node.mqtt_port,
             username=account.username,
             password=account.password,
@@ -76,9 +77,9 @@ async def test_devices_on_different_nodes_chat(rabbitmq_stack: Stack) -> None:
     cluster = rabbitmq_stack.rabbitmq
     assert cluster is not None
     alice_name, bob_name = await rabbitmq_stack.new_users("alice", "bob")
-    second, third = cluster.nodes[1].mqtt_port, cluster.nodes[2].mqtt_port
-    alice = await rabbitmq_stack.client(alice_name, port=second)
-    bob = await rabbitmq_stack.client(bob_name, port=third)
+    second, third = cluster.nodes[1], cluster.nodes[2]
+    alice = await rabbitmq_stack.client(alice_name, host=second.host, port=second.mqtt_port)
+    bob = await rabbitmq_stack.client(bob_name, host=third.host, port=third.mqtt_port)
     await alice.send("hello across nodes", to=bob_name, timeout=20)
     assert (await bob.next_message(timeout=20)).body == "hello across nodes"
     await bob.send("hi back", to=alice_name, timeout=20)
@@ -88,7 +89,8 @@ async def test_devices_on_different_nodes_chat(rabbitmq_stack: Stack) -> None:
 
     await bob.close()
     await alice.send("while you were away", to=bob_name, timeout=20)
-    bob = await rabbitmq_stack.client(bob_name, port=cluster.nodes[0].mqtt_port)
+    first = cluster.nodes[0]
+    bob = await rabbitmq_stack.client(bob_name, host=first.host, port=first.mqtt_port)
     assert (await bob.next_message(timeout=20)).body == "while you were away"
 
 
@@ -101,9 +103,10 @@ async def test_each_bridge_receives_only_its_partitions(rabbitmq_stack: Stack) -
     bridges = [rabbitmq_stack.bridge, *rabbitmq_stack.more_bridges]
     senders = await rabbitmq_stack.new_users(*(f"s{i}" for i in range(12)))
     (receiver,) = await rabbitmq_stack.new_users("r")
+    nodes = cluster.mqtt_addresses
     links = [
-        await rabbitmq_stack.raw(sender, port=cluster.nodes[index % len(cluster.nodes)].mqtt_port)
-        for index, sender in enumerate(senders)
+        await rabbitmq_stack.raw(sender, host=host, port=port)
+        for sender, (host, port) in zip(senders, itertools.cycle(nodes), strict=False)
     ]
     per_sender = 5
     inbox = Recorder()  # the receiver's: all delivered means all stored first

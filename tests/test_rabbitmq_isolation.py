@@ -93,7 +93,7 @@ class _Checks:
 
     def __init__(self, stack: Stack, cluster: RabbitCluster) -> None:
         self.stack = stack
-        self.ports = [node.mqtt_port for node in cluster.nodes]
+        self.nodes = cluster.mqtt_addresses
         self.turn = 0
         self.gate = asyncio.Semaphore(4)
 
@@ -112,8 +112,8 @@ class _Checks:
         transient by the protocol: try again, a few times."""
         for _ in range(5):
             self.turn += 1
-            port = self.ports[self.turn % len(self.ports)]
-            reader, writer = await asyncio.open_connection(self.stack.host, port)
+            host, port = self.nodes[self.turn % len(self.nodes)]
+            reader, writer = await asyncio.open_connection(host, port)
             conn = _Conn(reader, writer)
             client_id = f"{actor}:check-{secrets.token_hex(4)}"
             await conn.send(packets.connect(client_id, actor, password_for(self.stack, actor)))
@@ -171,8 +171,10 @@ async def test_what_arrives_is_what_was_granted(
     await rabbitmq_stack.add_users(*users)
     seen = {user: Recorder() for user in users}
     for index, user in enumerate(users):
-        port = rabbitmq_cluster.nodes[index % len(rabbitmq_cluster.nodes)].mqtt_port
-        link = await rabbitmq_stack.raw(user, on_message=seen[user], port=port)
+        node = rabbitmq_cluster.nodes[index % len(rabbitmq_cluster.nodes)]
+        link = await rabbitmq_stack.raw(
+            user, on_message=seen[user], host=node.host, port=node.mqtt_port
+        )
         await link.subscribe(f"chat/v1/u/{user}/down/#", qos=1)
     publisher = await rabbitmq_stack.raw(
         BRIDGE, password_for(rabbitmq_stack, BRIDGE), client_id=f"{BRIDGE}:traffic"

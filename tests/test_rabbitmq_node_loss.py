@@ -13,6 +13,12 @@ Six devices in three pairs chat, two on each node, each told the other nodes
 * ``standby``: a second instance of the second bridge's partition stands by (each
   queue has one active consumer); the active one is killed and not restarted, and the
   standby takes its queues over, from the uplinks it had not acknowledged on.
+* ``partition``: the third node is cut off the network (its namespace's cable pulled,
+  ``tests/support/netns.py``): no FIN, no RST, its devices and the second bridge hear
+  nothing more from it. They give it up after their keepalive (5 s here) or AMQP
+  heartbeat, and go on through the other nodes; the node, alone, pauses itself
+  (``cluster_partition_handling = pause_minority``). The cable goes back in after
+  ``PARTITION_SECONDS`` and the node must rejoin the cluster by itself.
 
 ``tests/support/chaos.py``'s ``check`` must find nothing lost, duplicated or reordered.
 """
@@ -41,10 +47,14 @@ PACE = 0.05
 SEND_TIMEOUT = 60.0
 KILL_AFTER_OK = 30  # acknowledged sends before the kill: it happens under load
 QUIET_TIMEOUT = 60.0
+#: How long the partitioned node stays cut off: past every keepalive and heartbeat.
+PARTITION_SECONDS = 25.0
+#: The devices' keepalive in seconds when a partition is what they must notice.
+PARTITION_KEEPALIVE = 5
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("fault", ["node", "bridge", "standby"])
+@pytest.mark.parametrize("fault", ["node", "bridge", "standby", "partition"])
 async def test_killed_under_load_nothing_is_lost(
     rabbitmq_stack: Stack, rabbitmq_cluster: RabbitCluster, fault: str, tmp_path: Path
 ) -> None:
@@ -57,12 +67,16 @@ async def test_killed_under_load_nothing_is_lost(
     clients = {}
     #: What the victim node's devices saw of their connection.
     seen: dict[str, list[bool]] = {}
+    # Silence is all a partition shows: a keepalive short enough to notice it in time.
+    options = {"keepalive": PARTITION_KEEPALIVE} if fault == "partition" else {}
     for index, user in enumerate(users):
         node = index % len(nodes)
         events = seen.setdefault(user, []) if node == victim else []
         clients[user] = await rabbitmq_stack.client(
             user,
+            host=nodes[node][0],
             port=nodes[node][1],
+            **options,
             other_brokers=nodes[node + 1 :] + nodes[:node],
             # The broker's queue is a cache: a gap is filled from the history API.
             history=rabbitmq_stack.history(user),
@@ -87,6 +101,7 @@ async def test_killed_under_load_nothing_is_lost(
         for user, client in clients.items()
     ]
     killed_at: list[float] = []
+    rejoined = False
 
     async def send_all(sender: str) -> None:
         for n in range(PER_SENDER):
@@ -98,6 +113,13 @@ async def test_killed_under_load_nothing_is_lost(
             await asyncio.sleep(0.05)
         if fault == "node":
             rabbitmq_cluster.nodes[victim].kill()
+        elif fault == "partition":
+            assert rabbitmq_cluster.switch is not None
+            rabbitmq_cluster.switch.cut(victim)
+            try:
+                await asyncio.sleep(PARTITION_SECONDS)
+            finally:
+                rabbitmq_cluster.switch.heal(victim)
         elif fault == "standby":
             bridge.kill()  # for good: the standby goes on
         else:
@@ -128,6 +150,11 @@ async def test_killed_under_load_nothing_is_lost(
             taken_over = handled_uplinks(standby)
         if fault == "node":
             await asyncio.to_thread(rabbitmq_cluster.restart_node, victim)
+        elif fault == "partition":
+            rejoined = await asyncio.to_thread(rabbitmq_cluster.wait_running, QUIET_TIMEOUT)
+            if not rejoined:  # leave the session's cluster whole for the tests after
+                rabbitmq_cluster.nodes[victim].stop()
+                await asyncio.to_thread(rabbitmq_cluster.restart_node, victim)
         elif not bridge.alive:
             await asyncio.to_thread(bridge.start_ready)
 
@@ -140,10 +167,15 @@ async def test_killed_under_load_nothing_is_lost(
     assert killed_at, "the node was never killed"
     assert report.ok, report.render()
     assert report.acknowledged == len(users) * PER_SENDER
-    if fault == "node":
+    if fault in ("node", "partition"):
         # Lost and back, while the node was still dead: on another node.
         assert all(events[:2] == [False, True] for events in seen.values()), seen
-        # The second bridge published through the killed node: its MQTT link moved on
+    if fault == "partition":
+        # Paused while alone (pause_minority), it came back by itself once it could
+        # see the others again: no operator, no restart.
+        assert rejoined, f"the partitioned node did not rejoin: {rabbitmq_cluster.running_nodes()}"
+    if fault in ("node", "partition"):
+        # The second bridge published through the lost node: its MQTT link moved on
         # (MQCHAT_BRIDGE_MQTT_OTHER_ADDRESSES) and the downlinks went on from there.
         assert bridge.settings.mqtt_port == nodes[victim][1]
         moved = f"reconnecting {bridge.settings.client_id} to {nodes[0][0]}:{nodes[0][1]}"

@@ -19,10 +19,16 @@ service accounts (bridge, operator) loaded from a definitions file at boot, so n
 Booting three VMs on two shared cores takes 20-30 s, so the tests start one cluster
 per session (``tests/conftest.py``); :attr:`RabbitCluster.startup_seconds` says how
 long it took.
+
+Given a :class:`tests.support.netns.Switch`, node ``i`` runs in host ``i``'s network
+namespace instead (``name@<host name>``, listening on the host's address, an ``epmd``
+of its own there), so that a test can cut one node off from the others and from every
+client (:meth:`Switch.cut`): a network partition, not a crash.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -34,12 +40,14 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from broker.rabbitmq import PLUGINS, NodePorts, definitions, render_config
 from core.dynsec import Credentials
 from core.supervisor import Child
 
 from . import packets
+from .netns import Switch
 from .services import LOOPBACK, _run_as, _service_account, _workdir, chown_tree, free_port
 
 SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
@@ -60,10 +68,12 @@ class RabbitNode:
     dist_port: int
     workdir: Path
     child: Child
+    #: Where it listens: loopback, or its namespace's address.
+    host: str = LOOPBACK
 
     @property
     def ports(self) -> list[tuple[str, int]]:
-        return [(LOOPBACK, self.amqp_port), (LOOPBACK, self.mqtt_port)]
+        return [(self.host, self.amqp_port), (self.host, self.mqtt_port)]
 
     def start(self) -> None:
         self.child.ports = self.ports
@@ -96,32 +106,43 @@ class RabbitCluster:
     account: pwd.struct_passwd | None
     private_workdir: bool
     epmd_port: int
-    epmd: Child
+    #: One, or one per namespace.
+    epmds: list[Child]
     nodes: list[RabbitNode]
     bridge: Credentials
     admin: Credentials
     startup_seconds: float = 0.0
     env: dict[str, str] = field(default_factory=dict)
+    switch: Switch | None = None
 
     @property
     def host(self) -> str:
-        return LOOPBACK
+        """The first node's address (every node's, on loopback)."""
+        return self.nodes[0].host
 
     @property
     def mqtt_addresses(self) -> list[tuple[str, int]]:
-        return [(LOOPBACK, node.mqtt_port) for node in self.nodes]
+        return [(node.host, node.mqtt_port) for node in self.nodes]
 
     def ctl(self, *args: str, node: int = 0, timeout: float = 60.0) -> str:
-        """``rabbitmqctl -n <node> args`` (a VM of its own: seconds per call)."""
+        """``rabbitmqctl -n <node> args`` (a VM of its own: seconds per call); in
+        namespaces, from the switch's last host, which no test cuts off."""
+        argv, popen = _launch(
+            self.switch,
+            len(self.nodes),
+            self.account,
+            [CTL, "-n", self.nodes[node].name],
+            hostname=None if self.switch is None else self.switch.names[len(self.nodes)],
+        )
         result = subprocess.run(
-            [CTL, "-n", self.nodes[node].name, *args],
+            [*argv, *args],
             env=self.env,
             cwd=self.workdir,
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
-            **_run_as(self.account),
+            **popen,
         )
         if result.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stderr or result.stdout}")
@@ -130,6 +151,18 @@ class RabbitCluster:
     def running_nodes(self, node: int = 0) -> list[str]:
         status = json.loads(self.ctl("cluster_status", "--formatter", "json", node=node))
         return sorted(status["running_nodes"])
+
+    def wait_running(self, timeout: float) -> bool:
+        """Whether every node is running in the cluster (as the first sees it) within
+        ``timeout``: a paused or partitioned node is not."""
+        want = sorted(node.name for node in self.nodes)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                if self.running_nodes() == want:
+                    return True
+            time.sleep(0.5)
+        return False
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Every node accepts AMQP and MQTT sessions and the first sees all of them
@@ -167,7 +200,7 @@ class RabbitCluster:
         )
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection((LOOPBACK, node.mqtt_port), timeout=5) as sock:
+                with socket.create_connection((node.host, node.mqtt_port), timeout=5) as sock:
                     sock.sendall(hello)
                     connack = sock.recv(4)
                     if connack == bytes([0x20, 2, 0, 0]):
@@ -194,13 +227,50 @@ class RabbitCluster:
     def close(self) -> None:
         for node in self.nodes:
             node.stop()
-        self.epmd.stop(5)
+        for epmd in self.epmds:
+            epmd.stop(5)
         if self.private_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def _launch(
+    switch: Switch | None,
+    host: int,
+    account: pwd.struct_passwd | None,
+    argv: list[str],
+    hostname: str | None = None,
+) -> tuple[list[str], dict[str, Any]]:
+    """``argv`` as ``account``, on loopback or in host ``host``'s namespace: the command
+    and the ``subprocess`` arguments to run it with. ``ip netns exec`` needs root, so
+    there the drop to ``account`` is ``setpriv``'s, after it.
+
+    ``hostname``: run it under that host name (a UTS namespace of its own). The CLI is
+    an Erlang node named after the machine, and the nodes it asks connect back to it (a
+    ``list_queues`` streams rows from every node): in the namespaces that name must
+    resolve to where the CLI runs, which the machine's own name cannot."""
+    if switch is None:
+        return argv, _run_as(account)
+    prefix = switch.run_in(host)
+    if hostname is not None:
+        rename = 'echo "$0" > /proc/sys/kernel/hostname && exec "$@"'
+        prefix += ["unshare", "--uts", "sh", "-c", rename, hostname]
+    if account is not None:
+        prefix += [
+            "setpriv",
+            f"--reuid={account.pw_uid}",
+            f"--regid={account.pw_gid}",
+            "--clear-groups",
+        ]
+    return [*prefix, *argv], {}
+
+
 def start_rabbitmq_cluster(
-    base_dir: Path, size: int = 3, *, auth_http_url: str | None = None, timeout: float = 120.0
+    base_dir: Path,
+    size: int = 3,
+    *,
+    auth_http_url: str | None = None,
+    timeout: float = 120.0,
+    switch: Switch | None = None,
 ) -> RabbitCluster:
     """Start ``size`` nodes at once and return when they form one cluster.
 
@@ -208,6 +278,8 @@ def start_rabbitmq_cluster(
         auth_http_url: where RabbitMQ's HTTP auth backend asks about users that are not
             service accounts (the history API's ``/broker-auth``); None: service
             accounts only.
+        switch: run node ``i`` in the switch's host ``i``; ``rabbitmqctl`` runs in one
+            more, its last.
     """
     started = time.monotonic()
     account = _service_account("rabbitmq")
@@ -227,21 +299,38 @@ def start_rabbitmq_cluster(
         "ERL_EPMD_ADDRESS": LOOPBACK,
         "ERL_EPMD_PORT": str(epmd_port),
     }
-    popen = {"umask": 0o077, **_run_as(account)}
-    epmd = Child(
-        "epmd",
-        [EPMD, "-port", str(epmd_port), "-address", LOOPBACK],
-        env,
-        workdir / "epmd.log",
-        cwd=workdir,
-        popen=popen,
-    )
+
+    def host_of(index: int) -> str:
+        return LOOPBACK if switch is None else switch.address(index)
+
+    def child(index: int, name: str, argv: list[str], log: Path, **options: Any) -> Child:
+        command, popen = _launch(switch, index, account, argv)
+        return Child(
+            name, command, options.pop("env", env), log, popen={"umask": 0o077, **popen}, **options
+        )
+
+    # epmd: one on loopback for all, or one in each namespace (the CLI's too), where the
+    # others ask for that node's distribution port.
+    epmds = [
+        child(
+            index,
+            "epmd",
+            [EPMD, "-port", str(epmd_port), "-address", ",".join(dict.fromkeys((LOOPBACK, host)))],
+            workdir / f"epmd{index}.log",
+            cwd=workdir,
+        )
+        for index, host in enumerate(
+            [LOOPBACK] if switch is None else [switch.address(i) for i in range(len(switch.names))]
+        )
+    ]
     tag = secrets.token_hex(3)
     nodes: list[RabbitNode] = []
     for index in range(1, size + 1):
         node_dir = workdir / f"node{index}"
         node_dir.mkdir()
-        name = f"mqchat{index}-{tag}@localhost"
+        name = f"mqchat{index}-{tag}@" + (
+            "localhost" if switch is None else switch.names[index - 1]
+        )
         node_env = env | {
             "RABBITMQ_NODENAME": name,
             "RABBITMQ_DIST_PORT": str(free_port()),
@@ -254,15 +343,6 @@ def start_rabbitmq_cluster(
             "RABBITMQ_PLUGINS_EXPAND_DIR": str(node_dir / "plugins-expand"),
             "RABBITMQ_PID_FILE": str(node_dir / "rabbitmq.pid"),
         }
-        child = Child(
-            name,
-            [SERVER],
-            node_env,
-            node_dir / "server.log",
-            cwd=node_dir,
-            own_session=True,  # its VM and helpers in one group: kill() takes them all
-            popen=popen,
-        )
         nodes.append(
             RabbitNode(
                 name=name,
@@ -270,12 +350,21 @@ def start_rabbitmq_cluster(
                 mqtt_port=free_port(),
                 dist_port=int(node_env["RABBITMQ_DIST_PORT"]),
                 workdir=node_dir,
-                child=child,
+                child=child(
+                    index - 1,
+                    name,
+                    [SERVER],
+                    node_dir / "server.log",
+                    env=node_env,
+                    cwd=node_dir,
+                    own_session=True,  # its VM and helpers in one group: kill() takes them all
+                ),
+                host=host_of(index - 1),
             )
         )
     peers = [node.name for node in nodes]
     for node in nodes:
-        ports = NodePorts(LOOPBACK, node.amqp_port, node.mqtt_port)
+        ports = NodePorts(node.host, node.amqp_port, node.mqtt_port)
         (node.workdir / "rabbitmq.conf").write_text(
             render_config(ports, peers, defs, auth_http_url)
         )
@@ -287,15 +376,17 @@ def start_rabbitmq_cluster(
         account=account,
         private_workdir=private,
         epmd_port=epmd_port,
-        epmd=epmd,
+        epmds=epmds,
         nodes=nodes,
         bridge=bridge,
         admin=admin,
         env=env,
+        switch=switch,
     )
     try:
-        epmd.ports = [(LOOPBACK, epmd_port)]
-        epmd.start_ready(10)
+        for index, epmd in enumerate(epmds):
+            epmd.ports = [(host_of(index), epmd_port)]
+            epmd.start_ready(10)
         # The first node alone, then the others, which find it running and join it: all
         # at once, they raced ("Could not auto-cluster ... tables_not_present").
         nodes[0].start()

@@ -44,6 +44,7 @@ from store import accounts, make_engine, migrate
 from store.messages import DirectConversations, GroupMembers, persist_batch
 from store.tables import Message
 
+from .netns import Switch
 from .rabbitmq import RabbitCluster, start_rabbitmq_cluster
 from .services import (
     LOOPBACK,
@@ -152,18 +153,25 @@ class Stack:
         return users
 
     async def client(
-        self, user: str, device: str = "phone", *, port: int | None = None, **options: Any
+        self,
+        user: str,
+        device: str = "phone",
+        *,
+        port: int | None = None,
+        host: str | None = None,
+        **options: Any,
     ) -> ChatClient:
         """``user``'s device, connected, closed with the test's other clients.
 
         Args:
             port: another port on the stack's host than the broker's own: a
                 ``TcpProxy`` in front of it, for a test that breaks the network.
+            host: another host than the stack's (a cluster's node in a namespace).
             options: more of :class:`mqchat.ChatClient`'s (``resend_after`` is 2 s here).
         """
         options.setdefault("resend_after", 2.0)
         client = ChatClient(
-            host=self.host,
+            host=self.host if host is None else host,
             port=self.port if port is None else port,
             username=user,
             password=password_of(user),
@@ -208,14 +216,15 @@ class Stack:
         on_connect: Callable[[bool], None] | None = None,
         connect: bool = True,
         port: int | None = None,
+        host: str | None = None,
     ) -> MqttLink:
         """A stock MQTT client (no SDK): what mosquitto_pub or an IoT device would be.
         Closed with the test's other clients; ``connect=False`` for a test that
         connects it itself (to see a refusal, or to reconnect a persistent session);
-        ``port``: another of the stack's (a cluster's other node)."""
+        ``host``, ``port``: elsewhere than the stack's broker (a cluster's other node)."""
         link = MqttLink(
             LinkConfig(
-                host=self.host,
+                host=self.host if host is None else host,
                 port=self.port if port is None else port,
                 username=user,
                 password=password if password is not None else password_of(user),
@@ -384,13 +393,13 @@ def handled_uplinks(bridge: Daemon) -> int:
     return int(found[1])
 
 
-def api_daemon(base: Path, database_url: str, **changes: Any) -> Daemon:
-    """``python -m history_api`` on a free loopback port, ready once it accepts;
-    ``changes``: its settings by field name."""
+def api_daemon(base: Path, database_url: str, host: str = LOOPBACK, **changes: Any) -> Daemon:
+    """``python -m history_api`` on a free loopback port (or ``host``), ready once it
+    accepts; ``changes``: its settings by field name."""
     port = free_port()
-    values = {"database_url": database_url, "host": LOOPBACK, "port": port}
-    settings = daemon.build(ApiSettings, **(values | changes))
-    return Daemon("api", "history_api", {}, base, settings=settings, ports=[(LOOPBACK, port)])
+    values = {"database_url": database_url, "host": host, "port": port} | changes
+    settings = daemon.build(ApiSettings, **values)
+    return Daemon("api", "history_api", {}, base, settings=settings, ports=[(host, port)])
 
 
 def api_url(api: Daemon) -> str:
@@ -514,11 +523,15 @@ async def start_production_stack(
     return stack
 
 
-async def start_rabbitmq_stack(base: Path, postgres: PostgresServer, nodes: int = 3) -> Stack:
+async def start_rabbitmq_stack(
+    base: Path, postgres: PostgresServer, nodes: int = 3, switch: Switch | None = None
+) -> Stack:
     """A 3-node RabbitMQ cluster whose accounts are the history API's
     (``history_api/broker_auth.py``), with PostgreSQL and a bridge on the first node.
 
-    The API starts first: the nodes' config names its URL.
+    The API starts first: the nodes' config names its URL. With a ``switch`` the nodes
+    run in its hosts' namespaces (``start_rabbitmq_cluster``) and the API listens on the
+    switch's gateway address, where they reach it.
     """
     db_url = template_copy(postgres)
     secret = secrets.token_urlsafe(24)
@@ -526,14 +539,23 @@ async def start_rabbitmq_stack(base: Path, postgres: PostgresServer, nodes: int 
     # too); the isolation tests open hundreds in seconds, which the default sign-in
     # rate (a backstop against storms, docs/operations.md) is not about.
     api = api_daemon(
-        base, db_url, broker_auth_secret=secret, sign_ins_per_second=100000, sign_in_burst=100000
+        base,
+        db_url,
+        host=LOOPBACK if switch is None else switch.gateway,
+        broker_auth_secret=secret,
+        sign_ins_per_second=100000,
+        sign_in_burst=100000,
     )
     await asyncio.to_thread(api.start_ready)
     try:
         url = api_url(api)
         cluster = await asyncio.to_thread(
             partial(
-                start_rabbitmq_cluster, base, nodes, auth_http_url=f"{url}/broker-auth/{secret}"
+                start_rabbitmq_cluster,
+                base,
+                nodes,
+                auth_http_url=f"{url}/broker-auth/{secret}",
+                switch=switch,
             )
         )
     except BaseException:
@@ -555,17 +577,20 @@ async def start_rabbitmq_stack(base: Path, postgres: PostgresServer, nodes: int 
     # publishing through a node of its own: the first through the first node, the
     # others from the last node back (tests/test_rabbitmq_node_loss.py kills the last),
     # each told the other nodes to move to.
-    amqp = ",".join(f"{cluster.host}:{node.amqp_port}" for node in cluster.nodes)
+    amqp = ",".join(f"{node.host}:{node.amqp_port}" for node in cluster.nodes)
 
     def others(index: int) -> str:
         rest = cluster.nodes[index + 1 :] + cluster.nodes[:index]
-        return ",".join(f"{cluster.host}:{node.mqtt_port}" for node in rest)
+        return ",".join(f"{node.host}:{node.mqtt_port}" for node in rest)
 
     stack.bridge.reconfigure(
         amqp_addresses=amqp,
         partitions=RABBITMQ_BRIDGES,
         partition=0,
         mqtt_other_addresses=others(0),
+        # The tests kill nodes and cut them off: a silent node is given up after 7.5 s
+        # (MQTT keepalive) or 18 s (AMQP heartbeat) instead of 22 and 48.
+        keepalive=5,
     )
     for index in range(1, RABBITMQ_BRIDGES):
         node_index = -index % len(cluster.nodes)
@@ -573,6 +598,7 @@ async def start_rabbitmq_stack(base: Path, postgres: PostgresServer, nodes: int 
             stack.bridge_settings,
             partition=index,
             client_id=f"mqchat-bridge-{index + 1}",
+            mqtt_host=cluster.nodes[node_index].host,
             mqtt_port=cluster.nodes[node_index].mqtt_port,
             mqtt_other_addresses=others(node_index),
             metrics_addr=f"{LOOPBACK}:{free_port()}",
