@@ -22,10 +22,11 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from core.mqtt import ClosedBeforeConnack, ConnectRefused, MqttLink
+from core.supervisor import NotReady
 from store import accounts, make_engine, reading, signin, tokens
 from store.db import relaxed
 
-from .support.services import Daemon
+from .support.services import Daemon, start_mosquitto
 from .support.stack import Stack, migrated_sqlite, password_of
 
 T = TypeVar("T")
@@ -318,3 +319,22 @@ def test_only_token_writes_skip_the_disk_flush(tmp_path: Path) -> None:
         session.commit()
     assert synchronous(engine) == full
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "minimum"),
+    [
+        ("plugin_opt_sign_ins_per_minute", "thirty", "0"),
+        ("plugin_opt_sign_ins_per_hour", "-1", "0"),
+        ("plugin_opt_publish_rate", "fast", "0"),
+        ("plugin_opt_publish_burst", "0.5", "1"),
+    ],
+)
+def test_mosquitto_does_not_start_with_a_limit_that_is_not_a_number(
+    tmp_path: Path, option: str, value: str, minimum: str
+) -> None:
+    """A mistyped throttle or quota in mosquitto.conf stops mosquitto at once, naming
+    the option, rather than running without the limit."""
+    with pytest.raises(NotReady) as refused:
+        start_mosquitto(tmp_path, settings={option: value})
+    assert f"{option}: not a number >= {minimum}: '{value}'" in str(refused.value)

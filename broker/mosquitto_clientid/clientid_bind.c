@@ -493,28 +493,6 @@ static int signin_allowed(const char *username)
 	return 0;
 }
 
-static int signin_parse_option(const char *key, const char *value)
-{
-	char *end;
-	double number;
-
-	if(strcmp(key, "sign_ins_per_minute") != 0 && strcmp(key, "sign_ins_per_hour") != 0){
-		return MOSQ_ERR_SUCCESS;
-	}
-	number = strtod(value, &end);
-	if(end == value || *end != '\0' || number < 0){
-		mosquitto_log_printf(MOSQ_LOG_ERR, PLUGIN_NAME ": plugin_opt_%s: not a number >= 0: '%s'",
-				key, value);
-		return MOSQ_ERR_INVAL;
-	}
-	if(strcmp(key, "sign_ins_per_minute") == 0){
-		signin_per_minute = number;
-	}else{
-		signin_per_hour = number;
-	}
-	return MOSQ_ERR_SUCCESS;
-}
-
 static int signin_start(void)
 {
 	if(signin_per_minute <= 0 || signin_per_hour <= 0){
@@ -714,28 +692,6 @@ static int quota_on_tick(int event, void *event_data, void *userdata)
 	return MOSQ_ERR_SUCCESS;
 }
 
-static int quota_parse_option(const char *key, const char *value)
-{
-	char *end;
-	double number;
-
-	if(strcmp(key, "publish_rate") != 0 && strcmp(key, "publish_burst") != 0){
-		return MOSQ_ERR_SUCCESS;
-	}
-	number = strtod(value, &end);
-	if(end == value || *end != '\0' || number < 0 || (number < 1 && strcmp(key, "publish_burst") == 0)){
-		mosquitto_log_printf(MOSQ_LOG_ERR, PLUGIN_NAME ": plugin_opt_%s: not a number >= %s: '%s'",
-				key, strcmp(key, "publish_burst") == 0 ? "1" : "0", value);
-		return MOSQ_ERR_INVAL;
-	}
-	if(strcmp(key, "publish_rate") == 0){
-		quota_rate = number;
-	}else{
-		quota_burst = number;
-	}
-	return MOSQ_ERR_SUCCESS;
-}
-
 static int quota_register(void)
 {
 	mosquitto_log_printf(MOSQ_LOG_INFO, PLUGIN_NAME ": publish quota %.0f/s, burst %.0f%s",
@@ -803,6 +759,40 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 
 /* -- plugin life ------------------------------------------------------------------- */
 
+/* The options that are numbers: each its smallest value and where it goes. */
+static const struct {
+	const char *key;
+	double minimum;
+	double *value;
+} number_options[] = {
+	{"publish_rate", 0, &quota_rate},
+	{"publish_burst", 1, &quota_burst},
+	{"sign_ins_per_minute", 0, &signin_per_minute},
+	{"sign_ins_per_hour", 0, &signin_per_hour},
+};
+
+/* plugin_opt_<key> read into its variable if it is one of number_options; a value that
+ * is not a number, or below the option's minimum, keeps the plugin from loading. */
+static int parse_number_option(const char *key, const char *value)
+{
+	for(size_t i = 0; i < sizeof(number_options) / sizeof(number_options[0]); i++){
+		char *end;
+		double number;
+
+		if(strcmp(key, number_options[i].key) != 0){
+			continue;
+		}
+		number = strtod(value, &end);
+		if(end == value || *end != '\0' || number < number_options[i].minimum){
+			mosquitto_log_printf(MOSQ_LOG_ERR, PLUGIN_NAME ": plugin_opt_%s: not a number >= %g: '%s'",
+					key, number_options[i].minimum, value);
+			return MOSQ_ERR_INVAL;
+		}
+		*number_options[i].value = number;
+	}
+	return MOSQ_ERR_SUCCESS;
+}
+
 static int parse_exempt_users(const char *value)
 {
 	char *word;
@@ -860,10 +850,7 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata,
 				return rc;
 			}
 		}
-		rc = quota_parse_option(options[i].key, options[i].value);
-		if(rc == MOSQ_ERR_SUCCESS){
-			rc = signin_parse_option(options[i].key, options[i].value);
-		}
+		rc = parse_number_option(options[i].key, options[i].value);
 		if(rc != MOSQ_ERR_SUCCESS){
 			return rc;
 		}
