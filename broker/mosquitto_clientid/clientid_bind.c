@@ -390,7 +390,8 @@ static double signin_per_hour = SIGNIN_DEFAULT_PER_HOUR;
 static struct signin_slot *signin_slots;
 static uint64_t signin_key;
 
-static double signin_now(void)
+/* Seconds on CLOCK_MONOTONIC: the buckets' clock (the throttle's and the quota's). */
+static double monotonic_now(void)
 {
 	struct timespec ts;
 
@@ -398,8 +399,8 @@ static double signin_now(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* FNV-1a over the username, from a random start per broker start: no one can choose
- * names that share a probe window without knowing it. */
+/* FNV-1a over the username from a random start per broker start, so which names share a
+ * probe window differs from start to start and cannot be worked out beforehand. */
 static size_t signin_hash(const char *username)
 {
 	uint64_t h = 14695981039346656037ULL ^ signin_key;
@@ -475,7 +476,7 @@ static int signin_allowed(const char *username)
 	if(signin_slots == NULL || strlen(username) >= sizeof(slot->username)){
 		return signin_slots == NULL;  /* off; a longer name is no mqchat username */
 	}
-	now = signin_now();
+	now = monotonic_now();
 	slot = signin_slot_of(username, now);
 	signin_refill(slot, now);
 	if(slot->minute >= 1.0 && slot->hour >= 1.0){
@@ -574,14 +575,6 @@ static void *quota_users;  /* a tsearch(3) tree of struct quota_user, by usernam
 static char *quota_kicks[QUOTA_MAX_PENDING_KICKS];
 static int quota_kick_count;
 
-static double quota_now(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 static int quota_compare(const void *a, const void *b)
 {
 	return strcmp(((const struct quota_user *)a)->username, ((const struct quota_user *)b)->username);
@@ -603,7 +596,7 @@ static struct quota_user *quota_user_of(const char *username)
 	}
 	user->publishes = quota_burst;
 	user->patience = quota_burst;
-	user->updated = quota_now();
+	user->updated = monotonic_now();
 	if(tsearch(user, &quota_users, quota_compare) == NULL){
 		free(user->username);
 		free(user);
@@ -614,7 +607,7 @@ static struct quota_user *quota_user_of(const char *username)
 
 static void quota_refill(struct quota_user *user)
 {
-	double now = quota_now();
+	double now = monotonic_now();
 	double earned = (now - user->updated) * quota_rate;
 
 	user->updated = now;
