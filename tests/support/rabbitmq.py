@@ -170,11 +170,8 @@ class RabbitCluster:
         deadline = time.monotonic() + timeout
         for node in self.nodes:
             node.child.wait_ready(max(1.0, deadline - time.monotonic()))
-        want = sorted(node.name for node in self.nodes)
-        while self.running_nodes() != want:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"cluster not formed: {self.running_nodes()} != {want}")
-            time.sleep(0.5)
+        if not self.wait_running(max(1.0, deadline - time.monotonic())):
+            raise TimeoutError(f"cluster not formed: {self.running_nodes()} running")
         for index, node in enumerate(self.nodes):
             why = self._wait_mqtt_session(node, min(deadline, time.monotonic() + MQTT_WAIT))
             if why is None:
@@ -218,11 +215,8 @@ class RabbitCluster:
         node = self.nodes[index]
         node.start()
         node.child.wait_ready(timeout)
-        deadline = time.monotonic() + timeout
-        while node.name not in self.running_nodes():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{node.name} did not rejoin the cluster")
-            time.sleep(0.5)
+        if not self.wait_running(timeout):
+            raise TimeoutError(f"{node.name} did not rejoin the cluster")
 
     def close(self) -> None:
         for node in self.nodes:
