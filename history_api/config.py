@@ -78,6 +78,12 @@ class ApiSettings(BaseSettings):
     #: 429 with ``Retry-After``. Cache hits count too.
     sign_ins_per_second: float = Field(default=SIGN_INS_PER_SECOND, gt=0)
     sign_in_burst: int = Field(default=SIGN_IN_BURST, ge=1)
+    #: Sign-ins (password check and token write) running at once on worker threads;
+    #: the others wait their turn on the event loop, where waiting costs nothing.
+    #: Each one running competes with every other request for the interpreter: 20 at
+    #: once raised other users' ``GET /v1/conversations`` p99 about 5x
+    #: (docs/benchmarks.md, "Correct sign-ins in bulk").
+    sign_in_threads: int = Field(default=2, ge=1)
     #: Groups up to this many members make their members each other's contacts, whose
     #: presence ``GET /v1/users/{name}/presence`` tells: ``MQCHAT_PRESENCE_GROUP_LIMIT``,
     #: the bridge's too.

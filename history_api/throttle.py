@@ -10,11 +10,19 @@ memory, per API process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
+from anyio import CapacityLimiter, to_thread
+
 from core.throttle import Throttle
+from store import signin
 
 from .config import ApiSettings
 from .errors import Throttled
 from .observe import ApiMetrics
+
+T = TypeVar("T")
 
 
 class SignInGuard:
@@ -23,6 +31,19 @@ class SignInGuard:
         self._users = Throttle(settings.login_failures_per_user)
         self._sources = Throttle(settings.login_failures_per_source)
         self._sign_ins = Throttle(settings.sign_ins_per_user)
+        self._threads = CapacityLimiter(settings.sign_in_threads)
+        self._queue = settings.sign_in_threads * signin.WAITING_PER_SLOT
+
+    async def run(self, sign_in: Callable[[], T]) -> T:
+        """``sign_in()`` on a worker thread, at most ``sign_in_threads`` at once.
+
+        Raises:
+            signin.Busy: as many sign-ins are already waiting for a thread as
+                ``store.signin`` lets wait per hashing slot, times the threads.
+        """
+        if self._threads.statistics().tasks_waiting >= self._queue:
+            raise signin.Busy(1)
+        return await to_thread.run_sync(sign_in, limiter=self._threads)
 
     def check(self, username: str | None, source: str) -> None:
         """Refuse before trying a password if either count is full.

@@ -10,6 +10,7 @@ form that never carries files.
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 from typing import Final, Literal
 from urllib.parse import parse_qsl
 
@@ -18,7 +19,6 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, SecretStr, ValidationError
 from sqlalchemy import Engine
 from sqlmodel import Session
-from starlette.concurrency import run_in_threadpool
 
 from protocol import errors
 from store import accounts, tokens
@@ -151,13 +151,15 @@ async def create_token(
     issued = None
     if username is not None:
         # argon2 is slow on purpose: keep it, and the database, off the event loop.
-        issued = await run_in_threadpool(
-            sign_in,
-            engine,
-            reading_engine,
-            username,
-            form.password.get_secret_value(),
-            settings.token_ttl,
+        issued = await guard.run(
+            partial(
+                sign_in,
+                engine,
+                reading_engine,
+                username,
+                form.password.get_secret_value(),
+                settings.token_ttl,
+            )
         )
     if issued is None:
         guard.failed(username, source)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Response, status
@@ -156,7 +157,8 @@ async def change_my_password(
     # (BEGIN IMMEDIATE); end it before this request writes on a session of its own.
     await run_in_threadpool(reading.rollback)
     guard.check(me, source)
-    if not await run_in_threadpool(_verify, engine, me, body.current_password.get_secret_value()):
+    current = body.current_password.get_secret_value()
+    if not await guard.run(partial(_verify, engine, me, current)):
         guard.failed(me, source)
         raise errors.ProtocolError(errors.WRONG_PASSWORD, "the current password is wrong")
     async with open_provisioner() as provisioner:

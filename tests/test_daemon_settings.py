@@ -220,6 +220,7 @@ def _samples(files: Path) -> list[BaseSettings]:
             sign_ins_per_user="3/minute",
             sign_ins_per_second=1.5,
             sign_in_burst=2,
+            sign_in_threads=3,
             presence_group_limit=5,
             cors_origins=["https://app.example", "http://localhost:5173"],
             web_dir=files / "site",
