@@ -209,9 +209,9 @@ async def change_password(client: httpx.AsyncClient, world: World) -> None:
     # "me" is whoever the token says: knowing the victim's password changes nothing of
     # theirs, and the caller's own password is only changed with the caller's own.
     for me, victim in world.pairs():
-        response = await client.post(
+        response = await me.api.request(
+            "POST",
             "/v1/users/me/password",
-            headers=me.api.headers,
             json={
                 "current_password": f"{victim.name}-secret-pw",
                 "new_password": "a brand new passphrase",
@@ -225,9 +225,9 @@ async def mqtt_credential(client: httpx.AsyncClient, world: World) -> None:
     # The body names a device only; the victim's device name is the caller's device of
     # that name, and the credential is the caller's.
     for me, victim in world.pairs():
-        response = await client.post(
+        response = await me.api.request(
+            "POST",
             "/v1/mqtt-credentials",
-            headers=me.api.headers,
             json={"device": victim.own_device, "username": victim.name},
         )
         assert response.status_code == 201
@@ -256,18 +256,9 @@ async def register_push(client: httpx.AsyncClient, world: World) -> None:
             device = secrets.token_hex(4)  # new each call: the world is shared
             # The victim's device name is, in my path, a device of mine: created
             # (201), not the victim's replaced (200), and the victim's stays theirs.
-            theirs = await victim.api.client.request(
-                method,
-                f"/v1/devices/{me.name}-{device}/push",
-                json=_subscription(victim.name),
-                headers=victim.api.headers,
-            )
-            mine = await me.api.client.request(
-                method,
-                f"/v1/devices/{me.name}-{device}/push",
-                json=_subscription(me.name),
-                headers=me.api.headers,
-            )
+            url = f"/v1/devices/{me.name}-{device}/push"
+            theirs = await victim.api.request(method, url, json=_subscription(victim.name))
+            mine = await me.api.request(method, url, json=_subscription(me.name))
             assert (theirs.status_code, mine.status_code) == (201, 201), method
             assert f"/push/{victim.name}" not in mine.text
 
@@ -279,15 +270,11 @@ async def replace_push(client: httpx.AsyncClient, world: World) -> None:
 async def delete_push(client: httpx.AsyncClient, world: World) -> None:
     for me, victim in world.pairs():
         url = f"/v1/devices/{victim.own_device}/push"
-        await victim.api.client.put(
-            url, json=_subscription(victim.name), headers=victim.api.headers
-        )
-        response = await me.api.client.delete(url, headers=me.api.headers)
+        await victim.api.request("PUT", url, json=_subscription(victim.name))
+        response = await me.api.request("DELETE", url)
         assert response.status_code == 204
         # Still there: replacing it is a 200, not a 201.
-        again = await victim.api.client.put(
-            url, json=_subscription(victim.name), headers=victim.api.headers
-        )
+        again = await victim.api.request("PUT", url, json=_subscription(victim.name))
         assert again.status_code == 200
 
 
@@ -299,26 +286,24 @@ async def push_key(client: httpx.AsyncClient, world: World) -> None:
 
 async def push_settings(client: httpx.AsyncClient, world: World) -> None:
     for me, victim in world.pairs():
-        response = await me.api.client.put(
-            "/v1/push/settings", json={"muted": True, "preview": True}, headers=me.api.headers
+        response = await me.api.request(
+            "PUT", "/v1/push/settings", json={"muted": True, "preview": True}
         )
         assert response.json()["muted"] is True
         theirs = await victim.api.json("/v1/push/settings")
         assert theirs["muted"] is False, "one user's settings changed another's"
-        await me.api.client.put(
-            "/v1/push/settings", json={"muted": False, "preview": False}, headers=me.api.headers
-        )
+        await me.api.request("PUT", "/v1/push/settings", json={"muted": False, "preview": False})
 
 
 async def mute_conversation(client: httpx.AsyncClient, world: World) -> None:
     for method in ("PUT", "DELETE"):
         for me, victim in world.pairs():
             url = f"/v1/push/mutes/{victim.conversation}"
-            response = await me.api.client.request(method, url, headers=me.api.headers)
+            response = await me.api.request(method, url)
             assert error_of(response) == (404, "unknown_conversation"), (method, me.name)
             assert not leaks(response, victim, asked_for_it=True)
             own = f"/v1/push/mutes/{me.conversation}"
-            response = await me.api.client.request(method, own, headers=me.api.headers)
+            response = await me.api.request(method, own)
             assert response.status_code == 204
 
 
@@ -339,9 +324,7 @@ async def admin_only(client: httpx.AsyncClient, world: World) -> None:
     for me, victim in world.pairs():
         for username in (victim.name, me.name, "nobody"):
             for method, path in ADMIN_ROUTES:
-                response = await client.request(
-                    method, path.format(username=username), headers=me.api.headers
-                )
+                response = await me.api.request(method, path.format(username=username))
                 assert error_of(response) == (403, "forbidden"), (method, path)
                 assert victim.secret not in response.text
 

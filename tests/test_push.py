@@ -25,6 +25,7 @@ from core import daemon
 from core.daemon import PUSH_READY_LOG
 from core.endpoints import Allowlist, EndpointRefused, vet
 from history_api.config import ApiSettings
+from mqchat import ChatClient
 from protocol import UpPresence, encode, topics
 from push.config import PushSettings
 from store import push as store_push
@@ -174,6 +175,19 @@ async def wait_received(push: PushStack, name: str, count: int = 1) -> None:
         WAIT,
         f"{count} push(es) to {name}",
     )
+
+
+async def first_push(push: PushStack, collapse: float) -> tuple[str, str, ChatClient, str]:
+    """alice's first message ("one") to bob, pushed to bob's subscribed phone by a
+    daemon with ``collapse``: (bob, his subscription's name, alice's client, their
+    conversation)."""
+    alice, bob = await push.stack.new_users("alice", "bob")
+    name = await push.subscribe(bob)
+    push.start(collapse=collapse)
+    sender = await push.stack.client(alice)
+    first = await sender.send("one", to=bob, timeout=20)
+    await wait_received(push, name)
+    return bob, name, sender, first.conversation
 
 
 async def test_an_offline_recipient_is_pushed_at_once(push: PushStack) -> None:
@@ -341,15 +355,9 @@ async def test_a_read_on_another_device_stops_further_pushes_for_what_was_read(
 ) -> None:
     """A read withdraws nothing already sent, but what it covers is not pushed again,
     and the next push counts only what came after it."""
-    alice, bob = await push.stack.new_users("alice", "bob")
-    name = await push.subscribe(bob)
     # A collapse window no test outlasts: the second message waits in it until the
     # test ends the window itself (below), after the read is stored.
-    push.start(collapse=3600.0)
-    sender = await push.stack.client(alice)
-    first = await sender.send("one", to=bob, timeout=20)
-    await wait_received(push, name)
-    conversation = first.conversation
+    bob, name, sender, conversation = await first_push(push, collapse=3600.0)
 
     second = await sender.send("two", to=bob, timeout=20)
     await eventually(
@@ -382,13 +390,7 @@ async def test_a_read_on_another_device_stops_further_pushes_for_what_was_read(
 
 
 async def test_mutes_stop_pushes(push: PushStack) -> None:
-    alice, bob = await push.stack.new_users("alice", "bob")
-    name = await push.subscribe(bob)
-    push.start(collapse=0.0)
-    sender = await push.stack.client(alice)
-    first = await sender.send("one", to=bob, timeout=20)
-    await wait_received(push, name)
-    conversation = first.conversation
+    bob, name, sender, conversation = await first_push(push, collapse=0.0)
 
     async with push.api(bob) as api:
         assert (await api.put(f"/v1/push/mutes/{conversation}")).status_code == 204

@@ -51,8 +51,20 @@ OpKind = Literal["invoke", "ok", "fail", "unknown"]
 Key = tuple[str, str]  # (sender, message id)
 
 
+class _Keyed:
+    """A record of one message: in every log, :attr:`key` (sender, id) names the message."""
+
+    __slots__ = ()
+    id: str
+    sender: str
+
+    @property
+    def key(self) -> Key:
+        return (self.sender, self.id)
+
+
 @dataclass(frozen=True, slots=True)
-class Op:
+class Op(_Keyed):
     """One line of the operation log."""
 
     kind: OpKind
@@ -65,13 +77,9 @@ class Op:
     seq: int | None = None  # ok only
     error: str | None = None  # fail: the MessageRefused code; unknown: why
 
-    @property
-    def key(self) -> Key:
-        return (self.sender, self.id)
-
 
 @dataclass(frozen=True, slots=True)
-class Received:
+class Received(_Keyed):
     """One message shown to one device (``device`` is ``"user/device"``)."""
 
     device: str
@@ -86,13 +94,9 @@ class Received:
     def user(self) -> str:
         return self.device.split("/", 1)[0]
 
-    @property
-    def key(self) -> Key:
-        return (self.sender, self.id)
-
 
 @dataclass(frozen=True, slots=True)
-class StoredRow:
+class StoredRow(_Keyed):
     """One row of ``messages``; ``pk`` is the insertion order."""
 
     id: str
@@ -101,10 +105,6 @@ class StoredRow:
     sender: str
     body: str
     pk: int = 0
-
-    @property
-    def key(self) -> Key:
-        return (self.sender, self.id)
 
 
 class History:

@@ -155,6 +155,10 @@ class As:
     async def get(self, url: str, **params: Any) -> httpx.Response:
         return await self.client.get(url, params=params or None, headers=self.headers)
 
+    async def request(self, method: str, url: str, json: Any = None) -> httpx.Response:
+        """``method`` on ``url`` as this user, with ``json`` as the body if given."""
+        return await self.client.request(method, url, json=json, headers=self.headers)
+
     async def json(self, url: str, **params: Any) -> Any:
         response = await self.get(url, **params)
         assert response.status_code == 200, response.text
