@@ -25,6 +25,11 @@ acknowledged to the broker only after the broker has acknowledged everything
 published for it. A crash anywhere means the broker redelivers the uplink, dedupe
 finds the stored message, and it is published again with the same seq.
 
+Big fan-outs go in a lane of their own (``_deliver``): a group message's hundreds of
+publishes leave in chunks between which the event loop serves everything else, and
+small deliveries, 1:1 messages, receipts, errors, pass them, except those of a
+conversation with publishes still waiting in the lane, which queue behind its own.
+
 Shape after uvicorn's server: ``run()`` → ``startup()`` → ``main_loop()`` →
 ``shutdown()``; a signal only sets a flag.
 """
@@ -36,6 +41,7 @@ import functools
 import logging
 import time
 import zlib
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -96,6 +102,11 @@ _UPLINK_KINDS: dict[type, str] = {
 _COUNTED_KINDS: dict[type, str] = _UPLINK_KINDS | {protocol.UpMessage: "msg"}
 #: Conversations whose newest commit is remembered, to time its first delivered ack.
 COMMITS_KEPT = 100_000
+#: A conversation with more publishes than this in one batch (a group message to
+#: more members) goes to the fan-out lane, which publishes this many between turns
+#: of the event loop. 256 publishes in one go held a 1:1 message behind them for
+#: 13 ms of the bridge's CPU.
+FAN_OUT_CHUNK = 32
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -114,6 +125,9 @@ class _Publish:
     topic: str
     payload: bytes
     retain: bool = False
+    #: The conversation it belongs to (messages, events, receipts), whose order the
+    #: fan-out lane keeps; None for what belongs to none (errors, presence).
+    conversation: str | None = None
 
 
 @dataclass(slots=True)
@@ -229,6 +243,12 @@ class Bridge(Service):
         #: stored here, for ``mqchat_commit_to_delivered_seconds``: one dict write per
         #: message (a per-message TTL cache cost 6 µs, 4% of the bridge's budget).
         self._commits: dict[str, tuple[int, float, str]] = {}
+        #: The fan-out lane: publishes waiting their chunk, in order, each with the
+        #: future its batch's acknowledgement waits for; and per conversation how
+        #: many of them it has there (what else of it must queue behind them).
+        self._fan_out: deque[tuple[_Publish, asyncio.Future[None]]] = deque()
+        self._behind: Counter[str] = Counter()
+        self._fan_out_task: asyncio.Task[None] | None = None
 
     async def startup(self) -> None:
         await asyncio.to_thread(self._check_schema)
@@ -502,10 +522,21 @@ class Bridge(Service):
         ]
 
     def _deliver(self, stored: _Batch) -> None:
-        """Publish a stored batch; acknowledge its uplinks once the broker has it all."""
-        futures = [
-            self.link.publish(p.topic, p.payload, qos=1, retain=p.retain) for p in stored.publishes
-        ]
+        """Publish a stored batch; acknowledge its uplinks once the broker has it all.
+
+        A conversation's publishes of this batch go to the fan-out lane if there are
+        more than ``FAN_OUT_CHUNK`` of them or it already has some waiting there; the
+        rest are published at once. Per conversation, the order of publishing is the
+        order of the commits, as without the lane.
+        """
+        sizes = Counter(p.conversation for p in stored.publishes)
+        futures = []
+        for p in stored.publishes:
+            c = p.conversation
+            if c is not None and (sizes[c] > FAN_OUT_CHUNK or c in self._behind):
+                futures.append(self._queue_fan_out(p, c))
+            else:
+                futures.append(self.link.publish(p.topic, p.payload, qos=1, retain=p.retain))
         if futures:
             self.metrics.published.inc(len(futures))
         task = asyncio.create_task(
@@ -513,6 +544,31 @@ class Bridge(Service):
         )
         self._ack_tasks.add(task)
         task.add_done_callback(self._ack_tasks.discard)
+
+    def _queue_fan_out(self, publish: _Publish, conversation: str) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._fan_out.append((publish, done))
+        self._behind[conversation] += 1
+        if self._fan_out_task is None:
+            self._fan_out_task = asyncio.create_task(self._publish_fan_out(), name="fan-out")
+        return done
+
+    async def _publish_fan_out(self) -> None:
+        """Publish the lane ``FAN_OUT_CHUNK`` at a time, yielding to the event loop
+        between chunks; ends when the lane is empty (``_queue_fan_out`` restarts it)."""
+        try:
+            while self._fan_out:
+                for _ in range(min(FAN_OUT_CHUNK, len(self._fan_out))):
+                    p, done = self._fan_out.popleft()
+                    published = self.link.publish(p.topic, p.payload, qos=1, retain=p.retain)
+                    published.add_done_callback(functools.partial(_settle, done))
+                    assert p.conversation is not None
+                    self._behind[p.conversation] -= 1
+                    if not self._behind[p.conversation]:
+                        del self._behind[p.conversation]
+                await asyncio.sleep(0)
+        finally:
+            self._fan_out_task = None
 
     async def _with_database(
         self, what: str, write: Callable[[Engine, Sequence[T]], list[R]], items: Sequence[T]
@@ -571,8 +627,12 @@ class Bridge(Service):
                 at=utcnow(),
             )
         )
-        out = [_Publish(topics.down_msg(member), message) for member in stored.members]
-        out.append(_Publish(topics.down_receipt(sender), receipt))
+        conversation = stored.conversation
+        out = [
+            _Publish(topics.down_msg(member), message, conversation=conversation)
+            for member in stored.members
+        ]
+        out.append(_Publish(topics.down_receipt(sender), receipt, conversation=conversation))
         return out
 
     async def _relay_typing(
@@ -647,7 +707,11 @@ class Bridge(Service):
             # learn it too, so each clears its unread count.
             for member in change.members:
                 if member != change.user or change.kind == "read":
-                    out.append(_Publish(topics.down_receipt(member), payload))
+                    out.append(
+                        _Publish(
+                            topics.down_receipt(member), payload, conversation=change.conversation
+                        )
+                    )
         for tally in outcome.tallies:
             aggregate = protocol.Receipt(
                 status=tally.kind,
@@ -659,7 +723,13 @@ class Bridge(Service):
                 read=tally.read,
                 members=tally.members,
             )
-            out.append(_Publish(topics.down_receipt(tally.sender), protocol.encode(aggregate)))
+            out.append(
+                _Publish(
+                    topics.down_receipt(tally.sender),
+                    protocol.encode(aggregate),
+                    conversation=tally.conversation,
+                )
+            )
         return out
 
     async def _presence(
@@ -782,6 +852,18 @@ class Bridge(Service):
                 f"database is at revision {current}, this bridge needs {head}: "
                 "run `mqchat db upgrade` first"
             )
+
+
+def _settle(done: asyncio.Future[None], published: asyncio.Future[None]) -> None:
+    """Pass a publish's outcome on to the future its batch waits for."""
+    if done.done():
+        return
+    if published.cancelled():
+        done.cancel()
+    elif (exc := published.exception()) is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(None)
 
 
 def _contact(user: str, online: bool, at: datetime) -> protocol.ContactPresence:
