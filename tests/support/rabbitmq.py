@@ -185,6 +185,34 @@ class RabbitCluster:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stderr or result.stdout}")
         return str(result.stdout)
 
+    def run_on(
+        self, node: int, argv: list[str], timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """``argv`` where node ``node`` runs, as its account and under its host name, as
+        a container's health check runs beside its node: RabbitMQ's CLI tools (by
+        name, or from RabbitMQ's own bin directory) then address that node by default.
+        Needs a switch."""
+        if self.switch is None:
+            raise ValueError("a host of the node's own needs a switch")
+        tool = Path(CTL).with_name(argv[0])
+        command, popen = _launch(
+            self.switch,
+            node,
+            self.account,
+            [str(tool) if tool.exists() else argv[0], *argv[1:]],
+            hostname=self.nodes[node].name.split("@", 1)[1],
+        )
+        return subprocess.run(
+            command,
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            **popen,
+        )
+
     def running_nodes(self, node: int = 0) -> list[str]:
         status = json.loads(self.ctl("cluster_status", "--formatter", "json", node=node))
         return sorted(status["running_nodes"])
@@ -293,6 +321,19 @@ def _launch(
             "--clear-groups",
         ]
     return [*prefix, *argv], {}
+
+
+def nodes_directory(base_dir: Path, name: str) -> Path:
+    """A fresh directory for files the nodes read (a :class:`Deployment`'s config): where
+    their account reaches it (outside ``base_dir`` when they run as one). What root
+    writes into it goes to the nodes with :func:`hand_to_nodes`."""
+    directory, _ = _workdir(base_dir, name, _service_account("rabbitmq"))
+    return directory
+
+
+def hand_to_nodes(directory: Path) -> None:
+    """Everything under ``directory`` owned by the nodes' account."""
+    chown_tree(directory, _service_account("rabbitmq"))
 
 
 def start_rabbitmq_cluster(
