@@ -383,6 +383,9 @@ def test_rabbitmq_nodes_mount_the_files_the_tests_cluster_runs_with() -> None:
         assert node["environment"]["RABBITMQ_CONFIG_FILES"] == f"{out}/*.conf"
         # The image names a node rabbit@<hostname>: the peers rabbitmq-init lists.
         assert f"rabbit@{node['hostname']}" in init["environment"]["MQCHAT_RABBITMQ_NODES"]
+    # Booted as the tests' cluster boots: the first alone, then the others, which join it.
+    for name in nodes[1:]:
+        assert services[name]["depends_on"][nodes[0]] == {"condition": "service_healthy"}
 
 
 #: The settings each daemon of the app image reads (``python -m <package>``).
