@@ -20,7 +20,6 @@ import base64
 import hashlib
 import json
 import os
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,14 +37,6 @@ ENABLED_PLUGINS = NODE_DIR / "enabled_plugins"
 #: What :func:`write_cluster_files` writes in its directory.
 CLUSTER_CONFIG_NAME = "mqchat-cluster.conf"
 DEFINITIONS_NAME = "definitions.json"
-
-
-def plugins(enabled_plugins: Path = ENABLED_PLUGINS) -> list[str]:
-    """The plugins an ``enabled_plugins`` file (an Erlang list: ``[a,b].``) names."""
-    match = re.fullmatch(r"\s*\[([a-z0-9_,\s]*)\]\.\s*", enabled_plugins.read_text())
-    if match is None:
-        raise ValueError(f"{enabled_plugins}: not a list of plugins")
-    return [name.strip() for name in match.group(1).split(",") if name.strip()]
 
 
 @dataclass(frozen=True)
