@@ -855,6 +855,32 @@ def test_up_with_mosquitto(tmp_path: Path, own_mosquitto: MosquittoServer) -> No
         assert stop_up(up) == 0
 
 
+def test_rabbitmq_configure_writes_the_clusters_own_files(tmp_path: Path) -> None:
+    """The peers, the definitions file (the bridge's account, hashed) and the broker-auth
+    URL with its secret; a secret that is not URL-safe is refused, as it goes into a URL
+    path (compose's header makes URL-safe ones)."""
+    out = tmp_path / "mqchat"
+    secret = "s3cret-Token_1"
+    args = ["rabbitmq", "configure", "--out", str(out), "--nodes", "rabbit@a,rabbit@b"]
+    env = base_env(
+        MQCHAT_BRIDGE_PASSWORD="bridge-long-password", MQCHAT_API_BROKER_AUTH_SECRET=secret
+    )
+    result = run_mqchat(*args, "--api-url", "http://api:8000/", env=env)
+    assert result.returncode == 0, result.stderr
+    conf = (out / "mqchat-cluster.conf").read_text().splitlines()
+    assert "cluster_formation.classic_config.nodes.2 = rabbit@b" in conf
+    assert f"load_definitions = {out / 'definitions.json'}" in conf
+    assert f"auth_http.user_path = http://api:8000/broker-auth/{secret}/user" in conf
+    definitions = (out / "definitions.json").read_text()
+    assert [user["name"] for user in json.loads(definitions)["users"]] == ["mqchat-bridge"]
+    assert "bridge-long-password" not in definitions
+
+    env["MQCHAT_API_BROKER_AUTH_SECRET"] = "a/b+c"
+    refused = run_mqchat(*args, "--api-url", "http://api:8000", env=env)
+    assert refused.returncode == 78, refused.stderr
+    assert "URL" in refused.stderr
+
+
 async def test_mosquitto_bootstrap_writes_accounts_mosquitto_accepts(tmp_path: Path) -> None:
     """The operator's first step for production: the file mosquitto.conf points at."""
     from core.dynsec import Credentials

@@ -37,6 +37,7 @@ def test_three_nodes_form_one_cluster(rabbitmq_cluster: RabbitCluster) -> None:
 
 async def test_qos1_crosses_nodes_into_a_quorum_session(rabbitmq_cluster: RabbitCluster) -> None:
     account = rabbitmq_cluster.admin
+    assert account is not None  # the tests' own cluster has an operator
     got: asyncio.Queue[Incoming] = asyncio.Queue()
     topic = f"chat/v1/u/probe{secrets.token_hex(3)}/down/msg"
     first, last = rabbitmq_cluster.nodes[0], rabbitmq_cluster.nodes[-1]

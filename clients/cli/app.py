@@ -7,7 +7,7 @@ from typing import Final
 
 import typer
 
-from . import accounts, chat, credential, database, groups, mosquitto, status, up
+from . import accounts, chat, credential, database, groups, mosquitto, rabbitmq, status, up
 from .output import say
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.add_typer(groups.app, name="group")
 app.add_typer(accounts.app, name="user")
 app.add_typer(database.app, name="db")
 app.add_typer(mosquitto.app, name="mosquitto")
+app.add_typer(rabbitmq.app, name="rabbitmq")
 
 #: Old environment names still read, each with the name that replaced it.
 DEPRECATED_ENV: Final = {

@@ -10,11 +10,16 @@ every node answers an MQTT CONNECT with CONNACK 0; a node that does not within
 ``MQTT_WAIT`` is restarted once (a RabbitMQ 3.10 node was seen to refuse MQTT for
 minutes after forming a cluster).
 
-What the nodes run is ``broker.rabbitmq.render_config``, the settings ``docs/operations.md``
-documents for production: ``rabbitmq_mqtt`` with persistent sessions in quorum
-queues (``mqtt.durable_queue_type = quorum``, 3.10+), anonymous MQTT off, and the
-service accounts (bridge, operator) loaded from a definitions file at boot, so no
-``rabbitmqctl`` call (2-3 s each: it boots a VM) is on the startup path.
+What the nodes run is production's configuration (``docs/operations.md``): their main
+``rabbitmq.conf`` is the repository's ``broker/rabbitmq-node/rabbitmq.conf``, the file
+compose.yaml mounts in its nodes (``rabbitmq_mqtt`` with persistent sessions in quorum
+queues, anonymous MQTT off, ...), their plugins its ``enabled_plugins``, and what
+differs per deployment is ``broker.rabbitmq.render_cluster_config``'s, in
+``RABBITMQ_CONFIG_FILES``: listeners, peers, and the service accounts (bridge,
+operator) loaded from a definitions file at boot, so no ``rabbitmqctl`` call (2-3 s
+each: it boots a VM) is on the startup path. Given a :class:`Deployment`, that second
+file is a deployment's own instead (compose's ``rabbitmq-init`` writes it), and the
+nodes carry its names and listen on RabbitMQ's default ports.
 
 Booting three VMs on two shared cores takes 20-30 s, so the tests start one cluster
 per session (``tests/conftest.py``); :attr:`RabbitCluster.startup_seconds` says how
@@ -42,7 +47,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.rabbitmq import PLUGINS, NodePorts, definitions, render_config
+from broker.rabbitmq import (
+    ENABLED_PLUGINS,
+    SHARED_CONFIG,
+    NodePorts,
+    definitions,
+    render_cluster_config,
+)
 from core.dynsec import Credentials
 from core.supervisor import Child
 
@@ -56,6 +67,31 @@ SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 MQTT_WAIT = 45.0
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
 EPMD = "epmd"
+
+
+#: RabbitMQ's own ports, where a :class:`Deployment`'s nodes listen.
+DEFAULT_AMQP_PORT = 5672
+DEFAULT_MQTT_PORT = 1883
+#: Where a node's configuration is copied, in its directory: the main file (a copy of
+#: ``broker/rabbitmq-node/rabbitmq.conf``) and the plugins.
+MAIN_CONFIG_NAME = "rabbitmq.conf"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Nodes configured as a deployment configures them rather than by this module:
+    what compose.yaml's ``rabbitmq-init`` wrote. Each node listens on RabbitMQ's default
+    ports, so each needs a host of its own (a :class:`Switch`, whose host names are the
+    host parts of ``names``)."""
+
+    #: Every node's name, ``rabbit@<host>``, in the order of the switch's hosts.
+    names: list[str]
+    #: ``RABBITMQ_CONFIG_FILES``: the deployment's cluster config (a glob).
+    config_files: str
+    #: The Erlang cookie the nodes share.
+    cookie: str
+    #: The bridge's account, which the deployment's definitions file holds.
+    bridge: Credentials
 
 
 @dataclass
@@ -110,7 +146,8 @@ class RabbitCluster:
     epmds: list[Child]
     nodes: list[RabbitNode]
     bridge: Credentials
-    admin: Credentials
+    #: An operator's account (full rights); a :class:`Deployment` has none.
+    admin: Credentials | None
     startup_seconds: float = 0.0
     env: dict[str, str] = field(default_factory=dict)
     switch: Switch | None = None
@@ -147,6 +184,34 @@ class RabbitCluster:
         if result.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stderr or result.stdout}")
         return str(result.stdout)
+
+    def run_on(
+        self, node: int, argv: list[str], timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """``argv`` where node ``node`` runs, as its account and under its host name, as
+        a container's health check runs beside its node: RabbitMQ's CLI tools (by
+        name, or from RabbitMQ's own bin directory) then address that node by default.
+        Needs a switch."""
+        if self.switch is None:
+            raise ValueError("a host of the node's own needs a switch")
+        tool = Path(CTL).with_name(argv[0])
+        command, popen = _launch(
+            self.switch,
+            node,
+            self.account,
+            [str(tool) if tool.exists() else argv[0], *argv[1:]],
+            hostname=self.nodes[node].name.split("@", 1)[1],
+        )
+        return subprocess.run(
+            command,
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            **popen,
+        )
 
     def running_nodes(self, node: int = 0) -> list[str]:
         status = json.loads(self.ctl("cluster_status", "--formatter", "json", node=node))
@@ -258,6 +323,19 @@ def _launch(
     return [*prefix, *argv], {}
 
 
+def nodes_directory(base_dir: Path, name: str) -> Path:
+    """A fresh directory for files the nodes read (a :class:`Deployment`'s config): where
+    their account reaches it (outside ``base_dir`` when they run as one). What root
+    writes into it goes to the nodes with :func:`hand_to_nodes`."""
+    directory, _ = _workdir(base_dir, name, _service_account("rabbitmq"))
+    return directory
+
+
+def hand_to_nodes(directory: Path) -> None:
+    """Everything under ``directory`` owned by the nodes' account."""
+    chown_tree(directory, _service_account("rabbitmq"))
+
+
 def start_rabbitmq_cluster(
     base_dir: Path,
     size: int = 3,
@@ -265,6 +343,7 @@ def start_rabbitmq_cluster(
     auth_http_url: str | None = None,
     timeout: float = 120.0,
     switch: Switch | None = None,
+    deployment: Deployment | None = None,
 ) -> RabbitCluster:
     """Start ``size`` nodes at once and return when they form one cluster.
 
@@ -274,17 +353,25 @@ def start_rabbitmq_cluster(
             accounts only.
         switch: run node ``i`` in the switch's host ``i``; ``rabbitmqctl`` runs in one
             more, its last.
+        deployment: configure the nodes as it says (``auth_http_url`` is then its
+            business); needs ``switch``.
     """
+    if deployment is not None and (switch is None or len(deployment.names) != size):
+        raise ValueError("a deployment's nodes need a host each: a switch of `size` hosts")
     started = time.monotonic()
     account = _service_account("rabbitmq")
     workdir, private = _workdir(base_dir, "rabbitmq", account)
     cookie = workdir / ".erlang.cookie"
-    cookie.write_text(secrets.token_hex(16))
+    cookie.write_text(secrets.token_hex(16) if deployment is None else deployment.cookie)
     cookie.chmod(0o400)
-    bridge = Credentials("mqchat-bridge", secrets.token_urlsafe(24))
-    admin = Credentials("mqchat-admin", secrets.token_urlsafe(24))
-    defs = workdir / "definitions.json"
-    defs.write_text(json.dumps(definitions(bridge, admin)))
+    admin: Credentials | None = None
+    if deployment is None:
+        bridge = Credentials("mqchat-bridge", secrets.token_urlsafe(24))
+        admin = Credentials("mqchat-admin", secrets.token_urlsafe(24))
+        defs = workdir / "definitions.json"
+        defs.write_text(json.dumps(definitions(bridge, admin)))
+    else:
+        bridge = deployment.bridge
     epmd_port = free_port()
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -322,13 +409,21 @@ def start_rabbitmq_cluster(
     for index in range(1, size + 1):
         node_dir = workdir / f"node{index}"
         node_dir.mkdir()
-        name = f"mqchat{index}-{tag}@" + (
-            "localhost" if switch is None else switch.names[index - 1]
-        )
+        if deployment is not None:
+            name = deployment.names[index - 1]
+        elif switch is None:
+            name = f"mqchat{index}-{tag}@localhost"
+        else:
+            name = f"mqchat{index}-{tag}@{switch.names[index - 1]}"
         node_env = env | {
             "RABBITMQ_NODENAME": name,
             "RABBITMQ_DIST_PORT": str(free_port()),
-            "RABBITMQ_CONFIG_FILE": str(node_dir / "rabbitmq.conf"),
+            "RABBITMQ_CONFIG_FILE": str(node_dir / MAIN_CONFIG_NAME),
+            "RABBITMQ_CONFIG_FILES": (
+                str(node_dir / "conf.d" / "*.conf")
+                if deployment is None
+                else deployment.config_files
+            ),
             "RABBITMQ_ADVANCED_CONFIG_FILE": str(node_dir / "advanced.config"),
             "RABBITMQ_CONF_ENV_FILE": str(node_dir / "rabbitmq-env.conf"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(node_dir / "enabled_plugins"),
@@ -340,8 +435,8 @@ def start_rabbitmq_cluster(
         nodes.append(
             RabbitNode(
                 name=name,
-                amqp_port=free_port(),
-                mqtt_port=free_port(),
+                amqp_port=free_port() if deployment is None else DEFAULT_AMQP_PORT,
+                mqtt_port=free_port() if deployment is None else DEFAULT_MQTT_PORT,
                 dist_port=int(node_env["RABBITMQ_DIST_PORT"]),
                 workdir=node_dir,
                 child=child(
@@ -358,12 +453,18 @@ def start_rabbitmq_cluster(
         )
     peers = [node.name for node in nodes]
     for node in nodes:
-        ports = NodePorts(node.host, node.amqp_port, node.mqtt_port)
-        (node.workdir / "rabbitmq.conf").write_text(
-            render_config(ports, peers, defs, auth_http_url)
-        )
-        (node.workdir / "enabled_plugins").write_text(f"[{','.join(PLUGINS)}].\n")
+        # The repository's files, as compose.yaml mounts them (copied: the nodes' account
+        # may not reach the checkout).
+        shutil.copyfile(SHARED_CONFIG, node.workdir / MAIN_CONFIG_NAME)
+        shutil.copyfile(ENABLED_PLUGINS, node.workdir / "enabled_plugins")
         (node.workdir / "rabbitmq-env.conf").write_text("")
+        if deployment is None:
+            ports = NodePorts(node.host, node.amqp_port, node.mqtt_port)
+            (node.workdir / "conf.d").mkdir()
+            (node.workdir / "conf.d" / "node.conf").write_text(
+                render_cluster_config(peers, defs, auth_http_url, ports)
+                + "log.file.level = info\nlog.console = false\n"
+            )
     chown_tree(workdir, account)
     cluster = RabbitCluster(
         workdir=workdir,
