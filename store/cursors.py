@@ -183,21 +183,22 @@ def _merged(changes: Sequence[CursorChange]) -> list[CursorChange]:
 
 
 def _advance(session: Session, user: str, ack: UpAck) -> AckOutcome:
-    row = session.exec(
-        select(Conversation.last_seq, Conversation.kind).where(Conversation.id == ack.conversation)
-    ).first()
-    ends = session.exec(
-        select(MemberPeriod.last_seq).where(
-            MemberPeriod.conversation_id == ack.conversation, MemberPeriod.username == user
-        )
+    # Four statements an ack that moves a cursor (five in a 1:1 conversation), where it
+    # took eight: every SDK device acks each message it shows, so on a busy bridge
+    # these are most of the database's turns (docs/benchmarks.md, RabbitMQ).
+    found = session.exec(
+        select(Conversation.last_seq, Conversation.kind, MemberPeriod.last_seq)
+        .join(MemberPeriod, col(MemberPeriod.conversation_id) == col(Conversation.id))
+        .where(Conversation.id == ack.conversation, MemberPeriod.username == user)
     ).all()
-    if row is None or not ends:
+    if not found:
         return AckOutcome(
             error=errors.ProtocolError(
                 errors.UNKNOWN_CONVERSATION, f"no conversation {ack.conversation!r} of yours"
             )
         )
-    last_seq, conversation_kind = row
+    last_seq, conversation_kind, _ = found[0]
+    ends = [end for _, _, end in found]
     wanted: dict[Kind, int] = {}
     if ack.read is not None:
         wanted["read"] = ack.read
@@ -218,15 +219,23 @@ def _advance(session: Session, user: str, ack: UpAck) -> AckOutcome:
         )
     group = conversation_kind == "group"
 
-    before = _member_cursors(session, ack.conversation, user)
-    cursor = session.get(Cursor, (ack.conversation, user, ack.device))
+    # The user's cursors in this conversation, one per device: the member's cursor is
+    # their maximum, before and after this device's moves.
+    mine = session.exec(
+        select(Cursor).where(Cursor.conversation_id == ack.conversation, Cursor.username == user)
+    ).all()
+    before: dict[Kind, int] = {
+        "delivered": max((c.delivered_seq for c in mine), default=0),
+        "read": max((c.read_seq for c in mine), default=0),
+    }
+    cursor = next((c for c in mine if c.device == ack.device), None)
     if cursor is None:
         cursor = Cursor(conversation_id=ack.conversation, username=user, device=ack.device)
         session.add(cursor)
     now = utcnow()
     moved = False
     for kind, seq in wanted.items():
-        current = cursor.read_seq if kind == "read" else cursor.delivered_seq
+        current = (cursor.read_seq if kind == "read" else cursor.delivered_seq) or 0
         if seq <= current:
             continue
         moved = True
@@ -246,8 +255,10 @@ def _advance(session: Session, user: str, ack: UpAck) -> AckOutcome:
         )
     if not moved:
         return AckOutcome()
-    session.flush()
-    after = _member_cursors(session, ack.conversation, user)
+    after: dict[Kind, int] = {
+        "delivered": max(before["delivered"], cursor.delivered_seq or 0),
+        "read": max(before["read"], cursor.read_seq or 0),
+    }
     members = (
         (user,)
         if group
@@ -265,15 +276,6 @@ def _advance(session: Session, user: str, ack: UpAck) -> AckOutcome:
         if after[k] > before[k]
     )
     return AckOutcome(changes=changes)
-
-
-def _member_cursors(session: Session, conversation: str, user: str) -> dict[Kind, int]:
-    delivered, read = session.exec(
-        select(func.max(Cursor.delivered_seq), func.max(Cursor.read_seq)).where(
-            Cursor.conversation_id == conversation, Cursor.username == user
-        )
-    ).one()
-    return {"delivered": delivered or 0, "read": read or 0}
 
 
 @dataclass(frozen=True, slots=True)
