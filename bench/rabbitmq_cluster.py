@@ -20,20 +20,27 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
+import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from hdrh.histogram import HdrHistogram
 
+from bench._report import git_commit
+from bench._stack import log
 from mqchat import ChatClient
 from store import make_engine, migrate
 from tests.support.services import start_postgres
 from tests.support.stack import TEMPLATE_DATABASE, Stack, password_of, start_rabbitmq_stack
 
 app = typer.Typer(add_completion=False)
+
+RESULTS = Path(__file__).parent / "results" / "rabbitmq.jsonl"
 
 
 async def run(nodes: int, pairs: int, rate: float, seconds: float) -> dict[str, object]:
@@ -75,6 +82,8 @@ async def _chat(
             presence_interval=None,
         )
         await clients[user].connect()
+        if (index + 1) % 50 == 0 or index + 1 == len(users):
+            log(f"  {index + 1}/{len(users)} devices connected")
     senders = users[::2]
     partner = dict(zip(users[::2], users[1::2], strict=True))
     due: dict[str, float] = {}
@@ -110,7 +119,9 @@ async def _chat(
             sends.add(task)
             task.add_done_callback(sends.discard)
 
+    log(f"  sending {rate:g} msg/s from each of {len(senders)} senders for {seconds:g} s")
     await asyncio.gather(*(send_all(s) for s in senders))
+    log(f"  sent; {received}/{expected} shown, draining")
     sent_end = time.monotonic()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done.wait(), 30)
@@ -142,8 +153,17 @@ def main(
     pairs: Annotated[int, typer.Option(min=1, max=200)] = 20,
     rate: Annotated[float, typer.Option(help="messages a second per sender")] = 5.0,
     seconds: Annotated[float, typer.Option(min=1, max=60)] = 15.0,
+    results: Annotated[Path, typer.Option(help="a JSON line is appended here")] = RESULTS,
 ) -> None:
-    print(json.dumps(asyncio.run(run(nodes, pairs, rate, seconds))))
+    result = asyncio.run(run(nodes, pairs, rate, seconds))
+    record = {
+        "run": datetime.now(UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "command": shlex.join(["python", "-m", "bench.rabbitmq_cluster", *sys.argv[1:]]),
+    } | result
+    with results.open("a") as out:
+        out.write(json.dumps(record) + "\n")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
