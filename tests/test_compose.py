@@ -545,21 +545,16 @@ async def chat(api_url: str, alice_at: tuple[str, int], bob_at: tuple[str, int])
                 "/v1/users", json={"username": name, "password": f"{name}-long-password"}
             )
             assert response.status_code == 201, response.text
-    alice = ChatClient(
-        username="alice",
-        password="alice-long-password",
-        device="phone",
-        host=alice_at[0],
-        port=alice_at[1],
-        resend_after=2.0,
-    )
-    bob = ChatClient(
-        username="bob",
-        password="bob-long-password",
-        device="phone",
-        host=bob_at[0],
-        port=bob_at[1],
-        resend_after=2.0,
+    alice, bob = (
+        ChatClient(
+            username=name,
+            password=f"{name}-long-password",
+            device="phone",
+            host=at[0],
+            port=at[1],
+            resend_after=2.0,
+        )
+        for name, at in (("alice", alice_at), ("bob", bob_at))
     )
     history = HistoryClient(api_url, "bob", "bob-long-password")
     try:

@@ -11,6 +11,7 @@ from core.dynsec import Credentials, write_dynsec_bootstrap
 from protocol import errors
 from store import accounts
 
+from .options import BridgePasswordOption, BridgeUserOption
 from .output import EXIT_CONFIG, fail, refused
 
 app = typer.Typer(help="Set up the production broker.", no_args_is_help=True)
@@ -39,18 +40,8 @@ def bootstrap(
             help="Asked for when not given.",
         ),
     ] = None,
-    bridge_user: Annotated[
-        str, typer.Option("--bridge-user", envvar="MQCHAT_BRIDGE_USERNAME")
-    ] = "mqchat-bridge",
-    bridge_password: Annotated[
-        str | None,
-        typer.Option(
-            "--bridge-password",
-            envvar="MQCHAT_BRIDGE_PASSWORD",
-            show_default=False,
-            help="Asked for when not given.",
-        ),
-    ] = None,
+    bridge_user: BridgeUserOption = "mqchat-bridge",
+    bridge_password: BridgePasswordOption = None,
 ) -> None:
     """Write mosquitto's first dynamic-security file: the admin and the bridge accounts.
 

@@ -133,6 +133,19 @@ MosquittoAdminPasswordOption = Annotated[
     ),
 ]
 
+# The bridge's service account, named as the bridge's own settings name it, for the
+# commands that write a broker's first accounts (mosquitto bootstrap, rabbitmq configure).
+BridgeUserOption = Annotated[str, typer.Option("--bridge-user", envvar="MQCHAT_BRIDGE_USERNAME")]
+BridgePasswordOption = Annotated[
+    str | None,
+    typer.Option(
+        "--bridge-password",
+        envvar="MQCHAT_BRIDGE_PASSWORD",
+        show_default=False,
+        help="Asked for when not given.",
+    ),
+]
+
 
 def grouped(group: type[Any], name: str, **defaults: Any) -> Callable[[Command], Command]:
     """Replace the command's ``name: group`` argument by the options ``group`` declares.

@@ -13,6 +13,7 @@ from core.dynsec import Credentials
 from protocol import errors
 from store import accounts
 
+from .options import BridgePasswordOption, BridgeUserOption
 from .output import EXIT_CONFIG, fail, refused
 
 app = typer.Typer(help="Set up a RabbitMQ cluster.", no_args_is_help=True)
@@ -56,18 +57,8 @@ def configure(
             help="The API's MQCHAT_API_BROKER_AUTH_SECRET (needed with --api-url).",
         ),
     ] = None,
-    bridge_user: Annotated[
-        str, typer.Option("--bridge-user", envvar="MQCHAT_BRIDGE_USERNAME")
-    ] = "mqchat-bridge",
-    bridge_password: Annotated[
-        str | None,
-        typer.Option(
-            "--bridge-password",
-            envvar="MQCHAT_BRIDGE_PASSWORD",
-            show_default=False,
-            help="Asked for when not given.",
-        ),
-    ] = None,
+    bridge_user: BridgeUserOption = "mqchat-bridge",
+    bridge_password: BridgePasswordOption = None,
 ) -> None:
     """Write a RabbitMQ cluster's own config and its definitions file (the bridge's
     account) into OUT.

@@ -171,16 +171,7 @@ class RabbitCluster:
             [CTL, "-n", self.nodes[node].name],
             hostname=None if self.switch is None else self.switch.names[len(self.nodes)],
         )
-        result = subprocess.run(
-            [*argv, *args],
-            env=self.env,
-            cwd=self.workdir,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            **popen,
-        )
+        result = self._run([*argv, *args], popen, timeout)
         if result.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stderr or result.stdout}")
         return str(result.stdout)
@@ -202,6 +193,11 @@ class RabbitCluster:
             [str(tool) if tool.exists() else argv[0], *argv[1:]],
             hostname=self.nodes[node].name.split("@", 1)[1],
         )
+        return self._run(command, popen, timeout)
+
+    def _run(
+        self, command: list[str], popen: dict[str, Any], timeout: float
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             command,
             env=self.env,
