@@ -36,17 +36,14 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from functools import partial
 from typing import Annotated, Final
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import PlainTextResponse
-from sqlalchemy import Engine
-from sqlmodel import Session
 
 from protocol import acl, topics
-from store import accounts, signin
+from store import signin
 
 from .deps import EngineDep, SettingsDep, SignInGuardDep
 
@@ -104,11 +101,6 @@ def mqtt_topic(routing_key: str) -> str:
     return "/".join("+" if level == "*" else level for level in routing_key.split("."))
 
 
-def _verify(engine: Engine, name: str, password: str) -> bool:
-    with Session(engine) as session:
-        return accounts.verify(session, name, password)
-
-
 @router.post("/user")
 async def user(
     engine: EngineDep,
@@ -123,7 +115,7 @@ async def user(
     if client_id is not None and not acl.client_id_allowed(name, client_id):
         return _deny()
     try:
-        ok = await guard.run(partial(_verify, engine, name, form.get("password", "")))
+        ok = await guard.verify(engine, name, form.get("password", ""))
     except signin.Busy:
         log.warning("broker sign-in of %s refused: too many password checks at once", name)
         return _deny()

@@ -11,18 +11,26 @@ memory, per API process.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TypeVar
 
 from anyio import CapacityLimiter, to_thread
+from sqlalchemy import Engine
+from sqlmodel import Session
 
 from core.throttle import Throttle
-from store import signin
+from store import accounts, signin
 
 from .config import ApiSettings
 from .errors import Throttled
 from .observe import ApiMetrics
 
 T = TypeVar("T")
+
+
+def _verify(engine: Engine, username: str, password: str) -> bool:
+    with Session(engine) as session:
+        return accounts.verify(session, username, password)
 
 
 class SignInGuard:
@@ -44,6 +52,11 @@ class SignInGuard:
         if self._threads.statistics().tasks_waiting >= self._queue:
             raise signin.Busy(1)
         return await to_thread.run_sync(sign_in, limiter=self._threads)
+
+    async def verify(self, engine: Engine, username: str, password: str) -> bool:
+        """Whether the password is right for the enabled account, checked as
+        :meth:`run` runs a sign-in (``store.accounts.verify``)."""
+        return await self.run(partial(_verify, engine, username, password))
 
     def check(self, username: str | None, source: str) -> None:
         """Refuse before trying a password if either count is full.

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from functools import partial
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Response, status
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from sqlalchemy import Engine
-from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
 from core.accounts import change_password, register
@@ -116,11 +113,6 @@ async def create_user(
     return UserPublic(username=username)
 
 
-def _verify(engine: Engine, username: str, password: str) -> bool:
-    with Session(engine) as session:
-        return accounts.verify(session, username, password)
-
-
 @router.post(
     "/me/password",
     status_code=status.HTTP_204_NO_CONTENT,
@@ -157,8 +149,7 @@ async def change_my_password(
     # (BEGIN IMMEDIATE); end it before this request writes on a session of its own.
     await run_in_threadpool(reading.rollback)
     guard.check(me, source)
-    current = body.current_password.get_secret_value()
-    if not await guard.run(partial(_verify, engine, me, current)):
+    if not await guard.verify(engine, me, body.current_password.get_secret_value()):
         guard.failed(me, source)
         raise errors.ProtocolError(errors.WRONG_PASSWORD, "the current password is wrong")
     async with open_provisioner() as provisioner:
